@@ -1,0 +1,162 @@
+"""The descriptor model: backbone -> GeM -> L2 -> [projector -> L2], and multi-scale extraction."""
+
+import math
+
+import keras
+import tensorflow as tf
+
+from tfmet import backbones
+from tfmet.backbones.registry import Preprocessing
+from tfmet.descriptors.resize import resize
+from tfmet.layers import GeMPooling2D, L2Normalize, Projector, l2_normalize
+
+# Scales of the Met reference's multi-scale extraction.
+MET_SCALES = (1.0, 1.0 / math.sqrt(2.0), 0.5)
+
+
+@keras.saving.register_keras_serializable(package="tfmet")
+class Embedder(keras.Model):
+    """L2-normalised GeM descriptor of a backbone's last feature map, optionally projected.
+
+    `call` takes images already normalised for the backbone; `preprocess` maps float RGB images
+    in [0, 255] to that input (identity when `preprocessing` is None).
+
+    Args:
+      backbone: Keras model from [B, H, W, 3] to a feature map [B, h, w, C].
+      p: initial GeM power.
+      eps: GeM clamp.
+      train_p: whether the GeM power is trainable.
+      projector_dim: output size of the projector (Dense with bias, then L2); None for none.
+      preprocessing: the backbone's input normalisation, a `Preprocessing` (or its config dict).
+    """
+
+    def __init__(
+        self,
+        backbone,
+        p=3.0,
+        eps=1e-6,
+        train_p=True,
+        projector_dim=None,
+        preprocessing=None,
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        if isinstance(preprocessing, dict):
+            preprocessing = Preprocessing.from_config(preprocessing)
+        if projector_dim is not None and int(projector_dim) <= 0:
+            raise ValueError(
+                f"`projector_dim` must be positive or None. Received: projector_dim={projector_dim}"
+            )
+        self.backbone = backbone
+        self.p = float(p)
+        self.eps = float(eps)
+        self.train_p = bool(train_p)
+        self.projector_dim = None if projector_dim is None else int(projector_dim)
+        self.preprocessing = preprocessing
+        self.pool = GeMPooling2D(p=p, eps=eps, train_p=train_p, name="gem")
+        self.normalize = L2Normalize(name="l2")
+        self.projector = (
+            None if projector_dim is None else Projector(self.projector_dim, name="projector")
+        )
+
+    @classmethod
+    def from_registry(cls, name, weights=None, **kwargs):
+        """An Embedder over registered backbone `name`, with that backbone's preprocessing."""
+        spec = backbones.spec(name)
+        return cls(spec.builder(weights=weights), preprocessing=spec.preprocessing, **kwargs)
+
+    def build(self, input_shape):
+        if not self.backbone.built:
+            self.backbone.build(input_shape)
+        feature_shape = self.backbone.compute_output_shape(input_shape)
+        self.pool.build(feature_shape)
+        if self.projector is not None and not self.projector.built:
+            self.projector.build((None, feature_shape[-1]))
+        self.built = True
+
+    def preprocess(self, images):
+        """Float RGB images in [0, 255] -> backbone input."""
+        images = tf.convert_to_tensor(images, tf.float32)
+        return images if self.preprocessing is None else self.preprocessing(images)
+
+    def call(self, images, training=False):
+        features = self.backbone(images, training=training)
+        descriptor = self.normalize(self.pool(features))
+        if self.projector is not None:
+            descriptor = self.normalize(self.projector(descriptor))
+        return descriptor
+
+    @property
+    def output_dim(self):
+        if self.projector_dim is not None:
+            return self.projector_dim
+        return int(self.backbone.compute_output_shape((None, None, None, 3))[-1])
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            {
+                "backbone": keras.saving.serialize_keras_object(self.backbone),
+                "p": self.p,
+                "eps": self.eps,
+                "train_p": self.train_p,
+                "projector_dim": self.projector_dim,
+                "preprocessing": (
+                    None if self.preprocessing is None else self.preprocessing.get_config()
+                ),
+            }
+        )
+        return config
+
+    @classmethod
+    def from_config(cls, config):
+        config = dict(config)
+        config["backbone"] = keras.saving.deserialize_keras_object(config["backbone"])
+        return cls(**config)
+
+
+def multiscale_embed(embed_fn, images, scales=MET_SCALES, method="torch"):
+    """L2(mean over `scales` of embed_fn(resize(images, s))), as the Met reference extracts.
+
+    `embed_fn` returns L2-normalised rows; `images` are normalised NHWC; `method` is the resize
+    ("torch": PyTorch scale_factor semantics, or "tf").
+    """
+    if not scales:
+        raise ValueError("`scales` must not be empty.")
+    total = tf.add_n([embed_fn(resize(images, s, method)) for s in scales])
+    return l2_normalize(total / float(len(scales)))
+
+
+class DescriptorExtractor(tf.Module):
+    """Raw images [B, H, W, 3] in [0, 255] -> descriptors [B, D], compiled once for any H, W.
+
+    Args:
+      embedder: an `Embedder`.
+      scales: the scales to average; `MET_SCALES` for multi-scale, (1.0,) for single-scale.
+      resize_method: "torch" (PyTorch-compatible bilinear, the default for fidelity) or "tf".
+    """
+
+    def __init__(self, embedder, scales=MET_SCALES, resize_method="torch", name=None):
+        super().__init__(name=name)
+        if resize_method not in ("torch", "tf"):
+            raise ValueError(
+                f"`resize_method` must be 'torch' or 'tf'. Received: resize_method={resize_method!r}"
+            )
+        if not embedder.built:  # create variables now so the tf.function traces once
+            embedder.build((None, None, None, 3))
+        self.embedder = embedder
+        self.scales = tuple(float(s) for s in scales)
+        self.resize_method = resize_method
+        self.extract = tf.function(
+            self._extract,
+            input_signature=[tf.TensorSpec([None, None, None, 3], tf.float32, name="images")],
+            reduce_retracing=True,
+        )
+
+    def _extract(self, images):
+        normalised = self.embedder.preprocess(images)
+        embed = lambda x: self.embedder(x, training=False)
+        return multiscale_embed(embed, normalised, self.scales, self.resize_method)
+
+    def __call__(self, images):
+        return self.extract(tf.convert_to_tensor(images, tf.float32))

@@ -1,0 +1,1 @@
+"""Safe file I/O: atomic writes and restricted unpickling."""

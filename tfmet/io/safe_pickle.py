@@ -1,0 +1,79 @@
+"""Restricted unpickling: rebuild numpy arrays (and plain containers) and refuse everything else.
+
+Pickle can execute arbitrary code through `__reduce__`; `restricted_load` only resolves the globals
+in an allow-list, so a malicious file fails with `UnsafePickleError` before anything runs.
+"""
+
+import pickle
+
+import numpy as np
+
+# (module, name) -> object. numpy 1.x pickles name `numpy.core.*`, numpy 2.x `numpy._core.*`.
+NUMPY_ARRAY_GLOBALS = {
+    ("numpy.core.multiarray", "_reconstruct"): np._core.multiarray._reconstruct,
+    ("numpy._core.multiarray", "_reconstruct"): np._core.multiarray._reconstruct,
+    ("numpy.core.multiarray", "scalar"): np._core.multiarray.scalar,
+    ("numpy._core.multiarray", "scalar"): np._core.multiarray.scalar,
+    ("numpy", "ndarray"): np.ndarray,
+    ("numpy", "dtype"): np.dtype,
+    # Protocol-2 pickles store bytes as latin-1 text decoded through codecs.encode.
+    ("_codecs", "encode"): __import__("codecs").encode,
+}
+
+
+class UnsafePickleError(pickle.UnpicklingError):
+    """A pickle asked for a global outside the allow-list."""
+
+
+class RestrictedUnpickler(pickle.Unpickler):
+    """An Unpickler whose `find_class` only returns allow-listed globals."""
+
+    def __init__(self, file, allowed, source="<pickle>", **kwargs):
+        super().__init__(file, **kwargs)
+        self._allowed = allowed
+        self._source = source
+
+    def find_class(self, module, name):
+        try:
+            return self._allowed[(module, name)]
+        except KeyError:
+            raise UnsafePickleError(
+                f"{self._source}: refusing to load global '{module}.{name}': only numpy arrays "
+                "and plain containers are allowed in this file"
+            ) from None
+
+
+def restricted_load(file, allowed=None, source=None):
+    """Unpickles `file` (an open binary file) allowing only `allowed` globals (numpy by default)."""
+    allowed = NUMPY_ARRAY_GLOBALS if allowed is None else allowed
+    source = source or getattr(file, "name", "<pickle>")
+    return RestrictedUnpickler(file, allowed, source=str(source)).load()
+
+
+def load_reference_descriptors(path):
+    """Reads the Met reference's `descriptors.pkl` safely.
+
+    Returns:
+      dict with the keys the file has among `train_descriptors`, `val_descriptors`,
+      `test_descriptors`, each a float32 array [n, d].
+
+    Raises:
+      UnsafePickleError: the file references anything but numpy array reconstruction.
+      ValueError: the file is not a dict of 2-D arrays, naming the file and the key.
+    """
+    path = str(path)
+    try:
+        with open(path, "rb") as f:
+            data = restricted_load(f, source=path)
+    except UnsafePickleError:
+        raise
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError) as e:
+        raise ValueError(f"{path}: not a readable descriptors pickle ({e})") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a dict of arrays, found {type(data).__name__}")
+    out = {}
+    for key, value in data.items():
+        if not isinstance(value, np.ndarray) or value.ndim != 2:
+            raise ValueError(f"{path}: entry {key!r} is not a 2-D array")
+        out[key] = np.ascontiguousarray(value, dtype=np.float32)
+    return out
