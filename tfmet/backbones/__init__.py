@@ -1,5 +1,7 @@
 """Backbones: `tfmet.backbones.get(name, weights=...)` -> Keras model image -> feature map."""
 
+# Importing these modules registers their backbones.
+from tfmet.backbones import efficientnet_lite, hub, keras_applications, torchvision_resnet  # noqa: F401
 from tfmet.backbones.registry import (
     IMAGENET_CAFFE,
     IMAGENET_TORCH,

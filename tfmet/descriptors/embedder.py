@@ -140,7 +140,8 @@ class DescriptorExtractor(tf.Module):
         super().__init__(name=name)
         if resize_method not in ("torch", "tf"):
             raise ValueError(
-                f"`resize_method` must be 'torch' or 'tf'. Received: resize_method={resize_method!r}"
+                "`resize_method` must be 'torch' or 'tf'. "
+                f"Received: resize_method={resize_method!r}"
             )
         if not embedder.built:  # create variables now so the tf.function traces once
             embedder.build((None, None, None, 3))
