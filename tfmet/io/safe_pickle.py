@@ -14,6 +14,9 @@ NUMPY_ARRAY_GLOBALS = {
     ("numpy._core.multiarray", "_reconstruct"): np._core.multiarray._reconstruct,
     ("numpy.core.multiarray", "scalar"): np._core.multiarray.scalar,
     ("numpy._core.multiarray", "scalar"): np._core.multiarray.scalar,
+    # Protocol 5 rebuilds arrays from an in-band buffer.
+    ("numpy.core.numeric", "_frombuffer"): np._core.numeric._frombuffer,
+    ("numpy._core.numeric", "_frombuffer"): np._core.numeric._frombuffer,
     ("numpy", "ndarray"): np.ndarray,
     ("numpy", "dtype"): np.dtype,
     # Protocol-2 pickles store bytes as latin-1 text decoded through codecs.encode.
