@@ -1,0 +1,394 @@
+"""PyTorch state dicts -> Keras backbones and the Met `Embedder` (GeM p, projector).
+
+The Keras backbones name every weight-holding layer after its torch module path (torchvision
+ResNets: "conv1", "layer1.0.downsample.0"; EfficientNet-Lite: "_conv_stem", "_blocks.3._bn1"),
+so the mapping is generic, by layer type:
+
+    Conv2D              <path>.weight [O, I/groups, kh, kw] -> kernel [kh, kw, I/groups, O]
+                        <path>.bias                         -> bias
+    DepthwiseConv2D     <path>.weight [C*m, 1, kh, kw]      -> depthwise_kernel [kh, kw, C, m]
+    BatchNormalization  <path>.weight / .bias / .running_mean / .running_var
+                                                            -> gamma / beta / moving_mean /
+                                                               moving_variance
+    Dense               <path>.weight [out, in]             -> kernel [in, out]; .bias -> bias
+    GeMPooling2D        pool.p [1]                          -> power (scalar)
+
+`<path>.num_batches_tracked` is dropped. Checkpoint layouts are first brought to these names
+(`canonical_names`):
+
+- `module.` prefixes (DataParallel) are stripped when loading (`tfmet.io.torch_checkpoint`);
+- the Met reference's `siamese_network` (`backbone.backbone.<i>...`, `backbone.pool.p`,
+  `backbone.projector.*`) and `Embedder` (`backbone.<i>...`, `pool.p`, `projector.*`), whose
+  trunk is `nn.Sequential(*resnet.children()[:-2])`, and the extraction script's
+  `nn.Sequential(*children()[:-2], GeM(), L2N())` (`<i>...`, `8.p`): child index i becomes the
+  torchvision name (0 conv1, 1 bn1, 4-7 layer1-layer4);
+- everything else (torchvision, SWSL/WSL, SwAV, SIN, EfficientNet-Lite) is already canonical.
+
+Every Keras weight must be found, with the right shape, and every checkpoint tensor must be used,
+except known heads that a trunk does not have (`DEFAULT_IGNORE`: torchvision/EfficientNet
+classifiers "fc."/"_fc.", SwAV "projection_head."/"prototypes."); anything else fails with a
+ValueError listing the names.
+
+Converted files are Keras `.weights.h5` files (`save_weights`) with HDF5 root attributes
+describing them (`read_metadata`): kind "backbone" (loadable with
+`tfmet.backbones.get(arch, weights=path)`) or kind "embedder" (backbone + GeM p [+ projector];
+`load_embedder` rebuilds it).
+"""
+
+import collections
+import dataclasses
+import hashlib
+import os
+import re
+
+import h5py
+import keras
+import numpy as np
+
+from tfmet.backbones import registry
+from tfmet.io.atomic import atomic_path
+from tfmet.io.torch_checkpoint import load_state_dict
+from tfmet.layers import GeMPooling2D
+
+FORMAT = "tfmet-converted-weights"
+DEFAULT_IGNORE = ("fc.", "_fc.", "projection_head.", "prototypes.")
+# torchvision ResNet children order: nn.Sequential(*resnet.children()) index -> module name.
+TORCHVISION_RESNET_CHILDREN = (
+    "conv1",
+    "bn1",
+    "relu",
+    "maxpool",
+    "layer1",
+    "layer2",
+    "layer3",
+    "layer4",
+    "avgpool",
+    "fc",
+)
+POOL = "pool"
+PROJECTOR = "projector"
+
+
+@dataclasses.dataclass
+class ConversionReport:
+    """What a conversion did.
+
+    Attributes:
+      assigned: checkpoint tensor names that were written into Keras weights.
+      ignored: checkpoint tensor names deliberately left out (heads, BN counters).
+      layers: number of Keras layers that received weights.
+    """
+
+    assigned: list = dataclasses.field(default_factory=list)
+    ignored: list = dataclasses.field(default_factory=list)
+    layers: int = 0
+
+    def summary(self):
+        text = f"{len(self.assigned)} tensors into {self.layers} Keras layers"
+        if self.ignored:
+            shown = ", ".join(self.ignored[:6]) + (" ..." if len(self.ignored) > 6 else "")
+            text += f"; ignored {len(self.ignored)} ({shown})"
+        return text
+
+
+def _numeric_children(names):
+    return names and all(re.match(r"^\d+\.", n) for n in names)
+
+
+def canonical_names(state_dict):
+    """Renames the Met reference layouts to torchvision-style names (see the module docstring).
+
+    Returns:
+      OrderedDict with backbone tensors under their torchvision/Keras names and the Embedder's
+      extras under "pool.p" and "projector.weight" / "projector.bias".
+    """
+    names = list(state_dict)
+    if names and all(
+        n.startswith("backbone.backbone.") or n.startswith("backbone.") for n in names
+    ):
+        if any(n.startswith("backbone.backbone.") for n in names):
+            state_dict = collections.OrderedDict(
+                (n[len("backbone.") :], v) for n, v in state_dict.items()
+            )
+    out = collections.OrderedDict()
+    trunk = [n[len("backbone.") :] for n in state_dict if n.startswith("backbone.")]
+    embedder_layout = trunk and _numeric_children(trunk)
+    for name, value in state_dict.items():
+        if embedder_layout and name.startswith("backbone."):
+            name = _child_name(name[len("backbone.") :])
+        elif not embedder_layout and _numeric_children(list(state_dict)):
+            index, rest = name.split(".", 1)
+            if rest == "p" and int(index) >= len(TORCHVISION_RESNET_CHILDREN) - 2:
+                name = f"{POOL}.p"
+            else:
+                name = _child_name(name)
+        out[name] = value
+    return out
+
+
+def _child_name(name):
+    index, rest = name.split(".", 1)
+    index = int(index)
+    if index >= len(TORCHVISION_RESNET_CHILDREN):
+        raise ValueError(f"checkpoint tensor {name!r}: no torchvision ResNet child number {index}")
+    return f"{TORCHVISION_RESNET_CHILDREN[index]}.{rest}"
+
+
+def _weight_layers(model):
+    """(torch path, layer) for each layer that owns weights, descending into nested models."""
+    found = []
+    for layer in model.layers:
+        if isinstance(layer, keras.Model):
+            found.extend(_weight_layers(layer))
+        elif layer.weights:
+            found.append((layer.name, layer))
+    return found
+
+
+def _expected(layer, path):
+    """[(torch name, keras variable, transform)] for one Keras layer."""
+    transpose = lambda axes: lambda w: np.transpose(w, axes)
+    identity = lambda w: w
+    if isinstance(layer, keras.layers.DepthwiseConv2D):
+        multiplier = layer.depth_multiplier
+
+        def depthwise(w):
+            kh, kw = w.shape[2:]
+            return np.transpose(w.reshape(-1, multiplier, kh, kw), (2, 3, 0, 1))
+
+        pairs = [(f"{path}.weight", layer.kernel, depthwise)]
+        if layer.use_bias:
+            pairs.append((f"{path}.bias", layer.bias, identity))
+        return pairs
+    if isinstance(layer, keras.layers.Conv2D):
+        pairs = [(f"{path}.weight", layer.kernel, transpose((2, 3, 1, 0)))]
+        if layer.use_bias:
+            pairs.append((f"{path}.bias", layer.bias, identity))
+        return pairs
+    if isinstance(layer, keras.layers.BatchNormalization):
+        pairs = []
+        if layer.scale:
+            pairs.append((f"{path}.weight", layer.gamma, identity))
+        if layer.center:
+            pairs.append((f"{path}.bias", layer.beta, identity))
+        pairs.append((f"{path}.running_mean", layer.moving_mean, identity))
+        pairs.append((f"{path}.running_var", layer.moving_variance, identity))
+        return pairs
+    if isinstance(layer, keras.layers.Dense):
+        pairs = [(f"{path}.weight", layer.kernel, transpose((1, 0)))]
+        if layer.use_bias:
+            pairs.append((f"{path}.bias", layer.bias, lambda b: b.reshape(-1)))
+        return pairs
+    if isinstance(layer, GeMPooling2D):
+        return [(f"{path}.p", layer.power, lambda p: np.asarray(p).reshape(()))]
+    raise ValueError(
+        f"layer {layer.name!r} ({type(layer).__name__}) holds weights but has no torch mapping"
+    )
+
+
+def _is_ignored(name, ignore):
+    return name.endswith(".num_batches_tracked") or any(name.startswith(p) for p in ignore)
+
+
+def assign(targets, state_dict, source="<state dict>", ignore=DEFAULT_IGNORE):
+    """Writes `state_dict` tensors into Keras layers.
+
+    Args:
+      targets: [(torch module path, built Keras layer)].
+      state_dict: canonical name -> numpy array.
+      source: the checkpoint's name, for messages.
+      ignore: name prefixes that may stay unused (`.num_batches_tracked` always may).
+
+    Returns:
+      ConversionReport.
+
+    Raises:
+      ValueError: a Keras weight has no tensor, a shape differs, or a tensor is left unused;
+        the message names the checkpoint and lists the names.
+    """
+    report = ConversionReport()
+    missing, shape_errors, values = [], [], []
+    for path, layer in targets:
+        for name, variable, transform in _expected(layer, path):
+            if name not in state_dict:
+                missing.append(f"{name} (for {layer.name}/{variable.name})")
+                continue
+            tensor = np.asarray(state_dict[name])
+            try:
+                value = transform(tensor)
+            except ValueError:
+                value = None
+            if value is None or tuple(value.shape) != tuple(variable.shape):
+                shape_errors.append(
+                    f"{name}: torch shape {tuple(tensor.shape)} does not fit "
+                    f"{layer.name}/{variable.name} of shape {tuple(variable.shape)}"
+                )
+                continue
+            values.append((variable, value))
+            report.assigned.append(name)
+        report.layers += 1
+    used = set(report.assigned)
+    unused = [n for n in state_dict if n not in used and not _is_ignored(n, ignore)]
+    report.ignored = [n for n in state_dict if n not in used and _is_ignored(n, ignore)]
+    problems = []
+    if missing:
+        problems.append(f"{len(missing)} Keras weights have no tensor: " + _listing(missing))
+    if shape_errors:
+        problems.append(f"{len(shape_errors)} shapes differ: " + _listing(shape_errors))
+    if unused:
+        problems.append(f"{len(unused)} checkpoint tensors are not mapped: " + _listing(unused))
+    if problems:
+        raise ValueError(f"{source}: " + "; ".join(problems))
+    for variable, value in values:
+        variable.assign(value.astype(variable.dtype))
+    return report
+
+
+def _listing(items, limit=8):
+    shown = ", ".join(items[:limit])
+    return shown + (f", ... ({len(items) - limit} more)" if len(items) > limit else "")
+
+
+def load_torch_weights(model, checkpoint, key=None, ignore=DEFAULT_IGNORE):
+    """Loads a torch checkpoint into a Keras model whose layers carry the torch module names.
+
+    Returns:
+      ConversionReport.
+    """
+    state_dict = canonical_names(load_state_dict(checkpoint, key=key))
+    if not model.built:
+        model.build((None, None, None, 3))
+    return assign(_weight_layers(model), state_dict, source=os.fspath(checkpoint), ignore=ignore)
+
+
+def embedder_targets(embedder):
+    """[(torch path, layer)] of an `Embedder`: backbone layers, "pool", and "projector"."""
+    targets = _weight_layers(embedder.backbone)
+    targets.append((POOL, embedder.pool))
+    if embedder.projector is not None:
+        targets.append((PROJECTOR, embedder.projector))
+    return targets
+
+
+def save_weights(model, path, **metadata):
+    """`model.save_weights(path)` atomically, with `metadata` as HDF5 root attributes."""
+    path = os.fspath(path)
+    if not path.endswith(".weights.h5"):
+        raise ValueError(f"`path` must end with '.weights.h5'. Received: path={path!r}")
+    with atomic_path(path) as tmp:
+        model.save_weights(tmp)
+        with h5py.File(tmp, "a") as f:
+            f.attrs["format"] = FORMAT
+            for key, value in metadata.items():
+                f.attrs[key] = value
+    return path
+
+
+def read_metadata(path):
+    """The root attributes of a converted `.weights.h5` ({} for plain Keras weight files)."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"Weights file not found: {path}")
+    try:
+        with h5py.File(path, "r") as f:
+            attrs = {k: f.attrs[k] for k in f.attrs}
+    except OSError as e:
+        raise ValueError(f"{path}: not a readable HDF5 weights file ({e})") from None
+    out = {}
+    for key, value in attrs.items():
+        if isinstance(value, bytes):
+            value = value.decode()
+        elif isinstance(value, np.generic):
+            value = value.item()
+        out[key] = value
+    return out if out.get("format") == FORMAT else {}
+
+
+def _sha256(path):
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def convert_checkpoint(checkpoint, arch, out, key=None, ignore=DEFAULT_IGNORE):
+    """Converts a torch checkpoint for registered backbone `arch` into a Keras `.weights.h5`.
+
+    A checkpoint with only trunk tensors gives a kind "backbone" file; one that also holds the
+    Met Embedder's GeM `p` and/or projector gives a kind "embedder" file (see `load_embedder`).
+
+    Returns:
+      (ConversionReport, metadata dict written into the file).
+    """
+    from tfmet.descriptors import Embedder  # the descriptors package imports the backbones
+
+    checkpoint = os.fspath(checkpoint)
+    spec = registry.spec(arch)
+    state_dict = canonical_names(load_state_dict(checkpoint, key=key))
+    has_pool = f"{POOL}.p" in state_dict
+    projector = state_dict.get(f"{PROJECTOR}.weight")
+    metadata = {"arch": arch, "source": os.path.basename(checkpoint)}
+    metadata["source_sha256"] = _sha256(checkpoint)
+    if not has_pool and projector is None:
+        model = spec.builder(weights=None)
+        if not model.built:
+            model.build((None, None, None, 3))
+        report = assign(_weight_layers(model), state_dict, source=checkpoint, ignore=ignore)
+        metadata["kind"] = "backbone"
+        save_weights(model, out, **metadata)
+        return report, metadata
+    if projector is not None and np.ndim(projector) != 2:
+        raise ValueError(f"{checkpoint}: projector.weight must be 2-D, got {np.shape(projector)}")
+    projector_dim = None if projector is None else int(np.shape(projector)[0])
+    embedder = Embedder(
+        spec.builder(weights=None), projector_dim=projector_dim, preprocessing=spec.preprocessing
+    )
+    embedder.build((None, None, None, 3))
+    if not has_pool:
+        state_dict[f"{POOL}.p"] = np.asarray([embedder.p], np.float32)
+    report = assign(embedder_targets(embedder), state_dict, source=checkpoint, ignore=ignore)
+    metadata.update(
+        kind="embedder",
+        projector_dim=-1 if projector_dim is None else projector_dim,
+        p=float(keras.ops.convert_to_numpy(embedder.pool.power)),
+    )
+    save_weights(embedder, out, **metadata)
+    return report, metadata
+
+
+def load_embedder(path, arch=None, **kwargs):
+    """An `Embedder` from a converted weights file of either kind.
+
+    Args:
+      path: a `.weights.h5` written by `convert_checkpoint` (or a plain backbone weights file,
+        then `arch` is required).
+      arch: the registered backbone; must match the file's when the file records one.
+      **kwargs: more `Embedder` arguments (e.g. `train_p`).
+    """
+    from tfmet.descriptors import Embedder
+
+    path = os.fspath(path)
+    metadata = read_metadata(path)
+    file_arch = metadata.get("arch")
+    if arch is None and file_arch is None:
+        raise ValueError(f"{path}: the file does not record its backbone; pass `arch`")
+    if arch is not None and file_arch is not None and arch != file_arch:
+        raise ValueError(f"{path}: converted for backbone {file_arch!r}, not {arch!r}")
+    arch = arch or file_arch
+    if metadata.get("kind") != "embedder":
+        return Embedder.from_registry(arch, weights=path, **kwargs)
+    spec = registry.spec(arch)
+    projector_dim = metadata.get("projector_dim", -1)
+    embedder = Embedder(
+        spec.builder(weights=None),
+        projector_dim=None if projector_dim < 0 else int(projector_dim),
+        preprocessing=spec.preprocessing,
+        **kwargs,
+    )
+    embedder.build((None, None, None, 3))
+    try:
+        embedder.load_weights(path)
+    except (ValueError, OSError) as e:
+        raise ValueError(f"{path}: could not be loaded as a {arch} embedder: {e}") from None
+    return embedder
