@@ -355,12 +355,12 @@ def _unpickle(stream, source, storages, legacy):
 def _load_zip(path, archive):
     names = archive.namelist()
     pickles = [n for n in names if n == "data.pkl" or n.endswith("/data.pkl")]
+    if any(n.endswith("constants.pkl") for n in names):
+        raise ValueError(
+            f"{path}: a TorchScript archive, not a checkpoint: save model.state_dict() with "
+            "torch.save instead"
+        )
     if not pickles:
-        if any(n.endswith("constants.pkl") for n in names):
-            raise ValueError(
-                f"{path}: a TorchScript archive, not a checkpoint: save model.state_dict() with "
-                "torch.save instead"
-            )
         raise ValueError(f"{path}: zip archive without data.pkl: not a PyTorch checkpoint")
     record = min(pickles, key=len)
     prefix = record[: -len("data.pkl")]
