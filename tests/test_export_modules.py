@@ -1,0 +1,169 @@
+"""Export modules, reloaded in a fresh process without tfmet: outputs equal the pipeline."""
+
+import io
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from tests.helpers import tiny_backbone
+from tfmet.backbones import IMAGENET_TORCH
+from tfmet.descriptors import DescriptorExtractor, Embedder
+from tfmet.export import DescriptorModule, RecognizerModule, knn_confidence, save_module
+
+
+def reference_knn(sims, labels, tau, num_classes):
+    """The Met reference rule, written out per query in float64."""
+    preds, confs = [], []
+    for s, lab in zip(sims, labels, strict=True):
+        distinct = np.unique(lab)
+        best = np.zeros(len(distinct))
+        for sim, label in zip(s, lab, strict=True):
+            i = np.searchsorted(distinct, label)
+            best[i] = max(best[i], sim)
+        logits = tau * best
+        peak = max(logits.max(), 0.0)
+        total = np.exp(logits - peak).sum() + (num_classes - len(distinct)) * np.exp(-peak)
+        probs = np.exp(logits - peak) / total
+        preds.append(distinct[np.argmax(probs)])
+        confs.append(probs.max())
+    return np.array(preds), np.array(confs)
+
+
+@pytest.mark.parametrize("tau", [0.01, 1.0, 30.0, 500.0])
+def test_knn_confidence_matches_reference_rule(tau):
+    rng = np.random.default_rng(0)
+    sims = rng.uniform(-0.4, 1.0, (64, 7)).astype(np.float32)
+    sims[0] = -0.2  # no positive similarity at all: every class scores 0
+    labels = rng.integers(100, 106, (64, 7))
+    pred, conf, top_ids, top_scores = knn_confidence(sims, labels, tau, num_classes=40)
+    ref_pred, ref_conf = reference_knn(sims, labels, tau, 40)
+    np.testing.assert_array_equal(pred.numpy(), ref_pred)
+    np.testing.assert_allclose(conf.numpy(), ref_conf, rtol=1e-6, atol=1e-9)
+    # Row 0: all scores tie at 0 -> the smallest neighbour label, probability 1/40.
+    assert pred.numpy()[0] == labels[0].min() and abs(conf.numpy()[0] - 1 / 40) < 1e-9
+    # Candidates are distinct, sorted by probability, padded with -1.
+    for ids, scores in zip(top_ids.numpy(), top_scores.numpy(), strict=True):
+        kept = ids[ids >= 0]
+        assert len(set(kept)) == len(kept) and np.all(np.diff(scores[: len(kept)]) <= 1e-12)
+
+
+def test_knn_confidence_hand_example():
+    # Neighbours: label 7 (0.9), label 3 (0.9), label 7 (0.5); 4 database classes, tau 2.
+    # Scores: 3 -> 0.9, 7 -> 0.9, two absent classes -> 0. Tie -> smaller label 3.
+    pred, conf, top_ids, _ = knn_confidence([[0.9, 0.9, 0.5]], [[7, 3, 7]], 2.0, 4)
+    expected = np.exp(1.8) / (2 * np.exp(1.8) + 2)
+    assert pred.numpy()[0] == 3 and top_ids.numpy()[0].tolist() == [3, 7, -1]
+    np.testing.assert_allclose(conf.numpy()[0], expected, rtol=1e-6)
+
+
+def _jpeg(seed, size):
+    rng = np.random.default_rng(seed)
+    array = rng.integers(0, 256, (size[0], size[1], 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format="JPEG", quality=95)
+    return buffer.getvalue()
+
+
+def _decode(data):
+    return np.asarray(Image.open(io.BytesIO(data)).convert("RGB"), np.float32)
+
+
+def _fresh_process(script, tmp_path):
+    """Runs `script` in a new interpreter that never imports tfmet; returns its JSON output."""
+    path = os.path.join(tmp_path, "client.py")
+    with open(path, "w") as f:
+        f.write(textwrap.dedent(script))
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", PYTHONPATH="")
+    result = subprocess.run(
+        [sys.executable, path], capture_output=True, text=True, env=env, cwd=tmp_path
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="module")
+def embedder():
+    return Embedder(tiny_backbone(channels=16, seed=3), preprocessing=IMAGENET_TORCH)
+
+
+def test_descriptor_export_round_trip(tmp_path, embedder):
+    rng = np.random.default_rng(1)
+    mean, projection = rng.normal(size=16) * 0.1, rng.normal(size=(16, 6))
+    module = DescriptorModule(embedder, pca_mean=mean, pca_projection=projection)
+    images = [_jpeg(0, (40, 33)), _jpeg(1, (25, 47)), b"", b"not an image", _jpeg(2, (30, 30))[:60]]
+    extractor = DescriptorExtractor(embedder)
+    expected = []
+    for data in images[:2]:
+        d = extractor(_decode(data)[None]).numpy()[0]
+        w = (d - mean) @ projection
+        expected.append(w / np.linalg.norm(w))
+    export = save_module(module, tmp_path / "descriptor", module.signatures(), {"kind": "x"})
+    with pytest.raises(FileExistsError, match="--force"):
+        save_module(module, export, module.signatures(), {})
+    np.save(tmp_path / "images.npy", np.stack([_decode(images[0])]))
+    with open(tmp_path / "bytes.json", "w") as f:
+        json.dump([list(b) for b in images], f)
+    out = _fresh_process(
+        f"""
+        import json, numpy as np, tensorflow as tf
+        model = tf.saved_model.load({str(export)!r})
+        data = [bytes(b) for b in json.load(open("bytes.json"))]
+        res = model.signatures["serving_default"](image_bytes=tf.constant(data))
+        img = model.signatures["images"](images=tf.constant(np.load("images.npy")))
+        print(json.dumps({{"d": res["descriptor"].numpy().tolist(),
+                          "valid": res["valid"].numpy().tolist(),
+                          "img": img["descriptor"].numpy().tolist()}}))
+        """,
+        tmp_path,
+    )
+    assert out["valid"] == [True, True, False, False, False]
+    np.testing.assert_allclose(np.array(out["d"])[:2], expected, atol=1e-5)
+    np.testing.assert_array_equal(np.array(out["d"])[2:], 0.0)
+    np.testing.assert_allclose(np.array(out["img"])[0], expected[0], atol=1e-5)
+    with open(os.path.join(export, "assets", "tfmet_metadata.json")) as f:
+        assert json.load(f) == {"kind": "x"}
+
+
+@pytest.mark.parametrize("searcher", ["exact", "scann"])
+def test_recognizer_export_matches_numpy_knn(tmp_path, embedder, searcher):
+    rng = np.random.default_rng(2)
+    queries = [_jpeg(10 + i, (36 + i, 30)) for i in range(3)]
+    extractor = DescriptorExtractor(embedder)
+    query_desc = np.stack([extractor(_decode(q)[None]).numpy()[0] for q in queries])
+    database = rng.normal(size=(300, 16)).astype(np.float32)
+    database[:3] = query_desc + 0.02 * rng.normal(size=(3, 16))
+    database /= np.linalg.norm(database, axis=1, keepdims=True)
+    labels = rng.integers(1000, 1100, 300)
+    k, tau = 5, 25.0
+    module = RecognizerModule(embedder, database, labels, k=k, tau=tau, searcher=searcher, top_k=3)
+    sims = query_desc @ database.T
+    order = np.argsort(-sims, axis=1, kind="stable")[:, :k]
+    ref_pred, ref_conf = reference_knn(
+        np.take_along_axis(sims, order, 1), labels[order], tau, np.unique(labels).size
+    )
+    assert ref_pred.tolist() == labels[:3].tolist()
+    export = save_module(module, tmp_path / "recognizer", module.signatures(), {"k": k})
+    with open(tmp_path / "bytes.json", "w") as f:
+        json.dump([list(b) for b in queries + [b"junk"]], f)
+    out = _fresh_process(
+        f"""
+        import json, tensorflow as tf
+        {"import scann" if searcher == "scann" else ""}
+        model = tf.saved_model.load({str(export)!r})
+        data = [bytes(b) for b in json.load(open("bytes.json"))]
+        res = model.signatures["serving_default"](image_bytes=tf.constant(data))
+        print(json.dumps({{key: value.numpy().tolist() for key, value in res.items()}}))
+        """,
+        tmp_path,
+    )
+    assert out["met_id"] == ref_pred.tolist() + [-1]
+    assert out["valid"] == [True, True, True, False]
+    np.testing.assert_allclose(out["confidence"][:3], ref_conf, atol=1e-5)
+    assert [row[0] for row in out["top_k_ids"][:3]] == ref_pred.tolist()
+    assert out["top_k_ids"][3] == [-1, -1, -1]

@@ -1,0 +1,81 @@
+"""Descriptor SavedModel: encoded images or image tensors -> (whitened) global descriptors."""
+
+import numpy as np
+import tensorflow as tf
+
+from tfmet.descriptors.embedder import MET_SCALES, DescriptorExtractor
+from tfmet.export.common import map_image_bytes
+from tfmet.layers import l2_normalize
+
+IMAGE_BYTES_SPEC = tf.TensorSpec([None], tf.string, name="image_bytes")
+IMAGES_SPEC = tf.TensorSpec([None, None, None, 3], tf.float32, name="images")
+
+
+class DescriptorModule(tf.Module):
+    """Serves `Embedder` descriptors, multi-scale or single-scale, with optional PCA-whitening.
+
+    Signatures (see `signatures()`): `serving_default` takes `image_bytes` (string [N], any mix
+    of sizes and formats) and returns `descriptor` (float32 [N, D]) and `valid` (bool [N]; rows of
+    undecodable images are zero and invalid); `images` takes float32 RGB `images` [N, H, W, 3] in
+    [0, 255] (one size per batch) and returns `descriptor`.
+
+    Args:
+      embedder: a built or unbuilt `Embedder`.
+      scales: scales averaged per image (`MET_SCALES`, or (1.0,) for single-scale).
+      resize_method: "torch" or "tf" (see `tfmet.descriptors.resize`).
+      pca_mean, pca_projection: PCA-whitening to bake in: descriptor = L2((d - mean) P).
+      max_side: optional cap on the long side of decoded images (no cap by default).
+    """
+
+    def __init__(
+        self,
+        embedder,
+        scales=MET_SCALES,
+        resize_method="torch",
+        pca_mean=None,
+        pca_projection=None,
+        max_side=None,
+        name=None,
+    ):
+        super().__init__(name=name)
+        self.extractor = DescriptorExtractor(embedder, scales, resize_method)
+        self.embedder = embedder
+        self.max_side = max_side
+        if (pca_mean is None) != (pca_projection is None):
+            raise ValueError("Give both `pca_mean` and `pca_projection`, or neither.")
+        self.whitened = pca_projection is not None
+        in_dim = embedder.output_dim
+        if self.whitened:
+            pca_projection = np.asarray(pca_projection, np.float32)
+            pca_mean = np.asarray(pca_mean, np.float32)
+            if pca_projection.ndim != 2 or pca_projection.shape[0] != in_dim:
+                raise ValueError(
+                    f"`pca_projection` must have shape [{in_dim}, dim]. "
+                    f"Received: shape={pca_projection.shape}"
+                )
+            self.pca_mean = tf.Variable(pca_mean, trainable=False, name="pca_mean")
+            self.pca_projection = tf.Variable(
+                pca_projection, trainable=False, name="pca_projection"
+            )
+        self.dim = int(pca_projection.shape[1]) if self.whitened else int(in_dim)
+        self.describe_images = tf.function(self._describe_images, input_signature=[IMAGES_SPEC])
+        self.describe_bytes = tf.function(self._describe_bytes, input_signature=[IMAGE_BYTES_SPEC])
+
+    def descriptors(self, images):
+        """Descriptors [N, D] of a batch of same-size float images in [0, 255]."""
+        descriptor = self.extractor._extract(images)
+        if self.whitened:
+            descriptor = l2_normalize(tf.matmul(descriptor - self.pca_mean, self.pca_projection))
+        return descriptor
+
+    def _describe_images(self, images):
+        return {"descriptor": self.descriptors(images)}
+
+    def _describe_bytes(self, image_bytes):
+        descriptor, valid = map_image_bytes(
+            image_bytes, lambda x: self.descriptors(x)[0], [self.dim], max_side=self.max_side
+        )
+        return {"descriptor": descriptor, "valid": valid}
+
+    def signatures(self):
+        return {"serving_default": self.describe_bytes, "images": self.describe_images}

@@ -1,0 +1,164 @@
+"""One-piece recogniser SavedModel: image bytes -> Met id, confidence and top-k candidates.
+
+decode -> (multi-scale) descriptor -> PCA-whitening -> kNN over the database -> the reference's
+confidence rule with the tuned k and tau (`tfmet.export.knn.knn_confidence`).
+
+Searchers: "exact" (a matmul + top-k in the graph: plain TensorFlow ops, servable by stock TF
+Serving; right for databases up to a few hundred thousand rows) or "scann" (ScaNN's TensorFlow
+searcher, stored through its module serialisation; the serving process must load ScaNN's op
+library first, e.g. `import scann`).
+"""
+
+import uuid
+
+import numpy as np
+import tensorflow as tf
+
+from tfmet.export.common import map_image_bytes
+from tfmet.export.descriptor import DescriptorModule
+from tfmet.export.knn import knn_confidence
+
+SEARCHERS = ("exact", "scann")
+
+
+def _scann_tf_searcher(database, k, num_leaves=None, leaves_to_search=None, reorder=None):
+    """A ScaNN TF searcher (tree + asymmetric hashing + reorder; brute force for tiny databases)."""
+    from scann.scann_ops.py import scann_ops
+
+    n = database.shape[0]
+    builder = scann_ops.builder(database, k, "dot_product")
+    if n < 2000:
+        return builder.score_brute_force().build()
+    num_leaves = num_leaves or int(np.clip(np.sqrt(n), 16, 2000))
+    leaves_to_search = leaves_to_search or max(1, num_leaves // 10)
+    reorder = reorder or max(100, 10 * k)
+    return (
+        builder.tree(
+            num_leaves=num_leaves,
+            num_leaves_to_search=leaves_to_search,
+            training_sample_size=min(n, 250_000),
+        )
+        .score_ah(2, anisotropic_quantization_threshold=0.2)
+        .reorder(reorder)
+        .build()
+    )
+
+
+class RecognizerModule(DescriptorModule):
+    """The recognition pipeline as a tf.Module; see `signatures()`.
+
+    Args:
+      embedder, scales, resize_method, pca_mean, pca_projection, max_side: as `DescriptorModule`.
+      database: database descriptors [M, D] in the output space of the descriptor (whitened, L2).
+      labels: Met ids [M] of the database rows.
+      k, tau: the kNN classifier's parameters.
+      searcher: "exact" or "scann".
+      top_k: number of candidate ids returned per image.
+    """
+
+    def __init__(
+        self,
+        embedder,
+        database,
+        labels,
+        k,
+        tau,
+        searcher="exact",
+        top_k=5,
+        name=None,
+        **descriptor_kwargs,
+    ):
+        super().__init__(embedder, name=name, **descriptor_kwargs)
+        database = np.ascontiguousarray(database, np.float32)
+        labels = np.asarray(labels, np.int64)
+        if database.ndim != 2 or database.shape[1] != self.dim:
+            raise ValueError(
+                f"`database` must have shape [M, {self.dim}]. Received: shape={database.shape}"
+            )
+        if labels.shape != (database.shape[0],):
+            raise ValueError(
+                f"`labels` must have {database.shape[0]} entries. Received: shape={labels.shape}"
+            )
+        if searcher not in SEARCHERS:
+            raise ValueError(f"`searcher` must be one of {SEARCHERS}. Received: {searcher!r}")
+        if int(k) < 1 or int(top_k) < 1:
+            raise ValueError(f"`k` and `top_k` must be >= 1. Received: k={k}, top_k={top_k}")
+        self.k = min(int(k), database.shape[0])
+        self.tau = float(tau)
+        self.top_k = int(top_k)
+        self.searcher = searcher
+        self.num_classes = int(np.unique(labels).size)
+        self.database_size = int(database.shape[0])
+        self.labels = tf.Variable(labels, trainable=False, name="database_labels")
+        if searcher == "exact":
+            self.database = tf.Variable(database, trainable=False, name="database")
+        else:
+            self.scann_state = _scann_tf_searcher(database, self.k).serialize_to_module()
+            # The searcher is rebuilt from its serialised state once per process: the op looks the
+            # shared name up in the resource manager before creating it.
+            self.scann_shared_name = f"tfmet-scann-{uuid.uuid4().hex}"
+        descriptor_spec = tf.TensorSpec([None, self.dim], tf.float32, name="descriptor")
+        self.recognize_descriptors = tf.function(
+            self._recognize_descriptors, input_signature=[descriptor_spec]
+        )
+        self.recognize_bytes = tf.function(
+            self._recognize_bytes, input_signature=[tf.TensorSpec([None], tf.string, "image_bytes")]
+        )
+
+    def neighbors(self, descriptors):
+        """(similarities [B, k], database row indices [B, k]) by descending similarity."""
+        if self.searcher == "exact":
+            scores = tf.matmul(descriptors, self.database, transpose_b=True)
+            return tf.math.top_k(scores, k=self.k, sorted=True)
+        from scann.scann_ops.py import scann_ops
+
+        s = self.scann_state
+        handle = scann_ops.tensors_to_scann(
+            s.dataset,
+            s.scann_config,
+            s.serialized_partitioner,
+            s.datapoint_to_token,
+            s.ah_codebook,
+            s.hashed_dataset,
+            s.int8_dataset,
+            s.int8_multipliers,
+            s.dp_norms,
+            shared_name=self.scann_shared_name,
+        )
+        indices, sims = scann_ops.scann_search_batched(handle, descriptors, self.k, -1, -1, False)
+        return sims, indices
+
+    def _recognize_descriptors(self, descriptor):
+        sims, indices = self.neighbors(descriptor)
+        neighbor_labels = tf.gather(self.labels, indices)
+        pred, conf, top_ids, top_scores = knn_confidence(
+            sims, neighbor_labels, self.tau, self.num_classes, self.top_k
+        )
+        pad = tf.maximum(self.top_k - tf.shape(top_ids)[1], 0)
+        return {
+            "met_id": pred,
+            "confidence": tf.cast(conf, tf.float32),
+            "top_k_ids": tf.pad(top_ids, [[0, 0], [0, pad]], constant_values=-1),
+            "top_k_scores": tf.pad(top_scores, [[0, 0], [0, pad]]),
+        }
+
+    def _recognize_bytes(self, image_bytes):
+        descriptor, valid = map_image_bytes(
+            image_bytes, lambda x: self.descriptors(x)[0], [self.dim], max_side=self.max_side
+        )
+        out = self._recognize_descriptors(descriptor)
+        column = valid[:, None]
+        return {
+            "met_id": tf.where(valid, out["met_id"], tf.constant(-1, tf.int64)),
+            "confidence": tf.where(valid, out["confidence"], 0.0),
+            "top_k_ids": tf.where(column, out["top_k_ids"], tf.constant(-1, tf.int64)),
+            "top_k_scores": tf.where(column, out["top_k_scores"], 0.0),
+            "valid": valid,
+        }
+
+    def signatures(self):
+        return {
+            "serving_default": self.recognize_bytes,
+            "descriptors": self.recognize_descriptors,
+            "images": self.describe_images,
+        }
