@@ -140,3 +140,65 @@ def randomize_batchnorm(model: nn.Module, seed: int = 0) -> nn.Module:
                 module.running_mean.copy_(0.2 * torch.randn(shape, generator=generator))
                 module.running_var.copy_(0.5 + torch.rand(shape, generator=generator))
     return model
+
+
+# torch BatchNorm2d entry -> Keras BatchNormalization variable.
+_BN_VARIABLES = {
+    "weight": "gamma",
+    "bias": "beta",
+    "running_mean": "moving_mean",
+    "running_var": "moving_variance",
+}
+
+
+def keras_variable(keras_model, key: str):
+    """The Keras variable that torch state_dict entry `key` maps to (None: not stored).
+
+    The convention of tfmet.backbones.torchvision_resnet: the Keras layer is named after the
+    torch module path; conv `weight` -> `kernel`, BN weight/bias/running_mean/running_var ->
+    gamma/beta/moving_mean/moving_variance, `num_batches_tracked` is dropped.
+    """
+    import keras
+
+    path, _, param = key.rpartition(".")
+    if param == "num_batches_tracked":
+        return None
+    layer = keras_model.get_layer(path)
+    if isinstance(layer, keras.layers.BatchNormalization):
+        return getattr(layer, _BN_VARIABLES[param])
+    if isinstance(layer, keras.layers.Conv2D | keras.layers.Dense):
+        return {"weight": layer.kernel, "bias": layer.bias}[param]
+    raise ValueError(f"No Keras counterpart for torch entry {key!r} (layer {type(layer)}).")
+
+
+def to_keras_layout(array):
+    """torch conv OIHW -> Keras HWIO, Linear (out, in) -> (in, out); vectors unchanged."""
+    if array.ndim == 4:
+        return array.transpose(2, 3, 1, 0)
+    if array.ndim == 2:
+        return array.T
+    return array
+
+
+def copy_to_keras(torch_model: nn.Module, keras_model, skip_prefixes=("fc.",)):
+    """Copies a torchvision-layout model's weights into a Keras trunk built by tfmet.
+
+    Entries under `skip_prefixes` (the classifier) are ignored. Raises ValueError when a Keras
+    weight receives no value or shapes differ, so a passing copy also checks the naming.
+    """
+    assigned = set()
+    for key, tensor in torch_model.state_dict().items():
+        if key.startswith(tuple(skip_prefixes)):
+            continue
+        variable = keras_variable(keras_model, key)
+        if variable is None:
+            continue
+        value = to_keras_layout(tensor.detach().cpu().numpy())
+        if tuple(variable.shape) != value.shape:
+            raise ValueError(f"{key}: Keras {variable.path} {variable.shape} vs {value.shape}")
+        variable.assign(value)
+        assigned.add(id(variable))
+    missing = [v.path for v in keras_model.weights if id(v) not in assigned]
+    if missing:
+        raise ValueError(f"Keras weights without a torch counterpart: {missing[:5]}")
+    return keras_model

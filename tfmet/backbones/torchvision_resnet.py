@@ -33,6 +33,7 @@ bottleneck nets).
 
 import dataclasses
 import math
+import re
 
 import keras
 
@@ -167,62 +168,57 @@ def build(config: ResNetConfig, name: str = "resnet") -> keras.Model:
     return keras.Model(images, x, name=name)
 
 
-def blocks(config: ResNetConfig) -> list[str]:
-    """The block prefixes of `config`, top (last) first: "layer4.2", ..., "layer1.0", "stem".
+_BLOCK_PREFIX = re.compile(r"^(layer\d+\.\d+)\.")
+_STEM_LAYERS = ("conv1.pad", "conv1", "bn1")
 
-    "stem" stands for conv1/bn1. Use with `block_layers` / `set_trainable_blocks` to fine-tune
-    only the top of the trunk.
+
+def blocks(model: keras.Model) -> list[str]:
+    """The blocks of a trunk built here, top (last) first: "layer4.2", ..., "layer1.0", "stem".
+
+    "stem" stands for conv1/bn1. Use with `set_trainable_blocks` to fine-tune only the top of
+    the trunk.
     """
-    names = [
-        f"layer{stage + 1}.{index}"
-        for stage, num_blocks in enumerate(config.layers)
-        for index in range(num_blocks)
-    ]
-    return names[::-1] + ["stem"]
+    found = []
+    for layer in model.layers:
+        match = _BLOCK_PREFIX.match(layer.name)
+        if match and match.group(1) not in found:
+            found.append(match.group(1))
+    return found[::-1] + ["stem"]
 
 
-def stages(config: ResNetConfig) -> list[list[str]]:
-    """The blocks grouped by stage, top first: [["layer4.0", ...], ..., ["stem"]].
-
-    Blocks inside a stage are listed top first as in `blocks`.
-    """
-    grouped = [
-        [f"layer{stage + 1}.{index}" for index in reversed(range(num_blocks))]
-        for stage, num_blocks in enumerate(config.layers)
-    ]
-    return grouped[::-1] + [["stem"]]
+def stages(model: keras.Model) -> list[list[str]]:
+    """`blocks` grouped by stage, top first: [["layer4.2", ...], ..., ["layer1.0"], ["stem"]]."""
+    grouped: dict[str, list[str]] = {}
+    for block in blocks(model):
+        grouped.setdefault(block.split(".")[0], []).append(block)
+    return list(grouped.values())
 
 
 def block_layers(model: keras.Model, block: str) -> list[keras.layers.Layer]:
-    """The layers of `model` that belong to block `block` (a name from `blocks`)."""
+    """The layers of `model` that belong to `block` (a name from `blocks`)."""
     if block == "stem":
-        return [layer for layer in model.layers if layer.name in ("conv1", "conv1.pad", "bn1")]
+        return [layer for layer in model.layers if layer.name in _STEM_LAYERS]
     return [layer for layer in model.layers if layer.name.startswith(block + ".")]
 
 
-def set_trainable_blocks(model: keras.Model, config: ResNetConfig, num_blocks: int) -> list[str]:
+def set_trainable_blocks(model: keras.Model, num_blocks: int) -> list[str]:
     """Makes the top `num_blocks` blocks trainable and freezes the rest; returns their names.
 
     Frozen BatchNormalization layers run in inference mode (Keras 3 semantics of
-    `trainable=False`), which is what fine-tuning a pretrained trunk needs.
+    `trainable=False`), as fine-tuning the top of a pretrained trunk needs.
     """
-    all_blocks = blocks(config)
+    all_blocks = blocks(model)
     if not 0 <= num_blocks <= len(all_blocks):
         raise ValueError(
-            f"num_blocks must be in [0, {len(all_blocks)}]. Received: num_blocks={num_blocks}"
+            f"num_blocks must be in [0, {len(all_blocks)}] for {model.name!r}. "
+            f"Received: num_blocks={num_blocks}"
         )
-    model.trainable = True
     chosen = all_blocks[:num_blocks]
-    trainable = {id(layer) for block in chosen for layer in block_layers(model, block)}
+    selected = {id(layer) for block in chosen for layer in block_layers(model, block)}
+    model.trainable = True
     for layer in model.layers:
-        layer.trainable = id(layer) in trainable
+        layer.trainable = id(layer) in selected
     return chosen
-
-
-def output_stride(config: ResNetConfig) -> int:
-    """The trunk's total stride (32 for every torchvision ResNet)."""
-    del config
-    return 32
 
 
 def output_size(size: int) -> int:

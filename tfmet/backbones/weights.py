@@ -140,26 +140,32 @@ def check_layout(model: keras.Model, path: str) -> None:
 
 
 def load_weights(model: keras.Model, path) -> keras.Model:
-    """Loads a Keras `.weights.h5` file into `model` and returns the model.
+    """Loads a Keras weights file into `model` and returns the model.
+
+    `.weights.h5` files (Keras 3 `save_weights`, `tfmet-convert-weights`) are checked against
+    the model first. Legacy Keras 2 `.h5` / `.hdf5` weight files, such as the keras.applications
+    downloads (`resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5`), are matched by Keras in
+    layer order; their errors are re-raised naming the file.
 
     Raises:
       FileNotFoundError: `path` does not exist.
-      ValueError: `path` is not a readable `.weights.h5` file, or its layers/variables differ
-        from the model's (the message names the file and the first mismatching layer and
-        variable, with both shapes for a shape mismatch).
+      ValueError: `path` is not a readable weights file, or its layers/variables differ from
+        the model's (the message names the file and the first mismatching layer and variable,
+        with both shapes for a shape mismatch).
     """
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"Weights file not found: {path}")
-    if not path.endswith(".weights.h5"):
+    if not path.endswith((".weights.h5", ".h5", ".hdf5")):
         raise ValueError(
             f"Weights file {path}: expected a Keras '.weights.h5' file (written by "
-            "model.save_weights or tfmet-convert-weights)."
+            "model.save_weights or tfmet-convert-weights) or a legacy '.h5' weights file."
         )
-    try:
-        check_layout(model, path)
-    except OSError as e:
-        raise ValueError(f"Weights file {path} is not a readable HDF5 file: {e}") from e
+    if path.endswith(".weights.h5"):
+        try:
+            check_layout(model, path)
+        except OSError as e:
+            raise ValueError(f"Weights file {path} is not a readable HDF5 file: {e}") from e
     try:
         model.load_weights(path)
     except (ValueError, OSError) as e:
