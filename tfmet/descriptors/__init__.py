@@ -1,12 +1,24 @@
 """Descriptor extraction: the Embedder, multi-scale extraction, descriptor stores."""
 
 from tfmet.descriptors.embedder import MET_SCALES, DescriptorExtractor, Embedder, multiscale_embed
+from tfmet.descriptors.extraction import (
+    ExtractionSpec,
+    build_extractor,
+    extract_met,
+    extract_split,
+    merge_split,
+)
 from tfmet.descriptors.resize import resize, tf_bilinear_resize, torch_bilinear_resize
 
 __all__ = [
     "MET_SCALES",
     "DescriptorExtractor",
     "Embedder",
+    "ExtractionSpec",
+    "build_extractor",
+    "extract_met",
+    "extract_split",
+    "merge_split",
     "multiscale_embed",
     "resize",
     "tf_bilinear_resize",

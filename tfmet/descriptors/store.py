@@ -7,9 +7,10 @@ Layout of a store directory, per split (`train`, `val`, `test`):
                                      "split", "count", "dim", "valid": [bool] * count,
                                      "errors": [{"index", "path", "reason"}], ...metadata}
 
-Metadata written by extraction: backbone, weights_sha256, scales, resize_method, tfmet_version,
-paths. Both files are written atomically (temporary file + rename), the manifest last, so a
-manifest always describes a complete array.
+Metadata written by extraction (tfmet.descriptors.extraction): backbone, weights_sha256, scales,
+resize_method, max_side, source, paths, labels. Rows whose image could not be read are zeros with
+valid=False and an entry in "errors". Both files are written atomically (temporary file +
+rename), the manifest last, so a manifest always describes a complete array.
 """
 
 import dataclasses
@@ -19,7 +20,7 @@ import os
 import numpy as np
 
 import tfmet
-from tfmet.io.atomic import save_json, save_npy
+from tfmet.io.atomic import atomic_path, save_json, save_npy
 
 FORMAT = "tfmet-descriptors"
 FORMAT_VERSION = 1
@@ -66,19 +67,77 @@ def write_store(directory, split, descriptors, valid=None, errors=(), **metadata
     valid = np.ones(count, bool) if valid is None else np.asarray(valid, bool)
     if valid.shape != (count,):
         raise ValueError(f"valid must have shape [{count}]. Received: shape={valid.shape}")
-    manifest = {
+    manifest = _manifest(split, count, descriptors.shape[1], valid, errors, metadata)
+    save_npy(array_path(directory, split), descriptors)
+    save_json(manifest_path(directory, split), manifest)
+    return manifest
+
+
+def _manifest(split, count, dim, valid, errors, metadata):
+    return {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "split": split,
         "count": int(count),
-        "dim": int(descriptors.shape[1]),
+        "dim": int(dim),
         "tfmet_version": tfmet.__version__,
         **metadata,
-        "valid": valid.tolist(),
+        "valid": np.asarray(valid, bool).tolist(),
         "errors": [dict(e) for e in errors],
     }
-    save_npy(array_path(directory, split), descriptors)
+
+
+def write_store_rows(directory, split, count, dim, blocks, valid, errors=(), **metadata):
+    """Writes a split's store from row blocks without holding the whole array in memory.
+
+    Args:
+      directory: store directory.
+      split: split name.
+      count, dim: shape of the array.
+      blocks: iterable of (start_row, float32 array [n, dim]) covering rows 0..count-1 exactly.
+      valid: bool [count].
+      errors, metadata: as in `write_store`.
+
+    The array is filled through a memory map of a temporary file that is renamed into place,
+    then the manifest is written, both atomically.
+    """
+    valid = np.asarray(valid, bool)
+    if valid.shape != (count,):
+        raise ValueError(f"valid must have shape [{count}]. Received: shape={valid.shape}")
+    covered = np.zeros(count, bool)
+    with atomic_path(array_path(directory, split)) as tmp:
+        array = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(count, dim))
+        for start, rows in blocks:
+            rows = np.asarray(rows, np.float32)
+            stop = start + rows.shape[0]
+            if rows.ndim != 2 or rows.shape[1] != dim or start < 0 or stop > count:
+                raise ValueError(
+                    f"block at row {start} has shape {rows.shape}; expected [n, {dim}] within "
+                    f"{count} rows"
+                )
+            array[start:stop] = rows
+            covered[start:stop] = True
+        if not covered.all():
+            raise ValueError(f"rows {np.flatnonzero(~covered)[:5].tolist()}... were not written")
+        array.flush()
+        del array
+    manifest = _manifest(split, count, dim, valid, errors, metadata)
     save_json(manifest_path(directory, split), manifest)
+    return manifest
+
+
+def read_manifest(directory, split):
+    """A split's manifest (dict) without opening the array; raises like `read_store`."""
+    mpath = manifest_path(directory, split)
+    if not os.path.exists(mpath):
+        raise FileNotFoundError(f"{mpath}: no descriptor store for split {split!r}")
+    try:
+        with open(mpath, encoding="utf-8") as f:
+            manifest = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{mpath}: not valid JSON ({e})") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise ValueError(f"{mpath}: not a tfmet descriptor manifest")
     return manifest
 
 
@@ -90,15 +149,7 @@ def read_store(directory, split, mmap=True):
     """
     mpath = manifest_path(directory, split)
     apath = array_path(directory, split)
-    if not os.path.exists(mpath):
-        raise FileNotFoundError(f"{mpath}: no descriptor store for split {split!r}")
-    try:
-        with open(mpath, encoding="utf-8") as f:
-            manifest = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{mpath}: not valid JSON ({e})") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        raise ValueError(f"{mpath}: not a tfmet descriptor manifest")
+    manifest = read_manifest(directory, split)
     try:
         descriptors = np.load(apath, mmap_mode="r" if mmap else None, allow_pickle=False)
     except FileNotFoundError:

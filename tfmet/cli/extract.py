@@ -1,0 +1,170 @@
+"""tfmet-extract: Met descriptors for the database and query splits, resumable and shardable.
+
+    tfmet-extract --info_dir=MET/ground_truth --image_root=MET --output_dir=desc/r18 \
+        --backbone=resnet18 --weights=r18_imagenet.weights.h5 --mini
+
+writes `<output_dir>/<split>_descriptors.npy` + `<split>_manifest.json` per split. Kill it and
+run the same command again: finished chunks are kept. On several machines, run each with
+`--num_shards=N --shard_index=i` into the same output folder, then `tfmet-extract --merge
+--output_dir=...`. Settings can come from a config file (`--config=configs/extract_met.py`);
+flags given on the command line override it. See docs/extraction.md.
+"""
+
+import sys
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+import tfmet.cli  # noqa: F401  (silences TensorFlow's C++ start-up logs; TF is imported later)
+
+FLAGS = flags.FLAGS
+
+flags.DEFINE_string("info_dir", None, "Folder with MET_database.json, valset.json, testset.json.")
+flags.DEFINE_string("image_root", None, "Folder whose images/ subfolder holds the Met images.")
+flags.DEFINE_string("output_dir", None, "Where chunk files and descriptor stores go.")
+flags.DEFINE_string("backbone", "resnet18", "Backbone registry name (tfmet.backbones.names()).")
+flags.DEFINE_string("weights", None, "Backbone weights file; none for a seeded random init.")
+flags.DEFINE_string("model", None, "A saved Embedder (.keras) to use instead of --backbone.")
+flags.DEFINE_integer("seed", 0, "Seed of the random initialisation when --weights is not given.")
+flags.DEFINE_bool("multiscale", True, "Average the scales 1, 1/sqrt(2), 1/2 (else scale 1 only).")
+flags.DEFINE_enum("resize_method", "torch", ["torch", "tf"], "Multi-scale resize semantics.")
+flags.DEFINE_integer("max_side", None, "Downscale images whose long side exceeds this.")
+flags.DEFINE_bool("mini", False, "Use mini_MET_database.json as the train split.")
+flags.DEFINE_list("splits", ["train", "val", "test"], "Splits to extract.")
+flags.DEFINE_bool("queries_only", False, "Extract only the query splits (val, test).")
+flags.DEFINE_integer("num_shards", 1, "Number of machines sharing the work.")
+flags.DEFINE_integer("shard_index", 0, "This machine's shard, in [0, num_shards).")
+flags.DEFINE_integer("batch_images", 1, "Up to this many same-size images per model call.")
+flags.DEFINE_integer("chunk_size", 512, "Images per chunk file (the unit of resumption).")
+flags.DEFINE_integer("num_parallel_reads", -1, "Parallel image decodes (-1: autotune).")
+flags.DEFINE_bool("merge", False, "Only merge finished shards' chunks into stores.")
+flags.DEFINE_bool("keep_chunks", False, "Keep chunk files after merging.")
+flags.DEFINE_bool("progress", True, "Show a progress bar.")
+config_flags.DEFINE_config_file("config", None, "Optional ml_collections config with these keys.")
+
+# Flags a config file may set; a flag given on the command line wins over the config.
+SETTINGS = (
+    "info_dir",
+    "image_root",
+    "output_dir",
+    "backbone",
+    "weights",
+    "model",
+    "seed",
+    "multiscale",
+    "resize_method",
+    "max_side",
+    "mini",
+    "splits",
+    "queries_only",
+    "num_shards",
+    "shard_index",
+    "batch_images",
+    "chunk_size",
+    "num_parallel_reads",
+    "keep_chunks",
+)
+
+
+class UsageError(ValueError):
+    """Bad command-line input."""
+
+
+def settings():
+    """The flag values, with a config file's values where a flag was not given explicitly."""
+    values = {name: FLAGS[name].value for name in SETTINGS}
+    if FLAGS.config is not None:
+        for key, value in FLAGS.config.items():
+            if key not in values:
+                raise UsageError(f"config key {key!r} is not a setting of tfmet-extract")
+            if not FLAGS[key].present:
+                values[key] = list(value) if key == "splits" else value
+    if values["queries_only"]:
+        values["splits"] = [s for s in values["splits"] if s != "train"] or ["val", "test"]
+    for split in values["splits"]:
+        if split not in ("train", "val", "test"):
+            raise UsageError(f"--splits: unknown split {split!r} (use train, val, test)")
+    return values
+
+
+def _require(values, *names):
+    missing = [f"--{name}" for name in names if not values[name]]
+    if missing:
+        raise UsageError(f"missing {', '.join(missing)}")
+
+
+def extract(values):
+    from tfmet.descriptors import extraction
+
+    _require(values, "info_dir", "image_root", "output_dir")
+    met_splits = extraction.load_met_splits(values["info_dir"], values["splits"], values["mini"])
+    model = values["model"]
+    extractor, spec = extraction.build_extractor(
+        backbone=None if model else values["backbone"],
+        weights=values["weights"],
+        model=model,
+        seed=values["seed"],
+        scales=None if values["multiscale"] else (1.0,),
+        resize_method=values["resize_method"],
+        max_side=values["max_side"],
+        chunk_size=values["chunk_size"],
+    )
+    logging.info("extracting %s with %s", ", ".join(values["splits"]), spec)
+    reports = extraction.extract_met(
+        extractor,
+        spec,
+        met_splits,
+        values["image_root"],
+        values["output_dir"],
+        num_shards=values["num_shards"],
+        shard_index=values["shard_index"],
+        batch_images=values["batch_images"],
+        num_parallel_reads=values["num_parallel_reads"],
+        progress=FLAGS.progress,
+        keep_chunks=values["keep_chunks"],
+    )
+    for r in reports:
+        logging.info(
+            "%s: %d rows, %d chunks computed (%d images, %d unreadable, %.2f images/s), "
+            "%d skipped as finished%s",
+            r.split,
+            r.count,
+            r.chunks_computed,
+            r.images,
+            r.failed,
+            r.images_per_second if r.images else 0.0,
+            r.chunks_skipped,
+            "; store written" if r.merged else "",
+        )
+    if values["num_shards"] > 1:
+        logging.info("shard %d done; merge with tfmet-extract --merge", values["shard_index"])
+
+
+def merge(values):
+    from tfmet.descriptors import extraction
+
+    _require(values, "output_dir")
+    for split in values["splits"]:
+        extraction.merge_split(values["output_dir"], split, keep_chunks=values["keep_chunks"])
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    try:
+        values = settings()
+        if FLAGS.merge:
+            merge(values)
+        else:
+            extract(values)
+    except (UsageError, ValueError, FileNotFoundError) as e:
+        print(f"tfmet-extract: error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+def run():
+    app.run(main)
+
+
+if __name__ == "__main__":
+    run()

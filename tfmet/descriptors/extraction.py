@@ -1,0 +1,609 @@
+"""Descriptor extraction you can leave running overnight: chunked, resumable, sharded, mergeable.
+
+A split's rows (JSON order) are cut into fixed chunks of `chunk_size` rows. Each chunk is
+computed and written atomically as one file; a restarted run skips the chunks already on disk.
+Chunk j belongs to shard `j % num_shards`, so shards share the same chunk files and merging is a
+concatenation. Layout under `output_dir`:
+
+    chunks/<split>/run.json           the settings the chunks were computed with, and the paths
+    chunks/<split>/chunk-000000.npz   rows [0, chunk_size): descriptors, valid, errors
+    <split>_descriptors.npy           the merged store (tfmet.descriptors.store)
+    <split>_manifest.json
+
+Chunks computed with other settings (backbone, weights, scales, resize, max side, chunk size,
+image list) are never mixed in: the run stops with an error naming the difference.
+
+Images are read and decoded in parallel by tf.data (`tfmet.data.images.load_images`) at native
+resolution. Files that cannot be read or decoded, and images on which the model fails or gives a
+non-finite descriptor, become zero rows with valid=False and a recorded reason; the run goes on.
+"""
+
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+import time
+
+import numpy as np
+import tensorflow as tf
+from absl import logging as absl_logging
+
+from tfmet.data import images as image_io
+from tfmet.descriptors import store as store_lib
+from tfmet.io.atomic import atomic_path, save_json
+
+RUN_FILE = "run.json"
+CHUNK_PATTERN = "chunk-{:06d}.npz"
+DEFAULT_CHUNK_SIZE = 512
+
+
+def file_sha256(path, block_size=1 << 20):
+    """Hex sha256 of a file's bytes."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(block_size), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def weights_fingerprint(weights=None, seed=None):
+    """What identifies a model's weights in a manifest: "sha256:<hex>" of the file, or
+    "random:seed=<seed>" for a seeded random initialisation."""
+    if weights is None:
+        return f"random:seed={seed}"
+    return "sha256:" + file_sha256(weights)
+
+
+@dataclasses.dataclass(frozen=True)
+class ExtractionSpec:
+    """Everything that determines the descriptors of a split, recorded in every output.
+
+    Attributes:
+      backbone: registry name of the backbone (or a saved model's name).
+      weights: `weights_fingerprint` of the weights.
+      scales: the extraction scales.
+      resize_method: multi-scale resize method ("torch" or "tf").
+      max_side: cap on the image's long side before extraction, or None for native size.
+      dim: descriptor dimension.
+      chunk_size: rows per chunk file.
+    """
+
+    backbone: str
+    weights: str
+    scales: tuple[float, ...]
+    resize_method: str
+    max_side: int | None
+    dim: int
+    chunk_size: int = DEFAULT_CHUNK_SIZE
+
+    def __post_init__(self):
+        if int(self.chunk_size) <= 0:
+            raise ValueError(f"`chunk_size` must be positive. Received: {self.chunk_size}")
+        object.__setattr__(self, "scales", tuple(float(s) for s in self.scales))
+
+    def metadata(self):
+        """The manifest fields of this spec."""
+        return {
+            "backbone": self.backbone,
+            "weights_sha256": self.weights,
+            "scales": list(self.scales),
+            "resize_method": self.resize_method,
+            "max_side": self.max_side,
+            "chunk_size": self.chunk_size,
+        }
+
+
+def chunk_bounds(count, chunk_size):
+    """[(start, stop)] of the chunks of `count` rows."""
+    return [(start, min(start + chunk_size, count)) for start in range(0, count, chunk_size)]
+
+
+def shard_chunks(num_chunks, num_shards=1, shard_index=0):
+    """The chunk ids shard `shard_index` of `num_shards` computes (chunk j -> shard j % n)."""
+    if num_shards < 1 or not 0 <= shard_index < num_shards:
+        raise ValueError(
+            "Need num_shards >= 1 and 0 <= shard_index < num_shards. "
+            f"Received: num_shards={num_shards}, shard_index={shard_index}"
+        )
+    return list(range(shard_index, num_chunks, num_shards))
+
+
+def _paths_sha256(paths):
+    return hashlib.sha256("\n".join(paths).encode("utf-8")).hexdigest()
+
+
+class ChunkDirectory:
+    """The chunk files of one split under `<output_dir>/chunks/<split>`."""
+
+    def __init__(self, output_dir, split):
+        self.output_dir = os.fspath(output_dir)
+        self.split = split
+        self.directory = os.path.join(self.output_dir, "chunks", split)
+
+    @property
+    def run_path(self):
+        return os.path.join(self.directory, RUN_FILE)
+
+    def chunk_path(self, chunk_id):
+        return os.path.join(self.directory, CHUNK_PATTERN.format(chunk_id))
+
+    def exists(self):
+        return os.path.exists(self.run_path)
+
+    def read_run(self):
+        try:
+            with open(self.run_path, encoding="utf-8") as f:
+                return json.load(f)
+        except FileNotFoundError:
+            raise FileNotFoundError(
+                f"{self.run_path}: no extraction of split {self.split!r} in {self.output_dir}"
+            ) from None
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ValueError(f"{self.run_path}: not valid JSON ({e})") from None
+
+    def prepare(self, run):
+        """Records `run` (settings + paths), or checks that the recorded one is the same."""
+        if not self.exists():
+            os.makedirs(self.directory, exist_ok=True)
+            save_json(self.run_path, run)
+            return
+        recorded = self.read_run()
+        differences = [
+            f"{key}: {recorded.get(key)!r} on disk, {run[key]!r} now"
+            for key in ("spec", "count", "paths_sha256")
+            if recorded.get(key) != run[key]
+        ]
+        if differences:
+            raise ValueError(
+                f"{self.directory} holds chunks computed with other settings ("
+                + "; ".join(differences)
+                + "). Use another --output_dir or delete that folder."
+            )
+
+    def finished(self, chunk_ids):
+        return [j for j in chunk_ids if os.path.exists(self.chunk_path(j))]
+
+    def write_chunk(self, chunk_id, start, descriptors, valid, errors):
+        """Writes one chunk atomically; `errors` are (row, reason) pairs."""
+        rows = np.asarray([row for row, _ in errors], np.int64)
+        reasons = np.asarray([reason for _, reason in errors], dtype=str)
+        with atomic_path(self.chunk_path(chunk_id)) as tmp:
+            with open(tmp, "wb") as f:
+                np.savez(
+                    f,
+                    start=np.int64(start),
+                    descriptors=np.asarray(descriptors, np.float32),
+                    valid=np.asarray(valid, bool),
+                    error_rows=rows.reshape(-1),
+                    error_reasons=reasons.reshape(-1),
+                )
+
+    def read_chunk(self, chunk_id, start, stop, dim, rows=True):
+        """(descriptors [n, dim] or None, valid [n], [(row, reason)]) of a chunk, checked.
+
+        `rows=False` skips loading the descriptors.
+        """
+        path = self.chunk_path(chunk_id)
+        keys = ["start", "valid", "error_rows", "error_reasons"] + (["descriptors"] if rows else [])
+        try:
+            with np.load(path, allow_pickle=False) as data:
+                chunk = {key: data[key] for key in keys}
+        except FileNotFoundError:
+            raise FileNotFoundError(f"{path}: chunk {chunk_id} is missing") from None
+        except (ValueError, OSError, KeyError) as e:
+            raise ValueError(f"{path}: unreadable chunk file ({e})") from None
+        if (
+            int(chunk["start"]) != start
+            or chunk["valid"].shape != (stop - start,)
+            or (rows and chunk["descriptors"].shape != (stop - start, dim))
+        ):
+            raise ValueError(f"{path}: chunk does not hold rows [{start}, {stop}) of dim {dim}")
+        errors = list(
+            zip(chunk["error_rows"].tolist(), chunk["error_reasons"].tolist(), strict=True)
+        )
+        return chunk.get("descriptors"), chunk["valid"], errors
+
+
+@dataclasses.dataclass
+class SplitReport:
+    """What one `extract_split` call did."""
+
+    split: str
+    count: int
+    chunks_total: int
+    chunks_skipped: int
+    chunks_computed: int
+    images: int
+    failed: int
+    seconds: float
+    merged: bool = False
+
+    @property
+    def images_per_second(self):
+        return self.images / self.seconds if self.seconds > 0 else float("nan")
+
+
+class _Progress:
+    """A tqdm bar (images/s, ETA) when `enabled`, plus one log line per chunk."""
+
+    def __init__(self, split, total, enabled):
+        self.split = split
+        self.total = total
+        self.done = 0
+        self.start = time.perf_counter()
+        self.bar = None
+        if enabled and total:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=total, unit="img", desc=split, dynamic_ncols=True)
+
+    def update(self, n):
+        self.done += n
+        if self.bar is not None:
+            self.bar.update(n)
+
+    def chunk_written(self, chunk_id, start, stop):
+        elapsed = time.perf_counter() - self.start
+        rate = self.done / elapsed if elapsed > 0 else 0.0
+        eta = (self.total - self.done) / rate if rate > 0 else float("inf")
+        absl_logging.info(
+            "%s: computed chunk %d (rows %d-%d); %d/%d images this run, %.2f images/s, ETA %s",
+            self.split,
+            chunk_id,
+            start,
+            stop - 1,
+            self.done,
+            self.total,
+            rate,
+            _format_seconds(eta),
+        )
+
+    def close(self):
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _format_seconds(seconds):
+    if not np.isfinite(seconds):
+        return "?"
+    seconds = int(seconds)
+    return f"{seconds // 3600:d}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+class _ChunkBuffer:
+    """Collects one chunk's rows, running the model on groups of equal-size images."""
+
+    def __init__(self, extractor, start, stop, dim, batch_images):
+        self.extractor = extractor
+        self.start = start
+        self.descriptors = np.zeros((stop - start, dim), np.float32)
+        self.valid = np.zeros(stop - start, bool)
+        self.errors = {}
+        self.batch_images = batch_images
+        self.pending = {}  # (h, w) -> [(row, image)]
+        self.num_pending = 0
+
+    def add_failure(self, row, reason):
+        self.errors[row] = reason
+
+    def add_image(self, row, image):
+        key = tuple(image.shape[:2])
+        group = self.pending.setdefault(key, [])
+        group.append((row, image))
+        self.num_pending += 1
+        if len(group) >= self.batch_images:
+            self._run(key)
+        elif self.num_pending >= 4 * self.batch_images:  # bound memory: flush the largest group
+            self._run(max(self.pending, key=lambda k: len(self.pending[k])))
+
+    def flush(self):
+        for key in list(self.pending):
+            self._run(key)
+
+    def _run(self, key):
+        group = self.pending.pop(key)
+        self.num_pending -= len(group)
+        rows = [row for row, _ in group]
+        try:
+            batch = tf.stack([image for _, image in group])
+            descriptors = self.extractor(batch).numpy()
+        except (tf.errors.OpError, ValueError) as e:
+            if len(group) > 1:  # find the culprit: one image at a time
+                for item in group:
+                    self.pending[key] = [item]
+                    self.num_pending += 1
+                    self._run(key)
+                return
+            self.errors[rows[0]] = "model failed: " + image_io.error_reason(e)
+            return
+        for row, descriptor in zip(rows, descriptors, strict=True):
+            if np.all(np.isfinite(descriptor)):
+                self.descriptors[row - self.start] = descriptor
+                self.valid[row - self.start] = True
+            else:
+                self.errors[row] = "model gave a non-finite descriptor"
+
+    def error_list(self):
+        return sorted(self.errors.items())
+
+
+def extract_split(
+    extractor,
+    spec,
+    split,
+    files,
+    output_dir,
+    paths=None,
+    labels=None,
+    source=None,
+    num_shards=1,
+    shard_index=0,
+    batch_images=1,
+    num_parallel_reads=tf.data.AUTOTUNE,
+    progress=True,
+    merge=True,
+    keep_chunks=False,
+):
+    """Extracts one split's descriptors into chunk files, then (unsharded) merges them.
+
+    Args:
+      extractor: callable images [B, H, W, 3] in [0, 255] -> descriptors [B, spec.dim], e.g. a
+        `DescriptorExtractor`.
+      spec: the `ExtractionSpec` (recorded; used to check resumed chunks).
+      split: split name, used for file names.
+      files: image files to read, one per row.
+      output_dir: where chunks and the store go.
+      paths: the rows' paths as recorded in the manifest (default `files`), e.g. JSON paths.
+      labels: optional int labels recorded in the manifest.
+      source: optional ground-truth file recorded in the manifest.
+      num_shards, shard_index: compute only chunks j with j % num_shards == shard_index.
+      batch_images: up to this many images of the same size go through the model together.
+      num_parallel_reads: tf.data parallelism of reading + decoding.
+      progress: show a progress bar.
+      merge: with one shard, write the store once every chunk exists.
+      keep_chunks: keep the chunk files after merging (they are deleted by default).
+
+    Returns:
+      a `SplitReport`.
+    """
+    files = [os.fspath(f) for f in files]
+    paths = list(files) if paths is None else [str(p) for p in paths]
+    if len(paths) != len(files):
+        raise ValueError(f"paths has {len(paths)} entries for {len(files)} files")
+    if batch_images < 1:
+        raise ValueError(f"`batch_images` must be >= 1. Received: batch_images={batch_images}")
+    count = len(files)
+    bounds = chunk_bounds(count, spec.chunk_size)
+    report = SplitReport(split, count, len(bounds), 0, 0, 0, 0, 0.0)
+
+    if store_lib.has_store(output_dir, split):
+        _check_existing_store(output_dir, split, spec, count, paths)
+        absl_logging.info("%s: store already complete in %s; nothing to do", split, output_dir)
+        report.chunks_skipped = len(bounds)
+        return report
+
+    chunks = ChunkDirectory(output_dir, split)
+    chunks.prepare(
+        {
+            "split": split,
+            "spec": spec.metadata() | {"dim": spec.dim},
+            "count": count,
+            "paths_sha256": _paths_sha256(paths),
+            "paths": paths,
+            "labels": None if labels is None else np.asarray(labels).tolist(),
+            "source": source,
+        }
+    )
+    mine = shard_chunks(len(bounds), num_shards, shard_index)
+    done = set(chunks.finished(mine))
+    todo = [j for j in mine if j not in done]
+    report.chunks_skipped = len(done)
+    if done:
+        absl_logging.info(
+            "%s: resuming, %d of this shard's %d chunks already finished (skipped)",
+            split,
+            len(done),
+            len(mine),
+        )
+
+    rows = [row for j in todo for row in range(*bounds[j])]
+    started = time.perf_counter()
+    bar = _Progress(split, len(rows), progress)
+    try:
+        dataset = image_io.load_images(
+            [files[r] for r in rows],
+            max_side=spec.max_side,
+            num_parallel_calls=num_parallel_reads,
+            indices=rows,
+        ).prefetch(tf.data.AUTOTUNE)
+        elements = iter(dataset)
+        for j in todo:
+            start, stop = bounds[j]
+            buffer = _ChunkBuffer(extractor, start, stop, spec.dim, batch_images)
+            for _ in range(start, stop):
+                element = next(elements)
+                row = int(element["index"])
+                if bool(element["ok"]):
+                    buffer.add_image(row, element["image"])
+                else:
+                    buffer.add_failure(row, element["error"].numpy().decode("utf-8"))
+                bar.update(1)
+            buffer.flush()
+            errors = buffer.error_list()
+            for row, reason in errors:
+                absl_logging.warning("%s: row %d (%s) skipped: %s", split, row, paths[row], reason)
+            chunks.write_chunk(j, start, buffer.descriptors, buffer.valid, errors)
+            report.chunks_computed += 1
+            report.images += stop - start
+            report.failed += len(errors)
+            bar.chunk_written(j, start, stop)
+    finally:
+        bar.close()
+    report.seconds = time.perf_counter() - started
+
+    if merge and num_shards == 1:
+        merge_split(output_dir, split, keep_chunks=keep_chunks)
+        report.merged = True
+    return report
+
+
+def _check_existing_store(output_dir, split, spec, count, paths):
+    manifest = store_lib.read_manifest(output_dir, split)
+    expected = spec.metadata() | {"dim": spec.dim, "count": count}
+    differences = [
+        f"{key}: {manifest.get(key)!r} in the store, {value!r} now"
+        for key, value in expected.items()
+        if manifest.get(key) != value
+    ]
+    if manifest.get("paths") is not None and manifest["paths"] != paths:
+        differences.append("paths: the image list differs")
+    if differences:
+        raise ValueError(
+            f"{store_lib.manifest_path(output_dir, split)} was extracted with other settings ("
+            + "; ".join(differences)
+            + "). Use another --output_dir or delete the store."
+        )
+
+
+def merge_split(output_dir, split, keep_chunks=True):
+    """Merges a split's chunk files (from one or several shards) into its descriptor store.
+
+    Raises:
+      FileNotFoundError: no extraction of `split` in `output_dir`, or chunks are missing (the
+        message lists them, e.g. because a shard has not finished).
+      ValueError: a chunk file is unreadable or does not match the recorded run.
+    """
+    chunks = ChunkDirectory(output_dir, split)
+    run = chunks.read_run()
+    spec, count = run["spec"], int(run["count"])
+    dim, chunk_size = int(spec["dim"]), int(spec["chunk_size"])
+    bounds = chunk_bounds(count, chunk_size)
+    missing = [j for j in range(len(bounds)) if not os.path.exists(chunks.chunk_path(j))]
+    if missing:
+        shown = ", ".join(str(j) for j in missing[:10]) + (" ..." if len(missing) > 10 else "")
+        raise FileNotFoundError(
+            f"{chunks.directory}: {len(missing)} of {len(bounds)} chunks missing ({shown}); "
+            "finish every shard before merging"
+        )
+    paths = run["paths"]
+    valid = np.zeros(count, bool)
+    errors = []
+    for j, (start, stop) in enumerate(bounds):
+        _, valid[start:stop], chunk_errors = chunks.read_chunk(j, start, stop, dim, rows=False)
+        errors.extend(
+            {"index": int(row), "path": paths[row], "reason": reason}
+            for row, reason in chunk_errors
+        )
+    blocks = (
+        (start, chunks.read_chunk(j, start, stop, dim)[0]) for j, (start, stop) in enumerate(bounds)
+    )
+    metadata = {key: value for key, value in spec.items() if key != "dim"}
+    metadata.update(source=run.get("source"), paths=paths, labels=run.get("labels"))
+    manifest = store_lib.write_store_rows(
+        output_dir, split, count, dim, blocks, valid, errors, **metadata
+    )
+    absl_logging.info(
+        "%s: merged %d chunks into %s (%d rows, %d invalid)",
+        split,
+        len(bounds),
+        store_lib.array_path(output_dir, split),
+        count,
+        int((~valid).sum()),
+    )
+    if not keep_chunks:
+        shutil.rmtree(chunks.directory)
+        parent = os.path.dirname(chunks.directory)
+        if not os.listdir(parent):
+            os.rmdir(parent)
+    return manifest
+
+
+def build_extractor(
+    backbone=None,
+    weights=None,
+    model=None,
+    seed=0,
+    scales=None,
+    resize_method="torch",
+    max_side=None,
+    chunk_size=DEFAULT_CHUNK_SIZE,
+):
+    """A `DescriptorExtractor` and the `ExtractionSpec` describing it.
+
+    Args:
+      backbone: registry name (`tfmet.backbones.names()`), used with `weights`.
+      weights: local weights file for the backbone, or None for a random initialisation seeded
+        with `seed` (recorded as "random:seed=<seed>").
+      model: alternatively, a saved `Embedder` (.keras file), e.g. after contrastive training.
+      seed: seed of a random initialisation.
+      scales: extraction scales; None for the Met multi-scale `MET_SCALES`.
+      resize_method, max_side, chunk_size: see `ExtractionSpec`.
+
+    Raises:
+      FileNotFoundError: `weights` or `model` does not exist.
+      ValueError: neither or both of `backbone` and `model`, or an unknown backbone.
+    """
+    import keras
+
+    from tfmet.descriptors.embedder import MET_SCALES, DescriptorExtractor, Embedder
+
+    if (backbone is None) == (model is None):
+        raise ValueError("Give exactly one of `backbone` (with `weights`) and `model`.")
+    for path in (weights, model):
+        if path is not None and not os.path.isfile(path):
+            raise FileNotFoundError(f"{path}: weights file not found")
+    if model is not None:
+        embedder = keras.saving.load_model(model)
+        if not isinstance(embedder, Embedder):
+            raise ValueError(f"{model}: not a saved tfmet Embedder ({type(embedder).__name__})")
+        name, fingerprint = embedder.backbone.name, weights_fingerprint(model)
+    else:
+        if weights is None:
+            keras.utils.set_random_seed(seed)
+        embedder = Embedder.from_registry(backbone, weights=weights)
+        name, fingerprint = backbone, weights_fingerprint(weights, seed)
+    scales = MET_SCALES if scales is None else tuple(scales)
+    extractor = DescriptorExtractor(embedder, scales=scales, resize_method=resize_method)
+    spec = ExtractionSpec(
+        backbone=name,
+        weights=fingerprint,
+        scales=scales,
+        resize_method=resize_method,
+        max_side=None if max_side is None else int(max_side),
+        dim=embedder.output_dim,
+        chunk_size=int(chunk_size),
+    )
+    return extractor, spec
+
+
+def load_met_splits(info_dir, splits=("train", "val", "test"), mini=False):
+    """Reads and validates the Met ground truth of `splits` (fail fast, before any work)."""
+    from tfmet.data import met
+
+    return [met.load_split(info_dir, split, mini=mini) for split in splits]
+
+
+def extract_met(extractor, spec, met_splits, image_root, output_dir, **kwargs):
+    """`extract_split` for each `MetSplit` (see `load_met_splits`); images under `image_root`.
+
+    `kwargs` go to `extract_split` (sharding, batching, progress, merging). Returns the reports.
+    """
+    from tfmet.data import met
+
+    reports = []
+    for split in met_splits:
+        reports.append(
+            extract_split(
+                extractor,
+                spec,
+                split.split,
+                met.image_paths(split, image_root),
+                output_dir,
+                paths=split.paths,
+                labels=split.labels,
+                source=os.path.abspath(split.source),
+                **kwargs,
+            )
+        )
+    return reports
