@@ -52,7 +52,8 @@ class StyleHead(keras.Model):
 
     def build(self, input_shape):
         for head in self.heads.values():
-            head.build(input_shape)
+            if not head.built:
+                head.build(input_shape)
         self.built = True
 
     def call(self, features, training=False):
@@ -119,14 +120,14 @@ class StyleClassifier(keras.Model):
             self.pool = keras.layers.GlobalAveragePooling2D(name="gap")
 
     @classmethod
-    def from_registry(cls, name, class_names, weights=None, dropout=0.0, **kwargs):
-        """A classifier over registered backbone `name` with that backbone's preprocessing."""
-        spec = backbones.spec(name)
+    def from_registry(cls, backbone, class_names, weights=None, dropout=0.0, **kwargs):
+        """A classifier over registered backbone `backbone` with its preprocessing."""
+        spec = backbones.spec(backbone)
         return cls(
             spec.builder(weights=weights),
             StyleHead(class_names, dropout=dropout, name="head"),
             preprocessing=spec.preprocessing,
-            backbone_name=name,
+            backbone_name=backbone,
             **kwargs,
         )
 

@@ -16,6 +16,7 @@ import os
 import time
 import uuid
 
+import keras
 import numpy as np
 import tensorflow as tf
 from absl import logging
@@ -41,17 +42,16 @@ def file_sha256(path, chunk_size=1 << 20):
 
 
 def weights_sha256(model):
-    """SHA-256 over a model's variables (path, shape, dtype, bytes) in a fixed order."""
+    """SHA-256 over a model's variables (shape, dtype, bytes) in the model's weight order.
+
+    Variable names are left out: they change when a model is saved and reloaded.
+    """
     digest = hashlib.sha256()
-    for variable in sorted(model.weights, key=lambda v: v.path):
-        value = np.ascontiguousarray(keras_value(variable))
-        digest.update(f"{variable.path}:{value.shape}:{value.dtype}".encode())
+    for variable in model.weights:
+        value = np.ascontiguousarray(keras.ops.convert_to_numpy(variable))
+        digest.update(f"{value.shape}:{value.dtype};".encode())
         digest.update(value.tobytes())
     return digest.hexdigest()
-
-
-def keras_value(variable):
-    return np.asarray(variable.numpy() if hasattr(variable, "numpy") else variable)
 
 
 class BottleneckCache:

@@ -67,6 +67,23 @@ def evaluate_scores(scores, labels, class_names, top_ks=TOP_KS):
     return report, matrix
 
 
+def confusion_image(matrix, cell=12):
+    """uint8 RGB heatmap [n * cell, n * cell, 3] of a row-normalised confusion matrix.
+
+    White = 0, dark blue = 1 (all of the row's images); a cheap per-epoch picture for
+    TensorBoard (rows are true classes, columns predictions, in class-name order).
+    """
+    matrix = np.asarray(matrix, np.float64)
+    totals = matrix.sum(axis=1, keepdims=True)
+    shown = np.divide(matrix, totals, out=np.zeros_like(matrix), where=totals > 0)
+    white, blue = np.array([255.0, 255.0, 255.0]), np.array([8.0, 48.0, 107.0])
+    colours = white + shown[..., None] * (blue - white)
+    image = np.repeat(np.repeat(colours, cell, axis=0), cell, axis=1)
+    image[::cell, :, :] = 200.0  # grid lines
+    image[:, ::cell, :] = 200.0
+    return image.round().astype(np.uint8)
+
+
 def confusion_png(matrix, class_names, title="", normalize=True):
     """PNG bytes of a confusion-matrix plot (rows normalised to recall by default)."""
     import matplotlib

@@ -27,7 +27,7 @@ from absl import logging
 from tfmet.io.atomic import atomic_path, save_json
 from tfmet.metrics.topk import TopKAccuracy, top_k_accuracy
 from tfmet.training.style import MaskedSparseCrossEntropy
-from tfmet.training.style_eval import TOP_KS, confusion_matrix, confusion_png
+from tfmet.training.style_eval import TOP_KS, confusion_image, confusion_matrix
 
 OPTIMIZERS = ("rmsprop", "adam", "sgd")
 SCHEDULES = ("constant", "cosine")
@@ -163,10 +163,6 @@ def write_projector(logdir, features, metadata_header, metadata_rows, name="val_
     projector.visualize_embeddings(logdir, config)
 
 
-def _png_summary(png):
-    return tf.expand_dims(tf.io.decode_png(png, channels=4), 0)
-
-
 class StyleMonitor(keras.callbacks.Callback):
     """Per-epoch validation, TensorBoard, checkpoints and early stopping (see the module doc).
 
@@ -217,6 +213,7 @@ class StyleMonitor(keras.callbacks.Callback):
             for split in ("train", "val")
         }
         self.best_features = None
+        self._wrote_names = False
 
     def _val_metrics(self, logits):
         metrics = {}
@@ -264,8 +261,11 @@ class StyleMonitor(keras.callbacks.Callback):
                 matrix = confusion_matrix(
                     self.val_labels[a], logits[a].argmax(axis=1), len(self.class_names[a])
                 )
-                png = confusion_png(matrix, self.class_names[a], title=f"{a}, epoch {step}")
-                tf.summary.image(f"{a}/confusion_matrix", _png_summary(png))
+                tf.summary.image(f"{a}/confusion_matrix", confusion_image(matrix)[None])
+                if not self._wrote_names:
+                    names = "  \n".join(f"{i}: {n}" for i, n in enumerate(self.class_names[a]))
+                    tf.summary.text(f"{a}/confusion_matrix_classes", names)
+            self._wrote_names = True
         for writer in self.writers.values():
             writer.flush()
         top1 = val[f"{self.attributes[0]}/top1"]
@@ -359,6 +359,7 @@ def _fit(model, data, steps_per_epoch, settings, monitor, state):
         initial_epoch=initial_epoch,
         steps_per_epoch=steps_per_epoch,
         callbacks=[monitor],
+        shuffle=False,
         verbose=0,
     )
     return monitor.state
@@ -391,7 +392,8 @@ def train_head(
     keras.utils.set_random_seed(settings.seed)
     train_features = np.asarray(train_features, np.float32)
     val_features = np.asarray(val_features, np.float32)
-    head.build((None, train_features.shape[1]))
+    if not head.built:
+        head.build((None, train_features.shape[1]))
     steps = max(1, math.ceil(len(train_features) / settings.batch_size))
     state = _prepare_run(head, head, settings, steps, workdir, resume)
     data = (
@@ -404,8 +406,14 @@ def train_head(
         .prefetch(tf.data.AUTOTUNE)
     )
 
+    @tf.function(reduce_retracing=True)
+    def forward(features):
+        return head(features, training=False)
+
     def evaluate(model):
-        logits = model.predict(val_features, batch_size=1024, verbose=0)
+        del model
+        parts = [forward(val_features[i : i + 4096]) for i in range(0, len(val_features), 4096)]
+        logits = {a: np.concatenate([p[a].numpy() for p in parts]) for a in head.attributes}
         return logits, val_features
 
     monitor = StyleMonitor(
