@@ -1,0 +1,82 @@
+"""tfmet-convert-weights: a PyTorch checkpoint -> Keras `.weights.h5` for a registered backbone.
+
+    tfmet-convert-weights --from resnet50-0676ba61.pth --arch resnet50 --out r50.weights.h5
+    tfmet-convert-weights --from met_r18_contrastive.pth --arch resnet18 --out r18_met.weights.h5
+
+The checkpoint is read without torch and without running pickle code. torchvision, SWSL/WSL,
+SwAV, SIN and EfficientNet-Lite state dicts give a backbone file
+(`tfmet.backbones.get(arch, weights=...)`); the Met reference's contrastive checkpoints (GeM p,
+optional projector) give an embedder file (`tfmet.backbones.torch_convert.load_embedder`). Any
+tensor that does not map, or Keras weight left without a tensor, is an error (exit code 2).
+"""
+
+import os
+import sys
+
+from absl import app, flags
+
+from tfmet.io.safe_pickle import UnsafePickleError
+
+flags.DEFINE_string("from", None, "PyTorch checkpoint (.pth/.pt/.pth.tar, zip or legacy format).")
+flags.DEFINE_string("arch", None, "Registered backbone name, e.g. resnet50, efficientnet_lite0.")
+flags.DEFINE_string("out", None, "Output Keras weights file; must end with .weights.h5.")
+flags.DEFINE_string(
+    "key", None, "Entry holding the state dict, '/'-separated (default: found automatically)."
+)
+flags.DEFINE_list(
+    "ignore",
+    None,
+    "Name prefixes that may stay unconverted (default: classifier and SwAV heads "
+    "fc., _fc., projection_head., prototypes.).",
+)
+flags.DEFINE_bool("overwrite", False, "Replace --out if it exists.")
+
+FLAGS = flags.FLAGS
+PROGRAM = "tfmet-convert-weights"
+
+
+def _fail(message):
+    print(f"{PROGRAM}: error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def main(argv):
+    if len(argv) > 1:
+        _fail(f"unexpected arguments: {' '.join(argv[1:])}")
+    checkpoint, arch, out = FLAGS["from"].value, FLAGS.arch, FLAGS.out
+    for flag, value in (("--from", checkpoint), ("--arch", arch), ("--out", out)):
+        if not value:
+            _fail(f"{flag} is required")
+    # Cheap checks first: TensorFlow is only imported once the inputs look right.
+    if not os.path.isfile(checkpoint):
+        _fail(f"{checkpoint}: no such checkpoint file")
+    if not out.endswith(".weights.h5"):
+        _fail(f"--out must end with .weights.h5 (Keras weights format). Received: {out}")
+    if os.path.exists(out) and not FLAGS.overwrite:
+        _fail(f"{out} exists; pass --overwrite to replace it")
+    from tfmet.backbones import names, torch_convert
+
+    if arch not in names():
+        _fail(f"unknown --arch {arch!r}; registered backbones: {', '.join(names())}")
+    ignore = torch_convert.DEFAULT_IGNORE if FLAGS.ignore is None else tuple(FLAGS.ignore)
+    try:
+        report, metadata = torch_convert.convert_checkpoint(
+            checkpoint, arch, out, key=FLAGS.key, ignore=ignore
+        )
+    except (FileNotFoundError, ValueError, UnsafePickleError) as e:
+        _fail(str(e))
+    print(f"Converted {checkpoint} -> {out} ({metadata['kind']} of {arch}): {report.summary()}")
+    if metadata["kind"] == "embedder":
+        projector = metadata["projector_dim"]
+        print(
+            f"  GeM p = {metadata['p']:.4f}, projector: "
+            + ("none" if projector < 0 else f"Dense({projector})")
+        )
+
+
+def run():
+    app.run(main)
+
+
+if __name__ == "__main__":
+    run()
