@@ -167,13 +167,17 @@ def test_keras_matches_torch_at_odd_sizes(classifier, torch_model):
 
 def test_weights_are_converted_once_into_the_cache(classifier, cache):
     files = sorted(os.listdir(cache))
-    assert len(files) == 1 and files[0].startswith("efficientnet_lite0_imagenet-")
-    path = os.path.join(cache, files[0])
-    stamp = os.stat(path).st_mtime_ns
-    assert efficientnet_lite.pretrained_weights() == path
-    trunk = efficientnet_lite.efficientnet_lite0(weights="imagenet")
-    assert os.stat(path).st_mtime_ns == stamp and sorted(os.listdir(cache)) == files
+    assert [f.split("-")[0] for f in files] == [
+        "efficientnet_lite0_imagenet",
+        "efficientnet_lite0_imagenet_notop",
+    ]
+    stamps = [os.stat(os.path.join(cache, f)).st_mtime_ns for f in files]
+    path = efficientnet_lite.pretrained_weights()
+    assert path == os.path.join(cache, files[1])
+    trunk = backbones.get("efficientnet_lite0", weights=path)
     assert trunk.output_shape == (None, None, None, 1280)
+    assert [os.stat(os.path.join(cache, f)).st_mtime_ns for f in files] == stamps
+    assert sorted(os.listdir(cache)) == files  # no temporary files left behind
     np.testing.assert_array_equal(
         trunk.get_layer("_conv_head").kernel.numpy(),
         classifier.get_layer("_conv_head").kernel.numpy(),

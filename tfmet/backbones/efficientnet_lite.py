@@ -177,27 +177,41 @@ def _sha256(path):
     return digest.hexdigest()
 
 
-def pretrained_weights(checkpoint=None, directory=None):
-    """The cached ImageNet classifier weights (`build(include_top=True)`), converted if needed.
+def pretrained_weights(include_top=False, checkpoint=None, directory=None):
+    """The cached ImageNet weights, converted from the torch checkpoint on first use.
+
+    Both files are written at the first call: the classifier (`build(include_top=True)`) and the
+    trunk (`build()`, what `tfmet.backbones.get("efficientnet_lite0", weights=...)` loads).
 
     Args:
+      include_top: return the classifier's file instead of the trunk's.
       checkpoint: the torch checkpoint; default `packaged_checkpoint()`.
       directory: the cache folder; default `cache_dir()`.
 
     Returns:
-      Path of a `.weights.h5` file for the full classifier model.
+      Path of a `.weights.h5` file.
     """
-    from tfmet.backbones import torch_convert  # the converter imports this module's registry
+    from tfmet.backbones import torch_convert  # imports the registry, like this module
 
     checkpoint = checkpoint or packaged_checkpoint()
     directory = directory or cache_dir()
     digest = _sha256(checkpoint)[:12]
-    path = os.path.join(directory, f"efficientnet_lite0_imagenet-{digest}.weights.h5")
-    if not os.path.isfile(path):
-        model = build(include_top=True)
-        torch_convert.load_torch_weights(model, checkpoint)
-        torch_convert.save_weights(model, path)
-    return path
+    paths = {
+        top: os.path.join(
+            directory, f"efficientnet_lite0_imagenet{'' if top else '_notop'}-{digest}.weights.h5"
+        )
+        for top in (True, False)
+    }
+    if not all(os.path.isfile(p) for p in paths.values()):
+        classifier = build(include_top=True)
+        torch_convert.load_torch_weights(classifier, checkpoint)
+        trunk = keras.Model(
+            classifier.input, classifier.get_layer(FEATURES_LAYER).output, name=classifier.name
+        )
+        source = {"arch": "efficientnet_lite0", "source": os.path.basename(checkpoint)}
+        torch_convert.save_weights(trunk, paths[False], kind="backbone", **source)
+        torch_convert.save_weights(classifier, paths[True], kind="classifier", **source)
+    return paths[include_top]
 
 
 def efficientnet_lite0(weights=None, include_top=False):
@@ -210,13 +224,7 @@ def efficientnet_lite0(weights=None, include_top=False):
       include_top: see `build`.
     """
     if weights == "imagenet":
-        classifier = build(include_top=True)
-        load_weights(classifier, pretrained_weights())
-        if include_top:
-            return classifier
-        return keras.Model(
-            classifier.input, classifier.get_layer(FEATURES_LAYER).output, name="efficientnet_lite0"
-        )
+        weights = pretrained_weights(include_top=include_top)
     model = build(include_top=include_top)
     if weights is not None:
         load_weights(model, weights)
