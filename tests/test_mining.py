@@ -198,3 +198,14 @@ def test_errors():
         hard_negatives(circle([0, 1]), [3, 3], np.random.default_rng(0), search=exact_search)
     with pytest.raises(ValueError, match="NaN"):
         closest_positives(np.full((3, 2), np.nan), labels, np.random.default_rng(0))
+
+
+@pytest.mark.parametrize("backend", ["exact", "scann"])
+def test_knn_search_agrees_with_numpy(backend):
+    rng = np.random.default_rng(4)
+    descriptors = rng.normal(size=(300, 16)).astype(np.float32)
+    descriptors /= np.linalg.norm(descriptors, axis=1, keepdims=True)
+    sims, idx = mining.knn_search(descriptors, descriptors[:50], 25, backend=backend)
+    expected_sims, expected_idx = exact_search(descriptors, descriptors[:50], 25)
+    np.testing.assert_allclose(sims, expected_sims, rtol=1e-5, atol=1e-5)
+    assert np.mean(idx == expected_idx) > 0.99

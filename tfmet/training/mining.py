@@ -190,24 +190,35 @@ def closest_positives(descriptors, labels, rng, valid=None, top=CLOSEST_POSITIVE
     return rows, rows[partners]
 
 
-def exact_search(database, queries, k):
-    """Exact inner-product top-k: (similarities [q, k], indices [q, k]), ties by lower index."""
+def exact_search(database, queries, k, chunk_rows=1024):
+    """Exact inner-product top-k in numpy: (similarities [q, k], indices [q, k]).
+
+    Ties go to the lower index. Queries are processed `chunk_rows` at a time.
+    """
     database = np.asarray(database, np.float32)
     queries = np.asarray(queries, np.float32)
     k = min(int(k), database.shape[0])
-    sims_all = queries @ database.T
-    idx = np.argsort(-sims_all, axis=1, kind="stable")[:, :k]
-    return np.take_along_axis(sims_all, idx, axis=1), idx
+    sims, idx = [], []
+    for start in range(0, queries.shape[0], chunk_rows):
+        block = queries[start : start + chunk_rows] @ database.T
+        order = np.argsort(-block, axis=1, kind="stable")[:, :k]
+        sims.append(np.take_along_axis(block, order, axis=1))
+        idx.append(order)
+    if not sims:
+        return np.zeros((0, k), np.float32), np.zeros((0, k), np.int64)
+    return np.concatenate(sims), np.concatenate(idx)
 
 
 def knn_search(database, queries, k, backend="scann"):
-    """Top-k inner-product neighbours with tfmet's kNN (`tfmet.retrieval.KnnClassifier`)."""
-    from tfmet.retrieval import KnnClassifier  # noqa: PLC0415 (heavy import, only when mining)
+    """Top-k inner-product neighbours with tfmet's index (`tfmet.retrieval.NeighborIndex`).
 
-    labels = np.arange(np.shape(database)[0], dtype=np.int64)
-    knn = KnnClassifier(k=min(int(k), labels.size), tau=1.0, backend=backend)
-    knn.fit(np.asarray(database, np.float32), labels)
-    return knn.neighbors(np.asarray(queries, np.float32), min(int(k), labels.size))
+    "scann" is ScaNN's tree + asymmetric hashing + exact reordering for large databases (brute
+    force below its size threshold), "exact" ScaNN brute force.
+    """
+    from tfmet.retrieval import NeighborIndex  # noqa: PLC0415 (loads ScaNN, only when mining)
+
+    index = NeighborIndex(backend).build(np.asarray(database, np.float32))
+    return index.search(np.asarray(queries, np.float32), min(int(k), index.size))
 
 
 def hard_negatives(
@@ -228,8 +239,8 @@ def hard_negatives(
       valid: optional bool [n]; invalid rows are ignored.
       top_k: neighbours searched (25); candidates are the different-class ones among them.
       pool: how many of the nearest candidates the pick is drawn from (10).
-      search: `search(database, queries, k) -> (similarities, indices)`; tfmet's ScaNN kNN by
-        default, `exact_search` for brute force.
+      search: `search(database, queries, k) -> (similarities, indices)`, -1 padding allowed;
+        `knn_search` (ScaNN) by default, `exact_search` for numpy brute force.
 
     Returns:
       (anchors, negatives), int64 arrays.
