@@ -1,0 +1,335 @@
+"""Met descriptor extraction as an Apache Beam pipeline (DirectRunner, Dataflow, Flink, Spark).
+
+The launcher (this module, on one machine) reads and validates the Met JSON, records each split's
+`run.json` exactly as `tfmet.descriptors.extraction` does, and lists the chunks not yet on disk.
+The pipeline then, on the workers:
+
+    chunk tasks -> rows (paths from run.json) -> image bytes (Beam FileSystems: local, gs://, ...)
+      -> RunInference(DescriptorModelHandler over the descriptor SavedModel), batched
+      -> rows grouped per chunk -> chunk files            (merged by `tfmet-extract --merge`)
+      -> failed rows as JSON lines                        (dead-letter output)
+
+Chunks are the unit of work, of output and of resumption: a rerun skips the chunks already
+written, by Beam or by the single-machine `tfmet-extract`, since both write the same files.
+"""
+
+import dataclasses
+import json
+import os
+import shutil
+import tempfile
+import time
+
+import apache_beam as beam
+from absl import logging as absl_logging
+from apache_beam.io.filesystems import FileSystems
+from apache_beam.metrics.metric import MetricsFilter
+from apache_beam.ml.inference.base import KeyedModelHandler, RunInference
+from apache_beam.options.pipeline_options import PipelineOptions
+
+from tfmet.beam import transforms
+from tfmet.beam.chunks import ChunkOutput, read_bytes, run_record, write_bytes
+from tfmet.beam.model_handler import METADATA_ASSET, DescriptorModelHandler, is_remote
+from tfmet.descriptors import extraction
+from tfmet.descriptors import store as store_lib
+
+DEAD_LETTER_DIR = "dead_letter"
+DEAD_LETTER_SUFFIX = ".jsonl"
+SPEC_KEYS = ("backbone", "weights_sha256", "scales", "resize_method", "max_side", "dim")
+
+
+# --- The descriptor model
+
+
+def model_metadata(spec):
+    """The metadata `tfmet-export --kind descriptor` gives a raw (unwhitened) descriptor model."""
+    import tfmet
+
+    return {
+        "kind": "descriptor",
+        "tfmet_version": tfmet.__version__,
+        **spec.metadata(),
+        "dim": spec.dim,
+        "pca_whitening": False,
+    }
+
+
+def saved_model_spec(model_uri, chunk_size=extraction.DEFAULT_CHUNK_SIZE):
+    """The `ExtractionSpec` of an exported descriptor SavedModel, from its metadata asset.
+
+    Raises:
+      FileNotFoundError: no `assets/tfmet_metadata.json` under `model_uri`.
+      ValueError: the metadata lacks a field, or the model bakes in PCA-whitening (stores hold
+        raw descriptors; whitening is learned from them afterwards).
+    """
+    path = FileSystems.join(os.fspath(model_uri), "assets", METADATA_ASSET)
+    try:
+        metadata = json.loads(read_bytes(path).decode("utf-8"))
+    except OSError:
+        raise FileNotFoundError(
+            f"{path}: not found; is {model_uri} a SavedModel from tfmet-export --kind descriptor?"
+        ) from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
+    missing = [key for key in SPEC_KEYS if key not in metadata]
+    if missing:
+        raise ValueError(f"{path}: metadata lacks {', '.join(missing)}")
+    if metadata.get("kind", "descriptor") != "descriptor":
+        raise ValueError(f"{model_uri}: a {metadata['kind']!r} export, not a descriptor model")
+    if metadata.get("pca_whitening"):
+        raise ValueError(
+            f"{model_uri}: the model applies PCA-whitening; descriptor stores hold raw "
+            "descriptors (export it without PCA)"
+        )
+    max_side = metadata["max_side"]
+    return extraction.ExtractionSpec(
+        backbone=metadata["backbone"],
+        weights=metadata["weights_sha256"],
+        scales=tuple(metadata["scales"]),
+        resize_method=metadata["resize_method"],
+        max_side=None if max_side is None else int(max_side),
+        dim=int(metadata["dim"]),
+        chunk_size=int(chunk_size),
+    )
+
+
+def _upload_tree(local_dir, remote_dir):
+    for folder, _, files in os.walk(local_dir):
+        for name in files:
+            local = os.path.join(folder, name)
+            relative = os.path.relpath(local, local_dir).split(os.sep)
+            with open(local, "rb") as f:
+                write_bytes(FileSystems.join(remote_dir, *relative), f.read())
+
+
+def export_descriptor_model(extractor, spec, model_dir):
+    """Exports `extractor` as a descriptor SavedModel at `model_dir` (local or remote).
+
+    An export already at `model_dir` is reused when its metadata describes the same `spec` (a
+    resumed run), and refused otherwise. Returns `model_dir`.
+
+    Raises:
+      ValueError: `model_dir` holds a model with other settings.
+    """
+    from tfmet.export.common import metadata_signature, save_module
+    from tfmet.export.descriptor import DescriptorModule
+
+    model_dir = os.fspath(model_dir)
+    if FileSystems.exists(FileSystems.join(model_dir, "assets", METADATA_ASSET)):
+        existing = saved_model_spec(model_dir, spec.chunk_size)
+        if existing != spec:
+            raise ValueError(
+                f"{model_dir} holds a descriptor model with other settings ({existing}); use "
+                "another --model_dir or delete it"
+            )
+        absl_logging.info("reusing the descriptor model in %s", model_dir)
+        return model_dir
+    module = DescriptorModule(
+        extractor.embedder, spec.scales, spec.resize_method, max_side=spec.max_side
+    )
+    metadata = model_metadata(spec)
+    signatures = module.signatures()
+    scalars = {k: v for k, v in metadata.items() if isinstance(v, str | int | float | bool)}
+    signatures["metadata"] = metadata_signature(scalars)
+    if not is_remote(model_dir):
+        return save_module(module, model_dir, signatures, metadata)
+    staging = tempfile.mkdtemp(prefix="tfmet-export-")
+    try:
+        local = save_module(module, os.path.join(staging, "model"), signatures, metadata)
+        _upload_tree(local, model_dir)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return model_dir
+
+
+# --- The launcher's plan
+
+
+@dataclasses.dataclass
+class ExtractionPlan:
+    """What a Beam run has to compute.
+
+    Attributes:
+      spec: the `ExtractionSpec` every chunk is computed with.
+      output_dir: where chunks (and, after merging, stores) go.
+      image_root: folder (or URI) whose images/ subfolder holds the Met images.
+      tasks: the chunks still to compute.
+      counts: rows per split planned.
+      finished: per split, chunks already on disk (skipped).
+      complete: splits whose store already exists (nothing to do).
+    """
+
+    spec: extraction.ExtractionSpec
+    output_dir: str
+    image_root: str
+    tasks: list
+    counts: dict
+    finished: dict
+    complete: list
+
+    @property
+    def images(self):
+        return sum(task.stop - task.start for task in self.tasks)
+
+
+def plan_extraction(
+    spec, info_dir, image_root, output_dir, splits=("train", "val", "test"), mini=False
+):
+    """Validates the Met ground truth, records each split's run and lists the chunks to compute.
+
+    Raises:
+      FileNotFoundError / ValueError: a ground-truth file is missing or invalid, or
+        `output_dir` holds chunks or a store computed with other settings.
+    """
+    from tfmet.data import met
+
+    output_dir, image_root = os.fspath(output_dir), os.fspath(image_root)
+    # Validate every split first: a bad JSON file should fail now, not after the first split.
+    loaded = [met.load_split(info_dir, split, mini=mini) for split in splits]
+    plan = ExtractionPlan(spec, output_dir, image_root, [], {}, {}, [])
+    for split in loaded:
+        name, count = split.split, len(split)
+        plan.counts[name] = count
+        if not is_remote(output_dir) and store_lib.has_store(output_dir, name):
+            extraction._check_existing_store(output_dir, name, spec, count, split.paths)
+            absl_logging.info("%s: store already complete in %s; nothing to do", name, output_dir)
+            plan.complete.append(name)
+            continue
+        chunks = ChunkOutput(output_dir, name)
+        source = os.path.abspath(split.source)
+        chunks.prepare(run_record(name, spec, split.paths, split.labels, source))
+        bounds = extraction.chunk_bounds(count, spec.chunk_size)
+        done = set(chunks.finished(range(len(bounds))))
+        plan.finished[name] = len(done)
+        plan.tasks.extend(
+            transforms.ChunkTask(name, j, start, stop)
+            for j, (start, stop) in enumerate(bounds)
+            if j not in done
+        )
+    return plan
+
+
+# --- The pipeline
+
+
+def is_failure(keyed_outcome):
+    return keyed_outcome[1].descriptor is None
+
+
+def build_pipeline(pipeline, plan, model_handler, dead_letter_prefix):
+    """Adds the extraction of `plan.tasks` to `pipeline`.
+
+    Returns:
+      (written, dead_letters): PCollections of (split, chunk_id, images, failed) per chunk file
+      written, and of the failed rows' JSON lines (also written under `dead_letter_prefix`).
+    """
+    rows = (
+        pipeline
+        | "ChunkTasks" >> beam.Create(plan.tasks)
+        | "ChunkRows" >> beam.ParDo(transforms.ExpandChunk(plan.output_dir, plan.image_root))
+        | "SpreadRows" >> beam.Reshuffle()
+    )
+    read = rows | "ReadImageBytes" >> beam.ParDo(transforms.ReadImageBytes()).with_outputs(
+        transforms.UNREADABLE, main="images"
+    )
+    described = (
+        read.images
+        | "Describe" >> RunInference(KeyedModelHandler(model_handler))
+        | "Outcome" >> beam.Map(transforms.prediction_to_outcome)
+    )
+    outcomes = (described, read[transforms.UNREADABLE]) | "AllRows" >> beam.Flatten()
+    dead_letters = (
+        outcomes
+        | "Failed" >> beam.Filter(is_failure)
+        | "DeadLetterJson" >> beam.Map(transforms.dead_letter_line)
+    )
+    dead_letters | "WriteDeadLetters" >> beam.io.WriteToText(
+        dead_letter_prefix, file_name_suffix=DEAD_LETTER_SUFFIX
+    )
+    written = (
+        outcomes
+        | "ByChunk" >> beam.Map(transforms.by_chunk)
+        | "GroupChunks" >> beam.GroupByKey()
+        | "WriteChunks" >> beam.ParDo(transforms.WriteChunk(plan.output_dir, plan.spec.dim))
+    )
+    return written, dead_letters
+
+
+def dead_letter_prefix(output_dir):
+    """Where this run's dead-letter files go: `<output_dir>/dead_letter/<time>-NNNNN-of-NNNNN`."""
+    return FileSystems.join(os.fspath(output_dir), DEAD_LETTER_DIR, time.strftime("%Y%m%d-%H%M%S"))
+
+
+def read_dead_letters(output_dir):
+    """Every dead-letter record under `output_dir` (all runs), sorted by split and index."""
+    pattern = FileSystems.join(os.fspath(output_dir), DEAD_LETTER_DIR, "*" + DEAD_LETTER_SUFFIX)
+    records = []
+    for metadata in FileSystems.match([pattern])[0].metadata_list:
+        text = read_bytes(metadata.path).decode("utf-8")
+        records.extend(json.loads(line) for line in text.splitlines() if line.strip())
+    return sorted(records, key=lambda r: (r["split"], r["index"]))
+
+
+@dataclasses.dataclass
+class BeamReport:
+    """What a Beam run did (counters as the runner reports them)."""
+
+    state: str
+    chunks: int
+    images: int
+    failed: int
+    seconds: float
+    dead_letter_prefix: str
+
+    @property
+    def images_per_second(self):
+        return self.images / self.seconds if self.seconds > 0 else float("nan")
+
+
+def _counter(result, name):
+    query = result.metrics().query(
+        MetricsFilter().with_namespace(transforms.NAMESPACE).with_name(name)
+    )
+    return int(sum(c.committed or 0 for c in query["counters"]))
+
+
+def run_extraction(plan, model_uri, beam_args=(), batch_size=8, intra_op_threads=0, wait=True):
+    """Runs the pipeline of `plan` with Beam options `beam_args` (e.g. ["--runner=DataflowRunner",
+    "--project=...", ...]); `wait` blocks until it finishes (always true for DirectRunner).
+
+    Returns:
+      a `BeamReport` (counts are zero when not waiting).
+    """
+    handler = DescriptorModelHandler(
+        model_uri,
+        max_side=plan.spec.max_side,
+        batch_size=batch_size,
+        intra_op_threads=intra_op_threads,
+    )
+    prefix = dead_letter_prefix(plan.output_dir)
+    started = time.perf_counter()
+    pipeline = beam.Pipeline(options=PipelineOptions(list(beam_args)))
+    build_pipeline(pipeline, plan, handler, prefix)
+    result = pipeline.run()
+    if not wait:
+        return BeamReport(str(result.state), len(plan.tasks), 0, 0, 0.0, prefix)
+    state = result.wait_until_finish()
+    seconds = time.perf_counter() - started
+    report = BeamReport(
+        str(state),
+        _counter(result, "chunks_written"),
+        _counter(result, "images"),
+        _counter(result, "failed_images"),
+        seconds,
+        prefix,
+    )
+    absl_logging.info(
+        "Beam run %s: %d chunks, %d images (%d failed) in %.1f s, %.2f images/s",
+        report.state,
+        report.chunks,
+        report.images,
+        report.failed,
+        report.seconds,
+        report.images_per_second,
+    )
+    return report

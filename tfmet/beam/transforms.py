@@ -1,0 +1,171 @@
+"""The steps of the Beam extraction: chunk -> rows -> image bytes -> descriptors -> chunk files.
+
+Elements between steps:
+
+    ChunkTask  (split, chunk_id, start, stop)          one chunk file to compute
+    RowKey     (split, chunk_id, start, stop, row, path, file)   one image of a chunk
+    (RowKey, Described)                               its descriptor, or None and the reason
+
+Unreadable files and images the model cannot describe never fail the pipeline: they become rows
+with a reason, recorded in the chunk (and so in the merged store's "errors") and sent to the
+dead-letter output.
+"""
+
+import json
+import time
+from typing import NamedTuple
+
+import apache_beam as beam
+import numpy as np
+from absl import logging as absl_logging
+
+from tfmet.beam.chunks import ChunkOutput, read_bytes
+from tfmet.beam.model_handler import Described, is_remote
+
+NAMESPACE = "tfmet"
+UNREADABLE = "unreadable"
+
+
+class ChunkTask(NamedTuple):
+    """Rows [start, stop) of a split, written as chunk `chunk_id`."""
+
+    split: str
+    chunk_id: int
+    start: int
+    stop: int
+
+
+class RowKey(NamedTuple):
+    """One image: its chunk, its row in the split, its JSON path and the file to read."""
+
+    split: str
+    chunk_id: int
+    start: int
+    stop: int
+    row: int
+    path: str
+    file: str
+
+
+def image_file(image_root, path):
+    """`<image_root>/images/<path>`, on a local disk (checked as tfmet.data.met does) or remote."""
+    from apache_beam.io.filesystems import FileSystems
+
+    from tfmet.data import met
+
+    if not is_remote(image_root):
+        return met.resolve_image_path(image_root, path)
+    met.check_relative_path(path)
+    return FileSystems.join(image_root, "images", *path.split("/"))
+
+
+class ExpandChunk(beam.DoFn):
+    """ChunkTask -> the RowKeys of its rows, with paths from the split's recorded `run.json`."""
+
+    def __init__(self, output_dir, image_root):
+        self.output_dir = output_dir
+        self.image_root = image_root
+
+    def setup(self):
+        self._paths = {}
+
+    def process(self, task):
+        paths = self._paths.get(task.split)
+        if paths is None:  # one read per split and worker: run.json holds every path
+            paths = ChunkOutput(self.output_dir, task.split).read_run()["paths"]
+            self._paths[task.split] = paths
+        for row in range(task.start, task.stop):
+            file = image_file(self.image_root, paths[row])
+            yield RowKey(*task, row, paths[row], file)
+
+
+class ReadImageBytes(beam.DoFn):
+    """RowKey -> (RowKey, bytes); a file that cannot be read goes to the UNREADABLE output."""
+
+    def __init__(self):
+        self.unreadable = beam.metrics.Metrics.counter(NAMESPACE, "unreadable_files")
+
+    def process(self, key):
+        from tfmet.data.images import error_reason
+
+        try:
+            yield key, read_bytes(key.file)
+        except OSError as e:  # Beam's file-system errors are OSErrors too
+            self.unreadable.inc()
+            yield beam.pvalue.TaggedOutput(UNREADABLE, (key, Described(None, error_reason(e))))
+
+
+def prediction_to_outcome(keyed_prediction):
+    """(RowKey, PredictionResult of Described) -> (RowKey, Described)."""
+    key, prediction = keyed_prediction
+    return key, prediction.inference
+
+
+def dead_letter_line(keyed_outcome):
+    """A failed row as one JSON line: split, index, path (as in the JSON), file, reason."""
+    key, outcome = keyed_outcome
+    return json.dumps(
+        {
+            "split": key.split,
+            "index": key.row,
+            "path": key.path,
+            "file": key.file,
+            "reason": outcome.reason,
+        },
+        sort_keys=True,
+    )
+
+
+def by_chunk(keyed_outcome):
+    """(RowKey, Described) -> ((split, chunk_id, start, stop), (row, descriptor, reason))."""
+    key, outcome = keyed_outcome
+    return (key.split, key.chunk_id, key.start, key.stop), (key.row, *outcome)
+
+
+class WriteChunk(beam.DoFn):
+    """A chunk's grouped rows -> its chunk file; emits (split, chunk_id, images, failed)."""
+
+    def __init__(self, output_dir, dim):
+        self.output_dir = output_dir
+        self.dim = int(dim)
+        self.images = beam.metrics.Metrics.counter(NAMESPACE, "images")
+        self.failed = beam.metrics.Metrics.counter(NAMESPACE, "failed_images")
+        self.chunks = beam.metrics.Metrics.counter(NAMESPACE, "chunks_written")
+
+    def setup(self):
+        self._started = time.perf_counter()
+        self._done = 0
+
+    def process(self, element):
+        (split, chunk_id, start, stop), rows = element
+        descriptors = np.zeros((stop - start, self.dim), np.float32)
+        valid = np.zeros(stop - start, bool)
+        errors = {}
+        for row, descriptor, reason in rows:
+            if descriptor is None:
+                errors[row] = reason
+            else:
+                descriptors[row - start] = descriptor
+                valid[row - start] = True
+        seen = set(errors) | {start + i for i in np.flatnonzero(valid)}
+        if len(seen) != stop - start:  # a lost element is a runner bug: never write a hole
+            missing = sorted(set(range(start, stop)) - seen)
+            raise RuntimeError(f"{split} chunk {chunk_id}: rows {missing[:5]} never arrived")
+        errors = sorted(errors.items())
+        ChunkOutput(self.output_dir, split).write_chunk(chunk_id, start, descriptors, valid, errors)
+        self.images.inc(stop - start)
+        self.failed.inc(len(errors))
+        self.chunks.inc()
+        self._done += stop - start
+        elapsed = time.perf_counter() - self._started
+        absl_logging.info(
+            "%s: wrote chunk %d (rows %d-%d, %d failed); this worker: %d images, %.2f images/s",
+            split,
+            chunk_id,
+            start,
+            stop - 1,
+            len(errors),
+            self._done,
+            self._done / elapsed if elapsed > 0 else 0.0,
+        )
+        yield split, chunk_id, stop - start, len(errors)

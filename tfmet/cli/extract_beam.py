@@ -1,0 +1,205 @@
+r"""tfmet-extract-beam: Met descriptor extraction as an Apache Beam pipeline (tfmet[beam] extra).
+
+Takes every tfmet-extract flag (same chunks, same stores), plus the Beam ones below; any other
+`--name=value` goes to Beam's pipeline options (--project, --region, --temp_location,
+--direct_num_workers, --flink_master, ...). Locally, on 4 worker processes:
+
+    tfmet-extract-beam --info_dir=MET/ground_truth --image_root=MET --output_dir=desc/r18 \
+        --backbone=resnet18 --weights=r18.weights.h5 \
+        --direct_num_workers=4 --direct_running_mode=multi_processing
+
+With a local --output_dir the chunks are merged into stores when the pipeline is done; on
+gs:// copy the chunks down and run `tfmet-extract --merge`. Dataflow, Flink and Spark command
+lines, and what must be staged for them: docs/beam.md.
+"""
+
+import sys
+
+from absl import app, flags, logging
+
+import tfmet.cli.extract as extract_cli  # defines the tfmet-extract flags this program shares
+
+FLAGS = flags.FLAGS
+
+flags.DEFINE_string(
+    "beam_runner",
+    "DirectRunner",
+    "Beam runner: DirectRunner, DataflowRunner, FlinkRunner, SparkRunner, PortableRunner "
+    "(a --runner given among the Beam options wins).",
+)
+flags.DEFINE_string(
+    "saved_model",
+    None,
+    "A descriptor SavedModel from tfmet-export --kind descriptor (without PCA), instead of "
+    "--backbone/--weights/--model.",
+)
+flags.DEFINE_string(
+    "model_dir",
+    None,
+    "Where the model built from --backbone/--weights/--model is exported for the workers "
+    "(default <output_dir>/model; must be readable by every worker).",
+)
+flags.DEFINE_integer("batch_size", 8, "Images per call of the model (RunInference batches).")
+flags.DEFINE_integer("tf_threads", 0, "TensorFlow threads per worker process (0: TF default).")
+flags.DEFINE_bool("wait", True, "Wait for the pipeline to finish (and report images/s).")
+flags.DEFINE_bool(
+    "merge_when_done", True, "With a local --output_dir, merge the chunks into stores at the end."
+)
+
+# Runners whose workers cannot see the launcher's disk.
+REMOTE_RUNNERS = ("DataflowRunner", "FlinkRunner", "SparkRunner", "PortableRunner")
+MODEL_FLAGS = ("backbone", "weights", "model", "seed", "multiscale", "resize_method", "max_side")
+
+UsageError = extract_cli.UsageError
+
+
+def parse_flags(argv):
+    """absl parses its flags; everything else is left for Beam's pipeline options."""
+    return FLAGS(argv, known_only=True)
+
+
+def beam_options(args):
+    """Beam's options from the leftover arguments, with --runner from --beam_runner.
+
+    Raises:
+      UsageError: an argument is neither a tfmet flag nor a Beam option (e.g. a typo).
+    """
+    from apache_beam.options.pipeline_options import PipelineOptions
+
+    args = list(args)
+    if not any(a == "--runner" or a.startswith("--runner=") for a in args):
+        args.insert(0, f"--runner={FLAGS.beam_runner}")
+    options = PipelineOptions(args)
+    unknown = set(options.get_all_options(retain_unknown_options=True))
+    unknown -= set(options.get_all_options())
+    if unknown:
+        raise UsageError(
+            f"unknown flags (neither tfmet nor Beam): --{', --'.join(sorted(unknown))}"
+        )
+    return args, options.get_all_options()["runner"]
+
+
+def _require(values, *names):
+    missing = [f"--{name}" for name in names if not values[name]]
+    if missing:
+        raise UsageError(f"missing {', '.join(missing)}")
+
+
+def _check_reachable(runner, paths):
+    """Dataflow workers cannot read the launcher's disk; Flink/Spark ones only if it is shared."""
+    from tfmet.beam.model_handler import is_remote
+
+    local = [f"--{name}={path}" for name, path in paths.items() if not is_remote(path)]
+    if not local or not any(runner.endswith(name) for name in REMOTE_RUNNERS):
+        return
+    if runner.endswith("DataflowRunner"):
+        raise UsageError(f"Dataflow workers cannot read {', '.join(local)}: use gs:// paths")
+    logging.warning(
+        "%s workers must reach %s: use a shared file system (gs://, s3://, hdfs://) unless "
+        "every worker mounts these paths",
+        runner,
+        ", ".join(local),
+    )
+
+
+def _model(values):
+    """(model URI, ExtractionSpec): the given SavedModel, or the model exported for this run."""
+    from apache_beam.io.filesystems import FileSystems
+
+    from tfmet.beam import pipeline
+    from tfmet.descriptors import extraction
+
+    if FLAGS.saved_model:
+        given = [f"--{name}" for name in MODEL_FLAGS if FLAGS[name].present]
+        if given:
+            raise UsageError(f"--saved_model replaces {', '.join(given)}; give one or the other")
+        return FLAGS.saved_model, pipeline.saved_model_spec(FLAGS.saved_model, values["chunk_size"])
+    model = values["model"]
+    extractor, spec = extraction.build_extractor(
+        backbone=None if model else values["backbone"],
+        weights=values["weights"],
+        model=model,
+        seed=values["seed"],
+        scales=None if values["multiscale"] else (1.0,),
+        resize_method=values["resize_method"],
+        max_side=values["max_side"],
+        chunk_size=values["chunk_size"],
+    )
+    model_dir = FLAGS.model_dir or FileSystems.join(values["output_dir"], "model")
+    return pipeline.export_descriptor_model(extractor, spec, model_dir), spec
+
+
+def extract(values, beam_args):
+    from tfmet.beam import pipeline
+    from tfmet.beam.model_handler import is_remote
+    from tfmet.descriptors import extraction
+
+    _require(values, "info_dir", "image_root", "output_dir")
+    if values["num_shards"] != 1:
+        raise UsageError("--num_shards is for tfmet-extract; Beam distributes the chunks itself")
+    beam_args, runner = beam_options(beam_args)
+    output_dir = values["output_dir"]
+    model_uri, spec = _model(values)
+    _check_reachable(
+        runner,
+        {"image_root": values["image_root"], "output_dir": output_dir, "model_dir": model_uri},
+    )
+    plan = pipeline.plan_extraction(
+        spec, values["info_dir"], values["image_root"], output_dir, values["splits"], values["mini"]
+    )
+    logging.info(
+        "%d chunks (%d images) to compute with %s on %s; already finished: %s; complete: %s",
+        len(plan.tasks),
+        plan.images,
+        spec,
+        runner,
+        plan.finished,
+        plan.complete or "none",
+    )
+    if plan.tasks:
+        report = pipeline.run_extraction(
+            plan,
+            model_uri,
+            beam_args,
+            batch_size=FLAGS.batch_size,
+            intra_op_threads=FLAGS.tf_threads,
+            wait=FLAGS.wait,
+        )
+        logging.info("failed images are listed in %s-*.jsonl", report.dead_letter_prefix)
+        if not FLAGS.wait:
+            logging.info("pipeline submitted (%s); merge once it has finished", report.state)
+            return
+    pending = [s for s in values["splits"] if s not in plan.complete]
+    if not pending:
+        return
+    if is_remote(output_dir) or not FLAGS.merge_when_done:
+        logging.info(
+            "chunks written; merge with: tfmet-extract --merge --output_dir=%s%s",
+            "<local copy of the output dir>" if is_remote(output_dir) else output_dir,
+            f" --splits={','.join(pending)}",
+        )
+        return
+    for split in pending:
+        extraction.merge_split(output_dir, split, keep_chunks=values["keep_chunks"])
+
+
+def main(argv):
+    try:
+        values = extract_cli.settings()
+        if FLAGS.merge:
+            if len(argv) > 1:
+                raise UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+            extract_cli.merge(values)
+        else:
+            extract(values, argv[1:])
+    except (UsageError, ValueError, FileNotFoundError) as e:
+        print(f"tfmet-extract-beam: error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+def run():
+    app.run(main, flags_parser=parse_flags)
+
+
+if __name__ == "__main__":
+    run()
