@@ -94,10 +94,14 @@ def _require(values, *names):
 
 
 def extract(values):
-    from tfmet.descriptors import extraction
+    from tfmet.data import met
 
     _require(values, "info_dir", "image_root", "output_dir")
-    met_splits = extraction.load_met_splits(values["info_dir"], values["splits"], values["mini"])
+    # Validate the ground truth before TensorFlow loads: bad input fails in a fraction of a second.
+    met_splits = [met.load_split(values["info_dir"], s, values["mini"]) for s in values["splits"]]
+
+    from tfmet.descriptors import extraction
+
     model = values["model"]
     extractor, spec = extraction.build_extractor(
         backbone=None if model else values["backbone"],

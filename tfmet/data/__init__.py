@@ -1,16 +1,27 @@
-"""tfmet.data: Met ground truth (`met`) and image decoding / tf.data loading (`images`)."""
+"""tfmet.data: Met ground truth (`met`) and image decoding / tf.data loading (`images`).
 
-from tfmet.data.images import cap_max_side, decode_image, load_image, load_images, read_image
-from tfmet.data.met import MetSplit, image_paths, load_split, resolve_image_path
+`tfmet.data.met` needs only numpy; the image functions import TensorFlow on first use, so a
+program can validate ground truth (and fail fast on bad input) before TensorFlow loads.
+"""
 
-__all__ = [
-    "MetSplit",
-    "cap_max_side",
-    "decode_image",
-    "image_paths",
-    "load_image",
-    "load_images",
-    "load_split",
-    "read_image",
-    "resolve_image_path",
-]
+import importlib
+
+_EXPORTS = {
+    "MetSplit": "met",
+    "image_paths": "met",
+    "load_split": "met",
+    "resolve_image_path": "met",
+    "cap_max_side": "images",
+    "decode_image": "images",
+    "load_image": "images",
+    "load_images": "images",
+    "read_image": "images",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(f"tfmet.data.{_EXPORTS[name]}"), name)
+    raise AttributeError(f"module 'tfmet.data' has no attribute {name!r}")

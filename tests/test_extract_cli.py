@@ -1,0 +1,141 @@
+"""tfmet-extract end to end, in subprocesses: SIGKILL + restart, shards + --merge, bad input.
+
+CLI modules define absl flags at import, so they are only ever imported in child processes.
+"""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from tests.met_tree import write_met_tree
+from tfmet.descriptors import extraction, store
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIG = os.path.join(REPO, "configs", "extract_met.py")
+
+
+def _command(tree, out, *flags):
+    return [
+        sys.executable,
+        "-m",
+        "tfmet.cli.extract",
+        f"--info_dir={tree.info_dir}",
+        f"--image_root={tree.image_root}",
+        f"--output_dir={out}",
+        "--backbone=resnet_tiny",
+        "--noprogress",
+        *flags,
+    ]
+
+
+def _run(command, log_path, timeout=300):
+    with open(log_path, "w") as log:
+        done = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, timeout=timeout)
+    with open(log_path) as f:
+        return done.returncode, f.read()
+
+
+def _reference(tree, out, splits, chunk_size, mini=False):
+    """The same extraction in this process, uninterrupted and unsharded."""
+    extractor, spec = extraction.build_extractor("resnet_tiny", seed=0, chunk_size=chunk_size)
+    met_splits = extraction.load_met_splits(tree.info_dir, splits, mini=mini)
+    extraction.extract_met(extractor, spec, met_splits, tree.image_root, out, progress=False)
+
+
+def _assert_same_stores(a, b, splits):
+    for split in splits:
+        left, right = store.read_store(a, split), store.read_store(b, split)
+        np.testing.assert_array_equal(left.descriptors, right.descriptors)
+        assert left.manifest == right.manifest
+
+
+@pytest.mark.slow
+def test_sigkill_then_restart_gives_identical_output(tmp_path):
+    tree = write_met_tree(tmp_path / "met", num_exhibits=4, images_per_exhibit=3)  # 12 rows
+    # Row 6's image becomes a FIFO: reading it blocks, so the run stalls after chunks 0-2.
+    blocked = tree.image_path(tree.train[6]["path"])
+    with open(blocked, "rb") as f:
+        image_bytes = f.read()
+    os.remove(blocked)
+    os.mkfifo(blocked)
+    out = tmp_path / "out"
+    command = _command(tree, out, "--splits=train", "--chunk_size=2", "--keep_chunks")
+    chunk_dir = extraction.ChunkDirectory(out, "train")
+
+    log = open(tmp_path / "first.log", "w")
+    process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 240
+        while not os.path.exists(chunk_dir.chunk_path(2)):
+            assert process.poll() is None, open(tmp_path / "first.log").read()
+            assert time.monotonic() < deadline, "no chunk written in time"
+            time.sleep(0.05)
+        time.sleep(0.3)
+        assert process.poll() is None  # still running, blocked on the FIFO
+        os.kill(process.pid, signal.SIGKILL)
+        assert process.wait(timeout=60) == -signal.SIGKILL
+    finally:
+        if process.poll() is None:
+            process.kill()
+        log.close()
+    assert chunk_dir.finished(range(6)) == [0, 1, 2]
+    assert not store.has_store(out, "train")
+    mtimes = [os.stat(chunk_dir.chunk_path(j)).st_mtime_ns for j in range(3)]
+
+    os.remove(blocked)
+    with open(blocked, "wb") as f:
+        f.write(image_bytes)
+    code, text = _run(command, tmp_path / "second.log")
+    assert code == 0, text
+    assert "resuming, 3 of this shard's 6 chunks already finished" in text
+    assert "computed chunk 3 " in text and "computed chunk 5 " in text
+    for j in range(3):
+        assert f"computed chunk {j} " not in text
+    assert [os.stat(chunk_dir.chunk_path(j)).st_mtime_ns for j in range(3)] == mtimes
+
+    _reference(tree, tmp_path / "reference", ("train",), chunk_size=2)
+    _assert_same_stores(out, tmp_path / "reference", ("train",))
+
+
+@pytest.mark.slow
+def test_config_shards_and_merge(tmp_path):
+    tree = write_met_tree(tmp_path / "met", num_exhibits=2, images_per_exhibit=2)
+    out = tmp_path / "out"
+    # The smoke config: resnet_tiny, mini, val + test, chunks of 4; --chunk_size overrides it.
+    flags = (f"--config={CONFIG}:smoke", "--chunk_size=3", "--num_shards=2", "--shard_index=1")
+    code, text = _run(_command(tree, out, *flags), tmp_path / "shard1.log")
+    assert code == 0, text
+    assert "merge with tfmet-extract --merge" in text
+    # Shard 0 in this process (same settings as the config), to save a TensorFlow start-up.
+    extractor, spec = extraction.build_extractor("resnet_tiny", seed=0, chunk_size=3)
+    met_splits = extraction.load_met_splits(tree.info_dir, ("val", "test"), mini=True)
+    extraction.extract_met(
+        extractor, spec, met_splits, tree.image_root, out, num_shards=2, progress=False
+    )
+    assert not store.has_store(out, "val")
+    merge = [sys.executable, "-m", "tfmet.cli.extract", "--merge", "--queries_only"]
+    code, text = _run([*merge, f"--output_dir={out}"], tmp_path / "merge.log")
+    assert code == 0, text
+    assert not os.path.exists(out / "chunks")
+    _reference(tree, tmp_path / "reference", ("val", "test"), chunk_size=3)
+    _assert_same_stores(out, tmp_path / "reference", ("val", "test"))
+    manifest = store.read_manifest(out, "val")
+    assert manifest["chunk_size"] == 3 and manifest["backbone"] == "resnet_tiny"
+
+
+def test_bad_input_exits_2_with_one_line(tmp_path):
+    tree = write_met_tree(tmp_path / "met", num_exhibits=1, images_per_exhibit=1)
+    with open(os.path.join(tree.info_dir, "valset.json"), "w") as f:
+        f.write('[{"path": "test_met/a.jpg", "MET_id": 1}, {"path": "../../etc/passwd"}]')
+    code, text = _run(_command(tree, tmp_path / "out", "--splits=val"), tmp_path / "bad.log")
+    assert code == 2
+    lines = text.strip().splitlines()
+    assert lines == [
+        f"tfmet-extract: error: {tree.info_dir}/valset.json: entry 1: 'path' "
+        "'../../etc/passwd' escapes the image root"
+    ]
