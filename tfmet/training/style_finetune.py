@@ -2,10 +2,12 @@
 
 Rules, by backbone:
 
-- torchvision-compatible ResNets ("resnet_tiny", "resnet50", ...): blocks are the residual blocks
-  "layer4.2", "layer4.1", ..., then "stem" (`tfmet.backbones.torchvision_resnet.blocks`).
-- keras.applications-style names ("conv5_block3_1_conv", EfficientNet "block7a_..."): blocks are
-  the name prefixes "conv5_block3" / "block7a", in reverse order of appearance, then the rest.
+- torchvision-compatible ResNets ("resnet_tiny", "resnet50", ..., layer names "layer4.2.conv1"):
+  blocks are "layer4.2", "layer4.1", ..., then "stem" (`tfmet.backbones.torchvision_resnet`).
+- keras.applications ResNets ("keras_resnet50", layer names "conv5_block3_1_conv"): blocks are
+  "conv5_block3", ..., "conv2_block1", then "stem" (`tfmet.backbones.keras_applications.blocks`).
+- other Keras models with block-prefixed names (EfficientNet "block7a_..."): blocks are the name
+  prefixes in reverse order of appearance, then "rest" (every other layer).
 - TF-Hub modules ("hub:..."): variables are selected by regular expressions on their names
   (`trainable_patterns`); `trainable_blocks` picks the last N "blockB/unit_U" groups found in
   the names (TF-Slim ResNets) when there are any.
@@ -28,13 +30,15 @@ import re
 
 import keras
 
-from tfmet.backbones import hub, torchvision_resnet
+from tfmet.backbones import hub, keras_applications, torchvision_resnet
 
 BATCHNORM_MODES = ("frozen", "train")
 _BN_NAME = re.compile(
     r"(batch_?norm|/bn\d*/|/bn\d*$|_bn$|_bn_|\.bn\d*$|gamma|beta|moving_)", re.IGNORECASE
 )
-_KERAS_BLOCK = re.compile(r"^(conv\d+_block\d+|block\d+[a-z])_")
+_TORCH_BLOCK = re.compile(r"^layer\d+\.\d+\.")
+_RESNET_BLOCK = re.compile(r"^conv\d+_block\d+_")
+_KERAS_BLOCK = re.compile(r"^(block\d+[a-z])_")
 _HUB_BLOCK = re.compile(r"(block\d+/unit_\d+)")
 
 
@@ -50,8 +54,16 @@ def _is_hub(backbone):
     return any(isinstance(layer, hub.HubModule) for layer in backbone.layers)
 
 
+def _is_torchvision_resnet(model):
+    return any(_TORCH_BLOCK.match(layer.name) for layer in model.layers)
+
+
+def _is_keras_resnet(model):
+    return any(_RESNET_BLOCK.match(layer.name) for layer in model.layers)
+
+
 def keras_blocks(model):
-    """Block prefixes of keras.applications-style layer names, top first, then "rest"."""
+    """Block prefixes of "block7a_"-style layer names, top first, then "rest"."""
     order = []
     for layer in model.layers:
         match = _KERAS_BLOCK.match(layer.name)
@@ -60,18 +72,20 @@ def keras_blocks(model):
     return order[::-1] + (["rest"] if order else [])
 
 
-def _block_layers(model, backbone_name, block):
-    if backbone_name in torchvision_resnet.CONFIGS:
+def _block_layers(model, block):
+    if _is_torchvision_resnet(model):
         return torchvision_resnet.block_layers(model, block)
+    if _is_keras_resnet(model):
+        return keras_applications.block_layers(model, block)
     if block == "rest":
         return [layer for layer in model.layers if not _KERAS_BLOCK.match(layer.name)]
     return [layer for layer in model.layers if layer.name.startswith(block + "_")]
 
 
-def backbone_blocks(backbone, backbone_name):
-    """The blocks `trainable_blocks` counts, top first ([] when the rule does not apply)."""
-    if backbone_name in torchvision_resnet.CONFIGS:
-        return torchvision_resnet.blocks(torchvision_resnet.CONFIGS[backbone_name])
+def backbone_blocks(backbone):
+    """The blocks `trainable_blocks` counts, top first ([] when no rule applies)."""
+    if _is_torchvision_resnet(backbone):
+        return torchvision_resnet.blocks(backbone)
     if _is_hub(backbone):
         layer = hub.hub_layer(backbone)
         order = []
@@ -80,6 +94,8 @@ def backbone_blocks(backbone, backbone_name):
             if match and match.group(1) not in order:
                 order.append(match.group(1))
         return sorted(order, key=_hub_block_key, reverse=True)
+    if _is_keras_resnet(backbone):
+        return keras_applications.blocks(backbone)
     return keras_blocks(backbone)
 
 
@@ -98,7 +114,7 @@ def set_trainable(
     """Freezes the classifier's backbone except the chosen top part; the head always trains.
 
     Args:
-      classifier: a `StyleClassifier` (its `backbone_name` selects the block rule).
+      classifier: a `StyleClassifier`; the backbone's layer names select the block rule.
       trainable_blocks: number of top blocks to unfreeze.
       trainable_fraction: fraction of top weight layers (or hub variables) to unfreeze.
       trainable_patterns: regular expressions of hub variable names (hub backbones only).
@@ -141,7 +157,7 @@ def set_trainable(
     backbone.trainable = True
     layers = []
     if trainable_blocks:
-        blocks = backbone_blocks(backbone, name)
+        blocks = backbone_blocks(backbone)
         if not blocks:
             raise ValueError(
                 f"trainable_blocks: no block structure known for backbone {name!r}; use "
@@ -153,7 +169,7 @@ def set_trainable(
                 f"Received: trainable_blocks={trainable_blocks}"
             )
         names = blocks[:trainable_blocks]
-        layers = [layer for b in names for layer in _block_layers(backbone, name, b)]
+        layers = [layer for b in names for layer in _block_layers(backbone, b)]
     elif trainable_fraction:
         weighted = _weight_layers(backbone)
         count = math.ceil(float(trainable_fraction) * len(weighted))
@@ -177,7 +193,7 @@ def _set_hub_trainable(
     backbone.trainable = True
     layer.trainable = True
     if trainable_blocks:
-        blocks = backbone_blocks(backbone, name)
+        blocks = backbone_blocks(backbone)
         if not blocks:
             raise ValueError(
                 f"trainable_blocks: the variables of hub module {name!r} show no block/unit "

@@ -138,6 +138,24 @@ def build_classifier(model_config, class_names):
     return classifier
 
 
+def save_classifier(classifier, path, image_size):
+    """Saves an uncompiled copy of `classifier` (same layers, no optimizer state) atomically."""
+    copy = StyleClassifier(
+        classifier.backbone,
+        classifier.head,
+        pooling=classifier.pooling,
+        gem_p=classifier.gem_p,
+        preprocessing=classifier.preprocessing,
+        backbone_name=classifier.backbone_name,
+        batchnorm=classifier.batchnorm,
+        name=classifier.name,
+    )
+    copy.build((None, image_size, image_size, 3))
+    copy.pool.set_weights(classifier.pool.get_weights())
+    with atomic_path(path) as tmp:
+        copy.save(tmp)
+
+
 def make_augmenter(kind, image_size, seed=0):
     """keras-cv augmentation of batches in [0, 255]: flips, flips + random crops, RandAugment."""
     if kind == "none":
@@ -298,8 +316,7 @@ def train(config, workdir, resume=False):
             classifier, records, splits, settings, train_c, workdir, resume, image_size
         )
     _write_bad_images(workdir, errors, records)
-    with atomic_path(os.path.join(workdir, CLASSIFIER_FILE)) as tmp:
-        classifier.save(tmp)
+    save_classifier(classifier, os.path.join(workdir, CLASSIFIER_FILE), image_size)
     summary = {
         "mode": mode,
         "epochs_run": state["epoch"],
@@ -409,11 +426,11 @@ def read_run_config(workdir):
 
 
 def load_classifier(path, trust_model=False):
-    """A trained `StyleClassifier` from a `.keras` file, a run directory or a `.weights.h5`.
+    """A trained `StyleClassifier` from a run directory, a `.keras` file or a checkpoint.
 
-    A `.weights.h5` file needs the run's config.json next to it or one directory up (the
-    checkpoints/ folder of a run). Hub backbones are SavedModels (programs): loading one from a
-    file needs `trust_model=True`.
+    Checkpoints (`checkpoints/*.weights.npz` of a run, or a Keras `.weights.h5` of the whole
+    classifier) are loaded into a classifier rebuilt from the run's config.json. Hub backbones
+    are SavedModels (programs): loading one from a `.keras` file needs `trust_model=True`.
     """
     path = os.fspath(path)
     if os.path.isdir(path):
@@ -423,14 +440,24 @@ def load_classifier(path, trust_model=False):
         path = candidate
     if not os.path.exists(path):
         raise FileNotFoundError(f"model file not found: {path}")
-    if path.endswith(".weights.h5"):
-        config = read_run_config(run_dir_of(path))
+    if path.endswith((".weights.npz", ".weights.h5")):
+        workdir = run_dir_of(path)
+        config = read_run_config(workdir)
         records = load_records(config["dataset"])
         classifier = build_classifier(config["model"], records.class_names)
-        classifier.load_weights(path)
+        if path.endswith(".weights.h5"):
+            classifier.load_weights(path)
+            return classifier
+        kind = "classifier"
+        if style_train.has_checkpoint(workdir):
+            kind = style_train.read_state(workdir).get("model", "classifier")
+        style_train.load_weights(classifier.head if kind == "head" else classifier, path)
         return classifier
     if not path.endswith(".keras"):
-        raise ValueError(f"{path}: expected a .keras file, a .weights.h5 file or a run directory")
+        raise ValueError(
+            f"{path}: expected a run directory, a .keras file or a .weights.npz/.weights.h5 "
+            "checkpoint"
+        )
     try:
         model = keras.saving.load_model(path, safe_mode=not trust_model)
     except ValueError as e:

@@ -5,9 +5,10 @@ Both run `keras.Model.fit` with one `StyleMonitor` callback that, after every ep
 - evaluates the validation split once (loss, top-1/3/5 per attribute);
 - writes TensorBoard scalars under `<workdir>/tensorboard/{train,val}` (loss, `<attribute>/top1`
   ..., `learning_rate`) and a confusion-matrix image per attribute;
-- saves the resumable checkpoint `<workdir>/checkpoints/last.weights.h5` + `last_optimizer.npz`
-  + `state.json` (atomically), and `best.weights.h5` when validation top-1 of the first
-  attribute improves;
+- saves the resumable checkpoint `<workdir>/checkpoints/last.weights.npz` +
+  `last_optimizer.npz` + `state.json` (atomically), and `best.weights.npz` when validation top-1
+  of the first attribute improves (weights files: one array per `model.weights` entry, in order,
+  with the variable paths; no pickle);
 - stops training after `patience` epochs without improvement.
 
 At the end it writes the validation features of the best epoch to the TensorBoard embedding
@@ -26,7 +27,7 @@ from absl import logging
 
 from tfmet.io.atomic import atomic_path, save_json
 from tfmet.metrics.topk import TopKAccuracy, top_k_accuracy
-from tfmet.training.style import MaskedSparseCrossEntropy
+from tfmet.training.style import MaskedSparseCrossEntropy, StyleHead
 from tfmet.training.style_eval import TOP_KS, confusion_image, confusion_matrix
 
 OPTIMIZERS = ("rmsprop", "adam", "sgd")
@@ -97,10 +98,10 @@ def checkpoint_paths(workdir):
     directory = os.path.join(workdir, CHECKPOINT_DIR)
     return {
         "dir": directory,
-        "last": os.path.join(directory, "last.weights.h5"),
+        "last": os.path.join(directory, "last.weights.npz"),
         "optimizer": os.path.join(directory, "last_optimizer.npz"),
         "state": os.path.join(directory, "state.json"),
-        "best": os.path.join(directory, "best.weights.h5"),
+        "best": os.path.join(directory, "best.weights.npz"),
     }
 
 
@@ -109,8 +110,42 @@ def has_checkpoint(workdir):
 
 
 def save_weights(model, path):
+    """Writes `model.weights` (values in order, and their paths) to an .npz file atomically."""
+    arrays = {f"w{i:05d}": keras.ops.convert_to_numpy(v) for i, v in enumerate(model.weights)}
     with atomic_path(path) as tmp:
-        model.save_weights(tmp)
+        with open(tmp, "wb") as f:
+            np.savez(f, paths=np.array([v.path for v in model.weights], dtype=str), **arrays)
+
+
+def load_weights(model, path):
+    """Loads a `save_weights` file into a model of the same architecture.
+
+    Raises:
+      FileNotFoundError: no such file.
+      ValueError: the file's number or shapes of arrays differ from the model's weights.
+    """
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"weights file not found: {path}")
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            keys = sorted(k for k in data.files if k.startswith("w"))
+            values = [data[k] for k in keys]
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{path}: not a readable weights file ({e})") from None
+    if len(values) != len(model.weights):
+        raise ValueError(
+            f"{path}: holds {len(values)} arrays, model {model.name!r} has "
+            f"{len(model.weights)} weights"
+        )
+    for variable, value in zip(model.weights, values, strict=True):
+        if tuple(variable.shape) != value.shape:
+            raise ValueError(
+                f"{path}: weight {variable.path!r} has shape {tuple(variable.shape)}, the file "
+                f"has {value.shape}"
+            )
+    for variable, value in zip(model.weights, values, strict=True):
+        variable.assign(value)
+    return model
 
 
 def save_optimizer(optimizer, path):
@@ -281,6 +316,7 @@ class StyleMonitor(keras.callbacks.Callback):
         else:
             self.state["wait"] += 1
         self.state["epoch"] = step
+        self.state["model"] = "head" if isinstance(self.model, StyleHead) else "classifier"
         self.state["history"].append(
             {
                 "epoch": step,
@@ -317,7 +353,7 @@ class StyleMonitor(keras.callbacks.Callback):
 # --- Fitting ---------------------------------------------------------------------------------
 
 
-def _prepare_run(model, variables_model, settings, steps_per_epoch, workdir, resume):
+def _prepare_run(model, settings, steps_per_epoch, workdir, resume):
     """Compiles `model`; restores its checkpoint when resuming. Returns the state or None."""
     optimizer = make_optimizer(settings, steps_per_epoch)
     compile_for_attributes(model, model_attributes(model), optimizer)
@@ -332,7 +368,7 @@ def _prepare_run(model, variables_model, settings, steps_per_epoch, workdir, res
             logging.info("No checkpoint in %s: starting from scratch", workdir)
         return None
     state = read_state(workdir)
-    variables_model.load_weights(paths["last"])
+    load_weights(model, paths["last"])
     load_optimizer(optimizer, model.trainable_variables, paths["optimizer"])
     logging.info(
         "Resuming from epoch %d (best val top-1 %.4f at epoch %d)",
@@ -370,8 +406,7 @@ def restore_best(model, workdir):
     path = checkpoint_paths(workdir)["best"]
     if not os.path.exists(path):
         raise FileNotFoundError(f"no best checkpoint at {path}: training saved no epoch")
-    model.load_weights(path)
-    return model
+    return load_weights(model, path)
 
 
 def train_head(
@@ -395,7 +430,7 @@ def train_head(
     if not head.built:
         head.build((None, train_features.shape[1]))
     steps = max(1, math.ceil(len(train_features) / settings.batch_size))
-    state = _prepare_run(head, head, settings, steps, workdir, resume)
+    state = _prepare_run(head, settings, steps, workdir, resume)
     data = (
         tf.data.Dataset.from_tensor_slices(
             (train_features, {a: np.asarray(v, np.int32) for a, v in train_labels.items()})
@@ -455,7 +490,7 @@ def train_classifier(
       the final state; the classifier ends with the best epoch's weights.
     """
     keras.utils.set_random_seed(settings.seed)
-    state = _prepare_run(classifier, classifier, settings, steps_per_epoch, workdir, resume)
+    state = _prepare_run(classifier, settings, steps_per_epoch, workdir, resume)
 
     @tf.function(reduce_retracing=True)
     def forward(images):
