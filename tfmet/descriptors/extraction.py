@@ -38,21 +38,12 @@ CHUNK_PATTERN = "chunk-{:06d}.npz"
 DEFAULT_CHUNK_SIZE = 512
 
 
-def file_sha256(path, block_size=1 << 20):
-    """Hex sha256 of a file's bytes."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(block_size), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def weights_fingerprint(weights=None, seed=None):
     """What identifies a model's weights in a manifest: "sha256:<hex>" of the file, or
     "random:seed=<seed>" for a seeded random initialisation."""
     if weights is None:
         return f"random:seed={seed}"
-    return "sha256:" + file_sha256(weights)
+    return "sha256:" + store_lib.file_sha256(weights)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -14,6 +14,7 @@ rename), the manifest last, so a manifest always describes a complete array.
 """
 
 import dataclasses
+import hashlib
 import json
 import os
 
@@ -25,6 +26,15 @@ from tfmet.io.atomic import atomic_path, save_json, save_npy
 FORMAT = "tfmet-descriptors"
 FORMAT_VERSION = 1
 SPLITS = ("train", "val", "test")
+
+
+def file_sha256(path, block_size=1 << 20):
+    """Hex sha256 of a file's bytes (weights files, imported descriptor files)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(block_size), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def array_path(directory, split):
@@ -166,3 +176,85 @@ def read_store(directory, split, mmap=True):
     if valid.shape != (descriptors.shape[0],):
         raise ValueError(f"{mpath}: 'valid' has {valid.size} entries for {expected[0]} rows")
     return DescriptorStore(descriptors, valid, manifest)
+
+
+# Keys of the Met reference's descriptors.pkl -> split.
+REFERENCE_KEYS = {f"{split}_descriptors": split for split in SPLITS}
+
+
+def import_reference_descriptors(
+    pickle_path, output_dir, info_dir=None, mini=None, overwrite=False, **metadata
+):
+    """Converts the Met reference's `descriptors.pkl` to tfmet stores without running pickle code.
+
+    Args:
+      pickle_path: the reference file, a pickled dict with keys among `train_descriptors`,
+        `val_descriptors`, `test_descriptors` (float32 [n, d], rows in JSON order). It is read
+        with `tfmet.io.safe_pickle`: anything but numpy arrays is refused before it runs.
+      output_dir: where the stores go.
+      info_dir: optional Met ground truth; row counts are then checked against the JSON files
+        and the paths and labels recorded.
+      mini: whether the train rows follow mini_MET_database.json; None picks the database file
+        whose length matches.
+      overwrite: replace existing stores.
+      metadata: extra manifest fields (e.g. backbone="r18INgem").
+
+    Returns:
+      {split: manifest}.
+
+    Raises:
+      tfmet.io.safe_pickle.UnsafePickleError: the pickle references other globals.
+      ValueError: wrong content, counts that disagree with the JSON, or existing stores.
+    """
+    from tfmet.data import met
+    from tfmet.io.safe_pickle import load_reference_descriptors
+
+    pickle_path = os.fspath(pickle_path)
+    arrays = load_reference_descriptors(pickle_path)
+    known = {REFERENCE_KEYS[k]: v for k, v in arrays.items() if k in REFERENCE_KEYS}
+    if not known:
+        raise ValueError(
+            f"{pickle_path}: none of the keys {sorted(REFERENCE_KEYS)} found "
+            f"(keys: {sorted(map(str, arrays))})"
+        )
+    for split in known:
+        if has_store(output_dir, split) and not overwrite:
+            raise ValueError(
+                f"{manifest_path(output_dir, split)} exists; pass overwrite=True to replace it"
+            )
+    digest = file_sha256(pickle_path)
+    manifests = {}
+    for split, descriptors in known.items():
+        extra = {"imported_from": os.path.abspath(pickle_path), "imported_sha256": digest}
+        if info_dir is not None:
+            gt = _matching_split(met, info_dir, split, mini, len(descriptors), pickle_path)
+            extra.update(
+                source=os.path.abspath(gt.source), paths=gt.paths, labels=gt.labels.tolist()
+            )
+        finite = np.isfinite(descriptors).all(axis=1)
+        descriptors = np.where(finite[:, None], descriptors, 0.0).astype(np.float32)
+        errors = [
+            {"index": int(i), "reason": "non-finite values in the imported file"}
+            for i in np.flatnonzero(~finite)
+        ]
+        manifests[split] = write_store(
+            output_dir, split, descriptors, finite, errors, **extra, **metadata
+        )
+    return manifests
+
+
+def _matching_split(met, info_dir, split, mini, count, pickle_path):
+    candidates = [mini] if (mini is not None or split != "train") else [False, True]
+    found = []
+    for flag in candidates:
+        path = met.split_file(info_dir, split, bool(flag))
+        if mini is None and split == "train" and not os.path.exists(path):
+            continue
+        gt = met.load_split(info_dir, split, mini=bool(flag))
+        if len(gt) == count:
+            return gt
+        found.append(f"{os.path.basename(gt.source)} has {len(gt)}")
+    raise ValueError(
+        f"{pickle_path}: {split}_descriptors has {count} rows but "
+        + (", ".join(found) or f"no database file was found in {info_dir}")
+    )

@@ -1,0 +1,66 @@
+"""tfmet-import-descriptors: the Met reference's descriptors.pkl -> tfmet descriptor stores.
+
+    tfmet-import-descriptors --descriptors=r18INgem/descriptors.pkl --output_dir=desc/r18_ref \
+        --info_dir=MET/ground_truth --backbone=r18INgem
+
+The pickle is read with a restricted unpickler that only rebuilds numpy arrays: a file that
+asks for anything else is refused before any of its code runs. With --info_dir, row counts are
+checked against the JSON ground truth (mini or full database picked by length unless --mini
+or --nomini is given) and the paths and labels are recorded in the manifests.
+"""
+
+import sys
+
+from absl import app, flags, logging
+
+import tfmet.cli  # noqa: F401  (silences TensorFlow's C++ start-up logs)
+
+FLAGS = flags.FLAGS
+
+flags.DEFINE_string("descriptors", None, "The reference descriptors.pkl.")
+flags.DEFINE_string("output_dir", None, "Where the stores go.")
+flags.DEFINE_string("info_dir", None, "Optional Met ground truth to check counts and record paths.")
+flags.DEFINE_bool("mini", None, "Train rows follow the mini database (default: match by length).")
+flags.DEFINE_string("backbone", None, "Label recorded as the manifests' backbone.")
+flags.DEFINE_bool("overwrite", False, "Replace existing stores.")
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    from tfmet.descriptors import store
+    from tfmet.io.safe_pickle import UnsafePickleError
+
+    try:
+        missing = [f"--{n}" for n in ("descriptors", "output_dir") if not FLAGS[n].value]
+        if missing:
+            raise ValueError(f"missing {', '.join(missing)}")
+        metadata = {} if FLAGS.backbone is None else {"backbone": FLAGS.backbone}
+        manifests = store.import_reference_descriptors(
+            FLAGS.descriptors,
+            FLAGS.output_dir,
+            info_dir=FLAGS.info_dir,
+            mini=FLAGS.mini,
+            overwrite=FLAGS.overwrite,
+            **metadata,
+        )
+    except (ValueError, FileNotFoundError, UnsafePickleError) as e:
+        print(f"tfmet-import-descriptors: error: {e}", file=sys.stderr)
+        sys.exit(2)
+    for split, manifest in manifests.items():
+        logging.info(
+            "%s: %d x %d descriptors written to %s (%d invalid rows)",
+            split,
+            manifest["count"],
+            manifest["dim"],
+            store.array_path(FLAGS.output_dir, split),
+            len(manifest["errors"]),
+        )
+
+
+def run():
+    app.run(main)
+
+
+if __name__ == "__main__":
+    run()
