@@ -7,6 +7,7 @@ import h5py
 import keras
 import numpy as np
 import pytest
+import tensorflow as tf
 
 from tfmet import backbones
 from tfmet.backbones import keras_applications, torchvision_resnet
@@ -318,3 +319,45 @@ def test_keras_applications_weights_round_trip(tmp_path):
     assert keras_applications.set_trainable_blocks(reloaded, 1) == ["conv5_block3"]
     names = {v.path.split("/")[0] for v in reloaded.trainable_weights}
     assert "post_bn" in names and all(n.startswith(("conv5_block3", "post_bn")) for n in names)
+
+
+def test_grouped_conv_is_native_forward_with_keras_gradients(tmp_path):
+    x = np.random.default_rng(0).normal(size=(2, 9, 7, 8)).astype(np.float32)
+    grouped = torchvision_resnet.GroupedConv2D(8, 3, strides=2, groups=4, use_bias=False)
+    plain = keras.layers.Conv2D(8, 3, strides=2, groups=4, use_bias=False)
+    grouped.build(x.shape)
+    plain.build(x.shape)
+    plain.set_weights(grouped.get_weights())
+
+    def forward_and_gradients(layer, inputs):
+        inputs = tf.convert_to_tensor(inputs)
+        with tf.GradientTape(persistent=True) as tape:
+            tape.watch(inputs)
+            y = layer(inputs)
+            loss = tf.reduce_sum(tf.square(y))
+        return y, tape.gradient(loss, layer.kernel), tape.gradient(loss, inputs)
+
+    # Independent numpy reference for the forward pass: each group is its own convolution.
+    kernel = keras.ops.convert_to_numpy(grouped.kernel)
+    expected = np.zeros((2, 4, 3, 8), np.float32)
+    for g in range(4):
+        for i in range(4):
+            for j in range(3):
+                patch = x[:, 2 * i : 2 * i + 3, 2 * j : 2 * j + 3, 2 * g : 2 * g + 2]
+                expected[:, i, j, 2 * g : 2 * g + 2] = np.einsum(
+                    "bhwc,hwco->bo", patch, kernel[..., 2 * g : 2 * g + 2]
+                )
+    ours, reference = forward_and_gradients(grouped, x), forward_and_gradients(plain, x)
+    np.testing.assert_allclose(ours[0], expected, atol=1e-5)
+    for a, b in zip(ours, reference, strict=True):
+        np.testing.assert_allclose(a, b, atol=1e-5)
+    # The forward graph holds the native Conv2D op, not Keras's XLA-compiled call.
+    graph = tf.function(grouped).get_concrete_function(tf.TensorSpec([None, None, None, 8])).graph
+    op_types = {op.type for op in graph.get_operations()}
+    assert "Conv2D" in op_types and "StatefulPartitionedCall" not in op_types
+
+    inputs = keras.Input((None, None, 8))
+    model = keras.Model(inputs, grouped(inputs))
+    path = str(tmp_path / "grouped.keras")
+    model.save(path)
+    np.testing.assert_allclose(keras.saving.load_model(path)(x), ours[0], atol=1e-6)

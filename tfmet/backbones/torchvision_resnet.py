@@ -10,7 +10,8 @@ SWSL / WSL, SwAV, SIN, the Met contrastive models) load 1:1 and give the same fe
   padding before the max-pool equals torch's -inf padding because it follows a ReLU.
 - BatchNormalization uses epsilon 1e-5 and momentum 0.9 (torch's momentum 0.1 is the weight of
   the new batch statistic).
-- ResNeXt uses grouped `Conv2D(groups=...)`.
+- ResNeXt's 3x3 convs are `GroupedConv2D` (a Conv2D with `groups`, run as TF's native grouped
+  convolution instead of Keras's XLA path; see the class).
 
 Naming convention (what a checkpoint converter relies on): every Keras layer that holds weights
 is named after its torchvision module path, e.g. "conv1", "bn1", "layer1.0.conv1",
@@ -36,6 +37,7 @@ import math
 import re
 
 import keras
+import tensorflow as tf
 
 from tfmet.backbones import registry
 from tfmet.backbones.weights import load_weights
@@ -97,12 +99,50 @@ _DESCRIPTIONS = {
 }
 
 
+@keras.saving.register_keras_serializable(package="tfmet")
+class GroupedConv2D(keras.layers.Conv2D):
+    """Conv2D whose grouped convolution runs forward as TensorFlow's native grouped conv.
+
+    Keras 3 routes every grouped convolution through an XLA-compiled function, which
+    recompiles for each new input shape (every image size of a multi-scale extraction) and
+    runs slower than TF's native kernel on CPU with oneDNN. TF 2.20 runs grouped
+    `tf.nn.conv2d` natively forward, but its CPU gradient kernels reject groups unless oneDNN
+    is on; so the forward pass is native and the gradient is that of Keras's own (XLA)
+    formulation, exactly what a plain Conv2D would train with. Weights and config are those
+    of Conv2D.
+    """
+
+    def convolution_op(self, inputs, kernel):
+        native = keras.backend.backend() == "tensorflow" and self.data_format == "channels_last"
+        if self.groups == 1 or not native:
+            return super().convolution_op(inputs, kernel)
+        keras_convolution = super().convolution_op
+        strides = (1, *self.strides, 1)
+        dilations = (1, *self.dilation_rate, 1)
+        padding = self.padding.upper()
+
+        @tf.custom_gradient
+        def convolution(x, k):
+            y = tf.nn.conv2d(x, k, strides, padding, data_format="NHWC", dilations=dilations)
+
+            def gradient(dy):
+                with tf.GradientTape() as tape:
+                    tape.watch([x, k])
+                    reference = keras_convolution(x, k)
+                return tape.gradient(reference, [x, k], output_gradients=dy)
+
+            return y, gradient
+
+        return convolution(inputs, tf.convert_to_tensor(kernel))
+
+
 def _conv_bn(x, filters, kernel_size, stride, name_conv, name_bn, groups=1):
     """torch `Conv2d(bias=False, padding=kernel_size // 2)` + `BatchNorm2d`."""
     pad = kernel_size // 2
     if pad:
         x = keras.layers.ZeroPadding2D(pad, name=f"{name_conv}.pad")(x)
-    x = keras.layers.Conv2D(
+    conv = GroupedConv2D if groups > 1 else keras.layers.Conv2D
+    x = conv(
         filters,
         kernel_size,
         strides=stride,
