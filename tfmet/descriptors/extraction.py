@@ -100,8 +100,22 @@ def shard_chunks(num_chunks, num_shards=1, shard_index=0):
     return list(range(shard_index, num_chunks, num_shards))
 
 
-def _paths_sha256(paths):
+def paths_sha256(paths):
+    """sha256 of the newline-joined image paths: identifies a split's image list."""
     return hashlib.sha256("\n".join(paths).encode("utf-8")).hexdigest()
+
+
+def run_record(split, spec, paths, labels=None, source=None):
+    """The `run.json` contents recorded next to a split's chunks."""
+    return {
+        "split": split,
+        "spec": spec.metadata() | {"dim": spec.dim},
+        "count": len(paths),
+        "paths_sha256": paths_sha256(paths),
+        "paths": list(paths),
+        "labels": None if labels is None else np.asarray(labels).tolist(),
+        "source": source,
+    }
 
 
 class ChunkDirectory:
@@ -369,23 +383,13 @@ def extract_split(
     report = SplitReport(split, count, len(bounds), 0, 0, 0, 0, 0.0)
 
     if store_lib.has_store(output_dir, split):
-        _check_existing_store(output_dir, split, spec, count, paths)
+        check_existing_store(output_dir, split, spec, count, paths)
         absl_logging.info("%s: store already complete in %s; nothing to do", split, output_dir)
         report.chunks_skipped = len(bounds)
         return report
 
     chunks = ChunkDirectory(output_dir, split)
-    chunks.prepare(
-        {
-            "split": split,
-            "spec": spec.metadata() | {"dim": spec.dim},
-            "count": count,
-            "paths_sha256": _paths_sha256(paths),
-            "paths": paths,
-            "labels": None if labels is None else np.asarray(labels).tolist(),
-            "source": source,
-        }
-    )
+    chunks.prepare(run_record(split, spec, paths, labels, source))
     mine = shard_chunks(len(bounds), num_shards, shard_index)
     done = set(chunks.finished(mine))
     todo = [j for j in mine if j not in done]
@@ -439,7 +443,8 @@ def extract_split(
     return report
 
 
-def _check_existing_store(output_dir, split, spec, count, paths):
+def check_existing_store(output_dir, split, spec, count, paths):
+    """Raises ValueError unless the store of `split` was extracted with `spec` from `paths`."""
     manifest = store_lib.read_manifest(output_dir, split)
     expected = spec.metadata() | {"dim": spec.dim, "count": count}
     differences = [
@@ -455,6 +460,11 @@ def _check_existing_store(output_dir, split, spec, count, paths):
             + "; ".join(differences)
             + "). Use another --output_dir or delete the store."
         )
+
+
+# Earlier private names, used by tfmet.beam.
+_paths_sha256 = paths_sha256
+_check_existing_store = check_existing_store
 
 
 def merge_split(output_dir, split, keep_chunks=True):
