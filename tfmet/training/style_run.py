@@ -122,8 +122,14 @@ def settings_from_config(train_config):
     return style_train.TrainSettings(**{k: v for k, v in train_config.items() if k in fields})
 
 
-def build_classifier(model_config, class_names):
-    """A `StyleClassifier` from a config's `model` section (weights: a local file or none)."""
+def build_classifier(model_config, class_names, seed=0):
+    """A `StyleClassifier` from a config's `model` section (weights: a local file or none).
+
+    Keras's random seed is set to `seed` first, so the randomly initialised parts (the head, a
+    backbone without a weights file) are the same every time the run's model is rebuilt: a
+    head-only checkpoint then loads onto the backbone it was trained on.
+    """
+    keras.utils.set_random_seed(int(seed))
     classifier = StyleClassifier.from_registry(
         model_config["backbone"],
         class_names,
@@ -288,7 +294,7 @@ def train(config, workdir, resume=False):
         if not len(splits.get(name, [])):
             raise ValueError(f"the {name} split is empty; check the dataset and split fractions")
     save_json(os.path.join(workdir, CONFIG_FILE), config_dict)
-    classifier = build_classifier(model_c, records.class_names)
+    classifier = build_classifier(model_c, records.class_names, settings.seed)
     image_size = int(model_c["image_size"])
     cache_dir = config_dict.get("cache_dir") or default_cache_dir()
     logging.info(
@@ -444,7 +450,9 @@ def load_classifier(path, trust_model=False):
         workdir = run_dir_of(path)
         config = read_run_config(workdir)
         records = load_records(config["dataset"])
-        classifier = build_classifier(config["model"], records.class_names)
+        classifier = build_classifier(
+            config["model"], records.class_names, config["train"].get("seed", 0)
+        )
         if path.endswith(".weights.h5"):
             classifier.load_weights(path)
             return classifier

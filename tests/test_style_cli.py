@@ -1,0 +1,195 @@
+"""tfmet-train-style / tfmet-evaluate-style / tfmet-predict end to end, and the configs' variants.
+
+The programs run in subprocesses (absl flags are process-global), on the smoke config exactly as
+the config's docstring shows, with a corrupt image added to the generated dataset.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from configs import pandora18k, wikipaintings_rasta
+from tests import style_data
+from tfmet.training import style_run
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_cli(module, *args):
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
+    return subprocess.run(
+        [sys.executable, "-m", f"tfmet.cli.{module}", *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    base = tmp_path_factory.mktemp("cli")
+    data, workdir, cache = str(base / "pandora"), str(base / "run"), str(base / "cache")
+    style_data.make_pandora18k(data, num_classes=4, artists=2, images_per_artist=8, size=32)
+    style_data.write_corrupt(os.path.join(data, style_data.MOVEMENTS[1], "artist_1_0", "bad.jpg"))
+    result = run_cli(
+        "train_style",
+        "--config",
+        "configs/pandora18k.py:smoke",
+        f"--config.dataset.root={data}",
+        f"--config.cache_dir={cache}",
+        "--config.train.learning_rate=0.1",
+        f"--workdir={workdir}",
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return data, workdir, result
+
+
+def test_train_cli_reports_bad_image_and_writes_the_run(trained):
+    _, workdir, result = trained
+    assert "bottleneck: best val top-1" in result.stdout
+    assert "Skipping unreadable image" in result.stderr and "bad.jpg" in result.stderr
+    with open(os.path.join(workdir, "bad_images.json")) as f:
+        bad = json.load(f)
+    assert [b["path"] for b in bad] == [f"{style_data.MOVEMENTS[1]}/artist_1_0/bad.jpg"]
+    with open(os.path.join(workdir, "summary.json")) as f:
+        assert json.load(f)["best_val_top1"] >= 0.75
+    for name in ("classifier.keras", "split.json", "config.json", "checkpoints/state.json"):
+        assert os.path.exists(os.path.join(workdir, name))
+
+
+def test_evaluate_and_predict_cli(trained):
+    data, workdir, _ = trained
+    result = run_cli("evaluate_style", f"--workdir={workdir}", "--split=val", "--outliers_k=2")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "val style" in result.stdout and "flip-bagged: top-1" in result.stdout
+    with open(os.path.join(workdir, "eval_val", "metrics.json")) as f:
+        metrics = json.load(f)
+    assert metrics["attributes"]["style"]["top5"] == 1.0  # 4 classes
+    assert os.path.exists(os.path.join(workdir, "eval_val", "outliers_style.csv"))
+
+    image = os.path.join(data, style_data.MOVEMENTS[2], "artist_2_0", "painting_00.jpg")
+    missing = os.path.join(data, "missing.jpg")
+    result = run_cli(
+        "predict", f"--model={workdir}", "--top_k=3", "--json", "--nearest=2", image, missing
+    )
+    assert result.returncode == 2  # one input was bad
+    assert f"tfmet-predict: error: {missing}: file not found" in result.stderr.splitlines()
+    (line,) = result.stdout.strip().splitlines()
+    record = json.loads(line)
+    assert record["image"] == image
+    probabilities = [p["probability"] for p in record["style"]]
+    assert len(probabilities) == 3 and probabilities == sorted(probabilities, reverse=True)
+    assert {p["label"] for p in record["style"]} <= set(style_data.MOVEMENTS)
+    # The same numbers from the library (checkpoint path = the run's classifier.keras).
+    predictor = style_run.load_predictor(os.path.join(workdir, "classifier.keras"))
+    images, _, _ = style_run.read_images([image], predictor.image_size)
+    expected = predictor.probabilities(images)["style"][0]
+    assert probabilities[0] == pytest.approx(float(expected.max()), rel=1e-5)
+    assert len(record["nearest"]) == 2 and record["nearest"][0]["similarity"] <= 1.0 + 1e-5
+
+
+def test_predict_from_a_checkpoint_and_missing_export(trained, tmp_path):
+    _, workdir, _ = trained
+    from_keras = style_run.load_predictor(workdir)
+    from_checkpoint = style_run.load_predictor(
+        os.path.join(workdir, "checkpoints", "best.weights.npz")
+    )
+    images = np.random.default_rng(0).uniform(0, 255, (2, 32, 32, 3)).astype(np.float32)
+    np.testing.assert_allclose(
+        from_checkpoint.probabilities(images)["style"],
+        from_keras.probabilities(images)["style"],
+        rtol=1e-5,
+        atol=1e-6,
+    )
+    empty = tmp_path / "export"
+    empty.mkdir()
+    with pytest.raises(FileNotFoundError, match="export the model with tfmet-export first"):
+        style_run.load_predictor(str(empty))
+
+
+class _ExportedStyle(tf.Module):
+    """A SavedModel following the style export contract (style_run.SAVED_MODEL_CONTRACT)."""
+
+    def __init__(self, classifier):
+        super().__init__()
+        self.classifier = classifier
+
+    @tf.function(input_signature=[tf.TensorSpec([None, None, None, 3], tf.float32, "images")])
+    def serve(self, images):
+        return self.classifier(images, training=False)
+
+
+def test_predict_from_an_exported_saved_model(trained, tmp_path):
+    _, workdir, _ = trained
+    classifier = style_run.load_classifier(workdir)
+    export = str(tmp_path / "saved_model")
+    module = _ExportedStyle(classifier)
+    tf.saved_model.save(module, export, signatures={"serving_default": module.serve})
+    os.makedirs(os.path.join(export, "assets"), exist_ok=True)
+    with open(os.path.join(export, "assets", "style_metadata.json"), "w") as f:
+        json.dump({"class_names": classifier.class_names, "image_size": 32}, f)
+    predictor = style_run.load_predictor(export)
+    images = np.random.default_rng(1).uniform(0, 255, (2, 32, 32, 3)).astype(np.float32)
+    expected = keras.ops.softmax(classifier(images)["style"]).numpy()
+    np.testing.assert_allclose(
+        predictor.probabilities(images)["style"], expected, rtol=1e-5, atol=1e-6
+    )
+    bagged = predictor.probabilities(images, flip_bagging=True)["style"]
+    mirrored = keras.ops.softmax(classifier(images[:, :, ::-1])["style"]).numpy()
+    np.testing.assert_allclose(bagged, (expected + mirrored) / 2, rtol=1e-5, atol=1e-6)
+
+
+def test_rasta_smoke_finetunes_top_block_with_augmentation(tmp_path):
+    """The RASTA smoke config on generated list files, fine-tuning layer4 with flips + crops."""
+    data = str(tmp_path / "rasta")
+    style_data.make_wikipaintings(data, num_classes=3, per_split=(6, 2, 2), size=32)
+    config = wikipaintings_rasta.get_config("smoke")
+    config.dataset.root = data
+    config.cache_dir = str(tmp_path / "cache")
+    config.train.update(trainable_blocks=1, augment="flip_crop", epochs=2, batch_size=6)
+    workdir = str(tmp_path / "run")
+    initial = style_run.build_classifier(config.model.to_dict(), {"style": ["a", "b", "c"]}, 0)
+    summary = style_run.train(config, workdir)
+    assert summary["mode"] == "finetune" and summary["epochs_run"] == 2
+    with open(os.path.join(workdir, "split.json")) as f:
+        assert json.load(f)["counts"] == {"train": 18, "val": 6, "test": 6}  # the lists' split
+    trained_model = style_run.load_classifier(workdir)
+
+    def weight(model, name):
+        return model.backbone.get_layer(name).get_weights()[0]
+
+    assert not np.array_equal(
+        weight(trained_model, "layer4.0.conv1"), weight(initial, "layer4.0.conv1")
+    )
+    for name in ("layer3.0.conv1", "conv1", "layer4.0.bn1"):
+        np.testing.assert_array_equal(weight(trained_model, name), weight(initial, name))
+
+
+def test_config_variants_and_bad_input(tmp_path):
+    for module, variants in (
+        (pandora18k, ("finetune", "smoke")),
+        (wikipaintings_rasta, ("top20", "smoke")),
+    ):
+        assert module.get_config().dataset.root == ""
+        for variant in variants:
+            config = module.get_config(variant)
+            assert style_run.resolve_mode(config.train.to_dict()) in ("bottleneck", "finetune")
+        with pytest.raises(ValueError, match="Unknown"):
+            module.get_config("nope")
+        assert "tfmet-train-style --config configs/" in module.__doc__
+    config = pandora18k.get_config("smoke")
+    config.dataset.root = str(tmp_path / "missing")
+    with pytest.raises(FileNotFoundError, match="is not a directory"):
+        style_run.train(config, str(tmp_path / "run"))
+    config.train.mode = "bottleneck"
+    config.train.trainable_blocks = 1
+    with pytest.raises(ValueError, match="cannot train backbone blocks"):
+        style_run.resolve_mode(config.train.to_dict())
