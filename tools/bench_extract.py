@@ -1,0 +1,221 @@
+"""Benchmark: multi-scale descriptor extraction, tfmet vs the reference-style PyTorch loop.
+
+    .venv/bin/python tools/bench_extract.py --backbones=resnet18,resnet50 --num_images=16
+
+For each backbone, the same weights run in both frameworks (a Keras trunk from the tfmet
+registry, BatchNorm statistics calibrated on an image batch so that activations have realistic
+scales, copied into the compact torchvision-layout model of tests/torch_models.py), on the same
+generated JPEGs of Met-like sizes (long side 500, mixed aspect ratios and orientations):
+
+- "tfmet": `extract_split` end to end (tf.data parallel read + decode, the compiled multi-scale
+  extractor, chunk files, merged store).
+- "tfmet compute": the `DescriptorExtractor` on pre-decoded images, one call per image.
+- "torch": the reference loop (`extract_ms`): one image at a time, scales 1, 1/sqrt(2), 1/2 with
+  `F.interpolate`, GeM + L2 per scale, mean, L2; on pre-decoded, normalised tensors (compute
+  only, as the reference's DataLoader workers decode), `torch.set_num_threads(--torch_threads)`.
+
+Every pass is preceded by a warm-up pass over the same images (both frameworks cache kernels per
+input shape; over the Met's ~400k images the few hundred distinct sizes are soon all cached).
+Rounds alternate between the frameworks so that load from other processes hits both alike; the
+table gives the median images/s of the rounds and the ratio to torch measured in the same run.
+"""
+
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+import math  # noqa: E402
+import statistics  # noqa: E402
+import sys  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+
+import numpy as np  # noqa: E402
+from absl import app, flags  # noqa: E402
+from PIL import Image  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+FLAGS = flags.FLAGS
+flags.DEFINE_list("backbones", ["resnet18", "resnet50"], "torchvision-compatible backbones.")
+flags.DEFINE_integer("num_images", 16, "Generated images per pass.")
+flags.DEFINE_integer("rounds", 3, "Timed rounds per framework (alternating).")
+flags.DEFINE_integer("torch_threads", 2, "torch.set_num_threads for the PyTorch loop.")
+flags.DEFINE_integer("batch_images", 1, "tfmet: same-size images per model call.")
+flags.DEFINE_integer("seed", 0, "Seed of images and weights.")
+
+
+def met_like_sizes(count, rng):
+    """(height, width): long side 500, short side 250-500, both orientations, mostly distinct."""
+    sizes = []
+    for _ in range(count):
+        short = int(rng.integers(250, 501))
+        sizes.append((500, short) if rng.random() < 0.5 else (short, 500))
+    return sizes
+
+
+def smooth_image(size, rng):
+    """A smooth random colour field with some texture, uint8 [H, W, 3]."""
+    height, width = size
+    coarse = rng.uniform(0, 255, (height // 50 + 2, width // 50 + 2, 3)).astype(np.float32)
+    image = Image.fromarray(coarse.astype(np.uint8)).resize((width, height), Image.BILINEAR)
+    noise = rng.normal(0, 12, (height, width, 3))
+    return np.clip(np.asarray(image, np.float32) + noise, 0, 255).astype(np.uint8)
+
+
+def write_images(directory, count, seed):
+    rng = np.random.default_rng(seed)
+    paths = []
+    for i, size in enumerate(met_like_sizes(count, rng)):
+        path = os.path.join(directory, f"{i:04d}.jpg")
+        Image.fromarray(smooth_image(size, rng)).save(path, quality=90)
+        paths.append(path)
+    return paths
+
+
+def calibrate_batchnorm(model, images):
+    """Sets every BN's moving statistics to the batch statistics of `images` (one pass)."""
+    import keras
+
+    layers = [layer for layer in model.layers if isinstance(layer, keras.layers.BatchNormalization)]
+    saved = [layer.momentum for layer in layers]
+    for layer in layers:
+        layer.momentum = 0.0
+    model(images, training=True)
+    for layer, momentum in zip(layers, saved, strict=True):
+        layer.momentum = momentum
+
+
+def torch_trunk_like(keras_model, name):
+    """The torchvision-layout trunk of `name` holding `keras_model`'s weights."""
+    import keras
+    import torch
+
+    from tests import torch_models
+
+    net = torch_models.resnet(name)
+    state = net.state_dict()
+    with torch.no_grad():
+        for layer in keras_model.layers:
+            if isinstance(layer, keras.layers.Conv2D):
+                kernel = layer.get_weights()[0]
+                state[f"{layer.name}.weight"].copy_(torch.from_numpy(kernel.transpose(3, 2, 0, 1)))
+            elif isinstance(layer, keras.layers.BatchNormalization):
+                gamma, beta, mean, var = layer.get_weights()
+                for key, value in (
+                    ("weight", gamma),
+                    ("bias", beta),
+                    ("running_mean", mean),
+                    ("running_var", var),
+                ):
+                    state[f"{layer.name}.{key}"].copy_(torch.from_numpy(value))
+    net.load_state_dict(state)
+    return torch_models.trunk(net).eval()
+
+
+def torch_descriptor(trunk, image, scales, p=3.0, eps=1e-6):
+    """The reference's extract_ms for one normalised [1, 3, H, W] tensor."""
+    import torch.nn.functional as F
+
+    total = 0
+    for s in scales:
+        x = image.clone() if s == 1 else F.interpolate(image, scale_factor=s, mode="bilinear")
+        features = trunk(x).clamp(min=eps).pow(p).mean(dim=(2, 3)).pow(1.0 / p)
+        total = total + F.normalize(features, dim=-1)
+    return F.normalize(total / len(scales), dim=-1)[0]
+
+
+def timed(fn, count):
+    start = time.perf_counter()
+    fn()
+    return count / (time.perf_counter() - start)
+
+
+def bench_backbone(name, paths, decoded, workdir):
+    import keras
+    import torch
+
+    from tfmet import backbones
+    from tfmet.descriptors import MET_SCALES, DescriptorExtractor, Embedder, extraction, store
+
+    keras.utils.set_random_seed(FLAGS.seed)
+    trunk = backbones.get(name)
+    calibration = np.stack([np.asarray(Image.fromarray(d).resize((224, 224))) for d in decoded[:4]])
+    spec_pre = backbones.preprocessing(name)
+    calibrate_batchnorm(trunk, spec_pre(calibration.astype(np.float32)))
+    embedder = Embedder(trunk, preprocessing=spec_pre)
+    extractor = DescriptorExtractor(embedder, scales=MET_SCALES)
+    spec = extraction.ExtractionSpec(name, "bench", MET_SCALES, "torch", None, embedder.output_dim)
+
+    torch.set_num_threads(FLAGS.torch_threads)
+    torch_trunk = torch_trunk_like(trunk, name)
+    mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
+    std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+    tensors = [
+        (torch.from_numpy(d.copy()).permute(2, 0, 1)[None].float() / 255.0 - mean) / std
+        for d in decoded
+    ]
+    float_images = [d.astype(np.float32)[None] for d in decoded]
+
+    def run_tfmet():
+        out = tempfile.mkdtemp(dir=workdir)
+        extraction.extract_split(
+            extractor, spec, "bench", paths, out, batch_images=FLAGS.batch_images, progress=False
+        )
+        return store.read_store(out, "bench").descriptors
+
+    def run_tf_compute():
+        return [extractor(x).numpy() for x in float_images]
+
+    def run_torch():
+        with torch.no_grad():
+            return [torch_descriptor(torch_trunk, t, MET_SCALES).numpy() for t in tensors]
+
+    # Same weights, same numbers (up to float reordering): the comparison is like for like.
+    ours, theirs = np.asarray(run_tfmet()), np.stack(run_torch())
+    difference = float(np.abs(ours - theirs).max())
+    run_tf_compute()
+    rates = {"tfmet": [], "tfmet compute": [], "torch": []}
+    for _ in range(FLAGS.rounds):
+        rates["tfmet"].append(timed(run_tfmet, len(paths)))
+        rates["tfmet compute"].append(timed(run_tf_compute, len(paths)))
+        rates["torch"].append(timed(run_torch, len(paths)))
+    return {k: statistics.median(v) for k, v in rates.items()}, rates, difference
+
+
+def main(argv):
+    del argv
+    import tensorflow as tf
+    import torch
+
+    with tempfile.TemporaryDirectory(prefix="tfmet-bench-") as workdir:
+        paths = write_images(workdir, FLAGS.num_images, FLAGS.seed)
+        decoded = [np.asarray(Image.open(p).convert("RGB")) for p in paths]
+        pixels = np.mean([d.shape[0] * d.shape[1] for d in decoded])
+        print(
+            f"{len(paths)} JPEGs, long side 500, mean {pixels / 1e3:.0f}k pixels; "
+            f"TF {tf.__version__} (intra-op threads: default), torch {torch.__version__} "
+            f"({FLAGS.torch_threads} threads), {os.cpu_count()} CPUs, multi-scale "
+            f"{[round(s, 3) for s in (1, 1 / math.sqrt(2), 0.5)]}"
+        )
+        print(f"{'backbone':<10} {'framework':<14} {'images/s':>9} {'vs torch':>9}  rounds")
+        for name in FLAGS.backbones:
+            load_before = os.getloadavg()[0]
+            medians, rates, difference = bench_backbone(name, paths, decoded, workdir)
+            load_after = os.getloadavg()[0]
+            for framework, rate in medians.items():
+                ratio = rate / medians["torch"]
+                rounds = " ".join(f"{r:.2f}" for r in rates[framework])
+                print(f"{name:<10} {framework:<14} {rate:9.2f} {ratio:8.2f}x  {rounds}")
+            print(f"{name:<10} max |tfmet - torch| descriptor difference: {difference:.2e}")
+            busiest = max(load_before, load_after)
+            if busiest > 1.5 * (os.cpu_count() or 1):
+                print(
+                    f"{name:<10} WARNING: load average {busiest:.1f} on {os.cpu_count()} CPUs: "
+                    "other processes competed; torch's OpenMP threads suffer far more from "
+                    "that than TF's, so the ratio overstates tfmet. Re-run on an idle machine."
+                )
+
+
+if __name__ == "__main__":
+    app.run(main)
