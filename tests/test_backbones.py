@@ -314,8 +314,10 @@ def test_keras_applications_weights_round_trip(tmp_path):
     keras.utils.set_random_seed(1)
     reloaded = backbones.get("keras_resnet50v2", weights=path)
     np.testing.assert_array_equal(keras.ops.convert_to_numpy(reloaded(images)), expected)
+    with shapes_only():  # the layout check fails before any value is needed
+        resnet50 = backbones.get("keras_resnet50")
     with pytest.raises(ValueError, match="r50v2.weights.h5 does not match model 'resnet50'"):
-        backbones.get("keras_resnet50", weights=path)
+        load_weights(resnet50, path)
     assert keras_applications.set_trainable_blocks(reloaded, 1) == ["conv5_block3"]
     names = {v.path.split("/")[0] for v in reloaded.trainable_weights}
     assert "post_bn" in names and all(n.startswith(("conv5_block3", "post_bn")) for n in names)
@@ -361,3 +363,48 @@ def test_grouped_conv_is_native_forward_with_keras_gradients(tmp_path):
     path = str(tmp_path / "grouped.keras")
     model.save(path)
     np.testing.assert_allclose(keras.saving.load_model(path)(x), ours[0], atol=1e-6)
+
+
+class _Wrapper(keras.Model):
+    """A subclassed model holding a backbone and a head (like the Embedder)."""
+
+    def __init__(self, backbone, width, **kwargs):
+        super().__init__(**kwargs)
+        self.backbone = backbone
+        self.head = keras.layers.Dense(width, name="head")
+
+    def call(self, images):
+        return self.head(keras.ops.mean(self.backbone(images), axis=(1, 2)))
+
+
+def _shapes(layout):
+    return {entry: [shape for _, shape in variables] for entry, (_, variables) in layout.items()}
+
+
+def test_expected_layout_is_what_save_weights_writes(tmp_path):
+    from tfmet.backbones.weights import expected_layout, file_layout
+
+    wrapper = _Wrapper(backbones.get("resnet_tiny"), 5)
+    wrapper(np.zeros((1, 32, 32, 3), np.float32))
+    models = [torchvision_resnet.build(SMALL_RESNEXT), _functional([3, 4]), wrapper]
+    for index, model in enumerate(models):
+        path = str(tmp_path / f"{index}.weights.h5")
+        model.save_weights(path)
+        assert _shapes(expected_layout(model)) == _shapes(file_layout(path))
+    assert "backbone/layers/conv2d" in expected_layout(wrapper)
+
+
+def test_subclassed_model_mismatch_names_layer_and_entry(tmp_path):
+    small = _Wrapper(backbones.get("resnet_tiny"), 5)
+    small(np.zeros((1, 32, 32, 3), np.float32))
+    path = str(tmp_path / "wrapper.weights.h5")
+    small.save_weights(path)
+    other = _Wrapper(backbones.get("resnet_tiny"), 7)
+    other(np.zeros((1, 32, 32, 3), np.float32))
+    with pytest.raises(ValueError, match=r"layer 'head' variable 'kernel' has shape \(64, 7\)"):
+        load_weights(other, path)
+    same = _Wrapper(backbones.get("resnet_tiny"), 5)
+    same(np.zeros((1, 32, 32, 3), np.float32))
+    load_weights(same, path)
+    images = np.random.default_rng(0).normal(size=(1, 32, 32, 3)).astype(np.float32)
+    np.testing.assert_array_equal(same(images), small(images))

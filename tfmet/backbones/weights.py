@@ -5,100 +5,101 @@ same way: build the Keras model, set its weights, `save_weights`). It is an HDF5
 group per layer, addressed by the layer's position in the model rather than its name: the n-th
 layer of a class, in `model.layers` order, is `layers/<snake_case class name>[_<n>]`, nested
 Functional/Sequential models add their own `layers/...` level, and a layer's variables are
-`<group>/vars/0, 1, ...` (trainable first, then non-trainable). The layer's name is kept in the
-"name" attribute of the `vars` group.
+`<group>/vars/0, 1, ...` (trainable first, then non-trainable); subclassed models add their
+attribute names (`backbone/layers/conv2d/vars/0`). The layer's name is kept in the "name"
+attribute of the `vars` group.
 
-`load_weights` first compares the file's layout with the one the model would write and raises a
+`load_weights` first compares the file's entries with those the model would write (found by
+running Keras's own saving walk with a recording store, so no values are copied) and raises a
 ValueError naming the file and the first missing, unexpected or mis-shaped variable by layer
-name (with both shapes), instead of Keras's generic message - or silence, which is what Keras
-gives for extra entries. Models whose layout cannot be predicted (custom layers that own
-sublayers outside a Functional/Sequential `layers` list) are left to Keras's own checks.
+name (with both shapes), instead of Keras's generic message, its flood of warnings, or silence
+for extra entries. Optimizer and compiled-metric state is not compared.
 """
 
 import os
-import re
 
 import h5py
 import keras
 
-# {group path: (layer name, [variable shapes])}
-Layout = dict[str, tuple[str, list[tuple[int, ...]]]]
+# {entry path: (layer name, [(variable name, shape), ...])}
+Layout = dict[str, tuple[str, list[tuple[str, tuple[int, ...]]]]]
 
-_GROUP_PATH = re.compile(r"^layers/[^/]+(/layers/[^/]+)*$")
-
-
-def _snake_case(name: str) -> str:
-    """Keras's naming.to_snake_case, which gives the group names."""
-    name = re.sub(r"\W+", "", name)
-    name = re.sub("(.)([A-Z][a-z]+)", r"\1_\2", name)
-    return re.sub("([a-z])([A-Z])", r"\1_\2", name).lower()
+# Non-layer state a file may or may not carry (optimizer slots, compiled metrics).
+_IGNORED_ROOTS = ("optimizer", "compile_metrics", "compile_loss", "loss_tracker")
 
 
-def _is_layer_list_model(layer) -> bool:
-    """Functional and Sequential models save their sublayers as the `layers` list."""
-    return isinstance(layer, keras.Sequential) or any(
-        cls.__name__ == "Functional" for cls in type(layer).__mro__
-    )
+def _entry(path: str) -> str:
+    return path or "<model>"
 
 
-def _own_variables(layer) -> list:
-    return list(layer._trainable_variables) + list(layer._non_trainable_variables)
+def _ignored(path: str) -> bool:
+    return path.split("/")[0] in _IGNORED_ROOTS
 
 
-def _children(model) -> list[tuple[str, keras.layers.Layer]]:
-    """(group name, layer) for each layer of a Functional/Sequential model, as Keras names them."""
-    used: dict[str, int] = {}
-    children = []
-    for child in model.layers:
-        base = _snake_case(type(child).__name__)
-        used[base] = used.get(base, -1) + 1
-        children.append((base if used[base] == 0 else f"{base}_{used[base]}", child))
-    return children
+def expected_layout(model: keras.Model) -> Layout | None:
+    """The entries `model.save_weights` would write: walked by Keras's own saving code.
 
-
-def expected_layout(model: keras.Model) -> tuple[Layout, dict[str, keras.layers.Layer]] | None:
-    """The layout `model.save_weights` would write, and the layer at each group path.
-
-    None when it cannot be predicted (see the module docstring).
+    The walk uses Keras's internal saver with a store that records paths and shapes instead of
+    writing, so it is exact for any model (Functional, Sequential, subclassed) and costs no
+    memory. Returns None if this Keras version's internals differ (the caller then relies on
+    Keras's own, vaguer checks).
     """
-    layout: Layout = {}
-    layers: dict[str, keras.layers.Layer] = {}
+    try:
+        from keras.src.saving import saving_lib
 
-    def walk(model, prefix) -> bool:
-        for child_name, child in _children(model):
-            path = f"{prefix}layers/{child_name}"
-            own = _own_variables(child)
-            if own:
-                layout[path] = (child.name, [tuple(v.shape) for v in own])
-                layers[path] = child
-            if _is_layer_list_model(child):
-                if not walk(child, path + "/"):
-                    return False
-            elif any(_own_variables(sub) for sub in child._flatten_layers(include_self=False)):
-                return False
-        return True
+        class _Recorder(saving_lib.H5IOStore):
+            def __init__(self):  # no file: only the layout is recorded
+                self.layout: Layout = {}
+                self._path = ""
+                self._name = "?"
 
-    if not _is_layer_list_model(model) or not walk(model, ""):
+            def __bool__(self):
+                return True
+
+            def make(self, path, metadata=None):
+                self._path, self._name = path, (metadata or {}).get("name", "?")
+                return self
+
+            def __setitem__(self, key, value):
+                entry = self.layout.setdefault(self._path, (self._name, {}))
+                entry[1][key] = (getattr(value, "name", key), tuple(value.shape))
+
+            def close(self):
+                pass
+
+        recorder = _Recorder()
+        saving_lib._save_state(
+            model,
+            weights_store=recorder,
+            assets_store=None,
+            inner_path="",
+            visited_saveables=set(),
+        )
+    except (ImportError, AttributeError, TypeError):
         return None
-    return layout, layers
+    return {
+        path: (name, [variables[k] for k in sorted(variables, key=int)])
+        for path, (name, variables) in recorder.layout.items()
+        if not _ignored(path)
+    }
 
 
 def file_layout(path: str) -> Layout:
-    """The layer groups of a `.weights.h5` file (optimizer and other entries are skipped)."""
+    """The entries of a `.weights.h5` file (optimizer and metric state skipped)."""
     layout: Layout = {}
     with h5py.File(path, "r") as f:
 
         def visit(name, obj):
-            if not (isinstance(obj, h5py.Group) and name.endswith("/vars")):
+            if not isinstance(obj, h5py.Group) or not (name == "vars" or name.endswith("/vars")):
                 return
-            group_path = name[: -len("/vars")]
-            if not _GROUP_PATH.match(group_path) or not len(obj):
+            entry = name[: -len("vars")].rstrip("/")
+            if _ignored(entry) or not len(obj):
                 return
             layer_name = obj.attrs.get("name", "?")
             if isinstance(layer_name, bytes):
                 layer_name = layer_name.decode()
             keys = sorted(obj.keys(), key=int)
-            layout[group_path] = (str(layer_name), [tuple(obj[k].shape) for k in keys])
+            layout[entry] = (str(layer_name), [(k, tuple(obj[k].shape)) for k in keys])
 
         f.visititems(visit)
     return layout
@@ -109,33 +110,32 @@ def check_layout(model: keras.Model, path: str) -> None:
     expected = expected_layout(model)
     if expected is None:
         return
-    layout, layers = expected
     found = file_layout(path)
     prefix = f"Weights file {path} does not match model {model.name!r}:"
-    for group, (layer_name, shapes) in layout.items():
-        if group not in found:
+    for entry, (layer_name, variables) in expected.items():
+        if entry not in found:
             raise ValueError(
-                f"{prefix} layer {layer_name!r} (entry {group}) is missing from the file."
+                f"{prefix} layer {layer_name!r} (entry {_entry(entry)}) is missing from the file."
             )
-        file_name, file_shapes = found[group]
-        if len(file_shapes) != len(shapes):
+        file_name, file_variables = found[entry]
+        if len(file_variables) != len(variables):
             raise ValueError(
-                f"{prefix} layer {layer_name!r} (entry {group}) has {len(shapes)} variables, "
-                f"the file has {len(file_shapes)} there (saved from layer {file_name!r})."
+                f"{prefix} layer {layer_name!r} (entry {_entry(entry)}) has {len(variables)} "
+                f"variables, the file has {len(file_variables)} there (saved from layer "
+                f"{file_name!r})."
             )
-        variables = _own_variables(layers[group])
-        for variable, want, have in zip(variables, shapes, file_shapes, strict=True):
+        for (variable, want), (_, have) in zip(variables, file_variables, strict=True):
             if want != have:
                 raise ValueError(
-                    f"{prefix} layer {layer_name!r} variable {variable.name!r} has shape "
-                    f"{want}, the file has shape {have} (saved from layer {file_name!r}, "
-                    f"entry {group})."
+                    f"{prefix} layer {layer_name!r} variable {variable!r} has shape {want}, the "
+                    f"file has shape {have} (saved from layer {file_name!r}, entry "
+                    f"{_entry(entry)})."
                 )
-    for group, (file_name, _) in found.items():
-        if group not in layout:
+    for entry, (file_name, _) in found.items():
+        if entry not in expected:
             raise ValueError(
-                f"{prefix} unexpected entry {group} (saved from layer {file_name!r}) has no "
-                "counterpart in the model."
+                f"{prefix} unexpected entry {_entry(entry)} (saved from layer {file_name!r}) has "
+                "no counterpart in the model."
             )
 
 
