@@ -173,6 +173,21 @@ def test_rasta_smoke_finetunes_top_block_with_augmentation(tmp_path):
         np.testing.assert_array_equal(weight(trained_model, name), weight(initial, name))
 
 
+@pytest.mark.parametrize("kind", ["flip", "flip_crop", "randaugment"])
+def test_augmenters_keep_shape_and_range_eagerly_and_in_tf_data(kind):
+    images = tf.random.stateless_uniform([4, 24, 24, 3], seed=(0, 1), maxval=255.0)
+    augment = style_run.make_augmenter(kind, 24, seed=1)
+    eager = augment(images).numpy()
+    mapped = next(iter(tf.data.Dataset.from_tensors(images).map(augment))).numpy()
+    for out in (eager, mapped):
+        assert out.shape == (4, 24, 24, 3)
+        assert out.min() >= 0.0 and out.max() <= 255.0
+    if kind == "flip":  # every image is itself or its mirror image
+        for a, b in zip(eager, images.numpy(), strict=True):
+            assert np.allclose(a, b) or np.allclose(a, b[:, ::-1])
+    assert style_run.make_augmenter("none", 24) is None
+
+
 def test_config_variants_and_bad_input(tmp_path):
     for module, variants in (
         (pandora18k, ("finetune", "smoke")),

@@ -118,6 +118,26 @@ def test_tensorboard_and_projector_outputs(bottleneck_run):
     assert rows[0] == "path\tstyle" and len(rows) == 1 + summary["val_images"]
 
 
+def test_two_attributes_style_and_artist(dataset, bottleneck_run, tmp_path):
+    """Style + artist heads on the cached features; loose images have no artist (-1)."""
+    _, cache, _ = bottleneck_run
+    config = smoke_config(dataset, cache, epochs=2, learning_rate=0.1, batch_size=32)
+    config.dataset.attributes = ("style", "artist")
+    workdir = str(tmp_path / "run")
+    summary = style_run.train(config, workdir)
+    assert summary["mode"] == "bottleneck"
+    reports = style_run.evaluate(workdir, split="val", flip_bagging=False)
+    assert set(reports) == {"style", "artist"}
+    records = style_run.load_records(config.dataset.to_dict())
+    split = style_run.load_split(config.dataset.to_dict(), records, workdir)
+    assert (records.labels["artist"] == -1).sum() == 2  # the loose images
+    artists = records.labels["artist"][split["val"]]
+    assert reports["artist"]["count"] == int((artists >= 0).sum())
+    assert len(reports["artist"]["per_class"]) == NUM_CLASSES * 2
+    state = style_train.read_state(workdir)
+    assert "val/artist/top5" in state["history"][-1]
+
+
 def test_resume_and_refusal_to_overwrite(dataset, bottleneck_run, tmp_path):
     _, cache, _ = bottleneck_run
     workdir = str(tmp_path / "run")

@@ -26,6 +26,7 @@ import dataclasses
 import json
 import os
 import re
+import time
 
 import numpy as np
 import tensorflow as tf
@@ -465,13 +466,24 @@ def resize_image(image, image_size):
     return tf.image.resize(image, [image_size, image_size], method="bilinear", antialias=True)
 
 
-def scan_images(paths):
+def scan_images(paths, log_every_s=30.0):
     """Decodes every file once; returns [(index, path, reason)] for those that fail."""
     bad = []
-    for element in image_io.load_images(paths).prefetch(tf.data.AUTOTUNE):
+    start = last = time.time()
+    for done, element in enumerate(image_io.load_images(paths).prefetch(tf.data.AUTOTUNE), 1):
         if not bool(element["ok"]):
             i = int(element["index"])
             bad.append((i, paths[i], element["error"].numpy().decode("utf-8")))
+        if time.time() - last > log_every_s:
+            last = time.time()
+            rate = done / (last - start)
+            logging.info(
+                "checking images: %d/%d, %.1f images/s, ETA %.0f s",
+                done,
+                len(paths),
+                rate,
+                (len(paths) - done) / rate,
+            )
     for _, path, reason in bad:
         logging.warning("Skipping unreadable image %s: %s", path, reason)
     return bad

@@ -19,6 +19,7 @@ import dataclasses
 import json
 import math
 import os
+import time
 
 import keras
 import numpy as np
@@ -220,8 +221,15 @@ class StyleMonitor(keras.callbacks.Callback):
         patience=5,
         state=None,
         projector_metadata=None,
+        steps_per_epoch=None,
+        batch_size=None,
+        log_every_s=30.0,
     ):
         super().__init__()
+        self.steps_per_epoch = steps_per_epoch
+        self.batch_size = batch_size
+        self.log_every_s = float(log_every_s)
+        self._epoch_start = self._last_log = time.time()
         self.workdir = workdir
         self.evaluate = evaluate
         self.val_labels = {a: np.asarray(v) for a, v in val_labels.items()}
@@ -276,6 +284,23 @@ class StyleMonitor(keras.callbacks.Callback):
 
     def _learning_rate(self):
         return float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate))
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._epoch_start = self._last_log = time.time()
+
+    def on_train_batch_end(self, batch, logs=None):
+        now = time.time()
+        if now - self._last_log < self.log_every_s:
+            return
+        self._last_log = now
+        steps = batch + 1
+        rate = steps / max(now - self._epoch_start, 1e-9)
+        total = self.steps_per_epoch or 0
+        eta = f", epoch ETA {(total - steps) / rate:.0f} s" if total else ""
+        images = f", {rate * self.batch_size:.1f} images/s" if self.batch_size else ""
+        logging.info(
+            "step %d%s: %.2f steps/s%s%s", steps, f"/{total}" if total else "", rate, images, eta
+        )
 
     def on_epoch_end(self, epoch, logs=None):
         logs = logs if logs is not None else {}
@@ -332,9 +357,10 @@ class StyleMonitor(keras.callbacks.Callback):
         save_optimizer(self.model.optimizer, self.paths["optimizer"])
         save_json(self.paths["state"], self.state)
         logging.info(
-            "epoch %d: train loss %.4f, val loss %.4f, val top-1 %.4f (best %.4f at epoch %d), "
-            "lr %.3g%s",
+            "epoch %d (%.1f s): train loss %.4f, val loss %.4f, val top-1 %.4f (best %.4f at "
+            "epoch %d), lr %.3g%s",
             step,
+            time.time() - self._epoch_start,
             train["loss"],
             val["loss"],
             top1,
@@ -459,6 +485,8 @@ def train_head(
         settings.patience,
         state,
         projector_metadata,
+        steps_per_epoch=steps,
+        batch_size=settings.batch_size,
     )
     state = _fit(head, data, steps, settings, monitor, state)
     restore_best(head, workdir)
@@ -515,6 +543,8 @@ def train_classifier(
         settings.patience,
         state,
         projector_metadata,
+        steps_per_epoch=steps_per_epoch,
+        batch_size=settings.batch_size,
     )
     state = _fit(classifier, train_data, steps_per_epoch, settings, monitor, state)
     restore_best(classifier, workdir)
