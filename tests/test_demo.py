@@ -1,0 +1,213 @@
+"""The demo: visitor photos, the Met-format benchmark, and the end-to-end run and program."""
+
+import io
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import skimage.data
+from PIL import Image
+
+from tests.met_tree import write_met_tree
+from tfmet.data import met
+from tfmet.demo import benchmark, visitor
+from tfmet.demo.run import run_demo
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SMALL = benchmark.BenchmarkConfig(
+    seed=3,
+    val_per_exhibit=1,
+    test_per_exhibit=2,
+    val_per_distractor=1,
+    test_per_distractor=1,
+    database_side=96,
+    photos=("chelsea", "coffee", "coins_left", "coins_right", "colorwheel"),
+)
+
+
+def test_perspective_coefficients_map_target_corners_to_source_corners():
+    source = [(0, 0), (100, 0), (100, 50), (0, 50)]
+    assert np.allclose(visitor.perspective_coefficients(source, source), [1, 0, 0, 0, 1, 0, 0, 0])
+    target = [(10, 5), (90, 12), (95, 70), (3, 60)]
+    a, b, c, d, e, f, g, h = visitor.perspective_coefficients(source, target)
+    for (u, v), (x, y) in zip(source, target, strict=True):
+        w = g * x + h * y + 1
+        assert (a * x + b * y + c) / w == pytest.approx(u, abs=1e-9)
+        assert (d * x + e * y + f) / w == pytest.approx(v, abs=1e-9)
+
+
+def test_visitor_photo_is_seeded_phone_sized_and_different():
+    image = skimage.data.chelsea()
+    first, params = visitor.visitor_photo(image, np.random.default_rng(0))
+    again, _ = visitor.visitor_photo(image, np.random.default_rng(0))
+    other, _ = visitor.visitor_photo(image, np.random.default_rng(1))
+    assert first == again and first != other
+    photo = Image.open(io.BytesIO(first))
+    assert photo.format == "JPEG" and max(photo.size) == params["long_side"]
+    assert 320 <= params["long_side"] <= 448 and 35 <= params["jpeg_quality"] <= 85
+    assert 0.6 <= min(params["crop"]) and abs(params["rotation"]) <= 12
+    # Not a copy: the exhibit is resized, cropped, warped and relit.
+    resized = np.asarray(Image.fromarray(image).resize(photo.size), np.float64)
+    assert np.abs(np.asarray(photo, np.float64) - resized).mean() > 10
+
+
+def _files(root):
+    found = {}
+    for folder, _, names in os.walk(root):
+        for name in names:
+            path = os.path.join(folder, name)
+            with open(path, "rb") as f:
+                found[os.path.relpath(path, root)] = f.read()
+    return found
+
+
+def test_benchmark_is_in_the_official_met_format(tmp_path):
+    bench = benchmark.build_benchmark(tmp_path / "bench", SMALL, progress=False)
+    assert bench.exhibits == {
+        1000: "coffee",
+        1001: "chelsea",
+        1002: "coins_left",
+    }  # catalogue order
+    with open(os.path.join(bench.info_dir, "MET_database.json")) as f:
+        database = json.load(f)
+    assert database == [
+        {"id": 1000, "path": "MET/1000/0.jpg"},
+        {"id": 1001, "path": "MET/1001/0.jpg"},
+        {"id": 1002, "path": "MET/1002/0.jpg"},
+    ]
+    train = met.load_split(bench.info_dir, "train")
+    assert met.load_split(bench.info_dir, "train", mini=True).paths == train.paths
+    val, test = met.load_split(bench.info_dir, "val"), met.load_split(bench.info_dir, "test")
+    # 3 exhibits x (1 val, 2 test) visitor photos; 2 distractors x (1 val, 1 test).
+    assert val.labels.tolist() == [1000, 1001, 1002, -1, -1]
+    assert test.labels.tolist() == [1000, 1000, 1001, 1001, 1002, 1002, -1, -1]
+    assert test.paths[-2].startswith("test_noart/") and test.paths[-1].startswith("test_other/")
+    with open(os.path.join(bench.info_dir, "testset.json")) as f:
+        entries = json.load(f)
+    assert [sorted(e) for e in entries] == [["MET_id", "path"]] * 6 + [["path"]] * 2
+    for split in (train, val, test):
+        for path in met.image_paths(split, bench.image_root):
+            with Image.open(path) as image:
+                assert image.format == "JPEG" and image.mode == "RGB"
+                if split is train:
+                    assert max(image.size) == SMALL.database_side
+    sources = {q["path"]: q["source"] for q in bench.provenance["queries"]}
+    assert sources[test.paths[-2]] == "coins_right" and sources[test.paths[-1]] == "colorwheel"
+    assert all("jpeg_quality" in q["visitor_photo"] for q in bench.provenance["queries"])
+
+
+def test_benchmark_is_reproducible_reused_and_never_overwrites_other_folders(tmp_path):
+    first = benchmark.build_benchmark(tmp_path / "a", SMALL, progress=False)
+    second = benchmark.build_benchmark(tmp_path / "b", SMALL, progress=False)
+    files = _files(first.root)
+    assert files == _files(second.root)  # same seed, same bytes
+    stamp = os.stat(os.path.join(first.info_dir, "testset.json")).st_mtime_ns
+    assert benchmark.is_built(first.root, SMALL)
+    benchmark.build_benchmark(first.root, SMALL, progress=False)  # reused, not rewritten
+    assert os.stat(os.path.join(first.info_dir, "testset.json")).st_mtime_ns == stamp
+    assert not benchmark.is_built(
+        first.root, benchmark.BenchmarkConfig(seed=4, photos=SMALL.photos)
+    )
+    assert sorted(os.listdir(tmp_path)) == ["a", "b"]  # no staging folders left
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep me")
+    with pytest.raises(ValueError, match="not a tfmet demo benchmark"):
+        benchmark.build_benchmark(tmp_path / "mine", SMALL, progress=False)
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
+    with pytest.raises(ValueError, match="unknown or unavailable demo photos: mona_lisa"):
+        benchmark.build_benchmark(
+            tmp_path / "c", benchmark.BenchmarkConfig(photos=("mona_lisa",)), progress=False
+        )
+
+
+def _numpy_gap(train, labels, queries, truth, k, tau):
+    """The Met kNN rule and GAP written out in numpy, to check the demo's wiring."""
+    classes = np.unique(labels)
+    sims = queries @ train.T
+    pred, conf = [], []
+    for row in sims:
+        top = np.argsort(-row, kind="stable")[:k]
+        score = {}
+        for j in top:
+            score[labels[j]] = max(score.get(labels[j], 0.0), max(row[j], 0.0))
+        best = max(score.values())
+        winner = min(label for label, s in score.items() if s == best)
+        logits = np.array([score.get(c, 0.0) for c in classes]) * tau
+        p = np.exp(logits - logits.max())
+        conf.append(p[classes == winner][0] / p.sum())
+        pred.append(winner)
+    pred, conf = np.array(pred), np.array(conf)
+    order = np.argsort(-conf, kind="stable")
+    rel = ((pred == truth) & (truth >= 0))[order]
+    precision = np.cumsum(rel) / np.arange(1, rel.size + 1)
+    return float(np.sum(precision * rel) / np.sum(truth >= 0))
+
+
+def test_run_demo_end_to_end(tmp_path):
+    from tfmet.descriptors import store
+
+    result = run_demo(
+        tmp_path,
+        backbone="resnet_tiny",
+        weights="random",
+        multiscale=False,
+        benchmark_config=SMALL,
+        examples=2,
+        progress=False,
+        log=lambda message: None,
+    )
+    assert result.run_name == "resnet_tiny-random-seed0"
+    assert (result.num_database, result.num_val, result.num_test) == (3, 5, 8)
+    train = store.read_store(result.descriptors, "train", mmap=False).descriptors
+    test = store.read_store(result.descriptors, "test", mmap=False).descriptors
+    info = os.path.join(tmp_path, "benchmark", "info")
+    expected = _numpy_gap(
+        train,
+        met.load_split(info, "train").labels,
+        test,
+        met.load_split(info, "test").labels,
+        result.k,
+        result.tau,
+    )
+    assert result.test["gap"] == pytest.approx(expected, abs=1e-9)
+    with open(result.png, "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    events = [n for n in os.listdir(result.tensorboard) if n.startswith("events.out.tfevents")]
+    assert events
+
+
+def _cli(*args):
+    return subprocess.run(
+        [sys.executable, "-c", "from tfmet.cli import demo; demo.run()", *args],
+        capture_output=True, text=True, cwd=REPO, timeout=600,
+    )  # fmt: skip
+
+
+def test_cli_on_a_users_met_folder(tmp_path):
+    tree = write_met_tree(tmp_path / "met")
+    workdir = tmp_path / "work"
+    done = _cli(
+        f"--workdir={workdir}",
+        "--backbone=resnet_tiny",
+        "--weights=random",
+        f"--info_dir={tree.info_dir}",
+        f"--image_root={tree.image_root}",
+        "--nomultiscale",
+        "--noprogress",
+        "--examples=2",
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "Summary (test queries):" in done.stdout and "GAP-" in done.stdout
+    assert (workdir / "matches-resnet_tiny-random-seed0.png").exists()
+    assert not (workdir / "benchmark").exists()  # the user's folder was used, none was built
+
+
+def test_cli_bad_input_is_one_line_and_exit_code_2(tmp_path):
+    failed = _cli(f"--workdir={tmp_path}", "--backbone=resnet18")  # default --weights imagenet
+    assert failed.returncode == 2
+    lines = [line for line in failed.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1
+    assert lines[0].startswith("tfmet-demo: error: no packaged ImageNet weights for backbone")

@@ -1,0 +1,225 @@
+"""Real photographs installed with tfmet's dependencies, the raw material of the demo benchmark.
+
+scikit-image bundles a dozen photographs (`skimage.data`), scikit-learn two
+(`sklearn.datasets.load_sample_images`: a Chinese temple and a flower) and matplotlib one
+portrait (`grace_hopper.jpg`) plus a few illustrations. Each is used in one role:
+
+- "exhibit": an object on display; its photo goes into the database (the stereo motorcycle pair
+  gives one exhibit with two database views, as many Met objects have);
+- "distractor": a photo a visitor might take of something that is not in the collection
+  (queries without a Met id). Photos go to `test_noart/`, illustrations to `test_other/`.
+
+Some pictures are cut into halves or quadrants (`CATALOG`): one part is an exhibit, another a
+distractor, so that a look-alike that is not in the database must be told apart.
+
+Photos that a package version does not ship (scikit-image downloads some on demand) are skipped
+with a warning; the benchmark only needs most of them.
+"""
+
+import dataclasses
+import warnings
+
+import numpy as np
+from PIL import Image
+
+EXHIBIT = "exhibit"
+DISTRACTOR = "distractor"
+
+
+@dataclasses.dataclass(frozen=True)
+class Photo:
+    """One source picture.
+
+    Attributes:
+      name: short name (also the file stem in provenance records).
+      package: where it comes from ("scikit-image", "scikit-learn", "matplotlib").
+      role: EXHIBIT or DISTRACTOR.
+      kind: "photo" or "illustration" (distractor illustrations count as other art).
+      views: uint8 RGB arrays [H, W, 3]: the database views of an exhibit (usually one), or the
+        picture of a distractor.
+    """
+
+    name: str
+    package: str
+    role: str
+    kind: str
+    views: tuple
+
+
+def _rgb(array):
+    """uint8 RGB [H, W, 3] from gray, boolean, float or RGBA (composited on white) arrays."""
+    array = np.asarray(array)
+    if array.dtype == bool:
+        array = array.astype(np.uint8) * 255
+    elif array.dtype != np.uint8:
+        array = np.clip(np.asarray(array, np.float64) * (255.0 if array.max() <= 1 else 1), 0, 255)
+        array = array.astype(np.uint8)
+    if array.ndim == 2:
+        array = np.repeat(array[:, :, None], 3, axis=2)
+    if array.shape[2] == 4:
+        rgba = Image.fromarray(array, "RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        array = np.asarray(Image.alpha_composite(white, rgba).convert("RGB"))
+    return np.ascontiguousarray(array[:, :, :3])
+
+
+def _skimage(name):
+    import skimage.data
+
+    def load():
+        data = getattr(skimage.data, name)()
+        if name == "stereo_motorcycle":
+            left, right, _ = data
+            return (_rgb(left), _rgb(right))
+        return (_rgb(data),)
+
+    return load
+
+
+def _sklearn(index):
+    def load():
+        from sklearn.datasets import load_sample_images
+
+        return (_rgb(load_sample_images().images[index]),)
+
+    return load
+
+
+def _matplotlib(filename):
+    def load():
+        from matplotlib import cbook
+
+        with cbook.get_sample_data(filename) as f:
+            return (_rgb(np.asarray(Image.open(f))),)
+
+    return load
+
+
+# Regions of a source picture (left, top, right, bottom as fractions). Halves and quadrants of
+# one photo are different objects that look alike: one is an exhibit, the other a distractor a
+# visitor photographed elsewhere in the room, the hard negatives that make GAP informative.
+WHOLE = (0.0, 0.0, 1.0, 1.0)
+LEFT, RIGHT = (0.0, 0.0, 0.5, 1.0), (0.5, 0.0, 1.0, 1.0)
+TOP, BOTTOM = (0.0, 0.0, 1.0, 0.5), (0.0, 0.5, 1.0, 1.0)
+QUADRANTS = ((0.0, 0.0, 0.5, 0.5), (0.5, 0.0, 1.0, 0.5), (0.0, 0.5, 0.5, 1.0), (0.5, 0.5, 1.0, 1.0))
+
+# (name, package, kind, loader, [(region name, box, role)]). The order fixes the Met ids.
+CATALOG = (
+    ("astronaut", "scikit-image", "photo", _skimage("astronaut"), [("", WHOLE, EXHIBIT)]),
+    ("coffee", "scikit-image", "photo", _skimage("coffee"), [("", WHOLE, EXHIBIT)]),
+    ("chelsea", "scikit-image", "photo", _skimage("chelsea"), [("", WHOLE, EXHIBIT)]),
+    ("rocket", "scikit-image", "photo", _skimage("rocket"), [("", WHOLE, EXHIBIT)]),
+    ("camera", "scikit-image", "photo", _skimage("camera"), [("", WHOLE, EXHIBIT)]),
+    (
+        "coins",
+        "scikit-image",
+        "photo",
+        _skimage("coins"),
+        [("left", LEFT, EXHIBIT), ("right", RIGHT, DISTRACTOR)],
+    ),
+    ("moon", "scikit-image", "photo", _skimage("moon"), [("", WHOLE, EXHIBIT)]),
+    ("page", "scikit-image", "photo", _skimage("page"), [("", WHOLE, EXHIBIT)]),
+    ("text", "scikit-image", "photo", _skimage("text"), [("", WHOLE, EXHIBIT)]),
+    ("brick", "scikit-image", "photo", _skimage("brick"), [("", WHOLE, EXHIBIT)]),
+    (
+        "immunohistochemistry",
+        "scikit-image",
+        "photo",
+        _skimage("immunohistochemistry"),
+        [("top", TOP, EXHIBIT), ("bottom", BOTTOM, DISTRACTOR)],
+    ),
+    (
+        "retina",
+        "scikit-image",
+        "photo",
+        _skimage("retina"),
+        [("left", LEFT, EXHIBIT), ("right", RIGHT, DISTRACTOR)],
+    ),
+    (
+        "hubble_deep_field",
+        "scikit-image",
+        "photo",
+        _skimage("hubble_deep_field"),
+        [
+            ("nw", QUADRANTS[0], EXHIBIT),
+            ("ne", QUADRANTS[1], EXHIBIT),
+            ("sw", QUADRANTS[2], EXHIBIT),
+            ("se", QUADRANTS[3], DISTRACTOR),
+        ],
+    ),
+    ("motorcycle", "scikit-image", "photo", _skimage("stereo_motorcycle"), [("", WHOLE, EXHIBIT)]),
+    ("logo", "scikit-image", "illustration", _skimage("logo"), [("", WHOLE, EXHIBIT)]),
+    ("horse", "scikit-image", "illustration", _skimage("horse"), [("", WHOLE, EXHIBIT)]),
+    (
+        "china",
+        "scikit-learn",
+        "photo",
+        _sklearn(0),
+        [("left", LEFT, EXHIBIT), ("right", RIGHT, DISTRACTOR)],
+    ),
+    ("flower", "scikit-learn", "photo", _sklearn(1), [("", WHOLE, EXHIBIT)]),
+    (
+        "grace_hopper",
+        "matplotlib",
+        "photo",
+        _matplotlib("grace_hopper.jpg"),
+        [("", WHOLE, EXHIBIT)],
+    ),
+    ("grass", "scikit-image", "photo", _skimage("grass"), [("", WHOLE, DISTRACTOR)]),
+    ("gravel", "scikit-image", "photo", _skimage("gravel"), [("", WHOLE, DISTRACTOR)]),
+    ("cell", "scikit-image", "photo", _skimage("cell"), [("", WHOLE, DISTRACTOR)]),
+    ("clock", "scikit-image", "photo", _skimage("clock"), [("", WHOLE, DISTRACTOR)]),
+    (
+        "colorwheel",
+        "scikit-image",
+        "illustration",
+        _skimage("colorwheel"),
+        [("", WHOLE, DISTRACTOR)],
+    ),
+    (
+        "present",
+        "matplotlib",
+        "illustration",
+        _matplotlib("Minduka_Present_Blue_Pack.png"),
+        [("", WHOLE, DISTRACTOR)],
+    ),
+    (
+        "matplotlib_logo",
+        "matplotlib",
+        "illustration",
+        _matplotlib("logo2.png"),
+        [("", WHOLE, DISTRACTOR)],
+    ),
+)
+
+
+def crop_region(image, box):
+    """The `box` (fractions left, top, right, bottom) of a uint8 [H, W, 3] array."""
+    height, width = image.shape[:2]
+    left, top, right, bottom = box
+    return np.ascontiguousarray(
+        image[
+            round(top * height) : round(bottom * height), round(left * width) : round(right * width)
+        ]
+    )
+
+
+def load_photos(catalog=CATALOG):
+    """The regions of the available pictures of `catalog`, in order, as `Photo`s.
+
+    A picture that cannot be loaded is skipped with a warning.
+    """
+    photos = []
+    for name, package, kind, loader, regions in catalog:
+        try:
+            views = loader()
+        except (ImportError, OSError, ValueError, AttributeError) as e:
+            warnings.warn(
+                f"demo photo {name!r} from {package} unavailable, skipped: {e}", stacklevel=2
+            )
+            continue
+        for region, box, role in regions:
+            cropped = tuple(crop_region(view, box) for view in views)
+            label = f"{name}_{region}" if region else name
+            photos.append(Photo(label, package, role, kind, cropped))
+    return photos
