@@ -132,7 +132,10 @@ def test_met_contrastive_checkpoint_gives_an_embedder(tmp_path, projector):
         checkpoint,
     )
     out = tmp_path / "met.weights.h5"
-    _, metadata = torch_convert.convert_checkpoint(checkpoint, "resnet_tiny", out)
+    saved = tmp_path / "met.keras"
+    _, metadata = torch_convert.convert_checkpoint(
+        checkpoint, "resnet_tiny", out, keras_model=saved
+    )
     assert metadata["kind"] == "embedder"
     assert metadata["projector_dim"] == (64 if projector else -1)
     assert metadata["p"] == pytest.approx(2.5)
@@ -142,6 +145,9 @@ def test_met_contrastive_checkpoint_gives_an_embedder(tmp_path, projector):
     images = _images(37, 29)
     expected = _torch_descriptors(embedder, keras_embedder.preprocess(images).numpy())
     got = keras.ops.convert_to_numpy(keras_embedder(keras_embedder.preprocess(images)))
+    np.testing.assert_allclose(got, expected, atol=1e-5)
+    reloaded = keras.saving.load_model(saved)  # what tfmet-extract --model reads
+    got = keras.ops.convert_to_numpy(reloaded(reloaded.preprocess(images)))
     np.testing.assert_allclose(got, expected, atol=1e-5)
 
 

@@ -312,15 +312,35 @@ def _sha256(path):
     return digest.hexdigest()
 
 
-def convert_checkpoint(checkpoint, arch, out, key=None, ignore=DEFAULT_IGNORE):
+def convert_checkpoint(checkpoint, arch, out, key=None, ignore=DEFAULT_IGNORE, keras_model=None):
     """Converts a torch checkpoint for registered backbone `arch` into a Keras `.weights.h5`.
 
     A checkpoint with only trunk tensors gives a kind "backbone" file; one that also holds the
     Met Embedder's GeM `p` and/or projector gives a kind "embedder" file (see `load_embedder`).
 
+    Args:
+      checkpoint: the torch file.
+      arch: registered backbone name.
+      out: the `.weights.h5` to write.
+      key: entry holding the state dict ('/'-separated), None to find it.
+      ignore: name prefixes that may stay unconverted.
+      keras_model: optionally, a `.keras` file to also save the whole `Embedder` to (what
+        `tfmet-extract --model` takes); a backbone checkpoint gets GeM p = 3, no projector.
+
     Returns:
       (ConversionReport, metadata dict written into the file).
     """
+    if keras_model is not None and not os.fspath(keras_model).endswith(".keras"):
+        raise ValueError(f"`keras_model` must end with '.keras'. Received: {keras_model!r}")
+    report, metadata = _convert(checkpoint, arch, out, key, ignore)
+    if keras_model is not None:
+        embedder = load_embedder(out, arch=arch)
+        with atomic_path(keras_model) as tmp:
+            embedder.save(tmp)
+    return report, metadata
+
+
+def _convert(checkpoint, arch, out, key, ignore):
     from tfmet.descriptors import Embedder  # the descriptors package imports the backbones
 
     checkpoint = os.fspath(checkpoint)

@@ -1,7 +1,8 @@
 """tfmet-convert-weights: a PyTorch checkpoint -> Keras `.weights.h5` for a registered backbone.
 
     tfmet-convert-weights --from resnet50-0676ba61.pth --arch resnet50 --out r50.weights.h5
-    tfmet-convert-weights --from met_r18_contrastive.pth --arch resnet18 --out r18_met.weights.h5
+    tfmet-convert-weights --from met_r18_contrastive.pth --arch resnet18 --out r18_met.weights.h5 \
+        --keras_model r18_met.keras
 
 The checkpoint is read without torch and without running pickle code. torchvision, SWSL/WSL,
 SwAV, SIN and EfficientNet-Lite state dicts give a backbone file
@@ -29,7 +30,13 @@ flags.DEFINE_list(
     "Name prefixes that may stay unconverted (default: classifier and SwAV heads "
     "fc., _fc., projection_head., prototypes.).",
 )
-flags.DEFINE_bool("overwrite", False, "Replace --out if it exists.")
+flags.DEFINE_string(
+    "keras_model",
+    None,
+    "Also save the whole Embedder (backbone, GeM p, projector) as this .keras file, the input "
+    "of tfmet-extract --model.",
+)
+flags.DEFINE_bool("overwrite", False, "Replace --out (and --keras_model) if it exists.")
 
 FLAGS = flags.FLAGS
 PROGRAM = "tfmet-convert-weights"
@@ -52,8 +59,12 @@ def main(argv):
         _fail(f"{checkpoint}: no such checkpoint file")
     if not out.endswith(".weights.h5"):
         _fail(f"--out must end with .weights.h5 (Keras weights format). Received: {out}")
-    if os.path.exists(out) and not FLAGS.overwrite:
-        _fail(f"{out} exists; pass --overwrite to replace it")
+    keras_model = FLAGS.keras_model
+    if keras_model is not None and not keras_model.endswith(".keras"):
+        _fail(f"--keras_model must end with .keras. Received: {keras_model}")
+    for path in (out, keras_model):
+        if path and os.path.exists(path) and not FLAGS.overwrite:
+            _fail(f"{path} exists; pass --overwrite to replace it")
     from tfmet.backbones import names, torch_convert
 
     if arch not in names():
@@ -61,7 +72,7 @@ def main(argv):
     ignore = torch_convert.DEFAULT_IGNORE if FLAGS.ignore is None else tuple(FLAGS.ignore)
     try:
         report, metadata = torch_convert.convert_checkpoint(
-            checkpoint, arch, out, key=FLAGS.key, ignore=ignore
+            checkpoint, arch, out, key=FLAGS.key, ignore=ignore, keras_model=keras_model
         )
     except (FileNotFoundError, ValueError, UnsafePickleError) as e:
         _fail(str(e))
@@ -72,6 +83,8 @@ def main(argv):
             f"  GeM p = {metadata['p']:.4f}, projector: "
             + ("none" if projector < 0 else f"Dense({projector})")
         )
+    if keras_model:
+        print(f"  Embedder saved to {keras_model} (tfmet-extract --model {keras_model})")
 
 
 def run():
