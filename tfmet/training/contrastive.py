@@ -100,6 +100,41 @@ class ContrastiveLoss(keras.losses.Loss):
         return config
 
 
+@keras.saving.register_keras_serializable(package="tfmet")
+class TorchAdam(keras.optimizers.Adam):
+    """Adam with PyTorch's update: w -= lr * m_hat / (sqrt(v_hat) + epsilon).
+
+    Keras's Adam adds epsilon to sqrt(v) before the bias correction, i.e. uses
+    epsilon / sqrt(1 - beta_2^t) in PyTorch's terms, which matters for the tiny gradients of a
+    1e-7 learning-rate fine-tuning. Weight decay is not part of the optimizer: the trainer adds
+    `weight_decay * w` to the gradient, as `torch.optim.Adam(weight_decay=...)` does.
+    """
+
+    def __init__(self, learning_rate=1e-3, beta_1=0.9, beta_2=0.999, epsilon=1e-8, **kwargs):
+        if kwargs.get("amsgrad"):
+            raise ValueError("TorchAdam does not implement amsgrad. Received: amsgrad=True")
+        super().__init__(
+            learning_rate=learning_rate, beta_1=beta_1, beta_2=beta_2, epsilon=epsilon, **kwargs
+        )
+
+    def update_step(self, gradient, variable, learning_rate):
+        ops = keras.ops
+        lr = ops.cast(learning_rate, variable.dtype)
+        gradient = ops.cast(gradient, variable.dtype)
+        step = ops.cast(self.iterations + 1, variable.dtype)
+        beta_1 = ops.cast(self.beta_1, variable.dtype)
+        beta_2 = ops.cast(self.beta_2, variable.dtype)
+        m = self._momentums[self._get_variable_index(variable)]
+        v = self._velocities[self._get_variable_index(variable)]
+        self.assign_add(m, ops.multiply(ops.subtract(gradient, m), 1 - beta_1))
+        self.assign_add(v, ops.multiply(ops.subtract(ops.square(gradient), v), 1 - beta_2))
+        m_hat = ops.divide(m, 1 - ops.power(beta_1, step))
+        v_hat = ops.divide(v, 1 - ops.power(beta_2, step))
+        self.assign_sub(
+            variable, ops.divide(ops.multiply(lr, m_hat), ops.add(ops.sqrt(v_hat), self.epsilon))
+        )
+
+
 class ContrastiveTrainer:
     """Siamese training steps over an `Embedder`, with gradient accumulation.
 
@@ -109,7 +144,7 @@ class ContrastiveTrainer:
 
     A virtual batch is the sum of `accumulate` calls over sub-batches; `apply` then applies the
     gradient of the mean loss over all the pairs accumulated, plus the L2 weight decay term
-    `weight_decay * w` (PyTorch's coupled Adam weight decay), with Adam.
+    `weight_decay * w` (PyTorch's coupled Adam weight decay), with `TorchAdam`.
 
     Args:
       embedder: the `tfmet.descriptors.Embedder` to train (built or not).
@@ -137,9 +172,7 @@ class ContrastiveTrainer:
         self.embedder = embedder
         self.weight_decay = float(weight_decay)
         self.loss = ContrastiveLoss(margin=margin, eps=eps)
-        self.optimizer = keras.optimizers.Adam(
-            learning_rate=float(learning_rate), beta_1=0.9, beta_2=0.999, epsilon=adam_epsilon
-        )
+        self.optimizer = TorchAdam(learning_rate=float(learning_rate), epsilon=adam_epsilon)
         self.variables = list(embedder.trainable_variables)
         self.optimizer.build(self.variables)
         self._sums = [
@@ -147,8 +180,8 @@ class ContrastiveTrainer:
             for v in self.variables
         ]
         self._count = tf.Variable(0.0, trainable=False, name="pairs_accumulated")
-        self._accumulate = tf.function(self._accumulate_fn, reduce_retracing=True)
-        self._apply = tf.function(self._apply_fn)
+        self._accumulate = tf.function(self._accumulate_fn, reduce_retracing=True, autograph=False)
+        self._apply = tf.function(self._apply_fn, autograph=False)
 
     @property
     def learning_rate(self):
