@@ -65,14 +65,36 @@ def save_module(module, path, signatures, metadata, force=False):
         with open(meta_file, "w", encoding="utf-8") as f:
             json.dump(metadata, f, indent=1, sort_keys=True)
         module.metadata_asset = tf.saved_model.Asset(meta_file)
+        concrete = {name: _concrete(fn) for name, fn in signatures.items()}
+        track_captured_variables(module, concrete.values())
         target = os.path.join(staging, "model")
-        tf.saved_model.save(module, target, signatures=signatures)
+        tf.saved_model.save(module, target, signatures=concrete)
         if os.path.exists(path):
             shutil.rmtree(path)
         os.replace(target, path)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return path
+
+
+def _concrete(fn):
+    return fn.get_concrete_function() if hasattr(fn, "get_concrete_function") else fn
+
+
+def track_captured_variables(module, concrete_functions):
+    """Makes `module` track the tf.Variables the functions capture.
+
+    tf.Module does not see Keras 3 variables, and tracking the Keras wrappers does not bind the
+    functions' captures in TF1-style loaders (TF Serving, saved_model_cli): the SavedModel must
+    track the captured tf.Variables themselves (as keras.export.ExportArchive does).
+    """
+    captured, seen = [], set()
+    for fn in concrete_functions:
+        for variable in fn.variables:
+            if id(variable) not in seen:
+                seen.add(id(variable))
+                captured.append(variable)
+    module.captured_variables = captured
 
 
 def metadata_signature(metadata):

@@ -1,0 +1,114 @@
+"""tfmet-export end to end: exports load without tfmet; saved_model_cli reads and runs them."""
+
+import io
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from tfmet.descriptors import extraction
+
+ENV = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
+SAVED_MODEL_CLI = os.path.join(os.path.dirname(sys.executable), "saved_model_cli")
+
+
+def _run(args, cwd=None):
+    return subprocess.run(args, capture_output=True, text=True, env=ENV, cwd=cwd)
+
+
+def _export(*args):
+    return _run([sys.executable, "-m", "tfmet.cli.export", *args])
+
+
+def _image(seed, size):
+    rng = np.random.default_rng(seed)
+    return rng.integers(0, 256, (*size, 3), dtype=np.uint8)
+
+
+def test_descriptor_export_cli_and_saved_model_cli(tmp_path):
+    out = tmp_path / "descriptor"
+    result = _export("--kind=descriptor", "--backbone=resnet_tiny", "--seed=3", f"--out={out}")
+    assert result.returncode == 0, result.stderr[-2000:]
+    with open(out / "assets" / "tfmet_metadata.json") as f:
+        metadata = json.load(f)
+    assert metadata["backbone"] == "resnet_tiny" and metadata["weights_sha256"] == "random:seed=3"
+
+    # The same descriptor as the extraction library computes in-process.
+    extractor, _ = extraction.build_extractor(backbone="resnet_tiny", seed=3)
+    image = _image(0, (45, 37)).astype(np.float32)
+    expected = extractor(image[None]).numpy()
+    np.save(tmp_path / "images.npy", image[None])
+
+    show = _run([SAVED_MODEL_CLI, "show", "--dir", str(out), "--all"])
+    assert show.returncode == 0, show.stderr[-2000:]
+    for needle in ("serving_default", "image_bytes", "descriptor", "valid", "metadata"):
+        assert needle in show.stdout
+
+    ran = _run(
+        [
+            SAVED_MODEL_CLI,
+            "run",
+            "--dir",
+            str(out),
+            "--tag_set",
+            "serve",
+            "--signature_def",
+            "images",
+            "--inputs",
+            f"images={tmp_path / 'images.npy'}",
+            "--outdir",
+            str(tmp_path / "cli_out"),
+        ]
+    )
+    assert ran.returncode == 0, ran.stderr[-2000:]
+    got = np.load(tmp_path / "cli_out" / "descriptor.npy")
+    np.testing.assert_allclose(got, expected, atol=1e-5)
+
+    buffer = io.BytesIO()
+    Image.fromarray(_image(1, (20, 30))).save(buffer, format="PNG")
+    # Fixed-width bytes (no pickle); a PNG ends with its IEND CRC, never with a NUL byte.
+    np.save(tmp_path / "bytes.npy", np.array([buffer.getvalue(), b""]), allow_pickle=False)
+    ran = _run(
+        [
+            SAVED_MODEL_CLI,
+            "run",
+            "--dir",
+            str(out),
+            "--tag_set",
+            "serve",
+            "--signature_def",
+            "serving_default",
+            "--inputs",
+            f"image_bytes={tmp_path / 'bytes.npy'}",
+            "--outdir",
+            str(tmp_path / "cli_bytes"),
+        ]
+    )
+    assert ran.returncode == 0, ran.stderr[-2000:]
+    assert np.load(tmp_path / "cli_bytes" / "valid.npy").tolist() == [True, False]
+    expected = extractor(_image(1, (20, 30)).astype(np.float32)[None]).numpy()[0]
+    np.testing.assert_allclose(
+        np.load(tmp_path / "cli_bytes" / "descriptor.npy")[0], expected, atol=1e-5
+    )
+
+    again = _export("--kind=descriptor", "--backbone=resnet_tiny", f"--out={out}")
+    assert again.returncode == 2 and "--force" in again.stderr
+    assert len(again.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--kind=recognizer", "--out=x"], "--descriptor_dir and --info_dir"),
+        (["--kind=style", "--out=x"], "--style_model"),
+        (["--kind=descriptor", "--out=x", "--backbone=nope"], "Unknown backbone 'nope'"),
+    ],
+)
+def test_bad_input_one_line_exit_2(tmp_path, args, message):
+    result = _run([sys.executable, "-m", "tfmet.cli.export", *args], cwd=tmp_path)
+    assert result.returncode == 2
+    assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1
