@@ -85,9 +85,13 @@ class ConversionReport:
 
     def summary(self):
         text = f"{len(self.assigned)} tensors into {self.layers} Keras layers"
-        if self.ignored:
-            shown = ", ".join(self.ignored[:6]) + (" ..." if len(self.ignored) > 6 else "")
-            text += f"; ignored {len(self.ignored)} ({shown})"
+        counters = [n for n in self.ignored if n.endswith(".num_batches_tracked")]
+        heads = [n for n in self.ignored if not n.endswith(".num_batches_tracked")]
+        if heads:
+            shown = ", ".join(heads[:6]) + (" ..." if len(heads) > 6 else "")
+            text += f"; left out {len(heads)} head tensors ({shown})"
+        if counters:
+            text += f"; dropped {len(counters)} BatchNorm counters"
         return text
 
 
