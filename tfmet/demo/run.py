@@ -112,7 +112,7 @@ def _postprocess(train, queries, pca_dim):
     """Raw descriptors, or PCA-whitened (learned on the database) when `pca_dim` > 0."""
     if not pca_dim:
         return train, queries
-    from tfmet.retrieval import PCAWhitening
+    from tfmet.retrieval.pca import PCAWhitening
 
     whitening = PCAWhitening(dim=pca_dim).fit(train)
     return whitening.transform(train), [whitening.transform(q) for q in queries]
@@ -170,7 +170,8 @@ def run_demo(
     from tfmet.descriptors import extraction
     from tfmet.descriptors import store as store_lib
     from tfmet.metrics import met as met_metrics
-    from tfmet.retrieval import DEFAULT_KS, DEFAULT_TAUS, KnnClassifier, tune_on_neighbors
+    from tfmet.retrieval.knn import KnnClassifier
+    from tfmet.retrieval.tuning import DEFAULT_KS, DEFAULT_TAUS, tune_on_neighbors
 
     names, captions = {}, {}
     if info_dir is None:
