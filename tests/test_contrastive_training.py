@@ -360,3 +360,14 @@ def test_resumed_run_matches_an_uninterrupted_one(tree, straight_run, tmp_path):
     for a, b in zip(straight_model.variables, resumed_model.variables, strict=True):
         np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-5, atol=1e-6)
     assert straight_dir != workdir
+
+
+def test_pca_projector_needs_more_images_than_dimensions(tree, tmp_path):
+    # 8 database images cannot whiten 64-dimensional descriptors: a clear error before training.
+    config = smoke_config(emb_proj=True, pca=True)
+    with pytest.raises(ValueError, match="non-zero eigenvalues"):
+        contrastive.train(config, tree.info_dir, tree.image_root, str(tmp_path / "pca"))
+    with pytest.raises(ValueError, match="needs `emb_proj`"):
+        contrastive.train(
+            smoke_config(pca=True), tree.info_dir, tree.image_root, str(tmp_path / "p")
+        )
