@@ -146,23 +146,39 @@ def _numpy_gap(train, labels, queries, truth, k, tau):
     return float(np.sum(precision * rel) / np.sum(truth >= 0))
 
 
-def test_run_demo_end_to_end(tmp_path):
+def _embedder_file(path):
+    """A converted-embedder weights file (trunk + GeM p + projector), as tfmet-convert-weights
+    writes for the Met contrastive checkpoints."""
+    import keras
+
+    from tfmet.backbones import torch_convert
+    from tfmet.descriptors import Embedder
+
+    keras.utils.set_random_seed(0)
+    embedder = Embedder.from_registry("resnet_tiny", p=2.0, projector_dim=16)
+    embedder.build((None, None, None, 3))
+    metadata = {"kind": "embedder", "arch": "resnet_tiny", "projector_dim": 16, "p": 2.0}
+    return torch_convert.save_weights(embedder, path, **metadata)
+
+
+def test_run_demo_end_to_end_with_a_converted_embedder(tmp_path):
     from tfmet.descriptors import store
 
     result = run_demo(
         tmp_path,
         backbone="resnet_tiny",
-        weights="random",
+        weights=_embedder_file(os.path.join(tmp_path, "met_tiny.weights.h5")),
         multiscale=False,
         benchmark_config=SMALL,
         examples=2,
         progress=False,
         log=lambda message: None,
     )
-    assert result.run_name == "resnet_tiny-random-seed0"
+    assert result.run_name == "resnet_tiny-met_tiny"
     assert (result.num_database, result.num_val, result.num_test) == (3, 5, 8)
     train = store.read_store(result.descriptors, "train", mmap=False).descriptors
     test = store.read_store(result.descriptors, "test", mmap=False).descriptors
+    assert train.shape[1] == 16  # the projector's output: the embedder file was used
     info = os.path.join(tmp_path, "benchmark", "info")
     expected = _numpy_gap(
         train,

@@ -95,8 +95,17 @@ class ConversionReport:
         return text
 
 
-def _numeric_children(names):
-    return names and all(re.match(r"^\d+\.", n) for n in names)
+def _is_child_path(name):
+    """Whether `name` starts with a child index, as in an `nn.Sequential` ("4.0.conv1.weight")."""
+    return re.match(r"^\d+\.", name) is not None
+
+
+def _child_name(name):
+    """ "4.0.conv1.weight" -> "layer1.0.conv1.weight" (torchvision ResNet children order)."""
+    index, rest = name.split(".", 1)
+    if int(index) >= len(TORCHVISION_RESNET_CHILDREN):
+        raise ValueError(f"checkpoint tensor {name!r}: no torchvision ResNet child number {index}")
+    return f"{TORCHVISION_RESNET_CHILDREN[int(index)]}.{rest}"
 
 
 def canonical_names(state_dict):
@@ -107,35 +116,24 @@ def canonical_names(state_dict):
       extras under "pool.p" and "projector.weight" / "projector.bias".
     """
     names = list(state_dict)
-    if names and all(
-        n.startswith("backbone.backbone.") or n.startswith("backbone.") for n in names
-    ):
-        if any(n.startswith("backbone.backbone.") for n in names):
+    if names and all(n.startswith("backbone.") for n in names):
+        if any(n.startswith("backbone.backbone.") for n in names):  # siamese_network(Embedder)
             state_dict = collections.OrderedDict(
                 (n[len("backbone.") :], v) for n, v in state_dict.items()
             )
-    out = collections.OrderedDict()
     trunk = [n[len("backbone.") :] for n in state_dict if n.startswith("backbone.")]
-    embedder_layout = trunk and _numeric_children(trunk)
+    embedder = bool(trunk) and all(_is_child_path(n) for n in trunk)
+    sequential = not embedder and all(_is_child_path(n) for n in state_dict)
+    out = collections.OrderedDict()
     for name, value in state_dict.items():
-        if embedder_layout and name.startswith("backbone."):
+        if embedder and name.startswith("backbone."):  # Embedder: backbone = Sequential(trunk)
             name = _child_name(name[len("backbone.") :])
-        elif not embedder_layout and _numeric_children(list(state_dict)):
+        elif sequential:  # Sequential(*trunk, GeM(), L2N()): the GeM is child 8
             index, rest = name.split(".", 1)
-            if rest == "p" and int(index) >= len(TORCHVISION_RESNET_CHILDREN) - 2:
-                name = f"{POOL}.p"
-            else:
-                name = _child_name(name)
+            is_pool = rest == "p" and int(index) == TORCHVISION_RESNET_CHILDREN.index("avgpool")
+            name = f"{POOL}.p" if is_pool else _child_name(name)
         out[name] = value
     return out
-
-
-def _child_name(name):
-    index, rest = name.split(".", 1)
-    index = int(index)
-    if index >= len(TORCHVISION_RESNET_CHILDREN):
-        raise ValueError(f"checkpoint tensor {name!r}: no torchvision ResNet child number {index}")
-    return f"{TORCHVISION_RESNET_CHILDREN[index]}.{rest}"
 
 
 def _weight_layers(model):
