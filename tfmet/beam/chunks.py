@@ -13,24 +13,11 @@ import os
 import shutil
 import tempfile
 
-from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 
-from tfmet.beam.model_handler import is_remote
+from tfmet.beam.paths import is_remote, read_bytes, write_bytes
 from tfmet.descriptors import extraction
 from tfmet.descriptors.extraction import CHUNK_PATTERN, RUN_FILE, ChunkDirectory
-
-
-def read_bytes(path):
-    """The bytes of a file on any Beam file system (never decompressed)."""
-    with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as f:
-        return f.read()
-
-
-def write_bytes(path, data):
-    """Writes a file on any Beam file system."""
-    with FileSystems.create(path, compression_type=CompressionTypes.UNCOMPRESSED) as f:
-        f.write(data)
 
 
 def run_record(split, spec, paths, labels=None, source=None):

@@ -25,11 +25,12 @@ from absl import logging as absl_logging
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics.metric import MetricsFilter
 from apache_beam.ml.inference.base import KeyedModelHandler, RunInference
-from apache_beam.options.pipeline_options import PipelineOptions
+from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 
 from tfmet.beam import transforms
-from tfmet.beam.chunks import ChunkOutput, read_bytes, run_record, write_bytes
-from tfmet.beam.model_handler import METADATA_ASSET, DescriptorModelHandler, is_remote
+from tfmet.beam.chunks import ChunkOutput, run_record
+from tfmet.beam.model_handler import METADATA_ASSET, DescriptorModelHandler
+from tfmet.beam.paths import is_remote, read_bytes, upload_tree
 from tfmet.descriptors import extraction
 from tfmet.descriptors import store as store_lib
 
@@ -93,15 +94,6 @@ def saved_model_spec(model_uri, chunk_size=extraction.DEFAULT_CHUNK_SIZE):
     )
 
 
-def _upload_tree(local_dir, remote_dir):
-    for folder, _, files in os.walk(local_dir):
-        for name in files:
-            local = os.path.join(folder, name)
-            relative = os.path.relpath(local, local_dir).split(os.sep)
-            with open(local, "rb") as f:
-                write_bytes(FileSystems.join(remote_dir, *relative), f.read())
-
-
 def export_descriptor_model(extractor, spec, model_dir):
     """Exports `extractor` as a descriptor SavedModel at `model_dir` (local or remote).
 
@@ -136,7 +128,7 @@ def export_descriptor_model(extractor, spec, model_dir):
     staging = tempfile.mkdtemp(prefix="tfmet-export-")
     try:
         local = save_module(module, os.path.join(staging, "model"), signatures, metadata)
-        _upload_tree(local, model_dir)
+        upload_tree(local, model_dir)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return model_dir
@@ -172,22 +164,22 @@ class ExtractionPlan:
         return sum(task.stop - task.start for task in self.tasks)
 
 
-def plan_extraction(
-    spec, info_dir, image_root, output_dir, splits=("train", "val", "test"), mini=False
-):
-    """Validates the Met ground truth, records each split's run and lists the chunks to compute.
+def plan_extraction(spec, met_splits, image_root, output_dir):
+    """Records each split's run and lists the chunks still to compute.
+
+    Args:
+      spec: the `ExtractionSpec` of the model.
+      met_splits: `MetSplit`s (`tfmet.data.met.load_split`, validated: load them all before
+        exporting a model, so that a bad JSON file fails fast).
+      image_root: folder or URI whose images/ subfolder holds the images.
+      output_dir: folder or URI of the chunks (and, once merged, the stores).
 
     Raises:
-      FileNotFoundError / ValueError: a ground-truth file is missing or invalid, or
-        `output_dir` holds chunks or a store computed with other settings.
+      ValueError: `output_dir` holds chunks or a store computed with other settings.
     """
-    from tfmet.data import met
-
     output_dir, image_root = os.fspath(output_dir), os.fspath(image_root)
-    # Validate every split first: a bad JSON file should fail now, not after the first split.
-    loaded = [met.load_split(info_dir, split, mini=mini) for split in splits]
     plan = ExtractionPlan(spec, output_dir, image_root, [], {}, {}, [])
-    for split in loaded:
+    for split in met_splits:
         name, count = split.split, len(split)
         plan.counts[name] = count
         if not is_remote(output_dir) and store_lib.has_store(output_dir, name):
@@ -293,6 +285,20 @@ def _counter(result, name):
     return int(sum(c.committed or 0 for c in query["counters"]))
 
 
+def pipeline_options(beam_args=()):
+    """Beam's `PipelineOptions`; "DirectRunner" (also the default) runs as its FnApiRunner.
+
+    Beam's DirectRunner first tries to download and start the Prism runner, which does not
+    honour --direct_num_workers / --direct_running_mode; the FnApiRunner is the engine the
+    DirectRunner otherwise falls back to, so the pipeline runs the same, on the workers asked for.
+    """
+    options = PipelineOptions(list(beam_args))
+    standard = options.view_as(StandardOptions)
+    if standard.runner in (None, "DirectRunner", "direct", "directrunner"):
+        standard.runner = "FnApiRunner"
+    return options
+
+
 def run_extraction(plan, model_uri, beam_args=(), batch_size=8, intra_op_threads=0, wait=True):
     """Runs the pipeline of `plan` with Beam options `beam_args` (e.g. ["--runner=DataflowRunner",
     "--project=...", ...]); `wait` blocks until it finishes (always true for DirectRunner).
@@ -308,7 +314,7 @@ def run_extraction(plan, model_uri, beam_args=(), batch_size=8, intra_op_threads
     )
     prefix = dead_letter_prefix(plan.output_dir)
     started = time.perf_counter()
-    pipeline = beam.Pipeline(options=PipelineOptions(list(beam_args)))
+    pipeline = beam.Pipeline(options=pipeline_options(beam_args))
     build_pipeline(pipeline, plan, handler, prefix)
     result = pipeline.run()
     if not wait:

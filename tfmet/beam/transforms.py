@@ -19,8 +19,9 @@ import apache_beam as beam
 import numpy as np
 from absl import logging as absl_logging
 
-from tfmet.beam.chunks import ChunkOutput, read_bytes
-from tfmet.beam.model_handler import Described, is_remote
+from tfmet.beam.chunks import ChunkOutput
+from tfmet.beam.model_handler import Described
+from tfmet.beam.paths import is_remote, join, read_bytes
 
 NAMESPACE = "tfmet"
 UNREADABLE = "unreadable"
@@ -49,14 +50,12 @@ class RowKey(NamedTuple):
 
 def image_file(image_root, path):
     """`<image_root>/images/<path>`, on a local disk (checked as tfmet.data.met does) or remote."""
-    from apache_beam.io.filesystems import FileSystems
-
     from tfmet.data import met
 
     if not is_remote(image_root):
         return met.resolve_image_path(image_root, path)
     met.check_relative_path(path)
-    return FileSystems.join(image_root, "images", *path.split("/"))
+    return join(image_root, "images", *path.split("/"))
 
 
 class ExpandChunk(beam.DoFn):

@@ -87,7 +87,7 @@ def _require(values, *names):
 
 def _check_reachable(runner, paths):
     """Dataflow workers cannot read the launcher's disk; Flink/Spark ones only if it is shared."""
-    from tfmet.beam.model_handler import is_remote
+    from tfmet.beam.paths import is_remote
 
     local = [f"--{name}={path}" for name, path in paths.items() if not is_remote(path)]
     if not local or not any(runner.endswith(name) for name in REMOTE_RUNNERS):
@@ -102,18 +102,25 @@ def _check_reachable(runner, paths):
     )
 
 
-def _model(values):
-    """(model URI, ExtractionSpec): the given SavedModel, or the model exported for this run."""
-    from apache_beam.io.filesystems import FileSystems
-
-    from tfmet.beam import pipeline
-    from tfmet.descriptors import extraction
+def _model_uri(values):
+    """Where the workers load the model from: --saved_model, or where this run exports it."""
+    from tfmet.beam import paths
 
     if FLAGS.saved_model:
         given = [f"--{name}" for name in MODEL_FLAGS if FLAGS[name].present]
         if given:
             raise UsageError(f"--saved_model replaces {', '.join(given)}; give one or the other")
-        return FLAGS.saved_model, pipeline.saved_model_spec(FLAGS.saved_model, values["chunk_size"])
+        return FLAGS.saved_model
+    return FLAGS.model_dir or paths.join(values["output_dir"], "model")
+
+
+def _model(values, model_uri):
+    """The `ExtractionSpec` of the model at `model_uri`, exporting it there first if needed."""
+    from tfmet.beam import pipeline
+    from tfmet.descriptors import extraction
+
+    if FLAGS.saved_model:
+        return pipeline.saved_model_spec(model_uri, values["chunk_size"])
     model = values["model"]
     extractor, spec = extraction.build_extractor(
         backbone=None if model else values["backbone"],
@@ -125,28 +132,51 @@ def _model(values):
         max_side=values["max_side"],
         chunk_size=values["chunk_size"],
     )
-    model_dir = FLAGS.model_dir or FileSystems.join(values["output_dir"], "model")
-    return pipeline.export_descriptor_model(extractor, spec, model_dir), spec
+    pipeline.export_descriptor_model(extractor, spec, model_uri)
+    return spec
+
+
+def _merge_or_explain(values, pending):
+    from tfmet.beam.paths import is_remote
+    from tfmet.descriptors import extraction
+
+    output_dir = values["output_dir"]
+    if not pending:
+        return
+    if is_remote(output_dir) or not FLAGS.merge_when_done:
+        logging.info(
+            "chunks written; merge with: tfmet-extract --merge --output_dir=%s --splits=%s",
+            "<local copy of the output dir>" if is_remote(output_dir) else output_dir,
+            ",".join(pending),
+        )
+        return
+    for split in pending:
+        extraction.merge_split(output_dir, split, keep_chunks=values["keep_chunks"])
 
 
 def extract(values, beam_args):
-    from tfmet.beam import pipeline
-    from tfmet.beam.model_handler import is_remote
-    from tfmet.descriptors import extraction
+    from tfmet.data import met
 
+    # Cheap checks first: bad input should fail before TensorFlow loads or a model is exported.
     _require(values, "info_dir", "image_root", "output_dir")
     if values["num_shards"] != 1:
         raise UsageError("--num_shards is for tfmet-extract; Beam distributes the chunks itself")
     beam_args, runner = beam_options(beam_args)
-    output_dir = values["output_dir"]
-    model_uri, spec = _model(values)
+    met_splits = [met.load_split(values["info_dir"], s, values["mini"]) for s in values["splits"]]
+    model_uri = _model_uri(values)
     _check_reachable(
         runner,
-        {"image_root": values["image_root"], "output_dir": output_dir, "model_dir": model_uri},
+        {
+            "image_root": values["image_root"],
+            "output_dir": values["output_dir"],
+            "model_dir": model_uri,
+        },
     )
-    plan = pipeline.plan_extraction(
-        spec, values["info_dir"], values["image_root"], output_dir, values["splits"], values["mini"]
-    )
+
+    from tfmet.beam import pipeline
+
+    spec = _model(values, model_uri)
+    plan = pipeline.plan_extraction(spec, met_splits, values["image_root"], values["output_dir"])
     logging.info(
         "%d chunks (%d images) to compute with %s on %s; already finished: %s; complete: %s",
         len(plan.tasks),
@@ -169,18 +199,7 @@ def extract(values, beam_args):
         if not FLAGS.wait:
             logging.info("pipeline submitted (%s); merge once it has finished", report.state)
             return
-    pending = [s for s in values["splits"] if s not in plan.complete]
-    if not pending:
-        return
-    if is_remote(output_dir) or not FLAGS.merge_when_done:
-        logging.info(
-            "chunks written; merge with: tfmet-extract --merge --output_dir=%s%s",
-            "<local copy of the output dir>" if is_remote(output_dir) else output_dir,
-            f" --splits={','.join(pending)}",
-        )
-        return
-    for split in pending:
-        extraction.merge_split(output_dir, split, keep_chunks=values["keep_chunks"])
+    _merge_or_explain(values, [s for s in values["splits"] if s not in plan.complete])
 
 
 def main(argv):
