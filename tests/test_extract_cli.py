@@ -42,7 +42,9 @@ def _run(command, log_path, timeout=300):
 
 def _reference(tree, out, splits, chunk_size, mini=False):
     """The same extraction in this process, uninterrupted and unsharded."""
-    extractor, spec = extraction.build_extractor("resnet_tiny", seed=0, chunk_size=chunk_size)
+    extractor, spec = extraction.build_extractor(
+        "resnet_tiny", seed=0, chunk_size=chunk_size, fold_bn=True
+    )
     met_splits = extraction.load_met_splits(tree.info_dir, splits, mini=mini)
     extraction.extract_met(extractor, spec, met_splits, tree.image_root, out, progress=False)
 
@@ -112,7 +114,7 @@ def test_config_shards_and_merge(tmp_path):
     assert code == 0, text
     assert "merge with tfmet-extract --merge" in text
     # Shard 0 in this process (same settings as the config), to save a TensorFlow start-up.
-    extractor, spec = extraction.build_extractor("resnet_tiny", seed=0, chunk_size=3)
+    extractor, spec = extraction.build_extractor("resnet_tiny", seed=0, chunk_size=3, fold_bn=True)
     met_splits = extraction.load_met_splits(tree.info_dir, ("val", "test"), mini=True)
     extraction.extract_met(
         extractor, spec, met_splits, tree.image_root, out, num_shards=2, progress=False

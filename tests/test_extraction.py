@@ -278,3 +278,74 @@ def test_met_paths_are_resolved_under_images(tree):
     assert met.image_paths(split, tree.image_root)[0] == os.path.join(
         tree.image_root, "images", "test_met", "val_0.jpg"
     )
+
+
+def test_fold_batchnorm_by_hand():
+    import keras
+
+    x = keras.Input((None, None, 1))
+    conv = keras.layers.Conv2D(1, 1, use_bias=False, name="c")
+    bn = keras.layers.BatchNormalization(epsilon=0.0, name="b")
+    model = keras.Model(x, keras.layers.ReLU()(bn(conv(x))))
+    conv.set_weights([np.full((1, 1, 1, 1), 2.0, np.float32)])
+    bn.set_weights([np.array([3.0]), np.array([1.0]), np.array([0.5]), np.array([4.0])])
+    folded, count = extraction.fold_batchnorm(model)
+    # (2x - 0.5) * 3 / sqrt(4) + 1 = 3x + 0.25
+    assert count == 1
+    kernel, bias = folded.get_layer("c").get_weights()
+    np.testing.assert_allclose(kernel.ravel(), [3.0])
+    np.testing.assert_allclose(bias, [0.25])
+    image = np.array([[[[-1.0], [0.0]], [[1.0], [2.0]]]], np.float32)
+    np.testing.assert_allclose(folded(image).numpy().ravel(), [0.0, 0.25, 3.25, 6.25], atol=1e-6)
+    np.testing.assert_allclose(model(image).numpy(), folded(image).numpy(), atol=1e-6)
+
+
+def test_fold_batchnorm_leaves_shared_conv_outputs_alone():
+    import keras
+
+    x = keras.Input((None, None, 2))
+    y = keras.layers.Conv2D(2, 3, padding="same")(x)
+    z = keras.layers.Add()([keras.layers.BatchNormalization()(y), y])
+    model = keras.Model(x, z)
+    assert extraction.fold_batchnorm(model) == (model, 0)
+
+
+def _randomise_batchnorm(model, seed):
+    import keras
+
+    rng = np.random.default_rng(seed)
+    for layer in model.layers:
+        if isinstance(layer, keras.layers.BatchNormalization):
+            n = layer.gamma.shape[0]
+            layer.set_weights(
+                [
+                    rng.uniform(0.5, 1.5, n),
+                    rng.normal(0, 0.2, n),
+                    rng.normal(0, 0.2, n),
+                    rng.uniform(0.5, 1.5, n),
+                ]
+            )
+
+
+def test_folded_extractor_from_a_saved_model_matches(tmp_path):
+    import keras
+
+    embedder = Embedder.from_registry("resnet_tiny", projector_dim=4)
+    embedder.build((None, None, None, 3))
+    _randomise_batchnorm(embedder.backbone, seed=0)
+    embedder.pool.set_weights([np.array(2.5, np.float32)])  # a "trained" GeM power
+    path = str(tmp_path / "embedder.keras")
+    embedder.save(path)
+    reference = DescriptorExtractor(keras.saving.load_model(path))
+    extractor, spec = extraction.build_extractor(model=path, fold_bn=True)
+
+    def count(layers, kind):
+        return sum(isinstance(layer, kind) for layer in layers)
+
+    n_bn = count(embedder.backbone.layers, keras.layers.BatchNormalization)
+    layers = extractor.embedder.backbone.layers
+    assert n_bn == 12 and count(layers, keras.layers.BatchNormalization) == 0
+    assert count(layers, extraction.FoldedBatchNorm) == n_bn
+    assert spec.weights == extraction.weights_fingerprint(path) and spec.dim == 4
+    image = np.random.default_rng(0).uniform(0, 255, (1, 45, 61, 3)).astype(np.float32)
+    np.testing.assert_allclose(extractor(image).numpy(), reference(image).numpy(), atol=1e-5)

@@ -37,6 +37,9 @@ flags.DEFINE_integer("shard_index", 0, "This machine's shard, in [0, num_shards)
 flags.DEFINE_integer("batch_images", 1, "Up to this many same-size images per model call.")
 flags.DEFINE_integer("chunk_size", 512, "Images per chunk file (the unit of resumption).")
 flags.DEFINE_integer("num_parallel_reads", -1, "Parallel image decodes (-1: autotune).")
+flags.DEFINE_bool(
+    "fold_bn", True, "Fold BatchNorms into convolutions (same descriptors to ~1e-7, faster)."
+)
 flags.DEFINE_bool("merge", False, "Only merge finished shards' chunks into stores.")
 flags.DEFINE_bool("keep_chunks", False, "Keep chunk files after merging.")
 flags.DEFINE_bool("progress", True, "Show a progress bar.")
@@ -62,6 +65,7 @@ SETTINGS = (
     "batch_images",
     "chunk_size",
     "num_parallel_reads",
+    "fold_bn",
     "keep_chunks",
 )
 
@@ -112,6 +116,7 @@ def extract(values):
         resize_method=values["resize_method"],
         max_side=values["max_side"],
         chunk_size=values["chunk_size"],
+        fold_bn=values["fold_bn"],
     )
     logging.info("extracting %s with %s", ", ".join(values["splits"]), spec)
     reports = extraction.extract_met(
