@@ -5,8 +5,8 @@
 `tf.keras.models.load_model`, which Keras 3 refuses for SavedModels), copied to the worker's
 local disk first when it lives on gs:// or another remote file system; and its inference
 function decodes a batch of encoded images and calls the `images` signature once per group of
-same-size images. (The `serving_default` signature takes the bytes itself, but its in-graph
-per-image tf.data loop costs ~0.15 s per image here: more than a small model's forward pass.)
+same-size images. (The `serving_default` signature takes the bytes itself, but each call pays
+a fixed ~0.3 s here for its in-graph tf.data loop, and it says only valid or not, never why.)
 
 Each prediction is a `Described(descriptor, reason)`: the float32 descriptor and "" for a good
 image, or None and the reason the single-machine extraction (`tfmet.descriptors.extraction`)
