@@ -13,6 +13,7 @@ import tensorflow as tf
 
 from configs import pandora18k
 from tests import style_data
+from tfmet.data import style as style_data_module
 from tfmet.training import style_bottleneck, style_eval, style_finetune, style_run, style_train
 from tfmet.training.style import (
     MaskedSparseCrossEntropy,
@@ -276,7 +277,7 @@ def _finetune(batchnorm, dataset):
         {"format": "pandora18k", "root": dataset, "attributes": ["style"]}
     )
     indices = np.arange(0, len(records), 4)[:24]
-    data = style_run.style_data.image_dataset(
+    data = style_data_module.image_dataset(
         records.abspaths(indices), {"style": records.labels["style"][indices]}, 32, 8
     )
     style_train.compile_for_attributes(classifier, ["style"], keras.optimizers.SGD(0.05))

@@ -374,9 +374,20 @@ def _train_finetune(classifier, records, splits, settings, train_c, workdir, res
     )
     logging.info("Trainable backbone part: %s", names or "none (head only)")
     indices = np.concatenate([splits["train"], splits["val"]])
-    errors = style_data.scan_images(records.abspaths(indices))
-    bad = {int(indices[i]) for i, _, _ in errors}
-    errors = [(int(indices[i]), p, r) for i, p, r in errors]
+    bad_file = os.path.join(workdir, "bad_images.json")
+    if resume and os.path.exists(bad_file):  # the interrupted run already checked every image
+        with open(bad_file, encoding="utf-8") as f:
+            known = {row["path"]: row["reason"] for row in json.load(f)}
+        errors = [
+            (int(i), records.abspath(i), known[records.paths[i]])
+            for i in indices
+            if records.paths[i] in known
+        ]
+    else:
+        errors = style_data.scan_images(records.abspaths(indices))
+        errors = [(int(indices[i]), p, r) for i, p, r in errors]
+        _write_bad_images(workdir, errors, records)
+    bad = {i for i, _, _ in errors}
     train_i = np.array([i for i in splits["train"] if i not in bad], np.int64)
     val_i = np.array([i for i in splits["val"] if i not in bad], np.int64)
     augment = make_augmenter(train_c.get("augment", "none"), image_size, settings.seed)
