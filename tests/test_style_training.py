@@ -281,7 +281,7 @@ def _finetune(batchnorm, dataset):
         records.abspaths(indices), {"style": records.labels["style"][indices]}, 32, 8
     )
     style_train.compile_for_attributes(classifier, ["style"], keras.optimizers.SGD(0.05))
-    classifier.fit(data, epochs=1, steps_per_epoch=3, verbose=0)
+    classifier.fit(data, epochs=1, steps_per_epoch=3, shuffle=False, verbose=0)
     moved = {v.path for v in classifier.weights if not np.array_equal(v.numpy(), before[v.path])}
     return unfrozen, moved, set(before)
 
