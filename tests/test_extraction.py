@@ -263,6 +263,21 @@ def test_model_failures_and_non_finite_rows_are_invalid(tmp_path):
     }
 
 
+def test_a_model_failing_on_everything_stops_the_run(tmp_path):
+    paths = [
+        write_image(str(tmp_path / f"{i}.png"), exhibit_view(i, 0, (8, 8 + i)), "PNG")
+        for i in range(9)
+    ]
+
+    def broken(batch):
+        raise tf.errors.ResourceExhaustedError(None, None, "out of memory")
+
+    spec = _spec(dim=2, chunk_size=9)
+    with pytest.raises(RuntimeError, match=r"failed on all 9 readable images of chunk 0"):
+        extraction.extract_split(broken, spec, "test", paths, tmp_path / "o", progress=False)
+    assert extraction.ChunkDirectory(tmp_path / "o", "test").finished([0]) == []
+
+
 def test_write_store_rows_streams_blocks(tmp_path):
     blocks = [(2, np.full((1, 3), 2.0)), (0, np.arange(6.0).reshape(2, 3))]
     store.write_store_rows(tmp_path, "train", 3, 3, blocks, [True, False, True], source="x")

@@ -7,8 +7,9 @@ registry, BatchNorm statistics calibrated on an image batch so that activations 
 scales, copied into the compact torchvision-layout model of tests/torch_models.py), on the same
 generated JPEGs of Met-like sizes (long side 500, mixed aspect ratios and orientations):
 
-- "tfmet": `extract_split` end to end (tf.data parallel read + decode, the compiled multi-scale
-  extractor, chunk files, merged store).
+- "tfmet": `extract_split` end to end as `tfmet-extract` runs it (tf.data parallel read +
+  decode, the compiled multi-scale extractor over the BatchNorm-folded backbone, chunk files,
+  merged store).
 - "tfmet compute": the `DescriptorExtractor` on pre-decoded images, one call per image.
 - "torch": the reference loop (`extract_ms`): one image at a time, scales 1, 1/sqrt(2), 1/2 with
   `F.interpolate`, GeM + L2 per scale, mean, L2; on pre-decoded, normalised tensors (compute
@@ -31,7 +32,7 @@ import tempfile  # noqa: E402
 import time  # noqa: E402
 
 import numpy as np  # noqa: E402
-from absl import app, flags  # noqa: E402
+from absl import app, flags, logging  # noqa: E402
 from PIL import Image  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -126,9 +127,10 @@ def torch_descriptor(trunk, image, scales, p=3.0, eps=1e-6):
 
 
 def timed(fn, count):
-    start = time.perf_counter()
+    """(images/s wall, CPU seconds of this process per image)."""
+    start, cpu = time.perf_counter(), time.process_time()
     fn()
-    return count / (time.perf_counter() - start)
+    return count / (time.perf_counter() - start), (time.process_time() - cpu) / count
 
 
 def bench_backbone(name, paths, decoded, workdir):
@@ -143,7 +145,7 @@ def bench_backbone(name, paths, decoded, workdir):
     calibration = np.stack([np.asarray(Image.fromarray(d).resize((224, 224))) for d in decoded[:4]])
     spec_pre = backbones.preprocessing(name)
     calibrate_batchnorm(trunk, spec_pre(calibration.astype(np.float32)))
-    embedder = Embedder(trunk, preprocessing=spec_pre)
+    embedder = extraction.folded_embedder(Embedder(trunk, preprocessing=spec_pre))
     extractor = DescriptorExtractor(embedder, scales=MET_SCALES)
     spec = extraction.ExtractionSpec(name, "bench", MET_SCALES, "torch", None, embedder.output_dim)
 
@@ -176,11 +178,19 @@ def bench_backbone(name, paths, decoded, workdir):
     difference = float(np.abs(ours - theirs).max())
     run_tf_compute()
     rates = {"tfmet": [], "tfmet compute": [], "torch": []}
+    cpu = {k: [] for k in rates}
     for _ in range(FLAGS.rounds):
-        rates["tfmet"].append(timed(run_tfmet, len(paths)))
-        rates["tfmet compute"].append(timed(run_tf_compute, len(paths)))
-        rates["torch"].append(timed(run_torch, len(paths)))
-    return {k: statistics.median(v) for k, v in rates.items()}, rates, difference
+        for framework, fn in (
+            ("tfmet", run_tfmet),
+            ("tfmet compute", run_tf_compute),
+            ("torch", run_torch),
+        ):
+            rate, seconds = timed(fn, len(paths))
+            rates[framework].append(rate)
+            cpu[framework].append(seconds)
+    medians = {k: statistics.median(v) for k, v in rates.items()}
+    cpu = {k: statistics.median(v) for k, v in cpu.items()}
+    return medians, cpu, rates, difference
 
 
 def main(argv):
@@ -188,6 +198,7 @@ def main(argv):
     import tensorflow as tf
     import torch
 
+    logging.set_verbosity(logging.WARNING)  # no per-chunk lines from the extraction runs
     with tempfile.TemporaryDirectory(prefix="tfmet-bench-") as workdir:
         paths = write_images(workdir, FLAGS.num_images, FLAGS.seed)
         decoded = [np.asarray(Image.open(p).convert("RGB")) for p in paths]
@@ -198,15 +209,21 @@ def main(argv):
             f"({FLAGS.torch_threads} threads), {os.cpu_count()} CPUs, multi-scale "
             f"{[round(s, 3) for s in (1, 1 / math.sqrt(2), 0.5)]}"
         )
-        print(f"{'backbone':<10} {'framework':<14} {'images/s':>9} {'vs torch':>9}  rounds")
+        print(
+            f"{'backbone':<10} {'framework':<14} {'images/s':>9} {'vs torch':>9} "
+            f"{'CPU s/img':>10}  rounds (images/s)"
+        )
         for name in FLAGS.backbones:
             load_before = os.getloadavg()[0]
-            medians, rates, difference = bench_backbone(name, paths, decoded, workdir)
+            medians, cpu, rates, difference = bench_backbone(name, paths, decoded, workdir)
             load_after = os.getloadavg()[0]
             for framework, rate in medians.items():
                 ratio = rate / medians["torch"]
                 rounds = " ".join(f"{r:.2f}" for r in rates[framework])
-                print(f"{name:<10} {framework:<14} {rate:9.2f} {ratio:8.2f}x  {rounds}")
+                print(
+                    f"{name:<10} {framework:<14} {rate:9.2f} {ratio:8.2f}x "
+                    f"{cpu[framework]:10.3f}  {rounds}"
+                )
             print(f"{name:<10} max |tfmet - torch| descriptor difference: {difference:.2e}")
             busiest = max(load_before, load_after)
             if busiest > 1.5 * (os.cpu_count() or 1):

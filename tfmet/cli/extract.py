@@ -169,6 +169,9 @@ def main(argv):
     except (UsageError, ValueError, FileNotFoundError) as e:
         print(f"tfmet-extract: error: {e}", file=sys.stderr)
         sys.exit(2)
+    except RuntimeError as e:  # e.g. the model failing on every image: not the input's fault
+        print(f"tfmet-extract: error: {e}", file=sys.stderr)
+        sys.exit(1)
 
 
 def run():

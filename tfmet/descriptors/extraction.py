@@ -289,6 +289,7 @@ class _ChunkBuffer:
         self.batch_images = batch_images
         self.pending = {}  # (h, w) -> [(row, image)]
         self.num_pending = 0
+        self.model_failures = 0
 
     def add_failure(self, row, reason):
         self.errors[row] = reason
@@ -322,6 +323,7 @@ class _ChunkBuffer:
                     self._run(key)
                 return
             self.errors[rows[0]] = "model failed: " + image_io.error_reason(e)
+            self.model_failures += 1
             return
         for row, descriptor in zip(rows, descriptors, strict=True):
             if np.all(np.isfinite(descriptor)):
@@ -426,6 +428,7 @@ def extract_split(
                     buffer.add_failure(row, element["error"].numpy().decode("utf-8"))
                 bar.update(1)
             buffer.flush()
+            _check_model_health(buffer, split, j)
             errors = buffer.error_list()
             for row, reason in errors:
                 absl_logging.warning("%s: row %d (%s) skipped: %s", split, row, paths[row], reason)
@@ -442,6 +445,20 @@ def extract_split(
         merge_split(output_dir, split, keep_chunks=keep_chunks)
         report.merged = True
     return report
+
+
+# A chunk in which the model failed on this many images and succeeded on none is not bad luck
+# with a few files but a broken model or machine: stop instead of writing empty rows.
+SYSTEMATIC_FAILURES = 8
+
+
+def _check_model_health(buffer, split, chunk_id):
+    if buffer.model_failures >= SYSTEMATIC_FAILURES and not buffer.valid.any():
+        first = next(r for r in buffer.errors.values() if r.startswith("model failed"))
+        raise RuntimeError(
+            f"{split}: the model failed on all {buffer.model_failures} readable images of chunk "
+            f"{chunk_id} (first: {first}); stopping. Finished chunks are kept."
+        )
 
 
 def check_existing_store(output_dir, split, spec, count, paths):
@@ -598,8 +615,11 @@ def fold_batchnorm(model):
     return folded, len(folds)
 
 
-def _with_folded_batchnorm(embedder):
-    """A copy of `embedder` over `fold_batchnorm(embedder.backbone)` (itself if nothing folds)."""
+def folded_embedder(embedder):
+    """A copy of `embedder` over `fold_batchnorm(embedder.backbone)` (itself if nothing folds).
+
+    The GeM power and the projector's weights are copied; `embedder` is not changed.
+    """
     from tfmet.descriptors.embedder import Embedder
 
     if not embedder.built:
@@ -672,7 +692,7 @@ def build_extractor(
         name, fingerprint = backbone, weights_fingerprint(weights, seed)
     scales = MET_SCALES if scales is None else tuple(scales)
     if fold_bn:
-        embedder = _with_folded_batchnorm(embedder)
+        embedder = folded_embedder(embedder)
     extractor = DescriptorExtractor(embedder, scales=scales, resize_method=resize_method)
     spec = ExtractionSpec(
         backbone=name,
