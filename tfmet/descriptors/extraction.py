@@ -311,20 +311,26 @@ class _ChunkBuffer:
     def _run(self, key):
         group = self.pending.pop(key)
         self.num_pending -= len(group)
+        self._embed(group)
+
+    def _embed(self, group):
+        """Runs the model on images of one size; on failure retries them one at a time."""
         rows = [row for row, _ in group]
         try:
-            batch = tf.stack([image for _, image in group])
-            descriptors = self.extractor(batch).numpy()
+            descriptors = self.extractor(tf.stack([image for _, image in group])).numpy()
         except (tf.errors.OpError, ValueError) as e:
-            if len(group) > 1:  # find the culprit: one image at a time
+            if len(group) > 1:
                 for item in group:
-                    self.pending[key] = [item]
-                    self.num_pending += 1
-                    self._run(key)
+                    self._embed([item])
                 return
             self.errors[rows[0]] = "model failed: " + image_io.error_reason(e)
             self.model_failures += 1
             return
+        if descriptors.shape != (len(group), self.descriptors.shape[1]):
+            raise ValueError(
+                f"the extractor returned shape {descriptors.shape} for {len(group)} images; "
+                f"the spec says dim={self.descriptors.shape[1]}"
+            )
         for row, descriptor in zip(rows, descriptors, strict=True):
             if np.all(np.isfinite(descriptor)):
                 self.descriptors[row - self.start] = descriptor
