@@ -16,7 +16,8 @@ import tensorflow as tf
 
 from configs import pandora18k, wikipaintings_rasta
 from tests import style_data
-from tfmet.training import style_run, style_train
+from tfmet.data import style as style_data_module
+from tfmet.training import style_predict, style_run, style_train
 from tfmet.training.style import StyleClassifier, StyleHead
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -90,8 +91,8 @@ def test_evaluate_and_predict_cli(trained):
     assert len(probabilities) == 3 and probabilities == sorted(probabilities, reverse=True)
     assert {p["label"] for p in record["style"]} <= set(style_data.MOVEMENTS)
     # The same numbers from the library (checkpoint path = the run's classifier.keras).
-    predictor = style_run.load_predictor(os.path.join(workdir, "classifier.keras"))
-    images, _, _ = style_run.read_images([image], predictor.image_size)
+    predictor = style_predict.load_predictor(os.path.join(workdir, "classifier.keras"))
+    images, _, _ = style_predict.read_images([image], predictor.image_size)
     expected = predictor.probabilities(images)["style"][0]
     assert probabilities[0] == pytest.approx(float(expected.max()), rel=1e-5)
     assert len(record["nearest"]) == 2 and record["nearest"][0]["similarity"] <= 1.0 + 1e-5
@@ -99,8 +100,8 @@ def test_evaluate_and_predict_cli(trained):
 
 def test_predict_from_a_checkpoint_and_missing_export(trained, tmp_path):
     _, workdir, _ = trained
-    from_keras = style_run.load_predictor(workdir)
-    from_checkpoint = style_run.load_predictor(
+    from_keras = style_predict.load_predictor(workdir)
+    from_checkpoint = style_predict.load_predictor(
         os.path.join(workdir, "checkpoints", "best.weights.npz")
     )
     images = np.random.default_rng(0).uniform(0, 255, (2, 32, 32, 3)).astype(np.float32)
@@ -113,11 +114,11 @@ def test_predict_from_a_checkpoint_and_missing_export(trained, tmp_path):
     empty = tmp_path / "export"
     empty.mkdir()
     with pytest.raises(FileNotFoundError, match="export the model with tfmet-export first"):
-        style_run.load_predictor(str(empty))
+        style_predict.load_predictor(str(empty))
 
 
 class _ExportedStyle(tf.Module):
-    """A SavedModel following the style export contract (style_run.SAVED_MODEL_CONTRACT)."""
+    """A SavedModel following the style export contract (style_predict.SAVED_MODEL_CONTRACT)."""
 
     def __init__(self, classifier):
         super().__init__()
@@ -140,7 +141,7 @@ def test_predict_from_an_exported_saved_model(tmp_path):
     os.makedirs(os.path.join(export, "assets"), exist_ok=True)
     with open(os.path.join(export, "assets", "style_metadata.json"), "w") as f:
         json.dump({"class_names": classifier.class_names, "image_size": 32}, f)
-    predictor = style_run.load_predictor(export)
+    predictor = style_predict.load_predictor(export)
     images = np.random.default_rng(1).uniform(0, 255, (2, 32, 32, 3)).astype(np.float32)
     expected = keras.ops.softmax(classifier(images)["style"]).numpy()
     np.testing.assert_allclose(
@@ -184,7 +185,7 @@ def test_rasta_smoke_finetunes_top_block_with_augmentation(tmp_path):
 @pytest.mark.parametrize("kind", ["flip", "flip_crop", "randaugment"])
 def test_augmenters_keep_shape_and_range_eagerly_and_in_tf_data(kind):
     images = tf.random.stateless_uniform([4, 24, 24, 3], seed=(0, 1), maxval=255.0)
-    augment = style_run.make_augmenter(kind, 24, seed=1)
+    augment = style_data_module.make_augmenter(kind, 24, seed=1)
     mapped = next(iter(tf.data.Dataset.from_tensors(images).map(augment))).numpy()
     outputs = [mapped]
     if kind != "randaugment":  # (RandAugment eagerly costs seconds; training runs it in tf.data)
@@ -195,7 +196,7 @@ def test_augmenters_keep_shape_and_range_eagerly_and_in_tf_data(kind):
     if kind == "flip":  # every image is itself or its mirror image
         for a, b in zip(outputs[1], images.numpy(), strict=True):
             assert np.allclose(a, b) or np.allclose(a, b[:, ::-1])
-    assert style_run.make_augmenter("none", 24) is None
+    assert style_data_module.make_augmenter("none", 24) is None
 
 
 def test_config_variants_and_bad_input(tmp_path):

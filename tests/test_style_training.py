@@ -14,7 +14,14 @@ import tensorflow as tf
 from configs import pandora18k
 from tests import style_data
 from tfmet.data import style as style_data_module
-from tfmet.training import style_bottleneck, style_eval, style_finetune, style_run, style_train
+from tfmet.training import (
+    style_bottleneck,
+    style_eval,
+    style_finetune,
+    style_predict,
+    style_run,
+    style_train,
+)
 from tfmet.training.style import (
     MaskedSparseCrossEntropy,
     StyleClassifier,
@@ -71,7 +78,7 @@ def test_evaluation_matches_a_direct_computation(bottleneck_run, dataset):
     records = style_run.load_records(style_run.read_run_config(workdir)["dataset"])
     split = style_run.load_split(style_run.read_run_config(workdir)["dataset"], records, workdir)
     classifier = style_run.load_classifier(workdir)
-    images, good, errors = style_run.read_images(records.abspaths(split["test"]), 32)
+    images, good, errors = style_predict.read_images(records.abspaths(split["test"]), 32)
     assert not errors and len(good) == report["count"]
     logits = classifier(images)["style"].numpy()
     labels = records.labels["style"][split["test"]]

@@ -37,11 +37,11 @@ def main(argv):
             f"tfmet-predict: error: --top_k must be positive, got {_TOP_K.value}", file=sys.stderr
         )
         return 2
-    from tfmet.training import style_run
+    from tfmet.training import style_predict, style_run
 
     try:
-        predictor = style_run.load_predictor(_MODEL.value, trust_model=_TRUST.value)
-        images, good, errors = style_run.read_images(paths, predictor.image_size)
+        predictor = style_predict.load_predictor(_MODEL.value, trust_model=_TRUST.value)
+        images, good, errors = style_predict.read_images(paths, predictor.image_size)
         for path, reason in errors:
             print(f"tfmet-predict: error: {path}: {reason}", file=sys.stderr)
         if not good:
@@ -54,7 +54,7 @@ def main(argv):
                     "--nearest needs a training run or a .keras model, not a SavedModel"
                 )
             workdir = style_run.run_dir_of(_MODEL.value)
-            nearest = style_run.nearest_in_run(
+            nearest = style_predict.nearest_in_run(
                 workdir,
                 predictor.classifier,
                 predictor.features(images),
@@ -66,7 +66,7 @@ def main(argv):
         return 2
     for row, path in enumerate(good):
         result = {
-            attribute: style_run.top_k_labels(
+            attribute: style_predict.top_k_labels(
                 p[row], predictor.class_names[attribute], _TOP_K.value
             )
             for attribute, p in probabilities.items()

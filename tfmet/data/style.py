@@ -39,6 +39,7 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp")
 SPLITS = ("train", "val", "test")
 MISSING = -1
 SPLIT_FORMAT = "tfmet-style-split"
+AUGMENTATIONS = ("none", "flip", "flip_crop", "randaugment")
 
 
 @dataclasses.dataclass
@@ -532,3 +533,34 @@ def image_dataset(
     if augment is not None:
         dataset = dataset.map(lambda i, t: (augment(i), t), num_parallel_calls=tf.data.AUTOTUNE)
     return dataset.prefetch(tf.data.AUTOTUNE)
+
+
+def make_augmenter(kind, image_size, seed=0):
+    """keras-cv augmentation of batches in [0, 255]: flips, flips + random crops, RandAugment."""
+    if kind == "none":
+        return None
+    import keras_cv
+
+    layers = [keras_cv.layers.RandomFlip("horizontal", seed=seed)]
+    if kind in ("flip_crop", "randaugment"):
+        layers.append(
+            keras_cv.layers.RandomCropAndResize(
+                target_size=(image_size, image_size),
+                crop_area_factor=(0.6, 1.0),
+                aspect_ratio_factor=(3 / 4, 4 / 3),
+                seed=seed,
+            )
+        )
+    if kind == "randaugment":
+        layers.append(
+            keras_cv.layers.RandAugment(
+                value_range=(0, 255), augmentations_per_image=2, magnitude=0.3, seed=seed
+            )
+        )
+
+    def augment(images):
+        for layer in layers:
+            images = layer(images, training=True)
+        return images
+
+    return augment

@@ -1,7 +1,7 @@
 """A style-classification run from a config: data, split, model, training, evaluation, prediction.
 
-The programs `tfmet-train-style`, `tfmet-evaluate-style` and `tfmet-predict` are thin wrappers
-around `train`, `evaluate` and `load_predictor`. A run directory (`workdir`) holds:
+The programs `tfmet-train-style` and `tfmet-evaluate-style` are thin wrappers around `train` and
+`evaluate` (`tfmet-predict` around `tfmet.training.style_predict`). A run directory holds:
 
     config.json          the config the run was trained with (evaluate / predict read it)
     split.json           the split, unless the config names a shared split file
@@ -39,7 +39,6 @@ from tfmet.training import style_bottleneck, style_eval, style_finetune, style_t
 from tfmet.training.style import StyleClassifier
 
 MODES = ("auto", "bottleneck", "finetune")
-AUGMENTATIONS = ("none", "flip", "flip_crop", "randaugment")
 CLASSIFIER_FILE = "classifier.keras"
 CONFIG_FILE = "config.json"
 # Config entries a resumed run may change.
@@ -100,8 +99,10 @@ def resolve_mode(train_config):
     if mode not in MODES:
         raise ValueError(f"train.mode must be one of {MODES}. Received: {mode!r}")
     augment = train_config.get("augment", "none")
-    if augment not in AUGMENTATIONS:
-        raise ValueError(f"train.augment must be one of {AUGMENTATIONS}. Received: {augment!r}")
+    if augment not in style_data.AUGMENTATIONS:
+        raise ValueError(
+            f"train.augment must be one of {style_data.AUGMENTATIONS}. Received: {augment!r}"
+        )
     trains_backbone = bool(
         train_config.get("trainable_blocks")
         or train_config.get("trainable_fraction")
@@ -160,37 +161,6 @@ def save_classifier(classifier, path, image_size):
     copy.pool.set_weights(classifier.pool.get_weights())
     with atomic_path(path) as tmp:
         copy.save(tmp)
-
-
-def make_augmenter(kind, image_size, seed=0):
-    """keras-cv augmentation of batches in [0, 255]: flips, flips + random crops, RandAugment."""
-    if kind == "none":
-        return None
-    import keras_cv
-
-    layers = [keras_cv.layers.RandomFlip("horizontal", seed=seed)]
-    if kind in ("flip_crop", "randaugment"):
-        layers.append(
-            keras_cv.layers.RandomCropAndResize(
-                target_size=(image_size, image_size),
-                crop_area_factor=(0.6, 1.0),
-                aspect_ratio_factor=(3 / 4, 4 / 3),
-                seed=seed,
-            )
-        )
-    if kind == "randaugment":
-        layers.append(
-            keras_cv.layers.RandAugment(
-                value_range=(0, 255), augmentations_per_image=2, magnitude=0.3, seed=seed
-            )
-        )
-
-    def augment(images):
-        for layer in layers:
-            images = layer(images, training=True)
-        return images
-
-    return augment
 
 
 def feature_cache(cache_dir, classifier, image_size, flip):
@@ -390,7 +360,7 @@ def _train_finetune(classifier, records, splits, settings, train_c, workdir, res
     bad = {i for i, _, _ in errors}
     train_i = np.array([i for i in splits["train"] if i not in bad], np.int64)
     val_i = np.array([i for i in splits["val"] if i not in bad], np.int64)
-    augment = make_augmenter(train_c.get("augment", "none"), image_size, settings.seed)
+    augment = style_data.make_augmenter(train_c.get("augment", "none"), image_size, settings.seed)
     train_data = style_data.image_dataset(
         records.abspaths(train_i),
         _labels(records, train_i),
@@ -573,142 +543,3 @@ def evaluate(
                 scores,
             )
     return reports
-
-
-# --- Prediction ------------------------------------------------------------------------------
-
-
-class Predictor:
-    """Images -> class probabilities per attribute, from a classifier or an exported SavedModel.
-
-    Attributes:
-      class_names: attribute -> names.
-      image_size: the side images are resized to.
-    """
-
-    def __init__(self, predict_logits, class_names, image_size, classifier=None):
-        self._predict_logits = predict_logits
-        self.class_names = class_names
-        self.image_size = int(image_size)
-        self.classifier = classifier
-
-    def probabilities(self, images, flip_bagging=False):
-        """images [n, S, S, 3] in [0, 255] -> {attribute: probabilities [n, classes]}."""
-        logits = self._predict_logits(images)
-        if not flip_bagging:
-            return {a: np.asarray(bag_probabilities(v)) for a, v in logits.items()}
-        mirrored = self._predict_logits(np.ascontiguousarray(np.asarray(images)[:, :, ::-1]))
-        return {a: np.asarray(bag_probabilities(logits[a], mirrored[a])) for a in logits}
-
-    def features(self, images):
-        """Pooled features [n, C] (needs a Keras classifier, not a SavedModel)."""
-        if self.classifier is None:
-            raise ValueError("pooled features need a Keras classifier, not a SavedModel")
-        return np.asarray(self.classifier.features(images, training=False))
-
-
-SAVED_MODEL_CONTRACT = """an exported style SavedModel must have a `serving_default` signature
-taking `images` (float32 [batch, size, size, 3] in [0, 255]) and returning one logits tensor per
-attribute, and `assets/style_metadata.json` with {"class_names": {attribute: [names]},
-"image_size": size}"""
-
-
-def load_predictor(path, image_size=None, trust_model=False):
-    """A `Predictor` from a run directory, a `.keras` / `.weights.h5` file or a SavedModel dir."""
-    path = os.fspath(path)
-    if os.path.isdir(path) and not os.path.exists(os.path.join(path, CLASSIFIER_FILE)):
-        if os.path.exists(os.path.join(path, "saved_model.pb")):
-            return _saved_model_predictor(path)
-        raise FileNotFoundError(
-            f"{path}: neither an exported SavedModel (no saved_model.pb) nor a training run "
-            f"(no {CLASSIFIER_FILE}); export the model with tfmet-export first, or pass a "
-            ".keras checkpoint"
-        )
-    classifier = load_classifier(path, trust_model=trust_model)
-    if image_size is None:
-        try:
-            image_size = read_run_config(run_dir_of(path))["model"]["image_size"]
-        except FileNotFoundError:
-            raise ValueError(
-                f"{path}: no run config.json beside the model to take the image size from"
-            ) from None
-
-    def predict_logits(images):
-        return {a: np.asarray(v) for a, v in classifier(images, training=False).items()}
-
-    return Predictor(predict_logits, classifier.class_names, image_size, classifier=classifier)
-
-
-def _saved_model_predictor(path):
-    import tensorflow as tf
-
-    metadata_path = os.path.join(path, "assets", "style_metadata.json")
-    if not os.path.exists(metadata_path):
-        raise ValueError(f"{path}: no assets/style_metadata.json; {SAVED_MODEL_CONTRACT}")
-    with open(metadata_path, encoding="utf-8") as f:
-        metadata = json.load(f)
-    loaded = tf.saved_model.load(path)
-    signature = loaded.signatures.get("serving_default")
-    if signature is None:
-        raise ValueError(f"{path}: no serving_default signature; {SAVED_MODEL_CONTRACT}")
-
-    def predict_logits(images):
-        outputs = signature(images=tf.constant(np.asarray(images, np.float32)))
-        missing = [a for a in metadata["class_names"] if a not in outputs]
-        if missing:
-            raise ValueError(f"{path}: serving_default lacks outputs {missing}")
-        return {a: outputs[a].numpy() for a in metadata["class_names"]}
-
-    return Predictor(predict_logits, metadata["class_names"], metadata["image_size"])
-
-
-def read_images(paths, image_size):
-    """Decodes and resizes image files -> (images [n, S, S, 3], readable paths, errors)."""
-    from tfmet.data import images as image_io
-
-    images, good, errors = [], [], []
-    for path in paths:
-        if not os.path.isfile(path):
-            errors.append((path, "file not found"))
-            continue
-        image, reason = image_io.read_image(path)
-        if image is None:
-            errors.append((path, reason))
-            continue
-        images.append(np.asarray(style_data.resize_image(image, image_size)))
-        good.append(path)
-    stacked = np.stack(images) if images else np.zeros((0, image_size, image_size, 3), np.float32)
-    return stacked, good, errors
-
-
-def top_k_labels(probabilities, class_names, k):
-    """[(name, probability)] * k for one row, best first (ties: lower class index first)."""
-    order = np.argsort(-np.asarray(probabilities), kind="stable")[:k]
-    return [(class_names[i], float(probabilities[i])) for i in order]
-
-
-def nearest_in_run(
-    workdir, classifier, query_features, split="train", k=5, cache_dir=None, batch_size=32
-):
-    """Nearest paintings of `query_features` among a run's `split` images.
-
-    The collection's features come from the bottleneck cache (computed on first use).
-
-    Returns:
-      per query, [(relative path, first-attribute label, cosine similarity)] best first.
-    """
-    config = read_run_config(workdir)
-    records = load_records(config["dataset"])
-    splits = load_split(config["dataset"], records, workdir)
-    image_size = int(config["model"]["image_size"])
-    if cache_dir is None:
-        cache_dir = config.get("cache_dir") or default_cache_dir()
-    features, kept, _ = split_features(
-        classifier, records, splits[split], image_size, batch_size, cache_dir
-    )
-    attribute = records.attributes[0]
-    names = [
-        records.class_names[attribute][v] if v >= 0 else "" for v in records.labels[attribute][kept]
-    ]
-    index = embedding_tools.NearestPaintings(features, [records.paths[i] for i in kept], names)
-    return index.query(query_features, k=k)
