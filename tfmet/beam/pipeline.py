@@ -264,7 +264,17 @@ def read_dead_letters(output_dir):
 
 @dataclasses.dataclass
 class BeamReport:
-    """What a Beam run did (counters as the runner reports them)."""
+    """What a Beam run did (counters as the runner reports them).
+
+    Attributes:
+      state: the pipeline's final state ("DONE") or its state when not waited for.
+      chunks, images, failed: chunk files written, images in them, images without descriptor.
+      seconds: wall time of the pipeline, worker start-up and model loading included.
+      inference_seconds: time spent in model calls, summed over workers (RunInference's own
+        batch latency metric), so `images / inference_seconds` is one worker's steady rate.
+      model_load_seconds: time spent loading the model, summed over workers.
+      dead_letter_prefix: where the failed rows' JSON lines went.
+    """
 
     state: str
     chunks: int
@@ -272,17 +282,26 @@ class BeamReport:
     failed: int
     seconds: float
     dead_letter_prefix: str
+    inference_seconds: float = 0.0
+    model_load_seconds: float = 0.0
 
     @property
     def images_per_second(self):
         return self.images / self.seconds if self.seconds > 0 else float("nan")
 
 
+def _metrics(result, namespace, name):
+    return result.metrics().query(MetricsFilter().with_namespace(namespace).with_name(name))
+
+
 def _counter(result, name):
-    query = result.metrics().query(
-        MetricsFilter().with_namespace(transforms.NAMESPACE).with_name(name)
-    )
+    query = _metrics(result, transforms.NAMESPACE, name)
     return int(sum(c.committed or 0 for c in query["counters"]))
+
+
+def _distribution_sum(result, namespace, name):
+    query = _metrics(result, namespace, name)
+    return float(sum(d.committed.sum for d in query["distributions"] if d.committed))
 
 
 def pipeline_options(beam_args=()):
@@ -312,6 +331,7 @@ def run_extraction(plan, model_uri, beam_args=(), batch_size=8, intra_op_threads
         batch_size=batch_size,
         intra_op_threads=intra_op_threads,
     )
+    namespace = handler.get_metrics_namespace()
     prefix = dead_letter_prefix(plan.output_dir)
     started = time.perf_counter()
     pipeline = beam.Pipeline(options=pipeline_options(beam_args))
@@ -328,14 +348,21 @@ def run_extraction(plan, model_uri, beam_args=(), batch_size=8, intra_op_threads
         _counter(result, "failed_images"),
         seconds,
         prefix,
+        inference_seconds=_distribution_sum(result, namespace, "inference_batch_latency_micro_secs")
+        / 1e6,
+        model_load_seconds=_distribution_sum(result, namespace, "load_model_latency_milli_secs")
+        / 1e3,
     )
     absl_logging.info(
-        "Beam run %s: %d chunks, %d images (%d failed) in %.1f s, %.2f images/s",
+        "Beam run %s: %d chunks, %d images (%d failed) in %.1f s, %.2f images/s; model calls "
+        "%.1f s and model loading %.1f s, summed over workers",
         report.state,
         report.chunks,
         report.images,
         report.failed,
         report.seconds,
         report.images_per_second,
+        report.inference_seconds,
+        report.model_load_seconds,
     )
     return report
