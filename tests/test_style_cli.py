@@ -17,6 +17,8 @@ import tensorflow as tf
 from configs import pandora18k, wikipaintings_rasta
 from tests import style_data
 from tfmet.data import style as style_data_module
+from tfmet.export import save_module
+from tfmet.export.style import StyleModule
 from tfmet.training import style_predict, style_run, style_train
 from tfmet.training.style import StyleClassifier, StyleHead
 
@@ -117,30 +119,15 @@ def test_predict_from_a_checkpoint_and_missing_export(trained, tmp_path):
         style_predict.load_predictor(str(empty))
 
 
-class _ExportedStyle(tf.Module):
-    """A SavedModel following the style export contract (style_predict.SAVED_MODEL_CONTRACT)."""
-
-    def __init__(self, classifier):
-        super().__init__()
-        self.classifier = classifier
-
-    @tf.function(input_signature=[tf.TensorSpec([None, None, None, 3], tf.float32, "images")])
-    def serve(self, images):
-        return self.classifier(images, training=False)
-
-
 def test_predict_from_an_exported_saved_model(tmp_path):
     keras.utils.set_random_seed(0)
     x = keras.Input((None, None, 3))
     backbone = keras.Model(x, keras.layers.Conv2D(4, 3, strides=4, activation="relu")(x))
     classifier = StyleClassifier(backbone, StyleHead({"style": ["a", "b", "c"]}))
     classifier.build((None, 32, 32, 3))
-    export = str(tmp_path / "saved_model")
-    module = _ExportedStyle(classifier)
-    tf.saved_model.save(module, export, signatures={"serving_default": module.serve})
-    os.makedirs(os.path.join(export, "assets"), exist_ok=True)
-    with open(os.path.join(export, "assets", "style_metadata.json"), "w") as f:
-        json.dump({"class_names": classifier.class_names, "image_size": 32}, f)
+    module = StyleModule(classifier, image_size=32, top_k=2)
+    metadata = {"kind": "style", "class_names": classifier.class_names, "image_size": 32}
+    export = save_module(module, tmp_path / "saved_model", module.signatures(), metadata)
     predictor = style_predict.load_predictor(export)
     images = np.random.default_rng(1).uniform(0, 255, (2, 32, 32, 3)).astype(np.float32)
     expected = keras.ops.softmax(classifier(images)["style"]).numpy()
@@ -150,6 +137,22 @@ def test_predict_from_an_exported_saved_model(tmp_path):
     bagged = predictor.probabilities(images, flip_bagging=True)["style"]
     mirrored = keras.ops.softmax(classifier(images[:, :, ::-1])["style"]).numpy()
     np.testing.assert_allclose(bagged, (expected + mirrored) / 2, rtol=1e-5, atol=1e-6)
+
+    # The bytes signature decodes, resizes as training does, and ranks the classes.
+    photo = np.random.default_rng(2).integers(0, 256, (40, 28, 3), dtype=np.uint8)
+    png = tf.io.encode_png(photo).numpy()
+    served = tf.saved_model.load(export).signatures["serving_default"](
+        image_bytes=tf.constant([png, b"broken"])
+    )
+    resized = style_data_module.resize_image(tf.constant(photo, tf.float32), 32)[None]
+    probs = keras.ops.softmax(classifier(resized)["style"]).numpy()[0]
+    np.testing.assert_allclose(served["style_probabilities"].numpy()[0], probs, atol=1e-6)
+    best = np.argsort(-probs, kind="stable")[:2]
+    assert served["style_top_k_labels"].numpy()[0].tolist() == [
+        ["a", "b", "c"][i].encode() for i in best
+    ]
+    assert served["valid"].numpy().tolist() == [True, False]
+    assert served["style_top_k_labels"].numpy()[1].tolist() == [b"", b""]
 
 
 def test_rasta_smoke_finetunes_top_block_with_augmentation(tmp_path):

@@ -54,10 +54,10 @@ class Predictor:
         return np.asarray(self.classifier.features(images, training=False))
 
 
-SAVED_MODEL_CONTRACT = """an exported style SavedModel must have a `serving_default` signature
-taking `images` (float32 [batch, size, size, 3] in [0, 255]) and returning one logits tensor per
-attribute, and `assets/style_metadata.json` with {"class_names": {attribute: [names]},
-"image_size": size}"""
+SAVED_MODEL_CONTRACT = """a style SavedModel written by `tfmet-export --kind style` has an `images`
+signature taking `images` (float32 [batch, size, size, 3] in [0, 255]) and returning one logits
+tensor per attribute, and `assets/tfmet_metadata.json` with {"kind": "style", "class_names":
+{attribute: [names]}, "image_size": size}"""
 
 
 def load_predictor(path, image_size=None, trust_model=False):
@@ -89,21 +89,26 @@ def load_predictor(path, image_size=None, trust_model=False):
 def _saved_model_predictor(path):
     import tensorflow as tf
 
-    metadata_path = os.path.join(path, "assets", "style_metadata.json")
+    metadata_path = os.path.join(path, "assets", "tfmet_metadata.json")
     if not os.path.exists(metadata_path):
-        raise ValueError(f"{path}: no assets/style_metadata.json; {SAVED_MODEL_CONTRACT}")
+        raise ValueError(f"{path}: no assets/tfmet_metadata.json; {SAVED_MODEL_CONTRACT}")
     with open(metadata_path, encoding="utf-8") as f:
         metadata = json.load(f)
+    if metadata.get("kind") != "style" or "class_names" not in metadata:
+        raise ValueError(
+            f"{path}: a {metadata.get('kind', 'unknown')!r} export, not a style classifier; "
+            f"{SAVED_MODEL_CONTRACT}"
+        )
     loaded = tf.saved_model.load(path)
-    signature = loaded.signatures.get("serving_default")
+    signature = loaded.signatures.get("images")
     if signature is None:
-        raise ValueError(f"{path}: no serving_default signature; {SAVED_MODEL_CONTRACT}")
+        raise ValueError(f"{path}: no images signature; {SAVED_MODEL_CONTRACT}")
 
     def predict_logits(images):
         outputs = signature(images=tf.constant(np.asarray(images, np.float32)))
         missing = [a for a in metadata["class_names"] if a not in outputs]
         if missing:
-            raise ValueError(f"{path}: serving_default lacks outputs {missing}")
+            raise ValueError(f"{path}: the images signature lacks outputs {missing}")
         return {a: outputs[a].numpy() for a in metadata["class_names"]}
 
     return Predictor(predict_logits, metadata["class_names"], metadata["image_size"])
