@@ -112,3 +112,37 @@ def test_bad_input_one_line_exit_2(tmp_path, args, message):
     result = _run([sys.executable, "-m", "tfmet.cli.export", *args], cwd=tmp_path)
     assert result.returncode == 2
     assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_style_export_cli_from_a_run_directory(tmp_path):
+    import keras
+
+    from tfmet.training.style import StyleClassifier, StyleHead
+
+    keras.utils.set_random_seed(0)
+    x = keras.Input((None, None, 3))
+    backbone = keras.Model(x, keras.layers.Conv2D(4, 3, strides=4, activation="relu")(x))
+    names = {"style": ["baroque", "cubism", "pop_art"], "genre": ["portrait", "landscape"]}
+    classifier = StyleClassifier(backbone, StyleHead(names))
+    classifier.build((None, 24, 24, 3))
+    run = tmp_path / "run"
+    run.mkdir()
+    classifier.save(run / "classifier.keras")
+    with open(run / "config.json", "w") as f:
+        json.dump({"model": {"image_size": 24}}, f)
+    out = tmp_path / "style"
+    result = _export("--kind=style", f"--style_model={run}", "--top_k=2", f"--out={out}")
+    assert result.returncode == 0, result.stderr[-2000:]
+    with open(out / "assets" / "tfmet_metadata.json") as f:
+        metadata = json.load(f)
+    assert metadata["class_names"] == names and metadata["image_size"] == 24
+
+    import tensorflow as tf
+
+    served = tf.saved_model.load(str(out)).signatures["images"]
+    images = np.random.default_rng(0).uniform(0, 255, (2, 24, 24, 3)).astype(np.float32)
+    logits = served(images=tf.constant(images))
+    for attribute in names:
+        np.testing.assert_allclose(
+            logits[attribute].numpy(), classifier(images)[attribute].numpy(), atol=1e-5
+        )
