@@ -1,0 +1,195 @@
+"""The Met kNN classifier: the reference's confidence rule over a ScaNN neighbour search.
+
+For a query with neighbours (similarity s_j, database label l_j), j < K:
+- each distinct label among them scores the maximum similarity of its neighbours, floored at 0
+  (the reference accumulates the maximum from 0);
+- every other database class scores 0;
+- p = softmax(tau * score) over all N distinct database labels (tau multiplies: an inverse
+  temperature), so each of the N - P absent classes contributes exp(0);
+- pred = the label with the highest score, ties to the smallest label; conf = p_pred.
+
+Only labels present among the neighbours are predicted (as in the reference); when their best
+score is 0 they tie with the absent classes and the confidence is 1 / N. The softmax is computed
+with the maximum factored out, in float64, so tau = 500 cannot overflow:
+conf = 1 / (sum_present exp(tau (s - s_max)) + (N - P) exp(-tau s_max)).
+"""
+
+import json
+import os
+
+import numpy as np
+
+from tfmet.io.atomic import save_json, save_npy
+from tfmet.retrieval.index import NeighborIndex
+from tfmet.retrieval.pca import row_chunks
+
+FORMAT = "tfmet-knn-classifier"
+CHECK_ROWS = 65536
+
+
+def knn_confidence(similarities, neighbor_labels, num_classes, tau, valid=None):
+    """Applies the confidence rule to each row of neighbours.
+
+    Args:
+      similarities: float [q, K] neighbour similarities (any order).
+      neighbor_labels: int [q, K] their database labels.
+      num_classes: N, the number of distinct database labels.
+      tau: the softmax's inverse temperature (>= 0).
+      valid: optional bool [q, K]; False marks padding (not a neighbour).
+
+    Returns:
+      (pred int64 [q], conf float64 [q]); a row without any neighbour gets pred -1, conf 0.
+    """
+    similarities = np.asarray(similarities, np.float64)
+    labels = np.asarray(neighbor_labels, np.int64)
+    if similarities.ndim != 2 or similarities.shape != labels.shape:
+        raise ValueError(
+            "`similarities` and `neighbor_labels` must be 2-D arrays of the same shape. Received: "
+            f"{similarities.shape} and {labels.shape}"
+        )
+    valid = np.ones(labels.shape, bool) if valid is None else np.asarray(valid, bool)
+    if not np.isfinite(tau) or tau < 0:
+        raise ValueError(f"`tau` must be a finite number >= 0. Received: tau={tau}")
+    if labels.shape[0] == 0:
+        return np.zeros(0, np.int64), np.zeros(0, np.float64)
+    # Group the neighbours by label (ascending), best similarity first within a label.
+    order = np.lexsort((-similarities, np.where(valid, labels, np.iinfo(np.int64).max)), axis=1)
+    labels = np.take_along_axis(labels, order, 1)
+    similarities = np.take_along_axis(similarities, order, 1)
+    valid = np.take_along_axis(valid, order, 1)
+    first = valid.copy()
+    first[:, 1:] &= labels[:, 1:] != labels[:, :-1]
+    present = first.sum(axis=1)
+    if np.any(present > num_classes):
+        raise ValueError(
+            f"`num_classes`={num_classes} is smaller than the number of distinct neighbour labels "
+            f"({int(present.max())})"
+        )
+    score = np.where(first, np.maximum(similarities, 0.0), -np.inf)
+    best = score.max(axis=1)
+    winner = np.argmax(score == best[:, None], axis=1)  # first = smallest label among the best
+    pred = labels[np.arange(labels.shape[0]), winner]
+    found = present > 0
+    best = np.where(found, best, 0.0)
+    below_best = np.where(first, score - best[:, None], 0.0)
+    shifted = np.where(first, np.exp(tau * below_best), 0.0)
+    denominator = shifted.sum(axis=1) + (num_classes - present) * np.exp(-tau * best)
+    conf = np.where(found, 1.0 / denominator, 0.0)
+    return np.where(found, pred, -1), conf
+
+
+def check_finite(name, x):
+    """Raises ValueError naming the first row of `x` holding NaN or inf."""
+    for rows, chunk in row_chunks(x, CHECK_ROWS):
+        bad = ~np.all(np.isfinite(chunk), axis=1)
+        if np.any(bad):
+            raise ValueError(f"{name}: row {rows.start + int(np.argmax(bad))} is NaN or infinite")
+
+
+class KnnClassifier:
+    """kNN classification of descriptors with the reference's confidence rule.
+
+    Args:
+      k: neighbours per query.
+      tau: softmax inverse temperature.
+      backend: "exact" (ScaNN brute force) or "scann" (tree + AH + reorder).
+      scann_config: a `ScannConfig` (or dict) for "scann"; None sizes it from the database.
+      num_threads: ScaNN search threads (0: ScaNN's default).
+    """
+
+    def __init__(self, k=1, tau=1.0, backend="exact", scann_config=None, num_threads=0):
+        if int(k) < 1:
+            raise ValueError(f"`k` must be a positive integer. Received: k={k}")
+        self.k = int(k)
+        self.tau = float(tau)
+        self.backend = backend
+        self.scann_config = scann_config
+        self.num_threads = int(num_threads)
+        self.index = NeighborIndex(backend, scann_config, num_threads=num_threads)
+        self.labels = None
+        self.num_classes = 0
+
+    def fit(self, descriptors, labels):
+        """Indexes database `descriptors` [n, d] (float32, L2-normalised) with int `labels` [n]."""
+        descriptors = np.asarray(descriptors) if not hasattr(descriptors, "shape") else descriptors
+        labels = np.asarray(labels)
+        if descriptors.ndim != 2:
+            raise ValueError(f"`descriptors` must be 2-D [n, d]. Received: {descriptors.shape}")
+        if labels.shape != (descriptors.shape[0],):
+            raise ValueError(
+                f"{descriptors.shape[0]} descriptors but {labels.size} labels: counts must match"
+            )
+        if not np.issubdtype(labels.dtype, np.integer):
+            raise ValueError(f"`labels` must be integers. Received dtype {labels.dtype}")
+        check_finite("descriptors", descriptors)
+        self.index.build(descriptors)
+        self.labels = labels.astype(np.int64)
+        self.num_classes = int(np.unique(self.labels).size)
+        return self
+
+    def _check_fitted(self):
+        if self.labels is None:
+            raise ValueError("KnnClassifier is not fitted: call fit(descriptors, labels) first")
+
+    def neighbors(self, queries, k=None):
+        """(similarities float32 [q, k], database indices int64 [q, k]), best first; -1 pads."""
+        self._check_fitted()
+        queries = np.asarray(queries)
+        if queries.ndim == 2:
+            check_finite("queries", queries)
+        return self.index.search(queries, self.k if k is None else k)
+
+    def predict_from_neighbors(self, similarities, indices, k=None, tau=None):
+        """(pred, conf) from the first `k` columns of a `neighbors` result (default: self.k)."""
+        self._check_fitted()
+        k = self.k if k is None else int(k)
+        if k > np.shape(indices)[1]:
+            raise ValueError(f"k={k} but only {np.shape(indices)[1]} neighbours were searched")
+        indices = np.asarray(indices)[:, :k]
+        valid = indices >= 0
+        labels = self.labels[np.where(valid, indices, 0)]
+        return knn_confidence(
+            np.asarray(similarities)[:, :k],
+            labels,
+            self.num_classes,
+            self.tau if tau is None else float(tau),
+            valid,
+        )
+
+    def predict(self, queries):
+        """(pred int64 [q], conf float64 [q]) for query descriptors [q, d]."""
+        return self.predict_from_neighbors(*self.neighbors(queries))
+
+    def save(self, directory):
+        """Writes the index, the labels and k / tau under `directory`."""
+        self._check_fitted()
+        directory = os.fspath(directory)
+        self.index.save(os.path.join(directory, "index"))
+        save_npy(os.path.join(directory, "labels.npy"), self.labels)
+        save_json(
+            os.path.join(directory, "classifier.json"),
+            {"format": FORMAT, "k": self.k, "tau": self.tau, "backend": self.backend},
+        )
+
+    @classmethod
+    def load(cls, directory, num_threads=0):
+        directory = os.fspath(directory)
+        path = os.path.join(directory, "classifier.json")
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"{path}: no saved KnnClassifier")
+        try:
+            with open(path, encoding="utf-8") as f:
+                meta = json.load(f)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ValueError(f"{path}: not valid JSON ({e})") from None
+        if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+            raise ValueError(f"{path}: not a tfmet KnnClassifier file")
+        classifier = cls(meta["k"], meta["tau"], meta["backend"], num_threads=num_threads)
+        classifier.index = NeighborIndex.load(os.path.join(directory, "index"), num_threads)
+        classifier.scann_config = classifier.index.config
+        labels = np.load(os.path.join(directory, "labels.npy"), allow_pickle=False)
+        if labels.shape != (classifier.index.size,):
+            raise ValueError(f"{directory}: {labels.size} labels for {classifier.index.size} rows")
+        classifier.labels = labels.astype(np.int64)
+        classifier.num_classes = int(np.unique(classifier.labels).size)
+        return classifier

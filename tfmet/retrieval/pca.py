@@ -1,0 +1,225 @@
+"""PCA-whitening learned on the database descriptors (the reference's post-processing).
+
+m = column mean; C = Xc^T Xc / n (biased, symmetrised) accumulated in float64 over row chunks, so
+that a memory-mapped 397k x 2048 float32 array never needs a float64 copy; eigen-decompose, keep
+the `dim` largest eigenvalues; P = V diag(lambda^(-shrinkage / 2)). shrinkage 1 whitens, 0 is
+plain PCA. transform(X) = L2((X - m) P). `tfmet.layers.Projector.from_pca(mean, projection)`
+turns the result into a Dense layer.
+"""
+
+import mmap
+
+import numpy as np
+
+from tfmet.io.atomic import atomic_path
+
+FORMAT = "tfmet-pca-whitening"
+DEFAULT_CHUNK_ROWS = 8192
+# Eigenvalues below this fraction of the largest are treated as zero (rank deficiency).
+RELATIVE_EIGENVALUE_FLOOR = 1e-12
+
+
+def _check_matrix(x, name="x"):
+    if getattr(x, "ndim", None) != 2:
+        x = np.asarray(x)
+    if x.ndim != 2:
+        raise ValueError(f"`{name}` must be a 2-D array [n, d]. Received: shape={np.shape(x)}")
+    return x
+
+
+def _chunks(n, rows):
+    for start in range(0, n, rows):
+        yield slice(start, min(start + rows, n))
+
+
+def _is_whole_file_memmap(x):
+    return (
+        isinstance(x, np.memmap)
+        and isinstance(x.base, mmap.mmap)
+        and bool(x.filename)
+        and x.flags.c_contiguous
+        and x.ndim == 2
+    )
+
+
+def row_chunks(x, chunk_rows=DEFAULT_CHUNK_ROWS):
+    """Yields (row slice, rows as an ndarray) over a 2-D array.
+
+    A memory-mapped descriptor file (`read_store`'s arrays) is read with plain file reads, so its
+    pages stay in the page cache and do not add up in this process's resident memory.
+    """
+    n, d = x.shape
+    if not _is_whole_file_memmap(x):
+        for rows in _chunks(n, chunk_rows):
+            yield rows, np.asarray(x[rows])
+        return
+    row_bytes = d * x.itemsize
+    with open(x.filename, "rb") as f:
+        for rows in _chunks(n, chunk_rows):
+            f.seek(x.offset + rows.start * row_bytes)
+            count = (rows.stop - rows.start) * d
+            yield rows, np.fromfile(f, dtype=x.dtype, count=count).reshape(-1, d)
+
+
+def l2_normalize(x):
+    """Rows divided by their L2 norm; all-zero rows stay zero (as in the reference)."""
+    norms = np.linalg.norm(x, axis=1, keepdims=True)
+    norms[norms == 0] = 1
+    return x / norms
+
+
+def covariance(x, chunk_rows=DEFAULT_CHUNK_ROWS):
+    """(mean [d], biased covariance [d, d]) of the rows of `x`, both float64, two chunked passes."""
+    x = _check_matrix(x)
+    n, d = x.shape
+    if n == 0:
+        raise ValueError("cannot estimate a covariance from 0 descriptors")
+    total = np.zeros(d, np.float64)
+    for _, chunk in row_chunks(x, chunk_rows):
+        total += chunk.sum(axis=0, dtype=np.float64)
+    mean = total / n
+    cov = np.zeros((d, d), np.float64)
+    for _, chunk in row_chunks(x, chunk_rows):
+        centred = chunk.astype(np.float64) - mean
+        cov += centred.T @ centred
+    cov = (cov + cov.T) / (2 * n)
+    return mean, cov
+
+
+def pca_whitening(x, dim=512, shrinkage=1.0, chunk_rows=DEFAULT_CHUNK_ROWS):
+    """Learns PCA-whitening from the rows of `x`.
+
+    Args:
+      x: [n, d] descriptors (any float dtype, may be a memmap).
+      dim: number of components kept (<= d); None keeps d.
+      shrinkage: exponent scale: P = V diag(lambda^(-shrinkage / 2)).
+      chunk_rows: rows converted to float64 at a time.
+
+    Returns:
+      (mean [d], projection [d, dim], eigenvalues [dim]), float64, eigenvalues descending.
+
+    Raises:
+      ValueError: `dim` > d, or (shrinkage > 0) fewer than `dim` positive eigenvalues.
+    """
+    x = _check_matrix(x)
+    d = x.shape[1]
+    dim = d if dim is None else int(dim)
+    if not 1 <= dim <= d:
+        raise ValueError(
+            f"`dim` must be between 1 and the descriptor dimension {d}. Received: dim={dim}"
+        )
+    mean, cov = covariance(x, chunk_rows)
+    eigenvalues, eigenvectors = np.linalg.eigh(cov)
+    order = np.argsort(eigenvalues)[::-1][:dim]
+    eigenvalues, eigenvectors = eigenvalues[order], eigenvectors[:, order]
+    if shrinkage:
+        floor = RELATIVE_EIGENVALUE_FLOOR * max(float(eigenvalues[0]), 0.0)
+        rank = int(np.sum(eigenvalues > floor))
+        if rank < dim:
+            raise ValueError(
+                f"the covariance of {x.shape[0]} descriptors has only {rank} non-zero eigenvalues; "
+                f"cannot whiten to dim={dim} (lower `dim` or use shrinkage=0)"
+            )
+    projection = eigenvectors * eigenvalues ** (-0.5 * float(shrinkage))
+    return mean, projection, eigenvalues
+
+
+def apply_pca_whitening(x, mean, projection, chunk_rows=DEFAULT_CHUNK_ROWS):
+    """L2((x - mean) projection) as float32 [n, dim], computed in float32 chunk by chunk."""
+    x = _check_matrix(x)
+    if x.shape[1] != projection.shape[0]:
+        raise ValueError(
+            f"descriptors have dimension {x.shape[1]}, the PCA-whitening expects "
+            f"{projection.shape[0]}"
+        )
+    mean32 = np.asarray(mean, np.float32)
+    projection32 = np.asarray(projection, np.float32)
+    out = np.empty((x.shape[0], projection.shape[1]), np.float32)
+    for rows, chunk in row_chunks(x, chunk_rows):
+        out[rows] = l2_normalize((chunk.astype(np.float32) - mean32) @ projection32)
+    return out
+
+
+class PCAWhitening:
+    """PCA-whitening with shrinkage, then L2 normalisation.
+
+    Args:
+      dim: components kept (default 512, the reference's); None keeps all.
+      shrinkage: 1.0 whitens, 0.0 is plain PCA (reference: 1.0).
+      chunk_rows: rows processed at a time when fitting and transforming.
+
+    Attributes after `fit`: mean [d], projection [d, dim], eigenvalues [dim] (float64).
+    """
+
+    def __init__(self, dim=512, shrinkage=1.0, chunk_rows=DEFAULT_CHUNK_ROWS):
+        if dim is not None and int(dim) < 1:
+            raise ValueError(f"`dim` must be a positive integer or None. Received: dim={dim}")
+        if int(chunk_rows) < 1:
+            raise ValueError(f"`chunk_rows` must be positive. Received: chunk_rows={chunk_rows}")
+        self.dim = None if dim is None else int(dim)
+        self.shrinkage = float(shrinkage)
+        self.chunk_rows = int(chunk_rows)
+        self.mean = None
+        self.projection = None
+        self.eigenvalues = None
+
+    @property
+    def fitted(self):
+        return self.projection is not None
+
+    def fit(self, x):
+        """Learns mean and projection from the rows of `x`; returns self."""
+        self.mean, self.projection, self.eigenvalues = pca_whitening(
+            x, self.dim, self.shrinkage, self.chunk_rows
+        )
+        self.dim = self.projection.shape[1]
+        return self
+
+    def transform(self, x):
+        """L2((x - mean) P), float32 [n, dim]."""
+        if not self.fitted:
+            raise ValueError("PCAWhitening is not fitted: call fit(x) or load(path) first")
+        return apply_pca_whitening(x, self.mean, self.projection, self.chunk_rows)
+
+    def fit_transform(self, x):
+        return self.fit(x).transform(x)
+
+    def save(self, path):
+        """Writes mean, projection, eigenvalues and shrinkage to an .npz file, atomically."""
+        if not self.fitted:
+            raise ValueError("PCAWhitening is not fitted: nothing to save")
+        with atomic_path(path) as tmp:
+            with open(tmp, "wb") as f:
+                np.savez(
+                    f,
+                    format=np.array(FORMAT),
+                    mean=self.mean,
+                    projection=self.projection,
+                    eigenvalues=self.eigenvalues,
+                    shrinkage=np.array(self.shrinkage),
+                )
+
+    @classmethod
+    def load(cls, path):
+        """Reads a file written by `save`; ValueError/FileNotFoundError name the file."""
+        path = str(path)
+        try:
+            with np.load(path, allow_pickle=False) as data:
+                arrays = {key: data[key] for key in data.files}
+        except FileNotFoundError:
+            raise FileNotFoundError(f"{path}: PCA-whitening file not found") from None
+        except (OSError, ValueError) as e:
+            raise ValueError(f"{path}: not a readable .npz file ({e})") from None
+        missing = {"format", "mean", "projection", "eigenvalues", "shrinkage"} - set(arrays)
+        if missing or str(arrays["format"]) != FORMAT:
+            raise ValueError(f"{path}: not a tfmet PCA-whitening file (missing {sorted(missing)})")
+        mean, projection = arrays["mean"], arrays["projection"]
+        if mean.ndim != 1 or projection.ndim != 2 or projection.shape[0] != mean.shape[0]:
+            raise ValueError(
+                f"{path}: inconsistent shapes mean {mean.shape}, projection {projection.shape}"
+            )
+        whitening = cls(dim=projection.shape[1], shrinkage=float(arrays["shrinkage"]))
+        whitening.mean = mean.astype(np.float64)
+        whitening.projection = projection.astype(np.float64)
+        whitening.eigenvalues = arrays["eigenvalues"].astype(np.float64)
+        return whitening
