@@ -13,6 +13,7 @@ train_contrastive.py; given on the command line they override the config (as doe
 `--config.<key>=<value>`). See docs/contrastive.md.
 """
 
+import os
 import sys
 
 from absl import app, flags, logging
@@ -101,6 +102,15 @@ def _require(*names):
         raise UsageError(f"missing {', '.join(missing)}")
 
 
+def _check_folders():
+    """Fails fast (before TensorFlow loads) on input folders that do not exist."""
+    for name in ("info_dir", "image_root"):
+        if not os.path.isdir(FLAGS[name].value):
+            raise FileNotFoundError(f"--{name}={FLAGS[name].value}: no such folder")
+    if FLAGS.init_descr is not None and not os.path.exists(FLAGS.init_descr):
+        raise FileNotFoundError(f"--init_descr={FLAGS.init_descr}: no such file or folder")
+
+
 def _report(result):
     for entry in result.history:
         if "loss" in entry:
@@ -127,6 +137,7 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     try:
         _require("info_dir", "image_root", "workdir")
+        _check_folders()
         config = training_config()
         from tfmet.training import contrastive
 
