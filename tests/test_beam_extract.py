@@ -116,8 +116,9 @@ def test_multiprocess_beam_run_merges_to_the_single_machine_store(corpus, beam_r
     out, log = beam_run
     assert "Beam run DONE: 9 chunks, 22 images (4 failed)" in log
     assert log.count("INFO:__main__:Python sdk harness starting") == 2  # two worker processes
-    for split in SPLITS:  # what `tfmet-extract --merge` runs
-        extraction.merge_split(out, split, keep_chunks=True)
+    merge = [sys.executable, "-m", "tfmet.cli.extract", "--merge", f"--output_dir={out}"]
+    done = subprocess.run([*merge, "--keep_chunks"], capture_output=True, text=True, cwd=REPO)
+    assert done.returncode == 0, done.stderr[-4000:]
     _assert_matches_reference(out, reference, broken)
     # The reference itself, checked against the model on one image (independent of both paths).
     image = Image.open(tree.image_path(tree.val[2]["path"])).convert("RGB")

@@ -88,10 +88,14 @@ class ReadImageBytes(beam.DoFn):
         from tfmet.data.images import error_reason
 
         try:
-            yield key, read_bytes(key.file)
-        except OSError as e:  # Beam's file-system errors are OSErrors too
+            data = read_bytes(key.file)
+        # Any exception: besides OSErrors, remote file systems raise their own client errors
+        # (e.g. google.api_core NotFound), and one bad file must not fail the pipeline.
+        except Exception as e:
             self.unreadable.inc()
             yield beam.pvalue.TaggedOutput(UNREADABLE, (key, Described(None, error_reason(e))))
+            return
+        yield key, data
 
 
 def prediction_to_outcome(keyed_prediction):
