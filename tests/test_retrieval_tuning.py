@@ -82,4 +82,4 @@ def test_bad_input():
     with pytest.raises(ValueError, match="between 1 and the database size"):
         tune(database, np.arange(5), database, np.arange(5), ks=(1, 6))
     with pytest.raises(ValueError, match="tau"):
-        tune(database, np.arange(5), database, np.arange(5), taus=(-1.0,))
+        tune(database, np.arange(5), database, np.arange(5), ks=(1,), taus=(-1.0,))
