@@ -278,6 +278,7 @@ RESUMABLE_CHANGES = frozenset(
         "num_parallel_calls",
         "extract_batch_images",
         "progress",
+        "keep_all_descriptors",
     }
 )
 
@@ -888,10 +889,9 @@ class _TrainingLoop:
         stats["unreadable_images"] = int(np.sum(~valid))
         negatives = pairs.kind == mining.NEGATIVE
         if negatives.any():
-            sims = np.sum(
-                descriptors[pairs.first[negatives]] * descriptors[pairs.second[negatives]], 1
+            stats["negative_similarity"] = _mean_pair_similarity(
+                descriptors, pairs.first[negatives], pairs.second[negatives]
             )
-            stats["negative_similarity"] = float(np.mean(sims))
         absl_logging.info(
             "Epoch %d: lr %.3g, %s (mined in %.1f s)",
             epoch,
@@ -1044,6 +1044,16 @@ class _TrainingLoop:
                 return self._result(False)
             self._finish_epoch(epoch, time.perf_counter() - started)
         return self._finalise()
+
+
+def _mean_pair_similarity(descriptors, first, second, chunk=65536):
+    """Mean inner product of descriptor rows first[i], second[i], a chunk at a time."""
+    total = 0.0
+    for start in range(0, first.size, chunk):
+        a = descriptors[first[start : start + chunk]]
+        b = descriptors[second[start : start + chunk]]
+        total += float(np.einsum("ij,ij->", a, b, dtype=np.float64))
+    return total / max(first.size, 1)
 
 
 def _format_scores(scores):
