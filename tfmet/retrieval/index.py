@@ -73,7 +73,7 @@ class ScannConfig:
         config = cls(use_ah=True, reorder=250, training_sample_size=min(n, 100_000))
         if n >= TREE_FROM:
             config.num_leaves = int(round(math.sqrt(n)))
-            config.num_leaves_to_search = max(1, int(math.ceil(0.1 * config.num_leaves)))
+            config.num_leaves_to_search = max(1, int(math.ceil(0.25 * config.num_leaves)))
             pass
         return config
 

@@ -1,0 +1,222 @@
+"""tfmet-knn-eval end to end on a tiny generated Met tree, and its bad-input errors."""
+
+import json
+import os
+import pickle
+
+import numpy as np
+import pytest
+import tensorflow as tf
+from absl import flags
+from tensorboard.backend.event_processing import event_accumulator
+
+from tests.met_tree import write_met_tree
+from tests.test_retrieval_knn import _rule_by_loop, _unit
+from tfmet import metrics
+from tfmet.cli import knn_eval
+from tfmet.descriptors.store import write_store
+from tfmet.retrieval import DEFAULT_TAUS
+
+DIM = 16
+
+
+def run_cli(*args):
+    """Parses `args` like the console script and runs main; returns the exit code."""
+    flags.FLAGS.unparse_flags()
+    argv = flags.FLAGS(["tfmet-knn-eval", *map(str, args)])
+    try:
+        knn_eval.main(argv)
+    except SystemExit as e:
+        return e.code
+    return 0
+
+
+@pytest.fixture(scope="module")
+def met(tmp_path_factory):
+    """A Met tree (JSON + images) and descriptors that cluster by exhibit."""
+    root = tmp_path_factory.mktemp("met")
+    tree = write_met_tree(
+        root, num_exhibits=6, images_per_exhibit=3, met_queries=5, other_queries=3, noart_queries=3
+    )
+    rng = np.random.default_rng(0)
+    centres = {e["id"]: rng.normal(size=DIM) for e in tree.train}
+    descriptors = {}
+    for split in ("train", "val", "test"):
+        rows = []
+        for entry in tree.entries(split):
+            label = entry.get("id", entry.get("MET_id"))
+            centre = centres[label] if label is not None else rng.normal(size=DIM)
+            rows.append(centre + rng.normal(scale=0.9, size=DIM) + 0.5)
+        descriptors[split] = _unit(np.array(rows))
+    return tree, descriptors
+
+
+def _labels(tree, split):
+    return np.array([e.get("id", e.get("MET_id", -1)) for e in tree.entries(split)])
+
+
+def _write_stores(directory, descriptors, valid=None):
+    valid = valid or {}
+    for split, x in descriptors.items():
+        write_store(directory, split, x, valid=valid.get(split))
+
+
+def _expected(tree, descriptors, k, tau, valid=None):
+    """Independent pipeline (raw descriptors): numpy brute force + the rule in a loop."""
+    valid = valid or {}
+    keep = valid.get("train", np.ones(len(descriptors["train"]), bool))
+    database, db_labels = descriptors["train"][keep], _labels(tree, "train")[keep]
+    out = {}
+    for split in ("val", "test"):
+        queries, labels = descriptors[split], _labels(tree, split)
+        ok = valid.get(split, np.ones(len(labels), bool))
+        scores = queries.astype(np.float64) @ database.T.astype(np.float64)
+        order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+        pred, conf = _rule_by_loop(
+            np.take_along_axis(scores, order, 1), db_labels[order], len(set(db_labels)), tau
+        )
+        pred, conf = np.where(ok, pred, -1), np.where(ok, conf, 0.0)
+        out[split] = (metrics.evaluate(pred, conf, labels), pred, conf)
+    return out
+
+
+def test_autotune_raw_end_to_end(met, tmp_path):
+    tree, descriptors = met
+    _write_stores(tmp_path, descriptors)
+    code = run_cli(tmp_path, "--info_dir", tree.info_dir, "--autotune", "--raw", "--log", "run")
+    assert code == 0
+    results = json.loads((tmp_path / "knn_results_run.json").read_text())
+    assert results["dim"] is None and results["backend"] == "exact"
+    # The grid skips k > 18 (the database size) and keeps the reference's taus.
+    assert results["grid"]["ks"] == [1, 2, 3, 5, 7, 10, 15]
+    assert results["grid"]["taus"] == list(DEFAULT_TAUS)
+    # Independent grid: the first maximum in K-outer order is the chosen point.
+    grid = np.array(
+        [
+            [_expected(tree, descriptors, k, t)["val"][0]["gap"] for t in DEFAULT_TAUS]
+            for k in results["grid"]["ks"]
+        ]
+    )
+    np.testing.assert_allclose(results["grid"]["val_gap"], grid, rtol=1e-9)
+    best = np.unravel_index(np.argmax(grid), grid.shape)
+    assert results["k"] == results["grid"]["ks"][best[0]] and results["t"] == DEFAULT_TAUS[best[1]]
+    expected = _expected(tree, descriptors, results["k"], results["t"])
+    for split in ("val", "test"):
+        assert results[split] == pytest.approx(expected[split][0], rel=1e-9)
+        assert all(0.0 <= v <= 1.0 for v in results[split].values())
+    assert set(results["timings_s"]) == {
+        "index_build", "val_search", "tuning", "val_eval", "test_search"
+    }  # fmt: skip
+    saved = np.load(tmp_path / "knn_predictions_run.npz")
+    np.testing.assert_array_equal(saved["test_pred"], expected["test"][1])
+    np.testing.assert_allclose(saved["test_conf"], expected["test"][2], rtol=1e-6)
+    log = (tmp_path / "log_knn_run.txt").read_text()
+    assert "expname: EXP_d512AT" in log and "test: GAP" in log
+
+    events = event_accumulator.EventAccumulator(
+        str(tmp_path / "tensorboard" / "knn_eval_run"), size_guidance={"tensors": 0, "images": 0}
+    )
+    events.Reload()
+    tags = set(events.Tags()["tensors"]) | set(events.Tags()["images"])
+    assert {"tuning/val_gap_grid", "test/precision_recall", "test/gap", "val/acc"} <= tags
+    assert "test/correct_vs_confidence/pr_curves" in tags
+    gap_event = events.Tensors("test/gap")[0]
+    logged_gap = float(tf.make_ndarray(gap_event.tensor_proto))
+    assert logged_gap == pytest.approx(results["test"]["gap"], rel=1e-6)
+
+
+def test_pcaw_fixed_k_t_and_invalid_rows(met, tmp_path):
+    tree, descriptors = met
+    descriptors = {split: x.copy() for split, x in descriptors.items()}
+    valid = {split: np.ones(len(x), bool) for split, x in descriptors.items()}
+    valid["train"][4] = False
+    valid["test"][2] = False
+    descriptors["train"][4] = np.nan  # unreadable image: never read as a descriptor
+    descriptors["test"][2] = np.nan
+    _write_stores(tmp_path, descriptors, valid)
+    code = run_cli(tmp_path, "--info_dir", tree.info_dir, "-d", 8, "-k", 3, "-t", 10)
+    assert code == 0
+    results = json.loads((tmp_path / "knn_results.json").read_text())
+    assert (results["k"], results["t"], results["dim"], results["grid"]) == (3, 10.0, 8, None)
+    assert results["counts"]["invalid"] == {"train": 1, "val": 0, "test": 1}
+    assert results["counts"]["database"] == 17
+    # Independent PCA-whitening (SVD) of the valid database rows; similarities do not depend
+    # on the eigenvectors' signs.
+    database = descriptors["train"][valid["train"]].astype(np.float64)
+    mean = database.mean(axis=0)
+    _, s, vt = np.linalg.svd(database - mean, full_matrices=False)
+    projection = vt[:8].T / np.sqrt(s[:8] ** 2 / len(database))
+    whitened = {
+        split: _unit(np.nan_to_num(x - mean, nan=1.0) @ projection)
+        for split, x in descriptors.items()
+    }
+    expected = _expected(tree, whitened, 3, 10.0, valid)
+    for split in ("val", "test"):
+        assert results[split] == pytest.approx(expected[split][0], rel=1e-5)
+    saved = np.load(tmp_path / "knn_predictions.npz")
+    assert saved["test_pred"][2] == -1 and saved["test_conf"][2] == 0.0
+
+
+def test_reference_pickle_and_val_eval(met, tmp_path):
+    tree, descriptors = met
+    with open(tmp_path / "descriptors.pkl", "wb") as f:
+        pickle.dump({f"{s}_descriptors": x for s, x in descriptors.items()}, f)
+    code = run_cli(
+        tmp_path, "--info_dir", tree.info_dir, "--raw", "-k", 2, "-t", 5, "--val_eval",
+        "--results_json", tmp_path / "out" / "r.json",
+    )  # fmt: skip
+    assert code == 0
+    results = json.loads((tmp_path / "out" / "r.json").read_text())
+    assert results["test"] is None and "test_search" not in results["timings_s"]
+    assert results["val"] == pytest.approx(_expected(tree, descriptors, 2, 5.0)["val"][0])
+
+
+def _error(capsys, code):
+    assert code == 2
+    lines = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+    assert len(lines) == 1
+    return lines[0]
+
+
+def test_bad_input(met, tmp_path, capsys):
+    tree, descriptors = met
+    info = tree.info_dir
+
+    short = tmp_path / "short"
+    _write_stores(short, {**descriptors, "val": descriptors["val"][:-1]})
+    line = _error(capsys, run_cli(short, "--info_dir", info, "--autotune"))
+    assert "val_descriptors.npy: 10 descriptors" in line and "valset.json lists 11" in line
+
+    nan = tmp_path / "nan"
+    broken = descriptors["train"].copy()
+    broken[5, 0] = np.nan
+    _write_stores(nan, {**descriptors, "train": broken})
+    line = _error(capsys, run_cli(nan, "--info_dir", info, "--autotune"))
+    assert "train_descriptors.npy: row 5 is NaN" in line
+
+    good = tmp_path / "good"
+    _write_stores(good, descriptors)
+    line = _error(capsys, run_cli(good, "--info_dir", info, "--autotune", "-d", 64))
+    assert "--dim 64 is larger than the descriptor dimension 16" in line
+    line = _error(capsys, run_cli(good, "--info_dir", info, "-k", 3))
+    assert "--k and --t are required" in line
+
+    empty_info = tmp_path / "empty_info"
+    empty_info.mkdir()
+    for name in ("MET_database.json", "testset.json"):
+        (empty_info / name).write_text(open(os.path.join(info, name)).read())
+    (empty_info / "valset.json").write_text("[]")
+    empty = tmp_path / "empty"
+    _write_stores(empty, {**descriptors, "val": descriptors["val"][:0]})
+    line = _error(capsys, run_cli(empty, "--info_dir", empty_info, "--autotune"))
+    assert "validation set is empty" in line
+
+    no_test = tmp_path / "no_test"
+    no_test.mkdir()
+    for name in ("MET_database.json", "valset.json"):
+        (no_test / name).write_text(open(os.path.join(info, name)).read())
+    line = _error(capsys, run_cli(good, "--info_dir", no_test, "--autotune"))
+    assert "testset.json" in line and "not found" in line
+
+    line = _error(capsys, run_cli(tmp_path / "nowhere", "--info_dir", info, "--autotune"))
+    assert "no descriptors" in line

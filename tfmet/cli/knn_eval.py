@@ -1,0 +1,114 @@
+"""tfmet-knn-eval: kNN classification of Met descriptors, tuned and scored by GAP.
+
+    tfmet-knn-eval DESCRIPTOR_DIR --info_dir INFO_DIR --autotune [--mini] [-d 512] [--raw]
+        [--val_eval] [--backend exact|scann] [--log NAME] [--results_json PATH]
+    tfmet-knn-eval DESCRIPTOR_DIR --info_dir INFO_DIR -k 15 -t 50
+
+DESCRIPTOR_DIR holds tfmet descriptor stores or the reference's descriptors.pkl. The flags mirror
+the reference's knn_eval.py; unlike its current version, --autotune without -k sweeps the whole
+(k, tau) grid. Outputs (in --output_dir, default DESCRIPTOR_DIR): log_knn[_NAME].txt (appended),
+knn_results[_NAME].json, knn_predictions[_NAME].npz and TensorBoard summaries under
+tensorboard/knn_eval[_NAME].
+"""
+
+import datetime
+import os
+import sys
+
+from absl import app, flags, logging
+
+from tfmet.retrieval import BACKENDS
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("info_dir", None, "Folder with the Met ground-truth JSON files.")
+flags.DEFINE_bool("mini", False, "Use the mini database (mini_MET_database.json).")
+flags.DEFINE_integer("dim", 512, "Dimension after PCA-whitening.", short_name="d")
+flags.DEFINE_integer("k", None, "Neighbours; with --autotune, restricts the grid to this k.")
+flags.DEFINE_float("t", None, "Softmax inverse temperature tau; with --autotune, fixes tau.")
+flags.DEFINE_bool("autotune", False, "Choose k and tau by val GAP over the reference's grid.")
+flags.DEFINE_bool("val_eval", False, "Evaluate the final classifier on val instead of test.")
+flags.DEFINE_bool("raw", False, "Use the raw descriptors (no PCA-whitening).")
+flags.DEFINE_string("log", None, "Suffix of the log and output files (log_knn_<log>.txt).")
+flags.DEFINE_enum("backend", "exact", BACKENDS, "Search: exact brute force or ScaNN approximate.")
+flags.DEFINE_string("results_json", None, "Results JSON path (default in --output_dir).")
+flags.DEFINE_string("output_dir", None, "Where outputs go (default: DESCRIPTOR_DIR).")
+
+EXIT_BAD_INPUT = 2
+
+
+def experiment_name():
+    """The reference's experiment tag, e.g. EXP_d512AT_val_eval."""
+    name = f"EXP_d{FLAGS.dim}" + ("AT" if FLAGS.autotune else f"k{FLAGS.k}p{FLAGS.t}")
+    return name + ("_val_eval" if FLAGS.val_eval else "")
+
+
+def output_paths(output_dir):
+    suffix = f"_{FLAGS.log}" if FLAGS.log else ""
+    return {
+        "log": os.path.join(output_dir, f"log_knn{suffix}.txt"),
+        "results": FLAGS.results_json or os.path.join(output_dir, f"knn_results{suffix}.json"),
+        "predictions": os.path.join(output_dir, f"knn_predictions{suffix}.npz"),
+        "tensorboard": os.path.join(output_dir, "tensorboard", f"knn_eval{suffix}"),
+    }
+
+
+def fail(message):
+    print(f"tfmet-knn-eval: error: {message}", file=sys.stderr)
+    sys.exit(EXIT_BAD_INPUT)
+
+
+def main(argv):
+    from tfmet.retrieval import evaluation, report
+
+    if len(argv) != 2:
+        fail(f"expected one DESCRIPTOR_DIR argument, got {len(argv) - 1}: {argv[1:]}")
+    if not FLAGS.info_dir:
+        fail("--info_dir is required")
+    directory = argv[1]
+    paths = output_paths(FLAGS.output_dir or directory)
+    lines = [datetime.datetime.now().strftime("%Y-%m-%d %H:%M:%S"), f"expname: {experiment_name()}"]
+    lines.append(f"dir: {directory}  backend: {FLAGS.backend}")
+
+    def log(line):
+        logging.info(line)
+        lines.append(line)
+
+    try:
+        data = evaluation.load_met_descriptors(
+            directory, FLAGS.info_dir, FLAGS.mini, evaluation.SPLITS
+        )
+        result = evaluation.knn_eval(
+            data,
+            dim=FLAGS.dim,
+            raw=FLAGS.raw,
+            k=FLAGS.k,
+            tau=FLAGS.t,
+            autotune=FLAGS.autotune,
+            val_eval=FLAGS.val_eval,
+            backend=FLAGS.backend,
+            log=log,
+        )
+    except (ValueError, FileNotFoundError) as e:
+        fail(str(e))
+    log(f"best parameters are : k={result.k} t={result.tau}")
+    log("timings (s): " + ", ".join(f"{n} {t:.2f}" for n, t in result.timings_s.items()))
+    report.write_results(paths["results"], result)
+    report.write_predictions(paths["predictions"], result)
+    report.write_tensorboard(paths["tensorboard"], result)
+    os.makedirs(os.path.dirname(os.path.abspath(paths["log"])), exist_ok=True)
+    with open(paths["log"], "a", encoding="utf-8") as f:
+        f.write("\n" + "\n".join(lines) + "\n")
+    final = result.val if FLAGS.val_eval else result.test
+    print(
+        f"{'val' if FLAGS.val_eval else 'test'}: GAP {final['gap']:.4f}, "
+        f"GAP- {final['gap_minus']:.4f}, ACC {final['acc']:.4f} (k={result.k}, t={result.tau}); "
+        f"results in {paths['results']}"
+    )
+
+
+def run():
+    app.run(main)
+
+
+if __name__ == "__main__":
+    run()

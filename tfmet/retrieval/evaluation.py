@@ -1,0 +1,308 @@
+"""The Met kNN evaluation pipeline behind `tfmet-knn-eval`: load, PCA-whiten, tune, evaluate.
+
+Descriptors come from tfmet descriptor stores (`<dir>/<split>_descriptors.npy` + manifest) or,
+failing those, the reference's `<dir>/descriptors.pkl` (read with the restricted unpickler).
+Labels come from the Met ground truth (`tfmet.data.met.load_split`). Rows a store marks invalid
+(unreadable images) are left out of the database and, as queries, count as wrong answers with
+prediction -1 and confidence 0 (ranked last).
+"""
+
+import dataclasses
+import os
+import time
+
+import numpy as np
+
+from tfmet.data import met as met_data
+from tfmet.descriptors import store
+from tfmet.io.safe_pickle import load_reference_descriptors
+from tfmet.metrics import met as met_metrics
+from tfmet.retrieval import tuning
+from tfmet.retrieval.knn import KnnClassifier, check_finite
+from tfmet.retrieval.pca import PCAWhitening
+
+SPLITS = ("train", "val", "test")
+PICKLE_NAME = "descriptors.pkl"
+PICKLE_KEYS = {split: f"{split}_descriptors" for split in SPLITS}
+
+
+@dataclasses.dataclass
+class SplitData:
+    """One split: descriptors [n, d] (may be a memmap), labels int64 [n], valid bool [n]."""
+
+    descriptors: np.ndarray
+    labels: np.ndarray
+    valid: np.ndarray
+    source: str
+
+    def __post_init__(self):
+        n = self.descriptors.shape[0]
+        if self.labels.shape != (n,):
+            raise ValueError(
+                f"{self.source}: {n} descriptors but {self.labels.size} labels; the descriptor "
+                "file and the ground truth must list the same images"
+            )
+        if self.valid.shape != (n,):
+            raise ValueError(f"{self.source}: validity mask has {self.valid.size} entries, not {n}")
+
+    @property
+    def all_valid(self):
+        return bool(np.all(self.valid))
+
+    def valid_descriptors(self):
+        return self.descriptors if self.all_valid else np.asarray(self.descriptors)[self.valid]
+
+
+def _read_descriptors(directory, splits):
+    """{split: (descriptors, valid, source)} from stores, else from descriptors.pkl."""
+    directory = os.fspath(directory)
+    if all(store.has_store(directory, split) for split in splits):
+        out = {}
+        for split in splits:
+            s = store.read_store(directory, split)
+            out[split] = (s.descriptors, s.valid, store.array_path(directory, split))
+        return out
+    path = os.path.join(directory, PICKLE_NAME)
+    if not os.path.exists(path):
+        missing = [s for s in splits if not store.has_store(directory, s)]
+        raise FileNotFoundError(
+            f"{directory}: no descriptors: neither tfmet stores (missing "
+            f"{', '.join(os.path.basename(store.manifest_path(directory, s)) for s in missing)}) "
+            f"nor {PICKLE_NAME}"
+        )
+    arrays = load_reference_descriptors(path)
+    out = {}
+    for split in splits:
+        if PICKLE_KEYS[split] not in arrays:
+            raise ValueError(f"{path}: no '{PICKLE_KEYS[split]}' entry")
+        x = arrays[PICKLE_KEYS[split]]
+        out[split] = (x, np.ones(x.shape[0], bool), f"{path}[{PICKLE_KEYS[split]}]")
+    return out
+
+
+def load_met_descriptors(directory, info_dir, mini=False, splits=SPLITS):
+    """Descriptors and Met labels of `splits` as {split: SplitData}, checked for consistency.
+
+    Raises:
+      FileNotFoundError / ValueError naming the file and the problem: missing files, descriptor
+      and ground-truth counts that differ, dimensions that differ between splits, NaN or infinite
+      values in a row marked valid.
+    """
+    arrays = _read_descriptors(directory, splits)
+    data = {}
+    for split in splits:
+        descriptors, valid, source = arrays[split]
+        ground_truth = met_data.load_split(info_dir, split, mini=mini)
+        if len(ground_truth) != descriptors.shape[0]:
+            raise ValueError(
+                f"{source}: {descriptors.shape[0]} descriptors but {ground_truth.source} lists "
+                f"{len(ground_truth)} images"
+            )
+        data[split] = SplitData(descriptors, ground_truth.labels, np.asarray(valid, bool), source)
+    dims = {split: d.descriptors.shape[1] for split, d in data.items()}
+    if len(set(dims.values())) != 1:
+        raise ValueError(f"{directory}: descriptor dimensions differ between splits: {dims}")
+    for d in data.values():
+        check_finite(d.source, d.descriptors if d.all_valid else d.valid_descriptors())
+    return data
+
+
+@dataclasses.dataclass
+class KnnEvalResult:
+    """What `knn_eval` found; `to_json()` is the results file's content."""
+
+    k: int
+    tau: float
+    dim: int | None
+    backend: str
+    val: dict
+    test: dict | None
+    timings_s: dict
+    tuning: tuning.TuningResult | None
+    predictions: dict
+    counts: dict
+
+    def to_json(self):
+        return {
+            "k": self.k,
+            "t": self.tau,
+            "dim": self.dim,
+            "backend": self.backend,
+            "val": self.val,
+            "test": self.test,
+            "timings_s": {name: round(t, 4) for name, t in self.timings_s.items()},
+            "grid": None
+            if self.tuning is None
+            else {
+                "ks": list(self.tuning.ks),
+                "taus": list(self.tuning.taus),
+                "val_gap": self.tuning.grid.tolist(),
+            },
+            "counts": self.counts,
+        }
+
+
+class _Timer:
+    def __init__(self):
+        self.timings = {}
+
+    def __call__(self, name):
+        timer = self
+
+        class _Phase:
+            def __enter__(self):
+                self.start = time.perf_counter()
+
+            def __exit__(self, *exc):
+                timer.timings[name] = (
+                    timer.timings.get(name, 0.0) + time.perf_counter() - self.start
+                )
+
+        return _Phase()
+
+
+def _predict_split(classifier, split, k=None, neighbors=None):
+    """(pred, conf) for every row of a query split; invalid rows get -1 / 0."""
+    pred = np.full(split.labels.shape, -1, np.int64)
+    conf = np.zeros(split.labels.shape, np.float64)
+    if neighbors is None:
+        neighbors = classifier.neighbors(split.valid_descriptors(), k)
+    pred[split.valid], conf[split.valid] = classifier.predict_from_neighbors(*neighbors)
+    return pred, conf
+
+
+def knn_eval(
+    data,
+    dim=512,
+    raw=False,
+    k=None,
+    tau=None,
+    autotune=False,
+    val_eval=False,
+    backend="exact",
+    ks=tuning.DEFAULT_KS,
+    taus=tuning.DEFAULT_TAUS,
+    scann_config=None,
+    log=None,
+):
+    """Runs the Met kNN evaluation on loaded `data` ({split: SplitData}).
+
+    Args:
+      dim: PCA-whitening dimension (ignored with `raw`).
+      raw: skip PCA-whitening.
+      k, tau: the classifier's parameters; with `autotune` they restrict the grid to that k / tau.
+      autotune: choose (k, tau) by val GAP over the grid (`ks` x `taus`, K outer, tau inner).
+      val_eval: report the final classifier on val only (no test search).
+      backend, scann_config: see `KnnClassifier`.
+      log: callable taking a line of text.
+
+    Returns:
+      a `KnnEvalResult`.
+    """
+    log = log or (lambda line: None)
+    timer = _Timer()
+    train, val = data["train"], data["val"]
+    if val.labels.size == 0 or not np.any(val.valid):
+        raise ValueError(f"{val.source}: the validation set is empty (no valid query)")
+    if not np.any(train.valid):
+        raise ValueError(f"{train.source}: the database has no valid descriptor")
+    if not autotune and (k is None or tau is None):
+        raise ValueError("--k and --t are required unless --autotune is given")
+    descriptor_dim = train.descriptors.shape[1]
+    if not raw and not 1 <= dim <= descriptor_dim:
+        raise ValueError(
+            f"--dim {dim} is larger than the descriptor dimension {descriptor_dim} "
+            f"of {train.source}"
+        )
+    database = train.valid_descriptors()
+    database_labels = train.labels[train.valid]
+    counts = {
+        "database": int(database.shape[0]),
+        "classes": int(np.unique(database_labels).size),
+        "invalid": {name: int(np.sum(~d.valid)) for name, d in data.items()},
+        "queries": {name: int(d.labels.size) for name, d in data.items() if name != "train"},
+    }
+    log(
+        f"database: {counts['database']} images of {counts['classes']} classes; invalid rows "
+        f"(left out of the database, counted wrong as queries): {counts['invalid']}"
+    )
+    splits = {"val": val} if val_eval or "test" not in data else {"val": val, "test": data["test"]}
+    if not raw:
+        with timer("pcaw_fit"):
+            whitening = PCAWhitening(dim).fit(database)
+        with timer("pcaw_apply"):
+            database = whitening.transform(database)
+            splits = {
+                name: dataclasses.replace(s, descriptors=whitening.transform(s.descriptors))
+                for name, s in splits.items()
+            }
+        log(f"PCA-whitening to {dim} dimensions learned on the database")
+
+    classifier = KnnClassifier(k or 1, tau or 1.0, backend=backend, scann_config=scann_config)
+    with timer("index_build"):
+        classifier.fit(database, database_labels)
+    del database
+    result_tuning = None
+    if autotune:
+        ks = (k,) if k is not None else ks
+        taus = (tau,) if tau is not None else taus
+        skipped = [x for x in ks if x > counts["database"]]
+        ks = tuple(x for x in ks if x <= counts["database"])
+        if skipped:
+            log(f"grid: skipping k {skipped} larger than the database ({counts['database']})")
+        with timer("val_search"):
+            val_neighbors = classifier.neighbors(splits["val"].valid_descriptors(), max(ks))
+        with timer("tuning"):
+            valid = splits["val"].valid
+            # Invalid queries are wrong at every grid point: tune on all labels with -1/0 for them.
+            grid_classifier = _GridAdapter(classifier, valid)
+            result_tuning = tuning.tune_on_neighbors(
+                grid_classifier, *val_neighbors, splits["val"].labels, ks, taus
+            )
+        classifier.k, classifier.tau = result_tuning.k, result_tuning.tau
+        log(f"tuned on val: k={result_tuning.k} t={result_tuning.tau} GAP={result_tuning.gap:.6f}")
+        with timer("val_eval"):
+            val_pred = _predict_split(classifier, splits["val"], neighbors=val_neighbors)
+    else:
+        with timer("val_search"):
+            val_pred = _predict_split(classifier, splits["val"])
+    predictions = {"val": (*val_pred, splits["val"].labels)}
+    metrics = {"val": met_metrics.evaluate(*predictions["val"])}
+    if "test" in splits:
+        with timer("test_search"):
+            test_pred = _predict_split(classifier, splits["test"])
+        predictions["test"] = (*test_pred, splits["test"].labels)
+        metrics["test"] = met_metrics.evaluate(*predictions["test"])
+    for name, values in metrics.items():
+        log(
+            f"{name}: GAP {values['gap']:.6f}, GAP-nodis {values['gap_minus']:.6f}, "
+            f"ACC {values['acc']:.6f}"
+        )
+    return KnnEvalResult(
+        k=classifier.k,
+        tau=classifier.tau,
+        dim=None if raw else int(dim),
+        backend=backend,
+        val=metrics["val"],
+        test=metrics.get("test"),
+        timings_s=timer.timings,
+        tuning=result_tuning,
+        predictions=predictions,
+        counts=counts,
+    )
+
+
+class _GridAdapter:
+    """Puts a classifier's predictions for the valid queries back among all queries."""
+
+    def __init__(self, classifier, valid):
+        self.classifier = classifier
+        self.valid = valid
+
+    def predict_from_neighbors(self, similarities, indices, k, tau):
+        pred = np.full(self.valid.shape, -1, np.int64)
+        conf = np.zeros(self.valid.shape, np.float64)
+        pred[self.valid], conf[self.valid] = self.classifier.predict_from_neighbors(
+            similarities, indices, k, tau
+        )
+        return pred, conf

@@ -1,0 +1,113 @@
+"""Outputs of a kNN evaluation: results JSON, per-query predictions, TensorBoard summaries."""
+
+import io
+
+import numpy as np
+
+from tfmet.io.atomic import atomic_path, save_json
+from tfmet.metrics import met as met_metrics
+
+
+def write_results(path, result):
+    """The results JSON (`KnnEvalResult.to_json()`), atomically."""
+    save_json(path, result.to_json())
+
+
+def write_predictions(path, result):
+    """Per-query predictions as .npz: <split>_pred, <split>_conf, <split>_labels."""
+    arrays = {}
+    for split, (pred, conf, labels) in result.predictions.items():
+        arrays.update({f"{split}_pred": pred, f"{split}_conf": conf, f"{split}_labels": labels})
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as f:
+            np.savez(f, **arrays)
+
+
+def _figure():
+    # A Figure with an Agg canvas: no pyplot, no global backend change.
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(8, 5), dpi=100)
+    FigureCanvasAgg(figure)
+    return figure
+
+
+def _png(figure):
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png")
+    return buffer.getvalue()
+
+
+def grid_heatmap_png(tuning_result):
+    """PNG bytes: val GAP over the (k, tau) grid, the chosen point outlined."""
+    from matplotlib.patches import Rectangle
+
+    figure = _figure()
+    axes = figure.add_subplot()
+    grid = tuning_result.grid
+    image = axes.imshow(grid, cmap="viridis", aspect="auto")
+    figure.colorbar(image, ax=axes, label="val GAP")
+    axes.set_xticks(range(len(tuning_result.taus)), [f"{t:g}" for t in tuning_result.taus])
+    axes.set_yticks(range(len(tuning_result.ks)), [str(k) for k in tuning_result.ks])
+    axes.set_xlabel("tau")
+    axes.set_ylabel("k")
+    for i in range(grid.shape[0]):
+        for j in range(grid.shape[1]):
+            axes.text(j, i, f"{grid[i, j]:.3f}", ha="center", va="center", fontsize=6, color="w")
+    best = (tuning_result.ks.index(tuning_result.k), tuning_result.taus.index(tuning_result.tau))
+    axes.add_patch(
+        Rectangle((best[1] - 0.5, best[0] - 0.5), 1, 1, fill=False, edgecolor="red", linewidth=2)
+    )
+    axes.set_title(f"val GAP; best k={tuning_result.k} tau={tuning_result.tau:g}")
+    figure.tight_layout()
+    return _png(figure)
+
+
+def pr_curve_png(pred, conf, labels, title):
+    """PNG bytes: the precision-recall curve whose area is GAP (recall over Met queries)."""
+    precision, recall, _ = met_metrics.precision_recall_curve(pred, conf, labels)
+    figure = _figure()
+    axes = figure.add_subplot()
+    axes.plot(recall, precision)
+    axes.set_xlabel("recall (Met queries)")
+    axes.set_ylabel("precision")
+    axes.set_xlim(0, 1)
+    axes.set_ylim(0, 1.05)
+    axes.set_title(f"{title}: GAP {met_metrics.gap(pred, conf, labels):.4f}")
+    figure.tight_layout()
+    return _png(figure)
+
+
+def write_tensorboard(logdir, result):
+    """Heat-map of the tuning grid, PR curves (plugin + exact image), final metrics as scalars."""
+    import tensorflow as tf
+    from tensorboard.plugins.pr_curve import summary as pr_summary
+
+    def image(name, png):
+        tf.summary.image(name, tf.image.decode_png(png, channels=4)[None], step=0)
+
+    writer = tf.summary.create_file_writer(logdir)
+    with writer.as_default():
+        if result.tuning is not None:
+            image("tuning/val_gap_grid", grid_heatmap_png(result.tuning))
+            tf.summary.scalar("tuning/k", result.k, step=0)
+            tf.summary.scalar("tuning/tau", result.tau, step=0)
+        for split, (pred, conf, labels) in result.predictions.items():
+            right = met_metrics.correct(pred, labels)
+            proto = pr_summary.pb(
+                f"{split}/correct_vs_confidence",
+                labels=right,
+                predictions=np.clip(conf, 0.0, 1.0).astype(np.float32),
+                num_thresholds=201,
+            )
+            tf.summary.experimental.write_raw_pb(proto.SerializeToString(), step=0)
+            image(f"{split}/precision_recall", pr_curve_png(pred, conf, labels, split))
+        for split in ("val", "test"):
+            values = getattr(result, split)
+            for name, value in (values or {}).items():
+                tf.summary.scalar(f"{split}/{name}", value, step=0)
+        for name, seconds in result.timings_s.items():
+            tf.summary.scalar(f"timings_s/{name}", seconds, step=0)
+    writer.flush()
+    writer.close()
