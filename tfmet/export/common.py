@@ -10,35 +10,63 @@ import tensorflow as tf
 from tfmet.data.images import cap_max_side, decode_image
 
 
+def decode_image_batch(image_bytes, max_side=None):
+    """Decodes each encoded image of `image_bytes` [N]; undecodable ones are flagged, not raised.
+
+    Only the decoding runs in a tf.data pipeline (whose `ignore_errors` is the graph-mode way to
+    survive a bad element); keeping the model out of it avoids re-optimising the model's graph
+    on every call.
+
+    Returns:
+      (pixels: all decoded images flattened and concatenated, float32 [total],
+       shapes: int32 [N, 2] (height, width; 0 for failed elements), valid: bool [N]).
+    """
+    n = tf.shape(image_bytes)[0]
+
+    def decode(index, data):
+        image = decode_image(data)
+        return index, cap_max_side(image, max_side) if max_side else image
+
+    dataset = tf.data.Dataset.from_tensor_slices((tf.range(n), image_bytes))
+    dataset = dataset.map(decode).ignore_errors()
+
+    def collect(state, element):
+        pixels, shapes, valid = state
+        index, image = element
+        pixels = tf.concat([pixels, tf.reshape(image, [-1])], axis=0)
+        shapes = tf.tensor_scatter_nd_update(shapes, [[index]], [tf.shape(image)[:2]])
+        valid = tf.tensor_scatter_nd_update(valid, [[index]], [True])
+        return pixels, shapes, valid
+
+    initial = (tf.zeros([0], tf.float32), tf.zeros([n, 2], tf.int32), tf.zeros([n], tf.bool))
+    return dataset.reduce(initial, collect)
+
+
 def map_image_bytes(image_bytes, fn, output_shape, dtype=tf.float32, max_side=None):
     """Applies `fn(image [1, H, W, 3] float 0-255) -> [*output_shape]` to each encoded image.
 
     Images of different sizes are handled one by one. An element whose bytes do not decode (empty,
-    truncated, not an image) or whose `fn` fails is skipped instead of failing the batch.
+    truncated, not an image) is skipped instead of failing the batch.
 
     Returns:
       (outputs [N, *output_shape] with zeros for failed elements, valid [N] bool).
     """
-    n = tf.shape(image_bytes)[0]
+    pixels, shapes, valid = decode_image_batch(image_bytes, max_side)
+    n = tf.shape(shapes)[0]
+    sizes = shapes[:, 0] * shapes[:, 1] * 3
+    offsets = tf.cumsum(sizes, exclusive=True)
+    zeros = tf.zeros(output_shape, dtype)
 
-    def describe(index, data):
-        image = decode_image(data)
-        image = cap_max_side(image, max_side) if max_side else image
-        return index, fn(image[None])
+    def body(i, outputs):
+        image = tf.reshape(
+            pixels[offsets[i] : offsets[i] + sizes[i]], [shapes[i, 0], shapes[i, 1], 3]
+        )
+        value = tf.cond(valid[i], lambda: tf.cast(fn(image[None]), dtype), lambda: zeros)
+        return i + 1, outputs.write(i, value)
 
-    dataset = tf.data.Dataset.from_tensor_slices((tf.range(n), image_bytes))
-    dataset = dataset.map(describe).ignore_errors()
-    outputs = tf.zeros(tf.concat([[n], output_shape], axis=0), dtype)
-    valid = tf.zeros([n], tf.bool)
-
-    def scatter(state, element):
-        out, ok = state
-        index, value = element
-        out = tf.tensor_scatter_nd_update(out, [[index]], [value])
-        ok = tf.tensor_scatter_nd_update(ok, [[index]], [True])
-        return out, ok
-
-    return dataset.reduce((outputs, valid), scatter)
+    outputs = tf.TensorArray(dtype, size=n, element_shape=output_shape)
+    _, outputs = tf.while_loop(lambda i, _: i < n, body, (0, outputs))
+    return tf.reshape(outputs.stack(), tf.concat([[n], output_shape], axis=0)), valid
 
 
 def check_export_dir(path, force=False):
