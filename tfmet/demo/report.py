@@ -133,9 +133,12 @@ def write_png(path, data):
     return path
 
 
-def write_tensorboard(logdir, scalars, png=None, text=None, grid=None):
-    """TensorBoard event files under `logdir`: scalars, the matches image, the explanation and
-    the tuning grid (val GAP over k x tau) as an image."""
+def write_tensorboard(logdir, scalars, png=None, text=None):
+    """TensorBoard event files under `logdir`: scalars, the matches image and the explanation.
+
+    (`tfmet.retrieval.report.write_tensorboard` adds the kNN evaluation's own summaries: tuning
+    grid, precision-recall curves.)
+    """
     import tensorflow as tf
 
     os.makedirs(logdir, exist_ok=True)
@@ -147,30 +150,6 @@ def write_tensorboard(logdir, scalars, png=None, text=None, grid=None):
             tf.summary.image("matches", tf.image.decode_png(png, channels=3)[None])
         if text is not None:
             tf.summary.text("explanation", tf.constant("```\n" + text + "\n```"))
-        if grid is not None:
-            tf.summary.image("val_gap_grid", tf.image.decode_png(grid, channels=3)[None])
     writer.flush()
     writer.close()
     return logdir
-
-
-def grid_figure(result):
-    """PNG bytes of a `TuningResult`'s val GAP heat map (k rows, tau columns)."""
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
-
-    figure, ax = plt.subplots(figsize=(1 + 0.6 * len(result.taus), 1 + 0.4 * len(result.ks)))
-    image = ax.imshow(100 * result.grid, cmap="viridis", aspect="auto")
-    ax.set_xticks(range(len(result.taus)), [f"{t:g}" for t in result.taus], fontsize=7)
-    ax.set_yticks(range(len(result.ks)), [str(k) for k in result.ks], fontsize=7)
-    ax.set_xlabel("tau")
-    ax.set_ylabel("k")
-    ax.set_title(f"val GAP (%); best k={result.k}, tau={result.tau:g}", fontsize=9)
-    figure.colorbar(image, ax=ax)
-    figure.tight_layout()
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=80)
-    plt.close(figure)
-    return buffer.getvalue()

@@ -2,8 +2,8 @@
 
 The steps are the library calls behind the programs, in the order a user runs them:
 
-    tfmet-extract    --info_dir I --image_root R --output_dir D --backbone B --weights W
-    (kNN evaluation) tune k, tau on val by GAP; classify test; GAP, GAP-, ACC
+    tfmet-extract --info_dir I --image_root R --output_dir D --backbone B --weights W
+    tfmet-knn-eval D --info_dir I --autotune --raw       (tune k, tau on val; GAP on test)
 
 `run_demo` prints these commands, so the same numbers can be reproduced by hand.
 """
@@ -102,20 +102,22 @@ def _extractor(backbone, weights, seed, multiscale, max_side):
     return DescriptorExtractor(embedder, scales=scales), spec
 
 
-def _descriptors(store):
-    """float32 rows of a store with invalid rows zeroed, and the validity mask."""
-    rows = np.asarray(store.descriptors, np.float32)
-    return np.where(store.valid[:, None], rows, 0.0).astype(np.float32), store.valid
-
-
-def _postprocess(train, queries, pca_dim):
-    """Raw descriptors, or PCA-whitened (learned on the database) when `pca_dim` > 0."""
-    if not pca_dim:
-        return train, queries
+def _top_matches(data, rows, pca_dim, count=4):
+    """(similarities, database indices) of the `count` nearest database images of test `rows`,
+    in the space the classifier searched (raw, or PCA-whitened as `knn_eval` does)."""
+    from tfmet.retrieval.knn import KnnClassifier
     from tfmet.retrieval.pca import PCAWhitening
 
-    whitening = PCAWhitening(dim=pca_dim).fit(train)
-    return whitening.transform(train), [whitening.transform(q) for q in queries]
+    train = data["train"]
+    database = np.asarray(train.valid_descriptors(), np.float32)
+    queries = np.asarray(data["test"].descriptors, np.float32)[rows]
+    if pca_dim:
+        whitening = PCAWhitening(pca_dim).fit(database)
+        database, queries = whitening.transform(database), whitening.transform(queries)
+    if not len(rows):
+        return np.zeros((0, count), np.float32), np.zeros((0, count), np.int64)
+    classifier = KnnClassifier().fit(database, train.labels[train.valid])
+    return classifier.neighbors(queries, min(count, database.shape[0]))
 
 
 def default_pca_dim(num_database, dim):
@@ -168,10 +170,8 @@ def run_demo(
 
     from tfmet.data import met
     from tfmet.descriptors import extraction
-    from tfmet.descriptors import store as store_lib
-    from tfmet.metrics import met as met_metrics
-    from tfmet.retrieval.knn import KnnClassifier
-    from tfmet.retrieval.tuning import DEFAULT_KS, DEFAULT_TAUS, tune_on_neighbors
+    from tfmet.retrieval import evaluation
+    from tfmet.retrieval import report as knn_report
 
     names, captions = {}, {}
     if info_dir is None:
@@ -213,88 +213,70 @@ def run_demo(
         if r.images:
             log(f"      {r.split}: {r.images} images, {r.images_per_second:.1f} images/s")
 
-    stores = {s: store_lib.read_store(output_dir, s, mmap=False) for s in ("train", "val", "test")}
-    train, train_valid = _descriptors(stores["train"])
-    if not train_valid.any():
-        raise ValueError(f"{output_dir}: no database image could be read")
-    train, labels = train[train_valid], train_split.labels[train_valid]
-    database_paths = [p for p, ok in zip(met.image_paths(train_split, image_root), train_valid,
-                                         strict=True) if ok]  # fmt: skip
-    val, val_valid = _descriptors(stores["val"])
-    test, test_valid = _descriptors(stores["test"])
-    pca_dim = default_pca_dim(len(train), train.shape[1]) if pca_dim is None else int(pca_dim)
-    train, (val, test) = _postprocess(train, [val, test], pca_dim)
-
+    data = evaluation.load_met_descriptors(output_dir, info_dir, splits=("train", "val", "test"))
+    train = data["train"]
+    if pca_dim is None:
+        pca_dim = default_pca_dim(int(train.valid.sum()), train.descriptors.shape[1])
     log(
         "[3/4] kNN classifier: tuning k and tau on val by GAP ("
         + ("raw descriptors" if not pca_dim else f"PCA-whitened to {pca_dim}")
         + ")"
     )
-    ks = tuple(k for k in DEFAULT_KS if k <= len(train))
-    classifier = KnnClassifier().fit(train, labels)
-    similarities, indices = classifier.neighbors(val, max(ks))
-    tuning = tune_on_neighbors(
-        classifier, similarities, indices, val_split.labels, ks, DEFAULT_TAUS
+    log(
+        f"      = tfmet-knn-eval {output_dir} --info_dir {info_dir} --autotune "
+        + ("--raw" if not pca_dim else f"-d {pca_dim}")
     )
-    classifier.k, classifier.tau = tuning.k, tuning.tau
-
-    def evaluate(queries, valid, truth):
-        similarities, indices = classifier.neighbors(queries, min(len(train), max(tuning.k, 4)))
-        pred, conf = classifier.predict_from_neighbors(similarities, indices)
-        pred, conf = np.where(valid, pred, -1), np.where(valid, conf, 0.0)
-        return met_metrics.evaluate(pred, conf, truth), pred, conf, similarities, indices
-
-    val_metrics = evaluate(val, val_valid, val_split.labels)[0]
-    test_metrics, pred, conf, similarities, indices = evaluate(test, test_valid, test_split.labels)
-    log(f"      best k={tuning.k}, tau={tuning.tau:g}; val {report.format_metrics(val_metrics)}")
-
+    result = evaluation.knn_eval(data, dim=pca_dim or 512, raw=not pca_dim, autotune=True)
+    log(f"      best k={result.k}, tau={result.tau:g}; val {report.format_metrics(result.val)}")
     log("[4/4] Results on the test queries")
-    log(f"      {run_name}: {report.format_metrics(test_metrics)}")
+    log(f"      {run_name}: {report.format_metrics(result.test)}")
 
+    pred, conf, labels = result.predictions["test"]
+    rows = report.choose_examples(pred, conf, labels, count=examples, seed=seed)
+    database_paths = [
+        path
+        for path, ok in zip(met.image_paths(train_split, image_root), train.valid, strict=True)
+        if ok
+    ]
+    readable = [r for r in rows if data["test"].valid[r]]  # unreadable queries have no matches
+    similarities, indices = _top_matches(data, readable, pca_dim)
+    found = {r: (similarities[j], indices[j]) for j, r in enumerate(readable)}
     test_paths = met.image_paths(test_split, image_root)
-    rows = report.choose_examples(pred, conf, test_split.labels, count=examples, seed=seed)
     queries = [
         {
             "path": test_paths[i],
-            "label": int(test_split.labels[i]),
+            "label": int(labels[i]),
             "pred": int(pred[i]),
             "conf": float(conf[i]),
-            "neighbors": indices[i, :4],
-            "similarities": similarities[i, :4],
+            "neighbors": found[i][1] if i in found else [],
+            "similarities": found[i][0] if i in found else [],
             "caption": captions.get(test_split.paths[i]),
         }
         for i in rows
     ]
-    png = report.matches_figure(queries, database_paths, labels, names)
+    png = report.matches_figure(queries, database_paths, train.labels[train.valid], names)
     png_path = report.write_png(os.path.join(workdir, f"matches-{run_name}.png"), png)
-    tensorboard = report.write_tensorboard(
-        os.path.join(workdir, "tensorboard", run_name),
-        {
-            "test/GAP": 100 * test_metrics["gap"],
-            "test/GAP-": 100 * test_metrics["gap_minus"],
-            "test/ACC": 100 * test_metrics["acc"],
-            "val/GAP": 100 * val_metrics["gap"],
-            "val/GAP-": 100 * val_metrics["gap_minus"],
-            "val/ACC": 100 * val_metrics["acc"],
-            "knn/k": tuning.k,
-            "knn/tau": tuning.tau,
-        },
+    tensorboard = os.path.join(workdir, "tensorboard", run_name)
+    knn_report.write_tensorboard(os.path.join(tensorboard, "knn_eval"), result)
+    report.write_tensorboard(
+        tensorboard,
+        {f"{split}/{name}": 100 * value for split in ("val", "test")
+         for name, value in getattr(result, split).items()},
         png=png,
         text=report.EXPLANATION,
-        grid=report.grid_figure(tuning),
-    )
+    )  # fmt: skip
     log(f"      picture of queries and their top matches: {png_path}")
     log(f"      TensorBoard: tensorboard --logdir {os.path.join(workdir, 'tensorboard')}")
     return DemoResult(
         run_name=run_name,
-        k=tuning.k,
-        tau=tuning.tau,
-        val=val_metrics,
-        test=test_metrics,
+        k=result.k,
+        tau=result.tau,
+        val=result.val,
+        test=result.test,
         png=png_path,
         tensorboard=tensorboard,
         descriptors=output_dir,
-        num_database=len(train),
+        num_database=result.counts["database"],
         num_val=len(val_split),
         num_test=len(test_split),
         seconds=time.perf_counter() - started,
