@@ -90,7 +90,7 @@ def matches_figure(queries, database_paths, database_labels, names, columns=4):
         ax.imshow(_load(query["path"]))
         truth = name(label) if label >= 0 else "distractor"
         if query.get("caption"):
-            truth = f"{truth} ({query['caption']})" if label < 0 else query["caption"]
+            truth = f"{truth}\n({query['caption']})" if label < 0 else query["caption"]
         verdict = "right" if ok else "wrong"
         ax.set_title(
             f"query: {truth}\n-> {name(query['pred'])} ({verdict})\nconf {query['conf']:.2f}",
