@@ -15,6 +15,10 @@ generated JPEGs of Met-like sizes (long side 500, mixed aspect ratios and orient
   `F.interpolate`, GeM + L2 per scale, mean, L2; on pre-decoded, normalised tensors (compute
   only, as the reference's DataLoader workers decode), `torch.set_num_threads(--torch_threads)`.
 
+On a machine shared with other work, torch's OpenMP threads degrade far more than TF's (they
+spin and wait for each other): compare there with `--torch_threads=1 --tf_threads=1`, which
+measures per-core efficiency and is robust to load; the script warns when the load is high.
+
 Every pass is preceded by a warm-up pass over the same images (both frameworks cache kernels per
 input shape; over the Met's ~400k images the few hundred distinct sizes are soon all cached).
 Rounds alternate between the frameworks so that load from other processes hits both alike; the
@@ -42,6 +46,9 @@ flags.DEFINE_list("backbones", ["resnet18", "resnet50"], "torchvision-compatible
 flags.DEFINE_integer("num_images", 16, "Generated images per pass.")
 flags.DEFINE_integer("rounds", 3, "Timed rounds per framework (alternating).")
 flags.DEFINE_integer("torch_threads", 2, "torch.set_num_threads for the PyTorch loop.")
+flags.DEFINE_integer(
+    "tf_threads", 0, "TF intra- and inter-op threads (0: TF's default, all cores)."
+)
 flags.DEFINE_integer("batch_images", 1, "tfmet: same-size images per model call.")
 flags.DEFINE_integer("seed", 0, "Seed of images and weights.")
 
@@ -199,13 +206,17 @@ def main(argv):
     import torch
 
     logging.set_verbosity(logging.WARNING)  # no per-chunk lines from the extraction runs
+    if FLAGS.tf_threads:
+        tf.config.threading.set_intra_op_parallelism_threads(FLAGS.tf_threads)
+        tf.config.threading.set_inter_op_parallelism_threads(FLAGS.tf_threads)
     with tempfile.TemporaryDirectory(prefix="tfmet-bench-") as workdir:
         paths = write_images(workdir, FLAGS.num_images, FLAGS.seed)
         decoded = [np.asarray(Image.open(p).convert("RGB")) for p in paths]
         pixels = np.mean([d.shape[0] * d.shape[1] for d in decoded])
         print(
             f"{len(paths)} JPEGs, long side 500, mean {pixels / 1e3:.0f}k pixels; "
-            f"TF {tf.__version__} (intra-op threads: default), torch {torch.__version__} "
+            f"TF {tf.__version__} ({FLAGS.tf_threads or 'default'} threads), "
+            f"torch {torch.__version__} "
             f"({FLAGS.torch_threads} threads), {os.cpu_count()} CPUs, multi-scale "
             f"{[round(s, 3) for s in (1, 1 / math.sqrt(2), 0.5)]}"
         )
