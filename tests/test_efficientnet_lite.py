@@ -123,7 +123,7 @@ def test_registered_with_its_preprocessing():
     model = backbones.get("efficientnet_lite0")
     features = model(np.zeros((1, 37, 29, 3), np.float32))
     assert tuple(features.shape) == (1, 2, 1, 1280)  # ceil(37/32), ceil(29/32): 'SAME' padding
-    assert model.count_params() == 4_694_024 - 1_281_000 - 0  # the checkpoint minus the fc
+    assert model.count_params() == 4_694_024 - 1_281_000  # the checkpoint minus the fc layer
 
 
 @pytest.mark.parametrize(
