@@ -146,3 +146,61 @@ def test_style_export_cli_from_a_run_directory(tmp_path):
         np.testing.assert_allclose(
             logits[attribute].numpy(), classifier(images)[attribute].numpy(), atol=1e-5
         )
+
+
+def test_recognizer_export_predicts_what_knn_eval_predicts(tmp_path):
+    """extract -> tfmet-knn-eval --autotune -> tfmet-export: the same test predictions."""
+    import tensorflow as tf
+
+    from tests.met_tree import write_met_tree
+    from tfmet.data import met
+
+    tree = write_met_tree(tmp_path / "met", num_exhibits=6, met_queries=6)
+    desc = tmp_path / "desc"
+    extractor, spec = extraction.build_extractor(backbone="resnet_tiny", seed=1)
+    splits = extraction.load_met_splits(tree.info_dir)
+    extraction.extract_met(extractor, spec, splits, tree.image_root, str(desc), progress=False)
+
+    knn = _run(
+        [
+            sys.executable,
+            "-m",
+            "tfmet.cli.knn_eval",
+            str(desc),
+            f"--info_dir={tree.info_dir}",
+            "--autotune",
+            "--dim=8",
+            f"--output_dir={tmp_path / 'knn'}",
+        ]
+    )
+    assert knn.returncode == 0, knn.stderr[-2000:]
+    results = tmp_path / "knn" / "knn_results.json"
+    out = tmp_path / "recognizer"
+    result = _export(
+        "--kind=recognizer",
+        "--backbone=resnet_tiny",
+        "--seed=1",
+        f"--descriptor_dir={desc}",
+        f"--info_dir={tree.info_dir}",
+        f"--results_json={results}",
+        f"--out={out}",
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    with open(results) as f:
+        tuned = json.load(f)
+    with open(out / "assets" / "tfmet_metadata.json") as f:
+        metadata = json.load(f)
+    assert (metadata["k"], metadata["tau"], metadata["dim"]) == (
+        min(tuned["k"], metadata["database_size"]),
+        tuned["t"],
+        8,
+    )
+
+    test = met.load_split(tree.info_dir, "test")
+    images = [open(met.resolve_image_path(tree.image_root, p), "rb").read() for p in test.paths]
+    served = tf.saved_model.load(str(out)).signatures["serving_default"](
+        image_bytes=tf.constant(images)
+    )
+    expected = np.load(tmp_path / "knn" / "knn_predictions.npz")
+    np.testing.assert_array_equal(served["met_id"].numpy(), expected["test_pred"])
+    np.testing.assert_allclose(served["confidence"].numpy(), expected["test_conf"], atol=1e-5)
