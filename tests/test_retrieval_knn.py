@@ -138,14 +138,14 @@ def test_scann_config_for_size_follows_rules_of_thumb():
     mid = ScannConfig.for_size(50_000)
     assert mid.use_ah and mid.num_leaves == 0 and mid.reorder > 0
     big = ScannConfig.for_size(397_121)
-    assert big.num_leaves == 630 and 1 <= big.num_leaves_to_search <= big.num_leaves
+    assert big.num_leaves == 630 and big.num_leaves_to_search == 158 and big.spherical
 
 
 def test_tree_search_recall_and_padding():
     database, _, centres = _clustered(4, 3000, 16, 30, 0.3)
     rng = np.random.default_rng(5)
     queries = _unit(centres[rng.integers(0, 30, 50)] + 0.3 * rng.normal(size=(50, 16)))
-    config = ScannConfig(num_leaves=30, num_leaves_to_search=10, use_ah=True, reorder=100)
+    config = ScannConfig(30, 10, spherical=True, use_ah=True, reorder=100)
     index = NeighborIndex("scann", config).build(database)
     _, found = index.search(queries, 10)
     _, expected, _ = _brute_force(database, queries, 10)
@@ -153,7 +153,7 @@ def test_tree_search_recall_and_padding():
         np.mean([len(set(a) & set(b)) / 10 for a, b in zip(found, expected, strict=True)]) >= 0.95
     )
     # One leaf of ~100 points cannot supply 500 neighbours: the rest is padding.
-    narrow = NeighborIndex("scann", ScannConfig(30, 1, True, reorder=600)).build(database)
+    narrow = NeighborIndex("scann", ScannConfig(30, 1, use_ah=True, reorder=600)).build(database)
     sims, idx = narrow.search(queries, 500)
     assert np.any(idx == -1) and np.all(np.isneginf(sims[idx == -1]))
     assert np.all(idx[idx >= 0] < 3000)

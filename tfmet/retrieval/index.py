@@ -6,8 +6,8 @@ Backends:
   indexes). Equal to numpy brute force up to the order of exact ties.
 - "scann": ScaNN's approximate search, configured by `ScannConfig`; `ScannConfig.for_size(n)`
   follows ScaNN's rules of thumb (docs/algorithms.md): brute force below 20k points, asymmetric
-  hashing (2 dimensions per block) + exact reordering below 100k, and above that a k-means tree
-  of ~sqrt(n) leaves in front of it.
+  hashing (2 dimensions per block) + exact reordering below 100k, and above that a spherical
+  k-means tree of ~sqrt(n) leaves in front of it, a quarter of them searched per query.
 
 `search(queries, k)` returns (similarities float32 [q, k], indices int64 [q, k]), best first,
 ties broken by the smaller database index. An approximate search that finds fewer than k
@@ -49,6 +49,7 @@ class ScannConfig:
     Attributes:
       num_leaves: k-means partitions; 0 disables the tree.
       num_leaves_to_search: partitions scored per query.
+      spherical: spherical k-means for the tree (unit-norm descriptors under dot product).
       use_ah: score with asymmetric hashing; False scores by brute force.
       dimensions_per_block: AH block size (ScaNN recommends 2).
       anisotropic_quantization_threshold: AH's anisotropic loss threshold (0.2 for unit vectors).
@@ -58,6 +59,7 @@ class ScannConfig:
 
     num_leaves: int = 0
     num_leaves_to_search: int = 0
+    spherical: bool = False
     use_ah: bool = False
     dimensions_per_block: int = 2
     anisotropic_quantization_threshold: float = 0.2
@@ -74,6 +76,7 @@ class ScannConfig:
         if n >= TREE_FROM:
             config.num_leaves = int(round(math.sqrt(n)))
             config.num_leaves_to_search = max(1, int(math.ceil(0.25 * config.num_leaves)))
+            config.spherical = True
             pass
         return config
 
@@ -169,6 +172,7 @@ class NeighborIndex:
                 num_leaves=config.num_leaves,
                 num_leaves_to_search=config.num_leaves_to_search,
                 training_sample_size=min(config.training_sample_size, database.shape[0]),
+                spherical=config.spherical,
             )
         if config.use_ah:
             builder = builder.score_ah(
