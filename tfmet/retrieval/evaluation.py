@@ -238,7 +238,12 @@ def knn_eval(
             }
         log(f"PCA-whitening to {dim} dimensions learned on the database")
 
-    classifier = KnnClassifier(k or 1, tau or 1.0, backend=backend, scann_config=scann_config)
+    classifier = KnnClassifier(
+        1 if k is None else k,
+        1.0 if tau is None else tau,
+        backend=backend,
+        scann_config=scann_config,
+    )
     with timer("index_build"):
         classifier.fit(database, database_labels)
     del database
