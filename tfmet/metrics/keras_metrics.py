@@ -5,8 +5,8 @@ and `y_pred` either
 
 - a pair `(pred, conf)` or a dict `{"pred": ..., "conf": ...}` of [B] tensors (a kNN classifier's
   output; the form to use in a custom loop), or
-- class scores [B, C] (a classifier's output in `model.compile(metrics=...)`): pred = argmax
-  (ties -> the smallest class index), conf = the maximum score; labels are then class indices.
+- class scores [B, C] (a classifier's output in `model.compile(metrics=...)`): pred =
+  `tf.argmax` (ties as it breaks them), conf = the maximum score; labels are class indices.
 
 GAP is not a sum over batches (it ranks all queries together), so `GlobalAveragePrecision` keeps
 every (pred, conf, label) it has seen in fixed-size variables of `capacity` entries; updating past

@@ -29,7 +29,7 @@ BACKENDS = ("exact", "scann")
 FORMAT = "tfmet-knn-index"
 MANIFEST = "tfmet_index.json"
 DATABASE_FILE = "database.npy"
-DEFAULT_SHARD_ROWS = 65536
+DEFAULT_SHARD_ROWS = 32768
 # ScaNN's rules of thumb (docs/algorithms.md).
 BRUTE_FORCE_BELOW = 20_000
 TREE_FROM = 100_000
@@ -213,7 +213,9 @@ class NeighborIndex:
         return sort_neighbors(*_clean(indices, similarities, k), k)
 
     def _search_exact(self, queries, k):
-        found_similarities, found_indices = [], []
+        # A running top-k merged after each shard keeps the extra memory at two [q, k] lists.
+        best_similarities = np.full((queries.shape[0], 0), -np.inf, np.float32)
+        best_indices = np.zeros((queries.shape[0], 0), np.int64)
         for start in range(0, self.size, self.shard_rows):
             shard = _contiguous32(self._database[start : start + self.shard_rows])
             shard_k = min(k, shard.shape[0])
@@ -223,13 +225,14 @@ class NeighborIndex:
             indices, similarities = searcher.search_batched_parallel(
                 queries, final_num_neighbors=shard_k, batch_size=self.batch_size
             )
-            similarities, indices = _clean(indices, similarities, shard_k)
-            found_similarities.append(similarities)
-            found_indices.append(np.where(indices >= 0, indices + start, -1))
             del searcher, shard
-        return sort_neighbors(
-            np.concatenate(found_similarities, axis=1), np.concatenate(found_indices, axis=1), k
-        )
+            similarities, indices = _clean(indices, similarities, shard_k)
+            best_similarities, best_indices = sort_neighbors(
+                np.concatenate([best_similarities, similarities], axis=1),
+                np.concatenate([best_indices, np.where(indices >= 0, indices + start, -1)], axis=1),
+                k,
+            )
+        return best_similarities, best_indices
 
     def save(self, directory):
         """Writes the index to a new `directory` (replaced atomically if it exists)."""
