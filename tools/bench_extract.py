@@ -192,6 +192,7 @@ def bench_backbone(name, paths, decoded, workdir):
             ("tfmet compute", run_tf_compute),
             ("torch", run_torch),
         ):
+            time.sleep(1.0)  # let the other framework's worker threads go idle first
             rate, seconds = timed(fn, len(paths))
             rates[framework].append(rate)
             cpu[framework].append(seconds)
