@@ -16,21 +16,7 @@ import tempfile
 from apache_beam.io.filesystems import FileSystems
 
 from tfmet.beam.paths import is_remote, read_bytes, write_bytes
-from tfmet.descriptors import extraction
 from tfmet.descriptors.extraction import CHUNK_PATTERN, RUN_FILE, ChunkDirectory
-
-
-def run_record(split, spec, paths, labels=None, source=None):
-    """The `run.json` contents `extraction.extract_split` records for a split's chunks."""
-    return {
-        "split": split,
-        "spec": spec.metadata() | {"dim": spec.dim},
-        "count": len(paths),
-        "paths_sha256": extraction._paths_sha256(paths),
-        "paths": list(paths),
-        "labels": None if labels is None else [int(x) for x in labels],
-        "source": source,
-    }
 
 
 class ChunkOutput:

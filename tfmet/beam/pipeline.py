@@ -28,7 +28,7 @@ from apache_beam.ml.inference.base import KeyedModelHandler, RunInference
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 
 from tfmet.beam import transforms
-from tfmet.beam.chunks import ChunkOutput, run_record
+from tfmet.beam.chunks import ChunkOutput
 from tfmet.beam.model_handler import METADATA_ASSET, DescriptorModelHandler
 from tfmet.beam.paths import is_remote, read_bytes, upload_tree
 from tfmet.descriptors import extraction
@@ -183,13 +183,13 @@ def plan_extraction(spec, met_splits, image_root, output_dir):
         name, count = split.split, len(split)
         plan.counts[name] = count
         if not is_remote(output_dir) and store_lib.has_store(output_dir, name):
-            extraction._check_existing_store(output_dir, name, spec, count, split.paths)
+            extraction.check_existing_store(output_dir, name, spec, count, split.paths)
             absl_logging.info("%s: store already complete in %s; nothing to do", name, output_dir)
             plan.complete.append(name)
             continue
         chunks = ChunkOutput(output_dir, name)
         source = os.path.abspath(split.source)
-        chunks.prepare(run_record(name, spec, split.paths, split.labels, source))
+        chunks.prepare(extraction.run_record(name, spec, split.paths, split.labels, source))
         bounds = extraction.chunk_bounds(count, spec.chunk_size)
         done = set(chunks.finished(range(len(bounds))))
         plan.finished[name] = len(done)

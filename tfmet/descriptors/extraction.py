@@ -486,11 +486,6 @@ def check_existing_store(output_dir, split, spec, count, paths):
         )
 
 
-# Earlier private names, used by tfmet.beam.
-_paths_sha256 = paths_sha256
-_check_existing_store = check_existing_store
-
-
 def merge_split(output_dir, split, keep_chunks=True):
     """Merges a split's chunk files (from one or several shards) into its descriptor store.
 
