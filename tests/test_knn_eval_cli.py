@@ -1,8 +1,14 @@
-"""tfmet-knn-eval end to end on a tiny generated Met tree, and its bad-input errors."""
+"""tfmet-knn-eval end to end on a tiny generated Met tree, and its bad-input errors.
+
+Most runs parse the flags and call `main` in this process (fast); the absl flags are global, so
+no other tfmet CLI module may be imported in-process by the same test session.
+"""
 
 import json
 import os
 import pickle
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -220,3 +226,17 @@ def test_bad_input(met, tmp_path, capsys):
 
     line = _error(capsys, run_cli(tmp_path / "nowhere", "--info_dir", info, "--autotune"))
     assert "no descriptors" in line
+
+
+def test_console_program_exit_code(met, tmp_path):
+    """The real program (absl app.run) in a subprocess: one error line, exit code 2."""
+    tree, _ = met
+    done = subprocess.run(
+        [sys.executable, "-m", "tfmet.cli.knn_eval", str(tmp_path), "--info_dir", tree.info_dir],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"},
+    )
+    assert done.returncode == 2
+    errors = [line for line in done.stderr.splitlines() if line.startswith("tfmet-knn-eval: error")]
+    assert len(errors) == 1 and "no descriptors" in errors[0]
