@@ -19,20 +19,13 @@ import sys
 from absl import app, flags, logging
 
 import tfmet.cli  # noqa: F401  (quiet TensorFlow logging)
+from tfmet.cli import model_flags  # noqa: F401  (the descriptor model, as tfmet-extract)
 
 FLAGS = flags.FLAGS
 
 flags.DEFINE_enum("kind", None, ["descriptor", "style", "recognizer"], "What to export.")
 flags.DEFINE_string("out", None, "Export directory (must not exist or be empty, unless --force).")
 flags.DEFINE_bool("force", False, "Overwrite an existing export directory.")
-# Descriptor model (as tfmet-extract).
-flags.DEFINE_string("backbone", "resnet18", "Backbone registry name.")
-flags.DEFINE_string("weights", None, "Backbone weights file; none for a seeded random init.")
-flags.DEFINE_string("model", None, "A saved Embedder (.keras) to use instead of --backbone.")
-flags.DEFINE_integer("seed", 0, "Seed of the random initialisation when --weights is not given.")
-flags.DEFINE_bool("multiscale", True, "Average the scales 1, 1/sqrt(2), 1/2 (else scale 1 only).")
-flags.DEFINE_enum("resize_method", "torch", ["torch", "tf"], "Multi-scale resize semantics.")
-flags.DEFINE_integer("max_side", None, "Downscale images whose long side exceeds this.")
 # PCA-whitening.
 flags.DEFINE_string("pca", None, "PCA-whitening .npz (tfmet.retrieval.PCAWhitening.save).")
 flags.DEFINE_integer("dim", 512, "With --descriptor_dir and no --pca: fit PCAw to this dim.")

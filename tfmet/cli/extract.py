@@ -16,19 +16,13 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 import tfmet.cli  # noqa: F401  (silences TensorFlow's C++ start-up logs; TF is imported later)
+from tfmet.cli import model_flags  # noqa: F401  (--backbone, --weights, --model, ...)
 
 FLAGS = flags.FLAGS
 
 flags.DEFINE_string("info_dir", None, "Folder with MET_database.json, valset.json, testset.json.")
 flags.DEFINE_string("image_root", None, "Folder whose images/ subfolder holds the Met images.")
 flags.DEFINE_string("output_dir", None, "Where chunk files and descriptor stores go.")
-flags.DEFINE_string("backbone", "resnet18", "Backbone registry name (tfmet.backbones.names()).")
-flags.DEFINE_string("weights", None, "Backbone weights file; none for a seeded random init.")
-flags.DEFINE_string("model", None, "A saved Embedder (.keras) to use instead of --backbone.")
-flags.DEFINE_integer("seed", 0, "Seed of the random initialisation when --weights is not given.")
-flags.DEFINE_bool("multiscale", True, "Average the scales 1, 1/sqrt(2), 1/2 (else scale 1 only).")
-flags.DEFINE_enum("resize_method", "torch", ["torch", "tf"], "Multi-scale resize semantics.")
-flags.DEFINE_integer("max_side", None, "Downscale images whose long side exceeds this.")
 flags.DEFINE_bool("mini", False, "Use mini_MET_database.json as the train split.")
 flags.DEFINE_list("splits", ["train", "val", "test"], "Splits to extract.")
 flags.DEFINE_bool("queries_only", False, "Extract only the query splits (val, test).")

@@ -1,0 +1,15 @@
+"""The descriptor-model flags shared by tfmet-extract, tfmet-extract-beam and tfmet-export.
+
+Defined once, here, so every program describes the model the same way and two programs' modules
+can be imported in one process (absl refuses a flag defined twice).
+"""
+
+from absl import flags
+
+flags.DEFINE_string("backbone", "resnet18", "Backbone registry name (tfmet.backbones.names()).")
+flags.DEFINE_string("weights", None, "Backbone weights file; none for a seeded random init.")
+flags.DEFINE_string("model", None, "A saved Embedder (.keras) to use instead of --backbone.")
+flags.DEFINE_integer("seed", 0, "Seed of the random initialisation when --weights is not given.")
+flags.DEFINE_bool("multiscale", True, "Average the scales 1, 1/sqrt(2), 1/2 (else scale 1 only).")
+flags.DEFINE_enum("resize_method", "torch", ["torch", "tf"], "Multi-scale resize semantics.")
+flags.DEFINE_integer("max_side", None, "Downscale images whose long side exceeds this.")
