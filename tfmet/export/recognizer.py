@@ -21,27 +21,16 @@ from tfmet.export.knn import knn_confidence
 SEARCHERS = ("exact", "scann")
 
 
-def _scann_tf_searcher(database, k, num_leaves=None, leaves_to_search=None, reorder=None):
-    """A ScaNN TF searcher (tree + asymmetric hashing + reorder; brute force for tiny databases)."""
+def _scann_tf_searcher(database, k):
+    """A ScaNN TF searcher configured as `tfmet.retrieval.ScannConfig.for_size` sizes the index."""
     from scann.scann_ops.py import scann_ops
 
-    n = database.shape[0]
-    builder = scann_ops.builder(database, k, "dot_product")
-    if n < 2000:
-        return builder.score_brute_force().build()
-    num_leaves = num_leaves or int(np.clip(np.sqrt(n), 16, 2000))
-    leaves_to_search = leaves_to_search or max(1, num_leaves // 10)
-    reorder = reorder or max(100, 10 * k)
-    return (
-        builder.tree(
-            num_leaves=num_leaves,
-            num_leaves_to_search=leaves_to_search,
-            training_sample_size=min(n, 250_000),
-        )
-        .score_ah(2, anisotropic_quantization_threshold=0.2)
-        .reorder(reorder)
-        .build()
-    )
+    from tfmet.retrieval.index import ScannConfig, configure_builder
+
+    config = ScannConfig.for_size(database.shape[0])
+    return configure_builder(
+        scann_ops.builder(database, k, "dot_product"), config, len(database)
+    ).build()
 
 
 class RecognizerModule(DescriptorModule):

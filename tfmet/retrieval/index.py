@@ -114,6 +114,26 @@ def _clean(indices, similarities, k):
     return similarities, indices
 
 
+def configure_builder(builder, config, n):
+    """Applies a `ScannConfig` to a ScaNN builder (pybind or TF ops) for a database of n rows."""
+    sample = min(config.training_sample_size, int(n))
+    if config.num_leaves:
+        builder = builder.tree(
+            num_leaves=config.num_leaves,
+            num_leaves_to_search=config.num_leaves_to_search,
+            training_sample_size=sample,
+            spherical=config.spherical,
+        )
+    if not config.use_ah:
+        return builder.score_brute_force()
+    builder = builder.score_ah(
+        config.dimensions_per_block,
+        anisotropic_quantization_threshold=config.anisotropic_quantization_threshold,
+        training_sample_size=sample,
+    )
+    return builder.reorder(max(config.reorder, 1))
+
+
 class NeighborIndex:
     """Maximum-inner-product index over the rows of a database.
 
@@ -166,23 +186,9 @@ class NeighborIndex:
         return self
 
     def _build_scann(self, database, config):
-        builder = _scann().builder(database, 10, "dot_product")
-        if config.num_leaves:
-            builder = builder.tree(
-                num_leaves=config.num_leaves,
-                num_leaves_to_search=config.num_leaves_to_search,
-                training_sample_size=min(config.training_sample_size, database.shape[0]),
-                spherical=config.spherical,
-            )
-        if config.use_ah:
-            builder = builder.score_ah(
-                config.dimensions_per_block,
-                anisotropic_quantization_threshold=config.anisotropic_quantization_threshold,
-                training_sample_size=min(config.training_sample_size, database.shape[0]),
-            )
-            builder = builder.reorder(max(config.reorder, 1))
-        else:
-            builder = builder.score_brute_force()
+        builder = configure_builder(
+            _scann().builder(database, 10, "dot_product"), config, len(database)
+        )
         searcher = builder.build()
         if self.num_threads:
             searcher.set_num_threads(self.num_threads)
