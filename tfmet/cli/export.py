@@ -50,18 +50,7 @@ class UsageError(ValueError):
 
 
 def _extractor():
-    from tfmet.descriptors import extraction
-
-    extractor, spec = extraction.build_extractor(
-        backbone=None if FLAGS.model else FLAGS.backbone,
-        weights=FLAGS.weights,
-        model=FLAGS.model,
-        seed=FLAGS.seed,
-        scales=None if FLAGS.multiscale else (1.0,),
-        resize_method=FLAGS.resize_method,
-        max_side=FLAGS.max_side,
-    )
-    return extractor, spec
+    return model_flags.build_extractor(model_flags.values())
 
 
 def _classifier_settings():

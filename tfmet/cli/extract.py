@@ -100,17 +100,8 @@ def extract(values):
 
     from tfmet.descriptors import extraction
 
-    model = values["model"]
-    extractor, spec = extraction.build_extractor(
-        backbone=None if model else values["backbone"],
-        weights=values["weights"],
-        model=model,
-        seed=values["seed"],
-        scales=None if values["multiscale"] else (1.0,),
-        resize_method=values["resize_method"],
-        max_side=values["max_side"],
-        chunk_size=values["chunk_size"],
-        fold_bn=values["fold_bn"],
+    extractor, spec = model_flags.build_extractor(
+        values, chunk_size=values["chunk_size"], fold_bn=values["fold_bn"]
     )
     logging.info("extracting %s with %s", ", ".join(values["splits"]), spec)
     reports = extraction.extract_met(

@@ -18,6 +18,7 @@ import sys
 from absl import app, flags, logging
 
 import tfmet.cli.extract as extract_cli  # defines the tfmet-extract flags this program shares
+from tfmet.cli import model_flags
 
 FLAGS = flags.FLAGS
 
@@ -117,21 +118,10 @@ def _model_uri(values):
 def _model(values, model_uri):
     """The `ExtractionSpec` of the model at `model_uri`, exporting it there first if needed."""
     from tfmet.beam import pipeline
-    from tfmet.descriptors import extraction
 
     if FLAGS.saved_model:
         return pipeline.saved_model_spec(model_uri, values["chunk_size"])
-    model = values["model"]
-    extractor, spec = extraction.build_extractor(
-        backbone=None if model else values["backbone"],
-        weights=values["weights"],
-        model=model,
-        seed=values["seed"],
-        scales=None if values["multiscale"] else (1.0,),
-        resize_method=values["resize_method"],
-        max_side=values["max_side"],
-        chunk_size=values["chunk_size"],
-    )
+    extractor, spec = model_flags.build_extractor(values, chunk_size=values["chunk_size"])
     pipeline.export_descriptor_model(extractor, spec, model_uri)
     return spec
 

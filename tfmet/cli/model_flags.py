@@ -13,3 +13,31 @@ flags.DEFINE_integer("seed", 0, "Seed of the random initialisation when --weight
 flags.DEFINE_bool("multiscale", True, "Average the scales 1, 1/sqrt(2), 1/2 (else scale 1 only).")
 flags.DEFINE_enum("resize_method", "torch", ["torch", "tf"], "Multi-scale resize semantics.")
 flags.DEFINE_integer("max_side", None, "Downscale images whose long side exceeds this.")
+
+NAMES = ("backbone", "weights", "model", "seed", "multiscale", "resize_method", "max_side")
+
+
+def values():
+    """The model flags' current values, as a dict."""
+    return {name: flags.FLAGS[name].value for name in NAMES}
+
+
+def build_extractor(settings, **kwargs):
+    """`tfmet.descriptors.extraction.build_extractor` from model settings (see `values`).
+
+    `settings` maps the names in `NAMES` to values (flags, possibly overridden by a config);
+    `kwargs` go to `build_extractor` unchanged (chunk_size, fold_bn, ...).
+    """
+    from tfmet.descriptors import extraction
+
+    model = settings["model"]
+    return extraction.build_extractor(
+        backbone=None if model else settings["backbone"],
+        weights=settings["weights"],
+        model=model,
+        seed=settings["seed"],
+        scales=None if settings["multiscale"] else (1.0,),
+        resize_method=settings["resize_method"],
+        max_side=settings["max_side"],
+        **kwargs,
+    )
