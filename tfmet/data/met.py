@@ -10,11 +10,12 @@ under `<image_root>/images/<path>`.
 """
 
 import dataclasses
-import json
 import os
 import posixpath
 
 import numpy as np
+
+from tfmet.io.json_files import read_json
 
 SPLITS = ("train", "val", "test")
 DISTRACTOR = -1
@@ -95,13 +96,7 @@ def _is_int(value):
 
 
 def _read_json_list(path):
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"{path}: Met ground-truth file not found")
-    try:
-        with open(path, encoding="utf-8") as f:
-            entries = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path}: not valid JSON ({e})") from None
+    entries = read_json(path, "Met ground-truth file")
     if not isinstance(entries, list):
         raise ValueError(f"{path}: expected a JSON list of entries, found {type(entries).__name__}")
     return entries

@@ -15,12 +15,12 @@ rename), the manifest last, so a manifest always describes a complete array.
 
 import dataclasses
 import hashlib
-import json
 import os
 
 import numpy as np
 
 import tfmet
+from tfmet.io import json_files
 from tfmet.io.atomic import atomic_path, save_json, save_npy
 
 FORMAT = "tfmet-descriptors"
@@ -141,14 +141,7 @@ def read_manifest(directory, split):
     mpath = manifest_path(directory, split)
     if not os.path.exists(mpath):
         raise FileNotFoundError(f"{mpath}: no descriptor store for split {split!r}")
-    try:
-        with open(mpath, encoding="utf-8") as f:
-            manifest = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{mpath}: not valid JSON ({e})") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        raise ValueError(f"{mpath}: not a tfmet descriptor manifest")
-    return manifest
+    return json_files.read_manifest(mpath, FORMAT, "tfmet descriptor manifest")
 
 
 def read_store(directory, split, mmap=True):

@@ -15,7 +15,6 @@ candidates pads with index -1 and similarity -inf.
 """
 
 import dataclasses
-import json
 import math
 import os
 import shutil
@@ -24,6 +23,7 @@ import tempfile
 import numpy as np
 
 from tfmet.io.atomic import save_json
+from tfmet.io.json_files import read_manifest
 
 BACKENDS = ("exact", "scann")
 FORMAT = "tfmet-knn-index"
@@ -277,15 +277,7 @@ class NeighborIndex:
         """Reads an index written by `save`; errors name the directory and the problem."""
         directory = os.fspath(directory)
         path = os.path.join(directory, MANIFEST)
-        if not os.path.exists(path):
-            raise FileNotFoundError(f"{path}: no tfmet index manifest")
-        try:
-            with open(path, encoding="utf-8") as f:
-                manifest = json.load(f)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ValueError(f"{path}: not valid JSON ({e})") from None
-        if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-            raise ValueError(f"{path}: not a tfmet index manifest")
+        manifest = read_manifest(path, FORMAT, "tfmet index manifest")
         index = cls(
             backend=manifest["backend"],
             config=manifest.get("config"),

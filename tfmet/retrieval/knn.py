@@ -14,12 +14,12 @@ with the maximum factored out, in float64, so tau = 500 cannot overflow:
 conf = 1 / (sum_present exp(tau (s - s_max)) + (N - P) exp(-tau s_max)).
 """
 
-import json
 import os
 
 import numpy as np
 
 from tfmet.io.atomic import save_json, save_npy
+from tfmet.io.json_files import read_manifest
 from tfmet.retrieval.index import NeighborIndex
 from tfmet.retrieval.pca import row_chunks
 
@@ -175,15 +175,7 @@ class KnnClassifier:
     def load(cls, directory, num_threads=0):
         directory = os.fspath(directory)
         path = os.path.join(directory, "classifier.json")
-        if not os.path.exists(path):
-            raise FileNotFoundError(f"{path}: no saved KnnClassifier")
-        try:
-            with open(path, encoding="utf-8") as f:
-                meta = json.load(f)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ValueError(f"{path}: not valid JSON ({e})") from None
-        if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-            raise ValueError(f"{path}: not a tfmet KnnClassifier file")
+        meta = read_manifest(path, FORMAT, "tfmet KnnClassifier file")
         classifier = cls(meta["k"], meta["tau"], meta["backend"], num_threads=num_threads)
         classifier.index = NeighborIndex.load(os.path.join(directory, "index"), num_threads)
         classifier.scann_config = classifier.index.config
