@@ -2,7 +2,7 @@ r"""tfmet-export: write a SavedModel for serving.
 
     tfmet-export --kind descriptor --backbone resnet18 --weights r18.weights.h5 --out exports/desc
     tfmet-export --kind recognizer --backbone resnet18 --weights r18.weights.h5 \
-        --descriptor_dir descriptors/ --info_dir met/ --results_json knn/results.json \
+        --descriptor_dir descriptors/ --info_dir met/ --results_json knn/knn_results.json \
         --out exports/rec
     tfmet-export --kind style --style_model runs/pandora18k --out exports/style
 
@@ -13,7 +13,6 @@ PCA-whitening (--pca, or fitted again on the train descriptors with --dim, as tf
 does; --raw for none) and the tuned k and tau (--k/--tau, or --results_json from tfmet-knn-eval).
 """
 
-import json
 import sys
 
 from absl import app, flags, logging
@@ -56,13 +55,11 @@ def _extractor():
 def _classifier_settings():
     k, tau, dim = FLAGS.k, FLAGS.tau, FLAGS.dim
     if FLAGS.results_json:
-        try:
-            with open(FLAGS.results_json, encoding="utf-8") as f:
-                results = json.load(f)
-        except FileNotFoundError:
-            raise FileNotFoundError(f"{FLAGS.results_json}: results file not found") from None
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{FLAGS.results_json}: not valid JSON ({e})") from None
+        from tfmet.io.json_files import read_json
+
+        results = read_json(FLAGS.results_json, "tfmet-knn-eval results file")
+        if not isinstance(results, dict) or "k" not in results or "t" not in results:
+            raise ValueError(f"{FLAGS.results_json}: not a tfmet-knn-eval results file")
         k = results["k"] if k is None else k
         tau = results["t"] if tau is None else tau
         if not FLAGS["dim"].present and "dim" in results:
