@@ -18,7 +18,7 @@ def decode_image_batch(image_bytes, max_side=None):
     on every call.
 
     Returns:
-      (pixels: all decoded images flattened and concatenated, float32 [total],
+      (pixels: a TensorArray of N flattened images (unwritten for failed elements),
        shapes: int32 [N, 2] (height, width; 0 for failed elements), valid: bool [N]).
     """
     n = tf.shape(image_bytes)[0]
@@ -33,12 +33,14 @@ def decode_image_batch(image_bytes, max_side=None):
     def collect(state, element):
         pixels, shapes, valid = state
         index, image = element
-        pixels = tf.concat([pixels, tf.reshape(image, [-1])], axis=0)
+        pixels = pixels.write(index, tf.reshape(image, [-1]))
         shapes = tf.tensor_scatter_nd_update(shapes, [[index]], [tf.shape(image)[:2]])
         valid = tf.tensor_scatter_nd_update(valid, [[index]], [True])
         return pixels, shapes, valid
 
-    initial = (tf.zeros([0], tf.float32), tf.zeros([n, 2], tf.int32), tf.zeros([n], tf.bool))
+    # Entries of failed elements stay unwritten: read them only where `valid`.
+    pixels = tf.TensorArray(tf.float32, size=n, element_shape=[None], infer_shape=False)
+    initial = (pixels, tf.zeros([n, 2], tf.int32), tf.zeros([n], tf.bool))
     return dataset.reduce(initial, collect)
 
 
@@ -53,16 +55,14 @@ def map_image_bytes(image_bytes, fn, output_shape, dtype=tf.float32, max_side=No
     """
     pixels, shapes, valid = decode_image_batch(image_bytes, max_side)
     n = tf.shape(shapes)[0]
-    sizes = shapes[:, 0] * shapes[:, 1] * 3
-    offsets = tf.cumsum(sizes, exclusive=True)
     zeros = tf.zeros(output_shape, dtype)
 
+    def describe(i):
+        image = tf.reshape(pixels.read(i), [shapes[i, 0], shapes[i, 1], 3])
+        return tf.cast(fn(image[None]), dtype)
+
     def body(i, outputs):
-        image = tf.reshape(
-            pixels[offsets[i] : offsets[i] + sizes[i]], [shapes[i, 0], shapes[i, 1], 3]
-        )
-        value = tf.cond(valid[i], lambda: tf.cast(fn(image[None]), dtype), lambda: zeros)
-        return i + 1, outputs.write(i, value)
+        return i + 1, outputs.write(i, tf.cond(valid[i], lambda: describe(i), lambda: zeros))
 
     outputs = tf.TensorArray(dtype, size=n, element_shape=output_shape)
     _, outputs = tf.while_loop(lambda i, _: i < n, body, (0, outputs))
