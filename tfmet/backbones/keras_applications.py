@@ -15,6 +15,7 @@ import re
 
 import keras
 
+from tfmet.backbones import blocks as blocks_lib
 from tfmet.backbones import registry
 from tfmet.backbones.weights import load_weights
 
@@ -69,18 +70,7 @@ def block_layers(model: keras.Model, block: str) -> list[keras.layers.Layer]:
 
 def set_trainable_blocks(model: keras.Model, num_blocks: int) -> list[str]:
     """Makes the top `num_blocks` blocks trainable, freezes the rest; returns their names."""
-    all_blocks = blocks(model)
-    if not 0 <= num_blocks <= len(all_blocks):
-        raise ValueError(
-            f"num_blocks must be in [0, {len(all_blocks)}] for {model.name!r}. "
-            f"Received: num_blocks={num_blocks}"
-        )
-    chosen = all_blocks[:num_blocks]
-    selected = {id(layer) for block in chosen for layer in block_layers(model, block)}
-    model.trainable = True
-    for layer in model.layers:
-        layer.trainable = id(layer) in selected
-    return chosen
+    return blocks_lib.set_trainable_blocks(model, num_blocks, blocks, block_layers)
 
 
 def _builder(name: str):

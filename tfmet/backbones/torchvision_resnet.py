@@ -39,6 +39,7 @@ import re
 import keras
 import tensorflow as tf
 
+from tfmet.backbones import blocks as blocks_lib
 from tfmet.backbones import registry
 from tfmet.backbones.weights import load_weights
 
@@ -247,18 +248,7 @@ def set_trainable_blocks(model: keras.Model, num_blocks: int) -> list[str]:
     Frozen BatchNormalization layers run in inference mode (Keras 3 semantics of
     `trainable=False`), as fine-tuning the top of a pretrained trunk needs.
     """
-    all_blocks = blocks(model)
-    if not 0 <= num_blocks <= len(all_blocks):
-        raise ValueError(
-            f"num_blocks must be in [0, {len(all_blocks)}] for {model.name!r}. "
-            f"Received: num_blocks={num_blocks}"
-        )
-    chosen = all_blocks[:num_blocks]
-    selected = {id(layer) for block in chosen for layer in block_layers(model, block)}
-    model.trainable = True
-    for layer in model.layers:
-        layer.trainable = id(layer) in selected
-    return chosen
+    return blocks_lib.set_trainable_blocks(model, num_blocks, blocks, block_layers)
 
 
 def output_size(size: int) -> int:
