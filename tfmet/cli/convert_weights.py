@@ -12,10 +12,10 @@ tensor that does not map, or Keras weight left without a tensor, is an error (ex
 """
 
 import os
-import sys
 
 from absl import app, flags
 
+import tfmet.cli  # fail(); importing it silences TensorFlow's C++ start-up logs
 from tfmet.io.safe_pickle import UnsafePickleError
 
 flags.DEFINE_string("from", None, "PyTorch checkpoint (.pth/.pt/.pth.tar, zip or legacy format).")
@@ -43,8 +43,7 @@ PROGRAM = "tfmet-convert-weights"
 
 
 def _fail(message):
-    print(f"{PROGRAM}: error: {message}", file=sys.stderr)
-    sys.exit(2)
+    tfmet.cli.fail(PROGRAM, message)
 
 
 def main(argv):

@@ -13,11 +13,9 @@ GAP / GAP- / ACC, and writes TensorBoard logs and a PNG of queries with their to
 --workdir. See docs/demo.md.
 """
 
-import sys
-
 from absl import app, flags
 
-import tfmet.cli  # noqa: F401  (silences TensorFlow's C++ start-up logs; TF is imported later)
+import tfmet.cli  # fail(); importing it silences TensorFlow's C++ start-up logs
 
 flags.DEFINE_string("workdir", None, "Folder for the benchmark, descriptors, logs and pictures.")
 flags.DEFINE_string("backbone", "efficientnet_lite0", "Registered backbone name.")
@@ -47,8 +45,7 @@ PROGRAM = "tfmet-demo"
 
 
 def _fail(message):
-    print(f"{PROGRAM}: error: {message}", file=sys.stderr)
-    sys.exit(2)
+    tfmet.cli.fail(PROGRAM, message)
 
 
 def main(argv):

@@ -13,11 +13,8 @@ PCA-whitening (--pca, or fitted again on the train descriptors with --dim, as tf
 does; --raw for none) and the tuned k and tau (--k/--tau, or --results_json from tfmet-knn-eval).
 """
 
-import sys
-
 from absl import app, flags, logging
 
-import tfmet.cli  # noqa: F401  (quiet TensorFlow logging)
 from tfmet.cli import model_flags  # noqa: F401  (the descriptor model, as tfmet-extract)
 
 FLAGS = flags.FLAGS
@@ -201,8 +198,7 @@ def main(argv):
         signatures["metadata"] = metadata_signature(scalar)
         path = save_module(module, FLAGS.out, signatures, metadata, force=FLAGS.force)
     except (UsageError, ValueError, FileNotFoundError, FileExistsError) as e:
-        print(f"tfmet-export: error: {e}", file=sys.stderr)
-        sys.exit(2)
+        tfmet.cli.fail("tfmet-export", e)
     print(f"exported {FLAGS.kind} SavedModel to {path} (signatures: {', '.join(signatures)})")
 
 

@@ -15,7 +15,7 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-import tfmet.cli  # noqa: F401  (silences TensorFlow's C++ start-up logs; TF is imported later)
+import tfmet.cli  # fail(); importing it silences TensorFlow's C++ start-up logs
 from tfmet.cli import model_flags  # noqa: F401  (--backbone, --weights, --model, ...)
 
 FLAGS = flags.FLAGS
@@ -152,8 +152,7 @@ def main(argv):
         else:
             extract(values)
     except (UsageError, ValueError, FileNotFoundError) as e:
-        print(f"tfmet-extract: error: {e}", file=sys.stderr)
-        sys.exit(2)
+        tfmet.cli.fail("tfmet-extract", e)
     except RuntimeError as e:  # e.g. the model failing on every image: not the input's fault
         print(f"tfmet-extract: error: {e}", file=sys.stderr)
         sys.exit(1)

@@ -13,10 +13,9 @@ gs:// copy the chunks down and run `tfmet-extract --merge`. Dataflow, Flink and 
 lines, and what must be staged for them: docs/beam.md.
 """
 
-import sys
-
 from absl import app, flags, logging
 
+import tfmet.cli
 import tfmet.cli.extract as extract_cli  # defines the tfmet-extract flags this program shares
 from tfmet.cli import model_flags
 
@@ -202,8 +201,7 @@ def main(argv):
         else:
             extract(values, argv[1:])
     except (UsageError, ValueError, FileNotFoundError) as e:
-        print(f"tfmet-extract-beam: error: {e}", file=sys.stderr)
-        sys.exit(2)
+        tfmet.cli.fail("tfmet-extract-beam", e)
 
 
 def run():

@@ -9,11 +9,9 @@ checked against the JSON ground truth (mini or full database picked by length un
 or --nomini is given) and the paths and labels are recorded in the manifests.
 """
 
-import sys
-
 from absl import app, flags, logging
 
-import tfmet.cli  # noqa: F401  (silences TensorFlow's C++ start-up logs)
+import tfmet.cli  # fail(); importing it silences TensorFlow's C++ start-up logs
 
 FLAGS = flags.FLAGS
 
@@ -45,8 +43,7 @@ def main(argv):
             **metadata,
         )
     except (ValueError, FileNotFoundError, UnsafePickleError) as e:
-        print(f"tfmet-import-descriptors: error: {e}", file=sys.stderr)
-        sys.exit(2)
+        tfmet.cli.fail("tfmet-import-descriptors", e)
     for split, manifest in manifests.items():
         logging.info(
             "%s: %d x %d descriptors written to %s (%d invalid rows)",

@@ -14,12 +14,11 @@ train_contrastive.py; given on the command line they override the config (as doe
 """
 
 import os
-import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-import tfmet.cli  # noqa: F401  (silences TensorFlow's C++ start-up logs; TF is imported later)
+import tfmet.cli  # fail(); importing it silences TensorFlow's C++ start-up logs
 from tfmet.training.mining import PAIR_TYPES
 
 FLAGS = flags.FLAGS
@@ -150,8 +149,7 @@ def main(argv):
             resume=FLAGS.resume,
         )
     except (UsageError, ValueError, FileNotFoundError) as e:
-        print(f"tfmet-train-contrastive: error: {e}", file=sys.stderr)
-        sys.exit(2)
+        tfmet.cli.fail("tfmet-train-contrastive", e)
     _report(result)
 
 
