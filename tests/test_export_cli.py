@@ -24,6 +24,14 @@ def _export(*args):
     return _run([sys.executable, "-m", "tfmet.cli.export", *args])
 
 
+def _saved_model_cli_run(export, signature, inputs, outdir):
+    """`saved_model_cli run` of one signature; returns the completed process."""
+    return _run(
+        [SAVED_MODEL_CLI, "run", "--dir", str(export), "--tag_set", "serve"]
+        + ["--signature_def", signature, "--inputs", inputs, "--outdir", str(outdir)]
+    )
+
+
 def _image(seed, size):
     rng = np.random.default_rng(seed)
     return rng.integers(0, 256, (*size, 3), dtype=np.uint8)
@@ -48,21 +56,8 @@ def test_descriptor_export_cli_and_saved_model_cli(tmp_path):
     for needle in ("serving_default", "image_bytes", "descriptor", "valid", "metadata"):
         assert needle in show.stdout
 
-    ran = _run(
-        [
-            SAVED_MODEL_CLI,
-            "run",
-            "--dir",
-            str(out),
-            "--tag_set",
-            "serve",
-            "--signature_def",
-            "images",
-            "--inputs",
-            f"images={tmp_path / 'images.npy'}",
-            "--outdir",
-            str(tmp_path / "cli_out"),
-        ]
+    ran = _saved_model_cli_run(
+        out, "images", f"images={tmp_path / 'images.npy'}", tmp_path / "cli_out"
     )
     assert ran.returncode == 0, ran.stderr[-2000:]
     got = np.load(tmp_path / "cli_out" / "descriptor.npy")
@@ -72,21 +67,8 @@ def test_descriptor_export_cli_and_saved_model_cli(tmp_path):
     Image.fromarray(_image(1, (20, 30))).save(buffer, format="PNG")
     # Fixed-width bytes (no pickle); a PNG ends with its IEND CRC, never with a NUL byte.
     np.save(tmp_path / "bytes.npy", np.array([buffer.getvalue(), b""]), allow_pickle=False)
-    ran = _run(
-        [
-            SAVED_MODEL_CLI,
-            "run",
-            "--dir",
-            str(out),
-            "--tag_set",
-            "serve",
-            "--signature_def",
-            "serving_default",
-            "--inputs",
-            f"image_bytes={tmp_path / 'bytes.npy'}",
-            "--outdir",
-            str(tmp_path / "cli_bytes"),
-        ]
+    ran = _saved_model_cli_run(
+        out, "serving_default", f"image_bytes={tmp_path / 'bytes.npy'}", tmp_path / "cli_bytes"
     )
     assert ran.returncode == 0, ran.stderr[-2000:]
     assert np.load(tmp_path / "cli_bytes" / "valid.npy").tolist() == [True, False]
