@@ -16,7 +16,7 @@ from tfmet.backbones.weights import load_weights
 try:
     import torch
 
-    from tests import torch_models
+    from tests.kit import torch_models
 except ImportError:  # torch is a test extra; the hard-coded counts below still apply
     torch = None
 

@@ -1,6 +1,5 @@
 """torch -> Keras conversion: parity of feature maps and GeM descriptors, Met layouts, errors."""
 
-import os
 import subprocess
 import sys
 
@@ -13,9 +12,9 @@ from tfmet.backbones import torch_convert
 from tfmet.layers import gem
 
 torch = pytest.importorskip("torch")
-from tests import torch_models  # noqa: E402  (needs torch)
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.kit import torch_models  # noqa: E402  (needs torch)
+from tests.kit.cli import REPO  # noqa: E402
+from tests.kit.references import numpy_gem as _numpy_gem  # noqa: E402
 
 
 def _images(height, width, count=2, seed=0):
@@ -33,11 +32,6 @@ def _torch_features(trunk, normalised):
     with torch.no_grad():
         out = trunk(torch.from_numpy(normalised).permute(0, 3, 1, 2))
     return out.permute(0, 2, 3, 1).numpy()
-
-
-def _numpy_gem(features, p=3.0, eps=1e-6):
-    pooled = (np.maximum(features.astype(np.float64), eps) ** p).mean((1, 2)) ** (1 / p)
-    return pooled / np.linalg.norm(pooled, axis=1, keepdims=True)
 
 
 @pytest.mark.parametrize(

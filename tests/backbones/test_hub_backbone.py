@@ -7,76 +7,13 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from tests.kit.hub_modules import B2, HEAD
+from tests.kit.hub_modules import DictModule as _DictModule
+from tests.kit.hub_modules import TensorModule as _TensorModule
+from tests.kit.hub_modules import expected_feature_map as _expected_feature_map
+from tests.kit.hub_modules import save_module as _save
 from tfmet import backbones
 from tfmet.backbones import hub
-
-RNG = np.random.default_rng(0)
-K1 = RNG.normal(size=(3, 4)).astype(np.float32)  # block1 1x1 conv
-K2 = RNG.normal(size=(4, 6)).astype(np.float32)  # block2 1x1 conv
-B2 = RNG.normal(size=(6,)).astype(np.float32)
-MEAN2 = RNG.normal(size=(6,)).astype(np.float32)  # a batch-norm-like statistic (non-trainable)
-HEAD = RNG.normal(size=(6, 5)).astype(np.float32)
-
-
-class _Trunk(tf.Module):
-    """A two-block image model with the reusable-SavedModel attributes."""
-
-    # Plain lists instead of tf.Module's properties: properties are not saved.
-    variables = None
-    trainable_variables = None
-
-    def __init__(self):
-        super().__init__()
-        self.k1 = tf.Variable(K1, name="block1/conv/kernel")
-        self.k2 = tf.Variable(K2, name="block2/conv/kernel")
-        self.b2 = tf.Variable(B2, name="block2/conv/bias")
-        self.mean2 = tf.Variable(MEAN2, name="block2/bn/moving_mean", trainable=False)
-        self.head = tf.Variable(HEAD, name="head/kernel")
-        self.decay = tf.Variable(0.5, name="l2_weight", trainable=False)
-        self.regularization_losses = [
-            tf.function(
-                lambda: self.decay * tf.reduce_sum(tf.square(self.head)), input_signature=[]
-            )
-        ]
-        self.variables = [self.k1, self.k2, self.b2, self.mean2, self.head, self.decay]
-        self.trainable_variables = [self.k1, self.k2, self.b2, self.head]
-
-    def feature_map(self, images):
-        y = tf.nn.relu(tf.einsum("bhwc,cd->bhwd", images, self.k1))
-        y = y[:, ::2, ::2, :]
-        return tf.einsum("bhwc,cd->bhwd", y, self.k2) + self.b2 - self.mean2
-
-
-class _TensorModule(_Trunk):
-    """Returns the feature map; `training` is part of the input_signature."""
-
-    @tf.function(
-        input_signature=[
-            tf.TensorSpec([None, None, None, 3], tf.float32),
-            tf.TensorSpec([], tf.bool),
-        ]
-    )
-    def __call__(self, images, training=False):
-        del training
-        return self.feature_map(images)
-
-
-class _DictModule(_Trunk):
-    """Returns {"default": pooled head output, "feature_map": ...}; traced for both trainings."""
-
-    @tf.function
-    def __call__(self, images, training=False):
-        fmap = self.feature_map(images)
-        return {"default": tf.reduce_mean(fmap, axis=[1, 2]) @ self.head, "feature_map": fmap}
-
-
-def _save(module, directory, trace_training=False):
-    if trace_training:
-        spec = tf.TensorSpec([None, None, None, 3], tf.float32)
-        for training in (False, True):
-            module.__call__.get_concrete_function(spec, training=training)
-    tf.saved_model.save(module, directory)
-    return directory
 
 
 @pytest.fixture(scope="module")
@@ -87,11 +24,6 @@ def tensor_module(tmp_path_factory):
 @pytest.fixture(scope="module")
 def dict_module(tmp_path_factory):
     return _save(_DictModule(), str(tmp_path_factory.mktemp("hub") / "dict_module"), True)
-
-
-def _expected_feature_map(images, k2=K2, b2=B2):
-    y = np.maximum(images @ K1, 0.0)[:, ::2, ::2, :]
-    return y @ k2 + b2 - MEAN2
 
 
 def _images(shape=(2, 9, 7, 3), seed=1):

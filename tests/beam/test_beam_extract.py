@@ -20,14 +20,14 @@ from apache_beam.io.filesystem import FileMetadata
 from apache_beam.io.localfilesystem import LocalFileSystem
 from PIL import Image
 
-from tests.met_tree import write_image, write_met_tree
+from tests.kit.cli import REPO
+from tests.kit.met_tree import write_image, write_met_tree
 from tfmet.beam import paths, pipeline
 from tfmet.beam.chunks import ChunkOutput
 from tfmet.beam.model_handler import DescriptorModelHandler, describe_batch
 from tfmet.data import images as image_io
 from tfmet.descriptors import extraction, store
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SPLITS = ("train", "val", "test")
 CHUNK_SIZE = 3  # train 8 rows -> chunks of 3, 3, 2; val and test 7 rows -> 3, 3, 1
 

@@ -3,25 +3,24 @@
 import io
 import json
 import os
-import subprocess
 import sys
 
 import numpy as np
 import pytest
 from PIL import Image
 
+from tests.kit import one_conv_backbone, run_cli, run_command
 from tfmet.descriptors import extraction
 
-ENV = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
 SAVED_MODEL_CLI = os.path.join(os.path.dirname(sys.executable), "saved_model_cli")
 
 
 def _run(args, cwd=None):
-    return subprocess.run(args, capture_output=True, text=True, env=ENV, cwd=cwd)
+    return run_command(args, cwd=cwd)
 
 
 def _export(*args):
-    return _run([sys.executable, "-m", "tfmet.cli.export", *args])
+    return run_cli("export", *args, cwd=None)
 
 
 def _saved_model_cli_run(export, signature, inputs, outdir):
@@ -97,13 +96,10 @@ def test_bad_input_one_line_exit_2(tmp_path, args, message):
 
 
 def test_style_export_cli_from_a_run_directory(tmp_path):
-    import keras
 
     from tfmet.training.style import StyleClassifier, StyleHead
 
-    keras.utils.set_random_seed(0)
-    x = keras.Input((None, None, 3))
-    backbone = keras.Model(x, keras.layers.Conv2D(4, 3, strides=4, activation="relu")(x))
+    backbone = one_conv_backbone()
     names = {"style": ["baroque", "cubism", "pop_art"], "genre": ["portrait", "landscape"]}
     classifier = StyleClassifier(backbone, StyleHead(names))
     classifier.build((None, 24, 24, 3))
@@ -134,7 +130,7 @@ def test_recognizer_export_predicts_what_knn_eval_predicts(tmp_path):
     """extract -> tfmet-knn-eval --autotune -> tfmet-export: the same test predictions."""
     import tensorflow as tf
 
-    from tests.met_tree import write_met_tree
+    from tests.kit.met_tree import write_met_tree
     from tfmet.data import met
 
     tree = write_met_tree(tmp_path / "met", num_exhibits=6, met_queries=6)

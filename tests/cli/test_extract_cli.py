@@ -12,10 +12,10 @@ import time
 import numpy as np
 import pytest
 
-from tests.met_tree import write_met_tree
+from tests.kit.cli import REPO
+from tests.kit.met_tree import write_met_tree
 from tfmet.descriptors import extraction, store
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join(REPO, "configs", "extract_met.py")
 
 

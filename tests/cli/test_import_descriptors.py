@@ -2,13 +2,12 @@
 
 import os
 import pickle
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 
-from tests.met_tree import write_met_tree
+from tests.kit import cli as kit_cli
+from tests.kit.met_tree import write_met_tree
 from tfmet.descriptors import store
 from tfmet.io.safe_pickle import UnsafePickleError
 
@@ -87,8 +86,7 @@ def test_malicious_pickle_is_refused_without_running(tmp_path):
 
 
 def _cli(*flags):
-    command = [sys.executable, "-m", "tfmet.cli.import_descriptors", *flags]
-    return subprocess.run(command, capture_output=True, text=True, timeout=300)
+    return kit_cli.run_cli("import_descriptors", *flags, timeout=300)
 
 
 @pytest.mark.slow

@@ -7,8 +7,6 @@ no other tfmet CLI module may be imported in-process by the same test session.
 import json
 import os
 import pickle
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -16,8 +14,10 @@ import tensorflow as tf
 from absl import flags
 from tensorboard.backend.event_processing import event_accumulator
 
-from tests.met_tree import write_met_tree
-from tests.test_retrieval_knn import _rule_by_loop, _unit
+from tests.kit import cli as kit_cli
+from tests.kit.met_tree import write_met_tree
+from tests.kit.references import rule_by_loop as _rule_by_loop
+from tests.kit.references import unit as _unit
 from tfmet import metrics
 from tfmet.cli import knn_eval
 from tfmet.descriptors.store import write_store
@@ -231,12 +231,7 @@ def test_bad_input(met, tmp_path, capsys):
 def test_console_program_exit_code(met, tmp_path):
     """The real program (absl app.run) in a subprocess: one error line, exit code 2."""
     tree, _ = met
-    done = subprocess.run(
-        [sys.executable, "-m", "tfmet.cli.knn_eval", str(tmp_path), "--info_dir", tree.info_dir],
-        capture_output=True,
-        text=True,
-        env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"},
-    )
+    done = kit_cli.run_cli("knn_eval", tmp_path, "--info_dir", tree.info_dir)
     assert done.returncode == 2
     errors = [line for line in done.stderr.splitlines() if line.startswith("tfmet-knn-eval: error")]
     assert len(errors) == 1 and "no descriptors" in errors[0]

@@ -6,8 +6,6 @@ the config's docstring shows, with a corrupt image added to the generated datase
 
 import json
 import os
-import subprocess
-import sys
 
 import keras
 import numpy as np
@@ -15,26 +13,12 @@ import pytest
 import tensorflow as tf
 
 from configs import pandora18k, wikipaintings_rasta
-from tests import style_data
+from tests.kit import one_conv_backbone, run_cli, style_data
 from tfmet.data import style as style_data_module
 from tfmet.export import save_module
 from tfmet.export.style import StyleModule
 from tfmet.training import style_predict, style_run, style_train
 from tfmet.training.style import StyleClassifier, StyleHead
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def run_cli(module, *args):
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
-    return subprocess.run(
-        [sys.executable, "-m", f"tfmet.cli.{module}", *args],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
 
 
 @pytest.fixture(scope="module")
@@ -120,9 +104,7 @@ def test_predict_from_a_checkpoint_and_missing_export(trained, tmp_path):
 
 
 def test_predict_from_an_exported_saved_model(tmp_path):
-    keras.utils.set_random_seed(0)
-    x = keras.Input((None, None, 3))
-    backbone = keras.Model(x, keras.layers.Conv2D(4, 3, strides=4, activation="relu")(x))
+    backbone = one_conv_backbone()
     classifier = StyleClassifier(backbone, StyleHead({"style": ["a", "b", "c"]}))
     classifier.build((None, 32, 32, 3))
     module = StyleModule(classifier, image_size=32, top_k=2)

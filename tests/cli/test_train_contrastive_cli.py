@@ -8,28 +8,20 @@ CLI modules define absl flags at import, so they are only ever imported in child
 
 import json
 import os
-import subprocess
 import sys
 
 import numpy as np
 import pytest
 
-from tests.met_tree import write_met_tree
+from tests.kit.cli import REPO, run_command
+from tests.kit.met_tree import write_met_tree
 from tfmet.descriptors import store
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join(REPO, "configs", "met_contrastive_r18.py")
 
 
 def _run(module, *flags, timeout=600):
-    done = subprocess.run(
-        [sys.executable, "-m", module, *flags],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        cwd=REPO,
-        env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"),
-    )
+    done = run_command([sys.executable, "-m", module, *flags], timeout=timeout)
     return done.returncode, done.stdout + done.stderr
 
 

@@ -7,7 +7,7 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
-from tests.met_tree import write_image
+from tests.kit.met_tree import write_image
 from tfmet.data import images
 
 RNG = np.random.default_rng(0)

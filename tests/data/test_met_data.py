@@ -6,7 +6,7 @@ import os
 import numpy as np
 import pytest
 
-from tests.met_tree import write_met_tree
+from tests.kit.met_tree import write_met_tree
 from tfmet.data import met
 
 

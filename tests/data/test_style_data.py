@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from tests import style_data
+from tests.kit import style_data
 from tfmet.data import style
 
 

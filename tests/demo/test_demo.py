@@ -11,12 +11,12 @@ import pytest
 import skimage.data
 from PIL import Image
 
-from tests.met_tree import write_met_tree
+from tests.kit.cli import REPO
+from tests.kit.met_tree import write_met_tree
 from tfmet.data import met
 from tfmet.demo import benchmark, visitor
 from tfmet.demo.run import run_demo
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMALL = benchmark.BenchmarkConfig(
     seed=3,
     val_per_exhibit=1,

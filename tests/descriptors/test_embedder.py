@@ -5,15 +5,11 @@ import keras
 import numpy as np
 import pytest
 
-from tests.helpers import tiny_backbone
-from tests.test_resize import numpy_torch_bilinear
+from tests.kit import tiny_backbone
+from tests.kit.references import numpy_gem as numpy_gem_l2
+from tests.kit.references import numpy_torch_bilinear
 from tfmet.backbones import IMAGENET_TORCH
 from tfmet.descriptors import MET_SCALES, DescriptorExtractor, Embedder
-
-
-def numpy_gem_l2(features, p=3.0, eps=1e-6):
-    pooled = np.mean(np.maximum(features, eps) ** p, axis=(1, 2)) ** (1.0 / p)
-    return pooled / np.linalg.norm(pooled, axis=-1, keepdims=True)
 
 
 def numpy_normalise(image):

@@ -10,8 +10,8 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
-from tests.helpers import tiny_backbone
-from tests.met_tree import exhibit_view, write_image, write_met_tree
+from tests.kit import tiny_backbone
+from tests.kit.met_tree import exhibit_view, write_image, write_met_tree
 from tfmet.backbones import IMAGENET_TORCH
 from tfmet.data import met
 from tfmet.descriptors import MET_SCALES, DescriptorExtractor, Embedder, extraction, store

@@ -6,29 +6,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from tests.kit.references import numpy_torch_bilinear
 from tfmet.descriptors.resize import resize, tf_bilinear_resize, torch_bilinear_resize
-
-
-def numpy_torch_bilinear(image, scale):
-    """PyTorch upsample_bilinear2d (align_corners=False, scale_factor given), pixel by pixel."""
-    h, w, c = image.shape
-    oh, ow = int(math.floor(h * scale)), int(math.floor(w * scale))
-    inv = np.float32(1.0 / scale)
-    out = np.zeros((oh, ow, c), np.float32)
-    for y in range(oh):
-        sy = max(np.float32(inv * np.float32(y + 0.5) - np.float32(0.5)), np.float32(0))
-        y0 = int(sy)
-        y1 = y0 + (1 if y0 < h - 1 else 0)
-        ly = np.float32(sy - y0)
-        for x in range(ow):
-            sx = max(np.float32(inv * np.float32(x + 0.5) - np.float32(0.5)), np.float32(0))
-            x0 = int(sx)
-            x1 = x0 + (1 if x0 < w - 1 else 0)
-            lx = np.float32(sx - x0)
-            out[y, x] = (1 - ly) * ((1 - lx) * image[y0, x0] + lx * image[y0, x1]) + ly * (
-                (1 - lx) * image[y1, x0] + lx * image[y1, x1]
-            )
-    return out
 
 
 @pytest.mark.parametrize("height,width", [(37, 29), (101, 77)])

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.helpers import tiny_backbone
+from tests.kit import tiny_backbone
 from tfmet.backbones import IMAGENET_TORCH
 from tfmet.descriptors import DescriptorExtractor, Embedder
 from tfmet.export import DescriptorModule, RecognizerModule, knn_confidence, save_module

@@ -191,3 +191,13 @@ def main(argv):
 
 if __name__ == "__main__":
     sys.exit(main(sys.argv))
+
+
+# The small Pandora18k-like dataset the style training tests share (tests/training/conftest.py).
+NUM_CLASSES = 6
+
+
+def make_small_pandora18k(root):
+    """NUM_CLASSES styles x 2 artists x 12 images of 32 px (plus the loose images) under `root`."""
+    make_pandora18k(root, num_classes=NUM_CLASSES, artists=2, images_per_artist=12, size=32, seed=0)
+    return root

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from tests.helpers import assert_layer_round_trip
+from tests.kit import assert_layer_round_trip
 from tfmet.layers import GeMPooling2D, L2Normalize, Projector, gem, l2_normalize
 
 

@@ -5,23 +5,11 @@ import math
 import numpy as np
 import pytest
 
+from tests.kit.references import brute_force as _brute_force
+from tests.kit.references import clustered as _clustered
+from tests.kit.references import rule_by_loop as _rule_by_loop
+from tests.kit.references import unit as _unit
 from tfmet.retrieval import KnnClassifier, NeighborIndex, ScannConfig, knn_confidence
-
-
-def _rule_by_loop(similarities, labels, num_classes, tau):
-    """Independent per-query loop: dict of per-label max from 0, log-sum-exp over N classes."""
-    preds, confs = [], []
-    for sims, labs in zip(similarities, labels, strict=True):
-        best = {}
-        for s, label in zip(sims, labs, strict=True):
-            best[int(label)] = max(best.get(int(label), 0.0), float(s))
-        top = max(best.values())
-        pred = min(label for label, s in best.items() if s == top)
-        logits = [tau * s for s in best.values()] + [0.0] * (num_classes - len(best))
-        log_denominator = np.logaddexp.reduce(np.array(logits))
-        preds.append(pred)
-        confs.append(math.exp(tau * top - log_denominator))
-    return np.array(preds), np.array(confs)
 
 
 def test_hand_made_rule():
@@ -77,23 +65,6 @@ def test_padding_is_ignored():
     )
     assert pred.tolist() == [3, -1]
     assert conf[0] == pytest.approx(math.exp(0.5) / (math.exp(0.5) + 3)) and conf[1] == 0.0
-
-
-def _unit(x):
-    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
-
-
-def _clustered(seed, n, d, clusters, noise):
-    rng = np.random.default_rng(seed)
-    centres = rng.normal(size=(clusters, d))
-    owner = rng.integers(0, clusters, n)
-    return _unit(centres[owner] + noise * rng.normal(size=(n, d))), owner, centres
-
-
-def _brute_force(database, queries, k):
-    scores = queries.astype(np.float64) @ database.astype(np.float64).T
-    order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
-    return np.take_along_axis(scores, order, 1), order, scores
 
 
 def test_exact_backend_equals_numpy_brute_force():

@@ -3,7 +3,10 @@
 import numpy as np
 import pytest
 
-from tests.test_retrieval_knn import _brute_force, _clustered, _rule_by_loop, _unit
+from tests.kit.references import brute_force as _brute_force
+from tests.kit.references import clustered as _clustered
+from tests.kit.references import rule_by_loop as _rule_by_loop
+from tests.kit.references import unit as _unit
 from tfmet import metrics
 from tfmet.retrieval import DEFAULT_KS, DEFAULT_TAUS, NeighborIndex, tune, tune_on_neighbors
 

@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from tests.helpers import tiny_backbone
-from tests.met_tree import write_met_tree
+from tests.kit import REPO, tiny_backbone
+from tests.kit.met_tree import write_met_tree
 from tfmet.data import pairs as pairs_lib
 from tfmet.data.images import read_image
 from tfmet.descriptors import DescriptorExtractor, Embedder
@@ -30,7 +30,7 @@ from tfmet.training.augment import (
 )
 from tfmet.training.mining import Pairs
 
-CONFIG_FILE = os.path.join(os.path.dirname(__file__), "..", "configs", "met_contrastive_r18.py")
+CONFIG_FILE = os.path.join(REPO, "configs", "met_contrastive_r18.py")
 
 
 def smoke_config(**overrides):

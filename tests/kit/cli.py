@@ -1,0 +1,35 @@
+"""Running tfmet's programs in subprocesses, as a user would."""
+
+import os
+import subprocess
+import sys
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+ENV = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
+
+
+def run_cli(module, *args, cwd=REPO, timeout=600, env=None):
+    """`python -m tfmet.cli.<module> *args` in a subprocess; returns the CompletedProcess.
+
+    TensorFlow's C++ start-up logs are silenced (TF_CPP_MIN_LOG_LEVEL=3), stdout and stderr are
+    captured as text, and the program runs from the repository root unless `cwd` says otherwise.
+    `env` adds variables to (or overrides) the test process's environment.
+    """
+    return run_command(
+        [sys.executable, "-m", f"tfmet.cli.{module}", *map(str, args)],
+        cwd=cwd,
+        timeout=timeout,
+        env=env,
+    )
+
+
+def run_command(command, cwd=REPO, timeout=600, env=None):
+    """`command` (a list) in a subprocess with the same conventions as `run_cli`."""
+    return subprocess.run(
+        command,
+        cwd=cwd,
+        env=dict(ENV, **(env or {})),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )

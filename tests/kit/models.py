@@ -1,0 +1,25 @@
+"""Tiny Keras backbones with known structure, for tests that need a feature extractor."""
+
+import keras
+
+
+def tiny_backbone(channels=8, seed=0):
+    """A two-conv feature extractor [B, H, W, 3] -> [B, H/4, W/4, channels] with seeded weights."""
+    keras.utils.set_random_seed(seed)
+    x = keras.Input((None, None, 3))
+    y = keras.layers.Conv2D(channels, 3, strides=2, padding="same", activation="relu")(x)
+    y = keras.layers.Conv2D(channels, 3, strides=2, padding="same", activation="relu")(y)
+    return keras.Model(x, y, name="tiny_backbone")
+
+
+def one_conv_backbone(channels=4, seed=0):
+    """One 3x3 stride-4 ReLU conv [B, H, W, 3] -> [B, ~H/4, ~W/4, channels], seeded weights."""
+    keras.utils.set_random_seed(seed)
+    x = keras.Input((None, None, 3))
+    return keras.Model(x, keras.layers.Conv2D(channels, 3, strides=4, activation="relu")(x))
+
+
+def relu_backbone(channels=3):
+    """The feature map is the ReLU of the input itself: values in tests can be worked by hand."""
+    x = keras.Input((None, None, channels))
+    return keras.Model(x, keras.layers.ReLU()(x), name="relu_backbone")
