@@ -11,10 +11,16 @@ import tempfile
 import keras
 import numpy as np
 import tensorflow as tf
+from keras.src.saving.serialization_lib import SafeModeScope  # no public context manager
 
 
 def _numpy(tree):
-    return tf.nest.map_structure(lambda t: np.asarray(keras.ops.convert_to_numpy(t)), tree)
+    """A tensor, array, nested list or number -> array; a dict of those -> dict of arrays."""
+    if isinstance(tree, dict):
+        return {key: _numpy(value) for key, value in tree.items()}
+    if isinstance(tree, (list, tuple)):
+        return np.asarray([_numpy(value) for value in tree])
+    return np.asarray(keras.ops.convert_to_numpy(tree))
 
 
 def _assert_close(actual, expected, atol, rtol=0.0, what=""):
@@ -24,16 +30,18 @@ def _assert_close(actual, expected, atol, rtol=0.0, what=""):
         np.testing.assert_allclose(a, e, atol=atol, rtol=rtol, err_msg=what)
 
 
-def assert_layer_round_trip(layer, inputs, tmp_path, atol=1e-6):
+def assert_layer_round_trip(layer, inputs, tmp_path, atol=1e-6, safe_mode=True):
     """Round-trips `layer` through get_config/from_config, a .keras file and a SavedModel.
 
     Each copy must give the layer's output on `inputs` (same weights) within `atol`; outputs may
-    be a tensor or a dict of tensors. Returns the layer's output as numpy.
+    be a tensor or a dict of tensors. `safe_mode=False` lets a layer that loads code (a hub
+    module) be deserialised. Returns the layer's output as numpy.
     """
     inputs = np.asarray(inputs, np.float32)
     expected = _numpy(layer(inputs))
 
-    clone = layer.__class__.from_config(layer.get_config())
+    with SafeModeScope(safe_mode):
+        clone = layer.__class__.from_config(layer.get_config())
     clone(inputs)
     clone.set_weights(layer.get_weights())
     _assert_close(clone(inputs), expected, atol, what="from_config(get_config())")
@@ -43,7 +51,7 @@ def assert_layer_round_trip(layer, inputs, tmp_path, atol=1e-6):
     model = keras.Model(x, layer(x))
     path = os.path.join(tmp_path, "layer.keras")
     model.save(path)
-    loaded = keras.saving.load_model(path)
+    loaded = keras.saving.load_model(path, safe_mode=safe_mode)
     _assert_close(loaded(inputs), expected, atol, what=".keras file")
 
     export_dir = os.path.join(tmp_path, "saved_model")
@@ -61,6 +69,8 @@ def run_layer_test(
     *,
     weights=None,
     expected_output_shape=None,
+    has_compute_output_shape=True,
+    safe_mode=True,
     atol=1e-6,
     rtol=1e-6,
     tmp_path=None,
@@ -74,13 +84,18 @@ def run_layer_test(
       expected_output: the value worked out by hand for `input_data` (array or dict of arrays).
       weights: if given, `set_weights(weights)` after the first call (to make values checkable).
       expected_output_shape: the output shape(s) for `input_data`; by default the real output's.
+      has_compute_output_shape: False for a class that does not implement compute_output_shape
+        (then only the symbolic `compute_output_spec` is checked, and the class must indeed
+        lack it, so that the flag goes away when the method is added).
+      safe_mode: False for a layer that keras only deserialises outside safe mode (hub modules).
       atol, rtol: tolerances of the hand-checked value (round trips use `atol` alone).
       tmp_path: directory for the .keras file and the SavedModel (a temporary one if None).
 
     Checks: get_config -> from_config gives an equal config and the same output with the same
     weights; a functional model around the layer survives `.keras` save/load and
-    `export` + `tf.saved_model.load`; `compute_output_shape(input shape)` equals the real output
-    shape (and `expected_output_shape`); the output equals `expected_output`.
+    `export` + `tf.saved_model.load`; `compute_output_shape(input shape)` and the symbolic
+    `compute_output_spec` agree with the real output shape (and `expected_output_shape`); the
+    output equals `expected_output`.
     """
     input_data = np.asarray(input_data, np.float32)
     layer = layer_cls(**init_kwargs)
@@ -91,15 +106,36 @@ def run_layer_test(
     actual_shape = tf.nest.map_structure(lambda t: tuple(t.shape), output)
     if expected_output_shape is not None:
         assert actual_shape == expected_output_shape, (actual_shape, expected_output_shape)
-    computed = layer.compute_output_shape(input_data.shape)
-    computed = tf.nest.map_structure(tuple, computed, check_types=False)
-    assert _shapes_match(computed, actual_shape), (computed, actual_shape)
+    _check_output_shapes(layer, input_data.shape, actual_shape, has_compute_output_shape)
     if expected_output is not None:
         _assert_close(output, expected_output, atol, rtol, what="hand-checked value")
     if tmp_path is None:
         with tempfile.TemporaryDirectory() as directory:
-            return assert_layer_round_trip(layer, input_data, directory, atol=atol)
-    return assert_layer_round_trip(layer, input_data, tmp_path, atol=atol)
+            return assert_layer_round_trip(layer, input_data, directory, atol, safe_mode)
+    return assert_layer_round_trip(layer, input_data, tmp_path, atol, safe_mode)
+
+
+def _check_output_shapes(layer, input_shape, actual_shape, has_compute_output_shape):
+    overridden = type(layer).compute_output_shape is not keras.layers.Layer.compute_output_shape
+    overridden = (
+        overridden and type(layer).compute_output_shape is not keras.Model.compute_output_shape
+    )
+    assert overridden == has_compute_output_shape, (
+        f"{type(layer).__name__} implements compute_output_shape: {overridden}; "
+        f"has_compute_output_shape={has_compute_output_shape}"
+    )
+    if has_compute_output_shape:
+        computed = _as_shapes(layer.compute_output_shape(input_shape))
+        assert _shapes_match(computed, actual_shape), (computed, actual_shape)
+    symbolic = keras.KerasTensor((None, *input_shape[1:]), dtype="float32")
+    spec = _as_shapes(tf.nest.map_structure(lambda t: t.shape, layer.compute_output_spec(symbolic)))
+    assert _shapes_match(spec, actual_shape), (spec, actual_shape)
+
+
+def _as_shapes(shapes):
+    if isinstance(shapes, dict):
+        return {key: tuple(shape) for key, shape in shapes.items()}
+    return tuple(shapes)
 
 
 def _shapes_match(computed, actual):
@@ -132,7 +168,7 @@ def run_serialization_test(obj_cls, init_kwargs, compute, expected, *, atol=1e-6
     serialized = keras.saving.serialize_keras_object(obj_cls(**init_kwargs))
     assert serialized["registered_name"] == f"tfmet>{obj_cls.__name__}", serialized
     revived = keras.saving.deserialize_keras_object(serialized)
-    assert type(revived) is obj_cls and revived.get_config() == config
+    assert type(revived) is obj_cls and _without_name(revived.get_config()) == _without_name(config)
     _assert_close(compute(revived), expected, atol, what="deserialize_keras_object")
     if tmp_path is None:
         with tempfile.TemporaryDirectory() as directory:
@@ -154,6 +190,7 @@ def _assert_compiled_round_trip(obj_cls, init_kwargs, config, directory):
     else:
         compile_kwargs["metrics"] = [obj_cls(**init_kwargs)]
     model.compile(**compile_kwargs)
+    model.optimizer.build(model.trainable_variables)  # saved with its slots
     path = os.path.join(directory, "compiled.keras")
     model.save(path)
     loaded = keras.saving.load_model(path)
@@ -167,7 +204,9 @@ def _assert_compiled_round_trip(obj_cls, init_kwargs, config, directory):
     else:
         revived = loaded.optimizer
     assert type(revived) is obj_cls, type(revived)
-    revived_config = revived.get_config()
-    assert {k: revived_config[k] for k in config if k != "name"} == {
-        k: v for k, v in config.items() if k != "name"
-    }
+    assert _without_name(revived.get_config()) == _without_name(config)
+
+
+def _without_name(config):
+    """A config without its auto-numbered "name" (a second instance is named foo_1)."""
+    return {key: value for key, value in config.items() if key != "name"}
