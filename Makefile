@@ -3,7 +3,7 @@ PYTHON ?= python3.11
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: demo test lint install
+.PHONY: demo test test-fast lint install
 
 $(VENV)/.installed: setup.cfg pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "$(PYTHON) not found: tfmet needs Python 3.11 (set PYTHON=...)"; exit 2; }
@@ -25,3 +25,8 @@ test: $(VENV)/.installed lint
 	@# pytest exits 5 when it collects no tests: that is not a failure of the suite.
 	TF_CPP_MIN_LOG_LEVEL=3 $(PY) -m pytest -q tests; rc=$$?; \
 	  if [ $$rc -eq 5 ]; then echo "pytest collected no tests"; exit 0; fi; exit $$rc
+
+# The suite without the tests marked `slow` (those that start programs in subprocesses):
+# a quick check while working; `make test` (and CI) still run everything.
+test-fast: $(VENV)/.installed lint
+	TF_CPP_MIN_LOG_LEVEL=3 $(PY) -m pytest -q -m "not slow" tests

@@ -1,4 +1,41 @@
 import os
+import subprocess
+import sys
+
+import pytest
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")  # deterministic float results for golden tests
+
+# Tests that start a Python subprocess (a tfmet program, saved_model_cli, a fresh interpreter)
+# are most of the suite's time: they must be marked `slow`, so that `make test-fast`
+# (`pytest -m "not slow"`) skips them. The guard below makes an unmarked one fail, also when the
+# subprocess starts in a fixture the test uses.
+_running = {"item": None}
+_popen_init = subprocess.Popen.__init__
+_PYTHON_BIN = os.path.dirname(sys.executable)
+
+
+def _guarded_popen_init(self, args, *rest, **kwargs):
+    item = _running["item"]
+    program = args[0] if isinstance(args, (list, tuple)) and args else args
+    ours = isinstance(program, (str, os.PathLike)) and os.path.dirname(str(program)) == _PYTHON_BIN
+    if ours and item is not None and item.get_closest_marker("slow") is None:
+        raise RuntimeError(
+            f"{item.nodeid} starts a subprocess ({os.path.basename(str(program))}): "
+            "mark it @pytest.mark.slow (docs/testing.md)"
+        )
+    _popen_init(self, args, *rest, **kwargs)
+
+
+subprocess.Popen.__init__ = _guarded_popen_init
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item):
+    _running["item"] = item
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_runtest_teardown(item, nextitem):
+    _running["item"] = nextitem

@@ -205,6 +205,7 @@ def _cli(*args):
     )  # fmt: skip
 
 
+@pytest.mark.slow
 def test_cli_converts(tmp_path):
     state = _torch_model("resnet_tiny").state_dict()
     torch.save({"state_dict": {"module." + k: v for k, v in state.items()}}, tmp_path / "ok.pth")
@@ -215,6 +216,7 @@ def test_cli_converts(tmp_path):
     assert torch_convert.read_metadata(out)["kind"] == "backbone"
 
 
+@pytest.mark.slow
 def test_cli_bad_input_is_one_line_and_exit_code_2(tmp_path):
     failed = _cli(f"--from={tmp_path / 'none.pth'}", "--arch=resnet18", "--out=x.weights.h5")
     assert failed.returncode == 2

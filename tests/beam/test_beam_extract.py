@@ -126,6 +126,7 @@ def test_multiprocess_beam_run_merges_to_the_single_machine_store(corpus, beam_r
     np.testing.assert_allclose(store.read_store(out, "val").descriptors[2], expected, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_dead_letter_output_lists_the_broken_files(corpus, beam_run):
     _, tree, broken, reference, *_ = corpus
     out, _ = beam_run
@@ -140,6 +141,7 @@ def test_dead_letter_output_lists_the_broken_files(corpus, beam_run):
     assert reasons["val", 0].startswith("InvalidArgumentError: ")
 
 
+@pytest.mark.slow
 def test_rerun_plans_only_missing_chunks(corpus, beam_run, tmp_path):
     _, tree, _, reference, _, spec = corpus
     out, _ = beam_run
@@ -159,6 +161,7 @@ def test_rerun_plans_only_missing_chunks(corpus, beam_run, tmp_path):
     assert plan.complete == list(SPLITS) and plan.tasks == []
 
 
+@pytest.mark.slow
 def test_inference_function_reasons_match_single_machine(corpus, beam_run):
     root, tree, _, _, extractor, spec = corpus
     out, _ = beam_run
@@ -277,6 +280,7 @@ def test_remote_paths_in_process_runner(corpus, beam_run, tmp_path):
     _assert_matches_reference(local, reference, broken)
 
 
+@pytest.mark.slow
 def test_cli_rejects_bad_input(corpus, tmp_path):
     _, tree, *_ = corpus
     base = [sys.executable, "-m", "tfmet.cli.extract_beam", f"--output_dir={tmp_path}"]

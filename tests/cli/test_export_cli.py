@@ -12,6 +12,8 @@ from PIL import Image
 from tests.kit import one_conv_backbone, run_cli, run_command
 from tfmet.descriptors import extraction
 
+pytestmark = pytest.mark.slow  # every test runs the program in a subprocess
+
 SAVED_MODEL_CLI = os.path.join(os.path.dirname(sys.executable), "saved_model_cli")
 
 

@@ -130,6 +130,7 @@ def test_config_shards_and_merge(tmp_path):
     assert manifest["chunk_size"] == 3 and manifest["backbone"] == "resnet_tiny"
 
 
+@pytest.mark.slow
 def test_bad_input_exits_2_with_one_line(tmp_path):
     tree = write_met_tree(tmp_path / "met", num_exhibits=1, images_per_exhibit=1)
     with open(os.path.join(tree.info_dir, "valset.json"), "w") as f:

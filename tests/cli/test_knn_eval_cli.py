@@ -228,6 +228,7 @@ def test_bad_input(met, tmp_path, capsys):
     assert "no descriptors" in line
 
 
+@pytest.mark.slow
 def test_console_program_exit_code(met, tmp_path):
     """The real program (absl app.run) in a subprocess: one error line, exit code 2."""
     tree, _ = met

@@ -40,6 +40,7 @@ def trained(tmp_path_factory):
     return data, workdir, result
 
 
+@pytest.mark.slow
 def test_train_cli_reports_bad_image_and_writes_the_run(trained):
     _, workdir, result = trained
     assert "bottleneck: best val top-1" in result.stdout
@@ -53,6 +54,7 @@ def test_train_cli_reports_bad_image_and_writes_the_run(trained):
         assert os.path.exists(os.path.join(workdir, name))
 
 
+@pytest.mark.slow
 def test_evaluate_and_predict_cli(trained):
     data, workdir, _ = trained
     result = run_cli("evaluate_style", f"--workdir={workdir}", "--split=val", "--outliers_k=2")
@@ -84,6 +86,7 @@ def test_evaluate_and_predict_cli(trained):
     assert len(record["nearest"]) == 2 and record["nearest"][0]["similarity"] <= 1.0 + 1e-5
 
 
+@pytest.mark.slow
 def test_predict_from_a_checkpoint_and_missing_export(trained, tmp_path):
     _, workdir, _ = trained
     from_keras = style_predict.load_predictor(workdir)

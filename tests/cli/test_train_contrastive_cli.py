@@ -17,6 +17,8 @@ from tests.kit.cli import REPO, run_command
 from tests.kit.met_tree import write_met_tree
 from tfmet.descriptors import store
 
+pytestmark = pytest.mark.slow  # every test runs the program in a subprocess
+
 CONFIG = os.path.join(REPO, "configs", "met_contrastive_r18.py")
 
 

@@ -202,6 +202,7 @@ def _cli(*args):
     )  # fmt: skip
 
 
+@pytest.mark.slow
 def test_cli_on_a_users_met_folder(tmp_path):
     tree = write_met_tree(tmp_path / "met")
     workdir = tmp_path / "work"
@@ -221,6 +222,7 @@ def test_cli_on_a_users_met_folder(tmp_path):
     assert not (workdir / "benchmark").exists()  # the user's folder was used, none was built
 
 
+@pytest.mark.slow
 def test_cli_bad_input_is_one_line_and_exit_code_2(tmp_path):
     failed = _cli(f"--workdir={tmp_path}", "--backbone=resnet18")  # default --weights imagenet
     assert failed.returncode == 2

@@ -3,7 +3,6 @@
 import io
 import json
 import os
-import subprocess
 import sys
 import textwrap
 
@@ -11,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.kit import tiny_backbone
+from tests.kit import run_command, tiny_backbone
 from tfmet.backbones import IMAGENET_TORCH
 from tfmet.descriptors import DescriptorExtractor, Embedder
 from tfmet.export import DescriptorModule, RecognizerModule, knn_confidence, save_module
@@ -79,10 +78,7 @@ def _fresh_process(script, tmp_path):
     path = os.path.join(tmp_path, "client.py")
     with open(path, "w") as f:
         f.write(textwrap.dedent(script))
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", PYTHONPATH="")
-    result = subprocess.run(
-        [sys.executable, path], capture_output=True, text=True, env=env, cwd=tmp_path
-    )
+    result = run_command([sys.executable, path], cwd=tmp_path, env={"PYTHONPATH": ""})
     assert result.returncode == 0, result.stderr[-3000:]
     return json.loads(result.stdout.strip().splitlines()[-1])
 
@@ -92,6 +88,7 @@ def embedder():
     return Embedder(tiny_backbone(channels=16, seed=3), preprocessing=IMAGENET_TORCH)
 
 
+@pytest.mark.slow
 def test_descriptor_export_round_trip(tmp_path, embedder):
     rng = np.random.default_rng(1)
     mean, projection = rng.normal(size=16) * 0.1, rng.normal(size=(16, 6))
@@ -130,6 +127,7 @@ def test_descriptor_export_round_trip(tmp_path, embedder):
         assert json.load(f) == {"kind": "x"}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("searcher", ["exact", "scann"])
 def test_recognizer_export_matches_numpy_knn(tmp_path, embedder, searcher):
     rng = np.random.default_rng(2)
