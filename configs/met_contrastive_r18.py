@@ -24,26 +24,26 @@ Flags given on the command line (`--epochs=3`, `--pairs_type=...`, or `--config.
 override the values here. See docs/contrastive.md.
 """
 
-from tfmet.training.contrastive import default_config
+from tfmet.training.configs import contrastive_config as default_config
+from tfmet.training.configs import variant
 
 
 def get_config(arg=None):
+    arg = variant(arg, "met_contrastive_r18", ("smoke",))
     config = default_config()
-    config.net = "resnet18"
+    config.backbone = "resnet18"
     config.pairs_type = "new_pos+new_neg"
     if arg == "smoke":
-        config.net = "resnet_tiny"
+        config.backbone = "resnet_tiny"
         config.epochs = 2
-        config.bsize = 4
+        config.batch_size = 4
         config.vbsizemul = 2
-        config.imsize = 32
-        config.backbone_lr = 1e-4
+        config.image_size = 32
+        config.learning_rate = 1e-4
         config.sched_step = 1
         config.mining.backend = "exact"
         config.log_every_steps = 1
         config.extract_batch_images = 4
         config.num_parallel_calls = 2
         config.progress = False
-    elif arg not in (None, ""):
-        raise ValueError(f"Unknown config variant {arg!r}; use nothing or 'smoke'.")
     return config

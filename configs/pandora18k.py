@@ -16,12 +16,12 @@ Variants (`--config configs/pandora18k.py:<variant>`):
                top block trainable, flips + crops
     smoke      a generated dataset, a tiny random backbone; runs in seconds:
 
-    python -m tests.style_data pandora18k /tmp/pandora_smoke
+    python -m tests.kit.style_data pandora18k /tmp/pandora_smoke
     tfmet-train-style --config configs/pandora18k.py:smoke \
         --config.dataset.root /tmp/pandora_smoke --workdir /tmp/pandora_smoke_run
 """
 
-import ml_collections
+from tfmet.training.configs import style_config, variant
 
 RESNET_V2_50_HUB = (
     "hub:https://tfhub.dev/google/imagenet/resnet_v2_50/feature_vector/5#preprocessing=zero_one"
@@ -29,45 +29,11 @@ RESNET_V2_50_HUB = (
 
 
 def get_config(arg=None):
-    config = ml_collections.ConfigDict()
-    config.dataset = dict(
-        format="pandora18k",
-        root="",
-        list_dir="",
-        classes_file="",
-        csv="",
-        attributes=("style",),
-        stratify="style",
-        split_fractions=(0.8, 0.1, 0.1),
-        split_seed=0,
-        split_file="",
-    )
-    config.model = dict(
-        backbone=RESNET_V2_50_HUB,
-        weights="",
-        image_size=224,
-        pooling="gap",
-        gem_p=3.0,
-        dropout=0.0,
-    )
-    config.train = dict(
-        mode="auto",
-        trainable_blocks=0,
-        trainable_fraction=0.0,
-        trainable_patterns=(),
-        batchnorm="frozen",
-        augment="none",
-        epochs=100,
-        batch_size=100,
-        optimizer="adam",
-        learning_rate=1e-3,
-        schedule="constant",
-        patience=10,
-        seed=0,
-    )
-    config.eval = dict(batch_size=32)
-    config.cache_dir = ""  # "" = $TFMET_CACHE_DIR or ~/.cache/tfmet
-
+    arg = variant(arg, "pandora18k", ("finetune", "smoke"))
+    config = style_config()
+    config.dataset.format = "pandora18k"
+    config.model.backbone = RESNET_V2_50_HUB
+    config.train.update(epochs=100, batch_size=100, optimizer="adam", patience=10)
     if arg == "finetune":
         config.model.backbone = "keras_resnet50"
         config.train.update(
@@ -82,6 +48,4 @@ def get_config(arg=None):
     elif arg == "smoke":
         config.model.update(backbone="resnet_tiny", image_size=32)
         config.train.update(epochs=20, batch_size=16, learning_rate=1e-2, patience=5)
-    elif arg not in (None, ""):
-        raise ValueError(f"Unknown pandora18k config variant {arg!r}: use finetune or smoke")
     return config

@@ -22,60 +22,21 @@ Variants (`--config configs/wikipaintings_rasta.py:<variant>`):
     top20   the top 20% of the weight layers trainable (RASTA's best setting)
     smoke   generated list files and a tiny random backbone; runs in seconds:
 
-    python -m tests.style_data wikipaintings /tmp/rasta_smoke
+    python -m tests.kit.style_data wikipaintings /tmp/rasta_smoke
     tfmet-train-style --config configs/wikipaintings_rasta.py:smoke \
         --config.dataset.root /tmp/rasta_smoke --workdir /tmp/rasta_smoke_run
 """
 
-import ml_collections
+from tfmet.training.configs import style_config, variant
 
 
 def get_config(arg=None):
-    config = ml_collections.ConfigDict()
-    config.dataset = dict(
-        format="folders",
-        root="",
-        list_dir="",
-        classes_file="",
-        csv="",
-        attributes=("style",),
-        stratify="style",
-        split_fractions=(0.8, 0.1, 0.1),
-        split_seed=0,
-        split_file="",
-    )
-    config.model = dict(
-        backbone="keras_resnet50",
-        weights="",
-        image_size=224,
-        pooling="gap",
-        gem_p=3.0,
-        dropout=0.0,
-    )
-    config.train = dict(
-        mode="auto",
-        trainable_blocks=0,
-        trainable_fraction=0.0,
-        trainable_patterns=(),
-        batchnorm="frozen",
-        augment="none",
-        epochs=50,
-        batch_size=32,
-        optimizer="rmsprop",
-        learning_rate=1e-3,
-        schedule="constant",
-        patience=5,
-        seed=0,
-    )
-    config.eval = dict(batch_size=32)
-    config.cache_dir = ""  # "" = $TFMET_CACHE_DIR or ~/.cache/tfmet
-
+    arg = variant(arg, "wikipaintings_rasta", ("top20", "smoke"))
+    config = style_config()  # RASTA's own settings are the defaults: ResNet50, 224 px, RMSprop
     if arg == "top20":
         config.train.update(trainable_fraction=0.2, augment="flip", epochs=20, learning_rate=1e-4)
     elif arg == "smoke":
         config.dataset.format = "wikipaintings"
         config.model.update(backbone="resnet_tiny", image_size=32)
         config.train.update(epochs=20, batch_size=16, learning_rate=1e-2, optimizer="adam")
-    elif arg not in (None, ""):
-        raise ValueError(f"Unknown wikipaintings_rasta config variant {arg!r}: use top20 or smoke")
     return config

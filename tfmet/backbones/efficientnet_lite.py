@@ -30,13 +30,13 @@ after the checkpoint's SHA-256 so a different checkpoint is converted again).
 """
 
 import dataclasses
-import hashlib
 import os
 
 import keras
 
 from tfmet.backbones import registry
 from tfmet.backbones.weights import load_weights
+from tfmet.io.hashing import file_sha256
 
 BN_EPSILON = 1e-3
 BN_MOMENTUM = 0.99
@@ -169,14 +169,6 @@ def packaged_checkpoint():
     return path
 
 
-def _sha256(path):
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def pretrained_weights(include_top=False, checkpoint=None, directory=None):
     """The cached ImageNet weights, converted from the torch checkpoint on first use.
 
@@ -195,7 +187,7 @@ def pretrained_weights(include_top=False, checkpoint=None, directory=None):
 
     checkpoint = checkpoint or packaged_checkpoint()
     directory = directory or cache_dir()
-    digest = _sha256(checkpoint)[:12]
+    digest = file_sha256(checkpoint)[:12]
     paths = {
         top: os.path.join(
             directory, f"efficientnet_lite0_imagenet{'' if top else '_notop'}-{digest}.weights.h5"

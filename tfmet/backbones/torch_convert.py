@@ -37,7 +37,6 @@ describing them (`read_metadata`): kind "backbone" (loadable with
 
 import collections
 import dataclasses
-import hashlib
 import os
 import re
 
@@ -45,7 +44,6 @@ import h5py
 import keras
 import numpy as np
 
-from tfmet.backbones import registry
 from tfmet.io.atomic import atomic_path
 from tfmet.io.torch_checkpoint import load_state_dict
 from tfmet.layers import GeMPooling2D
@@ -136,12 +134,12 @@ def canonical_names(state_dict):
     return out
 
 
-def _weight_layers(model):
+def weight_layers(model):
     """(torch path, layer) for each layer that owns weights, descending into nested models."""
     found = []
     for layer in model.layers:
         if isinstance(layer, keras.Model):
-            found.extend(_weight_layers(layer))
+            found.extend(weight_layers(layer))
         elif layer.weights:
             found.append((layer.name, layer))
     return found
@@ -260,16 +258,7 @@ def load_torch_weights(model, checkpoint, key=None, ignore=DEFAULT_IGNORE):
     state_dict = canonical_names(load_state_dict(checkpoint, key=key))
     if not model.built:
         model.build((None, None, None, 3))
-    return assign(_weight_layers(model), state_dict, source=os.fspath(checkpoint), ignore=ignore)
-
-
-def embedder_targets(embedder):
-    """[(torch path, layer)] of an `Embedder`: backbone layers, "pool", and "projector"."""
-    targets = _weight_layers(embedder.backbone)
-    targets.append((POOL, embedder.pool))
-    if embedder.projector is not None:
-        targets.append((PROJECTOR, embedder.projector))
-    return targets
+    return assign(weight_layers(model), state_dict, source=os.fspath(checkpoint), ignore=ignore)
 
 
 def save_weights(model, path, **metadata):
@@ -306,111 +295,17 @@ def read_metadata(path):
     return out if out.get("format") == FORMAT else {}
 
 
-def _sha256(path):
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+_weight_layers = weight_layers  # the name before it was public
+
+# Converting to a whole `Embedder` (GeM p, projector) needs the descriptors package, one layer up:
+# it lives in `tfmet.descriptors.conversion`. These names stay reachable from here for code
+# written against earlier versions; the import happens on first use only (no import-time cycle).
+_MOVED_TO_CONVERSION = ("convert_checkpoint", "load_embedder", "embedder_targets")
 
 
-def convert_checkpoint(checkpoint, arch, out, key=None, ignore=DEFAULT_IGNORE, keras_model=None):
-    """Converts a torch checkpoint for registered backbone `arch` into a Keras `.weights.h5`.
+def __getattr__(name):
+    if name in _MOVED_TO_CONVERSION:
+        from tfmet.descriptors import conversion  # compatibility shim, see above
 
-    A checkpoint with only trunk tensors gives a kind "backbone" file; one that also holds the
-    Met Embedder's GeM `p` and/or projector gives a kind "embedder" file (see `load_embedder`).
-
-    Args:
-      checkpoint: the torch file.
-      arch: registered backbone name.
-      out: the `.weights.h5` to write.
-      key: entry holding the state dict ('/'-separated), None to find it.
-      ignore: name prefixes that may stay unconverted.
-      keras_model: optionally, a `.keras` file to also save the whole `Embedder` to (what
-        `tfmet-extract --model` takes); a backbone checkpoint gets GeM p = 3, no projector.
-
-    Returns:
-      (ConversionReport, metadata dict written into the file).
-    """
-    if keras_model is not None and not os.fspath(keras_model).endswith(".keras"):
-        raise ValueError(f"`keras_model` must end with '.keras'. Received: {keras_model!r}")
-    report, metadata = _convert(checkpoint, arch, out, key, ignore)
-    if keras_model is not None:
-        embedder = load_embedder(out, arch=arch)
-        with atomic_path(keras_model) as tmp:
-            embedder.save(tmp)
-    return report, metadata
-
-
-def _convert(checkpoint, arch, out, key, ignore):
-    from tfmet.descriptors import Embedder  # the descriptors package imports the backbones
-
-    checkpoint = os.fspath(checkpoint)
-    spec = registry.spec(arch)
-    state_dict = canonical_names(load_state_dict(checkpoint, key=key))
-    has_pool = f"{POOL}.p" in state_dict
-    projector = state_dict.get(f"{PROJECTOR}.weight")
-    metadata = {"arch": arch, "source": os.path.basename(checkpoint)}
-    metadata["source_sha256"] = _sha256(checkpoint)
-    if not has_pool and projector is None:
-        model = spec.builder(weights=None)
-        if not model.built:
-            model.build((None, None, None, 3))
-        report = assign(_weight_layers(model), state_dict, source=checkpoint, ignore=ignore)
-        metadata["kind"] = "backbone"
-        save_weights(model, out, **metadata)
-        return report, metadata
-    if projector is not None and np.ndim(projector) != 2:
-        raise ValueError(f"{checkpoint}: projector.weight must be 2-D, got {np.shape(projector)}")
-    projector_dim = None if projector is None else int(np.shape(projector)[0])
-    embedder = Embedder(
-        spec.builder(weights=None), projector_dim=projector_dim, preprocessing=spec.preprocessing
-    )
-    embedder.build((None, None, None, 3))
-    if not has_pool:
-        state_dict[f"{POOL}.p"] = np.asarray([embedder.p], np.float32)
-    report = assign(embedder_targets(embedder), state_dict, source=checkpoint, ignore=ignore)
-    metadata.update(
-        kind="embedder",
-        projector_dim=-1 if projector_dim is None else projector_dim,
-        p=float(keras.ops.convert_to_numpy(embedder.pool.power)),
-    )
-    save_weights(embedder, out, **metadata)
-    return report, metadata
-
-
-def load_embedder(path, arch=None, **kwargs):
-    """An `Embedder` from a converted weights file of either kind.
-
-    Args:
-      path: a `.weights.h5` written by `convert_checkpoint` (or a plain backbone weights file,
-        then `arch` is required).
-      arch: the registered backbone; must match the file's when the file records one.
-      **kwargs: more `Embedder` arguments (e.g. `train_p`).
-    """
-    from tfmet.descriptors import Embedder
-
-    path = os.fspath(path)
-    metadata = read_metadata(path)
-    file_arch = metadata.get("arch")
-    if arch is None and file_arch is None:
-        raise ValueError(f"{path}: the file does not record its backbone; pass `arch`")
-    if arch is not None and file_arch is not None and arch != file_arch:
-        raise ValueError(f"{path}: converted for backbone {file_arch!r}, not {arch!r}")
-    arch = arch or file_arch
-    if metadata.get("kind") != "embedder":
-        return Embedder.from_registry(arch, weights=path, **kwargs)
-    spec = registry.spec(arch)
-    projector_dim = metadata.get("projector_dim", -1)
-    embedder = Embedder(
-        spec.builder(weights=None),
-        projector_dim=None if projector_dim < 0 else int(projector_dim),
-        preprocessing=spec.preprocessing,
-        **kwargs,
-    )
-    embedder.build((None, None, None, 3))
-    try:
-        embedder.load_weights(path)
-    except (ValueError, OSError) as e:
-        raise ValueError(f"{path}: could not be loaded as a {arch} embedder: {e}") from None
-    return embedder
+        return getattr(conversion, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

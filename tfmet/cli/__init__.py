@@ -1,5 +1,7 @@
 """Command-line programs (absl). Each module is thin: flags, then calls into the library.
 
+Shared pieces (one UsageError, one way to fail, one way to run `main`) are in `tfmet.cli.common`.
+
 Importing this package silences TensorFlow's C++ start-up logging (the CUDA-init error printed on
 machines without a GPU is harmless); set TF_CPP_MIN_LOG_LEVEL yourself to see it again.
 """
@@ -8,10 +10,6 @@ import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
+from tfmet.cli.common import UsageError, fail  # noqa: E402
 
-def fail(program, message):
-    """Bad input: one line `<program>: error: <message>` on stderr, exit status 2."""
-    import sys
-
-    print(f"{program}: error: {message}", file=sys.stderr)
-    sys.exit(2)
+__all__ = ["UsageError", "fail"]

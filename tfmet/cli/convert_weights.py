@@ -7,16 +7,15 @@
 The checkpoint is read without torch and without running pickle code. torchvision, SWSL/WSL,
 SwAV, SIN and EfficientNet-Lite state dicts give a backbone file
 (`tfmet.backbones.get(arch, weights=...)`); the Met reference's contrastive checkpoints (GeM p,
-optional projector) give an embedder file (`tfmet.backbones.torch_convert.load_embedder`). Any
+optional projector) give an embedder file (`tfmet.descriptors.conversion.load_embedder`). Any
 tensor that does not map, or Keras weight left without a tensor, is an error (exit code 2).
 """
 
 import os
 
-from absl import app, flags
+from absl import flags
 
-import tfmet.cli  # fail(); importing it silences TensorFlow's C++ start-up logs
-from tfmet.io.safe_pickle import UnsafePickleError
+from tfmet.cli.common import UsageError, no_arguments, run_program
 
 flags.DEFINE_string("from", None, "PyTorch checkpoint (.pth/.pt/.pth.tar, zip or legacy format).")
 flags.DEFINE_string("arch", None, "Registered backbone name, e.g. resnet50, efficientnet_lite0.")
@@ -42,39 +41,32 @@ FLAGS = flags.FLAGS
 PROGRAM = "tfmet-convert-weights"
 
 
-def _fail(message):
-    tfmet.cli.fail(PROGRAM, message)
-
-
 def main(argv):
-    if len(argv) > 1:
-        _fail(f"unexpected arguments: {' '.join(argv[1:])}")
+    no_arguments(argv)
     checkpoint, arch, out = FLAGS["from"].value, FLAGS.arch, FLAGS.out
     for flag, value in (("--from", checkpoint), ("--arch", arch), ("--out", out)):
         if not value:
-            _fail(f"{flag} is required")
+            raise UsageError(f"{flag} is required")
     # Cheap checks first: TensorFlow is only imported once the inputs look right.
     if not os.path.isfile(checkpoint):
-        _fail(f"{checkpoint}: no such checkpoint file")
+        raise UsageError(f"{checkpoint}: no such checkpoint file")
     if not out.endswith(".weights.h5"):
-        _fail(f"--out must end with .weights.h5 (Keras weights format). Received: {out}")
+        raise UsageError(f"--out must end with .weights.h5 (Keras weights format). Received: {out}")
     keras_model = FLAGS.keras_model
     if keras_model is not None and not keras_model.endswith(".keras"):
-        _fail(f"--keras_model must end with .keras. Received: {keras_model}")
+        raise UsageError(f"--keras_model must end with .keras. Received: {keras_model}")
     for path in (out, keras_model):
         if path and os.path.exists(path) and not FLAGS.overwrite:
-            _fail(f"{path} exists; pass --overwrite to replace it")
+            raise UsageError(f"{path} exists; pass --overwrite to replace it")
     from tfmet.backbones import names, torch_convert
+    from tfmet.descriptors import conversion
 
     if arch not in names():
-        _fail(f"unknown --arch {arch!r}; registered backbones: {', '.join(names())}")
+        raise UsageError(f"unknown --arch {arch!r}; registered backbones: {', '.join(names())}")
     ignore = torch_convert.DEFAULT_IGNORE if FLAGS.ignore is None else tuple(FLAGS.ignore)
-    try:
-        report, metadata = torch_convert.convert_checkpoint(
-            checkpoint, arch, out, key=FLAGS.key, ignore=ignore, keras_model=keras_model
-        )
-    except (FileNotFoundError, ValueError, UnsafePickleError) as e:
-        _fail(str(e))
+    report, metadata = conversion.convert_checkpoint(
+        checkpoint, arch, out, key=FLAGS.key, ignore=ignore, keras_model=keras_model
+    )
     print(f"Converted {checkpoint} -> {out} ({metadata['kind']} of {arch}): {report.summary()}")
     if metadata["kind"] == "embedder":
         projector = metadata["projector_dim"]
@@ -87,7 +79,7 @@ def main(argv):
 
 
 def run():
-    app.run(main)
+    run_program(PROGRAM, main)
 
 
 if __name__ == "__main__":

@@ -13,9 +13,9 @@ GAP / GAP- / ACC, and writes TensorBoard logs and a PNG of queries with their to
 --workdir. See docs/demo.md.
 """
 
-from absl import app, flags
+from absl import flags
 
-import tfmet.cli  # fail(); importing it silences TensorFlow's C++ start-up logs
+from tfmet.cli.common import UsageError, no_arguments, run_program
 
 flags.DEFINE_string("workdir", None, "Folder for the benchmark, descriptors, logs and pictures.")
 flags.DEFINE_string("backbone", "efficientnet_lite0", "Registered backbone name.")
@@ -44,15 +44,10 @@ FLAGS = flags.FLAGS
 PROGRAM = "tfmet-demo"
 
 
-def _fail(message):
-    tfmet.cli.fail(PROGRAM, message)
-
-
 def main(argv):
-    if len(argv) > 1:
-        _fail(f"unexpected arguments: {' '.join(argv[1:])}")
+    no_arguments(argv)
     if not FLAGS.workdir:
-        _fail("--workdir is required")
+        raise UsageError("--workdir is required")
     from tfmet.demo import report
     from tfmet.demo.run import RANDOM, run_demo
 
@@ -60,25 +55,22 @@ def main(argv):
     if FLAGS.random_baseline and FLAGS.weights != RANDOM:
         runs.append(RANDOM)
     results = []
-    try:
-        for weights in runs:
-            results.append(
-                run_demo(
-                    FLAGS.workdir,
-                    backbone=FLAGS.backbone,
-                    weights=weights,
-                    info_dir=FLAGS.info_dir,
-                    image_root=FLAGS.image_root,
-                    seed=FLAGS.seed,
-                    multiscale=FLAGS.multiscale,
-                    max_side=FLAGS.max_side,
-                    pca_dim=FLAGS.pca_dim,
-                    examples=FLAGS.examples,
-                    progress=FLAGS.progress,
-                )
+    for weights in runs:
+        results.append(
+            run_demo(
+                FLAGS.workdir,
+                backbone=FLAGS.backbone,
+                weights=weights,
+                info_dir=FLAGS.info_dir,
+                image_root=FLAGS.image_root,
+                seed=FLAGS.seed,
+                multiscale=FLAGS.multiscale,
+                max_side=FLAGS.max_side,
+                pca_dim=FLAGS.pca_dim,
+                examples=FLAGS.examples,
+                progress=FLAGS.progress,
             )
-    except (ValueError, FileNotFoundError) as e:
-        _fail(str(e))
+        )
     print()
     print("Summary (test queries):")
     for result in results:
@@ -90,7 +82,7 @@ def main(argv):
 
 
 def run():
-    app.run(main)
+    run_program(PROGRAM, main)
 
 
 if __name__ == "__main__":

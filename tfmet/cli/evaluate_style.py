@@ -7,57 +7,50 @@ confusion_<attribute>.csv and .png, and with --outliers_k K outliers_<attribute>
 ranked by mean cosine distance to their K nearest same-label neighbours).
 """
 
-import sys
+from absl import flags, logging
 
-from absl import app, flags, logging
+from tfmet.cli.common import no_arguments, require, run_program
 
-import tfmet.cli  # noqa: F401  (quiet TensorFlow start-up)
-
-_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory written by tfmet-train-style.")
-_SPLIT = flags.DEFINE_enum("split", "test", ["train", "val", "test"], "Split to evaluate.")
-_FLIP = flags.DEFINE_bool("flip_bagging", True, "Average predictions with the mirror image.")
-_MODEL = flags.DEFINE_string("model", None, "Model file (default: <workdir>/classifier.keras).")
-_OUTPUT = flags.DEFINE_string("output_dir", None, "Output directory (default <workdir>/eval_X).")
-_CACHE = flags.DEFINE_string("cache_dir", None, "Feature cache root (default: the run's).")
-_OUTLIERS_K = flags.DEFINE_integer("outliers_k", 0, "Write outlier rankings with K neighbours.")
-_BATCH = flags.DEFINE_integer("batch_size", 32, "Images per forward pass.")
-_TRUST = flags.DEFINE_bool("trust_model", False, "Allow loading hub modules from the model file.")
-flags.mark_flags_as_required(["workdir"])
+FLAGS = flags.FLAGS
+flags.DEFINE_string("workdir", None, "Run directory written by tfmet-train-style.")
+flags.DEFINE_enum("split", "test", ["train", "val", "test"], "Split to evaluate.")
+flags.DEFINE_bool("flip_bagging", True, "Average predictions with the mirror image.")
+flags.DEFINE_string("model", None, "Model file (default: <workdir>/classifier.keras).")
+flags.DEFINE_string("output_dir", None, "Output directory (default <workdir>/eval_X).")
+flags.DEFINE_string("cache_dir", None, "Feature cache root (default: the run's).")
+flags.DEFINE_integer("outliers_k", 0, "Write outlier rankings with K neighbours.")
+flags.DEFINE_integer("batch_size", 32, "Images per forward pass.")
+flags.DEFINE_bool("trust_model", False, "Allow loading hub modules from the model file.")
 
 
 def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-    from tfmet.training import style_run
+    no_arguments(argv)
+    require(FLAGS.flag_values_dict(), "workdir")
+    from tfmet.training.style import run as style_run
 
     logging.set_verbosity(logging.INFO)
-    try:
-        reports = style_run.evaluate(
-            _WORKDIR.value,
-            split=_SPLIT.value,
-            flip_bagging=_FLIP.value,
-            output_dir=_OUTPUT.value,
-            model_path=_MODEL.value,
-            cache_dir=_CACHE.value,
-            outliers_k=_OUTLIERS_K.value,
-            batch_size=_BATCH.value,
-            trust_model=_TRUST.value,
-        )
-    except (ValueError, FileNotFoundError) as e:
-        print(f"tfmet-evaluate-style: error: {e}", file=sys.stderr)
-        return 2
+    reports = style_run.evaluate(
+        FLAGS.workdir,
+        split=FLAGS.split,
+        flip_bagging=FLAGS.flip_bagging,
+        output_dir=FLAGS.output_dir,
+        model_path=FLAGS.model,
+        cache_dir=FLAGS.cache_dir,
+        outliers_k=FLAGS.outliers_k,
+        batch_size=FLAGS.batch_size,
+        trust_model=FLAGS.trust_model,
+    )
     for attribute, report in reports.items():
         line = " ".join(f"top-{k} {report[f'top{k}']:.4f}" for k in (1, 3, 5))
-        print(f"{_SPLIT.value} {attribute} ({report['count']} images): {line}")
+        print(f"{FLAGS.split} {attribute} ({report['count']} images): {line}")
         if "flip_bagged" in report:
             bagged = report["flip_bagged"]
             line = " ".join(f"top-{k} {bagged[f'top{k}']:.4f}" for k in (1, 3, 5))
-            print(f"{_SPLIT.value} {attribute} flip-bagged: {line}")
-    return 0
+            print(f"{FLAGS.split} {attribute} flip-bagged: {line}")
 
 
 def run():
-    app.run(main)
+    run_program("tfmet-evaluate-style", main)
 
 
 if __name__ == "__main__":

@@ -12,11 +12,11 @@ flags given on the command line override it. See docs/extraction.md.
 
 import sys
 
-from absl import app, flags, logging
+from absl import flags, logging
 from ml_collections import config_flags
 
-import tfmet.cli  # fail(); importing it silences TensorFlow's C++ start-up logs
-from tfmet.cli import model_flags  # noqa: F401  (--backbone, --weights, --model, ...)
+from tfmet.cli import model_flags  # --backbone, --weights, --model, ...
+from tfmet.cli.common import UsageError, no_arguments, require, run_program
 
 FLAGS = flags.FLAGS
 
@@ -64,10 +64,6 @@ SETTINGS = (
 )
 
 
-class UsageError(ValueError):
-    """Bad command-line input."""
-
-
 def settings():
     """The flag values, with a config file's values where a flag was not given explicitly."""
     values = {name: FLAGS[name].value for name in SETTINGS}
@@ -85,16 +81,10 @@ def settings():
     return values
 
 
-def _require(values, *names):
-    missing = [f"--{name}" for name in names if not values[name]]
-    if missing:
-        raise UsageError(f"missing {', '.join(missing)}")
-
-
 def extract(values):
     from tfmet.data import met
 
-    _require(values, "info_dir", "image_root", "output_dir")
+    require(values, "info_dir", "image_root", "output_dir")
     # Validate the ground truth before TensorFlow loads: bad input fails in a fraction of a second.
     met_splits = [met.load_split(values["info_dir"], s, values["mini"]) for s in values["splits"]]
 
@@ -137,29 +127,26 @@ def extract(values):
 def merge(values):
     from tfmet.descriptors import extraction
 
-    _require(values, "output_dir")
+    require(values, "output_dir")
     for split in values["splits"]:
         extraction.merge_split(values["output_dir"], split, keep_chunks=values["keep_chunks"])
 
 
 def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    no_arguments(argv)
+    values = settings()
     try:
-        values = settings()
         if FLAGS.merge:
             merge(values)
         else:
             extract(values)
-    except (UsageError, ValueError, FileNotFoundError) as e:
-        tfmet.cli.fail("tfmet-extract", e)
     except RuntimeError as e:  # e.g. the model failing on every image: not the input's fault
         print(f"tfmet-extract: error: {e}", file=sys.stderr)
         sys.exit(1)
 
 
 def run():
-    app.run(main)
+    run_program("tfmet-extract", main)
 
 
 if __name__ == "__main__":

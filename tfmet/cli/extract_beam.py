@@ -15,9 +15,9 @@ lines, and what must be staged for them: docs/beam.md.
 
 from absl import app, flags, logging
 
-import tfmet.cli
 import tfmet.cli.extract as extract_cli  # defines the tfmet-extract flags this program shares
 from tfmet.cli import model_flags
+from tfmet.cli.common import UsageError, guarded, no_arguments, require
 
 FLAGS = flags.FLAGS
 
@@ -50,8 +50,6 @@ flags.DEFINE_bool(
 REMOTE_RUNNERS = ("DataflowRunner", "FlinkRunner", "SparkRunner", "PortableRunner")
 MODEL_FLAGS = ("backbone", "weights", "model", "seed", "multiscale", "resize_method", "max_side")
 
-UsageError = extract_cli.UsageError
-
 
 def parse_flags(argv):
     """absl parses its flags; everything else is left for Beam's pipeline options."""
@@ -77,12 +75,6 @@ def beam_options(args):
             f"unknown flags (neither tfmet nor Beam): --{', --'.join(sorted(unknown))}"
         )
     return args, options.get_all_options()["runner"]
-
-
-def _require(values, *names):
-    missing = [f"--{name}" for name in names if not values[name]]
-    if missing:
-        raise UsageError(f"missing {', '.join(missing)}")
 
 
 def _check_reachable(runner, paths):
@@ -147,7 +139,7 @@ def extract(values, beam_args):
     from tfmet.data import met
 
     # Cheap checks first: bad input should fail before TensorFlow loads or a model is exported.
-    _require(values, "info_dir", "image_root", "output_dir")
+    require(values, "info_dir", "image_root", "output_dir")
     if values["num_shards"] != 1:
         raise UsageError("--num_shards is for tfmet-extract; Beam distributes the chunks itself")
     beam_args, runner = beam_options(beam_args)
@@ -192,20 +184,16 @@ def extract(values, beam_args):
 
 
 def main(argv):
-    try:
-        values = extract_cli.settings()
-        if FLAGS.merge:
-            if len(argv) > 1:
-                raise UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-            extract_cli.merge(values)
-        else:
-            extract(values, argv[1:])
-    except (UsageError, ValueError, FileNotFoundError) as e:
-        tfmet.cli.fail("tfmet-extract-beam", e)
+    values = extract_cli.settings()
+    if FLAGS.merge:
+        no_arguments(argv)
+        extract_cli.merge(values)
+    else:
+        extract(values, argv[1:])
 
 
 def run():
-    app.run(main, flags_parser=parse_flags)
+    app.run(guarded("tfmet-extract-beam", main), flags_parser=parse_flags)
 
 
 if __name__ == "__main__":

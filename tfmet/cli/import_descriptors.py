@@ -9,9 +9,9 @@ checked against the JSON ground truth (mini or full database picked by length un
 or --nomini is given) and the paths and labels are recorded in the manifests.
 """
 
-from absl import app, flags, logging
+from absl import flags, logging
 
-import tfmet.cli  # fail(); importing it silences TensorFlow's C++ start-up logs
+from tfmet.cli.common import no_arguments, require, run_program
 
 FLAGS = flags.FLAGS
 
@@ -24,26 +24,19 @@ flags.DEFINE_bool("overwrite", False, "Replace existing stores.")
 
 
 def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    no_arguments(argv)
+    require(FLAGS.flag_values_dict(), "descriptors", "output_dir")
     from tfmet.descriptors import store
-    from tfmet.io.safe_pickle import UnsafePickleError
 
-    try:
-        missing = [f"--{n}" for n in ("descriptors", "output_dir") if not FLAGS[n].value]
-        if missing:
-            raise ValueError(f"missing {', '.join(missing)}")
-        metadata = {} if FLAGS.backbone is None else {"backbone": FLAGS.backbone}
-        manifests = store.import_reference_descriptors(
-            FLAGS.descriptors,
-            FLAGS.output_dir,
-            info_dir=FLAGS.info_dir,
-            mini=FLAGS.mini,
-            overwrite=FLAGS.overwrite,
-            **metadata,
-        )
-    except (ValueError, FileNotFoundError, UnsafePickleError) as e:
-        tfmet.cli.fail("tfmet-import-descriptors", e)
+    metadata = {} if FLAGS.backbone is None else {"backbone": FLAGS.backbone}
+    manifests = store.import_reference_descriptors(
+        FLAGS.descriptors,
+        FLAGS.output_dir,
+        info_dir=FLAGS.info_dir,
+        mini=FLAGS.mini,
+        overwrite=FLAGS.overwrite,
+        **metadata,
+    )
     for split, manifest in manifests.items():
         logging.info(
             "%s: %d x %d descriptors written to %s (%d invalid rows)",
@@ -56,7 +49,7 @@ def main(argv):
 
 
 def run():
-    app.run(main)
+    run_program("tfmet-import-descriptors", main)
 
 
 if __name__ == "__main__":

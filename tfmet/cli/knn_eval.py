@@ -13,10 +13,10 @@ tensorboard/knn_eval[_NAME].
 
 import datetime
 import os
-import sys
 
 from absl import app, flags, logging
 
+from tfmet.cli.common import UsageError, guarded
 from tfmet.retrieval import BACKENDS
 
 FLAGS = flags.FLAGS
@@ -32,8 +32,6 @@ flags.DEFINE_string("log", None, "Suffix of the log and output files (log_knn_<l
 flags.DEFINE_enum("backend", "exact", BACKENDS, "Search: exact brute force or ScaNN approximate.")
 flags.DEFINE_string("results_json", None, "Results JSON path (default in --output_dir).")
 flags.DEFINE_string("output_dir", None, "Where outputs go (default: DESCRIPTOR_DIR).")
-
-EXIT_BAD_INPUT = 2
 
 
 def experiment_name():
@@ -52,18 +50,13 @@ def output_paths(output_dir):
     }
 
 
-def fail(message):
-    print(f"tfmet-knn-eval: error: {message}", file=sys.stderr)
-    sys.exit(EXIT_BAD_INPUT)
-
-
-def main(argv):
+def _main(argv):
     from tfmet.retrieval import evaluation, report
 
     if len(argv) != 2:
-        fail(f"expected one DESCRIPTOR_DIR argument, got {len(argv) - 1}: {argv[1:]}")
+        raise UsageError(f"expected one DESCRIPTOR_DIR argument, got {len(argv) - 1}: {argv[1:]}")
     if not FLAGS.info_dir:
-        fail("--info_dir is required")
+        raise UsageError("--info_dir is required")
     directory = argv[1]
     paths = output_paths(FLAGS.output_dir or directory)
     lines = [datetime.datetime.now().strftime("%Y-%m-%d %H:%M:%S"), f"expname: {experiment_name()}"]
@@ -73,23 +66,18 @@ def main(argv):
         logging.info(line)
         lines.append(line)
 
-    try:
-        data = evaluation.load_met_descriptors(
-            directory, FLAGS.info_dir, FLAGS.mini, evaluation.SPLITS
-        )
-        result = evaluation.knn_eval(
-            data,
-            dim=FLAGS.dim,
-            raw=FLAGS.raw,
-            k=FLAGS.k,
-            tau=FLAGS.t,
-            autotune=FLAGS.autotune,
-            val_eval=FLAGS.val_eval,
-            backend=FLAGS.backend,
-            log=log,
-        )
-    except (ValueError, FileNotFoundError) as e:
-        fail(str(e))
+    data = evaluation.load_met_descriptors(directory, FLAGS.info_dir, FLAGS.mini, evaluation.SPLITS)
+    result = evaluation.knn_eval(
+        data,
+        dim=FLAGS.dim,
+        raw=FLAGS.raw,
+        k=FLAGS.k,
+        tau=FLAGS.t,
+        autotune=FLAGS.autotune,
+        val_eval=FLAGS.val_eval,
+        backend=FLAGS.backend,
+        log=log,
+    )
     log(f"best parameters are : k={result.k} t={result.tau}")
     log("timings (s): " + ", ".join(f"{n} {t:.2f}" for n, t in result.timings_s.items()))
     report.write_results(paths["results"], result)
@@ -104,6 +92,10 @@ def main(argv):
         f"GAP- {final['gap_minus']:.4f}, ACC {final['acc']:.4f} (k={result.k}, t={result.tau}); "
         f"results in {paths['results']}"
     )
+
+
+# The program's main: bad input leaves as one line and exit status 2 (tfmet.cli.common).
+main = guarded("tfmet-knn-eval", _main)
 
 
 def run():

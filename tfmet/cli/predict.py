@@ -11,67 +11,58 @@ SavedModel directory (tfmet-export).
 import json
 import sys
 
-from absl import app, flags
+from absl import flags
 
-import tfmet.cli  # noqa: F401  (quiet TensorFlow start-up)
+from tfmet.cli.common import UsageError, require, run_program
 
-_MODEL = flags.DEFINE_string("model", None, "Run dir, .keras, .weights.h5 or SavedModel dir.")
-_TOP_K = flags.DEFINE_integer("top_k", 5, "Labels to print per attribute.")
-_FLIP = flags.DEFINE_bool("flip_bagging", False, "Average with the mirror image's prediction.")
-_NEAREST = flags.DEFINE_integer("nearest", 0, "Also list the N nearest paintings of the run.")
-_NEAREST_SPLIT = flags.DEFINE_enum(
+FLAGS = flags.FLAGS
+flags.DEFINE_string("model", None, "Run dir, .keras, .weights.h5 or SavedModel dir.")
+flags.DEFINE_integer("top_k", 5, "Labels to print per attribute.")
+flags.DEFINE_bool("flip_bagging", False, "Average with the mirror image's prediction.")
+flags.DEFINE_integer("nearest", 0, "Also list the N nearest paintings of the run.")
+flags.DEFINE_enum(
     "nearest_split", "train", ["train", "val", "test"], "Split searched by --nearest."
 )
-_JSON = flags.DEFINE_bool("json", False, "Print one JSON object per image instead of text.")
-_TRUST = flags.DEFINE_bool("trust_model", False, "Allow loading hub modules from the model file.")
-flags.mark_flags_as_required(["model"])
+flags.DEFINE_bool("json", False, "Print one JSON object per image instead of text.")
+flags.DEFINE_bool("trust_model", False, "Allow loading hub modules from the model file.")
 
 
 def main(argv):
     paths = argv[1:]
+    require(FLAGS.flag_values_dict(), "model")
     if not paths:
-        print("tfmet-predict: error: give one or more image files", file=sys.stderr)
-        return 2
-    if _TOP_K.value < 1:
-        print(
-            f"tfmet-predict: error: --top_k must be positive, got {_TOP_K.value}", file=sys.stderr
-        )
-        return 2
-    from tfmet.training import style_predict, style_run
+        raise UsageError("give one or more image files")
+    if FLAGS.top_k < 1:
+        raise UsageError(f"--top_k must be positive, got {FLAGS.top_k}")
+    from tfmet.training.style import predict as style_predict
+    from tfmet.training.style import run as style_run
 
-    try:
-        predictor = style_predict.load_predictor(_MODEL.value, trust_model=_TRUST.value)
-        images, good, errors = style_predict.read_images(paths, predictor.image_size)
-        for path, reason in errors:
-            print(f"tfmet-predict: error: {path}: {reason}", file=sys.stderr)
-        if not good:
-            return 2
-        probabilities = predictor.probabilities(images, flip_bagging=_FLIP.value)
-        nearest = None
-        if _NEAREST.value:
-            if predictor.classifier is None:
-                raise ValueError(
-                    "--nearest needs a training run or a .keras model, not a SavedModel"
-                )
-            workdir = style_run.run_dir_of(_MODEL.value)
-            nearest = style_predict.nearest_in_run(
-                workdir,
-                predictor.classifier,
-                predictor.features(images),
-                split=_NEAREST_SPLIT.value,
-                k=_NEAREST.value,
-            )
-    except (ValueError, FileNotFoundError) as e:
-        print(f"tfmet-predict: error: {e}", file=sys.stderr)
+    predictor = style_predict.load_predictor(FLAGS.model, trust_model=FLAGS.trust_model)
+    images, good, errors = style_predict.read_images(paths, predictor.image_size)
+    for path, reason in errors:  # bad files are reported and skipped; the exit status says so
+        print(f"tfmet-predict: error: {path}: {reason}", file=sys.stderr)
+    if not good:
         return 2
+    probabilities = predictor.probabilities(images, flip_bagging=FLAGS.flip_bagging)
+    nearest = None
+    if FLAGS.nearest:
+        if predictor.classifier is None:
+            raise UsageError("--nearest needs a training run or a .keras model, not a SavedModel")
+        nearest = style_predict.nearest_in_run(
+            style_run.run_dir_of(FLAGS.model),
+            predictor.classifier,
+            predictor.features(images),
+            split=FLAGS.nearest_split,
+            k=FLAGS.nearest,
+        )
     for row, path in enumerate(good):
         result = {
             attribute: style_predict.top_k_labels(
-                p[row], predictor.class_names[attribute], _TOP_K.value
+                p[row], predictor.class_names[attribute], FLAGS.top_k
             )
             for attribute, p in probabilities.items()
         }
-        if _JSON.value:
+        if FLAGS.json:
             record = {
                 "image": path,
                 **{
@@ -95,7 +86,7 @@ def main(argv):
 
 
 def run():
-    app.run(main)
+    run_program("tfmet-predict", main)
 
 
 if __name__ == "__main__":

@@ -15,10 +15,10 @@ train_contrastive.py; given on the command line they override the config (as doe
 
 import os
 
-from absl import app, flags, logging
+from absl import flags, logging
 from ml_collections import config_flags
 
-import tfmet.cli  # fail(); importing it silences TensorFlow's C++ start-up logs
+from tfmet.cli.common import UsageError, no_arguments, require, run_program
 from tfmet.training.mining import PAIR_TYPES
 
 FLAGS = flags.FLAGS
@@ -34,71 +34,57 @@ flags.DEFINE_string(
     "descriptors.pkl); extracted with the initial model when not given.",
 )
 config_flags.DEFINE_config_file(
-    "config", None, "ml_collections training config (default: the reference's settings)."
+    "config",
+    None,
+    "ml_collections training config, configs/*.py[:variant] (default: the reference's settings, "
+    "tfmet.training.contrastive.default_config); override entries with --config.<key>=<value>.",
 )
-# Settings mirrored from the reference; given explicitly they override the config.
-flags.DEFINE_string("net", "resnet18", "Backbone registry name (tfmet.backbones.names()).")
-flags.DEFINE_string("weights", None, "Backbone weights file (.weights.h5); none: random init.")
-flags.DEFINE_enum("pairs_type", "sim_siam_pos+new_neg", PAIR_TYPES, "Pair type.")
-flags.DEFINE_integer("epochs", 10, "Epochs (each database image is an anchor once per epoch).")
-flags.DEFINE_integer("bsize", 64, "Pairs per batch.")
-flags.DEFINE_integer("vbsizemul", 1, "Batches accumulated per optimizer step.")
-flags.DEFINE_float("backbone_lr", 1e-7, "Adam learning rate.")
-flags.DEFINE_float("wdecay", 1e-6, "L2 weight decay (added to the gradient, as torch Adam).")
-flags.DEFINE_float("margin", 1.8, "Margin of the contrastive loss.")
-flags.DEFINE_integer("imsize", 500, "Side of the square training crops.")
-flags.DEFINE_integer("sched_step", 6, "Epochs between learning-rate decays.")
-flags.DEFINE_float("sched_gamma", 0.1, "Learning-rate decay factor.")
-flags.DEFINE_bool("emb_proj", False, "Add a projector (Dense d->d + L2) after GeM.")
-flags.DEFINE_bool("pca", False, "Initialise the projector from PCA-whitening (needs --emb_proj).")
-flags.DEFINE_bool("mini", False, "Train on mini_MET_database.json.")
-flags.DEFINE_integer("seed", 0, "Seed of initialisation, mining, shuffling and augmentation.")
-flags.DEFINE_bool("initeval", False, "Validate the initial model before training.")
-flags.DEFINE_integer("stop_at_step", None, "Stop (checkpointed) after this many steps.")
-
-OVERRIDES = (
-    "net",
-    "weights",
-    "pairs_type",
-    "epochs",
-    "bsize",
-    "vbsizemul",
-    "backbone_lr",
-    "wdecay",
-    "margin",
-    "imsize",
-    "sched_step",
-    "sched_gamma",
-    "emb_proj",
-    "pca",
-    "mini",
-    "seed",
-    "initeval",
-    "stop_at_step",
-)
-
-
-class UsageError(ValueError):
-    """Bad command-line input."""
+# The reference's train_contrastive.py flags, kept as aliases of config entries: given on the
+# command line they set that entry (after the config file and its --config.* overrides). Their
+# defaults are the config's: none is repeated here.
+ALIASES = {
+    "net": "backbone",
+    "weights": "weights",
+    "pairs_type": "pairs_type",
+    "epochs": "epochs",
+    "bsize": "batch_size",
+    "vbsizemul": "vbsizemul",
+    "backbone_lr": "learning_rate",
+    "wdecay": "weight_decay",
+    "margin": "margin",
+    "imsize": "image_size",
+    "sched_step": "sched_step",
+    "sched_gamma": "sched_gamma",
+    "emb_proj": "emb_proj",
+    "pca": "pca",
+    "mini": "mini",
+    "seed": "seed",
+    "initeval": "initeval",
+    "stop_at_step": "stop_at_step",
+}
+_HELP = "Alias of --config.{} (default: the config's)."
+for _name in ("net", "weights"):
+    flags.DEFINE_string(_name, None, _HELP.format(ALIASES[_name]))
+flags.DEFINE_enum("pairs_type", None, PAIR_TYPES, _HELP.format("pairs_type"))
+for _name in ("epochs", "bsize", "vbsizemul", "imsize", "sched_step", "seed", "stop_at_step"):
+    flags.DEFINE_integer(_name, None, _HELP.format(ALIASES[_name]))
+for _name in ("backbone_lr", "wdecay", "margin", "sched_gamma"):
+    flags.DEFINE_float(_name, None, _HELP.format(ALIASES[_name]))
+for _name in ("emb_proj", "pca", "mini", "initeval"):
+    flags.DEFINE_bool(_name, None, _HELP.format(ALIASES[_name]))
 
 
 def training_config():
-    """The config file's settings (or the reference defaults), overridden by explicit flags."""
+    """The config file's settings (or the reference defaults), then the alias flags given."""
     from tfmet.training.contrastive import default_config
 
     config = FLAGS.config if FLAGS.config is not None else default_config()
-    for name in OVERRIDES:
-        if FLAGS[name].present:
-            config[name] = FLAGS[name].value
+    for flag, key in ALIASES.items():
+        if FLAGS[flag].present:
+            config[key] = FLAGS[flag].value
     if config.pca and not config.emb_proj:
         raise UsageError("--pca initialises the projector: add --emb_proj")
     return config
-
-
-def _require(*names):
-    missing = [f"--{name}" for name in names if not FLAGS[name].value]
-    if missing:
-        raise UsageError(f"missing {', '.join(missing)}")
 
 
 def _check_folders():
@@ -132,29 +118,25 @@ def _report(result):
 
 
 def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-    try:
-        _require("info_dir", "image_root", "workdir")
-        _check_folders()
-        config = training_config()
-        from tfmet.training import contrastive
+    no_arguments(argv)
+    require(FLAGS.flag_values_dict(), "info_dir", "image_root", "workdir")
+    _check_folders()
+    config = training_config()
+    from tfmet.training import contrastive
 
-        result = contrastive.train(
-            config,
-            FLAGS.info_dir,
-            FLAGS.image_root,
-            FLAGS.workdir,
-            init_descr=FLAGS.init_descr,
-            resume=FLAGS.resume,
-        )
-    except (UsageError, ValueError, FileNotFoundError) as e:
-        tfmet.cli.fail("tfmet-train-contrastive", e)
+    result = contrastive.train(
+        config,
+        FLAGS.info_dir,
+        FLAGS.image_root,
+        FLAGS.workdir,
+        init_descr=FLAGS.init_descr,
+        resume=FLAGS.resume,
+    )
     _report(result)
 
 
 def run():
-    app.run(main)
+    run_program("tfmet-train-contrastive", main)
 
 
 if __name__ == "__main__":

@@ -7,53 +7,46 @@
 `--resume` continues the checkpoint in --workdir. See docs/style.md.
 """
 
-import sys
-
-from absl import app, flags, logging
+from absl import flags, logging
 from ml_collections import config_flags
 
-import tfmet.cli  # noqa: F401  (quiet TensorFlow start-up)
+from tfmet.cli.common import no_arguments, require, run_program
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py[:variant]).")
-_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (checkpoints, logs, model).")
-_RESUME = flags.DEFINE_bool("resume", False, "Continue the checkpoint in --workdir.")
-_TRAINABLE_BLOCKS = flags.DEFINE_integer(
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py[:variant]).")
+flags.DEFINE_string("workdir", None, "Run directory (checkpoints, logs, model).")
+flags.DEFINE_bool("resume", False, "Continue the checkpoint in --workdir.")
+flags.DEFINE_integer(
     "trainable_blocks", None, "Unfreeze the top N backbone blocks (overrides the config)."
 )
-_TRAINABLE_FRACTION = flags.DEFINE_float(
+flags.DEFINE_float(
     "trainable_fraction", None, "Unfreeze the top fraction of backbone layers (overrides config)."
 )
-flags.mark_flags_as_required(["config", "workdir"])
 
 
 def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-    from tfmet.training import style_run
+    no_arguments(argv)
+    require(FLAGS.flag_values_dict(), "config", "workdir")
+    from tfmet.training.style import run as style_run
 
-    config = _CONFIG.value
-    if _TRAINABLE_BLOCKS.value is not None:
-        config.train.trainable_blocks = _TRAINABLE_BLOCKS.value
-    if _TRAINABLE_FRACTION.value is not None:
-        config.train.trainable_fraction = _TRAINABLE_FRACTION.value
+    config = FLAGS.config
+    if FLAGS.trainable_blocks is not None:
+        config.train.trainable_blocks = FLAGS.trainable_blocks
+    if FLAGS.trainable_fraction is not None:
+        config.train.trainable_fraction = FLAGS.trainable_fraction
     logging.set_verbosity(logging.INFO)
-    try:
-        summary = style_run.train(config, _WORKDIR.value, resume=_RESUME.value)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"tfmet-train-style: error: {e}", file=sys.stderr)
-        return 2
+    summary = style_run.train(config, FLAGS.workdir, resume=FLAGS.resume)
     print(
         f"{summary['mode']}: best val top-1 {summary['best_val_top1']:.4f} at epoch "
         f"{summary['best_epoch']} of {summary['epochs_run']}"
         f"{' (stopped early)' if summary['stopped_early'] else ''}, "
         f"{summary['bad_images']} unreadable image(s), {summary['seconds']:.1f} s; "
-        f"model: {_WORKDIR.value}/classifier.keras"
+        f"model: {FLAGS.workdir}/classifier.keras"
     )
-    return 0
 
 
 def run():
-    app.run(main)
+    run_program("tfmet-train-style", main)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """tf.data pipeline of augmented image pairs for contrastive training.
 
-`pair_dataset` turns an epoch's `tfmet.training.mining.Pairs` (already in their epoch order) into
-batches of
+`pair_dataset` turns an epoch's `tfmet.training.contrastive.mining.Pairs` (already in their
+epoch order) into batches of
 
     {"first": float32 [B, S, S, 3], "second": float32 [B, S, S, 3],   # RGB in [0, 255]
      "label": int32 [B], "kind": int8 [B], "position": int64 [B]}

@@ -77,29 +77,13 @@ def resolve_weights(backbone, weights):
 
 
 def _extractor(backbone, weights, seed, multiscale, max_side):
-    """`DescriptorExtractor` + `ExtractionSpec`; converted embedder files keep p and projector."""
-    from tfmet.backbones import torch_convert
+    """`DescriptorExtractor` + `ExtractionSpec`, built exactly as `tfmet-extract` builds them."""
     from tfmet.descriptors import extraction
 
     scales = None if multiscale else (1.0,)
-    metadata = torch_convert.read_metadata(weights) if weights else {}
-    if metadata.get("kind") != "embedder":
-        return extraction.build_extractor(
-            backbone=backbone, weights=weights, seed=seed, scales=scales, max_side=max_side
-        )
-    from tfmet.descriptors.embedder import MET_SCALES, DescriptorExtractor
-
-    embedder = torch_convert.load_embedder(weights, arch=backbone)
-    scales = MET_SCALES if scales is None else scales
-    spec = extraction.ExtractionSpec(
-        backbone=backbone,
-        weights=extraction.weights_fingerprint(weights),
-        scales=scales,
-        resize_method="torch",
-        max_side=max_side,
-        dim=embedder.output_dim,
+    return extraction.build_extractor(
+        backbone=backbone, weights=weights, seed=seed, scales=scales, max_side=max_side
     )
-    return DescriptorExtractor(embedder, scales=scales), spec
 
 
 def _top_matches(data, rows, pca_dim, count=4):

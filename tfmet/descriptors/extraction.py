@@ -30,9 +30,11 @@ import numpy as np
 import tensorflow as tf
 from absl import logging as absl_logging
 
+from tfmet.backbones.batchnorm import FoldedBatchNorm, fold_batchnorm  # noqa: F401 (public here too)
 from tfmet.data import images as image_io
 from tfmet.descriptors import store as store_lib
 from tfmet.io.atomic import atomic_path, save_json
+from tfmet.io.progress import format_seconds
 
 RUN_FILE = "run.json"
 CHUNK_PATTERN = "chunk-{:06d}.npz"
@@ -262,19 +264,12 @@ class _Progress:
             self.done,
             self.total,
             rate,
-            _format_seconds(eta),
+            format_seconds(eta),
         )
 
     def close(self):
         if self.bar is not None:
             self.bar.close()
-
-
-def _format_seconds(seconds):
-    if not np.isfinite(seconds):
-        return "?"
-    seconds = int(seconds)
-    return f"{seconds // 3600:d}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
 
 
 class _ChunkBuffer:
@@ -539,83 +534,6 @@ def merge_split(output_dir, split, keep_chunks=True):
     return manifest
 
 
-@keras.saving.register_keras_serializable(package="tfmet")
-class FoldedBatchNorm(keras.layers.Layer):
-    """The identity, standing where `fold_batchnorm` folded a BatchNormalization away."""
-
-    def call(self, inputs, training=None, mask=None):
-        return inputs
-
-    def compute_output_shape(self, input_shape):
-        return input_shape
-
-
-def fold_batchnorm(model):
-    """An inference copy of a functional Keras model with BatchNorms folded into their convs.
-
-    Each BatchNormalization whose only input is a Conv2D (channels-last) used by nothing else is
-    replaced by that conv with a bias: kernel * s and (bias - mean) * s + beta, where
-    s = gamma / sqrt(var + eps). The result computes the same function (float rounding aside,
-    ~1e-7 relative) without the per-pixel BN arithmetic, and lets TensorFlow fuse conv + bias +
-    ReLU (+ residual add). The input model is not changed.
-
-    Returns:
-      (model, number of folded BatchNorms); `model` itself and 0 when nothing can be folded
-      (e.g. a subclassed model or a hub module).
-    """
-    if not hasattr(model, "_nodes_by_depth") or not hasattr(model, "layers"):
-        return model, 0
-    folds = {}
-    for layer in model.layers:
-        if not isinstance(layer, keras.layers.BatchNormalization):
-            continue
-        if len(layer._inbound_nodes) != 1 or len(layer._inbound_nodes[0].parent_nodes) != 1:
-            continue
-        conv = layer._inbound_nodes[0].parent_nodes[0].operation
-        if (
-            type(conv) is keras.layers.Conv2D
-            and conv.data_format == "channels_last"
-            and layer.axis in (-1, 3, [-1], [3])
-            and len(conv._inbound_nodes) == 1
-            and len(conv._outbound_nodes) == 1
-        ):
-            folds[conv.name] = layer
-    if not folds:
-        return model, 0
-    folded_away = {id(bn) for bn in folds.values()}
-
-    def clone(layer):
-        if layer.name in folds:
-            return keras.layers.Conv2D.from_config(layer.get_config() | {"use_bias": True})
-        if id(layer) in folded_away:
-            return FoldedBatchNorm(name=layer.name)
-        return layer.__class__.from_config(layer.get_config())
-
-    folded = keras.models.clone_model(model, clone_function=clone)
-    for layer in model.layers:
-        if not layer.weights:
-            continue
-        target = folded.get_layer(layer.name)
-        if layer.name in folds:
-            bn = folds[layer.name]
-            kernel = np.asarray(layer.kernel, np.float64)
-            bias = np.asarray(layer.bias, np.float64) if layer.use_bias else 0.0
-            gamma = np.asarray(bn.gamma, np.float64) if bn.scale else 1.0
-            beta = np.asarray(bn.beta, np.float64) if bn.center else 0.0
-            mean = np.asarray(bn.moving_mean, np.float64)
-            var = np.asarray(bn.moving_variance, np.float64)
-            scale = gamma / np.sqrt(var + bn.epsilon)
-            target.set_weights(
-                [
-                    (kernel * scale).astype(np.float32),
-                    ((bias - mean) * scale + beta).astype(np.float32),
-                ]
-            )
-        elif id(layer) not in folded_away:
-            target.set_weights(layer.get_weights())
-    return folded, len(folds)
-
-
 def folded_embedder(embedder):
     """A copy of `embedder` over `fold_batchnorm(embedder.backbone)` (itself if nothing folds).
 
@@ -660,8 +578,9 @@ def build_extractor(
 
     Args:
       backbone: registry name (`tfmet.backbones.names()`), used with `weights`.
-      weights: local weights file for the backbone, or None for a random initialisation seeded
-        with `seed` (recorded as "random:seed=<seed>").
+      weights: local weights file for the backbone (a plain backbone file, or a converted
+        "embedder" file that also holds GeM p and a projector: `tfmet.descriptors.conversion`),
+        or None for a random initialisation seeded with `seed` (recorded as "random:seed=<seed>").
       model: alternatively, a saved `Embedder` (.keras file), e.g. after contrastive training.
       seed: seed of a random initialisation.
       scales: extraction scales; None for the Met multi-scale `MET_SCALES`.
@@ -687,9 +606,7 @@ def build_extractor(
             raise ValueError(f"{model}: not a saved tfmet Embedder ({type(embedder).__name__})")
         name, fingerprint = embedder.backbone.name, weights_fingerprint(model)
     else:
-        if weights is None:
-            keras.utils.set_random_seed(seed)
-        embedder = Embedder.from_registry(backbone, weights=weights)
+        embedder = _registry_embedder(backbone, weights, seed)
         name, fingerprint = backbone, weights_fingerprint(weights, seed)
     scales = MET_SCALES if scales is None else tuple(scales)
     if fold_bn:
@@ -705,6 +622,19 @@ def build_extractor(
         chunk_size=int(chunk_size),
     )
     return extractor, spec
+
+
+def _registry_embedder(backbone, weights, seed):
+    """The `Embedder` of registered `backbone` with `weights` (backbone or embedder file)."""
+    from tfmet.backbones.torch_convert import read_metadata
+    from tfmet.descriptors.conversion import load_embedder
+    from tfmet.descriptors.embedder import Embedder
+
+    if weights is None:
+        keras.utils.set_random_seed(seed)
+    elif read_metadata(weights).get("kind") == "embedder":
+        return load_embedder(weights, arch=backbone)
+    return Embedder.from_registry(backbone, weights=weights)
 
 
 def load_met_splits(info_dir, splits=("train", "val", "test"), mini=False):

@@ -14,7 +14,6 @@ rename), the manifest last, so a manifest always describes a complete array.
 """
 
 import dataclasses
-import hashlib
 import os
 
 import numpy as np
@@ -22,19 +21,11 @@ import numpy as np
 import tfmet
 from tfmet.io import json_files
 from tfmet.io.atomic import atomic_path, save_json, save_npy
+from tfmet.io.hashing import file_sha256  # noqa: F401 (public here too)
 
 FORMAT = "tfmet-descriptors"
 FORMAT_VERSION = 1
 SPLITS = ("train", "val", "test")
-
-
-def file_sha256(path, block_size=1 << 20):
-    """Hex sha256 of a file's bytes (weights files, imported descriptor files)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(block_size), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def array_path(directory, split):

@@ -1,0 +1,58 @@
+"""The import layers of setup.cfg's import-linter contracts: kept today, and able to fail."""
+
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from tests.kit import REPO
+
+LINT_IMPORTS = os.path.join(os.path.dirname(sys.executable), "lint-imports")
+
+
+def _lint_imports(root):
+    env = dict(os.environ, PYTHONPATH=str(root))
+    return subprocess.run(
+        [LINT_IMPORTS, "--config", "setup.cfg", "--no-cache"],
+        cwd=root,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+@pytest.fixture
+def tree_copy(tmp_path):
+    shutil.copytree(os.path.join(REPO, "tfmet"), tmp_path / "tfmet")
+    shutil.copy(os.path.join(REPO, "setup.cfg"), tmp_path / "setup.cfg")
+    return tmp_path
+
+
+@pytest.mark.slow
+def test_contracts_are_kept(tree_copy):
+    done = _lint_imports(tree_copy)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "Contracts: 2 kept, 0 broken." in done.stdout
+
+
+@pytest.mark.slow
+def test_a_backwards_import_breaks_the_layers_contract(tree_copy):
+    gem = tree_copy / "tfmet" / "layers" / "gem.py"
+    gem.write_text(gem.read_text() + "\nfrom tfmet.retrieval import knn  # noqa: E402,F401\n")
+    done = _lint_imports(tree_copy)
+    assert done.returncode != 0
+    assert "tfmet layers" in done.stdout and "BROKEN" in done.stdout
+    assert "tfmet.layers.gem -> tfmet.retrieval.knn" in done.stdout
+
+
+@pytest.mark.slow
+def test_a_circle_breaks_the_acyclic_contract(tree_copy):
+    # backbones -> descriptors already exists (descriptors import backbones): a circle.
+    hub = tree_copy / "tfmet" / "backbones" / "hub.py"
+    hub.write_text(hub.read_text() + "\nfrom tfmet.descriptors import store  # noqa: E402,F401\n")
+    done = _lint_imports(tree_copy)
+    assert done.returncode != 0
+    assert "no import circles between sibling modules BROKEN" in done.stdout.replace("\n", " ")

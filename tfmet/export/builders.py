@@ -1,0 +1,182 @@
+"""The modules `tfmet-export` writes, assembled from files, for Python users and the program.
+
+    extractor, spec = tfmet.descriptors.build_extractor(
+        backbone="resnet18", weights="r18.weights.h5")
+    module, metadata = tfmet.export.build_recognizer(
+        extractor, spec, descriptor_dir="desc/", info_dir="met/", k=10, tau=25.0)
+    tfmet.export.save_module(module, "exports/met", module.signatures(), metadata)
+
+Each builder returns (module, metadata): the metadata describe the export (model spec, k, tau,
+PCA-whitening, database size, ...) and go into `assets/tfmet_metadata.json`.
+"""
+
+import numpy as np
+from absl import logging
+
+from tfmet.io.json_files import read_json
+
+
+def classifier_settings(results_json=None, k=None, tau=None, dim=None, default_dim=512):
+    """(k, tau, dim) of the recogniser: given values first, else those of a knn-eval results file.
+
+    Args:
+      results_json: a `tfmet-knn-eval` results file with the tuned "k", "t" and "dim", or None.
+      k, tau: explicit values (override the file's).
+      dim: explicit PCA-whitening dimension (overrides the file's); None takes the file's "dim"
+        (None there means raw descriptors), else `default_dim`.
+
+    Raises:
+      ValueError: the file is not a results file, or `k`/`tau` are missing from both.
+    """
+    file_dim = default_dim
+    if results_json:
+        results = read_json(results_json, "tfmet-knn-eval results file")
+        if not isinstance(results, dict) or "k" not in results or "t" not in results:
+            raise ValueError(f"{results_json}: not a tfmet-knn-eval results file")
+        k = results["k"] if k is None else k
+        tau = results["t"] if tau is None else tau
+        file_dim = results.get("dim", default_dim)
+    if k is None or tau is None:
+        raise ValueError("the recogniser needs `k` and `tau`, or `results_json` to read them from")
+    return int(k), float(tau), file_dim if dim is None else dim
+
+
+def whitening(pca=None, train=None, dim=None, raw=False):
+    """(mean, projection) of the PCA-whitening to bake in, or (None, None) for none.
+
+    Args:
+      pca: a saved `PCAWhitening` (.npz) to use as it is.
+      train: otherwise, descriptors to fit one on (with `dim`), as tfmet-knn-eval does.
+      dim: the whitened dimension when fitting.
+      raw: no whitening at all.
+    """
+    from tfmet.retrieval import PCAWhitening
+
+    if raw or (pca is None and (train is None or dim is None)):
+        return None, None
+    if pca is not None:
+        fitted = PCAWhitening.load(pca)
+    else:
+        logging.info("fitting PCA-whitening (dim %d) on %d train descriptors", dim, len(train))
+        fitted = PCAWhitening(dim=dim).fit(train)
+    return fitted.mean, fitted.projection
+
+
+def build_descriptor(extractor, spec, pca=None):
+    """The descriptor export of `extractor` (its `ExtractionSpec` `spec`), optionally whitened."""
+    from tfmet.export.descriptor import DescriptorModule
+
+    mean, projection = whitening(pca=pca)
+    module = DescriptorModule(
+        extractor.embedder,
+        scales=spec.scales,
+        resize_method=spec.resize_method,
+        pca_mean=mean,
+        pca_projection=projection,
+        max_side=spec.max_side,
+    )
+    metadata = dict(spec.metadata(), dim=module.dim, pca_whitening=module.whitened)
+    return module, metadata
+
+
+def read_database(descriptor_dir, info_dir, spec, mini=False):
+    """(descriptors, Met ids) of the valid rows of the train store, checked against the model.
+
+    Raises:
+      ValueError: the store's rows do not match the ground truth, or it was extracted with other
+        weights than `spec` describes.
+    """
+    from tfmet.data.met import load_split
+    from tfmet.descriptors.store import read_store
+
+    store = read_store(descriptor_dir, "train")
+    labels = load_split(info_dir, "train", mini=mini).labels
+    if labels.shape[0] != store.count:
+        raise ValueError(
+            f"{descriptor_dir}: train store has {store.count} rows, "
+            f"{info_dir} lists {labels.shape[0]} database images"
+        )
+    if store.manifest.get("weights_sha256") not in (None, spec.weights):
+        raise ValueError(
+            f"{descriptor_dir}: descriptors were made with weights "
+            f"{store.manifest['weights_sha256']}, the model to export has {spec.weights}"
+        )
+    return np.asarray(store.descriptors[store.valid]), labels[store.valid]
+
+
+def build_recognizer(
+    extractor,
+    spec,
+    descriptor_dir,
+    info_dir,
+    k,
+    tau,
+    pca=None,
+    dim=512,
+    raw=False,
+    mini=False,
+    searcher="exact",
+    top_k=5,
+):
+    """The one-piece recogniser: `extractor` + the train store of `descriptor_dir` as database.
+
+    Args:
+      extractor, spec: from `tfmet.descriptors.build_extractor` (the model that made the store).
+      descriptor_dir: `tfmet-extract` output holding the train store.
+      info_dir: Met ground truth (the database's Met ids).
+      k, tau: the kNN classifier's parameters (see `classifier_settings`).
+      pca, dim, raw: PCA-whitening (see `whitening`): a saved one, or fitted to `dim` on the
+        database as tfmet-knn-eval does, or none.
+      mini: the database is mini_MET_database.json.
+      searcher: "exact" or "scann".
+      top_k: candidates returned per image.
+    """
+    from tfmet.export.recognizer import RecognizerModule
+    from tfmet.retrieval import apply_pca_whitening
+
+    train, labels = read_database(descriptor_dir, info_dir, spec, mini=mini)
+    mean, projection = whitening(pca=pca, train=train, dim=dim, raw=raw)
+    database = train if projection is None else apply_pca_whitening(train, mean, projection)
+    module = RecognizerModule(
+        extractor.embedder,
+        database,
+        labels,
+        k=k,
+        tau=tau,
+        searcher=searcher,
+        top_k=top_k,
+        scales=spec.scales,
+        resize_method=spec.resize_method,
+        pca_mean=mean,
+        pca_projection=projection,
+        max_side=spec.max_side,
+    )
+    metadata = dict(
+        spec.metadata(),
+        k=module.k,
+        tau=module.tau,
+        dim=module.dim,
+        pca_whitening=module.whitened,
+        database_size=module.database_size,
+        num_classes=module.num_classes,
+        searcher=module.searcher,
+    )
+    return module, metadata
+
+
+def build_style(style_model, image_size=None, top_k=5, trust_model=False):
+    """The style classifier export of a `tfmet-train-style` run directory or `.keras` file."""
+    from tfmet.export.style import StyleModule
+    from tfmet.training.style import run as style_run
+
+    classifier = style_run.load_classifier(style_model, trust_model=trust_model)
+    if image_size is None:
+        run_dir = style_run.run_dir_of(style_model)
+        image_size = style_run.read_run_config(run_dir)["model"]["image_size"]
+    module = StyleModule(classifier, image_size, top_k=top_k)
+    metadata = dict(
+        backbone=classifier.backbone_name or classifier.backbone.name,
+        image_size=module.image_size,
+        class_names=module.class_names,
+    )
+    return module, metadata

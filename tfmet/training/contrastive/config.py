@@ -1,0 +1,146 @@
+"""The contrastive training config: reference defaults, validation, the Embedder it builds."""
+
+import os
+
+import keras
+import ml_collections
+
+from tfmet import backbones
+from tfmet.descriptors.embedder import Embedder
+from tfmet.training.contrastive import mining
+from tfmet.training.contrastive.augment import AugmentConfig
+from tfmet.training.contrastive.loss import MARGIN
+
+# The reference's train_contrastive.py names of settings that have tfmet's shared name (the one
+# both trainings use): `config.bsize = 4` and `--config.bsize=4` set `batch_size`, and so on.
+REFERENCE_NAMES = {
+    "net": "backbone",
+    "bsize": "batch_size",
+    "backbone_lr": "learning_rate",
+    "wdecay": "weight_decay",
+    "imsize": "image_size",
+}
+
+
+def default_config():
+    """The reference's training settings (train_contrastive.py defaults), as a ConfigDict.
+
+    Entries use tfmet's shared vocabulary where both trainings have the setting (`backbone`,
+    `batch_size`, `learning_rate`, `weight_decay`, `image_size`, `seed`, `epochs`; the reference's
+    `net`, `bsize`, `backbone_lr`, `wdecay`, `imsize` are aliases of them, `REFERENCE_NAMES`), the
+    reference's names otherwise (`pairs_type`, `vbsizemul`, `margin`, `sched_step`,
+    `sched_gamma`, `emb_proj`, `pca`, `mini`, `initeval`), plus tfmet's: backbone `weights`
+    file, GeM `gem_p`/`train_p`, `augment`, `mining`, the validation `knn_backend`, `max_side`
+    at inference, and run control (`stop_at_step`, logging, checkpoint frequency, parallelism).
+    """
+    config = ml_collections.ConfigDict()
+    config.backbone = "resnet18"
+    config.weights = ml_collections.FieldReference(None, field_type=str)
+    config.pairs_type = "sim_siam_pos+new_neg"
+    config.mini = False
+    config.epochs = 10
+    config.batch_size = 64
+    config.vbsizemul = 1
+    config.learning_rate = 1e-7
+    config.weight_decay = 1e-6
+    config.margin = MARGIN
+    config.image_size = 500
+    config.sched_step = 6
+    config.sched_gamma = 0.1
+    config.emb_proj = False
+    config.pca = False
+    config.seed = 0
+    config.initeval = False
+    config.gem_p = 3.0
+    config.train_p = True
+    config.augment = ml_collections.ConfigDict(
+        {
+            "crop_scale": (0.7, 1.0),
+            "crop_ratio": (0.99, 1.0 / 0.99),
+            "brightness": 0.4,
+            "contrast": 0.4,
+            "saturation": 0.4,
+            "hue": 0.1,
+            "jitter_prob": 0.8,
+            "grayscale_prob": 0.2,
+        }
+    )
+    config.mining = ml_collections.ConfigDict(
+        {"top_k": mining.TOP_K, "pool": mining.NEGATIVE_POOL, "backend": "scann"}
+    )
+    config.knn_backend = "exact"
+    config.max_side = ml_collections.FieldReference(None, field_type=int)
+    config.stop_at_step = ml_collections.FieldReference(None, field_type=int)
+    config.log_every_steps = 10
+    config.checkpoint_every_steps = 0
+    config.keep_checkpoints = 3
+    config.keep_all_descriptors = False
+    config.num_parallel_calls = -1
+    config.extract_batch_images = 16
+    config.progress = True
+    for old, new in REFERENCE_NAMES.items():  # the reference's names stay usable as aliases
+        config[old] = config.get_ref(new)
+    return config
+
+
+def _config_dict(config):
+    return config.to_dict() if hasattr(config, "to_dict") else dict(config)
+
+
+def check_config(config):
+    """Validates a training config (a dict); raises ValueError naming the bad entry."""
+    mining.check_pair_type(config["pairs_type"])
+    for key in ("epochs", "batch_size", "vbsizemul", "image_size", "sched_step"):
+        if int(config[key]) < 1:
+            raise ValueError(f"config `{key}` must be a positive integer. Received: {config[key]}")
+    for key in ("learning_rate", "margin"):
+        if float(config[key]) <= 0:
+            raise ValueError(f"config `{key}` must be positive. Received: {config[key]}")
+    for key in ("weight_decay", "sched_gamma"):
+        if float(config[key]) < 0:
+            raise ValueError(f"config `{key}` must be non-negative. Received: {config[key]}")
+    if config["pca"] and not config["emb_proj"]:
+        raise ValueError("config `pca` initialises the projector: it needs `emb_proj` too")
+    for key in ("backend",):
+        if config["mining"][key] not in ("scann", "exact"):
+            raise ValueError(f"config `mining.{key}` must be 'scann' or 'exact'")
+    if config["knn_backend"] not in ("scann", "exact"):
+        raise ValueError("config `knn_backend` must be 'scann' or 'exact'")
+    augment_config(config)  # validates the augmentation entries
+    return config
+
+
+def augment_config(config):
+    """The `AugmentConfig` of a training config."""
+    a = config["augment"]
+    return AugmentConfig(
+        image_size=int(config["image_size"]),
+        crop_scale=tuple(a["crop_scale"]),
+        crop_ratio=tuple(a["crop_ratio"]),
+        brightness=float(a["brightness"]),
+        contrast=float(a["contrast"]),
+        saturation=float(a["saturation"]),
+        hue=float(a["hue"]),
+        jitter_prob=float(a["jitter_prob"]),
+        grayscale_prob=float(a["grayscale_prob"]),
+    )
+
+
+def build_embedder(config):
+    """The Embedder of a training config: registry backbone (+ local weights), GeM, projector."""
+    weights = config.get("weights")
+    if weights is not None and not os.path.isfile(weights):
+        raise FileNotFoundError(f"{weights}: backbone weights file not found")
+    keras.utils.set_random_seed(int(config["seed"]))
+    spec = backbones.spec(config["backbone"])
+    backbone = spec.builder(weights=weights)
+    dim = int(backbone.compute_output_shape((None, None, None, 3))[-1])
+    embedder = Embedder(
+        backbone,
+        p=float(config["gem_p"]),
+        train_p=bool(config["train_p"]),
+        projector_dim=dim if config["emb_proj"] else None,
+        preprocessing=spec.preprocessing,
+    )
+    embedder.build((None, None, None, 3))
+    return embedder

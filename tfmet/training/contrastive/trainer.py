@@ -1,0 +1,122 @@
+"""`ContrastiveTrainer`: the siamese Embedder, its optimizer and the compiled training steps."""
+
+import keras
+import tensorflow as tf
+
+from tfmet.training.contrastive.loss import (
+    EPS,
+    MARGIN,
+    ContrastiveLoss,
+    contrastive_loss,
+    pair_squared_distances,
+)
+from tfmet.training.contrastive.optimizer import TorchAdam
+
+
+class ContrastiveTrainer:
+    """Siamese training steps over an `Embedder`, with gradient accumulation.
+
+    Both images of every pair go through `embedder` in one batch, in inference mode (frozen
+    BatchNorm statistics, as the reference's `BatchNorm.eval()`); every trainable variable of
+    the embedder is updated, BatchNorm gamma/beta included (the reference keeps them trainable).
+
+    A virtual batch is the sum of `accumulate` calls over sub-batches; `apply` then applies the
+    gradient of the mean loss over all the pairs accumulated, plus the L2 weight decay term
+    `weight_decay * w` (PyTorch's coupled Adam weight decay), with `TorchAdam`.
+
+    Args:
+      embedder: the `tfmet.descriptors.Embedder` to train (built or not).
+      learning_rate: initial Adam learning rate (the reference's "backbone_lr", 1e-7).
+      weight_decay: L2 coefficient added to the gradient (1e-6).
+      margin, eps: of the contrastive loss.
+      adam_epsilon: Adam's epsilon (PyTorch's default 1e-8).
+    """
+
+    def __init__(
+        self,
+        embedder,
+        learning_rate=1e-7,
+        weight_decay=1e-6,
+        margin=MARGIN,
+        eps=EPS,
+        adam_epsilon=1e-8,
+    ):
+        if learning_rate <= 0:
+            raise ValueError(f"`learning_rate` must be positive. Received: {learning_rate}")
+        if weight_decay < 0:
+            raise ValueError(f"`weight_decay` must be non-negative. Received: {weight_decay}")
+        if not embedder.built:
+            embedder.build((None, None, None, 3))
+        self.embedder = embedder
+        self.weight_decay = float(weight_decay)
+        self.loss = ContrastiveLoss(margin=margin, eps=eps)
+        self.optimizer = TorchAdam(learning_rate=float(learning_rate), epsilon=adam_epsilon)
+        self.variables = list(embedder.trainable_variables)
+        self.optimizer.build(self.variables)
+        self._sums = [
+            tf.Variable(tf.zeros(v.shape, v.dtype), trainable=False, name="grad_sum")
+            for v in self.variables
+        ]
+        self._count = tf.Variable(0.0, trainable=False, name="pairs_accumulated")
+        self._accumulate = tf.function(self._accumulate_fn, reduce_retracing=True, autograph=False)
+        self._apply = tf.function(self._apply_fn, autograph=False)
+
+    @property
+    def learning_rate(self):
+        return float(keras.ops.convert_to_numpy(self.optimizer.learning_rate))
+
+    @learning_rate.setter
+    def learning_rate(self, value):
+        self.optimizer.learning_rate = float(value)
+
+    def embed_pairs(self, first, second):
+        """Embeddings ([B, D], [B, D]) of two batches of raw images in [0, 255]."""
+        images = tf.concat([first, second], axis=0)
+        embeddings = self.embedder(self.embedder.preprocess(images), training=False)
+        count = tf.shape(first)[0]
+        return embeddings[:count], embeddings[count:]
+
+    def _accumulate_fn(self, first, second, labels):
+        with tf.GradientTape() as tape:
+            e1, e2 = self.embed_pairs(first, second)
+            losses = contrastive_loss(e1, e2, labels, self.loss.margin, self.loss.eps)
+            total = tf.reduce_sum(losses)
+        grads = tape.gradient(
+            total, self.variables, unconnected_gradients=tf.UnconnectedGradients.ZERO
+        )
+        for accumulator, grad in zip(self._sums, grads, strict=True):
+            accumulator.assign_add(tf.convert_to_tensor(grad))
+        self._count.assign_add(tf.cast(tf.shape(losses)[0], tf.float32))
+        return losses, pair_squared_distances(e1, e2)
+
+    def _apply_fn(self):
+        count = tf.maximum(self._count, 1.0)
+        grads = [
+            s / count + self.weight_decay * tf.convert_to_tensor(v)
+            for s, v in zip(self._sums, self.variables, strict=True)
+        ]
+        self.optimizer.apply(grads, self.variables)
+        for accumulator in self._sums:
+            accumulator.assign(tf.zeros_like(accumulator))
+        self._count.assign(0.0)
+
+    def accumulate(self, first, second, labels):
+        """Adds one sub-batch's loss gradient; returns (per-pair losses, squared distances)."""
+        return self._accumulate(
+            tf.convert_to_tensor(first, tf.float32),
+            tf.convert_to_tensor(second, tf.float32),
+            tf.convert_to_tensor(labels, tf.int32),
+        )
+
+    def apply(self):
+        """One optimizer step with the mean gradient accumulated since the last step."""
+        self._apply()
+
+    def train_step(self, sub_batches):
+        """accumulate over `sub_batches` [(first, second, labels), ...], then apply.
+
+        Returns the mean loss over all their pairs (a float).
+        """
+        losses = [self.accumulate(*batch)[0] for batch in sub_batches]
+        self.apply()
+        return float(tf.reduce_mean(tf.concat(losses, axis=0)))

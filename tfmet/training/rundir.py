@@ -1,0 +1,117 @@
+"""What both trainings do with their run directory: record the config, refuse a resume that
+would change what is computed (one rule), report progress, write TensorBoard scalars.
+
+The rule: a run records its config (`config.json`) when it starts; a resumed run's config must
+equal the recorded one in every entry (nested entries compared by their dotted path, e.g.
+`train.epochs`) except the training's `RESUMABLE_CHANGES`, which only extend a run or change how
+it reports (e.g. the number of epochs).
+"""
+
+import json
+import os
+import time
+
+import tensorflow as tf
+from absl import logging
+
+from tfmet.io.atomic import save_json
+from tfmet.io.json_files import read_json
+from tfmet.io.progress import format_seconds
+
+CONFIG_FILE = "config.json"
+
+
+def config_record(config):
+    """A ConfigDict (or dict) as plain JSON-able nested dicts (tuples become lists)."""
+    if hasattr(config, "to_dict"):
+        config = config.to_dict()
+    return json.loads(json.dumps(config, default=list))
+
+
+def flatten(record, prefix=""):
+    """{dotted key: value} of a nested dict."""
+    out = {}
+    for key, value in record.items():
+        if isinstance(value, dict):
+            out.update(flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def resume_differences(recorded, record, resumable):
+    """Sorted dotted keys whose values differ between two config records, less `resumable`."""
+    recorded, record = flatten(recorded), flatten(record)
+    return sorted(
+        key
+        for key in set(recorded) | set(record)
+        if key not in resumable and recorded.get(key) != record.get(key)
+    )
+
+
+def check_resume(path, record, resumable):
+    """Raises ValueError naming `path` and every entry a resumed run may not change."""
+    if not os.path.exists(path):
+        return
+    recorded = read_json(path, "recorded run config")
+    differences = resume_differences(recorded, record, resumable)
+    if differences:
+        flat_old, flat_new = flatten(recorded), flatten(record)
+        details = "; ".join(
+            f"{k}: {flat_old.get(k)!r} recorded, {flat_new.get(k)!r} now" for k in differences
+        )
+        raise ValueError(
+            f"{path}: cannot resume with a different setup ({details}); only "
+            f"{', '.join(sorted(resumable))} may change when resuming"
+        )
+
+
+def record_config(workdir, config, resumable, resuming):
+    """Checks `config` against the recorded one when `resuming`, then records it; returns it."""
+    path = os.path.join(workdir, CONFIG_FILE)
+    record = config_record(config)
+    if resuming:
+        check_resume(path, record, resumable)
+    os.makedirs(workdir, exist_ok=True)
+    save_json(path, record)
+    return record
+
+
+class Progress:
+    """Logs progress (items/s, ETA) of long work at most every `interval` seconds."""
+
+    def __init__(self, what, total, unit="items", interval=30.0):
+        self.what = what
+        self.total = total
+        self.unit = unit
+        self.interval = interval
+        self.start = self.last = time.perf_counter()
+        self.done = 0
+
+    def update(self, done, message=""):
+        self.done = done
+        now = time.perf_counter()
+        if now - self.last < self.interval and done < self.total:
+            return
+        self.last = now
+        rate = done / max(now - self.start, 1e-9)
+        eta = (self.total - done) / rate if rate > 0 else float("inf")
+        logging.info(
+            "%s: %d/%d %s, %.1f %s/s, ETA %s %s",
+            self.what,
+            done,
+            self.total,
+            self.unit,
+            rate,
+            self.unit,
+            format_seconds(eta),
+            message,
+        )
+
+
+def write_scalars(writer, step, values):
+    """One TensorBoard scalar per entry of `values` at `step`, then flush."""
+    with writer.as_default(step=step):
+        for name, value in values.items():
+            tf.summary.scalar(name, value)
+    writer.flush()

@@ -1,0 +1,164 @@
+"""Prediction with a trained style classifier: top-k labels, flip bagging, nearest paintings.
+
+`load_predictor` accepts a run directory, its `classifier.keras`, a checkpoint of the run, or an
+exported SavedModel directory (see `SAVED_MODEL_CONTRACT`).
+"""
+
+import json
+import os
+
+import numpy as np
+
+from tfmet.data import images as image_io
+from tfmet.data import style as style_data
+from tfmet.metrics.topk import bag_probabilities
+from tfmet.retrieval import embedding_tools
+from tfmet.training.style.run import (
+    CLASSIFIER_FILE,
+    default_cache_dir,
+    load_classifier,
+    load_records,
+    load_split,
+    read_run_config,
+    run_dir_of,
+    split_features,
+)
+
+
+class Predictor:
+    """Images -> class probabilities per attribute, from a classifier or an exported SavedModel.
+
+    Attributes:
+      class_names: attribute -> names.
+      image_size: the side images are resized to.
+    """
+
+    def __init__(self, predict_logits, class_names, image_size, classifier=None):
+        self._predict_logits = predict_logits
+        self.class_names = class_names
+        self.image_size = int(image_size)
+        self.classifier = classifier
+
+    def probabilities(self, images, flip_bagging=False):
+        """images [n, S, S, 3] in [0, 255] -> {attribute: probabilities [n, classes]}."""
+        logits = self._predict_logits(images)
+        if not flip_bagging:
+            return {a: np.asarray(bag_probabilities(v)) for a, v in logits.items()}
+        mirrored = self._predict_logits(np.ascontiguousarray(np.asarray(images)[:, :, ::-1]))
+        return {a: np.asarray(bag_probabilities(logits[a], mirrored[a])) for a in logits}
+
+    def features(self, images):
+        """Pooled features [n, C] (needs a Keras classifier, not a SavedModel)."""
+        if self.classifier is None:
+            raise ValueError("pooled features need a Keras classifier, not a SavedModel")
+        return np.asarray(self.classifier.features(images, training=False))
+
+
+SAVED_MODEL_CONTRACT = """a style SavedModel written by `tfmet-export --kind style` has an `images`
+signature taking `images` (float32 [batch, size, size, 3] in [0, 255]) and returning one logits
+tensor per attribute, and `assets/tfmet_metadata.json` with {"kind": "style", "class_names":
+{attribute: [names]}, "image_size": size}"""
+
+
+def load_predictor(path, image_size=None, trust_model=False):
+    """A `Predictor` from a run directory, a `.keras` / `.weights.h5` file or a SavedModel dir."""
+    path = os.fspath(path)
+    if os.path.isdir(path) and not os.path.exists(os.path.join(path, CLASSIFIER_FILE)):
+        if os.path.exists(os.path.join(path, "saved_model.pb")):
+            return _saved_model_predictor(path)
+        raise FileNotFoundError(
+            f"{path}: neither an exported SavedModel (no saved_model.pb) nor a training run "
+            f"(no {CLASSIFIER_FILE}); export the model with tfmet-export first, or pass a "
+            ".keras checkpoint"
+        )
+    classifier = load_classifier(path, trust_model=trust_model)
+    if image_size is None:
+        try:
+            image_size = read_run_config(run_dir_of(path))["model"]["image_size"]
+        except FileNotFoundError:
+            raise ValueError(
+                f"{path}: no run config.json beside the model to take the image size from"
+            ) from None
+
+    def predict_logits(images):
+        return {a: np.asarray(v) for a, v in classifier(images, training=False).items()}
+
+    return Predictor(predict_logits, classifier.class_names, image_size, classifier=classifier)
+
+
+def _saved_model_predictor(path):
+    import tensorflow as tf
+
+    metadata_path = os.path.join(path, "assets", "tfmet_metadata.json")
+    if not os.path.exists(metadata_path):
+        raise ValueError(f"{path}: no assets/tfmet_metadata.json; {SAVED_MODEL_CONTRACT}")
+    with open(metadata_path, encoding="utf-8") as f:
+        metadata = json.load(f)
+    if metadata.get("kind") != "style" or "class_names" not in metadata:
+        raise ValueError(
+            f"{path}: a {metadata.get('kind', 'unknown')!r} export, not a style classifier; "
+            f"{SAVED_MODEL_CONTRACT}"
+        )
+    loaded = tf.saved_model.load(path)
+    signature = loaded.signatures.get("images")
+    if signature is None:
+        raise ValueError(f"{path}: no images signature; {SAVED_MODEL_CONTRACT}")
+
+    def predict_logits(images):
+        outputs = signature(images=tf.constant(np.asarray(images, np.float32)))
+        missing = [a for a in metadata["class_names"] if a not in outputs]
+        if missing:
+            raise ValueError(f"{path}: the images signature lacks outputs {missing}")
+        return {a: outputs[a].numpy() for a in metadata["class_names"]}
+
+    return Predictor(predict_logits, metadata["class_names"], metadata["image_size"])
+
+
+def read_images(paths, image_size):
+    """Decodes and resizes image files -> (images [n, S, S, 3], readable paths, errors)."""
+    images, good, errors = [], [], []
+    for path in paths:
+        if not os.path.isfile(path):
+            errors.append((path, "file not found"))
+            continue
+        image, reason = image_io.read_image(path)
+        if image is None:
+            errors.append((path, reason))
+            continue
+        images.append(np.asarray(style_data.resize_image(image, image_size)))
+        good.append(path)
+    stacked = np.stack(images) if images else np.zeros((0, image_size, image_size, 3), np.float32)
+    return stacked, good, errors
+
+
+def top_k_labels(probabilities, class_names, k):
+    """[(name, probability)] * k for one row, best first (ties: lower class index first)."""
+    order = np.argsort(-np.asarray(probabilities), kind="stable")[:k]
+    return [(class_names[i], float(probabilities[i])) for i in order]
+
+
+def nearest_in_run(
+    workdir, classifier, query_features, split="train", k=5, cache_dir=None, batch_size=32
+):
+    """Nearest paintings of `query_features` among a run's `split` images.
+
+    The collection's features come from the bottleneck cache (computed on first use).
+
+    Returns:
+      per query, [(relative path, first-attribute label, cosine similarity)] best first.
+    """
+    config = read_run_config(workdir)
+    records = load_records(config["dataset"])
+    splits = load_split(config["dataset"], records, workdir)
+    image_size = int(config["model"]["image_size"])
+    if cache_dir is None:
+        cache_dir = config.get("cache_dir") or default_cache_dir()
+    features, kept, _ = split_features(
+        classifier, records, splits[split], image_size, batch_size, cache_dir
+    )
+    attribute = records.attributes[0]
+    names = [
+        records.class_names[attribute][v] if v >= 0 else "" for v in records.labels[attribute][kept]
+    ]
+    index = embedding_tools.NearestPaintings(features, [records.paths[i] for i in kept], names)
+    return index.query(query_features, k=k)

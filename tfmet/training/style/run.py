@@ -1,0 +1,521 @@
+"""A style-classification run from a config: data, split, model, training, evaluation, prediction.
+
+The programs `tfmet-train-style` and `tfmet-evaluate-style` are thin wrappers around `train` and
+`evaluate` (`tfmet-predict` around `tfmet.training.style_predict`). A run directory holds:
+
+    config.json          the config the run was trained with (evaluate / predict read it)
+    split.json           the split, unless the config names a shared split file
+    bad_images.json      unreadable images, skipped
+    checkpoints/         last + best weights, optimizer state, state.json (for --resume)
+    tensorboard/         scalars, confusion matrices, embedding projector
+    classifier.keras     the trained classifier (images in [0, 255] -> logits per attribute)
+    eval_<split>/        metrics.json, per-class CSVs, confusion matrices (CSV + PNG)
+
+Training modes (`train.mode`):
+
+- "bottleneck": the backbone is frozen; pooled features of every image are computed once and
+  cached (`tfmet.training.style_bottleneck`), then only the head trains, in seconds.
+- "finetune": images flow through the backbone every step; the top of the backbone trains
+  (`train.trainable_blocks` / `trainable_fraction` / `trainable_patterns`), with optional
+  augmentation.
+- "auto": bottleneck when nothing in the backbone trains and there is no augmentation.
+"""
+
+import dataclasses
+import json
+import math
+import os
+import time
+
+import keras
+import numpy as np
+from absl import logging
+
+from tfmet.data import style as style_data
+from tfmet.io.atomic import atomic_path, save_json
+from tfmet.metrics.topk import bag_probabilities
+from tfmet.retrieval import embedding_tools
+from tfmet.training import rundir
+from tfmet.training.style import bottleneck as style_bottleneck
+from tfmet.training.style import evaluate as style_eval
+from tfmet.training.style import finetune as style_finetune
+from tfmet.training.style import fit as style_train
+from tfmet.training.style.model import StyleClassifier
+
+MODES = ("auto", "bottleneck", "finetune")
+CLASSIFIER_FILE = "classifier.keras"
+CONFIG_FILE = "config.json"
+# Config entries a resumed run may change.
+RESUMABLE_CHANGES = ("train.epochs", "train.patience")
+
+
+def default_cache_dir():
+    return os.environ.get(
+        "TFMET_CACHE_DIR", os.path.join(os.path.expanduser("~"), ".cache", "tfmet")
+    )
+
+
+config_to_dict = rundir.config_record
+_flatten = rundir.flatten
+
+
+def load_records(dataset_config):
+    """The dataset of a config's `dataset` section, restricted to its attributes."""
+    c = dataset_config
+    if not c.get("root"):
+        raise ValueError("config.dataset.root is empty: set it to the dataset's directory")
+    return style_data.load_dataset(
+        c["format"],
+        c["root"],
+        list_dir=c.get("list_dir") or None,
+        classes_file=c.get("classes_file") or None,
+        csv_path=c.get("csv") or None,
+        attributes=list(c.get("attributes") or []) or None,
+    )
+
+
+def load_split(dataset_config, records, workdir):
+    path = dataset_config.get("split_file") or os.path.join(workdir, "split.json")
+    return style_data.load_or_create_split(
+        records,
+        path,
+        fractions=tuple(dataset_config.get("split_fractions", (0.8, 0.1, 0.1))),
+        seed=int(dataset_config.get("split_seed", 0)),
+        stratify=dataset_config.get("stratify") or records.attributes[0],
+    )
+
+
+def resolve_mode(train_config):
+    mode = train_config.get("mode", "auto")
+    if mode not in MODES:
+        raise ValueError(f"train.mode must be one of {MODES}. Received: {mode!r}")
+    augment = train_config.get("augment", "none")
+    if augment not in style_data.AUGMENTATIONS:
+        raise ValueError(
+            f"train.augment must be one of {style_data.AUGMENTATIONS}. Received: {augment!r}"
+        )
+    trains_backbone = bool(
+        train_config.get("trainable_blocks")
+        or train_config.get("trainable_fraction")
+        or train_config.get("trainable_patterns")
+    )
+    if mode == "auto":
+        return "finetune" if trains_backbone or augment != "none" else "bottleneck"
+    if mode == "bottleneck" and (trains_backbone or augment != "none"):
+        raise ValueError(
+            "train.mode='bottleneck' trains the head on fixed cached features: it cannot train "
+            "backbone blocks or use augmentation (use mode 'finetune' or 'auto')"
+        )
+    return mode
+
+
+def settings_from_config(train_config):
+    fields = {f.name for f in dataclasses.fields(style_train.TrainSettings)}
+    return style_train.TrainSettings(**{k: v for k, v in train_config.items() if k in fields})
+
+
+def build_classifier(model_config, class_names, seed=0):
+    """A `StyleClassifier` from a config's `model` section (weights: a local file or none).
+
+    Keras's random seed is set to `seed` first, so the randomly initialised parts (the head, a
+    backbone without a weights file) are the same every time the run's model is rebuilt: a
+    head-only checkpoint then loads onto the backbone it was trained on.
+    """
+    keras.utils.set_random_seed(int(seed))
+    classifier = StyleClassifier.from_registry(
+        model_config["backbone"],
+        class_names,
+        weights=model_config.get("weights") or None,
+        dropout=float(model_config.get("dropout", 0.0)),
+        pooling=model_config.get("pooling", "gap"),
+        gem_p=float(model_config.get("gem_p", 3.0)),
+        name="style_classifier",
+    )
+    size = int(model_config["image_size"])
+    classifier.build((None, size, size, 3))
+    return classifier
+
+
+def save_classifier(classifier, path, image_size):
+    """Saves an uncompiled copy of `classifier` (same layers, no optimizer state) atomically."""
+    copy = StyleClassifier(
+        classifier.backbone,
+        classifier.head,
+        pooling=classifier.pooling,
+        gem_p=classifier.gem_p,
+        preprocessing=classifier.preprocessing,
+        backbone_name=classifier.backbone_name,
+        batchnorm=classifier.batchnorm,
+        name=classifier.name,
+    )
+    copy.build((None, image_size, image_size, 3))
+    copy.pool.set_weights(classifier.pool.get_weights())
+    with atomic_path(path) as tmp:
+        copy.save(tmp)
+
+
+def feature_cache(cache_dir, classifier, image_size, flip):
+    """The bottleneck cache of `classifier`'s feature extractor (backbone + pooling)."""
+    if not cache_dir:
+        return None
+    key = style_bottleneck.extractor_key(
+        classifier.backbone_name,
+        classifier.backbone,
+        classifier.pooling,
+        image_size,
+        flip=flip,
+        extra={"pooling_sha256": style_bottleneck.weights_sha256(classifier.pool)},
+    )
+    return style_bottleneck.BottleneckCache(os.path.join(cache_dir, "bottlenecks"), key)
+
+
+def split_features(classifier, records, indices, image_size, batch_size, cache_dir, flip=False):
+    """Features of records[indices]; returns (features, kept indices, errors)."""
+    paths = records.abspaths(indices)
+    cache = feature_cache(cache_dir, classifier, image_size, flip)
+    features, ok, errors = style_bottleneck.extract_features(
+        lambda images: classifier.features(images, training=False),
+        paths,
+        image_size,
+        batch_size=batch_size,
+        flip=flip,
+        cache=cache,
+    )
+    indices = np.asarray(indices)
+    return features[ok], indices[ok], [(int(indices[i]), p, r) for i, p, r in errors]
+
+
+def _labels(records, indices):
+    return {a: records.labels[a][indices] for a in records.attributes}
+
+
+def _projector_metadata(records, indices):
+    header = ["path", *records.attributes]
+    rows = []
+    for i in indices:
+        row = [records.paths[i]]
+        for a in records.attributes:
+            label = records.labels[a][i]
+            row.append(records.class_names[a][label] if label >= 0 else "")
+        rows.append(row)
+    return header, rows
+
+
+def _check_resume_config(workdir, config_dict):
+    rundir.check_resume(os.path.join(workdir, CONFIG_FILE), config_dict, RESUMABLE_CHANGES)
+
+
+def _write_bad_images(workdir, errors, records):
+    save_json(
+        os.path.join(workdir, "bad_images.json"),
+        [{"path": records.paths[i], "reason": reason} for i, _, reason in sorted(errors)],
+    )
+    if errors:
+        logging.warning("%d unreadable image(s) skipped; see bad_images.json", len(errors))
+
+
+def train(config, workdir, resume=False):
+    """Trains the classifier a config describes; returns a summary dict.
+
+    Raises:
+      ValueError / FileNotFoundError: a bad config, dataset or workdir (clear messages).
+    """
+    start = time.time()
+    config_dict = config_to_dict(config)
+    os.makedirs(workdir, exist_ok=True)
+    if resume:
+        _check_resume_config(workdir, config_dict)
+    elif style_train.has_checkpoint(workdir):
+        raise ValueError(
+            f"{workdir} already holds a training checkpoint; pass --resume to continue it or "
+            "choose a new workdir"
+        )
+    data_c, model_c, train_c = config_dict["dataset"], config_dict["model"], config_dict["train"]
+    mode = resolve_mode(train_c)
+    settings = settings_from_config(train_c)
+    keras.utils.set_random_seed(settings.seed)
+    records = load_records(data_c)
+    splits = load_split(data_c, records, workdir)
+    for name in ("train", "val"):
+        if not len(splits.get(name, [])):
+            raise ValueError(f"the {name} split is empty; check the dataset and split fractions")
+    save_json(os.path.join(workdir, CONFIG_FILE), config_dict)
+    classifier = build_classifier(model_c, records.class_names, settings.seed)
+    image_size = int(model_c["image_size"])
+    cache_dir = config_dict.get("cache_dir") or default_cache_dir()
+    logging.info(
+        "Training %s (%s) on %d train / %d val images, mode %s",
+        model_c["backbone"],
+        ", ".join(f"{a}: {len(n)} classes" for a, n in records.class_names.items()),
+        len(splits["train"]),
+        len(splits["val"]),
+        mode,
+    )
+    if mode == "bottleneck":
+        state, val_indices, errors = _train_bottleneck(
+            classifier,
+            records,
+            splits,
+            settings,
+            workdir,
+            resume,
+            image_size,
+            cache_dir,
+            int(config_dict.get("eval", {}).get("batch_size", 32)),
+        )
+    else:
+        state, val_indices, errors = _train_finetune(
+            classifier, records, splits, settings, train_c, workdir, resume, image_size
+        )
+    _write_bad_images(workdir, errors, records)
+    save_classifier(classifier, os.path.join(workdir, CLASSIFIER_FILE), image_size)
+    summary = {
+        "mode": mode,
+        "epochs_run": state["epoch"],
+        "best_epoch": state["best_epoch"],
+        "best_val_top1": state["best_top1"],
+        "stopped_early": state["stopped_early"],
+        "val_images": len(val_indices),
+        "bad_images": len(errors),
+        "seconds": time.time() - start,
+    }
+    save_json(os.path.join(workdir, "summary.json"), summary)
+    return summary
+
+
+def _train_bottleneck(
+    classifier, records, splits, settings, workdir, resume, image_size, cache_dir, batch_size
+):
+    t0 = time.time()
+    train_x, train_i, train_err = split_features(
+        classifier, records, splits["train"], image_size, batch_size, cache_dir
+    )
+    val_x, val_i, val_err = split_features(
+        classifier, records, splits["val"], image_size, batch_size, cache_dir
+    )
+    logging.info("Bottleneck features ready in %.1f s", time.time() - t0)
+    t0 = time.time()
+    state = style_train.train_head(
+        classifier.head,
+        train_x,
+        _labels(records, train_i),
+        val_x,
+        _labels(records, val_i),
+        settings,
+        workdir,
+        resume=resume,
+        projector_metadata=_projector_metadata(records, val_i),
+    )
+    logging.info("Head trained in %.1f s", time.time() - t0)
+    return state, val_i, train_err + val_err
+
+
+def _train_finetune(classifier, records, splits, settings, train_c, workdir, resume, image_size):
+    names = style_finetune.set_trainable(
+        classifier,
+        trainable_blocks=int(train_c.get("trainable_blocks") or 0),
+        trainable_fraction=float(train_c.get("trainable_fraction") or 0.0),
+        trainable_patterns=list(train_c.get("trainable_patterns") or []),
+        batchnorm=train_c.get("batchnorm", "frozen"),
+    )
+    logging.info("Trainable backbone part: %s", names or "none (head only)")
+    indices = np.concatenate([splits["train"], splits["val"]])
+    bad_file = os.path.join(workdir, "bad_images.json")
+    if resume and os.path.exists(bad_file):  # the interrupted run already checked every image
+        with open(bad_file, encoding="utf-8") as f:
+            known = {row["path"]: row["reason"] for row in json.load(f)}
+        errors = [
+            (int(i), records.abspath(i), known[records.paths[i]])
+            for i in indices
+            if records.paths[i] in known
+        ]
+    else:
+        errors = style_data.scan_images(records.abspaths(indices))
+        errors = [(int(indices[i]), p, r) for i, p, r in errors]
+        _write_bad_images(workdir, errors, records)
+    bad = {i for i, _, _ in errors}
+    train_i = np.array([i for i in splits["train"] if i not in bad], np.int64)
+    val_i = np.array([i for i in splits["val"] if i not in bad], np.int64)
+    augment = style_data.make_augmenter(train_c.get("augment", "none"), image_size, settings.seed)
+    train_data = style_data.image_dataset(
+        records.abspaths(train_i),
+        _labels(records, train_i),
+        image_size,
+        settings.batch_size,
+        shuffle=True,
+        seed=settings.seed,
+        augment=augment,
+        repeat=True,
+    )
+    val_labels = _labels(records, val_i)
+    val_data = style_data.image_dataset(
+        records.abspaths(val_i), val_labels, image_size, settings.batch_size
+    )
+    steps = max(1, math.ceil(len(train_i) / settings.batch_size))
+    state = style_train.train_classifier(
+        classifier,
+        train_data,
+        steps,
+        val_data,
+        val_labels,
+        settings,
+        workdir,
+        resume=resume,
+        projector_metadata=_projector_metadata(records, val_i),
+    )
+    return state, val_i, errors
+
+
+# --- Loading a trained run -------------------------------------------------------------------
+
+
+def run_dir_of(path):
+    """The run directory of a run dir, its classifier.keras or a checkpoint in it."""
+    path = os.fspath(path)
+    candidates = [path] if os.path.isdir(path) else []
+    candidates += [os.path.dirname(path), os.path.dirname(os.path.dirname(path))]
+    for candidate in candidates:
+        if os.path.exists(os.path.join(candidate, CONFIG_FILE)):
+            return candidate
+    raise FileNotFoundError(f"{path}: not inside a tfmet-train-style run (no {CONFIG_FILE})")
+
+
+def read_run_config(workdir):
+    path = os.path.join(workdir, CONFIG_FILE)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{workdir} is not a tfmet-train-style run: no {CONFIG_FILE}")
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def load_classifier(path, trust_model=False):
+    """A trained `StyleClassifier` from a run directory, a `.keras` file or a checkpoint.
+
+    Checkpoints (`checkpoints/*.weights.npz` of a run, or a Keras `.weights.h5` of the whole
+    classifier) are loaded into a classifier rebuilt from the run's config.json. Hub backbones
+    are SavedModels (programs): loading one from a `.keras` file needs `trust_model=True`.
+    """
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        candidate = os.path.join(path, CLASSIFIER_FILE)
+        if not os.path.exists(candidate):
+            raise FileNotFoundError(f"{path}: no {CLASSIFIER_FILE} (has the run finished?)")
+        path = candidate
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"model file not found: {path}")
+    if path.endswith((".weights.npz", ".weights.h5")):
+        workdir = run_dir_of(path)
+        config = read_run_config(workdir)
+        records = load_records(config["dataset"])
+        classifier = build_classifier(
+            config["model"], records.class_names, config["train"].get("seed", 0)
+        )
+        if path.endswith(".weights.h5"):
+            classifier.load_weights(path)
+            return classifier
+        kind = "classifier"
+        if style_train.has_checkpoint(workdir):
+            kind = style_train.read_state(workdir).get("model", "classifier")
+        style_train.load_weights(classifier.head if kind == "head" else classifier, path)
+        return classifier
+    if not path.endswith(".keras"):
+        raise ValueError(
+            f"{path}: expected a run directory, a .keras file or a .weights.npz/.weights.h5 "
+            "checkpoint"
+        )
+    try:
+        model = keras.saving.load_model(path, safe_mode=not trust_model)
+    except ValueError as e:
+        if "safe mode" in str(e):
+            raise ValueError(
+                f"{path} contains a hub module (a SavedModel program); load it only if you "
+                "trust the file (--trust_model)"
+            ) from None
+        raise ValueError(f"{path}: not a loadable Keras model ({e})") from None
+    if not isinstance(model, StyleClassifier):
+        raise ValueError(f"{path}: holds a {type(model).__name__}, not a StyleClassifier")
+    return model
+
+
+# --- Evaluation ------------------------------------------------------------------------------
+
+
+def evaluate(
+    workdir,
+    split="test",
+    flip_bagging=True,
+    output_dir=None,
+    model_path=None,
+    cache_dir=None,
+    outliers_k=0,
+    batch_size=32,
+    trust_model=False,
+):
+    """Evaluates a trained run on one split; writes and returns the report.
+
+    Writes into `output_dir` (default `<workdir>/eval_<split>`): metrics.json (top-1/3/5 per
+    attribute, plain and flip-bagged), per_class_<attribute>.csv, confusion_<attribute>.csv/png
+    (of the bagged predictions when flip bagging is on), and with `outliers_k` > 0
+    outliers_<attribute>.csv.
+    """
+    config = read_run_config(workdir)
+    classifier = load_classifier(model_path or workdir, trust_model=trust_model)
+    records = load_records(config["dataset"])
+    splits = load_split(config["dataset"], records, workdir)
+    if split not in splits or not len(splits[split]):
+        raise ValueError(f"split {split!r} is empty or absent in {workdir} (have {list(splits)})")
+    image_size = int(config["model"]["image_size"])
+    if cache_dir is None:
+        cache_dir = config.get("cache_dir") or default_cache_dir()
+    features, kept, errors = split_features(
+        classifier, records, splits[split], image_size, batch_size, cache_dir
+    )
+    logits = {a: np.asarray(v) for a, v in classifier.head(features, training=False).items()}
+    probabilities = {a: np.asarray(bag_probabilities(v)) for a, v in logits.items()}
+    bagged = None
+    if flip_bagging:
+        flipped, kept_f, _ = split_features(
+            classifier, records, kept, image_size, batch_size, cache_dir, flip=True
+        )
+        if len(kept_f) != len(kept):
+            raise ValueError(f"{split}: an image became unreadable during evaluation")
+        flipped_logits = classifier.head(flipped, training=False)
+        bagged = {a: np.asarray(bag_probabilities(logits[a], flipped_logits[a])) for a in logits}
+    labels = _labels(records, kept)
+    reports, matrices = {}, {}
+    for a in classifier.attributes:
+        report, matrix = style_eval.evaluate_scores(
+            probabilities[a], labels[a], records.class_names[a]
+        )
+        if bagged is not None:
+            bagged_report, matrix = style_eval.evaluate_scores(
+                bagged[a], labels[a], records.class_names[a]
+            )
+            report = {
+                **{k: v for k, v in report.items() if k != "per_class"},
+                "flip_bagged": {k: v for k, v in bagged_report.items() if k != "per_class"},
+                "per_class": bagged_report["per_class"],
+            }
+        reports[a], matrices[a] = report, matrix
+    output_dir = output_dir or os.path.join(workdir, f"eval_{split}")
+    style_eval.write_evaluation(
+        output_dir,
+        reports,
+        matrices,
+        records.class_names,
+        split=split,
+        images=len(kept),
+        unreadable=[{"path": records.paths[i], "reason": r} for i, _, r in errors],
+        flip_bagging=bool(flip_bagging),
+    )
+    if outliers_k:
+        for a in classifier.attributes:
+            names = [records.class_names[a][v] if v >= 0 else "" for v in records.labels[a][kept]]
+            scores = embedding_tools.outlier_scores(features, np.array(names), k=outliers_k)
+            embedding_tools.write_outlier_csv(
+                os.path.join(output_dir, f"outliers_{a}.csv"),
+                [records.paths[i] for i in kept],
+                names,
+                scores,
+            )
+    return reports
