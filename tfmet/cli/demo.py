@@ -48,7 +48,7 @@ def main(argv):
     no_arguments(argv)
     if not FLAGS.workdir:
         raise UsageError("--workdir is required")
-    from tfmet.demo import report
+    from tfmet.demo import figures
     from tfmet.demo.run import RANDOM, run_demo
 
     runs = [FLAGS.weights]
@@ -75,10 +75,10 @@ def main(argv):
     print("Summary (test queries):")
     for result in results:
         print(
-            f"  {result.run_name:40s} {report.format_metrics(result.test)}  "
+            f"  {result.run_name:40s} {figures.format_metrics(result.test)}  "
             f"(k={result.k}, tau={result.tau:g}; {result.seconds:.0f} s)"
         )
-    print(report.EXPLANATION)
+    print(figures.EXPLANATION)
 
 
 def run():

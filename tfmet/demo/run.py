@@ -1,4 +1,4 @@
-"""The demo run: benchmark -> descriptors -> tuned kNN classifier -> GAP / GAP- / ACC -> report.
+"""The demo run: benchmark -> descriptors -> tuned kNN classifier -> GAP / GAP- / ACC -> figures.
 
 The steps are the library calls behind the programs, in the order a user runs them:
 
@@ -14,7 +14,7 @@ import time
 
 import numpy as np
 
-from tfmet.demo import report
+from tfmet.demo import figures
 
 RANDOM = "random"
 IMAGENET = "imagenet"
@@ -211,12 +211,12 @@ def run_demo(
         + ("--raw" if not pca_dim else f"-d {pca_dim}")
     )
     result = evaluation.knn_eval(data, dim=pca_dim or 512, raw=not pca_dim, autotune=True)
-    log(f"      best k={result.k}, tau={result.tau:g}; val {report.format_metrics(result.val)}")
+    log(f"      best k={result.k}, tau={result.tau:g}; val {figures.format_metrics(result.val)}")
     log("[4/4] Results on the test queries")
-    log(f"      {run_name}: {report.format_metrics(result.test)}")
+    log(f"      {run_name}: {figures.format_metrics(result.test)}")
 
     pred, conf, labels = result.predictions["test"]
-    rows = report.choose_examples(pred, conf, labels, count=examples, seed=seed)
+    rows = figures.choose_examples(pred, conf, labels, count=examples, seed=seed)
     database_paths = [
         path
         for path, ok in zip(met.image_paths(train_split, image_root), train.valid, strict=True)
@@ -238,16 +238,16 @@ def run_demo(
         }
         for i in rows
     ]
-    png = report.matches_figure(queries, database_paths, train.labels[train.valid], names)
-    png_path = report.write_png(os.path.join(workdir, f"matches-{run_name}.png"), png)
+    png = figures.matches_figure(queries, database_paths, train.labels[train.valid], names)
+    png_path = figures.write_png(os.path.join(workdir, f"matches-{run_name}.png"), png)
     tensorboard = os.path.join(workdir, "tensorboard", run_name)
     knn_report.write_tensorboard(os.path.join(tensorboard, "knn_eval"), result)
-    report.write_tensorboard(
+    figures.write_tensorboard(
         tensorboard,
         {f"{split}/{name}": 100 * value for split in ("val", "test")
          for name, value in getattr(result, split).items()},
         png=png,
-        text=report.EXPLANATION,
+        text=figures.EXPLANATION,
     )  # fmt: skip
     log(f"      picture of queries and their top matches: {png_path}")
     log(f"      TensorBoard: tensorboard --logdir {os.path.join(workdir, 'tensorboard')}")

@@ -166,7 +166,7 @@ def build_recognizer(
 
 def build_style(style_model, image_size=None, top_k=5, trust_model=False):
     """The style classifier export of a `tfmet-train-style` run directory or `.keras` file."""
-    from tfmet.export.style import StyleModule
+    from tfmet.export.style_classifier import StyleModule
     from tfmet.training.style import run as style_run
 
     classifier = style_run.load_classifier(style_model, trust_model=trust_model)

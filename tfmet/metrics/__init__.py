@@ -1,7 +1,7 @@
 """Met benchmark metrics: GAP / GAP- / ACC as numpy functions and as streaming Keras metrics."""
 
 from tfmet.metrics.keras_metrics import GlobalAveragePrecision, MetAccuracy
-from tfmet.metrics.met import (
+from tfmet.metrics.recognition import (
     DISTRACTOR,
     accuracy,
     correct,

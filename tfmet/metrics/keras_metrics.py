@@ -1,4 +1,5 @@
-"""GAP and Met accuracy as streaming Keras metrics, equal to `tfmet.metrics.met` on all batches.
+"""GAP and Met accuracy as streaming Keras metrics, equal to `tfmet.metrics.recognition`'s on all
+batches.
 
 Both metrics take `update_state(y_true, y_pred)` with `y_true` the labels [B] (-1 for distractors)
 and `y_pred` either
@@ -10,7 +11,8 @@ and `y_pred` either
 
 GAP is not a sum over batches (it ranks all queries together), so `GlobalAveragePrecision` keeps
 every (pred, conf, label) it has seen in fixed-size variables of `capacity` entries; updating past
-the capacity fails with an error saying so. Ranking follows the tie rule of `tfmet.metrics.met`
+the capacity fails with an error saying so. Ranking follows the tie rule of
+`tfmet.metrics.recognition`
 (stable sort by descending confidence, ties in the order seen).
 """
 

@@ -2,7 +2,13 @@
 
 from tfmet.retrieval.index import BACKENDS, NeighborIndex, ScannConfig
 from tfmet.retrieval.knn import KnnClassifier, knn_confidence
-from tfmet.retrieval.pca import PCAWhitening, apply_pca_whitening, l2_normalize, pca_whitening
+from tfmet.retrieval.pca import (
+    PCAWhitening,
+    apply_pca_whitening,
+    l2_normalize,
+    l2_normalize_rows,
+    pca_whitening,
+)
 from tfmet.retrieval.tuning import (
     DEFAULT_KS,
     DEFAULT_TAUS,
@@ -23,6 +29,7 @@ __all__ = [
     "apply_pca_whitening",
     "knn_confidence",
     "l2_normalize",
+    "l2_normalize_rows",
     "pca_whitening",
     "tune",
     "tune_on_neighbors",

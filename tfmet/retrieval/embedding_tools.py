@@ -15,13 +15,12 @@ import csv
 import numpy as np
 
 from tfmet.io.atomic import atomic_path
+from tfmet.retrieval.pca import l2_normalize_rows
 
 
 def normalize_rows(features):
-    """Rows divided by their L2 norm (all-zero rows stay zero)."""
-    features = np.asarray(features, np.float32)
-    norms = np.linalg.norm(features, axis=1, keepdims=True)
-    return features / np.maximum(norms, 1e-12)
+    """float32 rows divided by their L2 norm (all-zero rows stay zero): `l2_normalize_rows`."""
+    return l2_normalize_rows(np.array(features, np.float32))
 
 
 def _searcher(database, k):
@@ -30,10 +29,11 @@ def _searcher(database, k):
     return scann.scann_ops_pybind.builder(database, k, "dot_product").score_brute_force().build()
 
 
-def search(database, queries, k):
-    """Exact top-`k` inner-product search -> (indices int [q, k'], scores [q, k']), k' = min(k, n).
+def nearest(database, queries, k):
+    """Exact top-`k` inner-product search -> (similarities [q, k'], indices int [q, k']),
+    k' = min(k, n), in the order of every tfmet search (`NeighborIndex.search`, `knn_search`).
 
-    Rows are sorted by decreasing score; `database` and `queries` are used as given.
+    Rows are sorted by decreasing similarity; `database` and `queries` are used as given.
     """
     database = np.ascontiguousarray(database, np.float32)
     queries = np.ascontiguousarray(queries, np.float32)
@@ -44,9 +44,16 @@ def search(database, queries, k):
         )
     k = min(int(k), len(database))
     if k < 1 or not len(queries):
-        return np.zeros((len(queries), 0), np.int64), np.zeros((len(queries), 0), np.float32)
+        return np.zeros((len(queries), 0), np.float32), np.zeros((len(queries), 0), np.int64)
     neighbours, scores = _searcher(database, k).search_batched(queries, final_num_neighbors=k)
-    return np.asarray(neighbours, np.int64), np.asarray(scores, np.float32)
+    return np.asarray(scores, np.float32), np.asarray(neighbours, np.int64)
+
+
+def search(database, queries, k):
+    """`nearest` with the results the other way round, (indices, scores): this module's order
+    before every tfmet search returned (similarities, indices). Kept for existing callers."""
+    similarities, indices = nearest(database, queries, k)
+    return indices, similarities
 
 
 class NearestPaintings:
@@ -70,7 +77,7 @@ class NearestPaintings:
 
     def query(self, features, k=5):
         """For each query row, a list of (path, label or None, cosine similarity), best first."""
-        indices, scores = search(self.features, normalize_rows(features), k)
+        scores, indices = nearest(self.features, normalize_rows(features), k)
         results = []
         for row_indices, row_scores in zip(indices, scores, strict=True):
             results.append(
@@ -110,7 +117,7 @@ def outlier_scores(features, labels, k=5):
         if len(members) < 2:
             continue
         group = features[members]
-        neighbours, similarities = search(group, group, min(int(k), len(members) - 1) + 1)
+        similarities, neighbours = nearest(group, group, min(int(k), len(members) - 1) + 1)
         for row, (indices, sims) in enumerate(zip(neighbours, similarities, strict=True)):
             keep = indices != row
             sims = sims[keep][: neighbours.shape[1] - 1]

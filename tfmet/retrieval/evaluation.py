@@ -13,10 +13,10 @@ import time
 
 import numpy as np
 
-from tfmet.data import met as met_data
+from tfmet.data import met
 from tfmet.descriptors import store
 from tfmet.io.safe_pickle import load_reference_descriptors
-from tfmet.metrics import met as met_metrics
+from tfmet.metrics import recognition
 from tfmet.retrieval import tuning
 from tfmet.retrieval.knn import KnnClassifier, check_finite
 from tfmet.retrieval.pca import PCAWhitening
@@ -92,7 +92,7 @@ def load_met_descriptors(directory, info_dir, mini=False, splits=SPLITS):
     data = {}
     for split in splits:
         descriptors, valid, source = arrays[split]
-        ground_truth = met_data.load_split(info_dir, split, mini=mini)
+        ground_truth = met.load_split(info_dir, split, mini=mini)
         if len(ground_truth) != descriptors.shape[0]:
             raise ValueError(
                 f"{source}: {descriptors.shape[0]} descriptors but {ground_truth.source} lists "
@@ -272,12 +272,12 @@ def knn_eval(
         with timer("val_search"):
             val_pred = _predict_split(classifier, splits["val"])
     predictions = {"val": (*val_pred, splits["val"].labels)}
-    metrics = {"val": met_metrics.evaluate(*predictions["val"])}
+    metrics = {"val": recognition.evaluate(*predictions["val"])}
     if "test" in splits:
         with timer("test_search"):
             test_pred = _predict_split(classifier, splits["test"])
         predictions["test"] = (*test_pred, splits["test"].labels)
-        metrics["test"] = met_metrics.evaluate(*predictions["test"])
+        metrics["test"] = recognition.evaluate(*predictions["test"])
     for name, values in metrics.items():
         log(
             f"{name}: GAP {values['gap']:.6f}, GAP-nodis {values['gap_minus']:.6f}, "

@@ -61,11 +61,15 @@ def row_chunks(x, chunk_rows=DEFAULT_CHUNK_ROWS):
             yield rows, np.fromfile(f, dtype=x.dtype, count=count).reshape(-1, d)
 
 
-def l2_normalize(x):
-    """Rows divided by their L2 norm; all-zero rows stay zero (as in the reference)."""
+def l2_normalize_rows(x):
+    """Rows of a numpy matrix divided by their L2 norm; all-zero rows stay zero (as in the
+    reference). The numpy counterpart of the TensorFlow `tfmet.layers.l2_normalize`."""
     norms = np.linalg.norm(x, axis=1, keepdims=True)
     norms[norms == 0] = 1
     return x / norms
+
+
+l2_normalize = l2_normalize_rows  # the name before there was one per framework
 
 
 def covariance(x, chunk_rows=DEFAULT_CHUNK_ROWS):

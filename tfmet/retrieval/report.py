@@ -5,7 +5,7 @@ import io
 import numpy as np
 
 from tfmet.io.atomic import atomic_path, save_json
-from tfmet.metrics import met as met_metrics
+from tfmet.metrics import recognition
 
 
 def write_results(path, result):
@@ -66,7 +66,7 @@ def grid_heatmap_png(tuning_result):
 
 def pr_curve_png(pred, conf, labels, title):
     """PNG bytes: the precision-recall curve whose area is GAP (recall over Met queries)."""
-    precision, recall, _ = met_metrics.precision_recall_curve(pred, conf, labels)
+    precision, recall, _ = recognition.precision_recall_curve(pred, conf, labels)
     figure = _figure()
     axes = figure.add_subplot()
     axes.plot(recall, precision)
@@ -74,7 +74,7 @@ def pr_curve_png(pred, conf, labels, title):
     axes.set_ylabel("precision")
     axes.set_xlim(0, 1)
     axes.set_ylim(0, 1.05)
-    axes.set_title(f"{title}: GAP {met_metrics.gap(pred, conf, labels):.4f}")
+    axes.set_title(f"{title}: GAP {recognition.gap(pred, conf, labels):.4f}")
     figure.tight_layout()
     return _png(figure)
 
@@ -94,7 +94,7 @@ def write_tensorboard(logdir, result):
             tf.summary.scalar("tuning/k", result.k, step=0)
             tf.summary.scalar("tuning/tau", result.tau, step=0)
         for split, (pred, conf, labels) in result.predictions.items():
-            right = met_metrics.correct(pred, labels)
+            right = recognition.correct(pred, labels)
             proto = pr_summary.pb(
                 f"{split}/correct_vs_confidence",
                 labels=right,

@@ -10,7 +10,7 @@ import dataclasses
 
 import numpy as np
 
-from tfmet.metrics import met
+from tfmet.metrics import recognition
 from tfmet.retrieval.knn import KnnClassifier
 
 DEFAULT_KS = (1, 2, 3, 5, 7, 10, 15, 20, 50)
@@ -67,7 +67,7 @@ def tune_on_neighbors(classifier, similarities, indices, labels, ks=DEFAULT_KS, 
     for i, k in enumerate(ks):
         for j, tau in enumerate(taus):
             pred, conf = classifier.predict_from_neighbors(similarities, indices, k, tau)
-            grid[i, j] = met.gap(pred, conf, labels)
+            grid[i, j] = recognition.gap(pred, conf, labels)
             if best is None or grid[i, j] > grid[best]:
                 best = (i, j)
     return TuningResult(ks[best[0]], taus[best[1]], float(grid[best]), grid, ks, taus)

@@ -10,7 +10,7 @@ import os
 import numpy as np
 
 from tfmet.data import images as image_io
-from tfmet.data import style as style_data
+from tfmet.data import style_datasets
 from tfmet.metrics.topk import bag_probabilities
 from tfmet.retrieval import embedding_tools
 from tfmet.training.style.run import (
@@ -125,7 +125,7 @@ def read_images(paths, image_size):
         if image is None:
             errors.append((path, reason))
             continue
-        images.append(np.asarray(style_data.resize_image(image, image_size)))
+        images.append(np.asarray(style_datasets.resize_image(image, image_size)))
         good.append(path)
     stacked = np.stack(images) if images else np.zeros((0, image_size, image_size, 3), np.float32)
     return stacked, good, errors

@@ -31,7 +31,7 @@ import keras
 import numpy as np
 from absl import logging
 
-from tfmet.data import style as style_data
+from tfmet.data import style_datasets
 from tfmet.io.atomic import atomic_path, save_json
 from tfmet.metrics.topk import bag_probabilities
 from tfmet.retrieval import embedding_tools
@@ -64,7 +64,7 @@ def load_records(dataset_config):
     c = dataset_config
     if not c.get("root"):
         raise ValueError("config.dataset.root is empty: set it to the dataset's directory")
-    return style_data.load_dataset(
+    return style_datasets.load_dataset(
         c["format"],
         c["root"],
         list_dir=c.get("list_dir") or None,
@@ -76,7 +76,7 @@ def load_records(dataset_config):
 
 def load_split(dataset_config, records, workdir):
     path = dataset_config.get("split_file") or os.path.join(workdir, "split.json")
-    return style_data.load_or_create_split(
+    return style_datasets.load_or_create_split(
         records,
         path,
         fractions=tuple(dataset_config.get("split_fractions", (0.8, 0.1, 0.1))),
@@ -90,9 +90,9 @@ def resolve_mode(train_config):
     if mode not in MODES:
         raise ValueError(f"train.mode must be one of {MODES}. Received: {mode!r}")
     augment = train_config.get("augment", "none")
-    if augment not in style_data.AUGMENTATIONS:
+    if augment not in style_datasets.AUGMENTATIONS:
         raise ValueError(
-            f"train.augment must be one of {style_data.AUGMENTATIONS}. Received: {augment!r}"
+            f"train.augment must be one of {style_datasets.AUGMENTATIONS}. Received: {augment!r}"
         )
     trains_backbone = bool(
         train_config.get("trainable_blocks")
@@ -330,14 +330,16 @@ def _train_finetune(classifier, records, splits, settings, train_c, workdir, res
             if records.paths[i] in known
         ]
     else:
-        errors = style_data.scan_images(records.abspaths(indices))
+        errors = style_datasets.scan_images(records.abspaths(indices))
         errors = [(int(indices[i]), p, r) for i, p, r in errors]
         _write_bad_images(workdir, errors, records)
     bad = {i for i, _, _ in errors}
     train_i = np.array([i for i in splits["train"] if i not in bad], np.int64)
     val_i = np.array([i for i in splits["val"] if i not in bad], np.int64)
-    augment = style_data.make_augmenter(train_c.get("augment", "none"), image_size, settings.seed)
-    train_data = style_data.image_dataset(
+    augment = style_datasets.make_augmenter(
+        train_c.get("augment", "none"), image_size, settings.seed
+    )
+    train_data = style_datasets.image_dataset(
         records.abspaths(train_i),
         _labels(records, train_i),
         image_size,
@@ -348,7 +350,7 @@ def _train_finetune(classifier, records, splits, settings, train_c, workdir, res
         repeat=True,
     )
     val_labels = _labels(records, val_i)
-    val_data = style_data.image_dataset(
+    val_data = style_datasets.image_dataset(
         records.abspaths(val_i), val_labels, image_size, settings.batch_size
     )
     steps = max(1, math.ceil(len(train_i) / settings.batch_size))
