@@ -27,3 +27,14 @@ def set_trainable_blocks(model: keras.Model, num_blocks: int, blocks, block_laye
     for layer in model.layers:
         layer.trainable = id(layer) in selected
     return chosen
+
+
+def blocks_by_prefix(model: keras.Model, prefix) -> list[str]:
+    """Block names, top first, then "stem": the distinct group(1) of the compiled regex `prefix`
+    over the layer names, in layer order (e.g. "conv2_block1" or "layer1.0")."""
+    found = []
+    for layer in model.layers:
+        match = prefix.match(layer.name)
+        if match and match.group(1) not in found:
+            found.append(match.group(1))
+    return found[::-1] + ["stem"]

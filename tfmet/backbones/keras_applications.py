@@ -50,12 +50,7 @@ def build(name: str, weights=None) -> keras.Model:
 
 def blocks(model: keras.Model) -> list[str]:
     """The residual blocks, top first ("conv5_block3", ..., "conv2_block1"), then "stem"."""
-    found = []
-    for layer in model.layers:
-        match = _BLOCK_PREFIX.match(layer.name)
-        if match and match.group(1) not in found:
-            found.append(match.group(1))
-    return found[::-1] + ["stem"]
+    return blocks_lib.blocks_by_prefix(model, _BLOCK_PREFIX)
 
 
 def block_layers(model: keras.Model, block: str) -> list[keras.layers.Layer]:

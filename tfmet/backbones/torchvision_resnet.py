@@ -219,12 +219,7 @@ def blocks(model: keras.Model) -> list[str]:
     "stem" stands for conv1/bn1. Use with `set_trainable_blocks` to fine-tune only the top of
     the trunk.
     """
-    found = []
-    for layer in model.layers:
-        match = _BLOCK_PREFIX.match(layer.name)
-        if match and match.group(1) not in found:
-            found.append(match.group(1))
-    return found[::-1] + ["stem"]
+    return blocks_lib.blocks_by_prefix(model, _BLOCK_PREFIX)
 
 
 def stages(model: keras.Model) -> list[list[str]]:

@@ -151,27 +151,30 @@ def load_pandora18k(root):
             styles.append(movement)
             artists.append("")
         for artist in _sorted_dirs(movement_dir):
-            for dirpath, dirnames, filenames in os.walk(os.path.join(movement_dir, artist)):
-                dirnames.sort()
-                rel = os.path.relpath(dirpath, root).replace(os.sep, "/")
-                for name in sorted(filter(_is_image, filenames)):
-                    paths.append(f"{rel}/{name}")
-                    styles.append(movement)
-                    artists.append(artist)
+            for path in _images_below(root, os.path.join(movement_dir, artist)):
+                paths.append(path)
+                styles.append(movement)
+                artists.append(artist)
     if not paths:
         raise ValueError(f"Pandora18k root {root}: no images found in <movement>/<artist>/ folders")
     return _records(root, paths, {"style": styles, "artist": artists})
 
 
+def _images_below(root, directory):
+    """'/'-separated paths, relative to `root`, of the images in `directory`'s tree, sorted."""
+    for dirpath, dirnames, filenames in os.walk(directory):
+        dirnames.sort()
+        rel = os.path.relpath(dirpath, root).replace(os.sep, "/")
+        for name in sorted(filter(_is_image, filenames)):
+            yield f"{rel}/{name}"
+
+
 def _folder_tree(root, base):
     paths, styles = [], []
     for style in _sorted_dirs(base):
-        for dirpath, dirnames, filenames in os.walk(os.path.join(base, style)):
-            dirnames.sort()
-            rel = os.path.relpath(dirpath, root).replace(os.sep, "/")
-            for name in sorted(filter(_is_image, filenames)):
-                paths.append(f"{rel}/{name}")
-                styles.append(style)
+        for path in _images_below(root, os.path.join(base, style)):
+            paths.append(path)
+            styles.append(style)
     return paths, styles
 
 

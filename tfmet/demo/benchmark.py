@@ -26,7 +26,7 @@ import numpy as np
 
 from tfmet.demo import photos as photos_lib
 from tfmet.demo import visitor
-from tfmet.io.atomic import save_json
+from tfmet.io.atomic import replace_directory, save_json
 
 FORMAT_VERSION = 1
 PROVENANCE_FILE = "demo_benchmark.json"
@@ -236,9 +236,7 @@ def build_benchmark(root, config=None, progress=True, photos=None):
         save_json(os.path.join(info, "valset.json"), queries["val"])
         save_json(os.path.join(info, "testset.json"), queries["test"])
         save_json(os.path.join(staging, PROVENANCE_FILE), provenance)
-        if os.path.exists(root):
-            shutil.rmtree(root)
-        os.replace(staging, root)
+        replace_directory(staging, root)
     finally:
         if os.path.exists(staging):
             shutil.rmtree(staging)

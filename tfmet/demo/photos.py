@@ -103,13 +103,19 @@ LEFT, RIGHT = (0.0, 0.0, 0.5, 1.0), (0.5, 0.0, 1.0, 1.0)
 TOP, BOTTOM = (0.0, 0.0, 1.0, 0.5), (0.0, 0.5, 1.0, 1.0)
 QUADRANTS = ((0.0, 0.0, 0.5, 0.5), (0.5, 0.0, 1.0, 0.5), (0.0, 0.5, 0.5, 1.0), (0.5, 0.5, 1.0, 1.0))
 
+
+def _whole_skimage(name, source=None, kind="photo", role=EXHIBIT):
+    """A CATALOG entry: one whole scikit-image picture, one object."""
+    return (name, "scikit-image", kind, _skimage(source or name), [("", WHOLE, role)])
+
+
 # (name, package, kind, loader, [(region name, box, role)]). The order fixes the Met ids.
 CATALOG = (
-    ("astronaut", "scikit-image", "photo", _skimage("astronaut"), [("", WHOLE, EXHIBIT)]),
-    ("coffee", "scikit-image", "photo", _skimage("coffee"), [("", WHOLE, EXHIBIT)]),
-    ("chelsea", "scikit-image", "photo", _skimage("chelsea"), [("", WHOLE, EXHIBIT)]),
-    ("rocket", "scikit-image", "photo", _skimage("rocket"), [("", WHOLE, EXHIBIT)]),
-    ("camera", "scikit-image", "photo", _skimage("camera"), [("", WHOLE, EXHIBIT)]),
+    _whole_skimage("astronaut"),
+    _whole_skimage("coffee"),
+    _whole_skimage("chelsea"),
+    _whole_skimage("rocket"),
+    _whole_skimage("camera"),
     (
         "coins",
         "scikit-image",
@@ -117,10 +123,10 @@ CATALOG = (
         _skimage("coins"),
         [("left", LEFT, EXHIBIT), ("right", RIGHT, DISTRACTOR)],
     ),
-    ("moon", "scikit-image", "photo", _skimage("moon"), [("", WHOLE, EXHIBIT)]),
-    ("page", "scikit-image", "photo", _skimage("page"), [("", WHOLE, EXHIBIT)]),
-    ("text", "scikit-image", "photo", _skimage("text"), [("", WHOLE, EXHIBIT)]),
-    ("brick", "scikit-image", "photo", _skimage("brick"), [("", WHOLE, EXHIBIT)]),
+    _whole_skimage("moon"),
+    _whole_skimage("page"),
+    _whole_skimage("text"),
+    _whole_skimage("brick"),
     (
         "immunohistochemistry",
         "scikit-image",
@@ -147,9 +153,9 @@ CATALOG = (
             ("se", QUADRANTS[3], DISTRACTOR),
         ],
     ),
-    ("motorcycle", "scikit-image", "photo", _skimage("stereo_motorcycle"), [("", WHOLE, EXHIBIT)]),
-    ("logo", "scikit-image", "illustration", _skimage("logo"), [("", WHOLE, EXHIBIT)]),
-    ("horse", "scikit-image", "illustration", _skimage("horse"), [("", WHOLE, EXHIBIT)]),
+    _whole_skimage("motorcycle", source="stereo_motorcycle"),
+    _whole_skimage("logo", kind="illustration"),
+    _whole_skimage("horse", kind="illustration"),
     (
         "china",
         "scikit-learn",
@@ -165,10 +171,10 @@ CATALOG = (
         _matplotlib("grace_hopper.jpg"),
         [("", WHOLE, EXHIBIT)],
     ),
-    ("grass", "scikit-image", "photo", _skimage("grass"), [("", WHOLE, DISTRACTOR)]),
-    ("gravel", "scikit-image", "photo", _skimage("gravel"), [("", WHOLE, DISTRACTOR)]),
-    ("cell", "scikit-image", "photo", _skimage("cell"), [("", WHOLE, DISTRACTOR)]),
-    ("clock", "scikit-image", "photo", _skimage("clock"), [("", WHOLE, DISTRACTOR)]),
+    _whole_skimage("grass", role=DISTRACTOR),
+    _whole_skimage("gravel", role=DISTRACTOR),
+    _whole_skimage("cell", role=DISTRACTOR),
+    _whole_skimage("clock", role=DISTRACTOR),
     (
         "colorwheel",
         "scikit-image",

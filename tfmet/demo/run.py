@@ -149,13 +149,68 @@ def run_demo(
     started = time.perf_counter()
     workdir = os.path.abspath(os.fspath(workdir))
     if (info_dir is None) != (image_root is None):
-        raise ValueError("give both --info_dir and --image_root (a Met-format folder), or neither")
+        raise ValueError("give both `info_dir` and `image_root` (a Met-format folder), or neither")
     _check_weights(backbone, weights)  # before the (slow) TensorFlow imports
 
-    from tfmet.data import met
+    bench = _benchmark(workdir, info_dir, image_root, seed, benchmark_config, progress, log)
+    weights_file, tag = resolve_weights(backbone, weights)
+    run_name = f"{backbone}-{tag}" + (f"-seed{seed}" if weights_file is None else "")
+    output_dir = os.path.join(workdir, "descriptors", run_name)
+    log(f"[2/4] Extracting descriptors with {backbone} ({tag} weights) into {output_dir}")
+    log(
+        f"      = tfmet-extract --info_dir {bench.info_dir} --image_root {bench.image_root} "
+        f"--output_dir {output_dir} --backbone {backbone}"
+        + (f" --weights {weights_file}" if weights_file else f" --seed {seed}")
+        + ("" if multiscale else " --nomultiscale")
+        + (f" --max_side {max_side}" if max_side else "")
+    )
     from tfmet.descriptors import extraction
-    from tfmet.retrieval import evaluation
-    from tfmet.retrieval import report as knn_report
+
+    extractor, spec = _extractor(backbone, weights_file, seed, multiscale, max_side)
+    reports = extraction.extract_met(
+        extractor, spec, bench.splits, bench.image_root, output_dir, progress=progress
+    )
+    for r in reports:
+        if r.images:
+            log(f"      {r.split}: {r.images} images, {r.images_per_second:.1f} images/s")
+    data, result, pca_dim = _classify(output_dir, bench.info_dir, pca_dim, log)
+    log("[4/4] Results on the test queries")
+    log(f"      {run_name}: {figures.format_metrics(result.test)}")
+    png = _matches_picture(bench, data, result, pca_dim, examples, seed)
+    png_path = figures.write_png(os.path.join(workdir, f"matches-{run_name}.png"), png)
+    tensorboard = _write_tensorboard(os.path.join(workdir, "tensorboard", run_name), result, png)
+    log(f"      picture of queries and their top matches: {png_path}")
+    log(f"      TensorBoard: tensorboard --logdir {os.path.join(workdir, 'tensorboard')}")
+    return DemoResult(
+        run_name=run_name,
+        k=result.k,
+        tau=result.tau,
+        val=result.val,
+        test=result.test,
+        png=png_path,
+        tensorboard=tensorboard,
+        descriptors=output_dir,
+        num_database=result.counts["database"],
+        num_val=len(bench.splits[1]),
+        num_test=len(bench.splits[2]),
+        seconds=time.perf_counter() - started,
+    )
+
+
+@dataclasses.dataclass
+class _Benchmark:
+    """The Met-format benchmark a demo run uses: where it is, its splits, names and captions."""
+
+    info_dir: str
+    image_root: str
+    splits: list
+    names: dict
+    captions: dict
+
+
+def _benchmark(workdir, info_dir, image_root, seed, benchmark_config, progress, log):
+    """Step 1: the built demo benchmark (made if needed), or the user's Met-format folder."""
+    from tfmet.descriptors import extraction
 
     names, captions = {}, {}
     if info_dir is None:
@@ -177,25 +232,12 @@ def run_demo(
         f"exhibits; val {len(val_split)} queries, test {len(test_split)} queries "
         f"({int(test_split.is_distractor.sum())} distractors)"
     )
+    return _Benchmark(info_dir, image_root, splits, names, captions)
 
-    weights_file, tag = resolve_weights(backbone, weights)
-    run_name = f"{backbone}-{tag}" + (f"-seed{seed}" if weights_file is None else "")
-    output_dir = os.path.join(workdir, "descriptors", run_name)
-    log(f"[2/4] Extracting descriptors with {backbone} ({tag} weights) into {output_dir}")
-    log(
-        f"      = tfmet-extract --info_dir {info_dir} --image_root {image_root} "
-        f"--output_dir {output_dir} --backbone {backbone}"
-        + (f" --weights {weights_file}" if weights_file else f" --seed {seed}")
-        + ("" if multiscale else " --nomultiscale")
-        + (f" --max_side {max_side}" if max_side else "")
-    )
-    extractor, spec = _extractor(backbone, weights_file, seed, multiscale, max_side)
-    reports = extraction.extract_met(
-        extractor, spec, splits, image_root, output_dir, progress=progress
-    )
-    for r in reports:
-        if r.images:
-            log(f"      {r.split}: {r.images} images, {r.images_per_second:.1f} images/s")
+
+def _classify(output_dir, info_dir, pca_dim, log):
+    """Step 3: k and tau tuned on val by GAP, as tfmet-knn-eval --autotune; (data, result, dim)."""
+    from tfmet.retrieval import evaluation
 
     data = evaluation.load_met_descriptors(output_dir, info_dir, splits=("train", "val", "test"))
     train = data["train"]
@@ -212,20 +254,28 @@ def run_demo(
     )
     result = evaluation.knn_eval(data, dim=pca_dim or 512, raw=not pca_dim, autotune=True)
     log(f"      best k={result.k}, tau={result.tau:g}; val {figures.format_metrics(result.val)}")
-    log("[4/4] Results on the test queries")
-    log(f"      {run_name}: {figures.format_metrics(result.test)}")
+    return data, result, pca_dim
 
+
+def _matches_picture(bench, data, result, pca_dim, examples, seed):
+    """PNG bytes: `examples` test queries beside their top database matches."""
+    from tfmet.data import met
+
+    train_split, _, test_split = bench.splits
+    train = data["train"]
     pred, conf, labels = result.predictions["test"]
     rows = figures.choose_examples(pred, conf, labels, count=examples, seed=seed)
     database_paths = [
         path
-        for path, ok in zip(met.image_paths(train_split, image_root), train.valid, strict=True)
+        for path, ok in zip(
+            met.image_paths(train_split, bench.image_root), train.valid, strict=True
+        )
         if ok
     ]
     readable = [r for r in rows if data["test"].valid[r]]  # unreadable queries have no matches
     similarities, indices = _top_matches(data, readable, pca_dim)
     found = {r: (similarities[j], indices[j]) for j, r in enumerate(readable)}
-    test_paths = met.image_paths(test_split, image_root)
+    test_paths = met.image_paths(test_split, bench.image_root)
     queries = [
         {
             "path": test_paths[i],
@@ -234,13 +284,17 @@ def run_demo(
             "conf": float(conf[i]),
             "neighbors": found[i][1] if i in found else [],
             "similarities": found[i][0] if i in found else [],
-            "caption": captions.get(test_split.paths[i]),
+            "caption": bench.captions.get(test_split.paths[i]),
         }
         for i in rows
     ]
-    png = figures.matches_figure(queries, database_paths, train.labels[train.valid], names)
-    png_path = figures.write_png(os.path.join(workdir, f"matches-{run_name}.png"), png)
-    tensorboard = os.path.join(workdir, "tensorboard", run_name)
+    return figures.matches_figure(queries, database_paths, train.labels[train.valid], bench.names)
+
+
+def _write_tensorboard(tensorboard, result, png):
+    """The kNN evaluation's summaries, the metrics in percent, the picture and the explanation."""
+    from tfmet.retrieval import report as knn_report
+
     knn_report.write_tensorboard(os.path.join(tensorboard, "knn_eval"), result)
     figures.write_tensorboard(
         tensorboard,
@@ -249,19 +303,4 @@ def run_demo(
         png=png,
         text=figures.EXPLANATION,
     )  # fmt: skip
-    log(f"      picture of queries and their top matches: {png_path}")
-    log(f"      TensorBoard: tensorboard --logdir {os.path.join(workdir, 'tensorboard')}")
-    return DemoResult(
-        run_name=run_name,
-        k=result.k,
-        tau=result.tau,
-        val=result.val,
-        test=result.test,
-        png=png_path,
-        tensorboard=tensorboard,
-        descriptors=output_dir,
-        num_database=result.counts["database"],
-        num_val=len(val_split),
-        num_test=len(test_split),
-        seconds=time.perf_counter() - started,
-    )
+    return tensorboard

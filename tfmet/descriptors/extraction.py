@@ -20,7 +20,6 @@ non-finite descriptor, become zero rows with valid=False and a recorded reason; 
 
 import dataclasses
 import hashlib
-import json
 import os
 import shutil
 import time
@@ -34,6 +33,7 @@ from tfmet.backbones.batchnorm import FoldedBatchNorm, fold_batchnorm  # noqa: F
 from tfmet.data import images as image_io
 from tfmet.descriptors import store as store_lib
 from tfmet.io.atomic import atomic_path, save_json
+from tfmet.io.json_files import read_json
 from tfmet.io.progress import format_seconds
 
 RUN_FILE = "run.json"
@@ -140,15 +140,11 @@ class ChunkDirectory:
         return os.path.exists(self.run_path)
 
     def read_run(self):
-        try:
-            with open(self.run_path, encoding="utf-8") as f:
-                return json.load(f)
-        except FileNotFoundError:
+        if not os.path.isfile(self.run_path):
             raise FileNotFoundError(
                 f"{self.run_path}: no extraction of split {self.split!r} in {self.output_dir}"
-            ) from None
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ValueError(f"{self.run_path}: not valid JSON ({e})") from None
+            )
+        return read_json(self.run_path, "extraction run record")
 
     def prepare(self, run):
         """Records `run` (settings + paths), or checks that the recorded one is the same."""
@@ -420,15 +416,7 @@ def extract_split(
         for j in todo:
             start, stop = bounds[j]
             buffer = _ChunkBuffer(extractor, start, stop, spec.dim, batch_images)
-            for _ in range(start, stop):
-                element = next(elements)
-                row = int(element["index"])
-                if bool(element["ok"]):
-                    buffer.add_image(row, element["image"])
-                else:
-                    buffer.add_failure(row, element["error"].numpy().decode("utf-8"))
-                bar.update(1)
-            buffer.flush()
+            _fill_chunk(buffer, elements, start, stop, bar)
             _check_model_health(buffer, split, j)
             errors = buffer.error_list()
             for row, reason in errors:
@@ -451,6 +439,19 @@ def extract_split(
 # A chunk in which the model failed on this many images and succeeded on none is not bad luck
 # with a few files but a broken model or machine: stop instead of writing empty rows.
 SYSTEMATIC_FAILURES = 8
+
+
+def _fill_chunk(buffer, elements, start, stop, bar):
+    """Runs the model on rows [start, stop) of the decoded `elements` into `buffer`."""
+    for _ in range(start, stop):
+        element = next(elements)
+        row = int(element["index"])
+        if bool(element["ok"]):
+            buffer.add_image(row, element["image"])
+        else:
+            buffer.add_failure(row, element["error"].numpy().decode("utf-8"))
+        bar.update(1)
+    buffer.flush()
 
 
 def _check_model_health(buffer, split, chunk_id):

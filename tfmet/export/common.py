@@ -8,6 +8,7 @@ import tempfile
 import tensorflow as tf
 
 from tfmet.data.images import cap_max_side, decode_image
+from tfmet.io.atomic import replace_directory
 
 
 def decode_image_batch(image_bytes, max_side=None):
@@ -97,9 +98,7 @@ def save_module(module, path, signatures, metadata, force=False):
         track_captured_variables(module, concrete.values())
         target = os.path.join(staging, "model")
         tf.saved_model.save(module, target, signatures=concrete)
-        if os.path.exists(path):
-            shutil.rmtree(path)
-        os.replace(target, path)
+        replace_directory(target, path)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return path

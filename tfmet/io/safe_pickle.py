@@ -36,13 +36,14 @@ class RestrictedUnpickler(pickle.Unpickler):
         self._allowed = allowed
         self._source = source
 
+    refusal = "only numpy arrays and plain containers are allowed in this file"
+
     def find_class(self, module, name):
         try:
             return self._allowed[(module, name)]
         except KeyError:
             raise UnsafePickleError(
-                f"{self._source}: refusing to load global '{module}.{name}': only numpy arrays "
-                "and plain containers are allowed in this file"
+                f"{self._source}: refusing to load global '{module}.{name}': {self.refusal}"
             ) from None
 
 

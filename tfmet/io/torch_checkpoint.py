@@ -82,28 +82,34 @@ _TORCH_DTYPES = {
 }
 
 
-class _StorageType:
-    """Stand-in for a torch storage class such as `torch.FloatStorage` (never called)."""
+class _TorchGlobal:
+    """Stand-in for a torch global naming a numpy dtype (never called): its `dtype`, and whether
+    its bytes are bfloat16 (kept as uint16 until converted)."""
+
+    table = {}
+    bfloat16_name = None
 
     def __init__(self, name):
         self.name = name
-        self.dtype = _STORAGE_DTYPES[name]
-        self.bfloat16 = name == "BFloat16Storage"
+        self.dtype = self.table[name]
+        self.bfloat16 = name == self.bfloat16_name
 
     def __repr__(self):
         return f"torch.{self.name}"
 
 
-class _TorchDtype:
-    """Stand-in for a torch dtype global such as `torch.float32`."""
+class _StorageType(_TorchGlobal):
+    """A torch storage class such as `torch.FloatStorage`."""
 
-    def __init__(self, name):
-        self.name = name
-        self.dtype = _TORCH_DTYPES[name]
-        self.bfloat16 = name == "bfloat16"
+    table = _STORAGE_DTYPES
+    bfloat16_name = "BFloat16Storage"
 
-    def __repr__(self):
-        return f"torch.{self.name}"
+
+class _TorchDtype(_TorchGlobal):
+    """A torch dtype such as `torch.float32`."""
+
+    table = _TORCH_DTYPES
+    bfloat16_name = "bfloat16"
 
 
 class _Storage:
@@ -202,15 +208,10 @@ class _CheckpointUnpickler(RestrictedUnpickler):
         self._legacy = legacy
         self.pending = []  # tensors are rebuilt once all storage bytes are known (legacy format)
 
-    def find_class(self, module, name):
-        try:
-            return self._allowed[(module, name)]
-        except KeyError:
-            raise UnsafePickleError(
-                f"{self._source}: refusing to load global '{module}.{name}': a weights checkpoint "
-                "may only hold tensors, numbers, strings and containers (re-save it with "
-                "torch.save(model.state_dict(), path))"
-            ) from None
+    refusal = (
+        "a weights checkpoint may only hold tensors, numbers, strings and containers (re-save "
+        "it with torch.save(model.state_dict(), path))"
+    )
 
     # Rebuild functions, bound to this unpickler so they know the source file.
     def rebuild_tensor(self, storage, storage_offset, size, stride, *unused):

@@ -202,42 +202,13 @@ def knn_eval(
     log = log or (lambda line: None)
     timer = _Timer()
     train, val = data["train"], data["val"]
-    if val.labels.size == 0 or not np.any(val.valid):
-        raise ValueError(f"{val.source}: the validation set is empty (no valid query)")
-    if not np.any(train.valid):
-        raise ValueError(f"{train.source}: the database has no valid descriptor")
-    if not autotune and (k is None or tau is None):
-        raise ValueError("--k and --t are required unless --autotune is given")
-    descriptor_dim = train.descriptors.shape[1]
-    if not raw and not 1 <= dim <= descriptor_dim:
-        raise ValueError(
-            f"--dim {dim} is larger than the descriptor dimension {descriptor_dim} "
-            f"of {train.source}"
-        )
+    _check_inputs(train, val, dim, raw, k, tau, autotune)
     database = train.valid_descriptors()
     database_labels = train.labels[train.valid]
-    counts = {
-        "database": int(database.shape[0]),
-        "classes": int(np.unique(database_labels).size),
-        "invalid": {name: int(np.sum(~d.valid)) for name, d in data.items()},
-        "queries": {name: int(d.labels.size) for name, d in data.items() if name != "train"},
-    }
-    log(
-        f"database: {counts['database']} images of {counts['classes']} classes; invalid rows "
-        f"(left out of the database, counted wrong as queries): {counts['invalid']}"
-    )
+    counts = _counts(data, database, database_labels, log)
     splits = {"val": val} if val_eval or "test" not in data else {"val": val, "test": data["test"]}
     if not raw:
-        with timer("pcaw_fit"):
-            whitening = PCAWhitening(dim).fit(database)
-        with timer("pcaw_apply"):
-            database = whitening.transform(database)
-            splits = {
-                name: dataclasses.replace(s, descriptors=whitening.transform(s.descriptors))
-                for name, s in splits.items()
-            }
-        log(f"PCA-whitening to {dim} dimensions learned on the database")
-
+        database, splits = _whiten(database, splits, dim, timer, log)
     classifier = KnnClassifier(
         1 if k is None else k,
         1.0 if tau is None else tau,
@@ -251,33 +222,16 @@ def knn_eval(
     if autotune:
         ks = (k,) if k is not None else ks
         taus = (tau,) if tau is not None else taus
-        skipped = [x for x in ks if x > counts["database"]]
-        ks = tuple(x for x in ks if x <= counts["database"])
-        if skipped:
-            log(f"grid: skipping k {skipped} larger than the database ({counts['database']})")
-        with timer("val_search"):
-            val_neighbors = classifier.neighbors(splits["val"].valid_descriptors(), max(ks))
-        with timer("tuning"):
-            valid = splits["val"].valid
-            # Invalid queries are wrong at every grid point: tune on all labels with -1/0 for them.
-            grid_classifier = _GridAdapter(classifier, valid)
-            result_tuning = tuning.tune_on_neighbors(
-                grid_classifier, *val_neighbors, splits["val"].labels, ks, taus
-            )
-        classifier.k, classifier.tau = result_tuning.k, result_tuning.tau
-        log(f"tuned on val: k={result_tuning.k} t={result_tuning.tau} GAP={result_tuning.gap:.6f}")
-        with timer("val_eval"):
-            val_pred = _predict_split(classifier, splits["val"], neighbors=val_neighbors)
+        result_tuning, val_pred = _autotune(classifier, splits["val"], ks, taus, counts, timer, log)
     else:
         with timer("val_search"):
             val_pred = _predict_split(classifier, splits["val"])
     predictions = {"val": (*val_pred, splits["val"].labels)}
-    metrics = {"val": recognition.evaluate(*predictions["val"])}
     if "test" in splits:
         with timer("test_search"):
             test_pred = _predict_split(classifier, splits["test"])
         predictions["test"] = (*test_pred, splits["test"].labels)
-        metrics["test"] = recognition.evaluate(*predictions["test"])
+    metrics = {name: recognition.evaluate(*p) for name, p in predictions.items()}
     for name, values in metrics.items():
         log(
             f"{name}: GAP {values['gap']:.6f}, GAP-nodis {values['gap_minus']:.6f}, "
@@ -295,6 +249,72 @@ def knn_eval(
         predictions=predictions,
         counts=counts,
     )
+
+
+def _check_inputs(train, val, dim, raw, k, tau, autotune):
+    # The messages name the tfmet-knn-eval flags of the same names (`t` is tau).
+    if val.labels.size == 0 or not np.any(val.valid):
+        raise ValueError(f"{val.source}: the validation set is empty (no valid query)")
+    if not np.any(train.valid):
+        raise ValueError(f"{train.source}: the database has no valid descriptor")
+    if not autotune and (k is None or tau is None):
+        raise ValueError("--k and --t are required unless --autotune is given")
+    descriptor_dim = train.descriptors.shape[1]
+    if not raw and not 1 <= dim <= descriptor_dim:
+        raise ValueError(
+            f"--dim {dim} is larger than the descriptor dimension {descriptor_dim} "
+            f"of {train.source}"
+        )
+
+
+def _counts(data, database, database_labels, log):
+    counts = {
+        "database": int(database.shape[0]),
+        "classes": int(np.unique(database_labels).size),
+        "invalid": {name: int(np.sum(~d.valid)) for name, d in data.items()},
+        "queries": {name: int(d.labels.size) for name, d in data.items() if name != "train"},
+    }
+    log(
+        f"database: {counts['database']} images of {counts['classes']} classes; invalid rows "
+        f"(left out of the database, counted wrong as queries): {counts['invalid']}"
+    )
+    return counts
+
+
+def _whiten(database, splits, dim, timer, log):
+    """PCA-whitening learned on the database, applied to it and to the query splits."""
+    with timer("pcaw_fit"):
+        whitening = PCAWhitening(dim).fit(database)
+    with timer("pcaw_apply"):
+        database = whitening.transform(database)
+        splits = {
+            name: dataclasses.replace(s, descriptors=whitening.transform(s.descriptors))
+            for name, s in splits.items()
+        }
+    log(f"PCA-whitening to {dim} dimensions learned on the database")
+    return database, splits
+
+
+def _autotune(classifier, val, ks, taus, counts, timer, log):
+    """(k, tau) by val GAP over the grid with one val search; sets them on `classifier`.
+
+    Returns (TuningResult, val predictions).
+    """
+    skipped = [x for x in ks if x > counts["database"]]
+    ks = tuple(x for x in ks if x <= counts["database"])
+    if skipped:
+        log(f"grid: skipping k {skipped} larger than the database ({counts['database']})")
+    with timer("val_search"):
+        val_neighbors = classifier.neighbors(val.valid_descriptors(), max(ks))
+    with timer("tuning"):
+        # Invalid queries are wrong at every grid point: tune on all labels with -1/0 for them.
+        grid_classifier = _GridAdapter(classifier, val.valid)
+        result = tuning.tune_on_neighbors(grid_classifier, *val_neighbors, val.labels, ks, taus)
+    classifier.k, classifier.tau = result.k, result.tau
+    log(f"tuned on val: k={result.k} t={result.tau} GAP={result.gap:.6f}")
+    with timer("val_eval"):
+        val_pred = _predict_split(classifier, val, neighbors=val_neighbors)
+    return result, val_pred
 
 
 class _GridAdapter:

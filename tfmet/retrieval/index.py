@@ -22,7 +22,7 @@ import tempfile
 
 import numpy as np
 
-from tfmet.io.atomic import save_json
+from tfmet.io.atomic import replace_directory, save_json
 from tfmet.io.json_files import read_manifest
 
 BACKENDS = ("exact", "scann")
@@ -265,9 +265,7 @@ class NeighborIndex:
                     "shard_rows": self.shard_rows,
                 },
             )
-            if os.path.exists(directory):
-                shutil.rmtree(directory)
-            os.replace(tmp, directory)
+            replace_directory(tmp, directory)
         finally:
             if os.path.exists(tmp):
                 shutil.rmtree(tmp)

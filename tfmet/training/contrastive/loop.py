@@ -147,7 +147,7 @@ class _TrainingLoop:
         )
 
     def _model_name(self):
-        return f"contrastive:{self.config['net']}:step={self.state.global_step}"
+        return f"contrastive:{self.config['backbone']}:step={self.state.global_step}"
 
     def _validate(self, output_dir):
         """Extracts database + val descriptors with the current model and evaluates the kNN."""
@@ -212,38 +212,10 @@ class _TrainingLoop:
 
     def _train_epoch(self, epoch):
         """Trains the remaining steps of `epoch`; True if stopped early at `stop_at_step`."""
-        c, state, trainer = self.config, self.state, self.trainer
+        c, state = self.config, self.state
         lr = step_decay(c["learning_rate"], epoch, c["sched_step"], c["sched_gamma"])
-        trainer.learning_rate = lr
-        descriptors, valid = self._mining_descriptors(epoch - 1)
-        rng = np.random.default_rng([int(c["seed"]), epoch])
-        started = time.perf_counter()
-        pairs = mining.make_pairs(
-            c["pairs_type"],
-            self.data.train_labels,
-            rng,
-            descriptors=descriptors if mining.needs_descriptors(c["pairs_type"]) else None,
-            valid=valid,
-            top_k=int(c["mining"]["top_k"]),
-            pool=int(c["mining"]["pool"]),
-            search=self.search,
-        ).shuffled(rng)
-        stats = pairs.statistics()
-        stats["unreadable_images"] = int(np.sum(~valid))
-        negatives = pairs.kind == mining.NEGATIVE
-        if negatives.any():
-            stats["negative_similarity"] = _mean_pair_similarity(
-                descriptors, pairs.first[negatives], pairs.second[negatives]
-            )
-        absl_logging.info(
-            "Epoch %d: lr %.3g, %s (mined in %.1f s)",
-            epoch,
-            lr,
-            stats,
-            time.perf_counter() - started,
-        )
-        self.pair_stats = stats
-
+        self.trainer.learning_rate = lr
+        pairs = self._mine(epoch, lr)
         bsize, vbs = int(c["batch_size"]), int(c["vbsizemul"])
         sub_batches = pairs_lib.num_batches(len(pairs), bsize)
         virtual_steps = -(-sub_batches // vbs)
@@ -265,44 +237,83 @@ class _TrainingLoop:
         progress = rundir.Progress(f"epoch {epoch}", len(pairs), unit="pairs")
         batches = iter(dataset)
         for step in range(done, virtual_steps):
-            count = min(vbs, sub_batches - step * vbs)
-            losses = []
-            for _ in range(count):
-                batch = next(batches)
-                loss, squared = trainer.accumulate(batch["first"], batch["second"], batch["label"])
-                losses.append(loss.numpy())
-                positive = batch["label"].numpy() == 1
-                distances = np.sqrt(np.maximum(squared.numpy(), 0.0))
-                self.distances["positive"].append(distances[positive])
-                self.distances["negative"].append(distances[~positive])
-            trainer.apply()
-            losses = np.concatenate(losses)
+            losses = self._step(batches, min(vbs, sub_batches - step * vbs))
             state.step_in_epoch.assign(step + 1)
             state.loss_sum.assign_add(float(np.sum(losses, dtype=np.float64)))
             state.loss_pairs.assign_add(float(losses.size))
-            global_step = state.global_step
-            if global_step % int(c["log_every_steps"]) == 0 or step + 1 == virtual_steps:
-                rundir.write_scalars(
-                    self.writer,
-                    global_step,
-                    {
-                        "train/loss": float(np.mean(losses)),
-                        "train/learning_rate": lr,
-                        "train/gem_p": self._gem_p(),
-                    },
-                )
+            last = step + 1 == virtual_steps
+            if self._after_step(losses, lr, last):
+                return True
             progress.update(
                 min((step + 1) * vbs * bsize, len(pairs)), f"loss {float(np.mean(losses)):.4f}"
             )
-            every = int(c["checkpoint_every_steps"])
-            if every and global_step % every == 0:
-                state.save()
-            stop = c.get("stop_at_step")
-            if stop is not None and global_step >= int(stop):
-                state.save()
-                absl_logging.info("Stopping at global step %d (stop_at_step)", global_step)
-                return True
         state.save()  # the epoch's steps are done; validation may take long
+        return False
+
+    def _mine(self, epoch, lr):
+        """The epoch's pairs, mined from the previous epoch's descriptors, in training order."""
+        c = self.config
+        descriptors, valid = self._mining_descriptors(epoch - 1)
+        rng = np.random.default_rng([int(c["seed"]), epoch])
+        started = time.perf_counter()
+        pairs = mining.make_pairs(
+            c["pairs_type"],
+            self.data.train_labels,
+            rng,
+            descriptors=descriptors if mining.needs_descriptors(c["pairs_type"]) else None,
+            valid=valid,
+            top_k=int(c["mining"]["top_k"]),
+            pool=int(c["mining"]["pool"]),
+            search=self.search,
+        ).shuffled(rng)
+        stats = pairs.statistics()
+        stats["unreadable_images"] = int(np.sum(~valid))
+        negatives = pairs.kind == mining.NEGATIVE
+        if negatives.any():
+            stats["negative_similarity"] = _mean_pair_similarity(
+                descriptors, pairs.first[negatives], pairs.second[negatives]
+            )
+        seconds = time.perf_counter() - started
+        absl_logging.info("Epoch %d: lr %.3g, %s (mined in %.1f s)", epoch, lr, stats, seconds)
+        self.pair_stats = stats
+        return pairs
+
+    def _step(self, batches, count):
+        """One optimizer step over `count` accumulated sub-batches; returns the pair losses."""
+        losses = []
+        for _ in range(count):
+            batch = next(batches)
+            loss, squared = self.trainer.accumulate(batch["first"], batch["second"], batch["label"])
+            losses.append(loss.numpy())
+            positive = batch["label"].numpy() == 1
+            distances = np.sqrt(np.maximum(squared.numpy(), 0.0))
+            self.distances["positive"].append(distances[positive])
+            self.distances["negative"].append(distances[~positive])
+        self.trainer.apply()
+        return np.concatenate(losses)
+
+    def _after_step(self, losses, lr, last):
+        """Logs, checkpoints; True when `stop_at_step` is reached (state saved)."""
+        c, state = self.config, self.state
+        global_step = state.global_step
+        if global_step % int(c["log_every_steps"]) == 0 or last:
+            rundir.write_scalars(
+                self.writer,
+                global_step,
+                {
+                    "train/loss": float(np.mean(losses)),
+                    "train/learning_rate": lr,
+                    "train/gem_p": self._gem_p(),
+                },
+            )
+        every = int(c["checkpoint_every_steps"])
+        if every and global_step % every == 0:
+            state.save()
+        stop = c.get("stop_at_step")
+        if stop is not None and global_step >= int(stop):
+            state.save()
+            absl_logging.info("Stopping at global step %d (stop_at_step)", global_step)
+            return True
         return False
 
     def _finish_epoch(self, epoch, seconds):

@@ -157,18 +157,12 @@ def set_trainable(
     backbone.trainable = True
     layers = []
     if trainable_blocks:
-        blocks = backbone_blocks(backbone)
-        if not blocks:
-            raise ValueError(
-                f"trainable_blocks: no block structure known for backbone {name!r}; use "
-                "trainable_fraction"
-            )
-        if not 0 < trainable_blocks <= len(blocks):
-            raise ValueError(
-                f"trainable_blocks must be in [1, {len(blocks)}] for backbone {name!r}. "
-                f"Received: trainable_blocks={trainable_blocks}"
-            )
-        names = blocks[:trainable_blocks]
+        names = _top_blocks(
+            backbone,
+            trainable_blocks,
+            f"backbone {name!r}",
+            f"no block structure known for backbone {name!r}; use trainable_fraction",
+        )
         layers = [layer for b in names for layer in _block_layers(backbone, b)]
     elif trainable_fraction:
         weighted = _layers_with_weights(backbone)
@@ -186,6 +180,19 @@ def set_trainable(
     return names
 
 
+def _top_blocks(backbone, trainable_blocks, what, no_blocks):
+    """The names of the top `trainable_blocks` blocks of `backbone` (ValueError if impossible)."""
+    blocks = backbone_blocks(backbone)
+    if not blocks:
+        raise ValueError(f"trainable_blocks: {no_blocks}")
+    if not 0 < trainable_blocks <= len(blocks):
+        raise ValueError(
+            f"trainable_blocks must be in [1, {len(blocks)}] for {what}. "
+            f"Received: trainable_blocks={trainable_blocks}"
+        )
+    return blocks[:trainable_blocks]
+
+
 def _set_hub_trainable(
     backbone, name, trainable_blocks, trainable_fraction, trainable_patterns, batchnorm
 ):
@@ -193,18 +200,14 @@ def _set_hub_trainable(
     backbone.trainable = True
     layer.trainable = True
     if trainable_blocks:
-        blocks = backbone_blocks(backbone)
-        if not blocks:
-            raise ValueError(
-                f"trainable_blocks: the variables of hub module {name!r} show no block/unit "
-                "structure; use trainable_patterns"
-            )
-        if not 0 < trainable_blocks <= len(blocks):
-            raise ValueError(
-                f"trainable_blocks must be in [1, {len(blocks)}] for {name!r}. "
-                f"Received: trainable_blocks={trainable_blocks}"
-            )
-        patterns = [re.escape(b) + "/" for b in blocks[:trainable_blocks]]
+        chosen = _top_blocks(
+            backbone,
+            trainable_blocks,
+            repr(name),
+            f"the variables of hub module {name!r} show no block/unit structure; use "
+            "trainable_patterns",
+        )
+        patterns = [re.escape(b) + "/" for b in chosen]
     elif trainable_fraction:
         names = layer.set_trainable_patterns(None)  # every variable the module lets train
         candidates = (

@@ -302,14 +302,8 @@ class StyleMonitor(keras.callbacks.Callback):
             "step %d%s: %.2f steps/s%s%s", steps, f"/{total}" if total else "", rate, images, eta
         )
 
-    def on_epoch_end(self, epoch, logs=None):
-        logs = logs if logs is not None else {}
-        logits, features = self.evaluate(self.model)
-        logits = {a: np.asarray(v) for a, v in logits.items()}
-        val = self._val_metrics(logits)
-        train = self._train_metrics(logs)
-        step = epoch + 1
-        learning_rate = self._learning_rate()
+    def _write_summaries(self, step, train, val, logits, learning_rate):
+        """TensorBoard: train/val scalars, the learning rate, val confusion matrices."""
         with self.writers["train"].as_default(step=step):
             for name, value in train.items():
                 tf.summary.scalar(name, value)
@@ -328,6 +322,16 @@ class StyleMonitor(keras.callbacks.Callback):
             self._wrote_names = True
         for writer in self.writers.values():
             writer.flush()
+
+    def on_epoch_end(self, epoch, logs=None):
+        logs = logs if logs is not None else {}
+        logits, features = self.evaluate(self.model)
+        logits = {a: np.asarray(v) for a, v in logits.items()}
+        val = self._val_metrics(logits)
+        train = self._train_metrics(logs)
+        step = epoch + 1
+        learning_rate = self._learning_rate()
+        self._write_summaries(step, train, val, logits, learning_rate)
         top1 = val[f"{self.attributes[0]}/top1"]
         logs["val_top1"] = top1
         for name, value in val.items():
@@ -477,20 +481,9 @@ def train_head(
         logits = {a: np.concatenate([p[a].numpy() for p in parts]) for a in head.attributes}
         return logits, val_features
 
-    monitor = StyleMonitor(
-        workdir,
-        evaluate,
-        val_labels,
-        head.class_names,
-        settings.patience,
-        state,
-        projector_metadata,
-        steps_per_epoch=steps,
-        batch_size=settings.batch_size,
+    return _fit_monitored(
+        head, data, steps, evaluate, val_labels, settings, workdir, state, projector_metadata
     )
-    state = _fit(head, data, steps, settings, monitor, state)
-    restore_best(head, workdir)
-    return state
 
 
 def train_classifier(
@@ -535,17 +528,35 @@ def train_classifier(
             features.append(batch_features.numpy())
         return {a: np.concatenate(v) for a, v in logits.items()}, np.concatenate(features)
 
+    return _fit_monitored(
+        classifier,
+        train_data,
+        steps_per_epoch,
+        evaluate,
+        val_labels,
+        settings,
+        workdir,
+        state,
+        projector_metadata,
+    )
+
+
+def _fit_monitored(
+    model, data, steps, evaluate, val_labels, settings, workdir, state, projector_metadata
+):
+    """`_fit` under a `StyleMonitor` (validation, checkpoints, early stopping), then the best
+    epoch's weights restored; returns the final state."""
     monitor = StyleMonitor(
         workdir,
         evaluate,
         val_labels,
-        classifier.class_names,
+        model.class_names,
         settings.patience,
         state,
         projector_metadata,
-        steps_per_epoch=steps_per_epoch,
+        steps_per_epoch=steps,
         batch_size=settings.batch_size,
     )
-    state = _fit(classifier, train_data, steps_per_epoch, settings, monitor, state)
-    restore_best(classifier, workdir)
+    state = _fit(model, data, steps, settings, monitor, state)
+    restore_best(model, workdir)
     return state
