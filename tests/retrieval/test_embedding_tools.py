@@ -87,3 +87,28 @@ def test_outlier_csv_ranking(tmp_path):
         rows = list(csv.reader(f))
     assert rows[0] == ["rank", "path", "label", "score"]
     assert rows[1] == ["1", "c", "y", "0.700000"] and rows[4] == ["4", "b", "x", ""]
+
+
+def test_nearest_returns_similarities_then_indices_like_every_search():
+    rng = np.random.default_rng(3)
+    database = rng.normal(size=(40, 8)).astype(np.float32)
+    queries = rng.normal(size=(5, 8)).astype(np.float32)
+    similarities, indices = embedding_tools.nearest(database, queries, 6)
+    brute = queries @ database.T
+    expected = np.argsort(-brute, axis=1, kind="stable")[:, :6]
+    np.testing.assert_allclose(similarities, np.take_along_axis(brute, expected, 1), rtol=1e-5)
+    np.testing.assert_array_equal(indices, expected)
+    old_indices, old_scores = embedding_tools.search(database, queries, 6)  # the old order
+    np.testing.assert_array_equal(old_indices, indices)
+    np.testing.assert_array_equal(old_scores, similarities)
+
+
+def test_one_numpy_l2_normalisation():
+    from tfmet.retrieval import l2_normalize, l2_normalize_rows
+
+    rows = np.array([[3.0, 4.0], [0.0, 0.0]])
+    np.testing.assert_array_equal(l2_normalize_rows(rows), [[0.6, 0.8], [0.0, 0.0]])
+    assert l2_normalize is l2_normalize_rows
+    normalized = embedding_tools.normalize_rows(rows)
+    assert normalized.dtype == np.float32
+    np.testing.assert_allclose(normalized, [[0.6, 0.8], [0.0, 0.0]])

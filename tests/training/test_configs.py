@@ -1,0 +1,56 @@
+"""Config files share tfmet.training.configs: the variant rule and one vocabulary."""
+
+import importlib.util
+import os
+
+import pytest
+
+from tests.kit import REPO
+from tfmet.training.configs import contrastive_config, style_config, variant
+
+
+def _load(name):
+    spec = importlib.util.spec_from_file_location(name, os.path.join(REPO, "configs", f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_variant_rule():
+    assert variant(None, "x", ("smoke",)) is None
+    assert variant("", "x", ("smoke",)) is None
+    assert variant("smoke", "x", ("smoke",)) == "smoke"
+    with pytest.raises(ValueError, match="Unknown pandora18k config variant 'smok': use nothing "):
+        variant("smok", "pandora18k", ("finetune", "smoke"))
+
+
+@pytest.mark.parametrize(
+    "name, bad", [("pandora18k", "x"), ("wikipaintings_rasta", "x"), ("met_contrastive_r18", "x")]
+)
+def test_every_config_refuses_an_unknown_variant(name, bad):
+    with pytest.raises(ValueError, match=f"Unknown {name} config variant 'x'"):
+        _load(name).get_config(bad)
+
+
+def test_reference_names_are_aliases_of_the_shared_vocabulary():
+    config = contrastive_config()
+    assert (config.batch_size, config.learning_rate, config.weight_decay) == (64, 1e-7, 1e-6)
+    assert (config.backbone, config.image_size) == ("resnet18", 500)
+    config.bsize = 4
+    config.net = "resnet_tiny"
+    config.update({"backbone_lr": 1e-4, "wdecay": 0.0, "imsize": 32})
+    assert (config.batch_size, config.backbone, config.learning_rate) == (4, "resnet_tiny", 1e-4)
+    assert (config.weight_decay, config.image_size) == (0.0, 32)
+    config.batch_size = 8
+    assert config.bsize == 8
+
+
+def test_style_configs_set_only_what_differs_from_the_defaults():
+    base = style_config()
+    pandora = _load("pandora18k").get_config()
+    assert pandora.dataset.format == "pandora18k" and pandora.train.batch_size == 100
+    assert pandora.model.image_size == base.model.image_size == 224
+    rasta = _load("wikipaintings_rasta").get_config()
+    assert rasta.to_dict() == base.to_dict()  # RASTA's settings are the defaults
+    smoke = _load("met_contrastive_r18").get_config("smoke")
+    assert (smoke.backbone, smoke.batch_size, smoke.bsize) == ("resnet_tiny", 4, 4)
