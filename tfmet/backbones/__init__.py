@@ -2,6 +2,7 @@
 
 # Importing these modules registers their backbones.
 from tfmet.backbones import efficientnet_lite, hub, keras_applications, torchvision_resnet  # noqa: F401
+from tfmet.backbones import huggingface  # noqa: F401
 from tfmet.backbones.registry import (
     IMAGENET_CAFFE,
     IMAGENET_TORCH,
