@@ -16,12 +16,15 @@ embeddings per call exactly as the Hugging Face reference does:
 
 Both are linear maps along each axis, so they are written as [out, in] weight matrices computed
 from the (dynamic) output size: one trace serves every image size. DINOv3 uses rotary position
-embeddings that keras-hub already computes from the input's dynamic shape.
+embeddings, computed here from the dynamic grid size (`rotary_embeddings`; keras-hub's layer
+fails on unknown spatial dims inside a graph).
 
 Images of a size that is not a multiple of the patch size lose the remainder rows/columns (the
 strided patch convolution drops them, as the reference's does). The output is the final-norm
 token sequence [B, 1 + registers + patches, C]; `num_prefix_tokens` says where patches start.
 """
+
+import math
 
 import keras
 import tensorflow as tf
@@ -82,6 +85,25 @@ def interpolate_position_embeddings(position_embeddings, height, width, antialia
     resized = tf.einsum("hi,wj,ijc->hwc", matrix(side, height), matrix(side, width), patch)
     resized = tf.reshape(resized, tf.stack([1, height * width, dim]))
     return tf.concat([position_embeddings[:, :1], resized], axis=1)
+
+
+def rotary_embeddings(height, width, inv_freq):
+    """DINOv3's rotary (cos, sin) [h*w, 4 * len(inv_freq)] for an h x w patch grid.
+
+    Patch centres in [-1, 1] on each axis, as Hugging Face `DINOv3ViTRopePositionEmbedding`
+    computes them at inference; `height` / `width` may be tensors (keras-hub's layer casts the
+    grid size in a way that fails for dynamic shapes in a graph).
+    """
+
+    def centres(n):
+        n = tf.cast(n, tf.float32)
+        return 2.0 * (tf.range(0.5, n, dtype=tf.float32) / n) - 1.0
+
+    rows, cols = tf.meshgrid(centres(height), centres(width), indexing="ij")
+    coords = tf.stack([tf.reshape(rows, [-1]), tf.reshape(cols, [-1])], axis=-1)
+    angles = 2.0 * math.pi * coords[:, :, None] * tf.cast(inv_freq, tf.float32)[None, None, :]
+    angles = tf.tile(tf.reshape(angles, tf.stack([tf.shape(coords)[0], -1])), [1, 2])
+    return tf.cos(angles), tf.sin(angles)
 
 
 @keras.saving.register_keras_serializable(package="tfmet")
@@ -163,7 +185,11 @@ class VisionTransformer(keras.Model):
 
     def _dinov3_tokens(self, images, training):
         tokens = self.backbone.embeddings(images, training=training)
-        rope = self.backbone.rope_embedding(images)
+        rope = rotary_embeddings(
+            tf.shape(images)[1] // self.patch_size,
+            tf.shape(images)[2] // self.patch_size,
+            self.backbone.rope_embedding.inv_freq,
+        )
         tokens, _ = self.backbone.encoder(
             tokens,
             position_embeddings=rope,

@@ -30,6 +30,7 @@ import numpy as np
 import tensorflow as tf
 from absl import logging as absl_logging
 
+from tfmet import backbones
 from tfmet.data import images as image_io
 from tfmet.descriptors import store as store_lib
 from tfmet.io.atomic import atomic_path, save_json
@@ -44,6 +45,10 @@ def weights_fingerprint(weights=None, seed=None):
     "random:seed=<seed>" for a seeded random initialisation."""
     if weights is None:
         return f"random:seed={seed}"
+    if os.path.isdir(weights):  # a checkpoint directory: its weights file identifies it
+        from tfmet.backbones.huggingface import weights_file
+
+        weights = weights_file(weights)
     return "sha256:" + store_lib.file_sha256(weights)
 
 
@@ -679,7 +684,7 @@ def build_extractor(
     if (backbone is None) == (model is None):
         raise ValueError("Give exactly one of `backbone` (with `weights`) and `model`.")
     for path in (weights, model):
-        if path is not None and not os.path.isfile(path):
+        if path is not None and not os.path.exists(path):  # a file, or a checkpoint directory
             raise FileNotFoundError(f"{path}: weights file not found")
     if model is not None:
         embedder = keras.saving.load_model(model)
@@ -690,6 +695,9 @@ def build_extractor(
         if weights is None:
             keras.utils.set_random_seed(seed)
         embedder = Embedder.from_registry(backbone, weights=weights)
+        own_weights = backbones.spec(backbone).weights_file  # e.g. hf:<dir> loads its own
+        if weights is None and own_weights is not None:
+            weights = own_weights()
         name, fingerprint = backbone, weights_fingerprint(weights, seed)
     scales = MET_SCALES if scales is None else tuple(scales)
     if fold_bn:
