@@ -578,7 +578,7 @@ def augment_config(config):
 def build_embedder(config):
     """The Embedder of a training config: registry backbone (+ local weights), GeM, projector."""
     weights = config.get("weights")
-    if weights is not None and not os.path.isfile(weights):
+    if weights is not None and not os.path.exists(weights):  # a file or checkpoint directory
         raise FileNotFoundError(f"{weights}: backbone weights file not found")
     keras.utils.set_random_seed(int(config["seed"]))
     spec = backbones.spec(config["net"])
@@ -590,6 +590,7 @@ def build_embedder(config):
         train_p=bool(config["train_p"]),
         projector_dim=dim if config["emb_proj"] else None,
         preprocessing=spec.preprocessing,
+        pooling=spec.pooling,
     )
     embedder.build((None, None, None, 3))
     return embedder
