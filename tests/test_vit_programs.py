@@ -48,7 +48,9 @@ def _torch_multiscale(model, image):
 
 def test_extract_cli_multiscale_matches_a_pytorch_pipeline(tmp_path):
     model = vit_models.make_model("dinov2_with_registers", tmp_path / "ckpt")
-    tree = write_met_tree(tmp_path / "met", num_exhibits=2, met_queries=2, sizes=((45, 61), (70, 52)))
+    tree = write_met_tree(
+        tmp_path / "met", num_exhibits=2, met_queries=2, sizes=((45, 61), (70, 52))
+    )
     out = tmp_path / "desc"
     result = _run(
         "-m",
@@ -129,7 +131,9 @@ def test_recognizer_export_with_a_vit_reloads_without_tfmet(tmp_path):
         env=ENV,
     )
     assert cli.returncode == 0, cli.stderr[-3000:]
-    np.testing.assert_allclose(np.load(tmp_path / "cli_out" / "descriptor.npy"), expected, atol=1e-5)
+    np.testing.assert_allclose(
+        np.load(tmp_path / "cli_out" / "descriptor.npy"), expected, atol=1e-5
+    )
 
 
 def _drop_tensor(directory, name):

@@ -130,6 +130,7 @@ class VisionTransformer(keras.Model):
         self.backbone = backbone
         self.interpolation = interpolation
         self.family = "dinov3" if hasattr(backbone, "rope_embedding") else "dinov2"
+        self.built = True  # the keras-hub backbone holds every variable, built already
         embeddings = backbone.embeddings
         # Variables this call never reads must not ask an optimizer for gradients.
         for unused in ("mask_token", "interpolated_position_embeddings"):

@@ -1,5 +1,8 @@
 """tfmet-convert-weights: a PyTorch checkpoint -> Keras `.weights.h5` for a registered backbone.
 
+    tfmet-convert-weights --from /ckpt/dinov2-base --arch dinov2_vitb14 --out vitb14.weights.h5
+    tfmet-convert-weights --from dinov2_vitb14_pretrain.pth --arch dinov2_vitb14 --out b14.weights.h5
+
     tfmet-convert-weights --from resnet50-0676ba61.pth --arch resnet50 --out r50.weights.h5
     tfmet-convert-weights --from met_r18_contrastive.pth --arch resnet18 --out r18_met.weights.h5 \
         --keras_model r18_met.keras
@@ -46,6 +49,23 @@ def _fail(message):
     tfmet.cli.fail(PROGRAM, message)
 
 
+def _is_vit(checkpoint, arch):
+    from tfmet.backbones import huggingface
+
+    return os.path.isdir(checkpoint) or arch.startswith("hf:") or arch in huggingface.SHORTCUTS
+
+
+def _convert_vit(checkpoint, arch, out):
+    """A checkpoint directory or DINOv2 torch-hub file -> tfmet weights of a ViT backbone."""
+    from tfmet.backbones import vit_convert
+
+    try:
+        vit_convert.convert(checkpoint, arch, out)
+    except (FileNotFoundError, ValueError, UnsafePickleError) as e:
+        _fail(str(e))
+    print(f"Converted {checkpoint} -> {out} (backbone of {arch})")
+
+
 def main(argv):
     if len(argv) > 1:
         _fail(f"unexpected arguments: {' '.join(argv[1:])}")
@@ -54,7 +74,7 @@ def main(argv):
         if not value:
             _fail(f"{flag} is required")
     # Cheap checks first: TensorFlow is only imported once the inputs look right.
-    if not os.path.isfile(checkpoint):
+    if not os.path.exists(checkpoint):  # a file, or a ViT checkpoint directory
         _fail(f"{checkpoint}: no such checkpoint file")
     if not out.endswith(".weights.h5"):
         _fail(f"--out must end with .weights.h5 (Keras weights format). Received: {out}")
@@ -66,6 +86,8 @@ def main(argv):
             _fail(f"{path} exists; pass --overwrite to replace it")
     from tfmet.backbones import names, torch_convert
 
+    if _is_vit(checkpoint, arch):
+        return _convert_vit(checkpoint, arch, out)
     if arch not in names():
         _fail(f"unknown --arch {arch!r}; registered backbones: {', '.join(names())}")
     ignore = torch_convert.DEFAULT_IGNORE if FLAGS.ignore is None else tuple(FLAGS.ignore)
