@@ -68,7 +68,7 @@ def test_extract_cli_multiscale_matches_a_pytorch_pipeline(tmp_path):
     split = met.load_split(tree.info_dir, "val")
     paths = met.image_paths(split, tree.image_root)
     assert len(paths) == len(val.descriptors) > 0
-    for path, row in zip(paths, val.descriptors):
+    for path, row in zip(paths, val.descriptors, strict=True):
         image, reason = image_io.read_image(path)
         assert reason == ""
         np.testing.assert_allclose(row, _torch_multiscale(model, image.numpy()), atol=1e-4)

@@ -1,4 +1,4 @@
-"""Training with a ViT backbone: top-block fine-tuning moves exactly those variables and the head."""
+"""Training with a ViT backbone: top-block fine-tuning moves exactly its variables and the head."""
 
 import keras
 import numpy as np

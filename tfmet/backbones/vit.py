@@ -211,7 +211,7 @@ class VisionTransformer(keras.Model):
         return (input_shape[0], None, self.hidden_dim)
 
     def set_trainable_blocks(self, num_blocks):
-        """Trains the top `num_blocks` transformer blocks and the final norm; returns their names."""
+        """Trains the top `num_blocks` blocks and the final norm; returns the blocks' names."""
         blocks = self.blocks
         if not 0 <= num_blocks <= len(blocks):
             raise ValueError(

@@ -74,7 +74,8 @@ def torch_hub_to_hf(state_dict, source="<checkpoint>"):
             raise ValueError(f"{source}: unexpected tensor {name!r} for a DINOv2 torch-hub model")
         prefix, rest = f"encoder.layer.{parts[1]}", ".".join(parts[2:])
         if rest.startswith("attn.qkv."):
-            for which, chunk in zip(("query", "key", "value"), np.split(value, 3, axis=0)):
+            chunks = np.split(value, 3, axis=0)
+            for which, chunk in zip(("query", "key", "value"), chunks, strict=True):
                 out[f"{prefix}.attention.attention.{which}.{parts[-1]}"] = chunk
             continue
         stem = rest.rsplit(".", 1)[0] if not rest.endswith("gamma") else rest

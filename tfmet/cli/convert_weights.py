@@ -1,7 +1,7 @@
 """tfmet-convert-weights: a PyTorch checkpoint -> Keras `.weights.h5` for a registered backbone.
 
     tfmet-convert-weights --from /ckpt/dinov2-base --arch dinov2_vitb14 --out vitb14.weights.h5
-    tfmet-convert-weights --from dinov2_vitb14_pretrain.pth --arch dinov2_vitb14 --out b14.weights.h5
+    tfmet-convert-weights --from dinov2_vitb14_pretrain.pth --arch dinov2_vitb14 --out b.weights.h5
 
     tfmet-convert-weights --from resnet50-0676ba61.pth --arch resnet50 --out r50.weights.h5
     tfmet-convert-weights --from met_r18_contrastive.pth --arch resnet18 --out r18_met.weights.h5 \

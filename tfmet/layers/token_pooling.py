@@ -1,4 +1,4 @@
-"""Pooling a vision transformer's token sequence into one vector: the CLS token or the patch mean."""
+"""Pooling a vision transformer's tokens into one vector: the CLS token or the patch mean."""
 
 import keras
 import tensorflow as tf
