@@ -94,3 +94,16 @@ def test_shortcut_checks_the_directory_config(checkpoint):
     _, directory, _ = checkpoint
     with pytest.raises(ValueError, match="not a dinov2_vits14 checkpoint: .*hidden_size=32"):
         backbones.get("dinov2_vits14", weights=directory)
+
+
+def test_embedder_with_a_vit_round_trips_through_a_keras_file(tmp_path):
+    import keras
+
+    vit_models.make_model("dinov3_vit", tmp_path / "ckpt")
+    embedder = Embedder.from_registry(f"hf:{tmp_path / 'ckpt'}", pooling="avg", projector_dim=8)
+    pixels = _pixels(40, 50, seed=3)
+    expected = embedder(pixels).numpy()
+    embedder.save(tmp_path / "embedder.keras")
+    loaded = keras.saving.load_model(tmp_path / "embedder.keras")
+    assert loaded.pooling == "avg" and loaded.pool.num_prefix_tokens == 3
+    np.testing.assert_allclose(loaded(pixels).numpy(), expected, atol=1e-6)
