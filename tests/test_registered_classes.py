@@ -232,8 +232,42 @@ def _torch_adam(tmp_path):
     )
 
 
+def _token_pooling(tmp_path):
+    # [class, register, patch, patch]: "cls" is the class token, "avg" the mean of the two patches
+    # ((3 + 5) / 2, (5 + 9) / 2), the register left out.
+    tokens = [[[1.0, 2.0], [100.0, 100.0], [3.0, 5.0], [5.0, 9.0]]]
+    layer = _cls("TokenPooling")
+    run_layer_test(layer, {"mode": "cls", "num_prefix_tokens": 2}, tokens, [[1.0, 2.0]])
+    run_layer_test(
+        layer, {"mode": "avg", "num_prefix_tokens": 2}, tokens, [[4.0, 7.0]], tmp_path=tmp_path
+    )
+
+
+def _vision_transformer(tmp_path):
+    # The wrapper at the keras-hub model's own build size (no interpolation needed) gives the
+    # keras-hub backbone's own output: an independent forward pass of the same weights.
+    pytest.importorskip("transformers")
+    from tests.kit import vit_models
+    from tfmet import backbones
+
+    vit_models.make_model("dinov2", tmp_path / "ckpt", image_size=28)
+    model = backbones.get(f"hf:{tmp_path / 'ckpt'}")
+    pixels = np.random.RandomState(0).randn(1, 28, 28, 3).astype(np.float32)
+    expected = model.backbone(pixels).numpy()
+    run_layer_test(
+        _cls("VisionTransformer"),
+        {"backbone": model.backbone, "interpolation": model.interpolation},
+        pixels,
+        expected,
+        tmp_path=tmp_path,
+        atol=1e-5,
+    )
+
+
 CASES = {
     "tfmet>GeMPooling2D": _gem,
+    "tfmet>TokenPooling": _token_pooling,
+    "tfmet>VisionTransformer": _vision_transformer,
     "tfmet>L2Normalize": _l2_normalize,
     "tfmet>Projector": _projector,
     "tfmet>GroupedConv2D": _grouped_conv,

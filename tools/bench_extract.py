@@ -1,6 +1,7 @@
 """Benchmark: multi-scale descriptor extraction, tfmet vs the reference-style PyTorch loop.
 
     .venv/bin/python tools/bench_extract.py --backbones=resnet18,resnet50 --num_images=16
+    .venv/bin/python tools/bench_extract.py --backbones= --vits=vits14,vitb14
 
 For each backbone, the same weights run in both frameworks (a Keras trunk from the tfmet
 registry, BatchNorm statistics calibrated on an image batch so that activations have realistic
@@ -41,6 +42,12 @@ from PIL import Image  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+VITS = {  # Hugging Face Dinov2Config sizes of the published ViT-S/14 and ViT-B/14
+    "vits14": dict(hidden_size=384, num_hidden_layers=12, num_attention_heads=6),
+    "vitb14": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12),
+}
+
+
 FLAGS = flags.FLAGS
 flags.DEFINE_list("backbones", ["resnet18", "resnet50"], "torchvision-compatible backbones.")
 flags.DEFINE_integer("num_images", 16, "Generated images per pass.")
@@ -51,6 +58,7 @@ flags.DEFINE_integer(
 )
 flags.DEFINE_integer("batch_images", 1, "tfmet: same-size images per model call.")
 flags.DEFINE_integer("seed", 0, "Seed of images and weights.")
+flags.DEFINE_list("vits", [], f"DINOv2 ViTs (random init, real size): {', '.join(VITS)}.")
 
 
 def met_like_sizes(count, rng):
@@ -180,6 +188,11 @@ def bench_backbone(name, paths, decoded, workdir):
         with torch.no_grad():
             return [torch_descriptor(torch_trunk, t, MET_SCALES).numpy() for t in tensors]
 
+    return compare(run_tfmet, run_tf_compute, run_torch, len(paths))
+
+
+def compare(run_tfmet, run_tf_compute, run_torch, count):
+    """Checks that both give the same descriptors, then times alternating rounds."""
     # Same weights, same numbers (up to float reordering): the comparison is like for like.
     ours, theirs = np.asarray(run_tfmet()), np.stack(run_torch())
     difference = float(np.abs(ours - theirs).max())
@@ -193,12 +206,63 @@ def bench_backbone(name, paths, decoded, workdir):
             ("torch", run_torch),
         ):
             time.sleep(1.0)  # let the other framework's worker threads go idle first
-            rate, seconds = timed(fn, len(paths))
+            rate, seconds = timed(fn, count)
             rates[framework].append(rate)
             cpu[framework].append(seconds)
     medians = {k: statistics.median(v) for k, v in rates.items()}
     cpu = {k: statistics.median(v) for k, v in cpu.items()}
     return medians, cpu, rates, difference
+
+
+def bench_vit(name, paths, decoded, workdir):
+    """A random-init, real-size DINOv2 (Hugging Face `Dinov2Model`, saved and read back through
+    "hf:<dir>"): tfmet's multi-scale cls descriptor vs the same pipeline on the torch model."""
+    import keras
+    import torch
+    import torch.nn.functional as F
+    import transformers
+
+    from tfmet.descriptors import MET_SCALES, DescriptorExtractor, Embedder, extraction, store
+
+    torch.manual_seed(FLAGS.seed)
+    model = transformers.Dinov2Model(transformers.Dinov2Config(**VITS[name], patch_size=14))
+    model = model.eval()
+    directory = os.path.join(workdir, name)
+    model.save_pretrained(directory)
+    keras.utils.set_random_seed(FLAGS.seed)
+    embedder = Embedder.from_registry("hf:" + directory)
+    extractor = DescriptorExtractor(embedder, scales=MET_SCALES)
+    spec = extraction.ExtractionSpec(name, "bench", MET_SCALES, "torch", None, embedder.output_dim)
+    torch.set_num_threads(FLAGS.torch_threads)
+    mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
+    std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+    tensors = [
+        (torch.from_numpy(d.copy()).permute(2, 0, 1)[None].float() / 255.0 - mean) / std
+        for d in decoded
+    ]
+    float_images = [d.astype(np.float32)[None] for d in decoded]
+
+    def torch_vit(image):
+        total = 0
+        for s in MET_SCALES:
+            x = image if s == 1 else F.interpolate(image, scale_factor=s, mode="bilinear")
+            total = total + F.normalize(model(pixel_values=x).pooler_output, dim=-1)
+        return F.normalize(total / len(MET_SCALES), dim=-1)[0]
+
+    def run_tfmet():
+        out = tempfile.mkdtemp(dir=workdir)
+        extraction.extract_split(
+            extractor, spec, "bench", paths, out, batch_images=FLAGS.batch_images, progress=False
+        )
+        return store.read_store(out, "bench").descriptors
+
+    def run_torch():
+        with torch.no_grad():
+            return [torch_vit(t).numpy() for t in tensors]
+
+    return compare(
+        run_tfmet, lambda: [extractor(x).numpy() for x in float_images], run_torch, len(paths)
+    )
 
 
 def main(argv):
@@ -225,9 +289,10 @@ def main(argv):
             f"{'backbone':<10} {'framework':<14} {'images/s':>9} {'vs torch':>9} "
             f"{'CPU s/img':>10}  rounds (images/s)"
         )
-        for name in FLAGS.backbones:
+        runs = [(n, bench_backbone) for n in FLAGS.backbones] + [(n, bench_vit) for n in FLAGS.vits]
+        for name, bench in runs:
             load_before = os.getloadavg()[0]
-            medians, cpu, rates, difference = bench_backbone(name, paths, decoded, workdir)
+            medians, cpu, rates, difference = bench(name, paths, decoded, workdir)
             load_after = os.getloadavg()[0]
             for framework, rate in medians.items():
                 ratio = rate / medians["torch"]

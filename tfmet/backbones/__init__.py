@@ -1,7 +1,13 @@
 """Backbones: `tfmet.backbones.get(name, weights=...)` -> Keras model image -> feature map."""
 
 # Importing these modules registers their backbones.
-from tfmet.backbones import efficientnet_lite, hub, keras_applications, torchvision_resnet  # noqa: F401
+from tfmet.backbones import (  # noqa: F401
+    efficientnet_lite,
+    hub,
+    huggingface,
+    keras_applications,
+    torchvision_resnet,
+)
 from tfmet.backbones.registry import (
     IMAGENET_CAFFE,
     IMAGENET_TORCH,

@@ -61,12 +61,18 @@ class BackboneSpec:
         initialisation) or a local weights file.
       preprocessing: the input normalisation the weights expect.
       description: one line for listings.
+      pooling: the descriptor pooling that suits the backbone's output: "gem" for a feature map
+        [B, h, w, C], "cls" for a token sequence [B, T, C] (vision transformers).
+      weights_file: for backbones whose builder loads weights by itself when `weights` is None
+        (a checkpoint directory), `weights_file()` -> the file that identifies those weights.
     """
 
     name: str
     builder: Callable[..., keras.Model]
     preprocessing: Preprocessing
     description: str = ""
+    pooling: str = "gem"
+    weights_file: Callable[[], str] | None = None
 
 
 _REGISTRY: dict[str, BackboneSpec] = {}

@@ -1,5 +1,8 @@
 """tfmet-convert-weights: a PyTorch checkpoint -> Keras `.weights.h5` for a registered backbone.
 
+    tfmet-convert-weights --from /ckpt/dinov2-base --arch dinov2_vitb14 --out vitb14.weights.h5
+    tfmet-convert-weights --from dinov2_vitb14_pretrain.pth --arch dinov2_vitb14 --out b.weights.h5
+
     tfmet-convert-weights --from resnet50-0676ba61.pth --arch resnet50 --out r50.weights.h5
     tfmet-convert-weights --from met_r18_contrastive.pth --arch resnet18 --out r18_met.weights.h5 \
         --keras_model r18_met.keras
@@ -41,6 +44,20 @@ FLAGS = flags.FLAGS
 PROGRAM = "tfmet-convert-weights"
 
 
+def _is_vit(checkpoint, arch):
+    from tfmet.backbones import huggingface
+
+    return os.path.isdir(checkpoint) or arch.startswith("hf:") or arch in huggingface.SHORTCUTS
+
+
+def _convert_vit(checkpoint, arch, out):
+    """A checkpoint directory or DINOv2 torch-hub file -> tfmet weights of a ViT backbone."""
+    from tfmet.backbones import vit_convert
+
+    vit_convert.convert(checkpoint, arch, out)
+    print(f"Converted {checkpoint} -> {out} (backbone of {arch})")
+
+
 def main(argv):
     no_arguments(argv)
     checkpoint, arch, out = FLAGS["from"].value, FLAGS.arch, FLAGS.out
@@ -48,7 +65,7 @@ def main(argv):
         if not value:
             raise UsageError(f"{flag} is required")
     # Cheap checks first: TensorFlow is only imported once the inputs look right.
-    if not os.path.isfile(checkpoint):
+    if not os.path.exists(checkpoint):  # a file, or a ViT checkpoint directory
         raise UsageError(f"{checkpoint}: no such checkpoint file")
     if not out.endswith(".weights.h5"):
         raise UsageError(f"--out must end with .weights.h5 (Keras weights format). Received: {out}")
@@ -61,6 +78,8 @@ def main(argv):
     from tfmet.backbones import names, torch_convert
     from tfmet.descriptors import conversion
 
+    if _is_vit(checkpoint, arch):
+        return _convert_vit(checkpoint, arch, out)
     if arch not in names():
         raise UsageError(f"unknown --arch {arch!r}; registered backbones: {', '.join(names())}")
     ignore = torch_convert.DEFAULT_IGNORE if FLAGS.ignore is None else tuple(FLAGS.ignore)

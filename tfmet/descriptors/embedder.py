@@ -8,10 +8,12 @@ import tensorflow as tf
 from tfmet import backbones
 from tfmet.backbones.registry import Preprocessing
 from tfmet.descriptors.resize import resize
-from tfmet.layers import GeMPooling2D, L2Normalize, Projector, l2_normalize
+from tfmet.layers import GeMPooling2D, L2Normalize, Projector, TokenPooling, l2_normalize
 
 # Scales of the Met reference's multi-scale extraction.
 MET_SCALES = (1.0, 1.0 / math.sqrt(2.0), 0.5)
+# "gem" pools a CNN feature map; "cls" / "avg" pool a vision transformer's tokens.
+POOLINGS = ("gem", "cls", "avg")
 
 
 @keras.saving.register_keras_serializable(package="tfmet")
@@ -28,6 +30,9 @@ class Embedder(keras.Model):
       train_p: whether the GeM power is trainable.
       projector_dim: output size of the projector (Dense with bias, then L2); None for none.
       preprocessing: the backbone's input normalisation, a `Preprocessing` (or its config dict).
+      pooling: "gem" (a feature map [B, h, w, C]), or for a vision transformer's tokens
+        [B, T, C] "cls" (the class token) or "avg" (mean of the patch tokens, registers
+        excluded; the backbone's `num_prefix_tokens` says where patches start).
     """
 
     def __init__(
@@ -38,9 +43,12 @@ class Embedder(keras.Model):
         train_p=True,
         projector_dim=None,
         preprocessing=None,
+        pooling="gem",
         **kwargs,
     ):
         super().__init__(**kwargs)
+        if pooling not in POOLINGS:
+            raise ValueError(f"`pooling` must be one of {POOLINGS}. Received: pooling={pooling!r}")
         if isinstance(preprocessing, dict):
             preprocessing = Preprocessing.from_config(preprocessing)
         if projector_dim is not None and int(projector_dim) <= 0:
@@ -53,7 +61,12 @@ class Embedder(keras.Model):
         self.train_p = bool(train_p)
         self.projector_dim = None if projector_dim is None else int(projector_dim)
         self.preprocessing = preprocessing
-        self.pool = GeMPooling2D(p=p, eps=eps, train_p=train_p, name="gem")
+        self.pooling = pooling
+        if pooling == "gem":
+            self.pool = GeMPooling2D(p=p, eps=eps, train_p=train_p, name="gem")
+        else:
+            prefix = getattr(backbone, "num_prefix_tokens", 1)
+            self.pool = TokenPooling(pooling, num_prefix_tokens=prefix, name="tokens")
         self.normalize = L2Normalize(name="l2")
         self.projector = (
             None if projector_dim is None else Projector(self.projector_dim, name="projector")
@@ -63,6 +76,7 @@ class Embedder(keras.Model):
     def from_registry(cls, name, weights=None, **kwargs):
         """An Embedder over registered backbone `name`, with that backbone's preprocessing."""
         spec = backbones.spec(name)
+        kwargs.setdefault("pooling", spec.pooling)
         return cls(spec.builder(weights=weights), preprocessing=spec.preprocessing, **kwargs)
 
     def build(self, input_shape):
@@ -101,6 +115,7 @@ class Embedder(keras.Model):
                 "eps": self.eps,
                 "train_p": self.train_p,
                 "projector_dim": self.projector_dim,
+                "pooling": self.pooling,
                 "preprocessing": (
                     None if self.preprocessing is None else self.preprocessing.get_config()
                 ),

@@ -29,6 +29,7 @@ import numpy as np
 import tensorflow as tf
 from absl import logging as absl_logging
 
+from tfmet import backbones
 from tfmet.backbones.batchnorm import FoldedBatchNorm, fold_batchnorm  # noqa: F401 (public here too)
 from tfmet.data import images as image_io
 from tfmet.descriptors import store as store_lib
@@ -46,6 +47,10 @@ def weights_fingerprint(weights=None, seed=None):
     "random:seed=<seed>" for a seeded random initialisation."""
     if weights is None:
         return f"random:seed={seed}"
+    if os.path.isdir(weights):  # a checkpoint directory: its weights file identifies it
+        from tfmet.backbones.huggingface import weights_file
+
+        weights = weights_file(weights)
     return "sha256:" + store_lib.file_sha256(weights)
 
 
@@ -599,7 +604,7 @@ def build_extractor(
     if (backbone is None) == (model is None):
         raise ValueError("Give exactly one of `backbone` (with `weights`) and `model`.")
     for path in (weights, model):
-        if path is not None and not os.path.isfile(path):
+        if path is not None and not os.path.exists(path):  # a file, or a checkpoint directory
             raise FileNotFoundError(f"{path}: weights file not found")
     if model is not None:
         embedder = keras.saving.load_model(model)
@@ -608,6 +613,9 @@ def build_extractor(
         name, fingerprint = embedder.backbone.name, weights_fingerprint(model)
     else:
         embedder = _registry_embedder(backbone, weights, seed)
+        own_weights = backbones.spec(backbone).weights_file  # e.g. hf:<dir> loads its own
+        if weights is None and own_weights is not None:
+            weights = own_weights()
         name, fingerprint = backbone, weights_fingerprint(weights, seed)
     scales = MET_SCALES if scales is None else tuple(scales)
     if fold_bn:
@@ -625,6 +633,10 @@ def build_extractor(
     return extractor, spec
 
 
+def _is_converted_file(weights):
+    return os.path.isfile(weights) and os.fspath(weights).endswith(".weights.h5")
+
+
 def _registry_embedder(backbone, weights, seed):
     """The `Embedder` of registered `backbone` with `weights` (backbone or embedder file)."""
     from tfmet.backbones.torch_convert import read_metadata
@@ -633,7 +645,7 @@ def _registry_embedder(backbone, weights, seed):
 
     if weights is None:
         keras.utils.set_random_seed(seed)
-    elif read_metadata(weights).get("kind") == "embedder":
+    elif _is_converted_file(weights) and read_metadata(weights).get("kind") == "embedder":
         return load_embedder(weights, arch=backbone)
     return Embedder.from_registry(backbone, weights=weights)
 

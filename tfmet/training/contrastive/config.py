@@ -84,7 +84,15 @@ def default_config():
 
 
 def _config_dict(config):
-    return config.to_dict() if hasattr(config, "to_dict") else dict(config)
+    """A plain dict of `config` with both names of every aliased entry (a dict written with the
+    reference's names only, or tfmet's only, gets the other)."""
+    config = config.to_dict() if hasattr(config, "to_dict") else dict(config)
+    for old, new in REFERENCE_NAMES.items():
+        if new not in config and old in config:
+            config[new] = config[old]
+        elif old not in config and new in config:
+            config[old] = config[new]
+    return config
 
 
 def check_config(config):
@@ -128,8 +136,9 @@ def augment_config(config):
 
 def build_embedder(config):
     """The Embedder of a training config: registry backbone (+ local weights), GeM, projector."""
+    config = _config_dict(config)
     weights = config.get("weights")
-    if weights is not None and not os.path.isfile(weights):
+    if weights is not None and not os.path.exists(weights):  # a file or checkpoint directory
         raise FileNotFoundError(f"{weights}: backbone weights file not found")
     keras.utils.set_random_seed(int(config["seed"]))
     spec = backbones.spec(config["backbone"])
@@ -141,6 +150,7 @@ def build_embedder(config):
         train_p=bool(config["train_p"]),
         projector_dim=dim if config["emb_proj"] else None,
         preprocessing=spec.preprocessing,
+        pooling=spec.pooling,
     )
     embedder.build((None, None, None, 3))
     return embedder

@@ -31,6 +31,7 @@ import re
 import keras
 
 from tfmet.backbones import hub, keras_applications, torchvision_resnet
+from tfmet.backbones.vit import VisionTransformer
 
 BATCHNORM_MODES = ("frozen", "train")
 _BN_NAME = re.compile(
@@ -149,6 +150,8 @@ def set_trainable(
         return _set_hub_trainable(
             backbone, name, trainable_blocks, trainable_fraction, trainable_patterns, batchnorm
         )
+    if isinstance(backbone, VisionTransformer) and not trainable_patterns:
+        return set_vit_trainable(backbone, trainable_blocks, trainable_fraction)
     if trainable_patterns:
         raise ValueError(
             f"trainable_patterns selects variables of hub modules; backbone {name!r} is not one. "
@@ -178,6 +181,23 @@ def set_trainable(
             trainable = False
         layer.trainable = trainable
     return names
+
+
+def set_vit_trainable(backbone, trainable_blocks=0, trainable_fraction=0.0):
+    """A `VisionTransformer`: the top blocks and the final norm, or the top fraction of its
+    weight-holding units (embeddings, each block, final norm, in model order); returns names."""
+    if trainable_blocks or not trainable_fraction:
+        return backbone.set_trainable_blocks(int(trainable_blocks))
+    units = [backbone.backbone.embeddings, *backbone.blocks, backbone.final_norm]
+    count = math.ceil(float(trainable_fraction) * len(units))
+    backbone.set_trainable_blocks(0)
+    chosen = units[len(units) - count :]
+    for unit in chosen:
+        unit.trainable = True
+    backbone.backbone.encoder.trainable = any(block in chosen for block in backbone.blocks)
+    for block in backbone.blocks:  # the encoder's flag reaches every block: set them again
+        block.trainable = block in chosen
+    return [unit.name for unit in chosen][::-1]
 
 
 def _top_blocks(backbone, trainable_blocks, what, no_blocks):

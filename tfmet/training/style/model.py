@@ -13,7 +13,7 @@ import tensorflow as tf
 
 from tfmet import backbones
 from tfmet.backbones.registry import Preprocessing
-from tfmet.layers import GeMPooling2D
+from tfmet.layers import GeMPooling2D, token_pool
 
 POOLINGS = ("gap", "gem")
 
@@ -82,7 +82,7 @@ class StyleClassifier(keras.Model):
         mode); "train" passes the training flag through (see `tfmet.training.style_finetune`).
 
     A backbone that already returns pooled features [B, C] (e.g. a hub feature-vector module) is
-    used without pooling.
+    used without pooling; a vision transformer's tokens [B, T, C] give their class token.
     """
 
     def __init__(
@@ -163,6 +163,8 @@ class StyleClassifier(keras.Model):
         feature_map = self.backbone(self.preprocess(images), training=backbone_training)
         if len(feature_map.shape) == 2:
             return feature_map
+        if len(feature_map.shape) == 3:  # a vision transformer's tokens: its class token
+            return token_pool(feature_map, "cls")
         return self.pool(feature_map)
 
     def call(self, images, training=False):
