@@ -33,6 +33,9 @@ flags.DEFINE_bool("mini", False, "The database is mini_MET_database.json.")
 flags.DEFINE_integer("k", None, "kNN neighbours (default: from --results_json).")
 flags.DEFINE_float("tau", None, "Softmax inverse temperature (default: from --results_json).")
 flags.DEFINE_string("results_json", None, "tfmet-knn-eval results.json with the tuned k, t, dim.")
+flags.DEFINE_float(
+    "threshold", None, "Operating threshold (default: from --results_json, else accept all)."
+)
 flags.DEFINE_enum("searcher", "exact", ["exact", "scann"], "Recogniser neighbour search.")
 flags.DEFINE_integer("top_k", 5, "Candidates returned per image (recogniser and style).")
 # Style classifier.
@@ -64,6 +67,19 @@ def _classifier_settings():
     if k is None or tau is None:
         raise UsageError("the recogniser needs --k and --tau, or --results_json")
     return int(k), float(tau), dim
+
+
+def _threshold_settings():
+    """(threshold, how it was chosen, where it came from) for the recogniser."""
+    if FLAGS.threshold is not None:
+        return float(FLAGS.threshold), "manual", "--threshold"
+    if FLAGS.results_json:
+        from tfmet.io.json_files import read_json
+
+        block = read_json(FLAGS.results_json, "tfmet-knn-eval results file").get("threshold")
+        if isinstance(block, dict) and "value" in block:
+            return float(block["value"]), str(block.get("rule", "")), FLAGS.results_json
+    return 0.0, "none", ""
 
 
 def _pca(train=None, dim=None):
@@ -110,6 +126,7 @@ def export_recognizer(metadata):
     if not FLAGS.descriptor_dir or not FLAGS.info_dir:
         raise UsageError("the recogniser needs --descriptor_dir and --info_dir")
     k, tau, dim = _classifier_settings()
+    threshold, threshold_rule, threshold_source = _threshold_settings()
     store = read_store(FLAGS.descriptor_dir, "train")
     labels = met.load_split(FLAGS.info_dir, "train", mini=FLAGS.mini).labels
     if labels.shape[0] != store.count:
@@ -135,6 +152,7 @@ def export_recognizer(metadata):
         tau=tau,
         searcher=FLAGS.searcher,
         top_k=FLAGS.top_k,
+        threshold=threshold,
         scales=spec.scales,
         resize_method=spec.resize_method,
         pca_mean=mean,
@@ -150,6 +168,9 @@ def export_recognizer(metadata):
         database_size=module.database_size,
         num_classes=module.num_classes,
         searcher=module.searcher,
+        threshold=module.threshold,
+        threshold_rule=threshold_rule,
+        threshold_source=threshold_source,
     )
     return module
 
