@@ -28,13 +28,15 @@ def check_image(data, max_pixels=MAX_PIXELS, max_side=MAX_SIDE):
     try:
         with Image.open(io.BytesIO(data)) as image:
             image_format, (width, height) = image.format, image.size
-    except (OSError, ValueError, Image.DecompressionBombError) as e:
+    except Image.DecompressionBombError as e:
+        raise BadImage(f"declared size out of range: {e}", status=422) from None
+    except (OSError, ValueError) as e:
         raise BadImage(f"not an image ({type(e).__name__})") from None
     if image_format not in FORMATS:
         raise BadImage(f"unsupported image format {image_format}; use one of {', '.join(FORMATS)}")
     if width < 1 or height < 1 or max(width, height) > max_side or width * height > max_pixels:
         raise BadImage(
-            f"declared size {width}x{height} is out of range (at most {max_side} per side and "
+            f"declared size out of range: {width}x{height} (at most {max_side} per side and "
             f"{max_pixels} pixels)",
             status=422,
         )
