@@ -31,6 +31,7 @@ class DemoResult:
       png: the matches picture; tensorboard: the log folder; descriptors: the stores' folder.
       num_database, num_val, num_test: split sizes.
       seconds: wall time of the whole run.
+      serve_command: tfmet-export + tfmet-serve commands that put this run in a web page.
     """
 
     run_name: str
@@ -45,6 +46,7 @@ class DemoResult:
     num_val: int
     num_test: int
     seconds: float
+    serve_command: str = ""
 
 
 def _check_weights(backbone, weights):
@@ -258,6 +260,8 @@ def run_demo(
     png_path = report.write_png(os.path.join(workdir, f"matches-{run_name}.png"), png)
     tensorboard = os.path.join(workdir, "tensorboard", run_name)
     knn_report.write_tensorboard(os.path.join(tensorboard, "knn_eval"), result)
+    results_json = os.path.join(output_dir, "knn_results.json")
+    knn_report.write_results(results_json, result)
     report.write_tensorboard(
         tensorboard,
         {f"{split}/{name}": 100 * value for split in ("val", "test")
@@ -280,4 +284,27 @@ def run_demo(
         num_val=len(val_split),
         num_test=len(test_split),
         seconds=time.perf_counter() - started,
+        serve_command=serve_command(
+            os.path.join(workdir, "recognizer", run_name),
+            f"--descriptor_dir {output_dir} --info_dir {info_dir} --results_json {results_json}"
+            + _model_flags(backbone, weights_file, seed, multiscale, max_side),
+            f"--info_dir {info_dir} --image_root {image_root}",
+        ),
+    )
+
+
+def serve_command(export_dir, export_flags, gallery_flags):
+    """The tfmet-export and tfmet-serve lines that show a demo run's recogniser in a web page."""
+    return (
+        f"  tfmet-export --kind recognizer --out {export_dir} {export_flags}\n"
+        f"  tfmet-serve --model {export_dir} {gallery_flags}"
+    )
+
+
+def _model_flags(backbone, weights_file, seed, multiscale, max_side):
+    return (
+        f" --backbone {backbone}"
+        + (f" --weights {weights_file}" if weights_file else f" --seed {seed}")
+        + ("" if multiscale else " --nomultiscale")
+        + (f" --max_side {max_side}" if max_side else "")
     )
