@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 from tfmet.metrics import operating_point
+from tfmet.retrieval import evaluation
 
 
 def _direct(pred, conf, labels, t):
@@ -95,3 +96,36 @@ def test_bad_rule_and_target():
         operating_point.choose_threshold([1], [0.5], [1], rule="best")
     with pytest.raises(ValueError, match="target_precision"):
         operating_point.choose_threshold([1], [0.5], [1], rule="target_precision")
+
+
+def _split(rng, labels, centers, noise, source):
+    labels = np.asarray(labels, np.int64)
+    x = np.where(labels[:, None] >= 0, centers[np.maximum(labels, 0)], 0.0)
+    x = x + noise * rng.normal(size=(labels.size, centers.shape[1]))
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    return evaluation.SplitData(x.astype(np.float32), labels, np.ones(labels.size, bool), source)
+
+
+def test_knn_eval_reports_the_threshold_block_for_both_rules():
+    rng = np.random.default_rng(0)
+    centers = rng.normal(size=(6, 16))
+    data = {
+        "train": _split(rng, np.repeat(np.arange(6), 2), centers, 0.2, "train"),
+        "val": _split(rng, [0, 1, 2, 3, 4, 5, -1, -1, -1], centers, 0.9, "val"),
+        "test": _split(rng, [0, 1, 2, 3, 4, 5, -1, -1], centers, 0.9, "test"),
+    }
+    lines = []
+    for target in (None, 0.9):
+        result = evaluation.knn_eval(
+            data, raw=True, k=3, tau=5.0, target_precision=target, log=lines.append
+        )
+        block = result.to_json()["threshold"]
+        rule = "max_f1" if target is None else "target_precision"
+        value, val_metrics = operating_point.choose_threshold(
+            *result.predictions["val"], rule=rule, target_precision=target
+        )
+        assert (block["rule"], block["value"], block["val"]) == (rule, value, val_metrics)
+        assert block["test"] == pytest.approx(_direct(*result.predictions["test"], value))
+        if target is not None:
+            assert block["val"]["precision"] >= target
+    assert any(line.startswith("threshold ") and " on test: " in line for line in lines)

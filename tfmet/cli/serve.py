@@ -49,6 +49,7 @@ def main(argv):
             gallery = Gallery(FLAGS.info_dir, root, mini=FLAGS.mini)
     except (ValueError, FileNotFoundError) as e:
         tfmet.cli.fail(PROGRAM, e)
+    recognizer.warm_up()
     application = create_app(recognizer, gallery, max_upload_bytes=FLAGS.max_upload_mb << 20)
     print(f"{PROGRAM}: serving {FLAGS.model} on http://{FLAGS.host}:{FLAGS.port}/", flush=True)
     uvicorn.run(application, host=FLAGS.host, port=FLAGS.port, log_level="warning")

@@ -93,6 +93,16 @@ class Recognizer:
             for i in range(len(images))
         ]
 
+    def warm_up(self):
+        """One call on a small generated JPEG, so that the first visitor does not wait for it."""
+        import io
+
+        from PIL import Image
+
+        buffer = io.BytesIO()
+        Image.new("RGB", (64, 48), (128, 96, 64)).save(buffer, format="JPEG")
+        self.recognize([buffer.getvalue()])
+
     def recognize_one(self, data):
         return self.recognize([data])[0]
 
