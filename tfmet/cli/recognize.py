@@ -97,7 +97,7 @@ def main(argv):
         tfmet.cli.fail(PROGRAM, f"--batch_size must be >= 1, got {FLAGS.batch_size}")
     from tqdm import tqdm
 
-    from tfmet.serving import Gallery, Recognizer, report
+    from tfmet.serving import Gallery, Recognizer, html_report
 
     try:
         paths, folders = photo_paths(argv[1:])
@@ -118,7 +118,7 @@ def main(argv):
         bar.update(len(batch))
     bar.close()
     if FLAGS.html:
-        report.write_html(FLAGS.html, rows, gallery, recognizer.threshold)
+        html_report.write_html(FLAGS.html, rows, gallery, recognizer.threshold)
         print(f"report: {FLAGS.html}", file=sys.stderr)
     if not rows:
         tfmet.cli.fail(PROGRAM, "no photo could be read")

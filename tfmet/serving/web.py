@@ -16,8 +16,8 @@ from fastapi import FastAPI, HTTPException, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 
-from tfmet.serving.images import BadImage, check_image
 from tfmet.serving.page import PAGE
+from tfmet.serving.uploads import BadImage, check_image
 
 MAX_UPLOAD_BYTES = 20 * 1024 * 1024
 # Room for the multipart envelope or the base64 expansion around an upload of the maximal size.
