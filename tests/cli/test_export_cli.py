@@ -184,3 +184,25 @@ def test_recognizer_export_predicts_what_knn_eval_predicts(tmp_path):
     expected = np.load(tmp_path / "knn" / "knn_predictions.npz")
     np.testing.assert_array_equal(served["met_id"].numpy(), expected["test_pred"])
     np.testing.assert_allclose(served["confidence"].numpy(), expected["test_conf"], atol=1e-5)
+
+    # The operating threshold: chosen on val by max F1, reported on test, carried by the export.
+    from tfmet.metrics import operating_point
+
+    block = tuned["threshold"]
+    value, val_metrics = operating_point.choose_threshold(
+        expected["val_pred"], expected["val_conf"], expected["val_labels"]
+    )
+    assert block["rule"] == "max_f1" and block["value"] == value
+    assert block["val"] == pytest.approx(val_metrics)
+    assert block["test"] == pytest.approx(
+        operating_point.evaluate_threshold(
+            expected["test_pred"], expected["test_conf"], expected["test_labels"], value
+        )
+    )
+    assert (tmp_path / "knn" / "knn_threshold.png").read_bytes()[:4] == b"\x89PNG"
+    assert metadata["threshold"] == float(np.float32(value))
+    assert (metadata["threshold_rule"], metadata["threshold_source"]) == ("max_f1", str(results))
+    threshold = np.float32(metadata["threshold"])
+    np.testing.assert_array_equal(
+        served["accepted"].numpy(), served["confidence"].numpy() >= threshold
+    )

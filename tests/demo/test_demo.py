@@ -193,6 +193,9 @@ def test_run_demo_end_to_end_with_a_converted_embedder(tmp_path):
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
     events = [n for n in os.listdir(result.tensorboard) if n.startswith("events.out.tfevents")]
     assert events
+    with open(os.path.join(result.descriptors, "knn_results.json")) as f:
+        assert set(json.load(f)["threshold"]) == {"value", "rule", "val", "test"}
+    assert f"tfmet-serve --model {os.path.join(tmp_path, 'recognizer')}" in result.serve_command
 
 
 def _cli(*args):
@@ -218,6 +221,12 @@ def test_cli_on_a_users_met_folder(tmp_path):
     )
     assert done.returncode == 0, done.stderr[-2000:]
     assert "Summary (test queries):" in done.stdout and "GAP-" in done.stdout
+    # It ends with the commands that show this run in tfmet-serve's web page.
+    last = done.stdout.strip().splitlines()[-2:]
+    assert last[0].strip().startswith("tfmet-export --kind recognizer --out ")
+    assert f"--results_json {workdir}" in last[0] and "--backbone resnet_tiny --seed 0" in last[0]
+    assert last[1].strip().startswith("tfmet-serve --model ")
+    assert f"--info_dir {tree.info_dir} --image_root {tree.image_root}" in last[1]
     assert (workdir / "matches-resnet_tiny-random-seed0.png").exists()
     assert not (workdir / "benchmark").exists()  # the user's folder was used, none was built
 

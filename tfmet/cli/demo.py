@@ -79,6 +79,8 @@ def main(argv):
             f"(k={result.k}, tau={result.tau:g}; {result.seconds:.0f} s)"
         )
     print(figures.EXPLANATION)
+    print("See the recogniser answer photos in a web page (tfmet-serve, then open the address):")
+    print(results[0].serve_command)
 
 
 def run():

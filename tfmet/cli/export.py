@@ -34,6 +34,9 @@ flags.DEFINE_bool("mini", False, "The database is mini_MET_database.json.")
 flags.DEFINE_integer("k", None, "kNN neighbours (default: from --results_json).")
 flags.DEFINE_float("tau", None, "Softmax inverse temperature (default: from --results_json).")
 flags.DEFINE_string("results_json", None, "tfmet-knn-eval results.json with the tuned k, t, dim.")
+flags.DEFINE_float(
+    "threshold", None, "Operating threshold (default: from --results_json, else accept all)."
+)
 flags.DEFINE_enum("searcher", "exact", ["exact", "scann"], "Recogniser neighbour search.")
 flags.DEFINE_integer("top_k", 5, "Candidates returned per image (recogniser and style).")
 # Style classifier.
@@ -76,6 +79,7 @@ def _export_recognizer():
         mini=FLAGS.mini,
         searcher=FLAGS.searcher,
         top_k=FLAGS.top_k,
+        threshold=builders.threshold_settings(FLAGS.results_json, FLAGS.threshold, "--threshold"),
     )
 
 

@@ -8,7 +8,9 @@ DESCRIPTOR_DIR holds tfmet descriptor stores or the reference's descriptors.pkl.
 the reference's knn_eval.py; unlike its current version, --autotune without -k sweeps the whole
 (k, tau) grid. Outputs (in --output_dir, default DESCRIPTOR_DIR): log_knn[_NAME].txt (appended),
 knn_results[_NAME].json, knn_predictions[_NAME].npz and TensorBoard summaries under
-tensorboard/knn_eval[_NAME].
+tensorboard/knn_eval[_NAME]. The operating threshold ("not in the collection" below it) is chosen
+on val (max F1, or --target_precision P) and its precision-recall curve is written beside the
+results file as knn_threshold[_NAME].png; see docs/recognize.md.
 """
 
 import datetime
@@ -31,6 +33,11 @@ flags.DEFINE_bool("raw", False, "Use the raw descriptors (no PCA-whitening).")
 flags.DEFINE_string("log", None, "Suffix of the log and output files (log_knn_<log>.txt).")
 flags.DEFINE_enum("backend", "exact", BACKENDS, "Search: exact brute force or ScaNN approximate.")
 flags.DEFINE_string("results_json", None, "Results JSON path (default in --output_dir).")
+flags.DEFINE_float(
+    "target_precision",
+    None,
+    "Operating threshold: the lowest whose val precision reaches this (default: max val F1).",
+)
 flags.DEFINE_string("output_dir", None, "Where outputs go (default: DESCRIPTOR_DIR).")
 
 
@@ -42,9 +49,11 @@ def experiment_name():
 
 def output_paths(output_dir):
     suffix = f"_{FLAGS.log}" if FLAGS.log else ""
+    results = FLAGS.results_json or os.path.join(output_dir, f"knn_results{suffix}.json")
     return {
         "log": os.path.join(output_dir, f"log_knn{suffix}.txt"),
-        "results": FLAGS.results_json or os.path.join(output_dir, f"knn_results{suffix}.json"),
+        "results": results,
+        "threshold_png": os.path.join(os.path.dirname(results), f"knn_threshold{suffix}.png"),
         "predictions": os.path.join(output_dir, f"knn_predictions{suffix}.npz"),
         "tensorboard": os.path.join(output_dir, "tensorboard", f"knn_eval{suffix}"),
     }
@@ -57,6 +66,8 @@ def _main(argv):
         raise UsageError(f"expected one DESCRIPTOR_DIR argument, got {len(argv) - 1}: {argv[1:]}")
     if not FLAGS.info_dir:
         raise UsageError("--info_dir is required")
+    if FLAGS.target_precision is not None and not 0.0 < FLAGS.target_precision <= 1.0:
+        raise UsageError(f"--target_precision must be in (0, 1], got {FLAGS.target_precision}")
     directory = argv[1]
     paths = output_paths(FLAGS.output_dir or directory)
     lines = [datetime.datetime.now().strftime("%Y-%m-%d %H:%M:%S"), f"expname: {experiment_name()}"]
@@ -77,12 +88,14 @@ def _main(argv):
         val_eval=FLAGS.val_eval,
         backend=FLAGS.backend,
         log=log,
+        target_precision=FLAGS.target_precision,
     )
     log(f"best parameters are : k={result.k} t={result.tau}")
     log("timings (s): " + ", ".join(f"{n} {t:.2f}" for n, t in result.timings_s.items()))
     report.write_results(paths["results"], result)
     report.write_predictions(paths["predictions"], result)
     report.write_tensorboard(paths["tensorboard"], result)
+    report.write_threshold_png(paths["threshold_png"], result)
     os.makedirs(os.path.dirname(os.path.abspath(paths["log"])), exist_ok=True)
     with open(paths["log"], "a", encoding="utf-8") as f:
         f.write("\n" + "\n".join(lines) + "\n")

@@ -31,6 +31,7 @@ class DemoResult:
       png: the matches picture; tensorboard: the log folder; descriptors: the stores' folder.
       num_database, num_val, num_test: split sizes.
       seconds: wall time of the whole run.
+      serve_command: tfmet-export + tfmet-serve commands that put this run in a web page.
     """
 
     run_name: str
@@ -45,6 +46,7 @@ class DemoResult:
     num_val: int
     num_test: int
     seconds: float
+    serve_command: str = ""
 
 
 def _check_weights(backbone, weights):
@@ -174,6 +176,10 @@ def run_demo(
         if r.images:
             log(f"      {r.split}: {r.images} images, {r.images_per_second:.1f} images/s")
     data, result, pca_dim = _classify(output_dir, bench.info_dir, pca_dim, log)
+    results_json = os.path.join(output_dir, "knn_results.json")
+    from tfmet.retrieval import report as knn_report
+
+    knn_report.write_results(results_json, result)
     log("[4/4] Results on the test queries")
     log(f"      {run_name}: {figures.format_metrics(result.test)}")
     png = _matches_picture(bench, data, result, pca_dim, examples, seed)
@@ -194,6 +200,13 @@ def run_demo(
         num_val=len(bench.splits[1]),
         num_test=len(bench.splits[2]),
         seconds=time.perf_counter() - started,
+        serve_command=serve_command(
+            os.path.join(workdir, "recognizer", run_name),
+            f"--descriptor_dir {output_dir} --info_dir {bench.info_dir} "
+            f"--results_json {results_json}"
+            + _model_flags(backbone, weights_file, seed, multiscale, max_side),
+            f"--info_dir {bench.info_dir} --image_root {bench.image_root}",
+        ),
     )
 
 
@@ -304,3 +317,20 @@ def _write_tensorboard(tensorboard, result, png):
         text=figures.EXPLANATION,
     )  # fmt: skip
     return tensorboard
+
+
+def serve_command(export_dir, export_flags, gallery_flags):
+    """The tfmet-export and tfmet-serve lines that show a demo run's recogniser in a web page."""
+    return (
+        f"  tfmet-export --kind recognizer --out {export_dir} {export_flags}\n"
+        f"  tfmet-serve --model {export_dir} {gallery_flags}"
+    )
+
+
+def _model_flags(backbone, weights_file, seed, multiscale, max_side):
+    return (
+        f" --backbone {backbone}"
+        + (f" --weights {weights_file}" if weights_file else f" --seed {seed}")
+        + ("" if multiscale else " --nomultiscale")
+        + (f" --max_side {max_side}" if max_side else "")
+    )

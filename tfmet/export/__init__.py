@@ -5,6 +5,7 @@ from tfmet.export.builders import (
     build_recognizer,
     build_style,
     classifier_settings,
+    threshold_settings,
 )
 from tfmet.export.common import metadata_signature, save_module
 from tfmet.export.descriptor import DescriptorModule
@@ -16,6 +17,7 @@ __all__ = [
     "build_recognizer",
     "build_style",
     "classifier_settings",
+    "threshold_settings",
     "DescriptorModule",
     "RecognizerModule",
     "knn_confidence",

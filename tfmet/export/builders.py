@@ -10,6 +10,8 @@ Each builder returns (module, metadata): the metadata describe the export (model
 PCA-whitening, database size, ...) and go into `assets/tfmet_metadata.json`.
 """
 
+import os
+
 import numpy as np
 from absl import logging
 
@@ -39,6 +41,20 @@ def classifier_settings(results_json=None, k=None, tau=None, dim=None, default_d
     if k is None or tau is None:
         raise ValueError("the recogniser needs `k` and `tau`, or `results_json` to read them from")
     return int(k), float(tau), file_dim if dim is None else dim
+
+
+def threshold_settings(results_json=None, threshold=None, given_as="threshold argument"):
+    """(threshold, rule, source) of the recogniser's "accepted": a given `threshold` ("manual"),
+    else the one tfmet-knn-eval chose (its results file's "threshold" block), else 0.0 ("none":
+    every decodable photo is accepted)."""
+    if threshold is not None:
+        return float(threshold), "manual", given_as
+    if results_json:
+        results = read_json(results_json, "tfmet-knn-eval results file")
+        block = results.get("threshold") if isinstance(results, dict) else None
+        if isinstance(block, dict) and "value" in block:
+            return float(block["value"]), str(block.get("rule", "")), os.fspath(results_json)
+    return 0.0, "none", ""
 
 
 def whitening(pca=None, train=None, dim=None, raw=False):
@@ -117,6 +133,7 @@ def build_recognizer(
     mini=False,
     searcher="exact",
     top_k=5,
+    threshold=(0.0, "none", ""),
 ):
     """The one-piece recogniser: `extractor` + the train store of `descriptor_dir` as database.
 
@@ -130,6 +147,8 @@ def build_recognizer(
       mini: the database is mini_MET_database.json.
       searcher: "exact" or "scann".
       top_k: candidates returned per image.
+      threshold: (value, rule, source) of the operating threshold (see `threshold_settings`):
+        `accepted` is `confidence >= value`.
     """
     from tfmet.export.recognizer import RecognizerModule
     from tfmet.retrieval import apply_pca_whitening
@@ -145,6 +164,7 @@ def build_recognizer(
         tau=tau,
         searcher=searcher,
         top_k=top_k,
+        threshold=threshold[0],
         scales=spec.scales,
         resize_method=spec.resize_method,
         pca_mean=mean,
@@ -160,6 +180,9 @@ def build_recognizer(
         database_size=module.database_size,
         num_classes=module.num_classes,
         searcher=module.searcher,
+        threshold=module.threshold,
+        threshold_rule=threshold[1],
+        threshold_source=threshold[2],
     )
     return module, metadata
 

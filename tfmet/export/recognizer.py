@@ -43,6 +43,8 @@ class RecognizerModule(DescriptorModule):
       k, tau: the kNN classifier's parameters.
       searcher: "exact" or "scann".
       top_k: number of candidate ids returned per image.
+      threshold: operating threshold; `accepted` = valid and confidence >= threshold (compared in
+        float32, as the returned confidence). 0.0 accepts every valid image.
     """
 
     def __init__(
@@ -54,6 +56,7 @@ class RecognizerModule(DescriptorModule):
         tau,
         searcher="exact",
         top_k=5,
+        threshold=0.0,
         name=None,
         **descriptor_kwargs,
     ):
@@ -75,6 +78,7 @@ class RecognizerModule(DescriptorModule):
         self.k = min(int(k), database.shape[0])
         self.tau = float(tau)
         self.top_k = int(top_k)
+        self.threshold = float(np.float32(threshold))
         self.searcher = searcher
         self.num_classes = int(np.unique(labels).size)
         self.database_size = int(database.shape[0])
@@ -129,6 +133,7 @@ class RecognizerModule(DescriptorModule):
             "confidence": tf.cast(conf, tf.float32),
             "top_k_ids": tf.pad(top_ids, [[0, 0], [0, pad]], constant_values=-1),
             "top_k_scores": tf.pad(top_scores, [[0, 0], [0, pad]]),
+            "accepted": tf.cast(conf, tf.float32) >= tf.constant(self.threshold, tf.float32),
         }
 
     def _recognize_bytes(self, image_bytes):
@@ -142,6 +147,7 @@ class RecognizerModule(DescriptorModule):
             "confidence": tf.where(valid, out["confidence"], 0.0),
             "top_k_ids": tf.where(column, out["top_k_ids"], tf.constant(-1, tf.int64)),
             "top_k_scores": tf.where(column, out["top_k_scores"], 0.0),
+            "accepted": valid & out["accepted"],
             "valid": valid,
         }
 

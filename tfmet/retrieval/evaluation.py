@@ -16,7 +16,7 @@ import numpy as np
 from tfmet.data import met
 from tfmet.descriptors import store
 from tfmet.io.safe_pickle import load_reference_descriptors
-from tfmet.metrics import recognition
+from tfmet.metrics import operating_point, recognition
 from tfmet.retrieval import tuning
 from tfmet.retrieval.knn import KnnClassifier, check_finite
 from tfmet.retrieval.pca import PCAWhitening
@@ -121,6 +121,7 @@ class KnnEvalResult:
     tuning: tuning.TuningResult | None
     predictions: dict
     counts: dict
+    threshold: dict | None = None
 
     def to_json(self):
         return {
@@ -139,6 +140,7 @@ class KnnEvalResult:
                 "val_gap": self.tuning.grid.tolist(),
             },
             "counts": self.counts,
+            **({} if self.threshold is None else {"threshold": self.threshold}),
         }
 
 
@@ -184,6 +186,7 @@ def knn_eval(
     taus=tuning.DEFAULT_TAUS,
     scann_config=None,
     log=None,
+    target_precision=None,
 ):
     """Runs the Met kNN evaluation on loaded `data` ({split: SplitData}).
 
@@ -195,6 +198,8 @@ def knn_eval(
       val_eval: report the final classifier on val only (no test search).
       backend, scann_config: see `KnnClassifier`.
       log: callable taking a line of text.
+      target_precision: choose the operating threshold as the lowest val threshold reaching this
+        precision instead of the one of maximal val F1 (`tfmet.metrics.operating_point`).
 
     Returns:
       a `KnnEvalResult`.
@@ -237,6 +242,7 @@ def knn_eval(
             f"{name}: GAP {values['gap']:.6f}, GAP-nodis {values['gap_minus']:.6f}, "
             f"ACC {values['acc']:.6f}"
         )
+    threshold = _operating_threshold(predictions, target_precision, log)
     return KnnEvalResult(
         k=classifier.k,
         tau=classifier.tau,
@@ -248,7 +254,27 @@ def knn_eval(
         tuning=result_tuning,
         predictions=predictions,
         counts=counts,
+        threshold=threshold,
     )
+
+
+def _operating_threshold(predictions, target_precision, log):
+    """The results' "threshold" block: chosen on val with the final (k, tau), reported on test."""
+    rule = "max_f1" if target_precision is None else "target_precision"
+    value, val_metrics = operating_point.choose_threshold(
+        *predictions["val"], rule=rule, target_precision=target_precision
+    )
+    test_metrics = None
+    if "test" in predictions:
+        test_metrics = operating_point.evaluate_threshold(*predictions["test"], value)
+    for name, values in (("val", val_metrics), ("test", test_metrics)):
+        if values is not None:
+            log(
+                f"threshold {value:.6f} ({rule}) on {name}: precision {values['precision']:.4f}, "
+                f"recall {values['recall']:.4f}, F1 {values['f1']:.4f}, "
+                f"false-accept rate {values['false_accept_rate']:.4f}"
+            )
+    return operating_point.threshold_block(rule, value, val_metrics, test_metrics)
 
 
 def _check_inputs(train, val, dim, raw, k, tau, autotune):

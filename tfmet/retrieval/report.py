@@ -79,6 +79,41 @@ def pr_curve_png(pred, conf, labels, title):
     return _png(figure)
 
 
+def threshold_curve_png(result):
+    """PNG bytes: precision against recall over the acceptance thresholds (val, and test when
+    evaluated), the chosen operating threshold marked on each curve."""
+    from tfmet.metrics import operating_point
+
+    block = result.threshold
+    figure = _figure()
+    axes = figure.add_subplot()
+    for split, (pred, conf, labels) in result.predictions.items():
+        curve = operating_point.metrics_at(
+            pred, conf, labels, operating_point.candidate_thresholds(conf)
+        )
+        (line,) = axes.plot(curve["recall"], curve["precision"], label=split)
+        chosen = block.get(split)
+        if chosen is not None:
+            axes.plot(chosen["recall"], chosen["precision"], "o", color=line.get_color())
+    axes.set_xlabel("recall (correct accepted / Met queries)")
+    axes.set_ylabel("precision of accepted answers")
+    axes.set_xlim(0, 1)
+    axes.set_ylim(0, 1.05)
+    axes.legend(loc="lower left")
+    axes.set_title(f"operating threshold {block['value']:.4f} ({block['rule']})")
+    figure.tight_layout()
+    return _png(figure)
+
+
+def write_threshold_png(path, result):
+    """The operating-threshold curve as a PNG file (nothing without a threshold)."""
+    if result.threshold is None:
+        return
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as f:
+            f.write(threshold_curve_png(result))
+
+
 def write_tensorboard(logdir, result):
     """Heat-map of the tuning grid, PR curves (plugin + exact image), final metrics as scalars."""
     import tensorflow as tf
@@ -103,6 +138,12 @@ def write_tensorboard(logdir, result):
             )
             tf.summary.experimental.write_raw_pb(proto.SerializeToString(), step=0)
             image(f"{split}/precision_recall", pr_curve_png(pred, conf, labels, split))
+        if result.threshold is not None:
+            image("threshold/precision_recall", threshold_curve_png(result))
+            tf.summary.scalar("threshold/value", result.threshold["value"], step=0)
+            for split in ("val", "test"):
+                for name, value in (result.threshold[split] or {}).items():
+                    tf.summary.scalar(f"threshold/{split}/{name}", value, step=0)
         for split in ("val", "test"):
             values = getattr(result, split)
             for name, value in (values or {}).items():

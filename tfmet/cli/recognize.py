@@ -1,0 +1,132 @@
+r"""tfmet-recognize: which Met exhibit does each photo show (or "not in the collection")?
+
+    tfmet-recognize --model exports/rec photo.jpg [more photos or folders] [--json]
+        [--info_dir met/ --image_root met/] [--html report.html]
+
+--model is a recogniser export (tfmet-export --kind recognizer); its operating threshold decides
+between a Met id and "not in the collection". Per photo: the answer, the confidence and the top-k
+alternatives; with --info_dir/--image_root also the database image of each answer. Folders are
+searched recursively for image files. Files that are not images are reported and skipped.
+"""
+
+import json
+import os
+import sys
+
+from absl import app, flags
+
+import tfmet.cli
+
+FLAGS = flags.FLAGS
+PROGRAM = "tfmet-recognize"
+EXTENSIONS = (".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp")
+
+flags.DEFINE_string("model", None, "Recogniser export directory (tfmet-export --kind recognizer).")
+flags.DEFINE_bool("json", False, "One JSON object per photo on stdout (JSON lines).")
+flags.DEFINE_string("info_dir", None, "Met ground truth: names the answers' database images.")
+flags.DEFINE_string("image_root", None, "Met image root (default: --info_dir's parent).")
+flags.DEFINE_bool("mini", False, "The database is mini_MET_database.json.")
+flags.DEFINE_string("html", None, "Write an HTML report with thumbnails to this file.")
+flags.DEFINE_integer("batch_size", 16, "Photos per model call.")
+flags.DEFINE_bool("progress", True, "Progress bar when a folder is given.")
+
+
+def photo_paths(arguments):
+    """Files given plus image files below folders given (sorted); (paths, any folder given)."""
+    paths, folders = [], False
+    for argument in arguments:
+        if os.path.isdir(argument):
+            folders = True
+            for folder, _, names in sorted(os.walk(argument)):
+                paths += [
+                    os.path.join(folder, n) for n in sorted(names) if n.lower().endswith(EXTENSIONS)
+                ]
+        elif os.path.isfile(argument):
+            paths.append(argument)
+        else:
+            raise FileNotFoundError(f"{argument}: no such file or folder")
+    return paths, folders
+
+
+def read_photos(paths):
+    """Yields (path, bytes) of the readable images; reports the others on stderr."""
+    from tfmet.serving import BadImage, check_image
+
+    for path in paths:
+        try:
+            with open(path, "rb") as f:
+                data = f.read()
+            check_image(data)
+        except (OSError, BadImage) as e:
+            print(f"{PROGRAM}: skipped {path}: {e}", file=sys.stderr)
+            continue
+        yield path, data
+
+
+def _print(path, answer, gallery):
+    record = {"path": path, **answer.to_json()}
+    if gallery is not None:
+        record["database_image"] = gallery.relative_path(answer.met_id) if answer.accepted else None
+    if FLAGS.json:
+        print(json.dumps(record), flush=True)
+        return
+    where = f"  [{record['database_image']}]" if record.get("database_image") else ""
+    others = ", ".join(f"{m} ({s:.3f})" for m, s in answer.top[1:])
+    print(f"{path}: {answer.label} (confidence {answer.confidence:.3f}){where}")
+    if others:
+        print(f"    alternatives: {others}")
+
+
+def _batches(items, size):
+    batch = []
+    for item in items:
+        batch.append(item)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def main(argv):
+    if not FLAGS.model:
+        tfmet.cli.fail(PROGRAM, "--model is required")
+    if len(argv) < 2:
+        tfmet.cli.fail(PROGRAM, "give at least one photo or folder")
+    if FLAGS.batch_size < 1:
+        tfmet.cli.fail(PROGRAM, f"--batch_size must be >= 1, got {FLAGS.batch_size}")
+    from tqdm import tqdm
+
+    from tfmet.serving import Gallery, Recognizer, html_report
+
+    try:
+        paths, folders = photo_paths(argv[1:])
+        recognizer = Recognizer(FLAGS.model)
+        gallery = None
+        if FLAGS.info_dir:
+            root = FLAGS.image_root or os.path.dirname(os.path.abspath(FLAGS.info_dir))
+            gallery = Gallery(FLAGS.info_dir, root, mini=FLAGS.mini)
+    except (ValueError, FileNotFoundError) as e:
+        tfmet.cli.fail(PROGRAM, e)
+    bar = tqdm(total=len(paths), unit="photo", disable=not (folders and FLAGS.progress))
+    rows = []
+    for batch in _batches(read_photos(paths), FLAGS.batch_size):
+        answers = recognizer.recognize([data for _, data in batch])
+        for (path, data), answer in zip(batch, answers, strict=True):
+            _print(path, answer, gallery)
+            rows.append((path, data, answer) if FLAGS.html else None)
+        bar.update(len(batch))
+    bar.close()
+    if FLAGS.html:
+        html_report.write_html(FLAGS.html, rows, gallery, recognizer.threshold)
+        print(f"report: {FLAGS.html}", file=sys.stderr)
+    if not rows:
+        tfmet.cli.fail(PROGRAM, "no photo could be read")
+
+
+def run():
+    app.run(main)
+
+
+if __name__ == "__main__":
+    run()

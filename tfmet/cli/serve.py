@@ -1,0 +1,63 @@
+r"""tfmet-serve: a web page and a JSON endpoint answering photos with a recogniser export.
+
+    tfmet-serve --model exports/rec [--info_dir met/ --image_root met/]
+        [--host 127.0.0.1 --port 8080]
+
+Open http://127.0.0.1:8080/ and drop a photo; programs POST to /v1/recognize (multipart field
+"image", or JSON {"image_base64": ...}). Binds to 127.0.0.1 unless --host says otherwise. Needs the
+`[web]` extra: pip install -e ".[web]". See docs/recognize.md.
+"""
+
+import os
+
+from absl import app, flags
+
+import tfmet.cli
+
+FLAGS = flags.FLAGS
+PROGRAM = "tfmet-serve"
+
+flags.DEFINE_string("model", None, "Recogniser export directory (tfmet-export --kind recognizer).")
+flags.DEFINE_string("info_dir", None, "Met ground truth folder: thumbnails of the top matches.")
+flags.DEFINE_string("image_root", None, "Met image root (default: --info_dir's parent).")
+flags.DEFINE_bool("mini", False, "The database is mini_MET_database.json.")
+flags.DEFINE_string("host", "127.0.0.1", "Address to bind (0.0.0.0 exposes it to the network).")
+flags.DEFINE_integer("port", 8080, "Port to listen on.")
+flags.DEFINE_integer("max_upload_mb", 20, "Uploads above this many MiB are refused (413).")
+
+
+def main(argv):
+    if len(argv) > 1:
+        tfmet.cli.fail(PROGRAM, f"unexpected arguments: {' '.join(argv[1:])}")
+    if not FLAGS.model:
+        tfmet.cli.fail(PROGRAM, "--model is required")
+    if FLAGS.max_upload_mb < 1:
+        tfmet.cli.fail(PROGRAM, f"--max_upload_mb must be >= 1, got {FLAGS.max_upload_mb}")
+    try:
+        import uvicorn
+
+        from tfmet.serving.web import create_app
+    except ImportError as e:
+        tfmet.cli.fail(PROGRAM, f'{e}; install the web extra: pip install -e ".[web]"')
+    from tfmet.serving import Gallery, Recognizer
+
+    try:
+        recognizer = Recognizer(FLAGS.model)
+        gallery = None
+        if FLAGS.info_dir:
+            root = FLAGS.image_root or os.path.dirname(os.path.abspath(FLAGS.info_dir))
+            gallery = Gallery(FLAGS.info_dir, root, mini=FLAGS.mini)
+    except (ValueError, FileNotFoundError) as e:
+        tfmet.cli.fail(PROGRAM, e)
+    recognizer.warm_up()
+    application = create_app(recognizer, gallery, max_upload_bytes=FLAGS.max_upload_mb << 20)
+    print(f"{PROGRAM}: serving {FLAGS.model} on http://{FLAGS.host}:{FLAGS.port}/", flush=True)
+    uvicorn.run(application, host=FLAGS.host, port=FLAGS.port, log_level="warning")
+
+
+def run():
+    app.run(main)
+
+
+if __name__ == "__main__":
+    run()
