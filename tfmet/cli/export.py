@@ -66,6 +66,16 @@ def _classifier_settings():
     return int(k), float(tau), dim
 
 
+def _scann_config():
+    """The ScaNN configuration tfmet-knn-eval chose by measured recall, if --results_json has one."""
+    if FLAGS.searcher != "scann" or not FLAGS.results_json:
+        return None
+    from tfmet.io.json_files import read_json
+
+    search = read_json(FLAGS.results_json, "tfmet-knn-eval results file").get("search") or {}
+    return search.get("config")
+
+
 def _pca(train=None, dim=None):
     """(mean, projection) or (None, None)."""
     from tfmet.retrieval import PCAWhitening
@@ -134,6 +144,7 @@ def export_recognizer(metadata):
         k=k,
         tau=tau,
         searcher=FLAGS.searcher,
+        scann_config=_scann_config(),
         top_k=FLAGS.top_k,
         scales=spec.scales,
         resize_method=spec.resize_method,
@@ -150,6 +161,7 @@ def export_recognizer(metadata):
         database_size=module.database_size,
         num_classes=module.num_classes,
         searcher=module.searcher,
+        scann_config=None if module.scann_config is None else module.scann_config.to_dict(),
     )
     return module
 

@@ -30,6 +30,9 @@ flags.DEFINE_bool("val_eval", False, "Evaluate the final classifier on val inste
 flags.DEFINE_bool("raw", False, "Use the raw descriptors (no PCA-whitening).")
 flags.DEFINE_string("log", None, "Suffix of the log and output files (log_knn_<log>.txt).")
 flags.DEFINE_enum("backend", "exact", BACKENDS, "Search: exact brute force or ScaNN approximate.")
+flags.DEFINE_float(
+    "min_recall", 0.99, "--backend scann: recall@k against exact search to reach on val."
+)
 flags.DEFINE_string("results_json", None, "Results JSON path (default in --output_dir).")
 flags.DEFINE_string("output_dir", None, "Where outputs go (default: DESCRIPTOR_DIR).")
 
@@ -86,6 +89,7 @@ def main(argv):
             autotune=FLAGS.autotune,
             val_eval=FLAGS.val_eval,
             backend=FLAGS.backend,
+            min_recall=FLAGS.min_recall,
             log=log,
         )
     except (ValueError, FileNotFoundError) as e:

@@ -1,5 +1,6 @@
 """Non-parametric recognition: PCA-whitening, ScaNN neighbour search, the kNN classifier, tuning."""
 
+from tfmet.retrieval import recall
 from tfmet.retrieval.index import BACKENDS, NeighborIndex, ScannConfig
 from tfmet.retrieval.knn import KnnClassifier, knn_confidence
 from tfmet.retrieval.pca import PCAWhitening, apply_pca_whitening, l2_normalize, pca_whitening
@@ -24,6 +25,7 @@ __all__ = [
     "knn_confidence",
     "l2_normalize",
     "pca_whitening",
+    "recall",
     "tune",
     "tune_on_neighbors",
 ]

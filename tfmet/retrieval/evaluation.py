@@ -18,7 +18,7 @@ from tfmet.descriptors import store
 from tfmet.io.safe_pickle import load_reference_descriptors
 from tfmet.metrics import met as met_metrics
 from tfmet.retrieval import tuning
-from tfmet.retrieval.knn import KnnClassifier, check_finite
+from tfmet.retrieval.knn import DEFAULT_MIN_RECALL, KnnClassifier, check_finite
 from tfmet.retrieval.pca import PCAWhitening
 
 SPLITS = ("train", "val", "test")
@@ -121,6 +121,7 @@ class KnnEvalResult:
     tuning: tuning.TuningResult | None
     predictions: dict
     counts: dict
+    search: dict | None = None  # `recall.SearchChoice.to_json()` for backend "scann"
 
     def to_json(self):
         return {
@@ -139,6 +140,7 @@ class KnnEvalResult:
                 "val_gap": self.tuning.grid.tolist(),
             },
             "counts": self.counts,
+            "search": self.search,
         }
 
 
@@ -183,6 +185,7 @@ def knn_eval(
     ks=tuning.DEFAULT_KS,
     taus=tuning.DEFAULT_TAUS,
     scann_config=None,
+    min_recall=DEFAULT_MIN_RECALL,
     log=None,
 ):
     """Runs the Met kNN evaluation on loaded `data` ({split: SplitData}).
@@ -193,7 +196,8 @@ def knn_eval(
       k, tau: the classifier's parameters; with `autotune` they restrict the grid to that k / tau.
       autotune: choose (k, tau) by val GAP over the grid (`ks` x `taus`, K outer, tau inner).
       val_eval: report the final classifier on val only (no test search).
-      backend, scann_config: see `KnnClassifier`.
+      backend, scann_config, min_recall: see `KnnClassifier`; "scann" measures its recall
+        against exact search on the val queries at the largest k used.
       log: callable taking a line of text.
 
     Returns:
@@ -243,11 +247,8 @@ def knn_eval(
         1.0 if tau is None else tau,
         backend=backend,
         scann_config=scann_config,
+        min_recall=min_recall,
     )
-    with timer("index_build"):
-        classifier.fit(database, database_labels)
-    del database
-    result_tuning = None
     if autotune:
         ks = (k,) if k is not None else ks
         taus = (tau,) if tau is not None else taus
@@ -255,6 +256,22 @@ def knn_eval(
         ks = tuple(x for x in ks if x <= counts["database"])
         if skipped:
             log(f"grid: skipping k {skipped} larger than the database ({counts['database']})")
+    with timer("index_build"):
+        classifier.fit(
+            database,
+            database_labels,
+            recall_queries=splits["val"].valid_descriptors() if backend == "scann" else None,
+            recall_k=max(ks) if autotune else k,
+        )
+    del database
+    search = None if classifier.search_choice is None else classifier.search_choice.to_json()
+    if search is not None:
+        log(
+            f"search: {search['backend']}, recall@{search['k']} {search['recall']:.4f}; "
+            f"{search['reason']}"
+        )
+    result_tuning = None
+    if autotune:
         with timer("val_search"):
             val_neighbors = classifier.neighbors(splits["val"].valid_descriptors(), max(ks))
         with timer("tuning"):
@@ -294,6 +311,7 @@ def knn_eval(
         tuning=result_tuning,
         predictions=predictions,
         counts=counts,
+        search=search,
     )
 
 
