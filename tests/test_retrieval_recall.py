@@ -1,4 +1,4 @@
-"""Measured recall of approximate search, the choice of a ScaNN configuration, and its round trips."""
+"""Measured recall of approximate search, the choice of a ScaNN configuration, its round trips."""
 
 import json
 
@@ -36,7 +36,8 @@ def _dataset(kind, n=3000, q=120, d=16, seed=0):
 def _numpy_recall(approximate, database, queries, k):
     """recall@k written out: exact top k by numpy brute force, set overlap per query."""
     exact = np.argsort(-(queries.astype(np.float64) @ database.T.astype(np.float64)), axis=1)
-    hits = [len(set(a[:k].tolist()) & set(e[:k].tolist())) for a, e in zip(approximate, exact)]
+    pairs = zip(approximate, exact, strict=True)
+    hits = [len(set(a[:k].tolist()) & set(e[:k].tolist())) for a, e in pairs]
     return sum(hits) / (len(hits) * k)
 
 

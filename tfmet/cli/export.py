@@ -67,7 +67,7 @@ def _classifier_settings():
 
 
 def _scann_config():
-    """The ScaNN configuration tfmet-knn-eval chose by measured recall, if --results_json has one."""
+    """The ScaNN configuration tfmet-knn-eval chose by measured recall (from --results_json)."""
     if FLAGS.searcher != "scann" or not FLAGS.results_json:
         return None
     from tfmet.io.json_files import read_json
