@@ -26,7 +26,7 @@ import numpy as np
 from tfmet.retrieval.index import NeighborIndex, ScannConfig
 
 DEFAULT_MIN_RECALL = 0.99
-MAX_QUERIES = 2048
+MAX_QUERIES = 500
 LEAF_FRACTIONS = (0.01, 0.02, 0.05, 0.1, 0.2, 0.35, 0.5, 1.0)
 REORDERS = (100, 250, 500, 1000, 2000)
 TREE_FROM = 2_000  # smaller databases: AH alone (a tree has too few points per leaf)
@@ -92,11 +92,13 @@ def _timed_search(index, queries, k):
 
 
 def candidate_families(n, k):
-    """[(ScannConfig built once, [search-time variants])], cheapest variants first."""
+    """[(ScannConfig built once, [[search-time variants]])]: groups by leaves searched
+    (ascending), each group by reorder depth (ascending); so within a family cost grows along
+    both axes and a sweep can stop at the first variant reaching the target."""
     sample = min(int(n), TRAINING_SAMPLE)
     reorders = [r for r in REORDERS if r >= k] or [k]
-    families = [(ScannConfig(use_ah=True, reorder=max(reorders), training_sample_size=sample), [])]
-    families[0][1].extend(dataclasses.replace(families[0][0], reorder=r) for r in reorders)
+    ah = ScannConfig(use_ah=True, reorder=max(reorders), training_sample_size=sample)
+    families = [(ah, [[dataclasses.replace(ah, reorder=r) for r in reorders]])]
     if n >= TREE_FROM:
         leaves = max(2, int(round(math.sqrt(n))))
         searched = sorted({max(1, int(math.ceil(f * leaves))) for f in LEAF_FRACTIONS})
@@ -105,12 +107,14 @@ def candidate_families(n, k):
             base = ScannConfig(
                 num_leaves_to_search=leaves, use_ah=use_ah, reorder=max(reorders), **tree
             )
-            variants = [
-                dataclasses.replace(base, num_leaves_to_search=s, reorder=r)
+            groups = [
+                [
+                    dataclasses.replace(base, num_leaves_to_search=s, reorder=r)
+                    for r in (reorders if use_ah else [0])
+                ]
                 for s in searched
-                for r in (reorders if use_ah else [0])
             ]
-            families.append((base, variants))
+            families.append((base, groups))
     return families
 
 
@@ -129,19 +133,21 @@ def _measure(index, config, queries, exact, k):
 def _search_families(database, queries, exact, k, min_recall, exact_s, num_threads):
     """The fastest (seconds, config, recall, top1, index) reaching min_recall, and all tried."""
     best, tried = None, []
-    for base, variants in candidate_families(database.shape[0], k):
+    for base, groups in candidate_families(database.shape[0], k):
         index = NeighborIndex("scann", base, num_threads=num_threads).build(database)
-        for config in variants:
-            recall, top1, seconds = _measure(index, config, queries, exact, k)
-            tried.append(
-                {"config": _summary(config), "recall": round(recall, 5), "search_s": seconds}
-            )
-            if recall >= min_recall and (best is None or seconds < best[0]):
-                best = (seconds, config, recall, top1, index)
-            # Searching more leaves / reordering deeper is only slower: stop a family's sweep
-            # at the first variant slower than exact search once it reaches the target.
-            if recall >= min_recall and seconds >= exact_s:
-                break
+        for group in groups:
+            for config in group:
+                recall, top1, seconds = _measure(index, config, queries, exact, k)
+                tried.append(
+                    {"config": _summary(config), "recall": round(recall, 5), "search_s": seconds}
+                )
+                reached = recall >= min_recall
+                if reached and (best is None or seconds < best[0]):
+                    best = (seconds, config, recall, top1, index)
+                if reached or seconds >= exact_s:
+                    break  # deeper reordering is only slower
+            if reached and config is group[0]:
+                break  # more leaves are only slower
         del index
     return best, tried
 
