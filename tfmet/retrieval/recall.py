@@ -131,7 +131,13 @@ def _measure(index, config, queries, exact, k):
 
 
 def _search_families(database, queries, exact, k, min_recall, exact_s, num_threads):
-    """The fastest (seconds, config, recall, top1, index) reaching min_recall, and all tried."""
+    """The fastest (seconds, config, recall, top1, index) reaching min_recall, and all tried.
+
+    The best index is kept, not rebuilt: ScaNN's training is not bit-reproducible across builds,
+    so a rebuild could miss the recall that was measured. At most two indexes are alive at once
+    (the best so far and the family being measured), each with ScaNN's own float32 copy of the
+    database for reordering.
+    """
     best, tried = None, []
     for base, groups in candidate_families(database.shape[0], k):
         index = NeighborIndex("scann", base, num_threads=num_threads).build(database)
