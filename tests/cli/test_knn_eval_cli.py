@@ -236,3 +236,22 @@ def test_console_program_exit_code(met, tmp_path):
     assert done.returncode == 2
     errors = [line for line in done.stderr.splitlines() if line.startswith("tfmet-knn-eval: error")]
     assert len(errors) == 1 and "no descriptors" in errors[0]
+
+
+def test_scann_below_min_recall_falls_back_to_exact(met, tmp_path):
+    tree, descriptors = met
+    _write_stores(tmp_path, descriptors)
+    code = run_cli(
+        tmp_path, "--info_dir", tree.info_dir, "--raw", "-k", 3, "-t", 10,
+        "--backend", "scann", "--min_recall", 2,
+    )  # fmt: skip
+    assert code == 0
+    results = json.loads((tmp_path / "knn_results.json").read_text())
+    search = results["search"]
+    assert results["backend"] == "scann" and search["backend"] == "exact"
+    assert search["config"] is None and search["k"] == 3 and search["recall"] == 1.0
+    assert "using exact search" in search["reason"]
+    assert "using exact search" in (tmp_path / "log_knn.txt").read_text()
+    expected = _expected(tree, descriptors, 3, 10.0)
+    for split in ("val", "test"):
+        assert results[split] == pytest.approx(expected[split][0], rel=1e-9)

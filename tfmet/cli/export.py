@@ -80,6 +80,9 @@ def _export_recognizer():
         searcher=FLAGS.searcher,
         top_k=FLAGS.top_k,
         threshold=builders.threshold_settings(FLAGS.results_json, FLAGS.threshold, "--threshold"),
+        scann_config=builders.scann_config(FLAGS.results_json)
+        if FLAGS.searcher == "scann"
+        else None,
     )
 
 

@@ -34,6 +34,9 @@ flags.DEFINE_string("log", None, "Suffix of the log and output files (log_knn_<l
 flags.DEFINE_enum("backend", "exact", BACKENDS, "Search: exact brute force or ScaNN approximate.")
 flags.DEFINE_string("results_json", None, "Results JSON path (default in --output_dir).")
 flags.DEFINE_float(
+    "min_recall", 0.99, "--backend scann: recall@k against exact search to reach on val."
+)
+flags.DEFINE_float(
     "target_precision",
     None,
     "Operating threshold: the lowest whose val precision reaches this (default: max val F1).",
@@ -89,6 +92,7 @@ def _main(argv):
         backend=FLAGS.backend,
         log=log,
         target_precision=FLAGS.target_precision,
+        min_recall=FLAGS.min_recall,
     )
     log(f"best parameters are : k={result.k} t={result.tau}")
     log("timings (s): " + ", ".join(f"{n} {t:.2f}" for n, t in result.timings_s.items()))

@@ -5,6 +5,7 @@ from tfmet.export.builders import (
     build_recognizer,
     build_style,
     classifier_settings,
+    scann_config,
     threshold_settings,
 )
 from tfmet.export.common import metadata_signature, save_module
@@ -17,6 +18,7 @@ __all__ = [
     "build_recognizer",
     "build_style",
     "classifier_settings",
+    "scann_config",
     "threshold_settings",
     "DescriptorModule",
     "RecognizerModule",

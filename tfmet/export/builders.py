@@ -57,6 +57,16 @@ def threshold_settings(results_json=None, threshold=None, given_as="threshold ar
     return 0.0, "none", ""
 
 
+def scann_config(results_json=None):
+    """The ScaNN configuration tfmet-knn-eval chose by measured recall (its results file's
+    "search" block), or None (then the recogniser sizes one itself)."""
+    if not results_json:
+        return None
+    results = read_json(results_json, "tfmet-knn-eval results file")
+    search = (results.get("search") if isinstance(results, dict) else None) or {}
+    return search.get("config")
+
+
 def whitening(pca=None, train=None, dim=None, raw=False):
     """(mean, projection) of the PCA-whitening to bake in, or (None, None) for none.
 
@@ -134,6 +144,7 @@ def build_recognizer(
     searcher="exact",
     top_k=5,
     threshold=(0.0, "none", ""),
+    scann_config=None,
 ):
     """The one-piece recogniser: `extractor` + the train store of `descriptor_dir` as database.
 
@@ -149,6 +160,8 @@ def build_recognizer(
       top_k: candidates returned per image.
       threshold: (value, rule, source) of the operating threshold (see `threshold_settings`):
         `accepted` is `confidence >= value`.
+      scann_config: with `searcher="scann"`, the configuration to build (a dict, see
+        `scann_config`); None sizes one for the database.
     """
     from tfmet.export.recognizer import RecognizerModule
     from tfmet.retrieval import apply_pca_whitening
@@ -165,6 +178,7 @@ def build_recognizer(
         searcher=searcher,
         top_k=top_k,
         threshold=threshold[0],
+        scann_config=scann_config,
         scales=spec.scales,
         resize_method=spec.resize_method,
         pca_mean=mean,
@@ -183,6 +197,7 @@ def build_recognizer(
         threshold=module.threshold,
         threshold_rule=threshold[1],
         threshold_source=threshold[2],
+        scann_config=None if module.scann_config is None else module.scann_config.to_dict(),
     )
     return module, metadata
 

@@ -9,6 +9,7 @@ searcher, stored through its module serialisation; the serving process must load
 library first, e.g. `import scann`).
 """
 
+import json
 import uuid
 
 import numpy as np
@@ -21,13 +22,21 @@ from tfmet.export.knn import knn_confidence
 SEARCHERS = ("exact", "scann")
 
 
-def _scann_tf_searcher(database, k):
-    """A ScaNN TF searcher configured as `tfmet.retrieval.ScannConfig.for_size` sizes the index."""
+def _scann_config(config, size):
+    """`config` as a ScannConfig; None: `ScannConfig.for_size(size)` (recall not measured)."""
+    from tfmet.retrieval.index import ScannConfig
+
+    if config is None:
+        return ScannConfig.for_size(size)
+    return config if isinstance(config, ScannConfig) else ScannConfig(**dict(config))
+
+
+def _scann_tf_searcher(database, k, config):
+    """A ScaNN TF searcher built with `config` (leaves searched and reorder depth included)."""
     from scann.scann_ops.py import scann_ops
 
-    from tfmet.retrieval.index import ScannConfig, configure_builder
+    from tfmet.retrieval.index import configure_builder
 
-    config = ScannConfig.for_size(database.shape[0])
     return configure_builder(
         scann_ops.builder(database, k, "dot_product"), config, len(database)
     ).build()
@@ -42,6 +51,10 @@ class RecognizerModule(DescriptorModule):
       labels: Met ids [M] of the database rows.
       k, tau: the kNN classifier's parameters.
       searcher: "exact" or "scann".
+      scann_config: the `ScannConfig` (or dict) of the "scann" searcher, e.g. the one
+        tfmet-knn-eval chose by measured recall (its results JSON's "search" entry); None sizes
+        one from the database without measuring its recall. Kept in the SavedModel as the
+        JSON string variable `scann_config_json` ("null" for "exact").
       top_k: number of candidate ids returned per image.
       threshold: operating threshold; `accepted` = valid and confidence >= threshold (compared in
         float32, as the returned confidence). 0.0 accepts every valid image.
@@ -58,6 +71,7 @@ class RecognizerModule(DescriptorModule):
         top_k=5,
         threshold=0.0,
         name=None,
+        scann_config=None,
         **descriptor_kwargs,
     ):
         super().__init__(embedder, name=name, **descriptor_kwargs)
@@ -83,13 +97,18 @@ class RecognizerModule(DescriptorModule):
         self.num_classes = int(np.unique(labels).size)
         self.database_size = int(database.shape[0])
         self.labels = tf.Variable(labels, trainable=False, name="database_labels")
+        self.scann_config = None
         if searcher == "exact":
             self.database = tf.Variable(database, trainable=False, name="database")
         else:
-            self.scann_state = _scann_tf_searcher(database, self.k).serialize_to_module()
+            self.scann_config = _scann_config(scann_config, database.shape[0])
+            searcher_ops = _scann_tf_searcher(database, self.k, self.scann_config)
+            self.scann_state = searcher_ops.serialize_to_module()
             # The searcher is rebuilt from its serialised state once per process: the op looks the
             # shared name up in the resource manager before creating it.
             self.scann_shared_name = f"tfmet-scann-{uuid.uuid4().hex}"
+        config_json = json.dumps(None if self.scann_config is None else self.scann_config.to_dict())
+        self.scann_config_json = tf.Variable(config_json, trainable=False, name="scann_config")
         descriptor_spec = tf.TensorSpec([None, self.dim], tf.float32, name="descriptor")
         self.recognize_descriptors = tf.function(
             self._recognize_descriptors, input_signature=[descriptor_spec]

@@ -1,5 +1,6 @@
 """Non-parametric recognition: PCA-whitening, ScaNN neighbour search, the kNN classifier, tuning."""
 
+from tfmet.retrieval import recall
 from tfmet.retrieval.index import BACKENDS, NeighborIndex, ScannConfig
 from tfmet.retrieval.knn import KnnClassifier, knn_confidence
 from tfmet.retrieval.pca import (
@@ -31,6 +32,7 @@ __all__ = [
     "l2_normalize",
     "l2_normalize_rows",
     "pca_whitening",
+    "recall",
     "tune",
     "tune_on_neighbors",
 ]

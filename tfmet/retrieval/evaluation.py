@@ -18,7 +18,7 @@ from tfmet.descriptors import store
 from tfmet.io.safe_pickle import load_reference_descriptors
 from tfmet.metrics import operating_point, recognition
 from tfmet.retrieval import tuning
-from tfmet.retrieval.knn import KnnClassifier, check_finite
+from tfmet.retrieval.knn import DEFAULT_MIN_RECALL, KnnClassifier, check_finite
 from tfmet.retrieval.pca import PCAWhitening
 
 SPLITS = ("train", "val", "test")
@@ -122,6 +122,7 @@ class KnnEvalResult:
     predictions: dict
     counts: dict
     threshold: dict | None = None
+    search: dict | None = None  # `recall.SearchChoice.to_json()` for backend "scann"
 
     def to_json(self):
         return {
@@ -141,6 +142,7 @@ class KnnEvalResult:
             },
             "counts": self.counts,
             **({} if self.threshold is None else {"threshold": self.threshold}),
+            "search": self.search,
         }
 
 
@@ -185,6 +187,7 @@ def knn_eval(
     ks=tuning.DEFAULT_KS,
     taus=tuning.DEFAULT_TAUS,
     scann_config=None,
+    min_recall=DEFAULT_MIN_RECALL,
     log=None,
     target_precision=None,
 ):
@@ -196,7 +199,8 @@ def knn_eval(
       k, tau: the classifier's parameters; with `autotune` they restrict the grid to that k / tau.
       autotune: choose (k, tau) by val GAP over the grid (`ks` x `taus`, K outer, tau inner).
       val_eval: report the final classifier on val only (no test search).
-      backend, scann_config: see `KnnClassifier`.
+      backend, scann_config, min_recall: see `KnnClassifier`; "scann" measures its recall
+        against exact search on the val queries at the largest k used.
       log: callable taking a line of text.
       target_precision: choose the operating threshold as the lowest val threshold reaching this
         precision instead of the one of maximal val F1 (`tfmet.metrics.operating_point`).
@@ -219,15 +223,23 @@ def knn_eval(
         1.0 if tau is None else tau,
         backend=backend,
         scann_config=scann_config,
+        min_recall=min_recall,
     )
+    if autotune:
+        ks = _grid_ks((k,) if k is not None else ks, counts, log)
+        taus = (tau,) if tau is not None else taus
     with timer("index_build"):
-        classifier.fit(database, database_labels)
+        classifier.fit(
+            database,
+            database_labels,
+            recall_queries=splits["val"].valid_descriptors() if backend == "scann" else None,
+            recall_k=max(ks) if autotune else k,
+        )
     del database
+    search = _search_choice(classifier, log)
     result_tuning = None
     if autotune:
-        ks = (k,) if k is not None else ks
-        taus = (tau,) if tau is not None else taus
-        result_tuning, val_pred = _autotune(classifier, splits["val"], ks, taus, counts, timer, log)
+        result_tuning, val_pred = _autotune(classifier, splits["val"], ks, taus, timer, log)
     else:
         with timer("val_search"):
             val_pred = _predict_split(classifier, splits["val"])
@@ -255,6 +267,7 @@ def knn_eval(
         predictions=predictions,
         counts=counts,
         threshold=threshold,
+        search=search,
     )
 
 
@@ -321,15 +334,31 @@ def _whiten(database, splits, dim, timer, log):
     return database, splits
 
 
-def _autotune(classifier, val, ks, taus, counts, timer, log):
+def _grid_ks(ks, counts, log):
+    """The grid's k values that the database can serve (the others are skipped, and said so)."""
+    skipped = [x for x in ks if x > counts["database"]]
+    if skipped:
+        log(f"grid: skipping k {skipped} larger than the database ({counts['database']})")
+    return tuple(x for x in ks if x <= counts["database"])
+
+
+def _search_choice(classifier, log):
+    """The measured-recall search choice of a "scann" classifier, logged (None for "exact")."""
+    if classifier.search_choice is None:
+        return None
+    search = classifier.search_choice.to_json()
+    log(
+        f"search: {search['backend']}, recall@{search['k']} {search['recall']:.4f}; "
+        f"{search['reason']}"
+    )
+    return search
+
+
+def _autotune(classifier, val, ks, taus, timer, log):
     """(k, tau) by val GAP over the grid with one val search; sets them on `classifier`.
 
     Returns (TuningResult, val predictions).
     """
-    skipped = [x for x in ks if x > counts["database"]]
-    ks = tuple(x for x in ks if x <= counts["database"])
-    if skipped:
-        log(f"grid: skipping k {skipped} larger than the database ({counts['database']})")
     with timer("val_search"):
         val_neighbors = classifier.neighbors(val.valid_descriptors(), max(ks))
     with timer("tuning"):

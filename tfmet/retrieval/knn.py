@@ -14,17 +14,20 @@ with the maximum factored out, in float64, so tau = 500 cannot overflow:
 conf = 1 / (sum_present exp(tau (s - s_max)) + (N - P) exp(-tau s_max)).
 """
 
+import logging
 import os
 
 import numpy as np
 
 from tfmet.io.atomic import save_json, save_npy
 from tfmet.io.json_files import read_manifest
+from tfmet.retrieval import recall
 from tfmet.retrieval.index import NeighborIndex
 from tfmet.retrieval.pca import row_chunks
 
 FORMAT = "tfmet-knn-classifier"
 CHECK_ROWS = 65536
+DEFAULT_MIN_RECALL = recall.DEFAULT_MIN_RECALL
 
 
 def knn_confidence(similarities, neighbor_labels, num_classes, tau, valid=None):
@@ -95,9 +98,22 @@ class KnnClassifier:
       backend: "exact" (ScaNN brute force) or "scann" (tree + AH + reorder).
       scann_config: a `ScannConfig` (or dict) for "scann"; None sizes it from the database.
       num_threads: ScaNN search threads (0: ScaNN's default).
+      min_recall: for "scann", the recall@k against exact search that `fit` must reach on its
+        `recall_queries` (see `tfmet.retrieval.recall`).
+
+    After `fit`, `search_choice` is the `recall.SearchChoice` (None for "exact", or for "scann"
+    fitted without `recall_queries`, which logs a warning that recall was not measured).
     """
 
-    def __init__(self, k=1, tau=1.0, backend="exact", scann_config=None, num_threads=0):
+    def __init__(
+        self,
+        k=1,
+        tau=1.0,
+        backend="exact",
+        scann_config=None,
+        num_threads=0,
+        min_recall=DEFAULT_MIN_RECALL,
+    ):
         if int(k) < 1:
             raise ValueError(f"`k` must be a positive integer. Received: k={k}")
         self.k = int(k)
@@ -105,12 +121,19 @@ class KnnClassifier:
         self.backend = backend
         self.scann_config = scann_config
         self.num_threads = int(num_threads)
+        self.min_recall = float(min_recall)
+        self.search_choice = None
         self.index = NeighborIndex(backend, scann_config, num_threads=num_threads)
         self.labels = None
         self.num_classes = 0
 
-    def fit(self, descriptors, labels):
-        """Indexes database `descriptors` [n, d] (float32, L2-normalised) with int `labels` [n]."""
+    def fit(self, descriptors, labels, recall_queries=None, recall_k=None):
+        """Indexes database `descriptors` [n, d] (float32, L2-normalised) with int `labels` [n].
+
+        For "scann", `recall_queries` [q, d] (e.g. the val queries) measure recall@`recall_k`
+        (default `k`) against exact search: with no explicit `scann_config` the cheapest
+        configuration reaching `min_recall` is chosen, or exact search when none is faster.
+        """
         descriptors = np.asarray(descriptors) if not hasattr(descriptors, "shape") else descriptors
         labels = np.asarray(labels)
         if descriptors.ndim != 2:
@@ -122,10 +145,31 @@ class KnnClassifier:
         if not np.issubdtype(labels.dtype, np.integer):
             raise ValueError(f"`labels` must be integers. Received dtype {labels.dtype}")
         check_finite("descriptors", descriptors)
-        self.index.build(descriptors)
+        self._build_index(descriptors, recall_queries, recall_k)
         self.labels = labels.astype(np.int64)
         self.num_classes = int(np.unique(self.labels).size)
         return self
+
+    def _build_index(self, descriptors, recall_queries, recall_k):
+        if self.backend != "scann":
+            self.index.build(descriptors)
+            return
+        if recall_queries is None:
+            logging.warning(
+                "scann: recall against exact search not measured (no recall_queries given to "
+                "fit); approximate answers may be worse than exact ones"
+            )
+            self.index.build(descriptors)
+            return
+        self.search_choice, self.index = recall.calibrate(
+            descriptors,
+            recall_queries,
+            self.k if recall_k is None else recall_k,
+            config=self.scann_config,
+            min_recall=self.min_recall,
+            num_threads=self.num_threads,
+        )
+        self.scann_config = self.index.config
 
     def _check_fitted(self):
         if self.labels is None:
@@ -168,7 +212,7 @@ class KnnClassifier:
         save_npy(os.path.join(directory, "labels.npy"), self.labels)
         save_json(
             os.path.join(directory, "classifier.json"),
-            {"format": FORMAT, "k": self.k, "tau": self.tau, "backend": self.backend},
+            {"format": FORMAT, "k": self.k, "tau": self.tau, "backend": self.index.backend},
         )
 
     @classmethod

@@ -148,6 +148,10 @@ def write_tensorboard(logdir, result):
             values = getattr(result, split)
             for name, value in (values or {}).items():
                 tf.summary.scalar(f"{split}/{name}", value, step=0)
+        search = getattr(result, "search", None)
+        if search is not None:
+            tf.summary.scalar(f"search/recall_at_{search['k']}", search["recall"], step=0)
+            tf.summary.text("search/choice", search["reason"], step=0)
         for name, seconds in result.timings_s.items():
             tf.summary.scalar(f"timings_s/{name}", seconds, step=0)
     writer.flush()

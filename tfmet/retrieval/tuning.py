@@ -11,7 +11,7 @@ import dataclasses
 import numpy as np
 
 from tfmet.metrics import recognition
-from tfmet.retrieval.knn import KnnClassifier
+from tfmet.retrieval.knn import DEFAULT_MIN_RECALL, KnnClassifier
 
 DEFAULT_KS = (1, 2, 3, 5, 7, 10, 15, 20, 50)
 DEFAULT_TAUS = (0.01, 0.1, 1.0, 5.0, 10.0, 15.0, 20.0, 25.0, 30.0, 50.0, 100.0, 500.0)
@@ -82,6 +82,7 @@ def tune(
     taus=DEFAULT_TAUS,
     backend="exact",
     scann_config=None,
+    min_recall=DEFAULT_MIN_RECALL,
 ):
     """Best (k, tau, val GAP) of a kNN classifier fitted on `train`, scored on `val`.
 
@@ -89,7 +90,8 @@ def tune(
       train, train_labels: database descriptors [n, d] and labels [n].
       val, val_labels: query descriptors [q, d] and labels [q] (-1 for distractors).
       ks, taus: the grid (the reference's by default), searched K outer, tau inner.
-      backend, scann_config: as for `KnnClassifier`.
+      backend, scann_config, min_recall: as for `KnnClassifier`; "scann" measures its recall
+        at max(ks) on `val` against exact search (and may fall back to exact search).
 
     Returns:
       a `TuningResult` (unpacks as k, tau, gap).
@@ -97,6 +99,7 @@ def tune(
     ks, taus = check_grid(ks, taus, np.shape(train)[0])
     if np.shape(val)[0] == 0:
         raise ValueError("cannot tune on an empty validation set")
-    classifier = KnnClassifier(backend=backend, scann_config=scann_config).fit(train, train_labels)
+    classifier = KnnClassifier(backend=backend, scann_config=scann_config, min_recall=min_recall)
+    classifier.fit(train, train_labels, recall_queries=val, recall_k=max(ks))
     similarities, indices = classifier.neighbors(val, max(ks))
     return tune_on_neighbors(classifier, similarities, indices, val_labels, ks, taus)

@@ -1,0 +1,120 @@
+"""Measured recall of approximate search, the choice of a ScaNN configuration, its round trips."""
+
+import json
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from tests.kit import tiny_backbone
+from tfmet.backbones import IMAGENET_TORCH
+from tfmet.descriptors import Embedder
+from tfmet.export import RecognizerModule
+from tfmet.retrieval import KnnClassifier, ScannConfig, recall
+
+# A tree of 8 leaves searching 1 with shallow AH reordering: clearly imperfect on both sets.
+LOSSY = ScannConfig(
+    num_leaves=8, num_leaves_to_search=1, spherical=True, use_ah=True, reorder=10,
+    training_sample_size=3000,
+)  # fmt: skip
+
+
+def _unit(x):
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+
+
+def _dataset(kind, n=3000, q=120, d=16, seed=0):
+    rng = np.random.default_rng(seed)
+    if kind == "isotropic":
+        return _unit(rng.normal(size=(n, d))), _unit(rng.normal(size=(q, d)))
+    centres = rng.normal(size=(30, d))
+    database = centres[rng.integers(0, 30, n)] + 0.3 * rng.normal(size=(n, d))
+    queries = centres[rng.integers(0, 30, q)] + 0.3 * rng.normal(size=(q, d))
+    return _unit(database), _unit(queries)
+
+
+def _numpy_recall(approximate, database, queries, k):
+    """recall@k written out: exact top k by numpy brute force, set overlap per query."""
+    exact = np.argsort(-(queries.astype(np.float64) @ database.T.astype(np.float64)), axis=1)
+    pairs = zip(approximate, exact, strict=True)
+    hits = [len(set(a[:k].tolist()) & set(e[:k].tolist())) for a, e in pairs]
+    return sum(hits) / (len(hits) * k)
+
+
+def test_recall_at_k_hand_example():
+    exact = np.array([[0, 1, 2], [3, 4, 5]])
+    approximate = np.array([[2, 9, 0], [5, 4, 3]])
+    assert recall.recall_at_k(approximate, exact) == pytest.approx(5 / 6)
+    assert recall.recall_at_k(approximate, exact, k=1) == pytest.approx(0.0)
+    assert recall.top1_agreement(approximate, exact) == 0.0
+
+
+@pytest.mark.parametrize("kind", ["clustered", "isotropic"])
+def test_measured_recall_matches_numpy_brute_force(kind):
+    database, queries = _dataset(kind)
+    k = 10
+    choice, index = recall.calibrate(database, queries, k, config=LOSSY)
+    _, found = index.search(queries, k)
+    expected = _numpy_recall(found, database, queries, k)
+    assert choice.backend == "scann" and choice.config == LOSSY
+    assert choice.recall == pytest.approx(expected, abs=1e-9)
+    assert 0.0 < choice.recall < 0.99
+    assert "BELOW min_recall" in choice.reason
+
+
+@pytest.mark.parametrize("kind", ["clustered", "isotropic"])
+def test_chosen_configuration_reaches_min_recall(kind):
+    database, queries = _dataset(kind, seed=1)
+    choice, index = recall.calibrate(database, queries, 10, min_recall=0.95)
+    assert len(choice.tried) > 0
+    _, found = index.search(queries, 10)
+    measured = _numpy_recall(found, database, queries, 10)
+    # Either a configuration that reached the target, or exact search when none was faster.
+    assert measured >= 0.95
+    assert choice.recall == pytest.approx(measured, abs=1e-9)
+    assert choice.backend == index.backend
+
+
+def test_impossible_target_falls_back_to_exact():
+    database, queries = _dataset("clustered", seed=2)
+    classifier = KnnClassifier(k=5, backend="scann", min_recall=1.5)
+    classifier.fit(database, np.arange(len(database)) % 7, recall_queries=queries)
+    assert classifier.index.backend == "exact"
+    assert classifier.search_choice.backend == "exact"
+    assert classifier.search_choice.config is None
+    assert "using exact search" in classifier.search_choice.reason
+    _, found = classifier.neighbors(queries)
+    assert _numpy_recall(found, database, queries, 5) == 1.0
+
+
+def test_bad_min_recall_is_one_line():
+    database, queries = _dataset("clustered", n=100, q=5)
+    with pytest.raises(ValueError, match="min_recall"):
+        recall.calibrate(database, queries, 3, min_recall=float("nan"))
+
+
+def test_chosen_configuration_round_trips_through_save_and_export(tmp_path):
+    database, queries = _dataset("isotropic", seed=3)
+    labels = np.arange(len(database)) % 11
+    chosen = ScannConfig(
+        num_leaves=8, num_leaves_to_search=4, spherical=True, use_ah=True, reorder=60,
+        training_sample_size=3000,
+    )  # fmt: skip
+    classifier = KnnClassifier(k=5, backend="scann", scann_config=chosen)
+    classifier.fit(database, labels, recall_queries=queries)
+    assert classifier.search_choice.config == chosen
+    before = classifier.neighbors(queries)
+    classifier.save(tmp_path / "classifier")
+    loaded = KnnClassifier.load(tmp_path / "classifier")
+    assert loaded.index.config == chosen
+    after = loaded.neighbors(queries)
+    np.testing.assert_array_equal(after[1], before[1])
+
+    embedder = Embedder(tiny_backbone(channels=16, seed=3), preprocessing=IMAGENET_TORCH)
+    module = RecognizerModule(
+        embedder, database, labels, k=5, tau=10.0, searcher="scann", scann_config=chosen.to_dict()
+    )
+    assert module.scann_config == chosen
+    tf.saved_model.save(module, str(tmp_path / "recognizer"), signatures=module.signatures())
+    restored = tf.saved_model.load(str(tmp_path / "recognizer"))
+    assert json.loads(restored.scann_config_json.numpy().decode()) == chosen.to_dict()
