@@ -13,9 +13,9 @@ import json
 import os
 import sys
 
-from absl import app, flags
+from absl import flags
 
-import tfmet.cli
+from tfmet.cli.common import UsageError, run_program
 
 FLAGS = flags.FLAGS
 PROGRAM = "tfmet-recognize"
@@ -90,24 +90,17 @@ def _batches(items, size):
 
 def main(argv):
     if not FLAGS.model:
-        tfmet.cli.fail(PROGRAM, "--model is required")
+        raise UsageError("--model is required")
     if len(argv) < 2:
-        tfmet.cli.fail(PROGRAM, "give at least one photo or folder")
+        raise UsageError("give at least one photo or folder")
     if FLAGS.batch_size < 1:
-        tfmet.cli.fail(PROGRAM, f"--batch_size must be >= 1, got {FLAGS.batch_size}")
+        raise UsageError(f"--batch_size must be >= 1, got {FLAGS.batch_size}")
     from tqdm import tqdm
 
-    from tfmet.serving import Gallery, Recognizer, html_report
+    from tfmet.serving import html_report, open_recognizer
 
-    try:
-        paths, folders = photo_paths(argv[1:])
-        recognizer = Recognizer(FLAGS.model)
-        gallery = None
-        if FLAGS.info_dir:
-            root = FLAGS.image_root or os.path.dirname(os.path.abspath(FLAGS.info_dir))
-            gallery = Gallery(FLAGS.info_dir, root, mini=FLAGS.mini)
-    except (ValueError, FileNotFoundError) as e:
-        tfmet.cli.fail(PROGRAM, e)
+    paths, folders = photo_paths(argv[1:])
+    recognizer, gallery = open_recognizer(FLAGS.model, FLAGS.info_dir, FLAGS.image_root, FLAGS.mini)
     bar = tqdm(total=len(paths), unit="photo", disable=not (folders and FLAGS.progress))
     rows = []
     for batch in _batches(read_photos(paths), FLAGS.batch_size):
@@ -121,11 +114,11 @@ def main(argv):
         html_report.write_html(FLAGS.html, rows, gallery, recognizer.threshold)
         print(f"report: {FLAGS.html}", file=sys.stderr)
     if not rows:
-        tfmet.cli.fail(PROGRAM, "no photo could be read")
+        raise UsageError("no photo could be read")
 
 
 def run():
-    app.run(main)
+    run_program(PROGRAM, main)
 
 
 if __name__ == "__main__":

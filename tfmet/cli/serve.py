@@ -8,11 +8,9 @@ Open http://127.0.0.1:8080/ and drop a photo; programs POST to /v1/recognize (mu
 `[web]` extra: pip install -e ".[web]". See docs/recognize.md.
 """
 
-import os
+from absl import flags
 
-from absl import app, flags
-
-import tfmet.cli
+from tfmet.cli.common import UsageError, run_program
 
 FLAGS = flags.FLAGS
 PROGRAM = "tfmet-serve"
@@ -28,27 +26,20 @@ flags.DEFINE_integer("max_upload_mb", 20, "Uploads above this many MiB are refus
 
 def main(argv):
     if len(argv) > 1:
-        tfmet.cli.fail(PROGRAM, f"unexpected arguments: {' '.join(argv[1:])}")
+        raise UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     if not FLAGS.model:
-        tfmet.cli.fail(PROGRAM, "--model is required")
+        raise UsageError("--model is required")
     if FLAGS.max_upload_mb < 1:
-        tfmet.cli.fail(PROGRAM, f"--max_upload_mb must be >= 1, got {FLAGS.max_upload_mb}")
+        raise UsageError(f"--max_upload_mb must be >= 1, got {FLAGS.max_upload_mb}")
     try:
         import uvicorn
 
         from tfmet.serving.web import create_app
     except ImportError as e:
-        tfmet.cli.fail(PROGRAM, f'{e}; install the web extra: pip install -e ".[web]"')
-    from tfmet.serving import Gallery, Recognizer
+        raise UsageError(f'{e}; install the web extra: pip install -e ".[web]"') from None
+    from tfmet.serving import open_recognizer
 
-    try:
-        recognizer = Recognizer(FLAGS.model)
-        gallery = None
-        if FLAGS.info_dir:
-            root = FLAGS.image_root or os.path.dirname(os.path.abspath(FLAGS.info_dir))
-            gallery = Gallery(FLAGS.info_dir, root, mini=FLAGS.mini)
-    except (ValueError, FileNotFoundError) as e:
-        tfmet.cli.fail(PROGRAM, e)
+    recognizer, gallery = open_recognizer(FLAGS.model, FLAGS.info_dir, FLAGS.image_root, FLAGS.mini)
     recognizer.warm_up()
     application = create_app(recognizer, gallery, max_upload_bytes=FLAGS.max_upload_mb << 20)
     print(f"{PROGRAM}: serving {FLAGS.model} on http://{FLAGS.host}:{FLAGS.port}/", flush=True)
@@ -56,7 +47,7 @@ def main(argv):
 
 
 def run():
-    app.run(main)
+    run_program(PROGRAM, main)
 
 
 if __name__ == "__main__":
