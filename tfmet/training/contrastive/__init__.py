@@ -11,49 +11,50 @@ The recipe of the Met reference (Ypsilantis et al., 2021), see docs/contrastive.
   step decay of the learning rate per epoch, gradient accumulation over `vbsizemul` sub-batches.
 
 `ContrastiveTrainer` holds the model, optimizer and compiled steps; `train` runs the whole
-resumable loop (mining, pairs, steps, validation, TensorBoard, checkpoints)."""
+resumable loop (mining, pairs, steps, validation, TensorBoard, checkpoints).
 
-from tfmet.training.contrastive.config import (  # noqa: F401
-    augment_config,
-    build_embedder,
-    check_config,
-    default_config,
-)
-from tfmet.training.contrastive.data import (  # noqa: F401
-    MetTrainingData,
-    init_projector_from_pca,
-    knn_validation,
-    load_met_training_data,
-    pooled_descriptor,
-    pooled_dim,
-    read_initial_descriptors,
-)
-from tfmet.training.contrastive.loop import (  # noqa: F401
-    train,
-)
-from tfmet.training.contrastive.loss import (  # noqa: F401
-    EPS,
-    MARGIN,
-    ContrastiveLoss,
-    contrastive_loss,
-    pair_squared_distances,
-)
-from tfmet.training.contrastive.optimizer import (  # noqa: F401
-    TorchAdam,
-    step_decay,
-)
-from tfmet.training.contrastive.trainer import (  # noqa: F401
-    ContrastiveTrainer,
-)
-from tfmet.training.contrastive.workdir import (  # noqa: F401
-    BACKBONE_WEIGHTS_FILE,
-    CHECKPOINT_DIR,
-    CONFIG_FILE,
-    DESCRIPTOR_DIR,
-    HISTORY_FILE,
-    MODEL_DIR,
-    MODEL_FILE,
-    RESUMABLE_CHANGES,
-    TENSORBOARD_DIR,
-    TrainResult,
-)
+The names below are imported on first use (the package itself loads nothing), so that a program
+can read `mining.PAIR_TYPES` or a config and fail on bad input before TensorFlow loads.
+"""
+
+import importlib
+
+_EXPORTS = {
+    "BACKBONE_WEIGHTS_FILE": "workdir",
+    "CHECKPOINT_DIR": "workdir",
+    "CONFIG_FILE": "workdir",
+    "ContrastiveLoss": "loss",
+    "ContrastiveTrainer": "trainer",
+    "DESCRIPTOR_DIR": "workdir",
+    "EPS": "loss",
+    "HISTORY_FILE": "workdir",
+    "MARGIN": "loss",
+    "MODEL_DIR": "workdir",
+    "MODEL_FILE": "workdir",
+    "MetTrainingData": "data",
+    "RESUMABLE_CHANGES": "workdir",
+    "TENSORBOARD_DIR": "workdir",
+    "TorchAdam": "optimizer",
+    "TrainResult": "workdir",
+    "augment_config": "config",
+    "build_embedder": "config",
+    "check_config": "config",
+    "contrastive_loss": "loss",
+    "default_config": "config",
+    "init_projector_from_pca": "data",
+    "knn_validation": "data",
+    "load_met_training_data": "data",
+    "pair_squared_distances": "loss",
+    "pooled_descriptor": "data",
+    "pooled_dim": "data",
+    "read_initial_descriptors": "data",
+    "step_decay": "optimizer",
+    "train": "loop",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -8,12 +8,24 @@ evaluation and prediction, one module each.
     evaluate.py    top-1/3/5, confusion matrices, per-class tables
     run.py         a whole run from a config: data, split, mode, training, evaluation, export
     predict.py     predictions, nearest paintings and outliers for images
+
+The classes of `model` are importable from the package too; they load on first use, so reading a
+style config (`tfmet.training.style.config`) does not load TensorFlow.
 """
 
-from tfmet.training.style.model import (  # noqa: F401  (the classes of tfmet.training.style)
-    POOLINGS,
-    MaskedSparseCrossEntropy,
-    StyleClassifier,
-    StyleHead,
-    masked_cross_entropy,
+import importlib
+
+_MODEL_NAMES = (
+    "POOLINGS",
+    "MaskedSparseCrossEntropy",
+    "StyleClassifier",
+    "StyleHead",
+    "masked_cross_entropy",
 )
+__all__ = list(_MODEL_NAMES)
+
+
+def __getattr__(name):
+    if name in _MODEL_NAMES:
+        return getattr(importlib.import_module(f"{__name__}.model"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
