@@ -153,7 +153,7 @@ def bench_backbone(name, paths, decoded, workdir):
     import torch
 
     from tfmet import backbones
-    from tfmet.descriptors import MET_SCALES, DescriptorExtractor, Embedder, extraction, store
+    from tfmet.descriptors import MET_SCALES, DescriptorExtractor, Embedder, extraction
 
     keras.utils.set_random_seed(FLAGS.seed)
     trunk = backbones.get(name)
@@ -175,11 +175,7 @@ def bench_backbone(name, paths, decoded, workdir):
     float_images = [d.astype(np.float32)[None] for d in decoded]
 
     def run_tfmet():
-        out = tempfile.mkdtemp(dir=workdir)
-        extraction.extract_split(
-            extractor, spec, "bench", paths, out, batch_images=FLAGS.batch_images, progress=False
-        )
-        return store.read_store(out, "bench").descriptors
+        return extract_store(extractor, spec, paths, workdir)
 
     def run_tf_compute():
         return [extractor(x).numpy() for x in float_images]
@@ -189,6 +185,17 @@ def bench_backbone(name, paths, decoded, workdir):
             return [torch_descriptor(torch_trunk, t, MET_SCALES).numpy() for t in tensors]
 
     return compare(run_tfmet, run_tf_compute, run_torch, len(paths))
+
+
+def extract_store(extractor, spec, paths, workdir):
+    """tfmet's whole extraction (tf.data decode, model, chunked store) of `paths`: descriptors."""
+    from tfmet.descriptors import extraction, store
+
+    out = tempfile.mkdtemp(dir=workdir)
+    extraction.extract_split(
+        extractor, spec, "bench", paths, out, batch_images=FLAGS.batch_images, progress=False
+    )
+    return store.read_store(out, "bench").descriptors
 
 
 def compare(run_tfmet, run_tf_compute, run_torch, count):
@@ -222,7 +229,7 @@ def bench_vit(name, paths, decoded, workdir):
     import torch.nn.functional as F
     import transformers
 
-    from tfmet.descriptors import MET_SCALES, DescriptorExtractor, Embedder, extraction, store
+    from tfmet.descriptors import MET_SCALES, DescriptorExtractor, Embedder, extraction
 
     torch.manual_seed(FLAGS.seed)
     model = transformers.Dinov2Model(transformers.Dinov2Config(**VITS[name], patch_size=14))
@@ -250,11 +257,7 @@ def bench_vit(name, paths, decoded, workdir):
         return F.normalize(total / len(MET_SCALES), dim=-1)[0]
 
     def run_tfmet():
-        out = tempfile.mkdtemp(dir=workdir)
-        extraction.extract_split(
-            extractor, spec, "bench", paths, out, batch_images=FLAGS.batch_images, progress=False
-        )
-        return store.read_store(out, "bench").descriptors
+        return extract_store(extractor, spec, paths, workdir)
 
     def run_torch():
         with torch.no_grad():
