@@ -4,7 +4,7 @@
 program can validate ground truth (and fail fast on bad input) before TensorFlow loads.
 """
 
-import importlib
+from tfmet.io.lazy import lazy_exports
 
 _EXPORTS = {
     "MetSplit": "met",
@@ -20,8 +20,4 @@ _EXPORTS = {
 
 __all__ = sorted(_EXPORTS)
 
-
-def __getattr__(name):
-    if name in _EXPORTS:
-        return getattr(importlib.import_module(f"tfmet.data.{_EXPORTS[name]}"), name)
-    raise AttributeError(f"module 'tfmet.data' has no attribute {name!r}")
+__getattr__ = lazy_exports(__name__, _EXPORTS)

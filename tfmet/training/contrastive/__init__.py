@@ -17,7 +17,7 @@ The names below are imported on first use (the package itself loads nothing), so
 can read `mining.PAIR_TYPES` or a config and fail on bad input before TensorFlow loads.
 """
 
-import importlib
+from tfmet.io.lazy import lazy_exports
 
 _EXPORTS = {
     "BACKBONE_WEIGHTS_FILE": "workdir",
@@ -53,8 +53,4 @@ _EXPORTS = {
 }
 __all__ = sorted(_EXPORTS)
 
-
-def __getattr__(name):
-    if name in _EXPORTS:
-        return getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = lazy_exports(__name__, _EXPORTS)

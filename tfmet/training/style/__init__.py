@@ -13,7 +13,7 @@ The classes of `model` are importable from the package too; they load on first u
 style config (`tfmet.training.style.config`) does not load TensorFlow.
 """
 
-import importlib
+from tfmet.io.lazy import lazy_exports
 
 _MODEL_NAMES = (
     "POOLINGS",
@@ -23,9 +23,4 @@ _MODEL_NAMES = (
     "masked_cross_entropy",
 )
 __all__ = list(_MODEL_NAMES)
-
-
-def __getattr__(name):
-    if name in _MODEL_NAMES:
-        return getattr(importlib.import_module(f"{__name__}.model"), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = lazy_exports(__name__, dict.fromkeys(_MODEL_NAMES, "model"))
