@@ -18,7 +18,7 @@ import os
 
 from absl import app, flags, logging
 
-from tfmet.cli.common import UsageError, guarded
+from tfmet.cli.common import UsageError, guarded, parse_flags
 from tfmet.retrieval import BACKENDS
 
 FLAGS = flags.FLAGS
@@ -116,7 +116,7 @@ main = guarded("tfmet-knn-eval", _main)
 
 
 def run():
-    app.run(main)
+    app.run(main, flags_parser=parse_flags("tfmet-knn-eval"))
 
 
 if __name__ == "__main__":

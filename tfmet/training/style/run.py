@@ -40,6 +40,7 @@ from tfmet.training.style import bottleneck as style_bottleneck
 from tfmet.training.style import evaluate as style_eval
 from tfmet.training.style import finetune as style_finetune
 from tfmet.training.style import fit as style_train
+from tfmet.training.style.config import check_config
 from tfmet.training.style.model import StyleClassifier
 
 MODES = ("auto", "bottleneck", "finetune")
@@ -221,6 +222,7 @@ def train(config, workdir, resume=False):
       ValueError / FileNotFoundError: a bad config, dataset or workdir (clear messages).
     """
     start = time.time()
+    check_config(config)
     config_dict = config_to_dict(config)
     os.makedirs(workdir, exist_ok=True)
     if resume:
