@@ -70,6 +70,19 @@ def require(values, *names):
         raise UsageError(f"missing {', '.join(missing)}")
 
 
+def check_outputs(folders=(), files=()):
+    """Checks, before any work, that the output flags named in `folders` / `files` (those set)
+    can be written: a result computed for an hour is not lost to an output path that is a folder
+    (or a file where a folder is wanted). Raises ValueError naming the flag."""
+    from tfmet.io.outputs import check_output_dir, check_output_file
+
+    for names, check in ((folders, check_output_dir), (files, check_output_file)):
+        for name in names:
+            value = flags.FLAGS[name].value
+            if value:
+                check(value, f"--{name}")
+
+
 def no_arguments(argv):
     """Raises UsageError when positional arguments follow the program name."""
     if len(argv) > 1:

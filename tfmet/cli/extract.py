@@ -16,7 +16,7 @@ from absl import flags, logging
 from ml_collections import config_flags
 
 from tfmet.cli import model_flags  # --backbone, --weights, --model, ...
-from tfmet.cli.common import UsageError, no_arguments, require, run_program
+from tfmet.cli.common import UsageError, check_outputs, no_arguments, require, run_program
 
 FLAGS = flags.FLAGS
 
@@ -134,6 +134,7 @@ def merge(values):
 
 def main(argv):
     no_arguments(argv)
+    check_outputs(folders=("output_dir",))
     values = settings()
     try:
         if FLAGS.merge:

@@ -18,11 +18,15 @@ import dataclasses
 import math
 import os
 import shutil
-import tempfile
 
 import numpy as np
 
-from tfmet.io.atomic import replace_directory, save_json
+from tfmet.io.atomic import (
+    clean_stale_temporaries,
+    replace_directory,
+    save_json,
+    staging_directory,
+)
 from tfmet.io.json_files import read_manifest
 
 BACKENDS = ("exact", "scann")
@@ -247,7 +251,8 @@ class NeighborIndex:
         directory = os.path.abspath(os.fspath(directory))
         parent = os.path.dirname(directory)
         os.makedirs(parent, exist_ok=True)
-        tmp = tempfile.mkdtemp(prefix=".tmp-index-", dir=parent)
+        clean_stale_temporaries(parent)
+        tmp = staging_directory(parent, "index")
         try:
             if self.backend == "exact":
                 with open(os.path.join(tmp, DATABASE_FILE), "wb") as f:
