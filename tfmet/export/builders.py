@@ -113,15 +113,18 @@ def read_database(descriptor_dir, info_dir, spec, mini=False):
         weights than `spec` describes.
     """
     from tfmet.data.met import load_split
-    from tfmet.descriptors.store import read_store
+    from tfmet.descriptors.store import check_ground_truth, manifest_path, read_store
 
     store = read_store(descriptor_dir, "train")
-    labels = load_split(info_dir, "train", mini=mini).labels
-    if labels.shape[0] != store.count:
-        raise ValueError(
-            f"{descriptor_dir}: train store has {store.count} rows, "
-            f"{info_dir} lists {labels.shape[0]} database images"
-        )
+    ground_truth = load_split(info_dir, "train", mini=mini)
+    labels = ground_truth.labels
+    check_ground_truth(
+        manifest_path(descriptor_dir, "train"),
+        store.manifest,
+        ground_truth.paths,
+        labels,
+        ground_truth.source,
+    )
     if store.manifest.get("weights_sha256") not in (None, spec.weights):
         raise ValueError(
             f"{descriptor_dir}: descriptors were made with weights "
