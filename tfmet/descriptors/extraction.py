@@ -79,6 +79,10 @@ class ExtractionSpec:
     def __post_init__(self):
         if int(self.chunk_size) <= 0:
             raise ValueError(f"`chunk_size` must be positive. Received: {self.chunk_size}")
+        if self.max_side is not None and int(self.max_side) <= 0:
+            raise ValueError(f"`max_side` must be positive or None. Received: {self.max_side}")
+        if not self.scales or any(not 0 < float(s) <= 4 for s in self.scales):
+            raise ValueError(f"`scales` must be in (0, 4]. Received: {self.scales}")
         object.__setattr__(self, "scales", tuple(float(s) for s in self.scales))
 
     def metadata(self):
@@ -286,11 +290,14 @@ class _ChunkBuffer:
         self.pending = {}  # (h, w) -> [(row, image)]
         self.num_pending = 0
         self.model_failures = 0
+        self.readable = 0  # images that reached the model
+        self.non_finite = 0  # of which the model's descriptor had NaN or infinite values
 
     def add_failure(self, row, reason):
         self.errors[row] = reason
 
     def add_image(self, row, image):
+        self.readable += 1
         key = tuple(image.shape[:2])
         group = self.pending.setdefault(key, [])
         group.append((row, image))
@@ -333,6 +340,7 @@ class _ChunkBuffer:
                 self.valid[row - self.start] = True
             else:
                 self.errors[row] = "model gave a non-finite descriptor"
+                self.non_finite += 1
 
     def error_list(self):
         return sorted(self.errors.items())
@@ -460,6 +468,13 @@ def _fill_chunk(buffer, elements, start, stop, bar):
 
 
 def _check_model_health(buffer, split, chunk_id):
+    if buffer.readable and buffer.non_finite == buffer.readable:
+        # Not a few odd images: a model whose every output is NaN/inf (e.g. broken weights).
+        raise RuntimeError(
+            f"{split}: the model gave non-finite (NaN or infinite) descriptors for all "
+            f"{buffer.readable} readable images of chunk {chunk_id}: its weights or inputs are "
+            "broken; stopping. Finished chunks are kept."
+        )
     if buffer.model_failures >= SYSTEMATIC_FAILURES and not buffer.valid.any():
         first = next(r for r in buffer.errors.values() if r.startswith("model failed"))
         raise RuntimeError(
