@@ -36,6 +36,7 @@ from tfmet.descriptors import store as store_lib
 from tfmet.io.atomic import atomic_path, save_json
 from tfmet.io.json_files import read_json
 from tfmet.io.progress import format_seconds
+from tfmet.io.saved_models import load_keras_file
 
 RUN_FILE = "run.json"
 CHUNK_PATTERN = "chunk-{:06d}.npz"
@@ -622,7 +623,7 @@ def build_extractor(
         if path is not None and not os.path.exists(path):  # a file, or a checkpoint directory
             raise FileNotFoundError(f"{path}: weights file not found")
     if model is not None:
-        embedder = keras.saving.load_model(model)
+        embedder = load_keras_file(model, "tfmet Embedder")
         if not isinstance(embedder, Embedder):
             raise ValueError(f"{model}: not a saved tfmet Embedder ({type(embedder).__name__})")
         name, fingerprint = embedder.backbone.name, weights_fingerprint(model)

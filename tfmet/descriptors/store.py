@@ -20,6 +20,7 @@ import numpy as np
 
 import tfmet
 from tfmet.io import json_files
+from tfmet.io.arrays import load_npy
 from tfmet.io.atomic import atomic_path, save_json, save_npy
 from tfmet.io.hashing import file_sha256  # noqa: F401 (public here too)
 
@@ -145,11 +146,9 @@ def read_store(directory, split, mmap=True):
     apath = array_path(directory, split)
     manifest = read_manifest(directory, split)
     try:
-        descriptors = np.load(apath, mmap_mode="r" if mmap else None, allow_pickle=False)
+        descriptors = load_npy(apath, ".npy array", mmap=mmap)
     except FileNotFoundError:
         raise FileNotFoundError(f"{apath}: descriptor array missing next to {mpath}") from None
-    except ValueError as e:
-        raise ValueError(f"{apath}: not a readable .npy array ({e})") from None
     check_manifest(mpath, manifest)
     expected = (manifest.get("count"), manifest.get("dim"))
     if descriptors.ndim != 2 or descriptors.shape != expected or descriptors.dtype != np.float32:

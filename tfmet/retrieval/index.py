@@ -21,6 +21,7 @@ import shutil
 
 import numpy as np
 
+from tfmet.io.arrays import load_npy
 from tfmet.io.atomic import (
     clean_stale_temporaries,
     replace_directory,
@@ -291,7 +292,7 @@ class NeighborIndex:
         index.size, index.dim = int(manifest["size"]), int(manifest["dim"])
         if index.backend == "exact":
             array_path = os.path.join(directory, DATABASE_FILE)
-            database = np.load(array_path, mmap_mode="r", allow_pickle=False)
+            database = load_npy(array_path, "index database", mmap=True)
             if database.shape != (index.size, index.dim) or database.dtype != np.float32:
                 raise ValueError(f"{array_path}: expected float32 {(index.size, index.dim)}")
             index._database = database

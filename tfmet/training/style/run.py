@@ -32,7 +32,9 @@ import numpy as np
 from absl import logging
 
 from tfmet.data import style_datasets
+from tfmet.io import saved_models
 from tfmet.io.atomic import atomic_path, save_json
+from tfmet.io.json_files import read_json
 from tfmet.metrics.topk import bag_probabilities
 from tfmet.retrieval import embedding_tools
 from tfmet.training import rundir
@@ -388,8 +390,10 @@ def read_run_config(workdir):
     path = os.path.join(workdir, CONFIG_FILE)
     if not os.path.exists(path):
         raise FileNotFoundError(f"{workdir} is not a tfmet-train-style run: no {CONFIG_FILE}")
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
+    config = read_json(path, "run config")
+    if not isinstance(config, dict) or not isinstance(config.get("model"), dict):
+        raise ValueError(f"{path}: not a tfmet-train-style run config")
+    return config
 
 
 def load_classifier(path, trust_model=False):
@@ -428,14 +432,14 @@ def load_classifier(path, trust_model=False):
             "checkpoint"
         )
     try:
-        model = keras.saving.load_model(path, safe_mode=not trust_model)
+        model = saved_models.load_keras_file(path, "Keras model", safe_mode=not trust_model)
     except ValueError as e:
         if "safe mode" in str(e):
             raise ValueError(
                 f"{path} contains a hub module (a SavedModel program); load it only if you "
                 "trust the file (--trust_model)"
             ) from None
-        raise ValueError(f"{path}: not a loadable Keras model ({e})") from None
+        raise
     if not isinstance(model, StyleClassifier):
         raise ValueError(f"{path}: holds a {type(model).__name__}, not a StyleClassifier")
     return model
