@@ -62,7 +62,7 @@ def _export_recognizer():
             FLAGS.results_json, FLAGS.k, FLAGS.tau, FLAGS.dim if FLAGS["dim"].present else None
         )
     except ValueError as e:
-        if FLAGS.results_json:
+        if FLAGS.results_json or (FLAGS.k is not None and FLAGS.tau is not None):
             raise
         raise UsageError("the recogniser needs --k and --tau, or --results_json") from e
     extractor, spec = model_flags.build_extractor(model_flags.values())
