@@ -23,7 +23,8 @@ Training: `ContrastiveTrainer` steps (float32) of a ResNet-18 Embedder on `--tra
 of `--train_size` square images (both images of a pair in one batch, as the trainer runs them),
 steps/s after warm-up steps.
 
-Prints one line per measurement, then a summary table; `--summary_file` also writes the table.
+Prints one line per measurement, then a summary table; `--summary_file` also writes the table,
+rewritten after every measurement (a run stopped by a time limit leaves what it measured).
 """
 
 import os
@@ -140,7 +141,7 @@ def time_extraction(extractor, groups, count):
     return statistics.median(rates), np.concatenate(descriptors)
 
 
-def bench_extraction(device):
+def bench_extraction(device, progress):
     import tensorflow as tf
 
     images = noise_images(FLAGS.num_images, FLAGS.height, FLAGS.width, FLAGS.seed)
@@ -171,6 +172,7 @@ def bench_extraction(device):
                 row["error"] = f"{type(error).__name__}: {str(error).splitlines()[0][:80]}"
                 print(f"extract {name} {precision}: FAILED {row['error']}")
             rows.append(row)
+            progress(rows)
     return rows
 
 
@@ -264,17 +266,21 @@ def main(argv):
         f"orientations), median of {FLAGS.rounds} rounds; random-init weights"
     )
     print(header, flush=True)
-    rows = bench_extraction(device)
+
+    def write(rows, train_rate="not run (yet)"):
+        # After every measurement: a run stopped by a time limit still leaves its table.
+        if FLAGS.summary_file:
+            with open(FLAGS.summary_file, "w") as f:
+                f.write(summary(header, rows, train_rate) + "\n")
+
+    rows = bench_extraction(device, write)
     try:
         train_rate = bench_training(device)
     except Exception as error:
         train_rate = f"FAILED {type(error).__name__}: {str(error).splitlines()[0][:80]}"
         print(f"train: {train_rate}")
-    table = summary(header, rows, train_rate)
-    print("\n" + table)
-    if FLAGS.summary_file:
-        with open(FLAGS.summary_file, "w") as f:
-            f.write(table + "\n")
+    write(rows, train_rate)
+    print("\n" + summary(header, rows, train_rate))
     failed = any("error" in row for row in rows) or not isinstance(train_rate, float)
     return 1 if failed else 0
 

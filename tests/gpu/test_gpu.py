@@ -16,7 +16,7 @@ import pytest
 import skimage.data
 import tensorflow as tf
 
-from tfmet.descriptors import Embedder, build_extractor
+from tfmet.descriptors import DescriptorExtractor, Embedder, build_extractor
 from tfmet.training.contrastive import ContrastiveTrainer
 
 pytestmark = pytest.mark.gpu
@@ -40,14 +40,16 @@ def photo(name):
 
 def test_multiscale_extraction_on_gpu_gives_the_cpu_descriptors(float32_matmuls):
     # As tfmet-extract builds it: registry backbone, BatchNorms folded, scales 1, 2^-0.5, 1/2.
-    extractor, spec = build_extractor("resnet18", seed=0, fold_bn=True)
+    cpu_extractor, spec = build_extractor("resnet18", seed=0, fold_bn=True)
     assert spec.dim == 512
+    # The same model, but its own compiled function: each is traced under its own device.
+    gpu_extractor = DescriptorExtractor(cpu_extractor.embedder, scales=spec.scales)
     for name in PHOTOS:
         image = photo(name)[None].astype(np.float32)
         with tf.device("/CPU:0"):
-            on_cpu = extractor(image)
+            on_cpu = cpu_extractor(image)
         with tf.device("/GPU:0"):
-            on_gpu = extractor(image)
+            on_gpu = gpu_extractor(image)
         assert "CPU" in on_cpu.device and "GPU" in on_gpu.device, (on_cpu.device, on_gpu.device)
         on_cpu, on_gpu = on_cpu.numpy()[0], on_gpu.numpy()[0]
         # Unit rows of 512 entries, ~0.044 each: the two devices differ only by the order of
