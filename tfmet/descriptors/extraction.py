@@ -33,7 +33,7 @@ from tfmet import backbones
 from tfmet.backbones.batchnorm import FoldedBatchNorm, fold_batchnorm  # noqa: F401 (public here too)
 from tfmet.data import images as image_io
 from tfmet.descriptors import store as store_lib
-from tfmet.io.atomic import atomic_path, save_json
+from tfmet.io.atomic import atomic_path, clean_stale_temporaries, save_json
 from tfmet.io.json_files import read_json
 from tfmet.io.progress import format_seconds
 from tfmet.io.saved_models import load_keras_file
@@ -158,6 +158,7 @@ class ChunkDirectory:
 
     def prepare(self, run):
         """Records `run` (settings + paths), or checks that the recorded one is the same."""
+        clean_stale_temporaries(self.directory)  # chunk files a killed run was writing
         if not self.exists():
             os.makedirs(self.directory, exist_ok=True)
             save_json(self.run_path, run)

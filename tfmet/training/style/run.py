@@ -33,7 +33,7 @@ from absl import logging
 
 from tfmet.data import style_datasets
 from tfmet.io import saved_models
-from tfmet.io.atomic import atomic_path, save_json
+from tfmet.io.atomic import atomic_path, clean_stale_temporaries, save_json
 from tfmet.io.json_files import read_json
 from tfmet.metrics.topk import bag_probabilities
 from tfmet.retrieval import embedding_tools
@@ -227,6 +227,7 @@ def train(config, workdir, resume=False):
     check_config(config)
     config_dict = config_to_dict(config)
     os.makedirs(workdir, exist_ok=True)
+    clean_stale_temporaries(workdir)  # what a killed run was writing
     if resume:
         _check_resume_config(workdir, config_dict)
     elif style_train.has_checkpoint(workdir):
