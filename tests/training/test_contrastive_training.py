@@ -371,3 +371,24 @@ def test_pca_projector_needs_more_images_than_dimensions(tree, tmp_path):
         contrastive.train(
             smoke_config(pca=True), tree.info_dir, tree.image_root, str(tmp_path / "p")
         )
+
+
+def test_a_refused_start_writes_nothing_so_its_retry_works(tree, tmp_path):
+    # Initial descriptors of the wrong dimension: refused before config.json or a checkpoint
+    # exists, so the corrected command (and --resume) are not blocked by the failed start.
+    bad = tmp_path / "bad_init"
+    from tfmet.data import met
+
+    count = len(met.load_split(tree.info_dir, "train"))
+    store_lib.write_store(bad, "train", np.zeros((count, 3), np.float32))
+    workdir = tmp_path / "run"
+    with pytest.raises(ValueError, match="initial descriptors have shape"):
+        contrastive.train(
+            smoke_config(), tree.info_dir, tree.image_root, workdir, init_descr=str(bad)
+        )
+    assert not os.path.exists(workdir)
+    with pytest.raises(ValueError, match=r"has no entry `epoks` \(did you mean `epochs`\?\)"):
+        config = smoke_config()
+        config.epoks = 3
+        contrastive.train(config, tree.info_dir, tree.image_root, workdir)
+    assert not os.path.exists(workdir)

@@ -2,6 +2,26 @@
 
 import os
 
+METADATA = os.path.join("assets", "tfmet_metadata.json")
+
+
+def read_export_metadata(path, hint=""):
+    """The metadata dict of a tfmet export (`<path>/assets/tfmet_metadata.json`).
+
+    Raises:
+      FileNotFoundError: no metadata file (not a tfmet export); `hint` is appended.
+      ValueError: the file is not a JSON object.
+    """
+    from tfmet.io.json_files import read_json
+
+    meta_file = os.path.join(os.fspath(path), METADATA)
+    if not os.path.exists(meta_file):
+        raise FileNotFoundError(f"{path}: not a tfmet export (no {METADATA}){hint}")
+    metadata = read_json(meta_file, "export metadata")
+    if not isinstance(metadata, dict):
+        raise ValueError(f"{meta_file}: not a tfmet export's metadata")
+    return metadata
+
 
 def load_saved_model(path):
     """`tf.saved_model.load(path)`; a folder that is not a complete SavedModel (missing or

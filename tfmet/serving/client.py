@@ -1,11 +1,10 @@
 """A recogniser export (tfmet-export --kind recognizer) loaded for answering photos."""
 
 import dataclasses
-import os
 
 import numpy as np
 
-from tfmet.io.json_files import read_json
+from tfmet.io.saved_models import read_export_metadata
 
 NOT_IN_COLLECTION = "not in the collection"
 
@@ -47,13 +46,7 @@ class Answer:
 
 def read_metadata(path):
     """The export's metadata (assets/tfmet_metadata.json)."""
-    meta_file = os.path.join(path, "assets", "tfmet_metadata.json")
-    if not os.path.exists(meta_file):
-        raise FileNotFoundError(f"{path}: not a tfmet export (no {meta_file})")
-    metadata = read_json(meta_file, "export metadata")
-    if not isinstance(metadata, dict):
-        raise ValueError(f"{meta_file}: not a tfmet export's metadata")
-    return metadata
+    return read_export_metadata(path)
 
 
 class Recognizer:

@@ -11,7 +11,6 @@ import numpy as np
 from tfmet.data import images as image_io
 from tfmet.data import style_datasets
 from tfmet.io import saved_models
-from tfmet.io.json_files import read_json
 from tfmet.metrics.topk import bag_probabilities
 from tfmet.retrieval import embedding_tools
 from tfmet.training.style.run import (
@@ -110,12 +109,10 @@ def _check_metadata(path, metadata, signature):
 
 
 def _saved_model_predictor(path):
-    metadata_path = os.path.join(path, "assets", "tfmet_metadata.json")
-    if not os.path.exists(metadata_path):
-        raise ValueError(f"{path}: no assets/tfmet_metadata.json; {SAVED_MODEL_CONTRACT}")
-    metadata = read_json(metadata_path, "export metadata")
-    if not isinstance(metadata, dict):
-        raise ValueError(f"{metadata_path}: not a tfmet export's metadata")
+    try:
+        metadata = saved_models.read_export_metadata(path, f"; {SAVED_MODEL_CONTRACT}")
+    except FileNotFoundError as e:
+        raise ValueError(str(e)) from None
     if metadata.get("kind") != "style" or "class_names" not in metadata:
         raise ValueError(
             f"{path}: a {metadata.get('kind', 'unknown')!r} export, not a style classifier; "
