@@ -249,3 +249,194 @@ def test_descriptor_and_recognizer_signatures_mark_bombs_invalid(tmp_path, bomb,
     out = served(image_bytes=tf.constant(payload))
     assert out["valid"].numpy().tolist() == [True, False, False, True]
     assert out["met_id"].numpy().tolist()[1:3] == [-1, -1]
+
+
+# --- Paths that leave their root through links (Met ground truth) ---------------------------
+
+
+def _touch(path, data=b"x"):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "wb") as f:
+        f.write(data)
+    return path
+
+
+@pytest.fixture
+def met_root(tmp_path):
+    """<tmp>/met/images/MET/1/0.jpg (a file), and <tmp>/outside/secret.jpg beside the root."""
+    image_root = tmp_path / "met"
+    _touch(str(image_root / "images" / "MET" / "1" / "0.jpg"))
+    _touch(str(tmp_path / "outside" / "secret.jpg"))
+    return image_root
+
+
+def test_met_refuses_a_file_link_out_of_the_image_root(met_root, tmp_path):
+    from tfmet.data import met
+
+    os.symlink(tmp_path / "outside" / "secret.jpg", met_root / "images" / "MET" / "1" / "1.jpg")
+    with pytest.raises(ValueError) as raised:
+        met.resolve_image_path(met_root, "MET/1/1.jpg", "valset.json", 4)
+    message = str(raised.value)
+    assert message.startswith("valset.json: entry 4: 'MET/1/1.jpg' resolves to ")
+    assert str(tmp_path / "outside" / "secret.jpg") in message
+    assert "outside the image root" in message
+
+
+def test_met_refuses_a_folder_link_and_dev_zero(met_root, tmp_path):
+    from tfmet.data import met
+
+    os.symlink(tmp_path / "outside", met_root / "images" / "MET" / "2")
+    with pytest.raises(ValueError, match=r"'MET/2/secret.jpg' resolves to .*outside"):
+        met.resolve_image_path(met_root, "MET/2/secret.jpg")
+    os.symlink("/dev/zero", met_root / "images" / "MET" / "1" / "zero.jpg")
+    with pytest.raises(ValueError, match=r"'MET/1/zero.jpg' resolves to /dev/zero"):
+        met.resolve_image_path(met_root, "MET/1/zero.jpg")
+
+
+def test_met_accepts_links_that_stay_inside_and_a_linked_images_folder(met_root, tmp_path):
+    from tfmet.data import met
+
+    inside = met_root / "images" / "MET" / "1" / "link.jpg"
+    os.symlink("0.jpg", inside)
+    assert met.resolve_image_path(met_root, "MET/1/link.jpg") == str(inside)
+    linked_root = tmp_path / "linked"
+    os.mkdir(linked_root)
+    os.symlink(met_root / "images", linked_root / "images")  # e.g. images on another disk
+    assert met.resolve_image_path(linked_root, "MET/1/0.jpg") == str(
+        linked_root / "images" / "MET" / "1" / "0.jpg"
+    )
+
+
+def test_met_image_paths_name_the_ground_truth_file_and_entry(tmp_path):
+    from tests.kit.met_tree import write_met_tree
+    from tfmet.data import met
+
+    tree = write_met_tree(tmp_path / "tree", num_exhibits=2, images_per_exhibit=1)
+    outside = _touch(str(tmp_path / "outside.jpg"))
+    victim = tree.image_path(tree.val[1]["path"])
+    os.remove(victim)
+    os.symlink(outside, victim)
+    split = met.load_split(tree.info_dir, "val")
+    with pytest.raises(ValueError) as raised:
+        met.image_paths(split, tree.image_root)
+    assert str(raised.value).startswith(
+        f"{split.source}: entry 1: {tree.val[1]['path']!r} resolves to {outside}"
+    )
+    assert len(met.image_paths(met.load_split(tree.info_dir, "test"), tree.image_root)) == len(
+        tree.test
+    )
+
+
+@pytest.mark.parametrize("spelling", ["MET/1/./0.jpg", "MET//1/0.jpg", "MET/x/../1/0.jpg"])
+def test_met_duplicates_compare_normalised_paths(spelling):
+    from tfmet.data import met
+
+    entries = [{"path": "MET/1/0.jpg", "MET_id": 1}, {"path": spelling, "MET_id": 1}]
+    with pytest.raises(ValueError) as raised:
+        met.parse_entries(entries, "val", "valset.json")
+    assert str(raised.value) == (
+        f"valset.json: entry 1 repeats path {spelling!r} of entry 0 ('MET/1/0.jpg')"
+    )
+
+
+# --- Paths that leave their root (style datasets) -------------------------------------------
+
+
+@pytest.fixture
+def style_root(tmp_path):
+    """<tmp>/style/Baroque/artist/a.jpg, Cubism/b.jpg, and <tmp>/outside/{secret.jpg, artist/}."""
+    root = tmp_path / "style"
+    _touch(str(root / "Baroque" / "artist" / "a.jpg"))
+    _touch(str(root / "Cubism" / "b.jpg"))
+    _touch(str(tmp_path / "outside" / "secret.jpg"))
+    _touch(str(tmp_path / "outside" / "artist" / "c.jpg"))
+    return root
+
+
+def test_pandora_refuses_linked_folders_and_files_out_of_the_root(style_root, tmp_path):
+    from tfmet.data import style_datasets
+
+    assert len(style_datasets.load_pandora18k(str(style_root))) == 2
+    os.symlink(tmp_path / "outside" / "artist", style_root / "Baroque" / "other")
+    with pytest.raises(ValueError) as raised:
+        style_datasets.load_pandora18k(str(style_root))
+    assert str(raised.value).startswith(
+        f"Pandora18k root {style_root}: 'Baroque/other/c.jpg' resolves to "
+        f"{tmp_path / 'outside' / 'artist' / 'c.jpg'}"
+    )
+    os.remove(style_root / "Baroque" / "other")
+    os.symlink(tmp_path / "outside" / "secret.jpg", style_root / "Baroque" / "artist" / "s.jpg")
+    with pytest.raises(ValueError, match=r"'Baroque/artist/s.jpg' resolves to .*outside the"):
+        style_datasets.load_pandora18k(str(style_root))
+
+
+def test_style_folders_refuse_a_link_to_dev_zero(style_root):
+    from tfmet.data import style_datasets
+
+    assert len(style_datasets.load_folders(str(style_root))) == 2
+    os.symlink("/dev/zero", style_root / "Baroque" / "artist" / "zero.jpg")
+    with pytest.raises(ValueError) as raised:
+        style_datasets.load_folders(str(style_root))
+    assert str(raised.value).startswith(
+        f"style folder root {style_root}: 'Baroque/artist/zero.jpg' resolves to /dev/zero"
+    )
+
+
+def _lists(root, train, test=None):
+    (root / "train.txt").write_text("".join(f"{line}\n" for line in train))
+    if test is not None:
+        (root / "test.txt").write_text("".join(f"{line}\n" for line in test))
+
+
+@pytest.mark.parametrize(
+    ("line", "problem"),
+    [
+        ("../outside/secret.jpg 0", "'path' '../outside/secret.jpg' escapes the image root"),
+        ("/etc/hostname 0", "'path' '/etc/hostname' is absolute"),
+        ("Cubism/../../outside/secret.jpg 0", "escapes the image root"),
+        ("link/secret.jpg 0", "'link/secret.jpg' resolves to "),
+    ],
+)
+def test_wikipaintings_lists_refuse_escaping_entries(style_root, tmp_path, line, problem):
+    from tfmet.data import style_datasets
+
+    os.symlink(tmp_path / "outside", style_root / "link")
+    _lists(style_root, ["Cubism/b.jpg 0", line])
+    with pytest.raises(ValueError) as raised:
+        style_datasets.load_wikipaintings_lists(str(style_root))
+    assert str(raised.value).startswith(f"{style_root / 'train.txt'}:2: ")
+    assert problem in str(raised.value)
+
+
+def test_wikipaintings_lists_normalise_paths_and_refuse_duplicates(style_root):
+    from tfmet.data import style_datasets
+
+    _lists(style_root, ["Cubism/./b.jpg 0"], ["Baroque//artist/a.jpg 1"])
+    records = style_datasets.load_wikipaintings_lists(str(style_root))
+    assert records.paths == ["Cubism/b.jpg", "Baroque/artist/a.jpg"]
+    _lists(style_root, ["Cubism/b.jpg 0"], ["Baroque/artist/a.jpg 1", "x/../Cubism/b.jpg 0"])
+    with pytest.raises(ValueError) as raised:
+        style_datasets.load_wikipaintings_lists(str(style_root))
+    assert str(raised.value) == (
+        f"{style_root / 'test.txt'}:2: 'x/../Cubism/b.jpg' names the same image as "
+        f"'Cubism/b.jpg' ({style_root / 'train.txt'}:1)"
+    )
+
+
+def test_style_csv_refuses_escaping_entries(style_root, tmp_path):
+    from tfmet.data import style_datasets
+
+    os.symlink(tmp_path / "outside" / "secret.jpg", style_root / "Cubism" / "s.jpg")
+    csv_path = style_root / "labels.csv"
+    csv_path.write_text("path,style\nCubism/b.jpg,Cubism\nCubism/s.jpg,Cubism\n")
+    with pytest.raises(ValueError) as raised:
+        style_datasets.load_csv(str(csv_path))
+    assert str(raised.value).startswith(
+        f"{csv_path}:3: 'Cubism/s.jpg' resolves to {tmp_path / 'outside' / 'secret.jpg'}"
+    )
+    csv_path.write_text("path,style\nCubism/b.jpg,Cubism\n../outside/secret.jpg,Cubism\n")
+    with pytest.raises(ValueError, match=r"labels.csv:3: 'path' '../outside/secret.jpg' escapes"):
+        style_datasets.load_csv(str(csv_path))
+    csv_path.write_text("path,style\nCubism/b.jpg,Cubism\n./Cubism/b.jpg,Cubism\n")
+    with pytest.raises(ValueError, match=r"labels.csv:3: './Cubism/b.jpg' names the same image"):
+        style_datasets.load_csv(str(csv_path))
