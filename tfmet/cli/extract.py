@@ -95,6 +95,8 @@ def extract(values):
     input_flags.check(values)
     # Validate the ground truth before TensorFlow loads: bad input fails in a fraction of a second.
     met_splits = [met.load_split(values["info_dir"], s, values["mini"]) for s in values["splits"]]
+    for split in met_splits:  # every path stays below the image root, links followed
+        met.image_paths(split, values["image_root"])
 
     from tfmet.descriptors import extraction
 
