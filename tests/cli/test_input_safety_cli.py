@@ -179,3 +179,40 @@ def test_predict_reports_bombs_and_special_files_in_bounded_memory(tmp_path, sty
     assert _error_lines(stderr, "tfmet-predict") == [
         f"tfmet-predict: error: {good}: image declares 30x20 = 600 px, over the limit of 100 px"
     ]
+
+
+@pytest.fixture(scope="module")
+def recognizer_export(tmp_path_factory):
+    """A recogniser SavedModel over a random 8-row database (tiny backbone)."""
+    from tests.kit import tiny_backbone
+    from tfmet.backbones import IMAGENET_TORCH
+    from tfmet.descriptors import Embedder
+    from tfmet.export import RecognizerModule, save_module
+
+    embedder = Embedder(tiny_backbone(channels=8, seed=3), preprocessing=IMAGENET_TORCH)
+    database = np.eye(8, dtype=np.float32)
+    module = RecognizerModule(embedder, database, np.arange(8), k=2, tau=10.0)
+    path = tmp_path_factory.mktemp("recognizer") / "saved_model"
+    return save_module(module, path, module.signatures(), {"kind": "recognizer"})
+
+
+@pytest.mark.slow
+def test_recognize_skips_fifos_devices_and_bombs_in_a_folder(tmp_path, recognizer_export):
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    Image.fromarray(np.full((20, 30, 3), 90, np.uint8)).save(folder / "a_good.png")
+    bombs.write_png_bomb(folder / "b_bomb.png", 20000)
+    os.mkfifo(folder / "c_fifo.jpg")
+    os.symlink("/dev/zero", folder / "d_zero.jpg")
+    command = [sys.executable, "-m", "tfmet.cli.recognize", f"--model={recognizer_export}"]
+    code, stderr, peak = _measured(tmp_path, *command, "--json", "--noprogress", folder)
+    print(f"tfmet-recognize on the bomb: peak RSS {peak / 2**20:.0f} MiB")
+    assert code == 0, stderr[-3000:]
+    assert peak < PEAK_RSS_LIMIT, f"peak RSS {peak / 2**20:.0f} MiB"
+    skipped = [line for line in stderr.splitlines() if line.startswith("tfmet-recognize: skipped")]
+    assert skipped[0].startswith(f"tfmet-recognize: skipped {folder / 'b_bomb.png'}: declared")
+    assert skipped[1:] == [
+        f"tfmet-recognize: skipped {folder / 'c_fifo.jpg'}: not a regular file (a FIFO)",
+        f"tfmet-recognize: skipped {folder / 'd_zero.jpg'}: not a regular file (a character "
+        "device)",
+    ]

@@ -440,3 +440,21 @@ def test_style_csv_refuses_escaping_entries(style_root, tmp_path):
     csv_path.write_text("path,style\nCubism/b.jpg,Cubism\n./Cubism/b.jpg,Cubism\n")
     with pytest.raises(ValueError, match=r"labels.csv:3: './Cubism/b.jpg' names the same image"):
         style_datasets.load_csv(str(csv_path))
+
+
+# --- Beam reads local files as the single-machine extraction does ---------------------------
+
+
+def test_beam_read_image_bytes_refuses_special_files(tmp_path, watchdog):
+    pytest.importorskip("apache_beam")
+    from tfmet.beam import transforms
+
+    good = _touch(str(tmp_path / "good.png"), ENCODED["png"])
+    reader = transforms.ReadImageBytes()
+    for path, reason in [(good, None), *_special_files(tmp_path).values()]:
+        key = transforms.RowKey("val", 0, 0, 1, 0, os.path.basename(path), path)
+        (out,) = list(reader.process(key))
+        if reason is None:
+            assert out == (key, ENCODED["png"])
+        else:
+            assert out.tag == transforms.UNREADABLE and out.value[1].reason == reason
