@@ -458,3 +458,45 @@ def test_beam_read_image_bytes_refuses_special_files(tmp_path, watchdog):
             assert out == (key, ENCODED["png"])
         else:
             assert out.tag == transforms.UNREADABLE and out.value[1].reason == reason
+
+
+# --- GIF: frames larger than the screen, and many frames ------------------------------------
+
+
+def test_gif_frames_are_counted_not_just_the_logical_screen():
+    # giflib holds every frame at its own size: a 10x10 screen may carry a 20000x20000 frame.
+    big_frame = bombs.gif_frames((10, 10), [(20000, 20000)])
+    assert [int(v) for v in images.declared_pixels(big_frame)] == [20000, 20000, 1, 400_000_000]
+    with pytest.raises(images.ImageRefused) as raised:
+        images.decode_image(big_frame)
+    assert images.error_reason(raised.value) == BOMB_REASON
+    animation = bombs.gif_frames((3000, 3000), [(3000, 3000)] * 1000)  # 15 KB, 9 Gpx in all
+    assert len(animation) < 20_000
+    expected = (
+        "image declares 1000 frames of up to 3000x3000 = 9000.0 Mpx in all, over the limit of "
+        "89.5 Mpx"
+    )
+    with pytest.raises(images.ImageRefused) as raised:
+        images.decode_image(animation)
+    assert images.error_reason(raised.value) == expected
+    mapped = tf.data.Dataset.from_tensors(animation).map(images.decode_image)
+    with pytest.raises(tf.errors.InvalidArgumentError) as raised:
+        next(iter(mapped))
+    assert images.error_reason(raised.value) == expected
+
+
+def test_gif_frames_of_a_real_animation():
+    frames = [
+        Image.fromarray(np.random.default_rng(i).integers(0, 256, (60, 80), np.uint8), "L")
+        for i in range(12)
+    ]
+    buffer = io.BytesIO()
+    frames[0].save(buffer, "GIF", save_all=True, append_images=frames[1:])
+    data = buffer.getvalue()
+    assert [int(v) for v in images.declared_pixels(data)] == [60, 80, 12, 12 * 4800]
+    assert images.decode_image(data).shape == (60, 80, 3)  # the first frame
+    with pytest.raises(images.ImageRefused) as raised:
+        images.decode_image(data, max_pixels=50_000)
+    assert images.error_reason(raised.value) == (
+        "image declares 12 frames of up to 80x60 = 57600 px in all, over the limit of 50000 px"
+    )

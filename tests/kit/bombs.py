@@ -49,6 +49,18 @@ def gif_header(width, height):
     return b"GIF89a" + struct.pack("<HHBBB", width, height, 0, 0, 0) + b";"
 
 
+def gif_frames(screen, frames):
+    """A GIF89a with a `screen` (width, height) logical screen, a comment extension, and one
+    image descriptor per (width, height) in `frames`, each with a few bytes of (not decodable)
+    image data in two sub-blocks: the structure a decoder walks, declaring what it would hold."""
+    comment = b"\x21\xfe" + b"\x03abc" + b"\x00"
+    images = b"".join(
+        b"\x2c" + struct.pack("<HHHHB", 0, 0, w, h, 0) + b"\x02" + b"\x02\x4c\x01\x01\x00\x00"
+        for w, h in frames
+    )
+    return b"GIF89a" + struct.pack("<HHBBB", *screen, 0, 0, 0) + comment + images + b";"
+
+
 def bmp_header(width, height):
     """A 24-bit BMP file and info header declaring width x height (no pixel data)."""
     info = struct.pack("<IiiHHIIiiII", 40, width, height, 1, 24, 0, 0, 2835, 2835, 0, 0)

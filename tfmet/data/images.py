@@ -105,15 +105,82 @@ def _webp_size(head, chunk):
     return tf.where(known, height, -1), tf.where(known, width, -1)
 
 
-def declared_size(image_bytes):
-    """(height, width) int64 scalars an image's header declares, without decoding it.
+_GIF_IMAGE, _GIF_EXTENSION = 0x2C, 0x21
+
+
+@tf.function(input_signature=[tf.TensorSpec([], tf.string)], autograph=False)
+def _gif_frames(image_bytes):
+    """(frames, their total area, height and width of the largest) of a GIF's image descriptors.
+
+    giflib reads every frame of a GIF into memory (one byte per pixel of each frame's own size)
+    before TensorFlow keeps the first, and a frame may be far larger than the logical screen: the
+    blocks are walked (sub-blocks skipped by their length bytes) to add them up. A tf.function, so
+    that eager callers run the loop as a graph.
+    """
+    data = tf.io.decode_raw(image_bytes + b"\0" * 16, tf.uint8)  # reads past the end give 0
+    size = tf.size(data, out_type=tf.int64) - 16
+
+    def gather(positions):
+        return tf.cast(tf.gather(data, tf.minimum(positions, size + 15)), tf.int64)
+
+    def byte(i):
+        return gather(tf.cast(i, tf.int64))
+
+    def table(packed):  # a colour table of 3 * 2^(n+1) bytes follows when bit 7 is set
+        return tf.where(
+            packed >= 128, tf.bitwise.left_shift(tf.constant(3, tf.int64), packed % 8 + 1), 0
+        )
+
+    # Encoders write full 255-byte sub-blocks: a chain of them is jumped in one step by looking
+    # at the length bytes 256 apart (up to 1024 at once), so a 64 MiB GIF takes ~300 steps.
+    strides = tf.range(1024, dtype=tf.int64) * 256
+
+    def next_sub_block(p):
+        full = tf.cast(gather(p + strides) == 255, tf.int32)
+        run = tf.argmin(tf.concat([full, [0]], axis=0), output_type=tf.int64)  # leading 255s
+        return tf.where(run > 0, p + 256 * run, p + 1 + byte(p))
+
+    def skip_sub_blocks(pos):  # each: a length byte and its data; a 0 length ends the run
+        return tf.while_loop(lambda p: byte(p) > 0, next_sub_block, [pos])[0] + 1
+
+    def body(pos, frames, total, largest, height, width, done):
+        b = byte(pos)
+        image = b == _GIF_IMAGE
+        extension = b == _GIF_EXTENSION
+        w = byte(pos + 5) + 256 * byte(pos + 6)
+        h = byte(pos + 7) + 256 * byte(pos + 8)
+        bigger = image & (w * h > largest)
+        data_start = tf.where(image, pos + 11 + table(byte(pos + 9)), pos + 2)
+        next_pos = tf.cond(image | extension, lambda: skip_sub_blocks(data_start), lambda: pos)
+        return (
+            next_pos,
+            frames + tf.cast(image, tf.int64),
+            total + tf.where(image, w * h, 0),
+            tf.where(bigger, w * h, largest),
+            tf.where(bigger, h, height),
+            tf.where(bigger, w, width),
+            ~image & ~extension,  # the trailer, or anything unexpected
+        )
+
+    zero = tf.constant(0, tf.int64)
+    start = 13 + table(byte(10))
+    state = (start, zero, zero, zero, zero, zero, tf.constant(False))
+    state = tf.while_loop(lambda pos, *rest: ~rest[-1] & (pos < size), body, state)
+    return state[1], state[2], state[4], state[5]
+
+
+@tf.function(input_signature=[tf.TensorSpec([], tf.string)], autograph=False)
+def declared_pixels(image_bytes):
+    """(height, width, frames, pixels) int64 scalars an image declares, without decoding it.
 
     JPEG: the SOF marker (`tf.image.extract_jpeg_shape`; a header too broken to hold one raises
-    `InvalidArgumentError`, as decoding would). PNG: IHDR. GIF: the logical screen. BMP: the info
-    header. WebP: the VP8X canvas, or the VP8 / VP8L frame. (-1, -1) for anything else (which
-    the decoder then refuses). Pure TensorFlow: eager or inside `Dataset.map` / `tf.function`.
+    `InvalidArgumentError`, as decoding would). PNG: IHDR. BMP: the info header. WebP: the VP8X
+    canvas, or the VP8 / VP8L frame. GIF: the logical screen and every frame's image descriptor
+    (`_gif_frames`): the larger of the screen and the largest frame, the number of frames, and the
+    larger of the screen's and the frames' total area. Other formats: one frame of height x
+    width. (-1, -1, 1, 1) for anything else (which the decoder then refuses). A tf.function of
+    TensorFlow ops (one graph call eagerly, ~1 ms; or inside `Dataset.map` / `tf.function`).
     """
-    image_bytes = tf.convert_to_tensor(image_bytes, tf.string)
     text, head = _header(image_bytes)
 
     def magic(start, value):
@@ -134,27 +201,52 @@ def declared_size(image_bytes):
         for found, size in ((is_webp, webp), (is_bmp, bmp), (is_gif, gif), (is_png, png)):
             value = tf.where(found, size[axis], value)
         sizes.append(value)
+    one = tf.constant(1, tf.int64)
 
     def jpeg():
         shape = tf.cast(tf.image.extract_jpeg_shape(image_bytes), tf.int64)
-        return shape[0], shape[1]
+        return shape[0], shape[1], one, shape[0] * shape[1]
 
-    return tf.cond(tf.io.is_jpeg(image_bytes), jpeg, lambda: (sizes[0], sizes[1]))
+    def animation():
+        frames, total, height, width = _gif_frames(image_bytes)
+        screen = gif[0] * gif[1]
+        frame_bigger = height * width > screen
+        return (
+            tf.where(frame_bigger, height, gif[0]),
+            tf.where(frame_bigger, width, gif[1]),
+            tf.maximum(frames, 1),
+            tf.maximum(total, screen),
+        )
+
+    def still():
+        return sizes[0], sizes[1], one, sizes[0] * sizes[1]
+
+    return tf.cond(tf.io.is_jpeg(image_bytes), jpeg, lambda: tf.cond(is_gif, animation, still))
 
 
-def too_many_pixels(height, width, max_pixels):
-    """The refusal reason for an image declaring `height` x `width` pixels, or "" if it fits."""
-    pixels = int(height) * int(width)
+def declared_size(image_bytes):
+    """(height, width) int64 scalars an image's header declares (see `declared_pixels`)."""
+    height, width, _, _ = declared_pixels(image_bytes)
+    return height, width
+
+
+def too_many_pixels(height, width, max_pixels, frames=1, pixels=None):
+    """The refusal reason for an image declaring `frames` of up to `height` x `width` (`pixels`
+    in all, default their product), or "" if it fits `max_pixels`."""
+    pixels = int(height) * int(width) if pixels is None else int(pixels)
     if max_pixels is None or pixels <= int(max_pixels):
         return ""
+    frames = int(frames)
+    what = f"{frames} frames of up to " if frames > 1 else ""
+    total = " in all" if frames > 1 else ""
     return (
-        f"image declares {int(width)}x{int(height)} = {megapixels(pixels)}, over the limit of "
-        f"{megapixels(int(max_pixels))}"
+        f"image declares {what}{int(width)}x{int(height)} = {megapixels(pixels)}{total}, over the "
+        f"limit of {megapixels(int(max_pixels))}"
     )
 
 
 def check_pixels(image_bytes, max_pixels=DEFAULT_MAX_PIXELS):
-    """Refuses `image_bytes` whose header declares more than `max_pixels` pixels.
+    """Refuses `image_bytes` that declare more than `max_pixels` pixels (`declared_pixels`).
 
     Eagerly raises `ImageRefused`; in a graph returns the op that fails with the same reason
     (`InvalidArgumentError`, "assertion failed: [<reason>]"), which decoding must depend on.
@@ -163,26 +255,28 @@ def check_pixels(image_bytes, max_pixels=DEFAULT_MAX_PIXELS):
         return tf.no_op()
     if int(max_pixels) < 1:
         raise ValueError(f"`max_pixels` must be positive or None. Received: {max_pixels}")
-    height, width = declared_size(image_bytes)
+    height, width, frames, pixels = declared_pixels(image_bytes)
     if tf.executing_eagerly():
-        reason = too_many_pixels(height, width, max_pixels)
+        reason = too_many_pixels(height, width, max_pixels, frames, pixels)
         if reason:
             raise ImageRefused(reason)
         return tf.no_op()
-    pixels = height * width
     count = tf.where(
         pixels < SMALL_PIXELS,
         tf.strings.as_string(pixels) + " px",
         tf.strings.as_string(tf.cast(pixels, tf.float64) / 1e6, precision=1) + " Mpx",
     )
+    animated = frames > 1
     reason = tf.strings.join(
         [
             "image declares ",
+            tf.where(animated, tf.strings.as_string(frames) + " frames of up to ", ""),
             tf.strings.as_string(width),
             "x",
             tf.strings.as_string(height),
             " = ",
             count,
+            tf.where(animated, " in all", ""),
             ", over the limit of ",
             megapixels(int(max_pixels)),
         ]
@@ -252,6 +346,8 @@ def error_reason(error):
     refused = _ASSERTION.search(text)  # `check_pixels` in a graph: the reason alone
     if refused:
         return refused.group(1)
+    if text.startswith("Graph execution error:"):  # an op of a tf.function: its message alone
+        text = text.split("\n\n")[-1].split("\n\t")[0].strip()
     return f"{type(error).__name__}: {text}"
 
 
