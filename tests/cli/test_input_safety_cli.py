@@ -103,7 +103,7 @@ def test_extract_max_pixels_flag(tmp_path):
     code, stderr, _ = _measured(tmp_path, *_extract(tree, tmp_path / "o2", "--max_pixels=0"))
     assert code == 2
     assert _error_lines(stderr, "tfmet-extract") == [
-        "tfmet-extract: error: --max_pixels must be a positive integer, got 0"
+        "tfmet-extract: error: --max_pixels must be a positive integer. Received: 0"
     ]
 
 

@@ -16,7 +16,7 @@ does; --raw for none) and the tuned k and tau (--k/--tau, or --results_json from
 from absl import flags
 
 from tfmet.cli import model_flags  # the descriptor model, as tfmet-extract
-from tfmet.cli.common import UsageError, no_arguments, run_program
+from tfmet.cli.common import UsageError, check_outputs, no_arguments, run_program
 
 FLAGS = flags.FLAGS
 
@@ -62,7 +62,7 @@ def _export_recognizer():
             FLAGS.results_json, FLAGS.k, FLAGS.tau, FLAGS.dim if FLAGS["dim"].present else None
         )
     except ValueError as e:
-        if FLAGS.results_json:
+        if FLAGS.results_json or (FLAGS.k is not None and FLAGS.tau is not None):
             raise
         raise UsageError("the recogniser needs --k and --tau, or --results_json") from e
     extractor, spec = model_flags.build_extractor(model_flags.values())
@@ -100,6 +100,7 @@ def main(argv):
     no_arguments(argv)
     if not FLAGS.kind or not FLAGS.out:
         raise UsageError("--kind and --out are required")
+    check_outputs(folders=("out",))
     import tfmet
     from tfmet.export import metadata_signature, save_module
     from tfmet.export.common import check_export_dir

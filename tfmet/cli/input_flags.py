@@ -25,4 +25,4 @@ def check(values):
     """Raises UsageError unless the limits in `values` (a dict with `NAMES`) are positive."""
     for name in NAMES:
         if values[name] is None or int(values[name]) < 1:
-            raise UsageError(f"--{name} must be a positive integer, got {values[name]}")
+            raise UsageError(f"--{name} must be a positive integer. Received: {values[name]}")
