@@ -85,10 +85,12 @@ class ReadImageBytes(beam.DoFn):
         self.unreadable = beam.metrics.Metrics.counter(NAMESPACE, "unreadable_files")
 
     def process(self, key):
-        from tfmet.data.images import error_reason
+        from tfmet.data.images import error_reason, read_image_bytes
 
         try:
-            data = read_bytes(key.file)
+            # A local file is read as tfmet-extract reads it: a regular file of at most 64 MiB
+            # (a FIFO would block the worker forever, a link to /dev/zero fill its memory).
+            data = read_bytes(key.file) if is_remote(key.file) else read_image_bytes(key.file)
         # Any exception: besides OSErrors, remote file systems raise their own client errors
         # (e.g. google.api_core NotFound), and one bad file must not fail the pipeline.
         except Exception as e:

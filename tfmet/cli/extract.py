@@ -7,7 +7,9 @@ writes `<output_dir>/<split>_descriptors.npy` + `<split>_manifest.json` per spli
 run the same command again: finished chunks are kept. On several machines, run each with
 `--num_shards=N --shard_index=i` into the same output folder, then `tfmet-extract --merge
 --output_dir=...`. Settings can come from a config file (`--config=configs/extract_met.py`);
-flags given on the command line override it. See docs/extraction.md.
+flags given on the command line override it. Images whose header declares more than
+--max_pixels pixels, files over --max_bytes and files that are not regular files (FIFOs, devices)
+become invalid rows with the reason, never decoded. See docs/extraction.md.
 """
 
 import sys
@@ -15,7 +17,10 @@ import sys
 from absl import flags, logging
 from ml_collections import config_flags
 
-from tfmet.cli import model_flags  # --backbone, --weights, --model, ...
+from tfmet.cli import (
+    input_flags,  # --max_pixels, --max_bytes
+    model_flags,  # --backbone, --weights, --model, ...
+)
 from tfmet.cli.common import UsageError, check_outputs, no_arguments, require, run_program
 
 FLAGS = flags.FLAGS
@@ -61,6 +66,8 @@ SETTINGS = (
     "num_parallel_reads",
     "fold_bn",
     "keep_chunks",
+    "max_pixels",
+    "max_bytes",
 )
 
 
@@ -109,8 +116,11 @@ def extract(values):
     from tfmet.data import met
 
     require(values, "info_dir", "image_root", "output_dir")
+    input_flags.check(values)
     # Validate the ground truth before TensorFlow loads: bad input fails in a fraction of a second.
     met_splits = [met.load_split(values["info_dir"], s, values["mini"]) for s in values["splits"]]
+    for split in met_splits:  # every path stays below the image root, links followed
+        met.image_paths(split, values["image_root"])
 
     from tfmet.descriptors import extraction
 
@@ -130,6 +140,8 @@ def extract(values):
         num_parallel_reads=values["num_parallel_reads"],
         progress=FLAGS.progress,
         keep_chunks=values["keep_chunks"],
+        max_pixels=values["max_pixels"],
+        max_bytes=values["max_bytes"],
     )
     for r in reports:
         logging.info(

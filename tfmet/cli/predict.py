@@ -5,7 +5,9 @@
     tfmet-predict --model runs/pandora18k --nearest 5 painting.jpg   # + nearest training paintings
 
 --model is a run directory, a .keras file, a checkpoint .weights.h5 (in a run), or an exported
-SavedModel directory (tfmet-export).
+SavedModel directory (tfmet-export). A file that is not a regular file, holds more than
+--max_bytes bytes or declares more than --max_pixels pixels is reported (one line naming it and
+the reason) and skipped, never decoded; the exit status is then 2.
 """
 
 import json
@@ -13,6 +15,7 @@ import sys
 
 from absl import flags
 
+from tfmet.cli import input_flags  # --max_pixels, --max_bytes
 from tfmet.cli.common import UsageError, require, run_program
 
 FLAGS = flags.FLAGS
@@ -34,11 +37,14 @@ def main(argv):
         raise UsageError("give one or more image files")
     if FLAGS.top_k < 1:
         raise UsageError(f"--top_k must be positive, got {FLAGS.top_k}")
+    input_flags.check(FLAGS.flag_values_dict())
     from tfmet.training.style import predict as style_predict
     from tfmet.training.style import run as style_run
 
     predictor = style_predict.load_predictor(FLAGS.model, trust_model=FLAGS.trust_model)
-    images, good, errors = style_predict.read_images(paths, predictor.image_size)
+    images, good, errors = style_predict.read_images(
+        paths, predictor.image_size, max_pixels=FLAGS.max_pixels, max_bytes=FLAGS.max_bytes
+    )
     for path, reason in errors:  # bad files are reported and skipped; the exit status says so
         print(f"tfmet-predict: error: {path}: {reason}", file=sys.stderr)
     if not good:

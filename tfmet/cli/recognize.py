@@ -49,14 +49,21 @@ def photo_paths(arguments):
 
 
 def read_photos(paths):
-    """Yields (path, bytes) of the readable images; reports the others on stderr."""
+    """Yields (path, bytes) of the readable images; reports the others on stderr.
+
+    Only regular files of at most 64 MiB are read (`tfmet.data.images.read_image_bytes`): a FIFO
+    named like a photo in a folder would otherwise block forever.
+    """
+    from tfmet.data.images import ImageRefused, error_reason, read_image_bytes
     from tfmet.serving import BadImage, check_image
 
     for path in paths:
         try:
-            with open(path, "rb") as f:
-                data = f.read()
+            data = read_image_bytes(path)
             check_image(data)
+        except ImageRefused as e:
+            print(f"{PROGRAM}: skipped {path}: {error_reason(e)}", file=sys.stderr)
+            continue
         except (OSError, BadImage) as e:
             print(f"{PROGRAM}: skipped {path}: {e}", file=sys.stderr)
             continue

@@ -11,11 +11,15 @@ _EXPORTS = {
     "image_paths": "met",
     "load_split": "met",
     "resolve_image_path": "met",
+    "ImageRefused": "images",
     "cap_max_side": "images",
+    "declared_pixels": "images",
+    "declared_size": "images",
     "decode_image": "images",
     "load_image": "images",
     "load_images": "images",
     "read_image": "images",
+    "read_image_bytes": "images",
 }
 
 __all__ = sorted(_EXPORTS)

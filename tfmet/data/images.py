@@ -12,16 +12,47 @@ float32 RGB [H, W, 3] in [0, 255], the image's native resolution.
 
 `load_images` maps a list of files to `{"index", "image", "ok", "error"}` elements in list order;
 a file that cannot be read or decoded yields `ok=False`, an empty [0, 0, 3] image and the reason.
+
+Memory is bounded by what an input declares, before anything is decoded (docs/extraction.md):
+
+- `read_image_bytes` reads only regular files (after following links: a FIFO, a device, a
+  directory or a socket is refused without opening it for a blocking read) of at most `max_bytes`
+  (default `DEFAULT_MAX_BYTES`, 64 MiB).
+- `decode_image` reads the width and height the header declares (JPEG SOF, PNG IHDR, GIF logical
+  screen, BMP info header, WebP VP8/VP8L/VP8X: `declared_size`) and refuses an image of more than
+  `max_pixels` (default `DEFAULT_MAX_PIXELS`, Pillow's 89,478,485) before decoding it: a 400 KB
+  PNG declaring 20000x20000 costs nothing instead of 10 GB.
+
+Refusals raise `ImageRefused` (an `InvalidArgumentError`, so every caller that survives a bad
+image survives these) with a one-line reason such as "image declares 20000x20000 = 400.0 Mpx, over
+the limit of 89.5 Mpx".
 """
 
+import functools
+import os
 import re
+import stat
 
 import tensorflow as tf
 
+from tfmet.data.limits import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS, SMALL_PIXELS, megapixels
+
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+_HEADER_BYTES = 32  # every supported format but JPEG declares its size in the first 30 bytes
+
+
+class ImageRefused(tf.errors.InvalidArgumentError):
+    """An input refused before decoding: not a regular file, too many bytes, too many pixels."""
+
+    def __init__(self, message):
+        super().__init__(None, None, message)
+
 
 _OP_PREFIX = re.compile(r"^\{\{function_node [^}]*\}\}\s*")
 _OP_SUFFIX = re.compile(r"\s*\[Op:\w+\](\s*name:.*)?$")
+# `check_pixels` failing in a graph: "assertion failed: [<reason>]" + the node
+_ASSERTION = re.compile(r"assertion failed: \[(image declares .*?)\]\s*(\[\[\{\{node .*)?$", re.S)
 
 
 def _decode_jpeg(image_bytes):
@@ -40,13 +71,232 @@ def _decode_other(image_bytes):
     return tf.cast(image, tf.float32)
 
 
-def decode_image(image_bytes):
+def _header(image_bytes):
+    """The first 32 bytes of `image_bytes`, zero-padded when shorter: (string, int64 [32])."""
+    head = tf.strings.substr(image_bytes, 0, _HEADER_BYTES) + b"\0" * _HEADER_BYTES
+    head = tf.strings.substr(head, 0, _HEADER_BYTES)
+    return head, tf.cast(tf.io.decode_raw(head, tf.uint8), tf.int64)
+
+
+def _little(head, start, length):
+    return sum(head[start + k] * (256**k) for k in range(length))
+
+
+def _big(head, start, length):
+    return sum(head[start + k] * (256 ** (length - 1 - k)) for k in range(length))
+
+
+def _bmp_size(head):
+    core = _little(head, 14, 4) == 12  # BITMAPCOREHEADER: 16-bit sides
+    width = tf.where(core, _little(head, 18, 2), _little(head, 18, 4))
+    height = tf.where(core, _little(head, 20, 2), _little(head, 22, 4))
+    height = tf.where(~core & (height >= 2**31), 2**32 - height, height)  # top-down: negative
+    return height, width
+
+
+def _webp_size(head, chunk):
+    vp8l = _little(head, 21, 4)
+    vp8x = (_little(head, 27, 3) + 1, _little(head, 24, 3) + 1)
+    lossy = (_little(head, 28, 2) % 16384, _little(head, 26, 2) % 16384)
+    lossless = ((vp8l // 16384) % 16384 + 1, vp8l % 16384 + 1)
+    height = tf.where(chunk == b"VP8X", vp8x[0], tf.where(chunk == b"VP8L", lossless[0], lossy[0]))
+    width = tf.where(chunk == b"VP8X", vp8x[1], tf.where(chunk == b"VP8L", lossless[1], lossy[1]))
+    known = (chunk == b"VP8X") | (chunk == b"VP8L") | (chunk == b"VP8 ")
+    return tf.where(known, height, -1), tf.where(known, width, -1)
+
+
+_GIF_IMAGE, _GIF_EXTENSION = 0x2C, 0x21
+
+
+@tf.function(input_signature=[tf.TensorSpec([], tf.string)], autograph=False)
+def _gif_frames(image_bytes):
+    """(frames, their total area, height and width of the largest) of a GIF's image descriptors.
+
+    giflib reads every frame of a GIF into memory (one byte per pixel of each frame's own size)
+    before TensorFlow keeps the first, and a frame may be far larger than the logical screen: the
+    blocks are walked (sub-blocks skipped by their length bytes) to add them up. A tf.function, so
+    that eager callers run the loop as a graph.
+    """
+    data = tf.io.decode_raw(image_bytes + b"\0" * 16, tf.uint8)  # reads past the end give 0
+    size = tf.size(data, out_type=tf.int64) - 16
+
+    def gather(positions):
+        return tf.cast(tf.gather(data, tf.minimum(positions, size + 15)), tf.int64)
+
+    def byte(i):
+        return gather(tf.cast(i, tf.int64))
+
+    def table(packed):  # a colour table of 3 * 2^(n+1) bytes follows when bit 7 is set
+        return tf.where(
+            packed >= 128, tf.bitwise.left_shift(tf.constant(3, tf.int64), packed % 8 + 1), 0
+        )
+
+    # Encoders write full 255-byte sub-blocks: a chain of them is jumped in one step by looking
+    # at the length bytes 256 apart (up to 1024 at once), so a 64 MiB GIF takes ~300 steps.
+    strides = tf.range(1024, dtype=tf.int64) * 256
+
+    def next_sub_block(p):
+        full = tf.cast(gather(p + strides) == 255, tf.int32)
+        run = tf.argmin(tf.concat([full, [0]], axis=0), output_type=tf.int64)  # leading 255s
+        return tf.where(run > 0, p + 256 * run, p + 1 + byte(p))
+
+    def skip_sub_blocks(pos):  # each: a length byte and its data; a 0 length ends the run
+        return tf.while_loop(lambda p: byte(p) > 0, next_sub_block, [pos])[0] + 1
+
+    def body(pos, frames, total, largest, height, width, done):
+        b = byte(pos)
+        image = b == _GIF_IMAGE
+        extension = b == _GIF_EXTENSION
+        w = byte(pos + 5) + 256 * byte(pos + 6)
+        h = byte(pos + 7) + 256 * byte(pos + 8)
+        bigger = image & (w * h > largest)
+        data_start = tf.where(image, pos + 11 + table(byte(pos + 9)), pos + 2)
+        next_pos = tf.cond(image | extension, lambda: skip_sub_blocks(data_start), lambda: pos)
+        return (
+            next_pos,
+            frames + tf.cast(image, tf.int64),
+            total + tf.where(image, w * h, 0),
+            tf.where(bigger, w * h, largest),
+            tf.where(bigger, h, height),
+            tf.where(bigger, w, width),
+            ~image & ~extension,  # the trailer, or anything unexpected
+        )
+
+    zero = tf.constant(0, tf.int64)
+    start = 13 + table(byte(10))
+    state = (start, zero, zero, zero, zero, zero, tf.constant(False))
+    state = tf.while_loop(lambda pos, *rest: ~rest[-1] & (pos < size), body, state)
+    return state[1], state[2], state[4], state[5]
+
+
+@tf.function(input_signature=[tf.TensorSpec([], tf.string)], autograph=False)
+def declared_pixels(image_bytes):
+    """(height, width, frames, pixels) int64 scalars an image declares, without decoding it.
+
+    JPEG: the SOF marker (`tf.image.extract_jpeg_shape`; a header too broken to hold one raises
+    `InvalidArgumentError`, as decoding would). PNG: IHDR. BMP: the info header. WebP: the VP8X
+    canvas, or the VP8 / VP8L frame. GIF: the logical screen and every frame's image descriptor
+    (`_gif_frames`): the larger of the screen and the largest frame, the number of frames, and the
+    larger of the screen's and the frames' total area. Other formats: one frame of height x
+    width. (-1, -1, 1, 1) for anything else (which the decoder then refuses). A tf.function of
+    TensorFlow ops (one graph call eagerly, ~1 ms; or inside `Dataset.map` / `tf.function`).
+    """
+    text, head = _header(image_bytes)
+
+    def magic(start, value):
+        return tf.strings.substr(text, start, len(value)) == value
+
+    unknown = tf.constant(-1, tf.int64)
+    png = (_big(head, 20, 4), _big(head, 16, 4))
+    gif = (_little(head, 8, 2), _little(head, 6, 2))
+    bmp = _bmp_size(head)
+    webp = _webp_size(head, tf.strings.substr(text, 12, 4))
+    is_png = magic(0, PNG_SIGNATURE)
+    is_gif = magic(0, b"GIF")
+    is_bmp = magic(0, b"BM")
+    is_webp = magic(0, b"RIFF") & magic(8, b"WEBP")
+    sizes = []
+    for axis in (0, 1):
+        value = unknown
+        for found, size in ((is_webp, webp), (is_bmp, bmp), (is_gif, gif), (is_png, png)):
+            value = tf.where(found, size[axis], value)
+        sizes.append(value)
+    one = tf.constant(1, tf.int64)
+
+    def jpeg():
+        shape = tf.cast(tf.image.extract_jpeg_shape(image_bytes), tf.int64)
+        return shape[0], shape[1], one, shape[0] * shape[1]
+
+    def animation():
+        frames, total, height, width = _gif_frames(image_bytes)
+        screen = gif[0] * gif[1]
+        frame_bigger = height * width > screen
+        return (
+            tf.where(frame_bigger, height, gif[0]),
+            tf.where(frame_bigger, width, gif[1]),
+            tf.maximum(frames, 1),
+            tf.maximum(total, screen),
+        )
+
+    def still():
+        return sizes[0], sizes[1], one, sizes[0] * sizes[1]
+
+    return tf.cond(tf.io.is_jpeg(image_bytes), jpeg, lambda: tf.cond(is_gif, animation, still))
+
+
+def declared_size(image_bytes):
+    """(height, width) int64 scalars an image's header declares (see `declared_pixels`)."""
+    height, width, _, _ = declared_pixels(image_bytes)
+    return height, width
+
+
+def too_many_pixels(height, width, max_pixels, frames=1, pixels=None):
+    """The refusal reason for an image declaring `frames` of up to `height` x `width` (`pixels`
+    in all, default their product), or "" if it fits `max_pixels`."""
+    pixels = int(height) * int(width) if pixels is None else int(pixels)
+    if max_pixels is None or pixels <= int(max_pixels):
+        return ""
+    frames = int(frames)
+    what = f"{frames} frames of up to " if frames > 1 else ""
+    total = " in all" if frames > 1 else ""
+    return (
+        f"image declares {what}{int(width)}x{int(height)} = {megapixels(pixels)}{total}, over the "
+        f"limit of {megapixels(int(max_pixels))}"
+    )
+
+
+def check_pixels(image_bytes, max_pixels=DEFAULT_MAX_PIXELS):
+    """Refuses `image_bytes` that declare more than `max_pixels` pixels (`declared_pixels`).
+
+    Eagerly raises `ImageRefused`; in a graph returns the op that fails with the same reason
+    (`InvalidArgumentError`, "assertion failed: [<reason>]"), which decoding must depend on.
+    """
+    if max_pixels is None:
+        return tf.no_op()
+    if int(max_pixels) < 1:
+        raise ValueError(f"`max_pixels` must be positive or None. Received: {max_pixels}")
+    height, width, frames, pixels = declared_pixels(image_bytes)
+    if tf.executing_eagerly():
+        reason = too_many_pixels(height, width, max_pixels, frames, pixels)
+        if reason:
+            raise ImageRefused(reason)
+        return tf.no_op()
+    count = tf.where(
+        pixels < SMALL_PIXELS,
+        tf.strings.as_string(pixels) + " px",
+        tf.strings.as_string(tf.cast(pixels, tf.float64) / 1e6, precision=1) + " Mpx",
+    )
+    animated = frames > 1
+    reason = tf.strings.join(
+        [
+            "image declares ",
+            tf.where(animated, tf.strings.as_string(frames) + " frames of up to ", ""),
+            tf.strings.as_string(width),
+            "x",
+            tf.strings.as_string(height),
+            " = ",
+            count,
+            tf.where(animated, " in all", ""),
+            ", over the limit of ",
+            megapixels(int(max_pixels)),
+        ]
+    )
+    return tf.debugging.Assert(pixels <= int(max_pixels), [reason], name="check_pixels")
+
+
+def decode_image(image_bytes, max_pixels=DEFAULT_MAX_PIXELS):
     """Encoded JPEG/PNG/GIF/BMP/WebP bytes -> float32 RGB [H, W, 3] in [0, 255].
 
+    An image whose header declares more than `max_pixels` pixels (None: no limit) is refused
+    before it is decoded (`check_pixels`).
+
     Raises (eagerly; inside tf.data the error stops the element) `tf.errors.InvalidArgumentError`
-    for data that is not a decodable image. `load_images` turns those into `ok=False` rows.
+    for data that is not a decodable image, `ImageRefused` (one of those) for too many pixels.
+    `load_images` turns those into `ok=False` rows.
     """
     image_bytes = tf.convert_to_tensor(image_bytes, tf.string)
+    with tf.control_dependencies([check_pixels(image_bytes, max_pixels)]):
+        image_bytes = tf.identity(image_bytes)
     is_png = tf.strings.substr(image_bytes, 0, len(PNG_SIGNATURE)) == PNG_SIGNATURE
     image = tf.cond(
         tf.io.is_jpeg(image_bytes),
@@ -84,6 +334,8 @@ def cap_max_side(image, max_side):
 
 def error_reason(error):
     """A one-line reason for a read/decode failure, without TF's op decorations."""
+    if isinstance(error, ImageRefused):
+        return error.message
     if isinstance(error, tf.errors.OpError):
         text = error.message
     elif isinstance(error, OSError) and error.strerror:
@@ -91,15 +343,64 @@ def error_reason(error):
     else:
         text = str(error)
     text = _OP_SUFFIX.sub("", _OP_PREFIX.sub("", text.strip()))
+    refused = _ASSERTION.search(text)  # `check_pixels` in a graph: the reason alone
+    if refused:
+        return refused.group(1)
+    if text.startswith("Graph execution error:"):  # an op of a tf.function: its message alone
+        text = text.split("\n\n")[-1].split("\n\t")[0].strip()
     return f"{type(error).__name__}: {text}"
 
 
-def read_image(path):
-    """Reads and decodes one image file eagerly -> (float32 [H, W, 3] or None, reason or "")."""
+_FILE_KINDS = (
+    (stat.S_ISDIR, "a directory"),
+    (stat.S_ISFIFO, "a FIFO"),
+    (stat.S_ISCHR, "a character device"),
+    (stat.S_ISBLK, "a block device"),
+    (stat.S_ISSOCK, "a socket"),
+)
+
+
+def _check_size(size, max_bytes):
+    if max_bytes is not None and size > max_bytes:
+        raise ImageRefused(f"file holds {size:,} bytes, over the limit of {int(max_bytes):,} bytes")
+
+
+def _check_file(status, max_bytes):
+    if not stat.S_ISREG(status.st_mode):
+        kind = next((name for test, name in _FILE_KINDS if test(status.st_mode)), "special")
+        raise ImageRefused(f"not a regular file ({kind})")
+    _check_size(status.st_size, max_bytes)
+
+
+def read_image_bytes(path, max_bytes=DEFAULT_MAX_BYTES):
+    """The bytes of the regular file at `path` (links followed), at most `max_bytes` of them.
+
+    Raises:
+      ImageRefused: the file (after links) is a FIFO, device, directory or socket, or holds
+        more than `max_bytes` bytes (None: no limit).
+      OSError: it cannot be read (missing, no permission, ...).
+    """
+    if max_bytes is not None and int(max_bytes) < 1:
+        raise ValueError(f"`max_bytes` must be positive or None. Received: {max_bytes}")
+    _check_file(os.stat(path), max_bytes)
+    # O_NONBLOCK: a FIFO put there after the stat does not block the open; fstat then refuses it.
+    descriptor = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    with os.fdopen(descriptor, "rb") as f:
+        status = os.fstat(f.fileno())
+        _check_file(status, max_bytes)
+        data = f.read() if max_bytes is None else f.read(int(max_bytes) + 1)
+    _check_size(len(data), max_bytes)  # it grew after the stat
+    return data
+
+
+def read_image(path, max_pixels=DEFAULT_MAX_PIXELS, max_bytes=DEFAULT_MAX_BYTES):
+    """Reads and decodes one image file eagerly -> (float32 [H, W, 3] or None, reason or "").
+
+    `max_bytes` and `max_pixels` bound what the file may declare (`read_image_bytes`,
+    `decode_image`); a refused file gives None and the reason, like an unreadable one.
+    """
     try:
-        with open(path, "rb") as f:
-            data = f.read()
-        image = decode_image(data)
+        image = decode_image(read_image_bytes(path, max_bytes), max_pixels)
     except (OSError, tf.errors.OpError) as e:
         return None, error_reason(e)
     if image.shape[0] == 0 or image.shape[1] == 0:
@@ -107,19 +408,21 @@ def read_image(path):
     return image, ""
 
 
-def _read_image_py(path):
-    image, reason = read_image(path.numpy().decode("utf-8"))
+def _read_image_py(path, max_pixels, max_bytes):
+    image, reason = read_image(path.numpy().decode("utf-8"), max_pixels, max_bytes)
     if image is None:
         return tf.zeros([0, 0, 3], tf.float32), reason
     return image, reason
 
 
-def load_image(path, max_side=None):
+def load_image(path, max_side=None, max_pixels=DEFAULT_MAX_PIXELS, max_bytes=DEFAULT_MAX_BYTES):
     """Graph-compatible: path (tf.string) -> (image float32 [H, W, 3], ok bool, error tf.string).
 
-    Failures never raise: they give an empty [0, 0, 3] image, ok=False and the reason.
+    Failures never raise: they give an empty [0, 0, 3] image, ok=False and the reason. Files
+    over `max_bytes` or declaring more than `max_pixels` pixels are failures (`read_image`).
     """
-    image, error = tf.py_function(_read_image_py, [path], [tf.float32, tf.string])
+    read = functools.partial(_read_image_py, max_pixels=max_pixels, max_bytes=max_bytes)
+    image, error = tf.py_function(read, [path], [tf.float32, tf.string])
     image.set_shape([None, None, 3])
     error.set_shape([])
     ok = tf.equal(error, "")
@@ -128,14 +431,26 @@ def load_image(path, max_side=None):
     return image, ok, error
 
 
-def load_images(paths, max_side=None, num_parallel_calls=tf.data.AUTOTUNE, indices=None):
+def load_images(
+    paths,
+    max_side=None,
+    num_parallel_calls=tf.data.AUTOTUNE,
+    indices=None,
+    max_pixels=DEFAULT_MAX_PIXELS,
+    max_bytes=DEFAULT_MAX_BYTES,
+):
     """A tf.data.Dataset over image files, in order, that survives unreadable files.
 
     Args:
       paths: list of file paths.
       max_side: optional cap on the long side (see `cap_max_side`); None keeps native size.
+        The cap applies after decoding: `max_pixels` is what bounds the decoder's memory.
       num_parallel_calls: parallel reads/decodes.
       indices: optional int64 ids to report instead of 0..len(paths)-1 (e.g. row numbers).
+      max_pixels: images whose header declares more pixels are `ok=False` rows, not decoded
+        (None: no limit).
+      max_bytes: files larger than this are `ok=False` rows, not read (None: no limit). Only
+        regular files are read: FIFOs, devices and directories are `ok=False` rows.
 
     Returns:
       Dataset of dicts {"index": int64, "image": float32 [H, W, 3] in [0, 255], "ok": bool,
@@ -150,7 +465,7 @@ def load_images(paths, max_side=None, num_parallel_calls=tf.data.AUTOTUNE, indic
     )
 
     def load(index, path):
-        image, ok, error = load_image(path, max_side)
+        image, ok, error = load_image(path, max_side, max_pixels, max_bytes)
         return {"index": index, "image": image, "ok": ok, "error": error}
 
     return dataset.map(load, num_parallel_calls=num_parallel_calls, deterministic=True)

@@ -6,7 +6,9 @@ Files in an `info_dir` (see docs/extraction.md):
     valset.json / testset.json                   [{"path": "test_met/...", "MET_id": <int>}, ...]
 
 Query entries without `MET_id` are distractors (other art, non-art) and get label -1. Images live
-under `<image_root>/images/<path>`.
+under `<image_root>/images/<path>`: a path must be relative, stay below that folder lexically
+(no "..") and after following symbolic links (`resolve_image_path`), and name each file once
+(`a/./b`, `a//b` and `x/../a/b` are the same entry as `a/b`).
 """
 
 import dataclasses
@@ -16,6 +18,7 @@ import posixpath
 import numpy as np
 
 from tfmet.io.json_files import read_json
+from tfmet.io.paths import RootResolver
 
 SPLITS = ("train", "val", "test")
 DISTRACTOR = -1
@@ -62,9 +65,13 @@ def split_file(info_dir, split, mini=False):
     return os.path.join(os.fspath(info_dir), name)
 
 
+def _where(source, index):
+    return source if index is None else f"{source}: entry {index}"
+
+
 def check_relative_path(path, source="<paths>", index=None):
     """Raises ValueError unless `path` is a relative path that stays below its root."""
-    where = source if index is None else f"{source}: entry {index}"
+    where = _where(source, index)
     if not isinstance(path, str) or not path:
         raise ValueError(f"{where}: 'path' must be a non-empty string. Received: {path!r}")
     if "\x00" in path or "\\" in path:
@@ -76,19 +83,33 @@ def check_relative_path(path, source="<paths>", index=None):
         raise ValueError(f"{where}: 'path' {path!r} escapes the image root")
 
 
-def resolve_image_path(image_root, path):
-    """`<image_root>/images/<path>`, refusing paths that would leave `<image_root>/images`."""
-    check_relative_path(path)
-    base = os.path.join(os.fspath(image_root), "images")
-    full = os.path.normpath(os.path.join(base, *path.split("/")))
-    if os.path.commonpath([os.path.abspath(base), os.path.abspath(full)]) != os.path.abspath(base):
-        raise ValueError(f"path {path!r} escapes the image root {base}")
-    return full
+class _ImageRoot(RootResolver):
+    """`<image_root>/images`, resolving entries' paths below it (links followed)."""
+
+    def __init__(self, image_root):
+        super().__init__(os.path.join(os.fspath(image_root), "images"), "the image root")
+
+    def resolve(self, path, source="<paths>", index=None):
+        check_relative_path(path, source, index)
+        full = os.path.normpath(os.path.join(self.root, *path.split("/")))
+        return self.check(full, path, _where(source, index))
+
+
+def resolve_image_path(image_root, path, source="<paths>", index=None):
+    """`<image_root>/images/<path>`, refusing paths that leave `<image_root>/images`.
+
+    Symbolic links are followed: a link (to a file, or a folder on the way) that lands outside the
+    image root's real path is refused like "..". `source` and `index` (the ground-truth file and
+    the entry) name the culprit in the ValueError.
+    """
+    return _ImageRoot(image_root).resolve(path, source, index)
 
 
 def image_paths(split, image_root):
-    """Full paths of a `MetSplit`'s images under `image_root`."""
-    return [resolve_image_path(image_root, p) for p in split.paths]
+    """Full paths of a `MetSplit`'s images under `image_root` (each checked as
+    `resolve_image_path` does; a ValueError names `split.source` and the entry)."""
+    root = _ImageRoot(image_root)
+    return [root.resolve(p, split.source, i) for i, p in enumerate(split.paths)]
 
 
 def _is_int(value):
@@ -129,11 +150,12 @@ def parse_entries(entries, split, source="<entries>"):
             raise ValueError(f"{source}: entry {i} has no '{label_key}' key")
         else:
             label = DISTRACTOR
-        if path in first_index:
-            raise ValueError(
-                f"{source}: entry {i} repeats path {path!r} of entry {first_index[path]}"
-            )
-        first_index[path] = i
+        key = posixpath.normpath(path)  # a/./b, a//b, x/../a/b: one file
+        if key in first_index:
+            first = first_index[key]
+            same = "" if entries[first]["path"] == path else f" ({entries[first]['path']!r})"
+            raise ValueError(f"{source}: entry {i} repeats path {path!r} of entry {first}{same}")
+        first_index[key] = i
         paths.append(path)
         labels.append(label)
     return paths, np.asarray(labels, dtype=np.int64).reshape(-1)

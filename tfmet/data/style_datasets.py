@@ -17,6 +17,12 @@ Layouts:
   RASTA's `*_train`/`*_val`/`*_test`), one such tree per split.
 - CSV: a header row with a path column and one column per attribute; empty cells are -1.
 
+Every image must stay below the root, also after following symbolic links: an absolute path, a
+".." that climbs out, or a link (to a file or a folder) that lands outside the root's real path is
+refused with a ValueError naming the entry and the file (list file and line, CSV row, or the
+root folder) it came from. List and CSV paths are normalised (`a/./b`, `a//b` and `x/../a/b` are
+`a/b`), and naming one image twice is refused.
+
 Splits are per-class stratified, seeded and written to a JSON file of relative paths, so every run
 on the same data uses the same images (`load_or_create_split`).
 """
@@ -24,6 +30,7 @@ on the same data uses the same images (`load_or_create_split`).
 import csv
 import dataclasses
 import os
+import posixpath
 import re
 import time
 
@@ -32,8 +39,10 @@ import tensorflow as tf
 from absl import logging
 
 from tfmet.data import images as image_io
+from tfmet.data.met import check_relative_path
 from tfmet.io.atomic import save_json
 from tfmet.io.json_files import read_json
+from tfmet.io.paths import RootResolver
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp")
 SPLITS = ("train", "val", "test")
@@ -140,6 +149,26 @@ def _records(root, paths, columns, splits=None, class_names=None):
     return StyleRecords(os.path.abspath(root), paths, labels, names, splits)
 
 
+def _confine(root, entries):
+    """Normalised paths of `entries` ((relative path, where) pairs), each checked to stay below
+    `root` lexically and after following links, and named once; else ValueError naming `where`."""
+    resolver = RootResolver(root, "the image root")
+    paths, first = [], {}
+    for path, where in entries:
+        check_relative_path(path, where)
+        normal = posixpath.normpath(path)
+        resolver.check(os.path.join(root, *normal.split("/")), path, where)
+        if normal in first:
+            raise ValueError(f"{where}: {path!r} names the same image as {first[normal]}")
+        first[normal] = f"{path!r} ({where})"
+        paths.append(normal)
+    return paths
+
+
+def _confine_tree(root, paths, what):
+    return _confine(root, [(p, f"{what} {root}") for p in paths])
+
+
 def load_pandora18k(root):
     """Pandora18k: `<root>/<movement>/<artist>/<image>` -> attributes "style" and "artist"."""
     _require_dir(root, "Pandora18k root")
@@ -157,6 +186,7 @@ def load_pandora18k(root):
                 artists.append(artist)
     if not paths:
         raise ValueError(f"Pandora18k root {root}: no images found in <movement>/<artist>/ folders")
+    paths = _confine_tree(root, paths, "Pandora18k root")
     return _records(root, paths, {"style": styles, "artist": artists})
 
 
@@ -201,7 +231,7 @@ def load_folders(root):
         paths, styles = _folder_tree(root, root)
         if not paths:
             raise ValueError(f"style folder root {root}: no images found in <style>/ folders")
-        return _records(root, paths, {"style": styles})
+        return _records(root, _confine_tree(root, paths, "style folder root"), {"style": styles})
     paths, styles, splits = [], [], {}
     for split in SPLITS:
         if split in split_dirs:
@@ -209,6 +239,7 @@ def load_folders(root):
             splits[split] = np.arange(len(paths), len(paths) + len(p), dtype=np.int64)
             paths += p
             styles += s
+    paths = _confine_tree(root, paths, "style folder root")
     return _records(root, paths, {"style": styles}, splits=splits)
 
 
@@ -235,7 +266,12 @@ def read_classes_file(path):
 
 def read_list_file(path):
     """`relative/path label` lines -> (paths, labels as strings). Comma or whitespace separated."""
-    paths, labels = [], []
+    lines = list(_list_lines(path))
+    return [image for _, image, _ in lines], [label for _, _, label in lines]
+
+
+def _list_lines(path):
+    """(line number, image path, label) of each `relative/path label` line of a list file."""
     with open(path, encoding="utf-8") as f:
         for number, line in enumerate(f, 1):
             line = line.strip()
@@ -249,9 +285,7 @@ def read_list_file(path):
             image, label = image.strip(), label.strip()
             if not image or not label:
                 raise ValueError(f"{path}:{number}: expected 'path label', found {line!r}")
-            paths.append(image.replace("\\", "/"))
-            labels.append(label)
-    return paths, labels
+            yield number, image.replace("\\", "/"), label
 
 
 def _find_list_file(list_dir, split):
@@ -279,14 +313,16 @@ def load_wikipaintings_lists(root, list_dir=None, classes_file=None):
     if classes_file is None and os.path.isfile(os.path.join(list_dir, "classes.txt")):
         classes_file = os.path.join(list_dir, "classes.txt")
     index_names = read_classes_file(classes_file) if classes_file else None
-    paths, styles, splits = [], [], {}
+    entries, styles, splits = [], [], {}
     for split in SPLITS:
         list_path = _find_list_file(list_dir, split)
         if list_path is None:
             if split == "train":
                 raise FileNotFoundError(f"WikiPaintings lists: no train.txt/.csv in {list_dir}")
             continue
-        split_paths, split_labels = read_list_file(list_path)
+        lines = list(_list_lines(list_path))
+        split_paths = [(image, f"{list_path}:{number}") for number, image, _ in lines]
+        split_labels = [label for _, _, label in lines]
         if index_names is not None:
             names = []
             for label in split_labels:
@@ -297,10 +333,11 @@ def load_wikipaintings_lists(root, list_dir=None, classes_file=None):
                     )
                 names.append(index_names[int(label)])
             split_labels = names
-        splits[split] = np.arange(len(paths), len(paths) + len(split_paths), dtype=np.int64)
-        paths += split_paths
+        splits[split] = np.arange(len(entries), len(entries) + len(split_paths), dtype=np.int64)
+        entries += split_paths
         styles += split_labels
     class_names = None if index_names is None else {"style": list(index_names)}
+    paths = _confine(root, entries)
     return _records(root, paths, {"style": styles}, splits=splits, class_names=class_names)
 
 
@@ -332,6 +369,8 @@ def load_csv(csv_path, root=None, path_column="path", attributes=None):
     for number, path in enumerate(paths, 2):
         if not path:
             raise ValueError(f"{csv_path}:{number}: empty {path_column!r}")
+    entries = [(path, f"{csv_path}:{number}") for number, path in enumerate(paths, 2)]
+    paths = _confine(root, entries)
     columns = {a: [(row[a] or "").strip() for row in rows] for a in attributes}
     return _records(root, paths, columns)
 

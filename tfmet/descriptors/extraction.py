@@ -16,6 +16,9 @@ image list) are never mixed in: the run stops with an error naming the differenc
 Images are read and decoded in parallel by tf.data (`tfmet.data.images.load_images`) at native
 resolution. Files that cannot be read or decoded, and images on which the model fails or gives a
 non-finite descriptor, become zero rows with valid=False and a recorded reason; the run goes on.
+So do files that are not regular files (FIFOs, devices, directories), files over `max_bytes`
+and images whose header declares more than `max_pixels` pixels: they are refused before they are
+read or decoded, so memory stays bounded whatever the image tree holds.
 """
 
 import dataclasses
@@ -32,6 +35,7 @@ from absl import logging as absl_logging
 from tfmet import backbones
 from tfmet.backbones.batchnorm import FoldedBatchNorm, fold_batchnorm  # noqa: F401 (public here too)
 from tfmet.data import images as image_io
+from tfmet.data.limits import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS
 from tfmet.descriptors import store as store_lib
 from tfmet.io.atomic import atomic_path, clean_stale_temporaries, save_json
 from tfmet.io.json_files import read_json
@@ -364,6 +368,8 @@ def extract_split(
     progress=True,
     merge=True,
     keep_chunks=False,
+    max_pixels=DEFAULT_MAX_PIXELS,
+    max_bytes=DEFAULT_MAX_BYTES,
 ):
     """Extracts one split's descriptors into chunk files, then (unsharded) merges them.
 
@@ -383,6 +389,9 @@ def extract_split(
       progress: show a progress bar.
       merge: with one shard, write the store once every chunk exists.
       keep_chunks: keep the chunk files after merging (they are deleted by default).
+      max_pixels: an image whose header declares more pixels is an invalid row, never decoded
+        (None: no limit).
+      max_bytes: a file of more bytes is an invalid row, never read (None: no limit).
 
     Returns:
       a `SplitReport`.
@@ -426,6 +435,8 @@ def extract_split(
             max_side=spec.max_side,
             num_parallel_calls=num_parallel_reads,
             indices=rows,
+            max_pixels=max_pixels,
+            max_bytes=max_bytes,
         ).prefetch(tf.data.AUTOTUNE)
         elements = iter(dataset)
         for j in todo:

@@ -3,6 +3,7 @@
 import numpy as np
 import tensorflow as tf
 
+from tfmet.data.images import DEFAULT_MAX_PIXELS
 from tfmet.descriptors.embedder import MET_SCALES, DescriptorExtractor
 from tfmet.export.common import map_image_bytes
 from tfmet.layers import l2_normalize
@@ -16,7 +17,8 @@ class DescriptorModule(tf.Module):
 
     Signatures (see `signatures()`): `serving_default` takes `image_bytes` (string [N], any mix
     of sizes and formats) and returns `descriptor` (float32 [N, D]) and `valid` (bool [N]; rows of
-    undecodable images are zero and invalid); `images` takes float32 RGB `images` [N, H, W, 3] in
+    undecodable images, and of images declaring more than `max_pixels` pixels, are zero and
+    invalid); `images` takes float32 RGB `images` [N, H, W, 3] in
     [0, 255] (one size per batch) and returns `descriptor`.
 
     Args:
@@ -25,6 +27,8 @@ class DescriptorModule(tf.Module):
       resize_method: "torch" or "tf" (see `tfmet.descriptors.resize`).
       pca_mean, pca_projection: PCA-whitening to bake in: descriptor = L2((d - mean) P).
       max_side: optional cap on the long side of decoded images (no cap by default).
+      max_pixels: images whose header declares more pixels are invalid rows, never decoded
+        (default Pillow's 89,478,485; None: no limit).
     """
 
     def __init__(
@@ -36,11 +40,13 @@ class DescriptorModule(tf.Module):
         pca_projection=None,
         max_side=None,
         name=None,
+        max_pixels=DEFAULT_MAX_PIXELS,
     ):
         super().__init__(name=name)
         self.extractor = DescriptorExtractor(embedder, scales, resize_method)
         self.embedder = embedder
         self.max_side = max_side
+        self.max_pixels = None if max_pixels is None else int(max_pixels)
         if (pca_mean is None) != (pca_projection is None):
             raise ValueError("Give both `pca_mean` and `pca_projection`, or neither.")
         self.whitened = pca_projection is not None
@@ -73,7 +79,11 @@ class DescriptorModule(tf.Module):
 
     def _describe_bytes(self, image_bytes):
         descriptor, valid = map_image_bytes(
-            image_bytes, lambda x: self.descriptors(x)[0], [self.dim], max_side=self.max_side
+            image_bytes,
+            lambda x: self.descriptors(x)[0],
+            [self.dim],
+            max_side=self.max_side,
+            max_pixels=self.max_pixels,
         )
         return {"descriptor": descriptor, "valid": valid}
 

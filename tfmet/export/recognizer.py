@@ -46,7 +46,8 @@ class RecognizerModule(DescriptorModule):
     """The recognition pipeline as a tf.Module; see `signatures()`.
 
     Args:
-      embedder, scales, resize_method, pca_mean, pca_projection, max_side: as `DescriptorModule`.
+      embedder, scales, resize_method, pca_mean, pca_projection, max_side, max_pixels: as
+        `DescriptorModule` (an image declaring more than `max_pixels` pixels is an invalid row).
       database: database descriptors [M, D] in the output space of the descriptor (whitened, L2).
       labels: Met ids [M] of the database rows.
       k, tau: the kNN classifier's parameters.
@@ -157,7 +158,11 @@ class RecognizerModule(DescriptorModule):
 
     def _recognize_bytes(self, image_bytes):
         descriptor, valid = map_image_bytes(
-            image_bytes, lambda x: self.descriptors(x)[0], [self.dim], max_side=self.max_side
+            image_bytes,
+            lambda x: self.descriptors(x)[0],
+            [self.dim],
+            max_side=self.max_side,
+            max_pixels=self.max_pixels,
         )
         out = self._recognize_descriptors(descriptor)
         column = valid[:, None]

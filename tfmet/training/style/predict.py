@@ -10,6 +10,7 @@ import numpy as np
 
 from tfmet.data import images as image_io
 from tfmet.data import style_datasets
+from tfmet.data.limits import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS
 from tfmet.io import saved_models
 from tfmet.metrics.topk import bag_probabilities
 from tfmet.retrieval import embedding_tools
@@ -133,14 +134,19 @@ def _saved_model_predictor(path):
     return Predictor(predict_logits, metadata["class_names"], metadata["image_size"])
 
 
-def read_images(paths, image_size):
-    """Decodes and resizes image files -> (images [n, S, S, 3], readable paths, errors)."""
+def read_images(paths, image_size, max_pixels=DEFAULT_MAX_PIXELS, max_bytes=DEFAULT_MAX_BYTES):
+    """Decodes and resizes image files -> (images [n, S, S, 3], readable paths, errors).
+
+    A file that is missing, not a regular file (a FIFO, a device), over `max_bytes`, declaring
+    more than `max_pixels` pixels (checked before decoding) or undecodable is an error
+    (path, reason), not an image.
+    """
     images, good, errors = [], [], []
     for path in paths:
-        if not os.path.isfile(path):
+        if not os.path.exists(path):
             errors.append((path, "file not found"))
             continue
-        image, reason = image_io.read_image(path)
+        image, reason = image_io.read_image(path, max_pixels=max_pixels, max_bytes=max_bytes)
         if image is None:
             errors.append((path, reason))
             continue
