@@ -15,7 +15,7 @@ uninterrupted run would have seen from that point on.
 
 import tensorflow as tf
 
-from tfmet.data.images import decode_image
+from tfmet.data.images import ImageRefused, decode_image, read_image_bytes
 
 
 def pair_seeds(seed, epoch, position):
@@ -30,9 +30,23 @@ def pair_seeds(seed, epoch, position):
     )
 
 
+def _file_bytes(path):
+    path = path.numpy().decode("utf-8")
+    try:
+        return read_image_bytes(path)
+    except ImageRefused as e:  # a FIFO, a device, a file over the byte limit: name it
+        raise ImageRefused(f"{path}: {e.message}") from None
+
+
 def read_image(path):
-    """Reads and decodes one image file (graph op): float32 [H, W, 3] in [0, 255]."""
-    return decode_image(tf.io.read_file(path))
+    """Reads and decodes one image file (graph op): float32 [H, W, 3] in [0, 255].
+
+    Only regular files within the byte limit are read (a FIFO named like a photo would block
+    training forever), and the declared pixel count is checked before decoding.
+    """
+    data = tf.py_function(_file_bytes, [path], tf.string)
+    data.set_shape([])
+    return decode_image(data)
 
 
 def pair_dataset(
