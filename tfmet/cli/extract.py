@@ -51,6 +51,7 @@ SETTINGS = (
     "multiscale",
     "resize_method",
     "max_side",
+    "precision",
     "mini",
     "splits",
     "queries_only",
@@ -87,6 +88,7 @@ def extract(values):
     require(values, "info_dir", "image_root", "output_dir")
     # Validate the ground truth before TensorFlow loads: bad input fails in a fraction of a second.
     met_splits = [met.load_split(values["info_dir"], s, values["mini"]) for s in values["splits"]]
+    model_flags.check_precision(values)
 
     from tfmet.descriptors import extraction
 
