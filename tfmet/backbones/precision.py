@@ -54,3 +54,11 @@ def set_precision(model, precision):
     for layer in layers:
         layer.dtype_policy = policy
     return model
+
+
+def model_precision(model):
+    """ "bfloat16" or "float16" if a layer of `model` computes in it, else "float32"."""
+    for layer in model._flatten_layers(include_self=True, recursive=True):
+        if layer.compute_dtype in ("bfloat16", "float16"):
+            return layer.compute_dtype
+    return "float32"

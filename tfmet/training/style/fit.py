@@ -26,6 +26,7 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
+from tfmet.backbones.precision import model_precision
 from tfmet.io.atomic import atomic_path, save_json
 from tfmet.metrics.topk import TopKAccuracy, top_k_accuracy
 from tfmet.training.style.evaluate import TOP_KS, confusion_image, confusion_matrix
@@ -386,6 +387,8 @@ class StyleMonitor(keras.callbacks.Callback):
 def _prepare_run(model, settings, steps_per_epoch, workdir, resume):
     """Compiles `model`; restores its checkpoint when resuming. Returns the state or None."""
     optimizer = make_optimizer(settings, steps_per_epoch)
+    if model_precision(model) == "float16":  # float16 gradients underflow without loss scaling
+        optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
     compile_for_attributes(model, model_attributes(model), optimizer)
     paths = checkpoint_paths(workdir)
     if has_checkpoint(workdir) and not resume:
