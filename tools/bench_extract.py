@@ -6,7 +6,7 @@
 
 For each backbone, the same weights run in both frameworks (a Keras trunk from the tfmet
 registry, BatchNorm statistics calibrated on an image batch so that activations have realistic
-scales, copied into the compact torchvision-layout model of tests/torch_models.py), on the same
+scales, copied into the compact torchvision-layout model of tests/kit/torch_models.py), on the same
 generated JPEGs of Met-like sizes (long side 500, mixed aspect ratios and orientations):
 
 - "tfmet": `extract_split` end to end as `tfmet-extract` runs it (tf.data parallel read +
@@ -124,7 +124,7 @@ def torch_trunk_like(keras_model, name):
     import keras
     import torch
 
-    from tests import torch_models
+    from tests.kit import torch_models
 
     net = torch_models.resnet(name)
     state = net.state_dict()
