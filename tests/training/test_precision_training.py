@@ -167,3 +167,25 @@ def test_style_train_refuses_a_bad_precision_before_writing(tmp_path):
     with pytest.raises(ValueError, match="config `model.precision` must be one of"):
         style_run.train(config, str(workdir))
     assert not workdir.exists()
+
+
+@pytest.mark.slow  # a whole (smoke) training run: ~30 s on an idle 2-core machine
+def test_contrastive_float16_run_end_to_end(tmp_path):
+    import glob
+    import json
+
+    from tests.kit.met_tree import write_met_tree
+
+    tree = write_met_tree(tmp_path / "met")
+    workdir = str(tmp_path / "run")
+    config = _contrastive_smoke(precision="float16", epochs=1)
+    result = contrastive.train(config, tree.info_dir, tree.image_root, workdir)
+    assert result.finished and all(np.isfinite(e["loss"]) for e in result.history)
+    manifests = glob.glob(os.path.join(workdir, "descriptors", "epoch_*", "*_manifest.json"))
+    assert manifests  # the stores mined from and validated on record their precision
+    for path in manifests:
+        with open(path) as f:
+            assert json.load(f)["precision"] == "float16", path
+    model = keras.saving.load_model(result.model_path)
+    assert model_precision(model.backbone) == "float16"  # saved with its dtype policies
+    assert model.pool.compute_dtype == "float32"
