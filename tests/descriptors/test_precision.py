@@ -152,6 +152,17 @@ def test_stores_without_the_field_read_as_float32(tree, tmp_path):
         _extract(tree, tmp_path, "bfloat16")
 
 
+def test_check_output_precision_before_building_a_model(tree, tmp_path):
+    extraction.check_output_precision(tmp_path, "val", "bfloat16")  # nothing there yet
+    _extract(tree, tmp_path, "float16", merge=False)
+    with pytest.raises(ValueError, match=r"chunks.val holds descriptors computed in float16"):
+        extraction.check_output_precision(tmp_path, "val", "float32")
+    _extract(tree, tmp_path, "float16")
+    extraction.check_output_precision(tmp_path, "val", "float16")
+    with pytest.raises(ValueError, match=r"val_manifest.json holds descriptors computed in fl"):
+        extraction.check_output_precision(tmp_path, "val", "bfloat16")
+
+
 def test_old_run_records_without_the_field_resume_as_float32(tree, tmp_path):
     _extract(tree, tmp_path, "float32", merge=False)
     run_path = extraction.ChunkDirectory(tmp_path, "val").run_path
@@ -191,7 +202,7 @@ def test_extract_cli_precision_flag_config_and_usage_error(tree, tmp_path):
 
     mixed = run_cli("extract", *common)  # float32 into the bfloat16 store
     assert mixed.returncode == 2
-    assert mixed.stderr.strip().splitlines()[-1:] == [  # after the model's log lines
+    assert mixed.stderr.strip().splitlines() == [  # before the model is built
         f"tfmet-extract: error: {store.manifest_path(out, 'val')} holds descriptors computed in "
         "bfloat16; refusing to add float32 ones (use --precision=bfloat16 or another --output_dir)"
     ]

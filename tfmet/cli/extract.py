@@ -92,6 +92,9 @@ def extract(values):
 
     from tfmet.descriptors import extraction
 
+    for split in values["splits"]:  # before the model is built
+        extraction.check_output_precision(values["output_dir"], split, values["precision"])
+
     extractor, spec = model_flags.build_extractor(
         values, chunk_size=values["chunk_size"], fold_bn=values["fold_bn"]
     )

@@ -493,6 +493,19 @@ def _check_model_health(buffer, split, chunk_id):
         )
 
 
+def check_output_precision(output_dir, split, precision):
+    """Raises ValueError (one line) when `output_dir` holds a store or chunks of `split`
+    computed in another precision: a cheap check before a model is built."""
+    if store_lib.has_store(output_dir, split):
+        manifest = store_lib.read_manifest(output_dir, split)
+        where = store_lib.manifest_path(output_dir, split)
+        check_same_precision(where, recorded_precision(manifest), precision)
+    chunks = ChunkDirectory(output_dir, split)
+    if chunks.exists():
+        recorded = recorded_precision(chunks.read_run().get("spec", {}))
+        check_same_precision(chunks.directory, recorded, precision)
+
+
 def check_existing_store(output_dir, split, spec, count, paths):
     """Raises ValueError unless the store of `split` was extracted with `spec` from `paths`."""
     manifest = store_lib.read_manifest(output_dir, split)
