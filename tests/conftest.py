@@ -39,3 +39,18 @@ def pytest_runtest_setup(item):
 @pytest.hookimpl(trylast=True)
 def pytest_runtest_teardown(item, nextitem):
     _running["item"] = nextitem
+
+
+# Tests marked `gpu` compare the GPU with the CPU (tests/gpu, run by tools/gpu_check.sh). Where
+# TensorFlow sees no GPU (CI, the usual development machine) they are skipped with reason
+# "no GPU"; TensorFlow is only asked when such a test was collected.
+def pytest_collection_modifyitems(config, items):
+    gpu_items = [item for item in items if item.get_closest_marker("gpu") is not None]
+    if not gpu_items:
+        return
+    import tensorflow as tf
+
+    if tf.config.list_physical_devices("GPU"):
+        return
+    for item in gpu_items:
+        item.add_marker(pytest.mark.skip(reason="no GPU"))

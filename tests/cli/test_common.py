@@ -2,7 +2,7 @@
 
 import pytest
 
-from tfmet.cli.common import UsageError, guarded, no_arguments, require
+from tfmet.cli.common import RunFailure, UsageError, guarded, no_arguments, require
 from tfmet.io.safe_pickle import UnsafePickleError
 
 
@@ -23,6 +23,36 @@ def test_bad_input_is_one_line_and_exit_2(capsys, error):
         guarded("tfmet-x", main)(["tfmet-x"])
     assert e.value.code == 2
     assert capsys.readouterr().err == f"tfmet-x: error: {error}\n"
+
+
+@pytest.mark.parametrize(
+    "error, status, line",
+    [
+        (OSError(28, "No space left on device", "/out/x.npy"), 1, "/out/x.npy: No space left"),
+        (IsADirectoryError(21, "Is a directory", "/out/r.json"), 2, "/out/r.json: Is a directory"),
+        (PermissionError(13, "Permission denied", "/ro/x"), 2, "/ro/x: Permission denied"),
+        (RunFailure("the model gave non-finite descriptors"), 1, "the model gave non-finite"),
+    ],
+)
+def test_os_errors_and_run_failures_are_one_line(capsys, error, status, line):
+    def main(argv):
+        raise error
+
+    with pytest.raises(SystemExit) as e:
+        guarded("tfmet-x", main)(["tfmet-x"])
+    assert e.value.code == status
+    err = capsys.readouterr().err
+    assert err.startswith("tfmet-x: error: ") and line in err and err.count("\n") == 1
+
+
+def test_tfmet_traceback_shows_the_traceback(monkeypatch):
+    monkeypatch.setenv("TFMET_TRACEBACK", "1")
+
+    def main(argv):
+        raise ValueError("x.json: not valid JSON")
+
+    with pytest.raises(ValueError, match="not valid JSON"):
+        guarded("tfmet-x", main)(["tfmet-x"])
 
 
 def test_other_errors_keep_their_traceback():

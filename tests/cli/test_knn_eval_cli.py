@@ -255,3 +255,68 @@ def test_scann_below_min_recall_falls_back_to_exact(met, tmp_path):
     expected = _expected(tree, descriptors, 3, 10.0)
     for split in ("val", "test"):
         assert results[split] == pytest.approx(expected[split][0], rel=1e-9)
+
+
+def _recorded_stores(directory, tree, descriptors, weights=None):
+    """Stores that record their rows' paths and labels, as tfmet-extract writes them."""
+    from tfmet.data import met as met_data
+
+    for split, x in descriptors.items():
+        gt = met_data.load_split(tree.info_dir, split)
+        write_store(
+            directory,
+            split,
+            x,
+            paths=gt.paths,
+            labels=gt.labels.tolist(),
+            weights_sha256=(weights or {}).get(split, "w0"),
+            backbone="r18",
+        )
+
+
+def _copy_info(tree, directory):
+    directory.mkdir()
+    for name in os.listdir(tree.info_dir):
+        (directory / name).write_text(open(os.path.join(tree.info_dir, name)).read())
+    return directory
+
+
+def test_stores_must_match_the_ground_truth_row_by_row(met, tmp_path, capsys):
+    tree, descriptors = met
+    good = tmp_path / "good"
+    _recorded_stores(good, tree, descriptors)
+    assert run_cli(good, "--info_dir", tree.info_dir, "-k", 1, "-t", 1, "--raw") == 0
+    capsys.readouterr()
+
+    # The database JSON reversed after extraction: same count, every row another image.
+    reversed_info = _copy_info(tree, tmp_path / "reversed")
+    database = json.loads((reversed_info / "MET_database.json").read_text())
+    (reversed_info / "MET_database.json").write_text(json.dumps(database[::-1]))
+    line = _error(capsys, run_cli(good, "--info_dir", reversed_info, "-k", 1, "-t", 1, "--raw"))
+    assert "train_manifest.json: row 0 is" in line and "MET_database.json lists" in line
+
+    # A relabelled query: same image, another exhibit.
+    relabelled = _copy_info(tree, tmp_path / "relabelled")
+    valset = json.loads((relabelled / "valset.json").read_text())
+    first = next(i for i, e in enumerate(valset) if "MET_id" in e)
+    valset[first]["MET_id"] = 10**6
+    (relabelled / "valset.json").write_text(json.dumps(valset))
+    line = _error(capsys, run_cli(good, "--info_dir", relabelled, "-k", 1, "-t", 1, "--raw"))
+    assert f"val_manifest.json: row {first} has label" in line
+
+    # Train and queries extracted with different weights.
+    mixed = tmp_path / "mixed"
+    _recorded_stores(mixed, tree, descriptors, weights={"test": "w1"})
+    line = _error(capsys, run_cli(mixed, "--info_dir", tree.info_dir, "-k", 1, "-t", 1, "--raw"))
+    assert "test_manifest.json: extracted with weights_sha256='w1'" in line
+    assert "weights_sha256='w0'" in line
+
+    # A hand-edited manifest: strings where booleans belong are refused, not read as True.
+    edited = tmp_path / "edited"
+    _recorded_stores(edited, tree, descriptors)
+    path = edited / "val_manifest.json"
+    manifest = json.loads(path.read_text())
+    manifest["valid"] = ["false"] * manifest["count"]
+    path.write_text(json.dumps(manifest))
+    line = _error(capsys, run_cli(edited, "--info_dir", tree.info_dir, "-k", 1, "-t", 1, "--raw"))
+    assert "val_manifest.json: 'valid' entry 0 is 'false', not true or false" in line

@@ -140,6 +140,36 @@ def test_predict_from_an_exported_saved_model(tmp_path):
     assert served["style_top_k_labels"].numpy()[1].tolist() == [b"", b""]
 
 
+def test_an_export_whose_metadata_or_graph_is_broken_is_refused(tmp_path):
+    import json
+    import shutil
+
+    classifier = StyleClassifier(one_conv_backbone(), StyleHead({"style": ["a", "b", "c"]}))
+    classifier.build((None, 32, 32, 3))
+    module = StyleModule(classifier, image_size=32, top_k=2)
+    metadata = {"kind": "style", "class_names": classifier.class_names, "image_size": 32}
+    export = save_module(module, tmp_path / "saved_model", module.signatures(), metadata)
+    meta_file = os.path.join(export, "assets", "tfmet_metadata.json")
+
+    def tampered(name, **changes):
+        copy = str(tmp_path / name)
+        shutil.copytree(export, copy)
+        with open(os.path.join(copy, "assets", "tfmet_metadata.json"), "w") as f:
+            json.dump(dict(json.load(open(meta_file)), **changes), f)
+        return copy
+
+    with pytest.raises(ValueError, match="metadata says image_size 64, the graph takes 32x32"):
+        style_predict.load_predictor(tampered("size", image_size=64))
+    with pytest.raises(ValueError, match="lists 2 class names for 'style', the model has 3"):
+        style_predict.load_predictor(tampered("names", class_names={"style": ["a", "b"]}))
+    truncated = tampered("truncated")
+    pb = os.path.join(truncated, "saved_model.pb")
+    with open(pb, "r+b") as f:
+        f.truncate(os.path.getsize(pb) // 2)
+    with pytest.raises(ValueError, match="truncated: not a loadable SavedModel"):
+        style_predict.load_predictor(truncated)
+
+
 def test_rasta_smoke_finetunes_top_block_with_augmentation(tmp_path):
     """The RASTA smoke config on generated list files, fine-tuning layer4 with flips."""
     data = str(tmp_path / "rasta")

@@ -278,6 +278,32 @@ def test_a_model_failing_on_everything_stops_the_run(tmp_path):
     assert extraction.ChunkDirectory(tmp_path / "o", "test").finished([0]) == []
 
 
+def test_a_model_with_non_finite_outputs_stops_the_run(tmp_path):
+    # Broken weights give NaN for every image: the run stops (exit 1 in tfmet-extract) instead of
+    # writing a store in which every row is "unreadable". A chunk with one good image goes on.
+    paths = [
+        write_image(str(tmp_path / f"{i}.png"), exhibit_view(i, 0, (8, 8 + i)), "PNG")
+        for i in range(3)
+    ]
+    spec = _spec(dim=2, chunk_size=3)
+    with pytest.raises(RuntimeError, match=r"non-finite .* for all 3 readable images of chunk 0"):
+        extraction.extract_split(
+            lambda batch: tf.fill([int(batch.shape[0]), 2], np.nan),
+            spec,
+            "test",
+            paths,
+            tmp_path / "o",
+            progress=False,
+        )
+    assert extraction.ChunkDirectory(tmp_path / "o", "test").finished([0]) == []
+
+    def one_good(batch):
+        return tf.fill([int(batch.shape[0]), 2], 0.5 if int(batch.shape[2]) == 8 else np.nan)
+
+    extraction.extract_split(one_good, spec, "test", paths, tmp_path / "p", progress=False)
+    assert store.read_store(tmp_path / "p", "test").valid.tolist() == [True, False, False]
+
+
 def test_write_store_rows_streams_blocks(tmp_path):
     blocks = [(2, np.full((1, 3), 2.0)), (0, np.arange(6.0).reshape(2, 3))]
     store.write_store_rows(tmp_path, "train", 3, 3, blocks, [True, False, True], source="x")

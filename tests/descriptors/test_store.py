@@ -24,7 +24,7 @@ def test_read_errors_name_the_file(tmp_path):
     write_store(tmp_path, "test", np.zeros((2, 3), np.float32))
     with open(manifest_path(tmp_path, "test")) as f:
         manifest = json.load(f)
-    manifest["count"] = 5
+    manifest["count"], manifest["valid"] = 5, [True] * 5  # consistent, but not the array's
     with open(manifest_path(tmp_path, "test"), "w") as f:
         json.dump(manifest, f)
     with pytest.raises(ValueError, match=r"test_descriptors.npy.*manifest says"):

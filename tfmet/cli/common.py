@@ -4,17 +4,26 @@ The flag idiom of every program: flags are defined at module top with `flags.DEF
 through the module's `FLAGS`; required flags are checked with `require` (one error line naming
 them), not with absl's `mark_flags_as_required` (which prints the whole usage text).
 
-Bad input leaves a program as one line on stderr, `<program>: error: <message>`, and exit status
-2: a `UsageError` raised by the program, or a bad-input error raised by the library (`BAD_INPUT`).
-Everything else is a bug or a failure at run time and keeps its traceback (exit status 1).
+A program ends in one of three ways:
+- success, exit status 0;
+- bad input, exit status 2 and one line on stderr, `<program>: error: <message>`: a `UsageError`
+  raised by the program, a bad-input error raised by the library (`BAD_INPUT`), a flag or
+  `--config` file that cannot be parsed or loaded, or an OS error about a path the user gave (an
+  output path that is a folder, a folder that is a file, no permission);
+- failure at run time, exit status 1: a full disk or an I/O error (one line, `RUNTIME_ERRNOS`),
+  a `RunFailure` (one line: e.g. a model whose outputs are not finite), or a bug (its traceback).
+Set TFMET_TRACEBACK=1 to see the traceback behind any one-line error.
 """
 
+import errno
+import os
 import sys
 
-from absl import app
+from absl import app, flags, logging
 
 from tfmet.io.safe_pickle import UnsafePickleError
 
+EXIT_FAILURE = 1
 EXIT_BAD_INPUT = 2
 
 
@@ -22,14 +31,36 @@ class UsageError(ValueError):
     """Bad command-line input: the message is one line naming the flag or file."""
 
 
+class RunFailure(RuntimeError):
+    """A failure at run time that is not a bug (exit status 1, one line naming the cause)."""
+
+
 # The library's errors for bad input: each names the file or parameter and the problem.
 BAD_INPUT = (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, UnsafePickleError)
 
+# OS errors that are the machine's, not the input's: the run failed (exit status 1).
+RUNTIME_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.ENOMEM})
 
-def fail(program, message):
-    """Bad input: one line `<program>: error: <message>` on stderr, exit status 2."""
-    print(f"{program}: error: {message}", file=sys.stderr)
-    sys.exit(EXIT_BAD_INPUT)
+
+def _one_line(message):
+    return " ".join(str(message).split())
+
+
+def _traceback_wanted():
+    return os.environ.get("TFMET_TRACEBACK", "") not in ("", "0")
+
+
+def fail(program, message, status=EXIT_BAD_INPUT):
+    """One line `<program>: error: <message>` on stderr, then exit `status` (bad input: 2)."""
+    print(f"{program}: error: {_one_line(message)}", file=sys.stderr)
+    sys.exit(status)
+
+
+def os_error_message(error):
+    """`<file>: <what went wrong>` for an OSError (its strerror, both paths of a rename)."""
+    what = error.strerror or str(error)
+    paths = [p for p in (error.filename, error.filename2) if p is not None]
+    return f"{' -> '.join(map(os.fsdecode, paths))}: {what}" if paths else what
 
 
 def require(values, *names):
@@ -39,6 +70,19 @@ def require(values, *names):
         raise UsageError(f"missing {', '.join(missing)}")
 
 
+def check_outputs(folders=(), files=()):
+    """Checks, before any work, that the output flags named in `folders` / `files` (those set)
+    can be written: a result computed for an hour is not lost to an output path that is a folder
+    (or a file where a folder is wanted). Raises ValueError naming the flag."""
+    from tfmet.io.outputs import check_output_dir, check_output_file
+
+    for names, check in ((folders, check_output_dir), (files, check_output_file)):
+        for name in names:
+            value = flags.FLAGS[name].value
+            if value:
+                check(value, f"--{name}")
+
+
 def no_arguments(argv):
     """Raises UsageError when positional arguments follow the program name."""
     if len(argv) > 1:
@@ -46,17 +90,129 @@ def no_arguments(argv):
 
 
 def guarded(program, main):
-    """`main` with bad input (UsageError, `BAD_INPUT`) turned into `fail(program, ...)`."""
+    """`main` with bad input and known run-time failures turned into `fail(program, ...)`."""
 
     def wrapped(argv):
         try:
             return main(argv)
-        except BAD_INPUT as e:
-            fail(program, e)
+        except Exception as e:
+            status = _status(e)
+            if status is None or _traceback_wanted():
+                raise
+            fail(program, _message(e), status)
 
     return wrapped
 
 
+def _status(error):
+    """The exit status of an exception that leaves as one line, or None (a bug: traceback)."""
+    if isinstance(error, OSError) and error.errno in RUNTIME_ERRNOS:
+        return EXIT_FAILURE
+    if isinstance(error, RunFailure):
+        return EXIT_FAILURE
+    if isinstance(error, BAD_INPUT) or (isinstance(error, OSError) and error.filename):
+        return EXIT_BAD_INPUT
+    return None
+
+
+def _message(error):
+    if isinstance(error, OSError) and error.filename:
+        return os_error_message(error)
+    return str(error)
+
+
+def config_flag_names():
+    """Names of the program's ml_collections `--config`-style flags."""
+    from ml_collections.config_flags.config_flags import is_config_flag
+
+    return [name for name, flag in flags.FLAGS._flags().items() if is_config_flag(flag)]
+
+
+def parse_flags(program, known_only=False):
+    """An `app.run` flags parser: a flag or `--config` file that cannot be parsed is one line
+    naming it, exit status 2 (absl would print a traceback for a config file that raises, or a
+    multi-line message and exit status 1). `known_only` leaves unknown flags in the returned
+    arguments (for programs that pass them on, e.g. to Beam)."""
+
+    def parser(argv):
+        absl_logger = logging.get_absl_logger()
+        absl_logger.addFilter(_errors_only)  # ml_collections warns before its error: one line
+        try:
+            return _parse(program, argv, known_only)
+        finally:
+            absl_logger.removeFilter(_errors_only)
+
+    return parser
+
+
+def _errors_only(record):
+    return record.levelno >= 40  # the standard library's ERROR (absl numbers levels its own way)
+
+
+def _parse(program, argv, known_only):
+    try:
+        args = flags.FLAGS(argv, known_only=known_only)
+    except Exception as e:
+        if _traceback_wanted():
+            raise
+        fail(program, _flag_error(e, argv))
+    for name in config_flag_names():
+        flag = flags.FLAGS[name]
+        where = f"--{name}={_config_file(name, argv)}"
+        if type(flag.value).__name__ == "_ErrorConfig":  # ml_collections defers the error
+            error = object.__getattribute__(flag.value, "_error")
+            fail(program, f"{where}: cannot load the config file ({_last_line(error)})")
+        if flag.present and flag.value is None:
+            fail(program, f"{where}: get_config() returned None, not a config")
+    return args
+
+
+def _config_file(name, argv):
+    """The value of `--<name>` on the command line (the config file and variant)."""
+    for i, arg in enumerate(argv):
+        if arg.startswith(f"--{name}="):
+            return arg.split("=", 1)[1]
+        if arg == f"--{name}" and i + 1 < len(argv):
+            return argv[i + 1]
+    return "?"
+
+
+def _flag_error(error, argv):
+    """One line for a flag that failed to parse: absl's message, or the config file's error."""
+    if isinstance(error, flags.Error):
+        lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+        first = lines[0].removeprefix("flag ")
+        # A config file that raised: absl embeds its traceback; keep the exception's line.
+        return first if len(lines) == 1 else f"{first} {lines[-1]}"
+    names = config_flag_names()
+    where = f"--{names[0]}={_config_file(names[0], argv)}" if names else "flags"
+    if isinstance(error, SyntaxError):
+        return f"{where}: syntax error in {error.filename} line {error.lineno}: {error.msg}"
+    if isinstance(error, AttributeError) and "get_config" in str(error):
+        return f"{where}: the config file defines no get_config()"
+    if isinstance(error, AttributeError | KeyError) and not _raised_in_config(error):
+        key = str(error).strip("\"'")
+        overrides = [a.split("=", 1)[0] for a in argv if a.startswith(f"--{names[0]}.")]
+        named = [o for o in overrides if o.rsplit(".", 1)[-1] == key] if names else []
+        return f"{named[0] if named else where}: the config has no key {key!r}"
+    return f"{where}: loading the config failed: {type(error).__name__}: {error}"
+
+
+def _last_line(error):
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return lines[-1] if lines else type(error).__name__
+
+
+def _raised_in_config(error):
+    """Whether `error` was raised by the code of a config file (not by ml_collections)."""
+    tb = error.__traceback__
+    last = None
+    while tb is not None:
+        last = tb.tb_frame.f_code.co_filename
+        tb = tb.tb_next
+    return last is not None and "ml_collections" not in last
+
+
 def run_program(program, main):
-    """`app.run` of `guarded(program, main)`: the console-script entry point of a program."""
-    app.run(guarded(program, main))
+    """`app.run` of `guarded(program, main)` with `parse_flags`: a program's entry point."""
+    app.run(guarded(program, main), flags_parser=parse_flags(program))

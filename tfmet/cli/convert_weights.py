@@ -18,7 +18,7 @@ import os
 
 from absl import flags
 
-from tfmet.cli.common import UsageError, no_arguments, run_program
+from tfmet.cli.common import UsageError, check_outputs, no_arguments, run_program
 
 flags.DEFINE_string("from", None, "PyTorch checkpoint (.pth/.pt/.pth.tar, zip or legacy format).")
 flags.DEFINE_string("arch", None, "Registered backbone name, e.g. resnet50, efficientnet_lite0.")
@@ -69,6 +69,7 @@ def main(argv):
         raise UsageError(f"{checkpoint}: no such checkpoint file")
     if not out.endswith(".weights.h5"):
         raise UsageError(f"--out must end with .weights.h5 (Keras weights format). Received: {out}")
+    check_outputs(files=("out", "keras_model"))
     keras_model = FLAGS.keras_model
     if keras_model is not None and not keras_model.endswith(".keras"):
         raise UsageError(f"--keras_model must end with .keras. Received: {keras_model}")

@@ -15,7 +15,7 @@ GAP / GAP- / ACC, and writes TensorBoard logs and a PNG of queries with their to
 
 from absl import flags
 
-from tfmet.cli.common import UsageError, no_arguments, run_program
+from tfmet.cli.common import UsageError, check_outputs, no_arguments, run_program
 
 flags.DEFINE_string("workdir", None, "Folder for the benchmark, descriptors, logs and pictures.")
 flags.DEFINE_string("backbone", "efficientnet_lite0", "Registered backbone name.")
@@ -51,6 +51,7 @@ def main(argv):
     no_arguments(argv)
     if not FLAGS.workdir:
         raise UsageError("--workdir is required")
+    check_outputs(folders=("workdir",))
     from tfmet.backbones.precision import PRECISIONS
 
     if FLAGS.precision not in PRECISIONS:

@@ -9,7 +9,7 @@ ranked by mean cosine distance to their K nearest same-label neighbours).
 
 from absl import flags, logging
 
-from tfmet.cli.common import no_arguments, require, run_program
+from tfmet.cli.common import check_outputs, no_arguments, require, run_program
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Run directory written by tfmet-train-style.")
@@ -26,6 +26,7 @@ flags.DEFINE_bool("trust_model", False, "Allow loading hub modules from the mode
 def main(argv):
     no_arguments(argv)
     require(FLAGS.flag_values_dict(), "workdir")
+    check_outputs(folders=("output_dir",))
     from tfmet.training.style import run as style_run
 
     logging.set_verbosity(logging.INFO)

@@ -18,7 +18,7 @@ its labels (--info_dir), the PCA-whitening (--pca, or fitted again on the train 
 from absl import flags
 
 from tfmet.cli import model_flags  # the descriptor model, as tfmet-extract
-from tfmet.cli.common import UsageError, no_arguments, run_program
+from tfmet.cli.common import UsageError, check_outputs, no_arguments, run_program
 
 FLAGS = flags.FLAGS
 
@@ -64,7 +64,7 @@ def _export_recognizer():
             FLAGS.results_json, FLAGS.k, FLAGS.tau, FLAGS.dim if FLAGS["dim"].present else None
         )
     except ValueError as e:
-        if FLAGS.results_json:
+        if FLAGS.results_json or (FLAGS.k is not None and FLAGS.tau is not None):
             raise
         raise UsageError("the recogniser needs --k and --tau, or --results_json") from e
     extractor, spec = model_flags.build_extractor(model_flags.values())
@@ -105,6 +105,7 @@ def main(argv):
     if FLAGS.kind == "style" and FLAGS["precision"].present:
         raise UsageError("--precision is for the descriptor and recognizer exports")
     model_flags.check_precision(model_flags.values())
+    check_outputs(folders=("out",))
     import tfmet
     from tfmet.export import metadata_signature, save_module
     from tfmet.export.common import check_export_dir

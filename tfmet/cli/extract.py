@@ -16,7 +16,7 @@ from absl import flags, logging
 from ml_collections import config_flags
 
 from tfmet.cli import model_flags  # --backbone, --weights, --model, ...
-from tfmet.cli.common import UsageError, no_arguments, require, run_program
+from tfmet.cli.common import UsageError, check_outputs, no_arguments, require, run_program
 
 FLAGS = flags.FLAGS
 
@@ -74,12 +74,36 @@ def settings():
                 raise UsageError(f"config key {key!r} is not a setting of tfmet-extract")
             if not FLAGS[key].present:
                 values[key] = list(value) if key == "splits" else value
-    if values["queries_only"]:
-        values["splits"] = [s for s in values["splits"] if s != "train"] or ["val", "test"]
     for split in values["splits"]:
         if split not in ("train", "val", "test"):
             raise UsageError(f"--splits: unknown split {split!r} (use train, val, test)")
+    if values["queries_only"]:
+        if FLAGS["splits"].present and values["splits"] == ["train"]:
+            raise UsageError("--queries_only leaves out train, the only split --splits names")
+        values["splits"] = [s for s in values["splits"] if s != "train"] or ["val", "test"]
+    check_numbers(values)
     return values
+
+
+# Flags that must be positive integers when set (None: the default applies).
+POSITIVE = ("max_side", "batch_images", "chunk_size", "num_shards")
+
+
+def check_numbers(values):
+    """Refuses values that make no sense before anything is written (a bad value recorded in
+    run.json would block the corrected command)."""
+    for name in POSITIVE:
+        value = values.get(name)
+        if value is not None and value < 1:
+            raise UsageError(f"--{name} must be a positive integer. Received: {value}")
+    reads = values.get("num_parallel_reads")
+    if reads is not None and reads != -1 and reads < 1:
+        raise UsageError(
+            f"--num_parallel_reads must be -1 (autotune) or positive. Received: {reads}"
+        )
+    shards, index = values.get("num_shards") or 1, values.get("shard_index") or 0
+    if not 0 <= index < shards:
+        raise UsageError(f"--shard_index must be in [0, --num_shards={shards}). Received: {index}")
 
 
 def extract(values):
@@ -139,6 +163,7 @@ def merge(values):
 
 def main(argv):
     no_arguments(argv)
+    check_outputs(folders=("output_dir",))
     values = settings()
     try:
         if FLAGS.merge:

@@ -17,7 +17,7 @@ from absl import app, flags, logging
 
 import tfmet.cli.extract as extract_cli  # defines the tfmet-extract flags this program shares
 from tfmet.cli import model_flags
-from tfmet.cli.common import UsageError, guarded, no_arguments, require
+from tfmet.cli.common import UsageError, guarded, no_arguments, parse_flags, require
 
 FLAGS = flags.FLAGS
 
@@ -49,11 +49,6 @@ flags.DEFINE_bool(
 # Runners whose workers cannot see the launcher's disk.
 REMOTE_RUNNERS = ("DataflowRunner", "FlinkRunner", "SparkRunner", "PortableRunner")
 MODEL_FLAGS = model_flags.NAMES
-
-
-def parse_flags(argv):
-    """absl parses its flags; everything else is left for Beam's pipeline options."""
-    return FLAGS(argv, known_only=True)
 
 
 def beam_options(args):
@@ -194,7 +189,11 @@ def main(argv):
 
 
 def run():
-    app.run(guarded("tfmet-extract-beam", main), flags_parser=parse_flags)
+    # absl parses its flags; everything else is left for Beam's pipeline options.
+    app.run(
+        guarded("tfmet-extract-beam", main),
+        flags_parser=parse_flags("tfmet-extract-beam", known_only=True),
+    )
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ or --nomini is given) and the paths and labels are recorded in the manifests.
 
 from absl import flags, logging
 
-from tfmet.cli.common import no_arguments, require, run_program
+from tfmet.cli.common import check_outputs, no_arguments, require, run_program
 
 FLAGS = flags.FLAGS
 
@@ -26,6 +26,7 @@ flags.DEFINE_bool("overwrite", False, "Replace existing stores.")
 def main(argv):
     no_arguments(argv)
     require(FLAGS.flag_values_dict(), "descriptors", "output_dir")
+    check_outputs(folders=("output_dir",))
     from tfmet.descriptors import store
 
     metadata = {} if FLAGS.backbone is None else {"backbone": FLAGS.backbone}

@@ -18,7 +18,7 @@ import os
 
 from absl import app, flags, logging
 
-from tfmet.cli.common import UsageError, guarded
+from tfmet.cli.common import UsageError, check_outputs, guarded, parse_flags
 from tfmet.retrieval import BACKENDS
 
 FLAGS = flags.FLAGS
@@ -72,6 +72,7 @@ def _main(argv):
     if FLAGS.target_precision is not None and not 0.0 < FLAGS.target_precision <= 1.0:
         raise UsageError(f"--target_precision must be in (0, 1], got {FLAGS.target_precision}")
     directory = argv[1]
+    check_outputs(folders=("output_dir",), files=("results_json",))
     paths = output_paths(FLAGS.output_dir or directory)
     lines = [datetime.datetime.now().strftime("%Y-%m-%d %H:%M:%S"), f"expname: {experiment_name()}"]
     lines.append(f"dir: {directory}  backend: {FLAGS.backend}")
@@ -96,13 +97,9 @@ def _main(argv):
     )
     log(f"best parameters are : k={result.k} t={result.tau}")
     log("timings (s): " + ", ".join(f"{n} {t:.2f}" for n, t in result.timings_s.items()))
-    report.write_results(paths["results"], result)
-    report.write_predictions(paths["predictions"], result)
-    report.write_tensorboard(paths["tensorboard"], result)
-    report.write_threshold_png(paths["threshold_png"], result)
-    os.makedirs(os.path.dirname(os.path.abspath(paths["log"])), exist_ok=True)
-    with open(paths["log"], "a", encoding="utf-8") as f:
-        f.write("\n" + "\n".join(lines) + "\n")
+    report.write_outputs(
+        paths, result, lines, name=f"knn_eval{'_' + FLAGS.log if FLAGS.log else ''}"
+    )
     final = result.val if FLAGS.val_eval else result.test
     print(
         f"{'val' if FLAGS.val_eval else 'test'}: GAP {final['gap']:.4f}, "
@@ -116,7 +113,7 @@ main = guarded("tfmet-knn-eval", _main)
 
 
 def run():
-    app.run(main)
+    app.run(main, flags_parser=parse_flags("tfmet-knn-eval"))
 
 
 if __name__ == "__main__":

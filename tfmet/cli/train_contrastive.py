@@ -18,7 +18,7 @@ import os
 from absl import flags, logging
 from ml_collections import config_flags
 
-from tfmet.cli.common import UsageError, no_arguments, require, run_program
+from tfmet.cli.common import UsageError, check_outputs, no_arguments, require, run_program
 from tfmet.training.mining import PAIR_TYPES
 
 FLAGS = flags.FLAGS
@@ -121,6 +121,7 @@ def main(argv):
     no_arguments(argv)
     require(FLAGS.flag_values_dict(), "info_dir", "image_root", "workdir")
     _check_folders()
+    check_outputs(folders=("workdir",))
     config = training_config()
     from tfmet.training import contrastive
 

@@ -10,7 +10,7 @@
 from absl import flags, logging
 from ml_collections import config_flags
 
-from tfmet.cli.common import no_arguments, require, run_program
+from tfmet.cli.common import check_outputs, no_arguments, require, run_program
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py[:variant]).")
@@ -27,6 +27,7 @@ flags.DEFINE_float(
 def main(argv):
     no_arguments(argv)
     require(FLAGS.flag_values_dict(), "config", "workdir")
+    check_outputs(folders=("workdir",))
     from tfmet.training.style import run as style_run
 
     config = FLAGS.config

@@ -120,7 +120,7 @@ def parse_entries(entries, split, source="<entries>"):
         check_relative_path(path, source, i)
         if label_key in entry:
             label = entry[label_key]
-            if not _is_int(label) or label < 0:
+            if not _is_int(label) or not 0 <= label < 2**63:
                 raise ValueError(
                     f"{source}: entry {i} has '{label_key}' {label!r}; expected a non-negative "
                     "integer"

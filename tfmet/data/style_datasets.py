@@ -23,7 +23,6 @@ on the same data uses the same images (`load_or_create_split`).
 
 import csv
 import dataclasses
-import json
 import os
 import re
 import time
@@ -34,6 +33,7 @@ from absl import logging
 
 from tfmet.data import images as image_io
 from tfmet.io.atomic import save_json
+from tfmet.io.json_files import read_json
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp")
 SPLITS = ("train", "val", "test")
@@ -412,11 +412,7 @@ def read_split(path, records):
       ValueError: the file is not a split file, or lists images `records` does not have (the
         dataset changed since the split was written).
     """
-    try:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not a JSON split file ({e})") from None
+    data = read_json(path, "split file")
     if not isinstance(data, dict) or data.get("format") != SPLIT_FORMAT:
         raise ValueError(f"{path}: not a {SPLIT_FORMAT} file")
     index = {p: i for i, p in enumerate(records.paths)}

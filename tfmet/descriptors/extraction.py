@@ -34,9 +34,10 @@ from tfmet.backbones.batchnorm import FoldedBatchNorm, fold_batchnorm  # noqa: F
 from tfmet.backbones.precision import check_precision, set_precision
 from tfmet.data import images as image_io
 from tfmet.descriptors import store as store_lib
-from tfmet.io.atomic import atomic_path, save_json
+from tfmet.io.atomic import atomic_path, clean_stale_temporaries, save_json
 from tfmet.io.json_files import read_json
 from tfmet.io.progress import format_seconds
+from tfmet.io.saved_models import load_keras_file
 
 RUN_FILE = "run.json"
 CHUNK_PATTERN = "chunk-{:06d}.npz"
@@ -83,6 +84,10 @@ class ExtractionSpec:
     def __post_init__(self):
         if int(self.chunk_size) <= 0:
             raise ValueError(f"`chunk_size` must be positive. Received: {self.chunk_size}")
+        if self.max_side is not None and int(self.max_side) <= 0:
+            raise ValueError(f"`max_side` must be positive or None. Received: {self.max_side}")
+        if not self.scales or any(not 0 < float(s) <= 4 for s in self.scales):
+            raise ValueError(f"`scales` must be in (0, 4]. Received: {self.scales}")
         check_precision(self.precision)
         object.__setattr__(self, "scales", tuple(float(s) for s in self.scales))
 
@@ -174,6 +179,7 @@ class ChunkDirectory:
 
     def prepare(self, run):
         """Records `run` (settings + paths), or checks that the recorded one is the same."""
+        clean_stale_temporaries(self.directory)  # chunk files a killed run was writing
         if not self.exists():
             os.makedirs(self.directory, exist_ok=True)
             save_json(self.run_path, run)
@@ -311,11 +317,14 @@ class _ChunkBuffer:
         self.pending = {}  # (h, w) -> [(row, image)]
         self.num_pending = 0
         self.model_failures = 0
+        self.readable = 0  # images that reached the model
+        self.non_finite = 0  # of which the model's descriptor had NaN or infinite values
 
     def add_failure(self, row, reason):
         self.errors[row] = reason
 
     def add_image(self, row, image):
+        self.readable += 1
         key = tuple(image.shape[:2])
         group = self.pending.setdefault(key, [])
         group.append((row, image))
@@ -358,6 +367,7 @@ class _ChunkBuffer:
                 self.valid[row - self.start] = True
             else:
                 self.errors[row] = "model gave a non-finite descriptor"
+                self.non_finite += 1
 
     def error_list(self):
         return sorted(self.errors.items())
@@ -485,6 +495,13 @@ def _fill_chunk(buffer, elements, start, stop, bar):
 
 
 def _check_model_health(buffer, split, chunk_id):
+    if buffer.readable and buffer.non_finite == buffer.readable:
+        # Not a few odd images: a model whose every output is NaN/inf (e.g. broken weights).
+        raise RuntimeError(
+            f"{split}: the model gave non-finite (NaN or infinite) descriptors for all "
+            f"{buffer.readable} readable images of chunk {chunk_id}: its weights or inputs are "
+            "broken; stopping. Finished chunks are kept."
+        )
     if buffer.model_failures >= SYSTEMATIC_FAILURES and not buffer.valid.any():
         first = next(r for r in buffer.errors.values() if r.startswith("model failed"))
         raise RuntimeError(
@@ -655,7 +672,7 @@ def build_extractor(
         if path is not None and not os.path.exists(path):  # a file, or a checkpoint directory
             raise FileNotFoundError(f"{path}: weights file not found")
     if model is not None:
-        embedder = keras.saving.load_model(model)
+        embedder = load_keras_file(model, "tfmet Embedder")
         if not isinstance(embedder, Embedder):
             raise ValueError(f"{model}: not a saved tfmet Embedder ({type(embedder).__name__})")
         name, fingerprint = embedder.backbone.name, weights_fingerprint(model)

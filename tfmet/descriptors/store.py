@@ -20,6 +20,7 @@ import numpy as np
 
 import tfmet
 from tfmet.io import json_files
+from tfmet.io.arrays import load_npy
 from tfmet.io.atomic import atomic_path, save_json, save_npy
 from tfmet.io.hashing import file_sha256  # noqa: F401 (public here too)
 
@@ -145,11 +146,10 @@ def read_store(directory, split, mmap=True):
     apath = array_path(directory, split)
     manifest = read_manifest(directory, split)
     try:
-        descriptors = np.load(apath, mmap_mode="r" if mmap else None, allow_pickle=False)
+        descriptors = load_npy(apath, ".npy array", mmap=mmap)
     except FileNotFoundError:
         raise FileNotFoundError(f"{apath}: descriptor array missing next to {mpath}") from None
-    except ValueError as e:
-        raise ValueError(f"{apath}: not a readable .npy array ({e})") from None
+    check_manifest(mpath, manifest)
     expected = (manifest.get("count"), manifest.get("dim"))
     if descriptors.ndim != 2 or descriptors.shape != expected or descriptors.dtype != np.float32:
         raise ValueError(
@@ -160,6 +160,100 @@ def read_store(directory, split, mmap=True):
     if valid.shape != (descriptors.shape[0],):
         raise ValueError(f"{mpath}: 'valid' has {valid.size} entries for {expected[0]} rows")
     return DescriptorStore(descriptors, valid, manifest)
+
+
+def _is_int(value):
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def check_manifest(path, manifest):
+    """Raises ValueError naming `path` and the field when a manifest field has the wrong type or
+    length (a hand-edited manifest: `"valid": ["false", ...]` is not read as all-True)."""
+    count = manifest.get("count")
+    for key in ("count", "dim"):
+        if not _is_int(manifest.get(key)) or manifest[key] < 0:
+            raise ValueError(f"{path}: '{key}' must be a non-negative integer")
+    per_row = {
+        "valid": (lambda v: isinstance(v, bool), "true or false"),
+        "paths": (lambda v: isinstance(v, str), "a string"),
+        "labels": (_is_int, "an integer"),
+    }
+    for key, (ok, kind) in per_row.items():
+        values = manifest.get(key)
+        if values is None:
+            continue
+        if not isinstance(values, list) or len(values) != count:
+            raise ValueError(f"{path}: '{key}' must be a list of {count} entries, one per row")
+        bad = next((i for i, v in enumerate(values) if not ok(v)), None)
+        if bad is not None:
+            raise ValueError(f"{path}: '{key}' entry {bad} is {values[bad]!r}, not {kind}")
+    errors = manifest.get("errors", [])
+    if not isinstance(errors, list) or not all(isinstance(e, dict) for e in errors):
+        raise ValueError(f"{path}: 'errors' must be a list of objects")
+    scales = manifest.get("scales")
+    if scales is not None and not (
+        isinstance(scales, list) and all(isinstance(x, int | float) for x in scales)
+    ):
+        raise ValueError(f"{path}: 'scales' must be a list of numbers")
+    for key in ("backbone", "weights_sha256", "resize_method", "source", "precision"):
+        if manifest.get(key) is not None and not isinstance(manifest[key], str):
+            raise ValueError(f"{path}: '{key}' must be a string")
+
+
+# What makes descriptors of different splits comparable: one model, one way of extracting.
+EXTRACTION_KEYS = ("backbone", "weights_sha256", "scales", "resize_method", "max_side", "precision")
+
+
+def check_same_extraction(manifests):
+    """Raises ValueError when stores of different splits were extracted differently.
+
+    Args:
+      manifests: {manifest path: manifest}. A key that a manifest lacks (e.g. an imported
+        pickle's) is not compared.
+    """
+    items = list(manifests.items())
+    for key in EXTRACTION_KEYS:
+        seen = [(path, m[key]) for path, m in items if m.get(key) is not None]
+        for path, value in seen[1:]:
+            if value != seen[0][1]:
+                raise ValueError(
+                    f"{path}: extracted with {key}={value!r} but {seen[0][0]} with "
+                    f"{key}={seen[0][1]!r}; descriptors of different extractions cannot be "
+                    "searched together (extract every split with the same model and settings)"
+                )
+
+
+def check_ground_truth(path, manifest, paths, labels, source):
+    """Raises ValueError when a store's recorded rows are not the ground truth's, row by row.
+
+    Args:
+      path: the manifest's path (for the message).
+      manifest: the store's manifest; its "paths" / "labels" (when recorded) are compared.
+      paths: the ground truth's image paths (relative, in file order).
+      labels: the ground truth's labels (int [n]).
+      source: the ground-truth file (for the message).
+    """
+    if manifest.get("count") != len(paths):
+        raise ValueError(
+            f"{path}: {manifest.get('count')} rows but {source} lists {len(paths)} images"
+        )
+    recorded = manifest.get("paths")
+    if recorded is not None:
+        for i, (a, b) in enumerate(zip(recorded, paths, strict=True)):
+            if os.path.normpath(a) != os.path.normpath(b):
+                raise ValueError(
+                    f"{path}: row {i} is {a!r} but {source} lists {b!r} there; the ground truth "
+                    "changed after extraction (extract again)"
+                )
+    recorded = manifest.get("labels")
+    if recorded is not None:
+        differ = np.flatnonzero(np.asarray(recorded, np.int64) != np.asarray(labels, np.int64))
+        if differ.size:
+            i = int(differ[0])
+            raise ValueError(
+                f"{path}: row {i} has label {recorded[i]} but {source} says {int(labels[i])}; "
+                f"{differ.size} rows differ (extract again)"
+            )
 
 
 # Keys of the Met reference's descriptors.pkl -> split.

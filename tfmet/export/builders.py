@@ -10,6 +10,7 @@ Each builder returns (module, metadata): the metadata describe the export (model
 PCA-whitening, database size, ...) and go into `assets/tfmet_metadata.json`.
 """
 
+import math
 import os
 
 import numpy as np
@@ -40,6 +41,11 @@ def classifier_settings(results_json=None, k=None, tau=None, dim=None, default_d
         file_dim = results.get("dim", default_dim)
     if k is None or tau is None:
         raise ValueError("the recogniser needs `k` and `tau`, or `results_json` to read them from")
+    if int(k) < 1:
+        raise ValueError(f"`k` must be >= 1. Received: k={k}")
+    if not math.isfinite(float(tau)) or float(tau) < 0:
+        # A negative tau would rank the confidences backwards (as tfmet-knn-eval refuses it).
+        raise ValueError(f"`tau` must be a finite number >= 0. Received: tau={tau}")
     return int(k), float(tau), file_dim if dim is None else dim
 
 
@@ -113,15 +119,18 @@ def read_database(descriptor_dir, info_dir, spec, mini=False):
         weights than `spec` describes.
     """
     from tfmet.data.met import load_split
-    from tfmet.descriptors.store import read_store
+    from tfmet.descriptors.store import check_ground_truth, manifest_path, read_store
 
     store = read_store(descriptor_dir, "train")
-    labels = load_split(info_dir, "train", mini=mini).labels
-    if labels.shape[0] != store.count:
-        raise ValueError(
-            f"{descriptor_dir}: train store has {store.count} rows, "
-            f"{info_dir} lists {labels.shape[0]} database images"
-        )
+    ground_truth = load_split(info_dir, "train", mini=mini)
+    labels = ground_truth.labels
+    check_ground_truth(
+        manifest_path(descriptor_dir, "train"),
+        store.manifest,
+        ground_truth.paths,
+        labels,
+        ground_truth.source,
+    )
     if store.manifest.get("weights_sha256") not in (None, spec.weights):
         raise ValueError(
             f"{descriptor_dir}: descriptors were made with weights "

@@ -3,12 +3,11 @@
 import json
 import os
 import shutil
-import tempfile
 
 import tensorflow as tf
 
 from tfmet.data.images import cap_max_side, decode_image
-from tfmet.io.atomic import replace_directory
+from tfmet.io.atomic import clean_stale_temporaries, replace_directory, staging_directory
 
 
 def decode_image_batch(image_bytes, max_side=None):
@@ -88,7 +87,8 @@ def save_module(module, path, signatures, metadata, force=False):
     check_export_dir(path, force)
     parent = os.path.dirname(path)
     os.makedirs(parent, exist_ok=True)
-    staging = tempfile.mkdtemp(prefix=".tmp-export-", dir=parent)
+    clean_stale_temporaries(parent)  # what killed exports left behind
+    staging = staging_directory(parent, "export")
     try:
         meta_file = os.path.join(staging, "tfmet_metadata.json")
         with open(meta_file, "w", encoding="utf-8") as f:

@@ -4,6 +4,8 @@ Pickle can execute arbitrary code through `__reduce__`; `restricted_load` only r
 in an allow-list, so a malicious file fails with `UnsafePickleError` before anything runs.
 """
 
+import io
+import os
 import pickle
 
 import numpy as np
@@ -47,11 +49,59 @@ class RestrictedUnpickler(pickle.Unpickler):
             ) from None
 
 
+def _declared_bytes(shape, dtype):
+    count = 1
+    for side in shape if isinstance(shape, tuple | list) else (shape,):
+        if not isinstance(side, int) or side < 0:
+            return None
+        count *= side
+    try:
+        return count * np.dtype(dtype).itemsize
+    except TypeError:
+        return None
+
+
+def sized_numpy_globals(limit):
+    """`NUMPY_ARRAY_GLOBALS` whose array constructors refuse to allocate more than `limit`
+    bytes: an array's data comes from the file, so a declared size beyond the file's is a lie
+    that would otherwise allocate (or fail to allocate) terabytes."""
+
+    def check(shape, dtype):
+        size = _declared_bytes(shape, dtype)
+        if size is None or size > limit:
+            raise ValueError(
+                f"declares an array of shape {shape} ({dtype}), more than the "
+                f"{limit}-byte file can hold"
+            )
+
+    def ndarray(shape, dtype=float, *args, **kwargs):
+        check(shape, dtype)
+        return np.ndarray(shape, dtype, *args, **kwargs)
+
+    def reconstruct(subtype, shape, dtype):
+        check(shape, np.uint8)
+        return np._core.multiarray._reconstruct(
+            np.ndarray if subtype is ndarray else subtype, shape, dtype
+        )
+
+    allowed = dict(NUMPY_ARRAY_GLOBALS)
+    allowed[("numpy", "ndarray")] = ndarray
+    for module in ("numpy.core.multiarray", "numpy._core.multiarray"):
+        allowed[(module, "_reconstruct")] = reconstruct
+    return allowed
+
+
 def restricted_load(file, allowed=None, source=None):
-    """Unpickles `file` (an open binary file) allowing only `allowed` globals (numpy by default)."""
-    allowed = NUMPY_ARRAY_GLOBALS if allowed is None else allowed
-    source = source or getattr(file, "name", "<pickle>")
-    return RestrictedUnpickler(file, allowed, source=str(source)).load()
+    """Unpickles `file` (an open binary file) allowing only `allowed` globals (numpy by default,
+    with array sizes bounded by the file's size)."""
+    source = str(source or getattr(file, "name", "<pickle>"))
+    if allowed is None:
+        try:
+            limit = os.fstat(file.fileno()).st_size
+        except (AttributeError, OSError, io.UnsupportedOperation):
+            limit = len(file.getbuffer()) if hasattr(file, "getbuffer") else 2**40
+        allowed = sized_numpy_globals(limit + 4096)
+    return RestrictedUnpickler(file, allowed, source=source).load()
 
 
 def load_reference_descriptors(path):
@@ -71,7 +121,7 @@ def load_reference_descriptors(path):
             data = restricted_load(f, source=path)
     except UnsafePickleError:
         raise
-    except (pickle.UnpicklingError, EOFError, ValueError, TypeError) as e:
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, MemoryError) as e:
         raise ValueError(f"{path}: not a readable descriptors pickle ({e})") from None
     if not isinstance(data, dict):
         raise ValueError(f"{path}: expected a dict of arrays, found {type(data).__name__}")

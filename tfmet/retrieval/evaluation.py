@@ -54,13 +54,17 @@ class SplitData:
 
 
 def _read_descriptors(directory, splits):
-    """{split: (descriptors, valid, source)} from stores, else from descriptors.pkl."""
+    """{split: (descriptors, valid, source, manifest)} from stores, else from descriptors.pkl
+    (manifest None)."""
     directory = os.fspath(directory)
     if all(store.has_store(directory, split) for split in splits):
         out = {}
         for split in splits:
             s = store.read_store(directory, split)
-            out[split] = (s.descriptors, s.valid, store.array_path(directory, split))
+            out[split] = (s.descriptors, s.valid, store.array_path(directory, split), s.manifest)
+        store.check_same_extraction(
+            {store.manifest_path(directory, split): out[split][3] for split in splits}
+        )
         return out
     path = os.path.join(directory, PICKLE_NAME)
     if not os.path.exists(path):
@@ -76,7 +80,7 @@ def _read_descriptors(directory, splits):
         if PICKLE_KEYS[split] not in arrays:
             raise ValueError(f"{path}: no '{PICKLE_KEYS[split]}' entry")
         x = arrays[PICKLE_KEYS[split]]
-        out[split] = (x, np.ones(x.shape[0], bool), f"{path}[{PICKLE_KEYS[split]}]")
+        out[split] = (x, np.ones(x.shape[0], bool), f"{path}[{PICKLE_KEYS[split]}]", None)
     return out
 
 
@@ -85,18 +89,27 @@ def load_met_descriptors(directory, info_dir, mini=False, splits=SPLITS):
 
     Raises:
       FileNotFoundError / ValueError naming the file and the problem: missing files, descriptor
-      and ground-truth counts that differ, dimensions that differ between splits, NaN or infinite
-      values in a row marked valid.
+      and ground-truth counts that differ, rows whose recorded image or label is not the ground
+      truth's, splits extracted with different models or settings, dimensions that differ
+      between splits, NaN or infinite values in a row marked valid.
     """
     arrays = _read_descriptors(directory, splits)
     data = {}
     for split in splits:
-        descriptors, valid, source = arrays[split]
+        descriptors, valid, source, manifest = arrays[split]
         ground_truth = met.load_split(info_dir, split, mini=mini)
         if len(ground_truth) != descriptors.shape[0]:
             raise ValueError(
                 f"{source}: {descriptors.shape[0]} descriptors but {ground_truth.source} lists "
                 f"{len(ground_truth)} images"
+            )
+        if manifest is not None:
+            store.check_ground_truth(
+                store.manifest_path(directory, split),
+                manifest,
+                ground_truth.paths,
+                ground_truth.labels,
+                ground_truth.source,
             )
         data[split] = SplitData(descriptors, ground_truth.labels, np.asarray(valid, bool), source)
     dims = {split: d.descriptors.shape[1] for split, d in data.items()}

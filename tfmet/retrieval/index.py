@@ -18,11 +18,16 @@ import dataclasses
 import math
 import os
 import shutil
-import tempfile
 
 import numpy as np
 
-from tfmet.io.atomic import replace_directory, save_json
+from tfmet.io.arrays import load_npy
+from tfmet.io.atomic import (
+    clean_stale_temporaries,
+    replace_directory,
+    save_json,
+    staging_directory,
+)
 from tfmet.io.json_files import read_manifest
 
 BACKENDS = ("exact", "scann")
@@ -247,7 +252,8 @@ class NeighborIndex:
         directory = os.path.abspath(os.fspath(directory))
         parent = os.path.dirname(directory)
         os.makedirs(parent, exist_ok=True)
-        tmp = tempfile.mkdtemp(prefix=".tmp-index-", dir=parent)
+        clean_stale_temporaries(parent)
+        tmp = staging_directory(parent, "index")
         try:
             if self.backend == "exact":
                 with open(os.path.join(tmp, DATABASE_FILE), "wb") as f:
@@ -286,7 +292,7 @@ class NeighborIndex:
         index.size, index.dim = int(manifest["size"]), int(manifest["dim"])
         if index.backend == "exact":
             array_path = os.path.join(directory, DATABASE_FILE)
-            database = np.load(array_path, mmap_mode="r", allow_pickle=False)
+            database = load_npy(array_path, "index database", mmap=True)
             if database.shape != (index.size, index.dim) or database.dtype != np.float32:
                 raise ValueError(f"{array_path}: expected float32 {(index.size, index.dim)}")
             index._database = database

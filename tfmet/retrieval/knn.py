@@ -19,6 +19,7 @@ import os
 
 import numpy as np
 
+from tfmet.io.arrays import load_npy
 from tfmet.io.atomic import save_json, save_npy
 from tfmet.io.json_files import read_manifest
 from tfmet.retrieval import recall
@@ -223,7 +224,7 @@ class KnnClassifier:
         classifier = cls(meta["k"], meta["tau"], meta["backend"], num_threads=num_threads)
         classifier.index = NeighborIndex.load(os.path.join(directory, "index"), num_threads)
         classifier.scann_config = classifier.index.config
-        labels = np.load(os.path.join(directory, "labels.npy"), allow_pickle=False)
+        labels = load_npy(os.path.join(directory, "labels.npy"), "label array")
         if labels.shape != (classifier.index.size,):
             raise ValueError(f"{directory}: {labels.size} labels for {classifier.index.size} rows")
         classifier.labels = labels.astype(np.int64)

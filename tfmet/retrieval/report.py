@@ -1,10 +1,19 @@
 """Outputs of a kNN evaluation: results JSON, per-query predictions, TensorBoard summaries."""
 
 import io
+import os
+import shutil
 
 import numpy as np
 
-from tfmet.io.atomic import atomic_path, save_json
+from tfmet.io.atomic import (
+    atomic_path,
+    clean_stale_temporaries,
+    commit_files,
+    save_json,
+    staging_directory,
+    temporary_prefix,
+)
 from tfmet.metrics import recognition
 
 
@@ -156,3 +165,62 @@ def write_tensorboard(logdir, result):
             tf.summary.scalar(f"timings_s/{name}", seconds, step=0)
     writer.flush()
     writer.close()
+
+
+def write_outputs(paths, result, log_lines, name="knn_eval"):
+    """Every output of one evaluation, replaced as one set (`tfmet.io.atomic.commit_files`).
+
+    Args:
+      paths: {"results", "predictions", "tensorboard", "threshold_png", "log"} target paths;
+        the journal goes in the folder of "log".
+      result: the `KnnEvalResult`.
+      log_lines: lines appended to the log file.
+      name: the set's name (one journal per set of outputs).
+
+    A kill at any instant leaves the previous evaluation's outputs or this one's (a kill after
+    the commit point is completed by the next evaluation in the folder), never new results
+    beside old predictions; a previous threshold curve is removed when this result has none.
+    """
+    directory = os.path.dirname(os.path.abspath(paths["log"]))
+    for target in paths.values():
+        os.makedirs(os.path.dirname(os.path.abspath(target)), exist_ok=True)
+    clean_stale_temporaries(directory)  # and finish a set a kill interrupted
+
+    def temporary(target):
+        target = os.path.abspath(target)
+        return os.path.join(os.path.dirname(target), temporary_prefix() + os.path.basename(target))
+
+    moves = []
+    try:
+        for key, write in (("results", write_results), ("predictions", write_predictions)):
+            moves.append((temporary(paths[key]), paths[key]))
+            write(moves[-1][0], result)
+        if result.threshold is None:
+            moves.append((None, paths["threshold_png"]))
+        else:
+            moves.append((temporary(paths["threshold_png"]), paths["threshold_png"]))
+            write_threshold_png(moves[-1][0], result)
+        board = staging_directory(os.path.dirname(os.path.abspath(paths["tensorboard"])), "tb")
+        moves.append((board, paths["tensorboard"]))
+        write_tensorboard(board, result)
+        moves.append((temporary(paths["log"]), paths["log"]))
+        _append_log(paths["log"], moves[-1][0], log_lines)
+        commit_files(directory, name, moves)
+    except BaseException:
+        for temp, _ in moves:
+            if temp is not None and os.path.isdir(temp):
+                shutil.rmtree(temp, ignore_errors=True)
+            elif temp is not None and os.path.exists(temp):
+                os.remove(temp)
+        raise
+
+
+def _append_log(path, output, lines):
+    """`path`'s text (if any) plus `lines`, written to `output` atomically."""
+    old = ""
+    if os.path.exists(path):
+        with open(path, encoding="utf-8") as f:
+            old = f.read()
+    with atomic_path(output) as tmp:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(old + "\n" + "\n".join(lines) + "\n")

@@ -1,10 +1,11 @@
 """A recogniser export (tfmet-export --kind recognizer) loaded for answering photos."""
 
 import dataclasses
-import json
 import os
 
 import numpy as np
+
+from tfmet.io.json_files import read_json
 
 NOT_IN_COLLECTION = "not in the collection"
 
@@ -47,11 +48,12 @@ class Answer:
 def read_metadata(path):
     """The export's metadata (assets/tfmet_metadata.json)."""
     meta_file = os.path.join(path, "assets", "tfmet_metadata.json")
-    try:
-        with open(meta_file, encoding="utf-8") as f:
-            return json.load(f)
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{path}: not a tfmet export (no {meta_file})") from None
+    if not os.path.exists(meta_file):
+        raise FileNotFoundError(f"{path}: not a tfmet export (no {meta_file})")
+    metadata = read_json(meta_file, "export metadata")
+    if not isinstance(metadata, dict):
+        raise ValueError(f"{meta_file}: not a tfmet export's metadata")
+    return metadata
 
 
 class Recognizer:
@@ -66,8 +68,10 @@ class Recognizer:
             )
         import tensorflow as tf
 
+        from tfmet.io.saved_models import load_saved_model, signature
+
         self._tf = tf
-        self._fn = tf.saved_model.load(path).signatures["serving_default"]
+        self._fn = signature(load_saved_model(path), path, "serving_default")
         self.threshold = float(self.metadata.get("threshold", 0.0))
 
     def recognize(self, images):

@@ -7,6 +7,7 @@ equal the recorded one in every entry (nested entries compared by their dotted p
 it reports (e.g. the number of epochs).
 """
 
+import difflib
 import json
 import os
 import time
@@ -121,3 +122,55 @@ def write_scalars(writer, step, values):
         for name, value in values.items():
             tf.summary.scalar(name, value)
     writer.flush()
+
+
+def _plain(config):
+    return config.to_dict() if hasattr(config, "to_dict") else config
+
+
+def check_entries(config, reference, what="config"):
+    """Raises ValueError for an entry of `config` that `reference` (the defaults) does not have,
+    or whose type differs from the default's: a typo such as `c.train.epoks = 3` in a config
+    file is refused (naming the closest known entry) instead of training with the default.
+
+    Types: a bool entry takes bools, an int entry ints, a float entry ints or floats, a string
+    entry strings, a tuple/list entry tuples or lists; entries whose default is None take any
+    value (they are checked where they are used).
+    """
+    _check_section(_plain(config), _plain(reference), what, "")
+
+
+def _check_section(config, reference, what, prefix):
+    if not isinstance(config, dict):
+        raise ValueError(f"{what} entry `{prefix[:-1]}` must be a section. Received: {config!r}")
+    for key, value in config.items():
+        name = prefix + str(key)
+        if key not in reference:
+            close = difflib.get_close_matches(str(key), list(map(str, reference)), n=1)
+            hint = f" (did you mean `{prefix}{close[0]}`?)" if close else ""
+            raise ValueError(f"{what} has no entry `{name}`{hint}")
+        default = reference[key]
+        if isinstance(default, dict):
+            _check_section(value, default, what, name + ".")
+        elif not _same_kind(value, default):
+            raise ValueError(f"{what} entry `{name}` must be {_kind(default)}. Received: {value!r}")
+
+
+def _kind(value):
+    return {bool: "true or false", int: "an integer", float: "a number", str: "a string"}.get(
+        type(value), "a list" if isinstance(value, tuple | list) else type(value).__name__
+    )
+
+
+def _same_kind(value, default):
+    if default is None or value is None and default is None:
+        return True
+    if isinstance(default, bool):
+        return isinstance(value, bool)
+    if isinstance(default, int):
+        return isinstance(value, int) and not isinstance(value, bool)
+    if isinstance(default, float):
+        return isinstance(value, int | float) and not isinstance(value, bool)
+    if isinstance(default, tuple | list):
+        return isinstance(value, tuple | list)
+    return isinstance(value, type(default))

@@ -11,6 +11,7 @@ from tfmet.descriptors.embedder import Embedder
 from tfmet.training.contrastive import mining
 from tfmet.training.contrastive.augment import AugmentConfig
 from tfmet.training.contrastive.loss import MARGIN
+from tfmet.training.rundir import check_entries
 
 # The reference's train_contrastive.py names of settings that have tfmet's shared name (the one
 # both trainings use): `config.bsize = 4` and `--config.bsize=4` set `batch_size`, and so on.
@@ -101,6 +102,7 @@ def _config_dict(config):
 
 def check_config(config):
     """Validates a training config (a dict); raises ValueError naming the bad entry."""
+    check_entries(config, _config_dict(default_config()), "contrastive config")
     mining.check_pair_type(config["pairs_type"])
     for key in ("epochs", "batch_size", "vbsizemul", "image_size", "sched_step"):
         if int(config[key]) < 1:

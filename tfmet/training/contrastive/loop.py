@@ -83,9 +83,14 @@ def train(config, info_dir, image_root, workdir, init_descr=None, resume=False):
     workdir = os.fspath(workdir)
     data = load_met_training_data(info_dir, image_root, bool(config["mini"]))
     record = dict(config, init_descr=None if init_descr is None else os.path.abspath(init_descr))
+    # Every input is checked before the first write: a refused start leaves no run behind that
+    # would block its own retry.
+    embedder = build_embedder(config)
+    initial = None
+    if init_descr is not None:
+        initial = read_initial_descriptors(init_descr, len(data.train_files), pooled_dim(embedder))
     _prepare_workdir(workdir, record, resume)
 
-    embedder = build_embedder(config)
     trainer = ContrastiveTrainer(
         embedder,
         learning_rate=float(config["learning_rate"]),
@@ -109,7 +114,7 @@ def train(config, info_dir, image_root, workdir, init_descr=None, resume=False):
         )
     history = _read_history(workdir) if restored else []
     writer = tf.summary.create_file_writer(os.path.join(workdir, TENSORBOARD_DIR))
-    loop = _TrainingLoop(config, data, workdir, init_descr, trainer, state, writer, history)
+    loop = _TrainingLoop(config, data, workdir, initial, trainer, state, writer, history)
     try:
         return loop.run(fresh=restored is None)
     finally:
@@ -119,11 +124,11 @@ def train(config, info_dir, image_root, workdir, init_descr=None, resume=False):
 class _TrainingLoop:
     """The epochs of one `train` call (state lives in `_RunState` and the workdir)."""
 
-    def __init__(self, config, data, workdir, init_descr, trainer, state, writer, history):
+    def __init__(self, config, data, workdir, initial, trainer, state, writer, history):
         self.config = config
         self.data = data
         self.workdir = workdir
-        self.init_descr = init_descr
+        self.initial = initial  # (descriptors, valid) given with `init_descr`, else None
         self.trainer = trainer
         self.state = state
         self.writer = writer
@@ -167,10 +172,8 @@ class _TrainingLoop:
 
     def _mining_descriptors(self, epoch):
         """(descriptors, valid) of the database after `epoch` (0: the initial ones)."""
-        if epoch == 0 and self.init_descr is not None:
-            return read_initial_descriptors(
-                self.init_descr, len(self.data.train_files), pooled_dim(self.embedder)
-            )
+        if epoch == 0 and self.initial is not None:
+            return self.initial
         directory = _descriptor_dir(self.workdir, epoch)
         if not store_lib.has_store(directory, "train"):
             raise FileNotFoundError(
@@ -190,7 +193,7 @@ class _TrainingLoop:
         c = self.config
         weights = c.get("weights")
         fingerprint = extraction.weights_fingerprint(weights, c["seed"])
-        if self.init_descr is None:
+        if self.initial is None:
             absl_logging.info("Extracting the initial single-scale database descriptors")
             self._extract(
                 _PooledExtractor(self.embedder),

@@ -8,7 +8,7 @@ import tensorflow as tf
 
 from tfmet.descriptors import extraction
 from tfmet.descriptors import store as store_lib
-from tfmet.io.atomic import save_json
+from tfmet.io.atomic import clean_stale_temporaries, save_json
 from tfmet.training import rundir
 
 CONFIG_FILE = "config.json"
@@ -119,6 +119,7 @@ class _RunState:
 def _prepare_workdir(workdir, record, resume):
     """Writes the run's config, or checks it against the recorded one on resumption."""
     os.makedirs(workdir, exist_ok=True)
+    clean_stale_temporaries(workdir)  # what a killed run was writing
     path = os.path.join(workdir, CONFIG_FILE)
     has_checkpoint = tf.train.latest_checkpoint(os.path.join(workdir, CHECKPOINT_DIR)) is not None
     if has_checkpoint and not resume:

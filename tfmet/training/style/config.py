@@ -5,7 +5,11 @@ and set only what differs. The vocabulary is the one contrastive training uses w
 the setting: `backbone`, `weights`, `image_size`, `batch_size`, `learning_rate`, `epochs`, `seed`.
 """
 
+import math
+
 import ml_collections
+
+from tfmet.training.rundir import check_entries
 
 
 def default_config():
@@ -51,4 +55,47 @@ def default_config():
     )
     config.eval = dict(batch_size=32)
     config.cache_dir = ""  # "" = $TFMET_CACHE_DIR or ~/.cache/tfmet
+    return config
+
+
+def check_config(config):
+    """Validates a style training config (ConfigDict or dict) before any work starts.
+
+    Raises:
+      ValueError naming the entry: an entry the defaults do not have (a typo), a value of the
+      wrong type, or one out of its range (e.g. a learning rate that is not positive).
+    """
+    check_entries(config, default_config(), "style config")
+    c = config.to_dict() if hasattr(config, "to_dict") else config
+    model, train = c.get("model", {}), c.get("train", {})
+
+    def need(ok, name, rule, value):
+        if not ok:
+            raise ValueError(f"style config entry `{name}` must be {rule}. Received: {value!r}")
+
+    for name in ("epochs", "batch_size"):
+        value = train.get(name, 1)
+        need(value >= 1, f"train.{name}", "a positive integer", value)
+    value = c.get("eval", {}).get("batch_size", 1)
+    need(value >= 1, "eval.batch_size", "a positive integer", value)
+    for name in ("patience", "trainable_blocks"):
+        value = train.get(name, 0)
+        need(value >= 0, f"train.{name}", "zero or more", value)
+    value = train.get("learning_rate", 1e-3)
+    need(math.isfinite(value) and value > 0, "train.learning_rate", "a positive number", value)
+    value = train.get("trainable_fraction", 0.0)
+    need(0.0 <= value <= 1.0, "train.trainable_fraction", "in [0, 1]", value)
+    value = model.get("image_size", 224)
+    need(16 <= value <= 4096, "model.image_size", "in [16, 4096]", value)
+    value = model.get("dropout", 0.0)
+    need(0.0 <= value < 1.0, "model.dropout", "in [0, 1)", value)
+    value = model.get("gem_p", 3.0)
+    need(math.isfinite(value) and value > 0, "model.gem_p", "a positive number", value)
+    fractions = c.get("dataset", {}).get("split_fractions", (0.8, 0.1, 0.1))
+    need(
+        len(fractions) == 3 and min(fractions) >= 0 and abs(sum(fractions) - 1.0) < 1e-6,
+        "dataset.split_fractions",
+        "three non-negative fractions (train, val, test) summing to 1",
+        fractions,
+    )
     return config

@@ -5,10 +5,10 @@ Both run `keras.Model.fit` with one `StyleMonitor` callback that, after every ep
 - evaluates the validation split once (loss, top-1/3/5 per attribute);
 - writes TensorBoard scalars under `<workdir>/tensorboard/{train,val}` (loss, `<attribute>/top1`
   ..., `learning_rate`) and a confusion-matrix image per attribute;
-- saves the resumable checkpoint `<workdir>/checkpoints/last.weights.npz` +
-  `last_optimizer.npz` + `state.json` (atomically), and `best.weights.npz` when validation top-1
-  of the first attribute improves (weights files: one array per `model.weights` entry, in order,
-  with the variable paths; no pickle);
+- saves the resumable checkpoint `<workdir>/checkpoints/`: `last.weights.npz`,
+  `last_optimizer.npz`, `state.json` and `best.weights.npz` (new when validation top-1 of the
+  first attribute improves), swapped in as one set (`write_checkpoint`); weights files hold one
+  array per `model.weights` entry, in order, with the variable paths; no pickle;
 - stops training after `patience` epochs without improvement.
 
 At the end it writes the validation features of the best epoch to the TensorBoard embedding
@@ -19,6 +19,7 @@ import dataclasses
 import json
 import math
 import os
+import shutil
 import time
 
 import keras
@@ -27,7 +28,13 @@ import tensorflow as tf
 from absl import logging
 
 from tfmet.backbones.precision import model_precision
-from tfmet.io.atomic import atomic_path, save_json
+from tfmet.io.atomic import (
+    atomic_path,
+    recover_directory,
+    replace_directory,
+    save_json,
+    staging_directory,
+)
 from tfmet.metrics.topk import TopKAccuracy, top_k_accuracy
 from tfmet.training.style.evaluate import TOP_KS, confusion_image, confusion_matrix
 from tfmet.training.style.model import MaskedSparseCrossEntropy, StyleHead
@@ -97,7 +104,10 @@ def compile_for_attributes(model, attributes, optimizer):
 
 
 def checkpoint_paths(workdir):
-    directory = os.path.join(workdir, CHECKPOINT_DIR)
+    return _checkpoint_files(os.path.join(workdir, CHECKPOINT_DIR))
+
+
+def _checkpoint_files(directory):
     return {
         "dir": directory,
         "last": os.path.join(directory, "last.weights.npz"),
@@ -108,7 +118,36 @@ def checkpoint_paths(workdir):
 
 
 def has_checkpoint(workdir):
+    """Whether `workdir` holds a checkpoint (after undoing a checkpoint swap a kill cut short)."""
+    recover_directory(checkpoint_paths(workdir)["dir"])
     return os.path.exists(checkpoint_paths(workdir)["state"])
+
+
+def write_checkpoint(model, state, workdir, improved):
+    """Writes the epoch's checkpoint as one set: last weights, optimizer, state and best weights.
+
+    The set is built in a new folder and swapped in for `checkpoints/` (`replace_directory`), so
+    a kill at any instant leaves the previous epoch's set or this one: never best weights one
+    epoch ahead of the state that names their epoch and top-1. Best weights that did not change
+    are carried over by hard link (a copy where links are not possible).
+    """
+    paths = checkpoint_paths(workdir)
+    staging = staging_directory(os.fspath(workdir), "checkpoints")
+    try:
+        new = _checkpoint_files(staging)
+        if improved:
+            save_weights(model, new["best"])
+        elif os.path.exists(paths["best"]):
+            try:
+                os.link(paths["best"], new["best"])
+            except OSError:
+                shutil.copy2(paths["best"], new["best"])
+        save_weights(model, new["last"])
+        save_optimizer(model.optimizer, new["optimizer"])
+        save_json(new["state"], state)
+        replace_directory(staging, paths["dir"])
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 def save_weights(model, path):
@@ -341,7 +380,6 @@ class StyleMonitor(keras.callbacks.Callback):
         improved = top1 > self.state["best_top1"]
         if improved:
             self.state.update(best_top1=top1, best_epoch=step, wait=0)
-            save_weights(self.model, self.paths["best"])
             self.best_features = features
         else:
             self.state["wait"] += 1
@@ -358,9 +396,7 @@ class StyleMonitor(keras.callbacks.Callback):
         if self.patience and self.state["wait"] >= self.patience:
             self.state["stopped_early"] = True
             self.model.stop_training = True
-        save_weights(self.model, self.paths["last"])
-        save_optimizer(self.model.optimizer, self.paths["optimizer"])
-        save_json(self.paths["state"], self.state)
+        write_checkpoint(self.model, self.state, self.workdir, improved)
         logging.info(
             "epoch %d (%.1f s): train loss %.4f, val loss %.4f, val top-1 %.4f (best %.4f at "
             "epoch %d), lr %.3g%s",

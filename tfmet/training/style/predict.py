@@ -4,13 +4,14 @@
 exported SavedModel directory (see `SAVED_MODEL_CONTRACT`).
 """
 
-import json
 import os
 
 import numpy as np
 
 from tfmet.data import images as image_io
 from tfmet.data import style_datasets
+from tfmet.io import saved_models
+from tfmet.io.json_files import read_json
 from tfmet.metrics.topk import bag_probabilities
 from tfmet.retrieval import embedding_tools
 from tfmet.training.style.run import (
@@ -86,25 +87,46 @@ def load_predictor(path, image_size=None, trust_model=False):
     return Predictor(predict_logits, classifier.class_names, image_size, classifier=classifier)
 
 
-def _saved_model_predictor(path):
-    import tensorflow as tf
+def _check_metadata(path, metadata, signature):
+    """The metadata must describe the graph: its image size and each attribute's class count
+    (a tampered or mismatched metadata file would silently change or mislabel predictions)."""
+    shape = signature.structured_input_signature[1]["images"].shape.as_list()
+    size = metadata.get("image_size")
+    if shape[1:3] != [size, size]:
+        raise ValueError(
+            f"{path}: metadata says image_size {size!r}, the graph takes "
+            f"{shape[1]}x{shape[2]} images"
+        )
+    names = metadata["class_names"]
+    if not isinstance(names, dict):
+        raise ValueError(f"{path}: metadata 'class_names' must map attributes to name lists")
+    for attribute, spec in signature.structured_outputs.items():
+        count = spec.shape.as_list()[-1]
+        if attribute in names and len(names[attribute]) != count:
+            raise ValueError(
+                f"{path}: metadata lists {len(names[attribute])} class names for "
+                f"{attribute!r}, the model has {count} outputs"
+            )
 
+
+def _saved_model_predictor(path):
     metadata_path = os.path.join(path, "assets", "tfmet_metadata.json")
     if not os.path.exists(metadata_path):
         raise ValueError(f"{path}: no assets/tfmet_metadata.json; {SAVED_MODEL_CONTRACT}")
-    with open(metadata_path, encoding="utf-8") as f:
-        metadata = json.load(f)
+    metadata = read_json(metadata_path, "export metadata")
+    if not isinstance(metadata, dict):
+        raise ValueError(f"{metadata_path}: not a tfmet export's metadata")
     if metadata.get("kind") != "style" or "class_names" not in metadata:
         raise ValueError(
             f"{path}: a {metadata.get('kind', 'unknown')!r} export, not a style classifier; "
             f"{SAVED_MODEL_CONTRACT}"
         )
-    loaded = tf.saved_model.load(path)
-    signature = loaded.signatures.get("images")
-    if signature is None:
-        raise ValueError(f"{path}: no images signature; {SAVED_MODEL_CONTRACT}")
+    signature = saved_models.signature(saved_models.load_saved_model(path), path, "images")
+    _check_metadata(path, metadata, signature)
 
     def predict_logits(images):
+        import tensorflow as tf
+
         outputs = signature(images=tf.constant(np.asarray(images, np.float32)))
         missing = [a for a in metadata["class_names"] if a not in outputs]
         if missing:

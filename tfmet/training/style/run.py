@@ -33,7 +33,9 @@ from absl import logging
 
 from tfmet.backbones.precision import PRECISIONS, model_precision, set_precision
 from tfmet.data import style_datasets
-from tfmet.io.atomic import atomic_path, save_json
+from tfmet.io import saved_models
+from tfmet.io.atomic import atomic_path, clean_stale_temporaries, save_json
+from tfmet.io.json_files import read_json
 from tfmet.metrics.topk import bag_probabilities
 from tfmet.retrieval import embedding_tools
 from tfmet.training import rundir
@@ -41,6 +43,7 @@ from tfmet.training.style import bottleneck as style_bottleneck
 from tfmet.training.style import evaluate as style_eval
 from tfmet.training.style import finetune as style_finetune
 from tfmet.training.style import fit as style_train
+from tfmet.training.style.config import check_config
 from tfmet.training.style.model import StyleClassifier
 
 MODES = ("auto", "bottleneck", "finetune")
@@ -242,9 +245,11 @@ def train(config, workdir, resume=False):
       ValueError / FileNotFoundError: a bad config, dataset or workdir (clear messages).
     """
     start = time.time()
+    check_config(config)
     config_dict = config_to_dict(config)
     check_model_precision(config_dict["model"])  # before anything is written
     os.makedirs(workdir, exist_ok=True)
+    clean_stale_temporaries(workdir)  # what a killed run was writing
     if resume:
         _check_resume_config(workdir, config_dict)
     elif style_train.has_checkpoint(workdir):
@@ -408,8 +413,10 @@ def read_run_config(workdir):
     path = os.path.join(workdir, CONFIG_FILE)
     if not os.path.exists(path):
         raise FileNotFoundError(f"{workdir} is not a tfmet-train-style run: no {CONFIG_FILE}")
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
+    config = read_json(path, "run config")
+    if not isinstance(config, dict) or not isinstance(config.get("model"), dict):
+        raise ValueError(f"{path}: not a tfmet-train-style run config")
+    return config
 
 
 def load_classifier(path, trust_model=False):
@@ -448,14 +455,14 @@ def load_classifier(path, trust_model=False):
             "checkpoint"
         )
     try:
-        model = keras.saving.load_model(path, safe_mode=not trust_model)
+        model = saved_models.load_keras_file(path, "Keras model", safe_mode=not trust_model)
     except ValueError as e:
         if "safe mode" in str(e):
             raise ValueError(
                 f"{path} contains a hub module (a SavedModel program); load it only if you "
                 "trust the file (--trust_model)"
             ) from None
-        raise ValueError(f"{path}: not a loadable Keras model ({e})") from None
+        raise
     if not isinstance(model, StyleClassifier):
         raise ValueError(f"{path}: holds a {type(model).__name__}, not a StyleClassifier")
     return model
