@@ -206,3 +206,11 @@ def test_extract_cli_precision_flag_config_and_usage_error(tree, tmp_path):
         f"tfmet-extract: error: {store.manifest_path(out, 'val')} holds descriptors computed in "
         "bfloat16; refusing to add float32 ones (use --precision=bfloat16 or another --output_dir)"
     ]
+
+
+def test_splits_of_different_precisions_are_not_searched_together(tmp_path):
+    base = {"backbone": "resnet18", "weights_sha256": "sha256:00"}
+    old = tmp_path / "train_manifest.json"  # written before precision was recorded: float32
+    store.check_same_extraction({old: base, tmp_path / "val": base | {"precision": "float32"}})
+    with pytest.raises(ValueError, match="extracted with precision='bfloat16' but .*'float32'"):
+        store.check_same_extraction({old: base, tmp_path / "val": base | {"precision": "bfloat16"}})
