@@ -29,6 +29,7 @@ def get_config(arg=None):
     config.splits = ("train", "val", "test")
     config.batch_images = 1
     config.chunk_size = 512
+    config.precision = "float32"  # or "bfloat16" / "float16" (docs/extraction.md)
     if arg == "smoke":
         config.backbone = "resnet_tiny"
         config.mini = True

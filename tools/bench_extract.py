@@ -2,16 +2,20 @@
 
     .venv/bin/python tools/bench_extract.py --backbones=resnet18,resnet50 --num_images=16
     .venv/bin/python tools/bench_extract.py --backbones= --vits=vits14,vitb14
+    .venv/bin/python tools/bench_extract.py --precisions=float32,bfloat16 --demo
 
 For each backbone, the same weights run in both frameworks (a Keras trunk from the tfmet
 registry, BatchNorm statistics calibrated on an image batch so that activations have realistic
-scales, copied into the compact torchvision-layout model of tests/torch_models.py), on the same
+scales, copied into the compact torchvision-layout model of tests/kit/torch_models.py), on the same
 generated JPEGs of Met-like sizes (long side 500, mixed aspect ratios and orientations):
 
 - "tfmet": `extract_split` end to end as `tfmet-extract` runs it (tf.data parallel read +
   decode, the compiled multi-scale extractor over the BatchNorm-folded backbone, chunk files,
   merged store).
 - "tfmet compute": the `DescriptorExtractor` on pre-decoded images, one call per image.
+- "tfmet bfloat16", "tfmet bfloat16 compute" (and float16, per `--precisions`): the same with
+  the backbone computing in reduced precision (`--precision`); for each, the per-image cosine
+  between its descriptors and the float32 ones (min and mean) is printed.
 - "torch": the reference loop (`extract_ms`): one image at a time, scales 1, 1/sqrt(2), 1/2 with
   `F.interpolate`, GeM + L2 per scale, mean, L2; on pre-decoded, normalised tensors (compute
   only, as the reference's DataLoader workers decode), `torch.set_num_threads(--torch_threads)`.
@@ -24,6 +28,15 @@ Every pass is preceded by a warm-up pass over the same images (both frameworks c
 input shape; over the Met's ~400k images the few hundred distinct sizes are soon all cached).
 Rounds alternate between the frameworks so that load from other processes hits both alike; the
 table gives the median images/s of the rounds and the ratio to torch measured in the same run.
+
+`--demo` adds the accuracy cost on a retrieval task: `tfmet-demo`'s benchmark (real photos,
+EfficientNet-Lite0 with its ImageNet weights) run in every precision of `--precisions`, with
+test GAP / GAP- / ACC and their difference to float32 in points.
+
+Reduced precision pays where the CPU computes it natively (AVX512_BF16 / AMX for bfloat16,
+AVX512_FP16 for float16; or a GPU): elsewhere oneDNN converts to float32 around every
+convolution and bfloat16 is slower than float32. The script prints which of these flags the CPU
+has.
 """
 
 import os
@@ -59,6 +72,10 @@ flags.DEFINE_integer(
 flags.DEFINE_integer("batch_images", 1, "tfmet: same-size images per model call.")
 flags.DEFINE_integer("seed", 0, "Seed of images and weights.")
 flags.DEFINE_list("vits", [], f"DINOv2 ViTs (random init, real size): {', '.join(VITS)}.")
+flags.DEFINE_list(
+    "precisions", ["float32"], "tfmet precisions to time (float32 always runs, as the reference)."
+)
+flags.DEFINE_bool("demo", False, "Also run tfmet-demo's benchmark in every precision.")
 
 
 def met_like_sizes(count, rng):
@@ -107,7 +124,7 @@ def torch_trunk_like(keras_model, name):
     import keras
     import torch
 
-    from tests import torch_models
+    from tests.kit import torch_models
 
     net = torch_models.resnet(name)
     state = net.state_dict()
@@ -153,6 +170,7 @@ def bench_backbone(name, paths, decoded, workdir):
     import torch
 
     from tfmet import backbones
+    from tfmet.backbones.precision import set_precision
     from tfmet.descriptors import MET_SCALES, DescriptorExtractor, Embedder, extraction
 
     keras.utils.set_random_seed(FLAGS.seed)
@@ -160,9 +178,14 @@ def bench_backbone(name, paths, decoded, workdir):
     calibration = np.stack([np.asarray(Image.fromarray(d).resize((224, 224))) for d in decoded[:4]])
     spec_pre = backbones.preprocessing(name)
     calibrate_batchnorm(trunk, spec_pre(calibration.astype(np.float32)))
-    embedder = extraction.folded_embedder(Embedder(trunk, preprocessing=spec_pre))
-    extractor = DescriptorExtractor(embedder, scales=MET_SCALES)
-    spec = extraction.ExtractionSpec(name, "bench", MET_SCALES, "torch", None, embedder.output_dim)
+    extractors = {}
+    for precision in precisions():
+        embedder = extraction.folded_embedder(Embedder(trunk, preprocessing=spec_pre))
+        set_precision(embedder.backbone, precision)
+        spec = extraction.ExtractionSpec(
+            name, "bench", MET_SCALES, "torch", None, embedder.output_dim, precision=precision
+        )
+        extractors[precision] = (DescriptorExtractor(embedder, scales=MET_SCALES), spec)
 
     torch.set_num_threads(FLAGS.torch_threads)
     torch_trunk = torch_trunk_like(trunk, name)
@@ -174,17 +197,29 @@ def bench_backbone(name, paths, decoded, workdir):
     ]
     float_images = [d.astype(np.float32)[None] for d in decoded]
 
-    def run_tfmet():
-        return extract_store(extractor, spec, paths, workdir)
-
-    def run_tf_compute():
-        return [extractor(x).numpy() for x in float_images]
-
     def run_torch():
         with torch.no_grad():
             return [torch_descriptor(torch_trunk, t, MET_SCALES).numpy() for t in tensors]
 
-    return compare(run_tfmet, run_tf_compute, run_torch, len(paths))
+    runs = {}
+    for precision, (extractor, spec) in extractors.items():
+        label = "tfmet" if precision == "float32" else f"tfmet {precision}"
+        runs[label] = lambda e=extractor, s=spec: extract_store(e, s, paths, workdir)
+        runs[f"{label} compute"] = lambda e=extractor: [e(x).numpy() for x in float_images]
+    runs["torch"] = run_torch
+    return compare(runs, len(paths))
+
+
+def precisions():
+    """float32 first (the reference of the cosines), then the others of --precisions."""
+    from tfmet.backbones.precision import check_precision
+
+    return ["float32"] + [check_precision(p) for p in FLAGS.precisions if p != "float32"]
+
+
+def cosines(reference, other):
+    """Per-image cosine of two lists of L2-normalised descriptors [1, D]."""
+    return np.sum(np.concatenate(reference) * np.concatenate(other), axis=1)
 
 
 def extract_store(extractor, spec, paths, workdir):
@@ -198,27 +233,37 @@ def extract_store(extractor, spec, paths, workdir):
     return store.read_store(out, "bench").descriptors
 
 
-def compare(run_tfmet, run_tf_compute, run_torch, count):
-    """Checks that both give the same descriptors, then times alternating rounds."""
+def compare(runs, count):
+    """Checks that tfmet and torch give the same descriptors, then times alternating rounds.
+
+    `runs` maps a label to a function returning descriptors: "tfmet" (float32, end to end),
+    "torch", and any others ("tfmet compute", "tfmet bfloat16 compute", ...). Returns (median
+    images/s, median CPU s/image, all rates, max |tfmet - torch|, {label: per-image cosine to
+    "tfmet compute"} for the reduced-precision compute runs).
+    """
     # Same weights, same numbers (up to float reordering): the comparison is like for like.
-    ours, theirs = np.asarray(run_tfmet()), np.stack(run_torch())
+    ours, theirs = np.asarray(runs["tfmet"]()), np.stack(runs["torch"]())
     difference = float(np.abs(ours - theirs).max())
-    run_tf_compute()
-    rates = {"tfmet": [], "tfmet compute": [], "torch": []}
+    warm = {label: fn() for label, fn in runs.items() if label.endswith("compute")}
+    agreement = {
+        label: cosines(warm["tfmet compute"], descriptors)
+        for label, descriptors in warm.items()
+        if label != "tfmet compute"
+    }
+    for label, fn in runs.items():  # warm-up of the end-to-end reduced-precision runs
+        if label not in warm and label not in ("tfmet", "torch"):
+            fn()
+    rates = {label: [] for label in runs}
     cpu = {k: [] for k in rates}
     for _ in range(FLAGS.rounds):
-        for framework, fn in (
-            ("tfmet", run_tfmet),
-            ("tfmet compute", run_tf_compute),
-            ("torch", run_torch),
-        ):
+        for framework, fn in runs.items():
             time.sleep(1.0)  # let the other framework's worker threads go idle first
             rate, seconds = timed(fn, count)
             rates[framework].append(rate)
             cpu[framework].append(seconds)
     medians = {k: statistics.median(v) for k, v in rates.items()}
     cpu = {k: statistics.median(v) for k, v in cpu.items()}
-    return medians, cpu, rates, difference
+    return medians, cpu, rates, difference, agreement
 
 
 def bench_vit(name, paths, decoded, workdir):
@@ -263,9 +308,51 @@ def bench_vit(name, paths, decoded, workdir):
         with torch.no_grad():
             return [torch_vit(t).numpy() for t in tensors]
 
-    return compare(
-        run_tfmet, lambda: [extractor(x).numpy() for x in float_images], run_torch, len(paths)
-    )
+    runs = {
+        "tfmet": run_tfmet,
+        "tfmet compute": lambda: [extractor(x).numpy() for x in float_images],
+        "torch": run_torch,
+    }
+    return compare(runs, len(paths))
+
+
+def cpu_flags():
+    """The CPU's native reduced-precision flags (avx512_bf16, amx_bf16, avx512_fp16), if any."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            words = next((line.split() for line in f if line.startswith("flags")), [])
+    except OSError:
+        return "unknown"
+    wanted = ("avx512f", "avx512_bf16", "amx_bf16", "avx512_fp16")
+    return ", ".join(w for w in wanted if w in words) or "none of avx512f/_bf16/_fp16, amx_bf16"
+
+
+def bench_demo(workdir):
+    """tfmet-demo's benchmark in every precision: {precision: DemoResult}."""
+    from tfmet.demo.run import run_demo
+
+    results = {}
+    for precision in precisions():
+        start = time.perf_counter()
+        results[precision] = run_demo(
+            os.path.join(workdir, "demo"), precision=precision, progress=False, log=lambda m: None
+        )
+        print(f"demo       {precision:<24} ran in {time.perf_counter() - start:.0f} s")
+    return results
+
+
+def print_demo(results):
+    print(f"{'demo':<10} {'precision':<24} {'GAP':>7} {'GAP-':>7} {'ACC':>7}  vs float32 (points)")
+    base = results["float32"].test
+    for precision, result in results.items():
+        test = result.test
+        delta = " ".join(
+            f"{key} {100 * (test[key] - base[key]):+.2f}" for key in ("gap", "gap_minus", "acc")
+        )
+        print(
+            f"{'demo':<10} {precision:<24} {100 * test['gap']:7.2f} "
+            f"{100 * test['gap_minus']:7.2f} {100 * test['acc']:7.2f}  {delta}"
+        )
 
 
 def main(argv):
@@ -286,25 +373,31 @@ def main(argv):
             f"TF {tf.__version__} ({FLAGS.tf_threads or 'default'} threads), "
             f"torch {torch.__version__} "
             f"({FLAGS.torch_threads} threads), {os.cpu_count()} CPUs, multi-scale "
-            f"{[round(s, 3) for s in (1, 1 / math.sqrt(2), 0.5)]}"
+            f"{[round(s, 3) for s in (1, 1 / math.sqrt(2), 0.5)]}; "
+            f"CPU reduced-precision flags: {cpu_flags()}"
         )
         print(
-            f"{'backbone':<10} {'framework':<14} {'images/s':>9} {'vs torch':>9} "
+            f"{'backbone':<10} {'framework':<24} {'images/s':>9} {'vs torch':>9} "
             f"{'CPU s/img':>10}  rounds (images/s)"
         )
         runs = [(n, bench_backbone) for n in FLAGS.backbones] + [(n, bench_vit) for n in FLAGS.vits]
         for name, bench in runs:
             load_before = os.getloadavg()[0]
-            medians, cpu, rates, difference = bench(name, paths, decoded, workdir)
+            medians, cpu, rates, difference, agreement = bench(name, paths, decoded, workdir)
             load_after = os.getloadavg()[0]
             for framework, rate in medians.items():
                 ratio = rate / medians["torch"]
                 rounds = " ".join(f"{r:.2f}" for r in rates[framework])
                 print(
-                    f"{name:<10} {framework:<14} {rate:9.2f} {ratio:8.2f}x "
+                    f"{name:<10} {framework:<24} {rate:9.2f} {ratio:8.2f}x "
                     f"{cpu[framework]:10.3f}  {rounds}"
                 )
             print(f"{name:<10} max |tfmet - torch| descriptor difference: {difference:.2e}")
+            for label, cosine in agreement.items():
+                print(
+                    f"{name:<10} {label.removesuffix(' compute')} vs float32 per-image cosine: "
+                    f"min {cosine.min():.6f}, mean {cosine.mean():.6f}"
+                )
             busiest = max(load_before, load_after)
             if busiest > 1.5 * (os.cpu_count() or 1):
                 print(
@@ -312,6 +405,8 @@ def main(argv):
                     "other processes competed; torch's OpenMP threads suffer far more from "
                     "that than TF's, so the ratio overstates tfmet. Re-run on an idle machine."
                 )
+        if FLAGS.demo:
+            print_demo(bench_demo(workdir))
 
 
 if __name__ == "__main__":

@@ -91,6 +91,7 @@ def saved_model_spec(model_uri, chunk_size=extraction.DEFAULT_CHUNK_SIZE):
         max_side=None if max_side is None else int(max_side),
         dim=int(metadata["dim"]),
         chunk_size=int(chunk_size),
+        precision=extraction.recorded_precision(metadata),
     )
 
 

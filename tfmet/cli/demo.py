@@ -37,6 +37,9 @@ flags.DEFINE_integer(
     "PCA-whitening dimension; 0 for raw descriptors. Default: 512 for databases of >= 2048 "
     "images with larger descriptors, else raw.",
 )
+flags.DEFINE_string(
+    "precision", "float32", "What the backbone computes in: float32, bfloat16 or float16."
+)
 flags.DEFINE_integer("examples", 8, "Queries drawn in the matches picture.")
 flags.DEFINE_bool("progress", True, "Show progress bars.")
 
@@ -49,6 +52,12 @@ def main(argv):
     if not FLAGS.workdir:
         raise UsageError("--workdir is required")
     check_outputs(folders=("workdir",))
+    from tfmet.backbones.precision import PRECISIONS
+
+    if FLAGS.precision not in PRECISIONS:
+        raise UsageError(
+            f"--precision must be one of {', '.join(PRECISIONS)}. Received: {FLAGS.precision!r}"
+        )
     from tfmet.demo import figures
     from tfmet.demo.run import RANDOM, run_demo
 
@@ -70,6 +79,7 @@ def main(argv):
                 pca_dim=FLAGS.pca_dim,
                 examples=FLAGS.examples,
                 progress=FLAGS.progress,
+                precision=FLAGS.precision,
             )
         )
     print()

@@ -7,10 +7,12 @@ r"""tfmet-export: write a SavedModel for serving.
     tfmet-export --kind style --style_model runs/pandora18k --out exports/style
 
 The descriptor and recogniser exports take the model exactly as tfmet-extract does (--backbone +
---weights, or --model for a saved Embedder). The recogniser also needs the database: the train
-descriptor store that tfmet-extract wrote (--descriptor_dir) with its labels (--info_dir), the
-PCA-whitening (--pca, or fitted again on the train descriptors with --dim, as tfmet-knn-eval
-does; --raw for none) and the tuned k and tau (--k/--tau, or --results_json from tfmet-knn-eval).
+--weights, or --model for a saved Embedder; --precision=bfloat16 or float16 computes the backbone
+in reduced precision, GeM, L2, PCA-whitening and the kNN staying float32). The recogniser also
+needs the database: the train descriptor store that tfmet-extract wrote (--descriptor_dir) with
+its labels (--info_dir), the PCA-whitening (--pca, or fitted again on the train descriptors with
+--dim, as tfmet-knn-eval does; --raw for none) and the tuned k and tau (--k/--tau, or
+--results_json from tfmet-knn-eval).
 """
 
 from absl import flags
@@ -100,6 +102,9 @@ def main(argv):
     no_arguments(argv)
     if not FLAGS.kind or not FLAGS.out:
         raise UsageError("--kind and --out are required")
+    if FLAGS.kind == "style" and FLAGS["precision"].present:
+        raise UsageError("--precision is for the descriptor and recognizer exports")
+    model_flags.check_precision(model_flags.values())
     check_outputs(folders=("out",))
     import tfmet
     from tfmet.export import metadata_signature, save_module

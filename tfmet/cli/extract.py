@@ -56,6 +56,7 @@ SETTINGS = (
     "multiscale",
     "resize_method",
     "max_side",
+    "precision",
     "mini",
     "splits",
     "queries_only",
@@ -121,8 +122,12 @@ def extract(values):
     met_splits = [met.load_split(values["info_dir"], s, values["mini"]) for s in values["splits"]]
     for split in met_splits:  # every path stays below the image root, links followed
         met.image_paths(split, values["image_root"])
+    model_flags.check_precision(values)
 
     from tfmet.descriptors import extraction
+
+    for split in values["splits"]:  # before the model is built
+        extraction.check_output_precision(values["output_dir"], split, values["precision"])
 
     extractor, spec = model_flags.build_extractor(
         values, chunk_size=values["chunk_size"], fold_bn=values["fold_bn"]

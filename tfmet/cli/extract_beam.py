@@ -48,7 +48,7 @@ flags.DEFINE_bool(
 
 # Runners whose workers cannot see the launcher's disk.
 REMOTE_RUNNERS = ("DataflowRunner", "FlinkRunner", "SparkRunner", "PortableRunner")
-MODEL_FLAGS = ("backbone", "weights", "model", "seed", "multiscale", "resize_method", "max_side")
+MODEL_FLAGS = model_flags.NAMES
 
 
 def beam_options(args):
@@ -139,6 +139,7 @@ def extract(values, beam_args):
         raise UsageError("--num_shards is for tfmet-extract; Beam distributes the chunks itself")
     beam_args, runner = beam_options(beam_args)
     met_splits = [met.load_split(values["info_dir"], s, values["mini"]) for s in values["splits"]]
+    model_flags.check_precision(values)
     model_uri = _model_uri(values)
     _check_reachable(
         runner,

@@ -6,6 +6,8 @@ can be imported in one process (absl refuses a flag defined twice).
 
 from absl import flags
 
+from tfmet.cli.common import UsageError
+
 flags.DEFINE_string("backbone", "resnet18", "Backbone registry name (tfmet.backbones.names()).")
 flags.DEFINE_string("weights", None, "Backbone weights file; none for a seeded random init.")
 flags.DEFINE_string("model", None, "A saved Embedder (.keras) to use instead of --backbone.")
@@ -13,13 +15,38 @@ flags.DEFINE_integer("seed", 0, "Seed of the random initialisation when --weight
 flags.DEFINE_bool("multiscale", True, "Average the scales 1, 1/sqrt(2), 1/2 (else scale 1 only).")
 flags.DEFINE_enum("resize_method", "torch", ["torch", "tf"], "Multi-scale resize semantics.")
 flags.DEFINE_integer("max_side", None, "Downscale images whose long side exceeds this.")
+flags.DEFINE_string(
+    "precision",
+    "float32",
+    "What the backbone computes in: float32, bfloat16 or float16 (GeM, L2 and PCA stay float32).",
+)
 
-NAMES = ("backbone", "weights", "model", "seed", "multiscale", "resize_method", "max_side")
+NAMES = (
+    "backbone",
+    "weights",
+    "model",
+    "seed",
+    "multiscale",
+    "resize_method",
+    "max_side",
+    "precision",
+)
 
 
 def values():
     """The model flags' current values, as a dict."""
     return {name: flags.FLAGS[name].value for name in NAMES}
+
+
+def check_precision(settings):
+    """Raises UsageError unless `settings["precision"]` is a precision tfmet knows."""
+    from tfmet.backbones.precision import PRECISIONS
+
+    if settings["precision"] not in PRECISIONS:
+        raise UsageError(
+            f"--precision must be one of {', '.join(PRECISIONS)}. "
+            f"Received: {settings['precision']!r}"
+        )
 
 
 def build_extractor(settings, **kwargs):
@@ -39,5 +66,6 @@ def build_extractor(settings, **kwargs):
         scales=None if settings["multiscale"] else (1.0,),
         resize_method=settings["resize_method"],
         max_side=settings["max_side"],
+        precision=settings["precision"],
         **kwargs,
     )

@@ -78,13 +78,18 @@ def resolve_weights(backbone, weights):
     return weights, stem[: -len(".weights.h5")] if stem.endswith(".weights.h5") else stem
 
 
-def _extractor(backbone, weights, seed, multiscale, max_side):
+def _extractor(backbone, weights, seed, multiscale, max_side, precision="float32"):
     """`DescriptorExtractor` + `ExtractionSpec`, built exactly as `tfmet-extract` builds them."""
     from tfmet.descriptors import extraction
 
     scales = None if multiscale else (1.0,)
     return extraction.build_extractor(
-        backbone=backbone, weights=weights, seed=seed, scales=scales, max_side=max_side
+        backbone=backbone,
+        weights=weights,
+        seed=seed,
+        scales=scales,
+        max_side=max_side,
+        precision=precision,
     )
 
 
@@ -126,6 +131,7 @@ def run_demo(
     benchmark_config=None,
     progress=True,
     log=print,
+    precision="float32",
 ):
     """Runs the demo end to end and reports; see the module docstring.
 
@@ -144,6 +150,8 @@ def run_demo(
       benchmark_config: a `tfmet.demo.benchmark.BenchmarkConfig` for the built benchmark.
       progress: show progress bars.
       log: where messages go (print by default).
+      precision: what the backbone computes in ("float32", "bfloat16", "float16"); a
+        reduced precision gets its own run name ("<backbone>-<weights tag>-<precision>").
 
     Returns:
       a `DemoResult`.
@@ -153,10 +161,17 @@ def run_demo(
     if (info_dir is None) != (image_root is None):
         raise ValueError("give both `info_dir` and `image_root` (a Met-format folder), or neither")
     _check_weights(backbone, weights)  # before the (slow) TensorFlow imports
+    from tfmet.backbones.precision import PRECISIONS
+
+    if precision not in PRECISIONS:
+        raise ValueError(
+            f"`precision` must be one of {', '.join(PRECISIONS)}. Received: {precision!r}"
+        )
 
     bench = _benchmark(workdir, info_dir, image_root, seed, benchmark_config, progress, log)
     weights_file, tag = resolve_weights(backbone, weights)
     run_name = f"{backbone}-{tag}" + (f"-seed{seed}" if weights_file is None else "")
+    run_name += "" if precision == "float32" else f"-{precision}"
     output_dir = os.path.join(workdir, "descriptors", run_name)
     log(f"[2/4] Extracting descriptors with {backbone} ({tag} weights) into {output_dir}")
     log(
@@ -165,10 +180,11 @@ def run_demo(
         + (f" --weights {weights_file}" if weights_file else f" --seed {seed}")
         + ("" if multiscale else " --nomultiscale")
         + (f" --max_side {max_side}" if max_side else "")
+        + ("" if precision == "float32" else f" --precision {precision}")
     )
     from tfmet.descriptors import extraction
 
-    extractor, spec = _extractor(backbone, weights_file, seed, multiscale, max_side)
+    extractor, spec = _extractor(backbone, weights_file, seed, multiscale, max_side, precision)
     reports = extraction.extract_met(
         extractor, spec, bench.splits, bench.image_root, output_dir, progress=progress
     )
@@ -204,7 +220,8 @@ def run_demo(
             os.path.join(workdir, "recognizer", run_name),
             f"--descriptor_dir {output_dir} --info_dir {bench.info_dir} "
             f"--results_json {results_json}"
-            + _model_flags(backbone, weights_file, seed, multiscale, max_side),
+            + _model_flags(backbone, weights_file, seed, multiscale, max_side)
+            + ("" if precision == "float32" else f" --precision {precision}"),
             f"--info_dir {bench.info_dir} --image_root {bench.image_root}",
         ),
     )

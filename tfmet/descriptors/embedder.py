@@ -63,13 +63,19 @@ class Embedder(keras.Model):
         self.preprocessing = preprocessing
         self.pooling = pooling
         if pooling == "gem":
-            self.pool = GeMPooling2D(p=p, eps=eps, train_p=train_p, name="gem")
+            self.pool = GeMPooling2D(p=p, eps=eps, train_p=train_p, name="gem", dtype="float32")
         else:
             prefix = getattr(backbone, "num_prefix_tokens", 1)
-            self.pool = TokenPooling(pooling, num_prefix_tokens=prefix, name="tokens")
-        self.normalize = L2Normalize(name="l2")
+            self.pool = TokenPooling(
+                pooling, num_prefix_tokens=prefix, name="tokens", dtype="float32"
+            )
+        # Pooling, L2 and the projector compute in float32 whatever the backbone's precision
+        # (`tfmet.backbones.precision`): they cast its features up on entry.
+        self.normalize = L2Normalize(name="l2", dtype="float32")
         self.projector = (
-            None if projector_dim is None else Projector(self.projector_dim, name="projector")
+            None
+            if projector_dim is None
+            else Projector(self.projector_dim, name="projector", dtype="float32")
         )
 
     @classmethod

@@ -11,7 +11,7 @@ concatenation. Layout under `output_dir`:
     <split>_manifest.json
 
 Chunks computed with other settings (backbone, weights, scales, resize, max side, chunk size,
-image list) are never mixed in: the run stops with an error naming the difference.
+precision, image list) are never mixed in: the run stops with an error naming the difference.
 
 Images are read and decoded in parallel by tf.data (`tfmet.data.images.load_images`) at native
 resolution. Files that cannot be read or decoded, and images on which the model fails or gives a
@@ -34,6 +34,7 @@ from absl import logging as absl_logging
 
 from tfmet import backbones
 from tfmet.backbones.batchnorm import FoldedBatchNorm, fold_batchnorm  # noqa: F401 (public here too)
+from tfmet.backbones.precision import check_precision, set_precision
 from tfmet.data import images as image_io
 from tfmet.data.limits import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS
 from tfmet.descriptors import store as store_lib
@@ -71,6 +72,8 @@ class ExtractionSpec:
       max_side: cap on the image's long side before extraction, or None for native size.
       dim: descriptor dimension.
       chunk_size: rows per chunk file.
+      precision: what the backbone computed in ("float32", "bfloat16", "float16";
+        `tfmet.backbones.precision`). Stores written before this field read as "float32".
     """
 
     backbone: str
@@ -80,6 +83,7 @@ class ExtractionSpec:
     max_side: int | None
     dim: int
     chunk_size: int = DEFAULT_CHUNK_SIZE
+    precision: str = "float32"
 
     def __post_init__(self):
         if int(self.chunk_size) <= 0:
@@ -88,6 +92,7 @@ class ExtractionSpec:
             raise ValueError(f"`max_side` must be positive or None. Received: {self.max_side}")
         if not self.scales or any(not 0 < float(s) <= 4 for s in self.scales):
             raise ValueError(f"`scales` must be in (0, 4]. Received: {self.scales}")
+        check_precision(self.precision)
         object.__setattr__(self, "scales", tuple(float(s) for s in self.scales))
 
     def metadata(self):
@@ -99,7 +104,23 @@ class ExtractionSpec:
             "resize_method": self.resize_method,
             "max_side": self.max_side,
             "chunk_size": self.chunk_size,
+            "precision": self.precision,
         }
+
+
+def recorded_precision(metadata):
+    """The precision a manifest or run record says its descriptors were computed in (stores
+    written before precision was recorded are float32)."""
+    return metadata.get("precision", "float32")
+
+
+def check_same_precision(where, recorded, precision):
+    """Raises ValueError (one line naming `where` and both precisions) unless they are equal."""
+    if recorded != precision:
+        raise ValueError(
+            f"{where} holds descriptors computed in {recorded}; refusing to add {precision} ones "
+            f"(use --precision={recorded} or another --output_dir)"
+        )
 
 
 def chunk_bounds(count, chunk_size):
@@ -168,6 +189,10 @@ class ChunkDirectory:
             save_json(self.run_path, run)
             return
         recorded = self.read_run()
+        recorded["spec"] = {"precision": "float32"} | recorded.get("spec", {})
+        check_same_precision(
+            self.directory, recorded_precision(recorded["spec"]), run["spec"]["precision"]
+        )
         differences = [
             f"{key}: {recorded.get(key)!r} on disk, {run[key]!r} now"
             for key in ("spec", "count", "paths_sha256")
@@ -496,9 +521,26 @@ def _check_model_health(buffer, split, chunk_id):
         )
 
 
+def check_output_precision(output_dir, split, precision):
+    """Raises ValueError (one line) when `output_dir` holds a store or chunks of `split`
+    computed in another precision: a cheap check before a model is built."""
+    if store_lib.has_store(output_dir, split):
+        manifest = store_lib.read_manifest(output_dir, split)
+        where = store_lib.manifest_path(output_dir, split)
+        check_same_precision(where, recorded_precision(manifest), precision)
+    chunks = ChunkDirectory(output_dir, split)
+    if chunks.exists():
+        recorded = recorded_precision(chunks.read_run().get("spec", {}))
+        check_same_precision(chunks.directory, recorded, precision)
+
+
 def check_existing_store(output_dir, split, spec, count, paths):
     """Raises ValueError unless the store of `split` was extracted with `spec` from `paths`."""
     manifest = store_lib.read_manifest(output_dir, split)
+    manifest["precision"] = recorded_precision(manifest)
+    check_same_precision(
+        store_lib.manifest_path(output_dir, split), manifest["precision"], spec.precision
+    )
     expected = spec.metadata() | {"dim": spec.dim, "count": count}
     differences = [
         f"{key}: {manifest.get(key)!r} in the store, {value!r} now"
@@ -548,6 +590,7 @@ def merge_split(output_dir, split, keep_chunks=True):
         (start, chunks.read_chunk(j, start, stop, dim)[0]) for j, (start, stop) in enumerate(bounds)
     )
     metadata = {key: value for key, value in spec.items() if key != "dim"}
+    metadata["precision"] = recorded_precision(spec)
     metadata.update(source=run.get("source"), paths=paths, labels=run.get("labels"))
     manifest = store_lib.write_store_rows(
         output_dir, split, count, dim, blocks, valid, errors, **metadata
@@ -607,6 +650,7 @@ def build_extractor(
     max_side=None,
     chunk_size=DEFAULT_CHUNK_SIZE,
     fold_bn=False,
+    precision="float32",
 ):
     """A `DescriptorExtractor` and the `ExtractionSpec` describing it.
 
@@ -622,13 +666,17 @@ def build_extractor(
       fold_bn: extract with a copy of the backbone whose BatchNorms are folded into the convs
         (`fold_batchnorm`): the same descriptors up to float rounding (~1e-7), a few % faster
         on CPU. The extractor's `embedder` is then that copy.
+      precision: "float32" (default), "bfloat16" or "float16": the backbone's computation dtype
+        (`tfmet.backbones.precision.set_precision`); GeM, L2 and the projector stay float32.
+        Set on the embedder loaded or built here (a saved model's own policy is replaced).
 
     Raises:
       FileNotFoundError: `weights` or `model` does not exist.
-      ValueError: neither or both of `backbone` and `model`, or an unknown backbone.
+      ValueError: neither or both of `backbone` and `model`, an unknown backbone or precision.
     """
     from tfmet.descriptors.embedder import MET_SCALES, DescriptorExtractor, Embedder
 
+    check_precision(precision)
     if (backbone is None) == (model is None):
         raise ValueError("Give exactly one of `backbone` (with `weights`) and `model`.")
     for path in (weights, model):
@@ -648,6 +696,7 @@ def build_extractor(
     scales = MET_SCALES if scales is None else tuple(scales)
     if fold_bn:
         embedder = folded_embedder(embedder)
+    set_precision(embedder.backbone, precision)
     extractor = DescriptorExtractor(embedder, scales=scales, resize_method=resize_method)
     spec = ExtractionSpec(
         backbone=name,
@@ -657,6 +706,7 @@ def build_extractor(
         max_side=None if max_side is None else int(max_side),
         dim=embedder.output_dim,
         chunk_size=int(chunk_size),
+        precision=precision,
     )
     return extractor, spec
 

@@ -209,9 +209,10 @@ def check_same_extraction(manifests):
 
     Args:
       manifests: {manifest path: manifest}. A key that a manifest lacks (e.g. an imported
-        pickle's) is not compared.
+        pickle's) is not compared, except `precision`: stores without it (written before it was
+        recorded, or imported) hold float32 descriptors.
     """
-    items = list(manifests.items())
+    items = [(path, {"precision": "float32"} | m) for path, m in manifests.items()]
     for key in EXTRACTION_KEYS:
         seen = [(path, m[key]) for path, m in items if m.get(key) is not None]
         for path, value in seen[1:]:

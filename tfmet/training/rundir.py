@@ -40,9 +40,15 @@ def flatten(record, prefix=""):
     return out
 
 
+# Entries added after runs were first recorded, with the value those runs had: a record without
+# one reads as if it held that value.
+ADDED_ENTRIES = {"precision": "float32", "model.precision": "float32"}
+
+
 def resume_differences(recorded, record, resumable):
     """Sorted dotted keys whose values differ between two config records, less `resumable`."""
     recorded, record = flatten(recorded), flatten(record)
+    recorded = {k: v for k, v in ADDED_ENTRIES.items() if k in record} | recorded
     return sorted(
         key
         for key in set(recorded) | set(record)

@@ -6,6 +6,7 @@ import keras
 import ml_collections
 
 from tfmet import backbones
+from tfmet.backbones.precision import PRECISIONS, set_precision
 from tfmet.descriptors.embedder import Embedder
 from tfmet.training.contrastive import mining
 from tfmet.training.contrastive.augment import AugmentConfig
@@ -32,7 +33,9 @@ def default_config():
     reference's names otherwise (`pairs_type`, `vbsizemul`, `margin`, `sched_step`,
     `sched_gamma`, `emb_proj`, `pca`, `mini`, `initeval`), plus tfmet's: backbone `weights`
     file, GeM `gem_p`/`train_p`, `augment`, `mining`, the validation `knn_backend`, `max_side`
-    at inference, and run control (`stop_at_step`, logging, checkpoint frequency, parallelism).
+    at inference, `precision` (what the backbone computes in: float32, bfloat16, float16 with
+    loss scaling; GeM, L2, the projector and the loss stay float32), and run control
+    (`stop_at_step`, logging, checkpoint frequency, parallelism).
     """
     config = ml_collections.ConfigDict()
     config.backbone = "resnet18"
@@ -79,6 +82,7 @@ def default_config():
     config.num_parallel_calls = -1
     config.extract_batch_images = 16
     config.progress = True
+    config.precision = "float32"
     for old, new in REFERENCE_NAMES.items():  # the reference's names stay usable as aliases
         config[old] = config.get_ref(new)
     return config
@@ -116,6 +120,11 @@ def check_config(config):
             raise ValueError(f"config `mining.{key}` must be 'scann' or 'exact'")
     if config["knn_backend"] not in ("scann", "exact"):
         raise ValueError("config `knn_backend` must be 'scann' or 'exact'")
+    if config.get("precision", "float32") not in PRECISIONS:
+        raise ValueError(
+            f"config `precision` must be one of {', '.join(PRECISIONS)}. "
+            f"Received: {config['precision']!r}"
+        )
     augment_config(config)  # validates the augmentation entries
     return config
 
@@ -155,4 +164,5 @@ def build_embedder(config):
         pooling=spec.pooling,
     )
     embedder.build((None, None, None, 3))
+    set_precision(embedder.backbone, config.get("precision", "float32"))
     return embedder

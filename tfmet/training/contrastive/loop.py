@@ -96,6 +96,7 @@ def train(config, info_dir, image_root, workdir, init_descr=None, resume=False):
         learning_rate=float(config["learning_rate"]),
         weight_decay=float(config["weight_decay"]),
         margin=float(config["margin"]),
+        loss_scaling=config.get("precision") == "float16",
     )
     state = _RunState(
         trainer, os.path.join(workdir, CHECKPOINT_DIR), int(config["keep_checkpoints"])

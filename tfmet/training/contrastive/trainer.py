@@ -24,12 +24,19 @@ class ContrastiveTrainer:
     gradient of the mean loss over all the pairs accumulated, plus the L2 weight decay term
     `weight_decay * w` (PyTorch's coupled Adam weight decay), with `TorchAdam`.
 
+    With `loss_scaling` (for a float16 backbone, `tfmet.backbones.precision`) the optimizer is a
+    `keras.optimizers.LossScaleOptimizer` over `TorchAdam`: gradients are taken of the loss
+    times its dynamic scale (so small float16 gradients do not flush to zero), summed, unscaled
+    when applied, and a step whose gradient is not finite is skipped and the scale halved.
+    The loss itself is computed in float32 (the embedder's L2 output is float32).
+
     Args:
       embedder: the `tfmet.descriptors.Embedder` to train (built or not).
       learning_rate: initial Adam learning rate (the reference's "backbone_lr", 1e-7).
       weight_decay: L2 coefficient added to the gradient (1e-6).
       margin, eps: of the contrastive loss.
       adam_epsilon: Adam's epsilon (PyTorch's default 1e-8).
+      loss_scaling: wrap the optimizer in dynamic loss scaling (use it for float16).
     """
 
     def __init__(
@@ -40,6 +47,7 @@ class ContrastiveTrainer:
         margin=MARGIN,
         eps=EPS,
         adam_epsilon=1e-8,
+        loss_scaling=False,
     ):
         if learning_rate <= 0:
             raise ValueError(f"`learning_rate` must be positive. Received: {learning_rate}")
@@ -51,6 +59,9 @@ class ContrastiveTrainer:
         self.weight_decay = float(weight_decay)
         self.loss = ContrastiveLoss(margin=margin, eps=eps)
         self.optimizer = TorchAdam(learning_rate=float(learning_rate), epsilon=adam_epsilon)
+        self.loss_scaling = bool(loss_scaling)
+        if self.loss_scaling:
+            self.optimizer = keras.optimizers.LossScaleOptimizer(self.optimizer)
         self.variables = list(embedder.trainable_variables)
         self.optimizer.build(self.variables)
         self._sums = [
@@ -81,6 +92,8 @@ class ContrastiveTrainer:
             e1, e2 = self.embed_pairs(first, second)
             losses = contrastive_loss(e1, e2, labels, self.loss.margin, self.loss.eps)
             total = tf.reduce_sum(losses)
+            if self.loss_scaling:
+                total = self.optimizer.scale_loss(total)
         grads = tape.gradient(
             total, self.variables, unconnected_gradients=tf.UnconnectedGradients.ZERO
         )
@@ -91,8 +104,10 @@ class ContrastiveTrainer:
 
     def _apply_fn(self):
         count = tf.maximum(self._count, 1.0)
+        # The sums hold gradients of the scaled loss: scale the decay term alike.
+        decay = self.weight_decay * (self.optimizer.dynamic_scale if self.loss_scaling else 1.0)
         grads = [
-            s / count + self.weight_decay * tf.convert_to_tensor(v)
+            s / count + decay * tf.convert_to_tensor(v)
             for s, v in zip(self._sums, self.variables, strict=True)
         ]
         self.optimizer.apply(grads, self.variables)

@@ -154,6 +154,7 @@ def _extract(extractor, name, dim, split, files, paths, labels, source, output_d
         resize_method="torch",
         max_side=config.get("max_side"),
         dim=dim,
+        precision=config.get("precision", "float32"),
     )
     extraction.extract_split(
         extractor,

@@ -34,6 +34,9 @@ def default_config():
         pooling="gap",
         gem_p=3.0,
         dropout=0.0,
+        # What the backbone computes in: float32, bfloat16, or float16 (with loss scaling);
+        # pooling, the heads and the loss stay float32. tfmet.backbones.precision.
+        precision="float32",
     )
     config.train = dict(
         mode="auto",

@@ -27,6 +27,7 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
+from tfmet.backbones.precision import model_precision
 from tfmet.io.atomic import (
     atomic_path,
     recover_directory,
@@ -422,6 +423,8 @@ class StyleMonitor(keras.callbacks.Callback):
 def _prepare_run(model, settings, steps_per_epoch, workdir, resume):
     """Compiles `model`; restores its checkpoint when resuming. Returns the state or None."""
     optimizer = make_optimizer(settings, steps_per_epoch)
+    if model_precision(model) == "float16":  # float16 gradients underflow without loss scaling
+        optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
     compile_for_attributes(model, model_attributes(model), optimizer)
     paths = checkpoint_paths(workdir)
     if has_checkpoint(workdir) and not resume:

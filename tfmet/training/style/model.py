@@ -41,9 +41,11 @@ class StyleHead(keras.Model):
             raise ValueError(f"`dropout` must be in [0, 1). Received: dropout={dropout}")
         self.class_names = {a: list(n) for a, n in class_names.items()}
         self.dropout = float(dropout)
-        self.drop = keras.layers.Dropout(self.dropout, name="dropout")
+        # The heads compute in float32 whatever the backbone's precision.
+        self.drop = keras.layers.Dropout(self.dropout, name="dropout", dtype="float32")
         self.heads = {
-            a: keras.layers.Dense(len(n), name=f"{a}_logits") for a, n in self.class_names.items()
+            a: keras.layers.Dense(len(n), name=f"{a}_logits", dtype="float32")
+            for a, n in self.class_names.items()
         }
 
     @property
@@ -114,10 +116,11 @@ class StyleClassifier(keras.Model):
         self.preprocessing = preprocessing
         self.backbone_name = backbone_name
         self.batchnorm = batchnorm
+        # Pooling computes in float32 whatever the backbone's precision.
         if pooling == "gem":
-            self.pool = GeMPooling2D(p=gem_p, name="gem")
+            self.pool = GeMPooling2D(p=gem_p, name="gem", dtype="float32")
         else:
-            self.pool = keras.layers.GlobalAveragePooling2D(name="gap")
+            self.pool = keras.layers.GlobalAveragePooling2D(name="gap", dtype="float32")
 
     @classmethod
     def from_registry(cls, backbone, class_names, weights=None, dropout=0.0, **kwargs):

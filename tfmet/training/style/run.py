@@ -31,6 +31,7 @@ import keras
 import numpy as np
 from absl import logging
 
+from tfmet.backbones.precision import PRECISIONS, model_precision, set_precision
 from tfmet.data import style_datasets
 from tfmet.io import saved_models
 from tfmet.io.atomic import atomic_path, clean_stale_temporaries, save_json
@@ -124,6 +125,7 @@ def build_classifier(model_config, class_names, seed=0):
     backbone without a weights file) are the same every time the run's model is rebuilt: a
     head-only checkpoint then loads onto the backbone it was trained on.
     """
+    precision = check_model_precision(model_config)
     keras.utils.set_random_seed(int(seed))
     classifier = StyleClassifier.from_registry(
         model_config["backbone"],
@@ -136,7 +138,19 @@ def build_classifier(model_config, class_names, seed=0):
     )
     size = int(model_config["image_size"])
     classifier.build((None, size, size, 3))
+    set_precision(classifier.backbone, precision)
     return classifier
+
+
+def check_model_precision(model_config):
+    """The config's `model.precision` (float32 when absent); ValueError naming it if unknown."""
+    precision = model_config.get("precision", "float32")
+    if precision not in PRECISIONS:
+        raise ValueError(
+            f"config `model.precision` must be one of {', '.join(PRECISIONS)}. "
+            f"Received: {precision!r}"
+        )
+    return precision
 
 
 def save_classifier(classifier, path, image_size):
@@ -167,9 +181,16 @@ def feature_cache(cache_dir, classifier, image_size, flip):
         classifier.pooling,
         image_size,
         flip=flip,
-        extra={"pooling_sha256": style_bottleneck.weights_sha256(classifier.pool)},
+        extra={"pooling_sha256": style_bottleneck.weights_sha256(classifier.pool)}
+        | _precision_key(classifier),
     )
     return style_bottleneck.BottleneckCache(os.path.join(cache_dir, "bottlenecks"), key)
+
+
+def _precision_key(classifier):
+    """{"precision": ...} for a reduced-precision backbone; {} for float32 (same keys as before)."""
+    precision = model_precision(classifier.backbone)
+    return {} if precision == "float32" else {"precision": precision}
 
 
 def split_features(classifier, records, indices, image_size, batch_size, cache_dir, flip=False):
@@ -226,6 +247,7 @@ def train(config, workdir, resume=False):
     start = time.time()
     check_config(config)
     config_dict = config_to_dict(config)
+    check_model_precision(config_dict["model"])  # before anything is written
     os.makedirs(workdir, exist_ok=True)
     clean_stale_temporaries(workdir)  # what a killed run was writing
     if resume:

@@ -1,0 +1,42 @@
+"""The Beam pipeline takes its precision from the descriptor export it runs (older exports, which
+do not record one, are float32), and a run's export is reused only in the same precision."""
+
+import json
+
+import pytest
+
+from tfmet.beam import pipeline
+from tfmet.descriptors import extraction
+
+
+def _write_metadata(model, **fields):
+    (model / "assets").mkdir(parents=True, exist_ok=True)
+    metadata = {
+        "kind": "descriptor",
+        "backbone": "resnet18",
+        "weights_sha256": "sha256:00",
+        "scales": [1.0],
+        "resize_method": "torch",
+        "max_side": None,
+        "dim": 512,
+        "pca_whitening": False,
+    }
+    (model / "assets" / "tfmet_metadata.json").write_text(json.dumps(metadata | fields))
+
+
+def test_saved_model_spec_reads_the_precision(tmp_path):
+    _write_metadata(tmp_path / "old")
+    assert pipeline.saved_model_spec(str(tmp_path / "old")).precision == "float32"
+    _write_metadata(tmp_path / "bf16", precision="bfloat16")
+    assert pipeline.saved_model_spec(str(tmp_path / "bf16")).precision == "bfloat16"
+    metadata = pipeline.model_metadata(pipeline.saved_model_spec(str(tmp_path / "bf16")))
+    assert metadata["precision"] == "bfloat16"
+
+
+def test_an_export_of_another_precision_is_not_reused(tmp_path):
+    _write_metadata(tmp_path / "model", precision="bfloat16")
+    spec = extraction.ExtractionSpec(
+        "resnet18", "sha256:00", (1.0,), "torch", None, 512, precision="float32"
+    )
+    with pytest.raises(ValueError, match="holds a descriptor model with other settings"):
+        pipeline.export_descriptor_model(None, spec, str(tmp_path / "model"))

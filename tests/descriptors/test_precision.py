@@ -1,0 +1,216 @@
+"""Reduced-precision extraction: which layers compute in which dtype, agreement with float32 on
+real photos, stores that refuse descriptors of another precision, the --precision usage error."""
+
+import json
+import os
+
+import keras
+import numpy as np
+import pytest
+import skimage.data
+import tensorflow as tf
+
+from tests.kit import tiny_backbone
+from tests.kit.cli import run_cli
+from tests.kit.met_tree import write_met_tree
+from tfmet.backbones import IMAGENET_TORCH
+from tfmet.backbones.precision import PRECISIONS, check_precision, dtype_policy, set_precision
+from tfmet.descriptors import MET_SCALES, Embedder, extraction, store
+
+REDUCED = ("bfloat16", "float16")
+
+
+def _photos(divisor=3):
+    """Three real photos (astronaut, cat, coffee cup), downscaled to ~170 px for speed."""
+    photos = []
+    for load in (skimage.data.astronaut, skimage.data.chelsea, skimage.data.coffee):
+        image = load().astype(np.float32)
+        size = (image.shape[0] // divisor, image.shape[1] // divisor)
+        photos.append(tf.image.resize(image[None], size, antialias=True))
+    return photos
+
+
+def test_precision_names_and_policies():
+    assert PRECISIONS == ("float32", "bfloat16", "float16")
+    assert [dtype_policy(p) for p in PRECISIONS] == ["float32", "mixed_bfloat16", "mixed_float16"]
+    with pytest.raises(ValueError, match=r"`precision` must be one of .*Received: precision='fp8'"):
+        check_precision("fp8")
+
+
+@pytest.mark.parametrize("precision", REDUCED)
+def test_backbone_computes_reduced_while_gem_l2_projector_stay_float32(precision):
+    embedder = Embedder(tiny_backbone(seed=1), projector_dim=4, preprocessing=IMAGENET_TORCH)
+    embedder.build((None, None, None, 3))
+    set_precision(embedder.backbone, precision)
+    convs = [c for c in embedder.backbone.layers if isinstance(c, keras.layers.Conv2D)]
+    assert convs and all(c.compute_dtype == precision for c in convs)
+    assert all(c.variable_dtype == "float32" for c in convs)  # weights stay float32
+    for layer in (embedder.pool, embedder.normalize, embedder.projector):
+        assert layer.compute_dtype == "float32", layer.name
+    images = embedder.preprocess(tf.random.stateless_uniform([1, 32, 40, 3], (0, 1), 0, 255))
+    assert embedder.backbone(images).dtype == precision
+    assert embedder(images).dtype == tf.float32
+    assert embedder.pool(embedder.backbone(images)).dtype == tf.float32
+
+
+def test_float32_is_unchanged_bit_for_bit():
+    photo = _photos(divisor=4)[1]
+    plain, spec = extraction.build_extractor("resnet_tiny", seed=0)
+    again, spec32 = extraction.build_extractor("resnet_tiny", seed=0, precision="float32")
+    np.testing.assert_array_equal(plain(photo).numpy(), again(photo).numpy())
+    assert spec == spec32 and spec.metadata()["precision"] == "float32"
+
+
+# Measured on the 2-core AMD EPYC (no native bf16) with seeded random ResNet-18 weights, BN
+# folded, multi-scale, on these photos: 1 - min cosine 3.6e-6 for bfloat16 (8 mantissa bits)
+# and 1.2e-7 for float16 (11 bits). The thresholds leave ~25x and ~80x of room; 0.999 (the
+# issue's target) would not catch a layer silently computing GeM or L2 in bfloat16.
+MIN_COSINE = {"bfloat16": 0.9999, "float16": 0.99999}
+
+
+@pytest.fixture(scope="module")
+def photos_float32():
+    photos = _photos()
+    reference, _ = extraction.build_extractor("resnet18", seed=0, fold_bn=True)
+    return photos, np.concatenate([reference(p).numpy() for p in photos])
+
+
+@pytest.mark.parametrize("precision", REDUCED)
+def test_reduced_precision_agrees_with_float32_on_real_photos(precision, photos_float32):
+    photos, expected = photos_float32
+    extractor, spec = extraction.build_extractor(
+        "resnet18", seed=0, fold_bn=True, precision=precision
+    )
+    assert spec.precision == precision
+    actual = np.concatenate([extractor(p).numpy() for p in photos])
+    assert actual.dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(actual, axis=1), 1.0, rtol=1e-6)
+    cosines = np.sum(actual * expected, axis=1)
+    assert cosines.min() >= MIN_COSINE[precision], cosines
+    assert not np.array_equal(actual, expected)  # it did compute in reduced precision
+
+
+def _spec(precision="float32"):
+    return extraction.ExtractionSpec(
+        backbone="tiny",
+        weights="random:seed=3",
+        scales=MET_SCALES,
+        resize_method="torch",
+        max_side=None,
+        dim=2,
+        chunk_size=2,
+        precision=precision,
+    )
+
+
+def _constant_extractor(images):
+    return tf.ones([tf.shape(images)[0], 2]) / np.sqrt(2.0)
+
+
+@pytest.fixture(scope="module")
+def tree(tmp_path_factory):
+    return write_met_tree(tmp_path_factory.mktemp("met"), num_exhibits=2, images_per_exhibit=2)
+
+
+def _extract(tree, out, precision, **kwargs):
+    split = extraction.load_met_splits(tree.info_dir, ("val",))
+    return extraction.extract_met(
+        _constant_extractor, _spec(precision), split, tree.image_root, out, progress=False, **kwargs
+    )
+
+
+def test_store_records_precision_and_refuses_another(tree, tmp_path):
+    _extract(tree, tmp_path, "bfloat16")
+    assert store.read_manifest(tmp_path, "val")["precision"] == "bfloat16"
+    with pytest.raises(ValueError) as refused:
+        _extract(tree, tmp_path, "float32")
+    message = str(refused.value)
+    assert "\n" not in message
+    assert store.manifest_path(tmp_path, "val") in message
+    assert "computed in bfloat16; refusing to add float32" in message
+    _extract(tree, tmp_path, "bfloat16")  # the same precision: nothing to do, no error
+
+
+def test_resumed_chunks_refuse_another_precision(tree, tmp_path):
+    _extract(tree, tmp_path, "float16", merge=False)  # chunks only, as a killed run leaves them
+    with pytest.raises(ValueError, match=r"chunks.val holds descriptors computed in float16; "):
+        _extract(tree, tmp_path, "bfloat16")
+    _extract(tree, tmp_path, "float16")  # resuming in the same precision merges
+    assert store.read_manifest(tmp_path, "val")["precision"] == "float16"
+
+
+def test_stores_without_the_field_read_as_float32(tree, tmp_path):
+    _extract(tree, tmp_path, "float32")
+    path = store.manifest_path(tmp_path, "val")
+    with open(path) as f:
+        manifest = json.load(f)
+    del manifest["precision"]  # a store written before precision was recorded
+    with open(path, "w") as f:
+        json.dump(manifest, f)
+    _extract(tree, tmp_path, "float32")
+    with pytest.raises(ValueError, match="computed in float32; refusing to add bfloat16"):
+        _extract(tree, tmp_path, "bfloat16")
+
+
+def test_check_output_precision_before_building_a_model(tree, tmp_path):
+    extraction.check_output_precision(tmp_path, "val", "bfloat16")  # nothing there yet
+    _extract(tree, tmp_path, "float16", merge=False)
+    with pytest.raises(ValueError, match=r"chunks.val holds descriptors computed in float16"):
+        extraction.check_output_precision(tmp_path, "val", "float32")
+    _extract(tree, tmp_path, "float16")
+    extraction.check_output_precision(tmp_path, "val", "float16")
+    with pytest.raises(ValueError, match=r"val_manifest.json holds descriptors computed in fl"):
+        extraction.check_output_precision(tmp_path, "val", "bfloat16")
+
+
+def test_old_run_records_without_the_field_resume_as_float32(tree, tmp_path):
+    _extract(tree, tmp_path, "float32", merge=False)
+    run_path = extraction.ChunkDirectory(tmp_path, "val").run_path
+    with open(run_path) as f:
+        run = json.load(f)
+    del run["spec"]["precision"]
+    with open(run_path, "w") as f:
+        json.dump(run, f)
+    with pytest.raises(ValueError, match="computed in float32; refusing to add float16"):
+        _extract(tree, tmp_path, "float16")
+    _extract(tree, tmp_path, "float32")
+    assert store.read_manifest(tmp_path, "val")["precision"] == "float32"
+
+
+@pytest.mark.slow
+def test_extract_cli_precision_flag_config_and_usage_error(tree, tmp_path):
+    out = tmp_path / "desc"
+    common = (
+        "--config=configs/extract_met.py:smoke",
+        f"--info_dir={tree.info_dir}",
+        f"--image_root={tree.image_root}",
+        f"--output_dir={out}",
+        "--splits=val",
+        "--noprogress",
+    )
+    bad = run_cli("extract", *common, "--precision=float64")
+    assert bad.returncode == 2
+    assert bad.stderr.strip().splitlines() == [
+        "tfmet-extract: error: --precision must be one of float32, bfloat16, float16. "
+        "Received: 'float64'"
+    ]
+    assert not os.path.exists(out)  # validated before anything was written
+
+    done = run_cli("extract", *common, "--config.precision=bfloat16")
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert store.read_manifest(out, "val")["precision"] == "bfloat16"
+
+    mixed = run_cli("extract", *common)  # float32 into the bfloat16 store
+    assert mixed.returncode == 2
+    assert mixed.stderr.strip().splitlines() == [  # before the model is built
+        f"tfmet-extract: error: {store.manifest_path(out, 'val')} holds descriptors computed in "
+        "bfloat16; refusing to add float32 ones (use --precision=bfloat16 or another --output_dir)"
+    ]
+
+
+def test_splits_of_different_precisions_are_not_searched_together(tmp_path):
+    base = {"backbone": "resnet18", "weights_sha256": "sha256:00"}
+    old = tmp_path / "train_manifest.json"  # written before precision was recorded: float32
+    store.check_same_extraction({old: base, tmp_path / "val": base | {"precision": "float32"}})
+    with pytest.raises(ValueError, match="extracted with precision='bfloat16' but .*'float32'"):
+        store.check_same_extraction({old: base, tmp_path / "val": base | {"precision": "bfloat16"}})
