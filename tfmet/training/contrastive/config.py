@@ -7,6 +7,7 @@ import ml_collections
 
 from tfmet import backbones
 from tfmet.descriptors.embedder import Embedder
+from tfmet.training import distribute
 from tfmet.training.contrastive import mining
 from tfmet.training.contrastive.augment import AugmentConfig
 from tfmet.training.contrastive.loss import MARGIN
@@ -32,7 +33,8 @@ def default_config():
     reference's names otherwise (`pairs_type`, `vbsizemul`, `margin`, `sched_step`,
     `sched_gamma`, `emb_proj`, `pca`, `mini`, `initeval`), plus tfmet's: backbone `weights`
     file, GeM `gem_p`/`train_p`, `augment`, `mining`, the validation `knn_backend`, `max_side`
-    at inference, and run control (`stop_at_step`, logging, checkpoint frequency, parallelism).
+    at inference, and run control (`stop_at_step`, logging, checkpoint frequency, parallelism,
+    the tf.distribute `strategy`).
     """
     config = ml_collections.ConfigDict()
     config.backbone = "resnet18"
@@ -79,6 +81,7 @@ def default_config():
     config.num_parallel_calls = -1
     config.extract_batch_images = 16
     config.progress = True
+    config.strategy = "default"
     for old, new in REFERENCE_NAMES.items():  # the reference's names stay usable as aliases
         config[old] = config.get_ref(new)
     return config
@@ -116,6 +119,8 @@ def check_config(config):
             raise ValueError(f"config `mining.{key}` must be 'scann' or 'exact'")
     if config["knn_backend"] not in ("scann", "exact"):
         raise ValueError("config `knn_backend` must be 'scann' or 'exact'")
+    config.setdefault("strategy", "default")  # runs recorded before the entry existed
+    distribute.check_strategy(config["strategy"])
     augment_config(config)  # validates the augmentation entries
     return config
 
