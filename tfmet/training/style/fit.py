@@ -455,6 +455,15 @@ def _fit(model, data, steps_per_epoch, settings, monitor, state):
     if state is not None and (state.get("stopped_early") or initial_epoch >= settings.epochs):
         logging.info("The checkpoint's run already finished (epoch %d)", initial_epoch)
         return monitor.state
+    if tf.distribute.has_strategy():
+        # A model built under a strategy's scope makes Keras build its metrics from a batch
+        # taken off a throw-away iterator of `data` (`_maybe_symbolic_build` in
+        # keras/src/backend/tensorflow/trainer.py): that uses up one shuffle order, so the run
+        # would no longer see the single-device run's batches, and it fails on per-replica
+        # batches of unequal size. Build them from the dataset's element spec instead; without
+        # the attribute, `fit` takes the strategy of the scope it runs in.
+        model._symbolic_build(data_batch=data.element_spec)
+        model._distribute_strategy = None
     model.fit(
         data,
         epochs=settings.epochs,
