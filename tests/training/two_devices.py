@@ -63,7 +63,8 @@ def contrastive(directory):
 
 def style(directory):
     """2 epochs of the finetune smoke config (top block trainable), 7 images a batch: every
-    batch splits unevenly (4 + 3), the last one of an epoch too."""
+    batch splits unevenly (4 + 3), the last one of an epoch too. Both runs stop after epoch 1
+    and resume (a resumed run reshuffles from the seed, so it is compared with a resumed one)."""
     from configs import pandora18k
     from tests.kit.style_data import make_small_pandora18k
     from tfmet.training.style import fit, run
@@ -74,9 +75,11 @@ def style(directory):
         config.dataset.root = root
         config.dataset.split_fractions = (0.5, 0.3, 0.2)
         config.cache_dir = os.path.join(directory, "cache")
-        config.train.update(epochs=2, batch_size=7, patience=0, trainable_blocks=1, strategy=name)
+        config.train.update(epochs=1, batch_size=7, patience=0, trainable_blocks=1, strategy=name)
         workdir = os.path.join(directory, f"run_{name}")
-        summary = run.train(config, workdir)
+        run.train(config, workdir)
+        config.train.epochs = 2  # resumed: weights, optimizer state and epoch from checkpoints/
+        summary = run.train(config, workdir, resume=True)
         state = fit.read_state(workdir)
         with np.load(fit.checkpoint_paths(workdir)["last"]) as data:
             weights = [data[k] for k in sorted(data.files) if k.startswith("w")]

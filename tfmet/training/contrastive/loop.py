@@ -1,5 +1,6 @@
 """The resumable contrastive training loop: mine, train, extract, validate, checkpoint."""
 
+import dataclasses
 import os
 import shutil
 import time
@@ -86,8 +87,19 @@ def train(config, info_dir, image_root, workdir, init_descr=None, resume=False):
     """
     config = check_config(_config_dict(config))
     strategy = distribute.make_strategy(config["strategy"])
+    workdir = os.fspath(workdir)
     with distribute.worker_workdir(workdir, strategy, resume) as writable:
-        return _train(config, info_dir, image_root, writable, init_descr, resume, strategy)
+        result = _train(config, info_dir, image_root, writable, init_descr, resume, strategy)
+    if writable == workdir:
+        return result
+    # another worker of a multi-worker run: name what the chief wrote, not the deleted copy
+    return dataclasses.replace(
+        result,
+        workdir=workdir,
+        model_path=result.model_path and os.path.join(workdir, MODEL_DIR, MODEL_FILE),
+        backbone_weights_path=result.backbone_weights_path
+        and os.path.join(workdir, MODEL_DIR, BACKBONE_WEIGHTS_FILE),
+    )
 
 
 def _train(config, info_dir, image_root, workdir, init_descr, resume, strategy):
