@@ -34,15 +34,16 @@ def contrastive(directory):
     pair, so one replica gets none); the mirrored run stops after one step and resumes."""
     import keras
 
+    from configs import met_contrastive_r18
     from tests.kit.met_tree import write_met_tree
-    from tests.training.test_contrastive_training import smoke_config
     from tfmet.training import contrastive as lib
     from tfmet.training.distribute import make_strategy
 
     tree = write_met_tree(os.path.join(directory, "met"))
     for name in ("default", "mirrored"):
         workdir = os.path.join(directory, f"run_{name}")
-        config = smoke_config(epochs=1, batch_size=3, strategy=name)
+        config = met_contrastive_r18.get_config("smoke")
+        config.update(epochs=1, batch_size=3, strategy=name)
         if name == "mirrored":
             config.stop_at_step = 1
             first = lib.train(config, tree.info_dir, tree.image_root, workdir)
