@@ -37,9 +37,10 @@ def main(argv):
     require(FLAGS.flag_values_dict(), "config", "workdir")
     check_outputs(folders=("workdir",))
     config = FLAGS.config
-    if FLAGS.strategy is not None:
+    train = config.get("train") or {}  # a config without it is refused by the library
+    check_strategy(FLAGS.strategy or train.get("strategy", "default"))
+    if FLAGS.strategy is not None and "train" in config:
         config.train.strategy = FLAGS.strategy
-    check_strategy(config.train.get("strategy", "default"))
     from tfmet.training.style import run as style_run
 
     if FLAGS.trainable_blocks is not None:
