@@ -83,6 +83,18 @@ def check_outputs(folders=(), files=()):
                 check(value, f"--{name}")
 
 
+def check_strategy(name):
+    """Raises UsageError unless `name` is a tf.distribute strategy tfmet knows and its
+    environment is there (multi_worker: TF_CONFIG); loads no TensorFlow."""
+    from tfmet.training import distribute
+
+    try:
+        distribute.check_environment(name)
+    except ValueError as e:
+        raise UsageError(f"--strategy: {e}") from None
+    return name
+
+
 def no_arguments(argv):
     """Raises UsageError when positional arguments follow the program name."""
     if len(argv) > 1:

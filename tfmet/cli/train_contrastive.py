@@ -10,7 +10,9 @@ checkpoint. Kill it and run the same command with `--resume` to continue exactly
 stopped. The final model is `<workdir>/model/embedder.keras`, for
 `tfmet-extract --model=<workdir>/model/embedder.keras`. Flags mirror the reference's
 train_contrastive.py; given on the command line they override the config (as does
-`--config.<key>=<value>`). See docs/contrastive.md.
+`--config.<key>=<value>`). `--strategy=mirrored` trains on every local GPU,
+`--strategy=multi_worker` on the machines TF_CONFIG names (the same command on each); the
+batch size stays the global one. See docs/contrastive.md.
 """
 
 import os
@@ -18,7 +20,14 @@ import os
 from absl import flags, logging
 from ml_collections import config_flags
 
-from tfmet.cli.common import UsageError, check_outputs, no_arguments, require, run_program
+from tfmet.cli.common import (
+    UsageError,
+    check_outputs,
+    check_strategy,
+    no_arguments,
+    require,
+    run_program,
+)
 from tfmet.training.mining import PAIR_TYPES
 
 FLAGS = flags.FLAGS
@@ -61,10 +70,17 @@ ALIASES = {
     "seed": "seed",
     "initeval": "initeval",
     "stop_at_step": "stop_at_step",
+    "strategy": "strategy",
 }
 _HELP = "Alias of --config.{} (default: the config's)."
 for _name in ("net", "weights"):
     flags.DEFINE_string(_name, None, _HELP.format(ALIASES[_name]))
+flags.DEFINE_string(
+    "strategy",
+    None,
+    "tf.distribute strategy: default (one device), mirrored (every local GPU) or multi_worker "
+    "(the machines TF_CONFIG names). Alias of --config.strategy (default: the config's).",
+)
 flags.DEFINE_enum("pairs_type", None, PAIR_TYPES, _HELP.format("pairs_type"))
 for _name in ("epochs", "bsize", "vbsizemul", "imsize", "sched_step", "seed", "stop_at_step"):
     flags.DEFINE_integer(_name, None, _HELP.format(ALIASES[_name]))
@@ -84,6 +100,7 @@ def training_config():
             config[key] = FLAGS[flag].value
     if config.pca and not config.emb_proj:
         raise UsageError("--pca initialises the projector: add --emb_proj")
+    check_strategy(config.get("strategy", "default"))
     return config
 
 

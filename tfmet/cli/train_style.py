@@ -4,13 +4,15 @@
         --config.dataset.root /tmp/pandora_smoke --workdir /tmp/pandora_smoke_run
 
 `--trainable_blocks N` / `--trainable_fraction f` override the config's `train` section;
-`--resume` continues the checkpoint in --workdir. See docs/style.md.
+`--resume` continues the checkpoint in --workdir. `--strategy mirrored` trains on every local GPU,
+`--strategy multi_worker` on the machines TF_CONFIG names (the same command on each);
+`train.batch_size` stays the global batch. See docs/style.md.
 """
 
 from absl import flags, logging
 from ml_collections import config_flags
 
-from tfmet.cli.common import check_outputs, no_arguments, require, run_program
+from tfmet.cli.common import check_outputs, check_strategy, no_arguments, require, run_program
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py[:variant]).")
@@ -22,15 +24,25 @@ flags.DEFINE_integer(
 flags.DEFINE_float(
     "trainable_fraction", None, "Unfreeze the top fraction of backbone layers (overrides config)."
 )
+flags.DEFINE_string(
+    "strategy",
+    None,
+    "tf.distribute strategy: default (one device), mirrored (every local GPU) or multi_worker "
+    "(the machines TF_CONFIG names); overrides config.train.strategy.",
+)
 
 
 def main(argv):
     no_arguments(argv)
     require(FLAGS.flag_values_dict(), "config", "workdir")
     check_outputs(folders=("workdir",))
+    config = FLAGS.config
+    train = config.get("train") or {}  # a config without it is refused by the library
+    check_strategy(FLAGS.strategy or train.get("strategy", "default"))
+    if FLAGS.strategy is not None and "train" in config:
+        config.train.strategy = FLAGS.strategy
     from tfmet.training.style import run as style_run
 
-    config = FLAGS.config
     if FLAGS.trainable_blocks is not None:
         config.train.trainable_blocks = FLAGS.trainable_blocks
     if FLAGS.trainable_fraction is not None:

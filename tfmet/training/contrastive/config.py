@@ -8,6 +8,7 @@ import ml_collections
 from tfmet import backbones
 from tfmet.backbones.precision import PRECISIONS, set_precision
 from tfmet.descriptors.embedder import Embedder
+from tfmet.training import distribute
 from tfmet.training.contrastive import mining
 from tfmet.training.contrastive.augment import AugmentConfig
 from tfmet.training.contrastive.loss import MARGIN
@@ -35,7 +36,7 @@ def default_config():
     file, GeM `gem_p`/`train_p`, `augment`, `mining`, the validation `knn_backend`, `max_side`
     at inference, `precision` (what the backbone computes in: float32, bfloat16, float16 with
     loss scaling; GeM, L2, the projector and the loss stay float32), and run control
-    (`stop_at_step`, logging, checkpoint frequency, parallelism).
+    (`stop_at_step`, logging, checkpoint frequency, parallelism, the tf.distribute `strategy`).
     """
     config = ml_collections.ConfigDict()
     config.backbone = "resnet18"
@@ -83,6 +84,7 @@ def default_config():
     config.extract_batch_images = 16
     config.progress = True
     config.precision = "float32"
+    config.strategy = "default"
     for old, new in REFERENCE_NAMES.items():  # the reference's names stay usable as aliases
         config[old] = config.get_ref(new)
     return config
@@ -125,6 +127,8 @@ def check_config(config):
             f"config `precision` must be one of {', '.join(PRECISIONS)}. "
             f"Received: {config['precision']!r}"
         )
+    config.setdefault("strategy", "default")  # runs recorded before the entry existed
+    distribute.check_strategy(config["strategy"])
     augment_config(config)  # validates the augmentation entries
     return config
 

@@ -1,5 +1,6 @@
 """The resumable contrastive training loop: mine, train, extract, validate, checkpoint."""
 
+import dataclasses
 import os
 import shutil
 import time
@@ -14,7 +15,7 @@ from tfmet.descriptors import extraction
 from tfmet.descriptors import store as store_lib
 from tfmet.descriptors.embedder import DescriptorExtractor
 from tfmet.io.atomic import atomic_path, save_json
-from tfmet.training import rundir
+from tfmet.training import distribute, rundir
 from tfmet.training.contrastive import mining
 from tfmet.training.contrastive.augment import Augmenter
 from tfmet.training.contrastive.config import (
@@ -75,29 +76,54 @@ def train(config, info_dir, image_root, workdir, init_descr=None, resume=False):
         `read_initial_descriptors`); extracted with the initial model when None.
       resume: continue from the latest checkpoint in `workdir` (from scratch if there is none).
 
+    `config.strategy` ("default", "mirrored", "multi_worker"; `tfmet.training.distribute`)
+    splits every sub-batch of `batch_size` pairs across the replicas; the results equal the
+    single-device run with the same `batch_size` up to float rounding. In a multi-worker run
+    only the chief writes `workdir`; the other workers write to a temporary copy.
+
     Returns:
       a `TrainResult`. With `config.stop_at_step` the run stops (checkpointed) once that many
       optimizer steps are done, with `finished=False`; call again with resume=True to go on.
     """
     config = check_config(_config_dict(config))
+    strategy = distribute.make_strategy(config["strategy"])
+    workdir = os.fspath(workdir)
+    with distribute.worker_workdir(workdir, strategy, resume) as writable:
+        result = _train(config, info_dir, image_root, writable, init_descr, resume, strategy)
+    if writable == workdir:
+        return result
+    # another worker of a multi-worker run: name what the chief wrote, not the deleted copy
+    return dataclasses.replace(
+        result,
+        workdir=workdir,
+        model_path=result.model_path and os.path.join(workdir, MODEL_DIR, MODEL_FILE),
+        backbone_weights_path=result.backbone_weights_path
+        and os.path.join(workdir, MODEL_DIR, BACKBONE_WEIGHTS_FILE),
+    )
+
+
+def _train(config, info_dir, image_root, workdir, init_descr, resume, strategy):
     workdir = os.fspath(workdir)
     data = load_met_training_data(info_dir, image_root, bool(config["mini"]))
     record = dict(config, init_descr=None if init_descr is None else os.path.abspath(init_descr))
     # Every input is checked before the first write: a refused start leaves no run behind that
     # would block its own retry.
-    embedder = build_embedder(config)
+    with strategy.scope():
+        embedder = build_embedder(config)
     initial = None
     if init_descr is not None:
         initial = read_initial_descriptors(init_descr, len(data.train_files), pooled_dim(embedder))
     _prepare_workdir(workdir, record, resume)
 
-    trainer = ContrastiveTrainer(
-        embedder,
-        learning_rate=float(config["learning_rate"]),
-        weight_decay=float(config["weight_decay"]),
-        margin=float(config["margin"]),
-        loss_scaling=config.get("precision") == "float16",
-    )
+    with strategy.scope():
+        trainer = ContrastiveTrainer(
+            embedder,
+            learning_rate=float(config["learning_rate"]),
+            weight_decay=float(config["weight_decay"]),
+            margin=float(config["margin"]),
+            loss_scaling=config.get("precision") == "float16",
+            strategy=strategy,
+        )
     state = _RunState(
         trainer, os.path.join(workdir, CHECKPOINT_DIR), int(config["keep_checkpoints"])
     )

@@ -11,6 +11,7 @@ from tfmet.training.contrastive.loss import (
     pair_squared_distances,
 )
 from tfmet.training.contrastive.optimizer import TorchAdam
+from tfmet.training.distribute import distribute_batch
 
 
 class ContrastiveTrainer:
@@ -30,6 +31,15 @@ class ContrastiveTrainer:
     when applied, and a step whose gradient is not finite is skipped and the scale halved.
     The loss itself is computed in float32 (the embedder's L2 output is float32).
 
+    Under a `tf.distribute` strategy (`strategy`, see `tfmet.training.distribute`), build the
+    embedder and the trainer under `strategy.scope()` and pass a GLOBAL sub-batch to
+    `accumulate`: its pairs are split across the replicas, each replica adds the gradient of
+    the SUM of its pairs' losses, the sums are all-reduced, and `apply` divides by the number
+    of pairs of the whole virtual batch (the count is all-reduced too). Each pair's loss
+    depends on that pair alone, so this is the single-device gradient of the same global
+    batch (as `tf.nn.compute_average_loss` with the virtual batch's size), up to the order of
+    float additions.
+
     Args:
       embedder: the `tfmet.descriptors.Embedder` to train (built or not).
       learning_rate: initial Adam learning rate (the reference's "backbone_lr", 1e-7).
@@ -37,6 +47,8 @@ class ContrastiveTrainer:
       margin, eps: of the contrastive loss.
       adam_epsilon: Adam's epsilon (PyTorch's default 1e-8).
       loss_scaling: wrap the optimizer in dynamic loss scaling (use it for float16).
+      strategy: the `tf.distribute.Strategy` the embedder was built under (None: the current
+        one, TensorFlow's default strategy outside any scope).
     """
 
     def __init__(
@@ -48,6 +60,7 @@ class ContrastiveTrainer:
         eps=EPS,
         adam_epsilon=1e-8,
         loss_scaling=False,
+        strategy=None,
     ):
         if learning_rate <= 0:
             raise ValueError(f"`learning_rate` must be positive. Received: {learning_rate}")
@@ -55,20 +68,22 @@ class ContrastiveTrainer:
             raise ValueError(f"`weight_decay` must be non-negative. Received: {weight_decay}")
         if not embedder.built:
             embedder.build((None, None, None, 3))
+        self.strategy = strategy or tf.distribute.get_strategy()
         self.embedder = embedder
         self.weight_decay = float(weight_decay)
         self.loss = ContrastiveLoss(margin=margin, eps=eps)
-        self.optimizer = TorchAdam(learning_rate=float(learning_rate), epsilon=adam_epsilon)
-        self.loss_scaling = bool(loss_scaling)
-        if self.loss_scaling:
-            self.optimizer = keras.optimizers.LossScaleOptimizer(self.optimizer)
-        self.variables = list(embedder.trainable_variables)
-        self.optimizer.build(self.variables)
-        self._sums = [
-            tf.Variable(tf.zeros(v.shape, v.dtype), trainable=False, name="grad_sum")
-            for v in self.variables
-        ]
-        self._count = tf.Variable(0.0, trainable=False, name="pairs_accumulated")
+        with self.strategy.scope():
+            self.optimizer = TorchAdam(learning_rate=float(learning_rate), epsilon=adam_epsilon)
+            self.loss_scaling = bool(loss_scaling)
+            if self.loss_scaling:
+                self.optimizer = keras.optimizers.LossScaleOptimizer(self.optimizer)
+            self.variables = list(embedder.trainable_variables)
+            self.optimizer.build(self.variables)
+            self._sums = [
+                tf.Variable(tf.zeros(v.shape, v.dtype), trainable=False, name="grad_sum")
+                for v in self.variables
+            ]
+            self._count = tf.Variable(0.0, trainable=False, name="pairs_accumulated")
         self._accumulate = tf.function(self._accumulate_fn, reduce_retracing=True, autograph=False)
         self._apply = tf.function(self._apply_fn, autograph=False)
 
@@ -87,7 +102,9 @@ class ContrastiveTrainer:
         count = tf.shape(first)[0]
         return embeddings[:count], embeddings[count:]
 
-    def _accumulate_fn(self, first, second, labels):
+    def _replica_gradients(self, first, second, labels):
+        """On one replica: the gradient of the sum of its pairs' losses, the losses, the
+        squared distances and the number of pairs."""
         with tf.GradientTape() as tape:
             e1, e2 = self.embed_pairs(first, second)
             losses = contrastive_loss(e1, e2, labels, self.loss.margin, self.loss.eps)
@@ -97,14 +114,23 @@ class ContrastiveTrainer:
         grads = tape.gradient(
             total, self.variables, unconnected_gradients=tf.UnconnectedGradients.ZERO
         )
+        grads = [tf.convert_to_tensor(grad) for grad in grads]
+        count = tf.cast(tf.shape(losses)[0], tf.float32)
+        return grads, losses, pair_squared_distances(e1, e2), count
+
+    def _accumulate_fn(self, first, second, labels):
+        strategy = self.strategy
+        grads, losses, squared, count = strategy.run(
+            self._replica_gradients, args=(first, second, labels)
+        )
         for accumulator, grad in zip(self._sums, grads, strict=True):
-            accumulator.assign_add(tf.convert_to_tensor(grad))
-        self._count.assign_add(tf.cast(tf.shape(losses)[0], tf.float32))
-        return losses, pair_squared_distances(e1, e2)
+            accumulator.assign_add(strategy.reduce(tf.distribute.ReduceOp.SUM, grad, axis=None))
+        self._count.assign_add(strategy.reduce(tf.distribute.ReduceOp.SUM, count, axis=None))
+        return strategy.gather(losses, axis=0), strategy.gather(squared, axis=0)
 
     def _apply_fn(self):
         count = tf.maximum(self._count, 1.0)
-        # The sums hold gradients of the scaled loss: scale the decay term alike.
+        # With loss scaling the sums hold gradients of the scaled loss: scale the decay alike.
         decay = self.weight_decay * (self.optimizer.dynamic_scale if self.loss_scaling else 1.0)
         grads = [
             s / count + decay * tf.convert_to_tensor(v)
@@ -116,11 +142,18 @@ class ContrastiveTrainer:
         self._count.assign(0.0)
 
     def accumulate(self, first, second, labels):
-        """Adds one sub-batch's loss gradient; returns (per-pair losses, squared distances)."""
+        """Adds one sub-batch's loss gradient; returns (per-pair losses, squared distances).
+
+        `first`, `second`, `labels` are the global sub-batch; under a strategy with several
+        replicas its pairs are split across them (`tfmet.training.distribute.distribute_batch`).
+        """
         return self._accumulate(
-            tf.convert_to_tensor(first, tf.float32),
-            tf.convert_to_tensor(second, tf.float32),
-            tf.convert_to_tensor(labels, tf.int32),
+            *distribute_batch(
+                self.strategy,
+                tf.convert_to_tensor(first, tf.float32),
+                tf.convert_to_tensor(second, tf.float32),
+                tf.convert_to_tensor(labels, tf.int32),
+            )
         )
 
     def apply(self):

@@ -48,6 +48,7 @@ RESUMABLE_CHANGES = frozenset(
         "extract_batch_images",
         "progress",
         "keep_all_descriptors",
+        "strategy",
     }
 )
 

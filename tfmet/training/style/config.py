@@ -52,6 +52,7 @@ def default_config():
         schedule="constant",
         patience=5,
         seed=0,
+        strategy="default",  # tf.distribute: default | mirrored | multi_worker (TF_CONFIG)
     )
     config.eval = dict(batch_size=32)
     config.cache_dir = ""  # "" = $TFMET_CACHE_DIR or ~/.cache/tfmet

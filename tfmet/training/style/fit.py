@@ -458,6 +458,17 @@ def _fit(model, data, steps_per_epoch, settings, monitor, state):
     if state is not None and (state.get("stopped_early") or initial_epoch >= settings.epochs):
         logging.info("The checkpoint's run already finished (epoch %d)", initial_epoch)
         return monitor.state
+    if tf.distribute.has_strategy():
+        # A model built under a strategy's scope makes Keras build its metrics from a batch
+        # taken off a throw-away iterator of `data` (`_maybe_symbolic_build` in
+        # keras/src/backend/tensorflow/trainer.py): that uses up one shuffle order, so the run
+        # would no longer see the single-device run's batches, and it fails on per-replica
+        # batches of unequal size. Build them from the dataset's element spec instead; without
+        # the attribute, `fit` takes the strategy of the scope it runs in.
+        model._symbolic_build(data_batch=data.element_spec)
+        model._distribute_strategy = None
+        if isinstance(tf.distribute.get_strategy(), tf.distribute.MultiWorkerMirroredStrategy):
+            _logs_as_vectors(model)
     model.fit(
         data,
         epochs=settings.epochs,
@@ -468,6 +479,20 @@ def _fit(model, data, steps_per_epoch, settings, monitor, state):
         verbose=0,
     )
     return monitor.state
+
+
+def _logs_as_vectors(model):
+    """Under MultiWorkerMirroredStrategy, Keras (3.15) averages a train step's logs across the
+    workers with `strategy.reduce("MEAN", value, axis=0)`, which fails on the scalar metric
+    results ("Invalid reduction dimension 0"). The results are the same on every worker (metric
+    variables are all-reduced when read), so the step returns them as [1] vectors, whose mean
+    over axis 0 is the scalar again."""
+    step = model.train_step
+
+    def train_step(data):
+        return {name: tf.reshape(value, [1]) for name, value in step(data).items()}
+
+    model.train_step = train_step
 
 
 def restore_best(model, workdir):

@@ -203,6 +203,12 @@ class MaskedSparseCrossEntropy(keras.losses.Loss):
     """Softmax cross-entropy from logits, averaged over the rows whose label is >= 0.
 
     A batch without any label gives 0 (so an attribute missing in a batch adds nothing).
+
+    Under a tf.distribute strategy with several replicas (in replica context, as in
+    `keras.Model.fit`), each replica divides the sum of its rows' losses by the number of
+    labelled rows of the GLOBAL batch (all-reduced): the replicas' gradients, which the
+    optimizer sums, are then the single-device gradient of the global batch, however unevenly
+    the labelled rows fall on the replicas.
     """
 
     def __init__(self, name="masked_sparse_cross_entropy", **kwargs):
@@ -215,7 +221,11 @@ class MaskedSparseCrossEntropy(keras.losses.Loss):
             labels=tf.maximum(labels, 0), logits=tf.cast(y_pred, tf.float32)
         )
         losses = tf.where(valid, losses, tf.zeros_like(losses))
-        return tf.reduce_sum(losses) / tf.maximum(tf.reduce_sum(tf.cast(valid, tf.float32)), 1.0)
+        count = tf.reduce_sum(tf.cast(valid, tf.float32))
+        context = tf.distribute.get_replica_context()
+        if context is not None and context.num_replicas_in_sync > 1:
+            count = context.all_reduce(tf.distribute.ReduceOp.SUM, count)
+        return tf.reduce_sum(losses) / tf.maximum(count, 1.0)
 
 
 def masked_cross_entropy(labels, logits):

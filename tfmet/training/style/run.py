@@ -38,7 +38,7 @@ from tfmet.io.atomic import atomic_path, clean_stale_temporaries, save_json
 from tfmet.io.json_files import read_json
 from tfmet.metrics.topk import bag_probabilities
 from tfmet.retrieval import embedding_tools
-from tfmet.training import rundir
+from tfmet.training import distribute, rundir
 from tfmet.training.style import bottleneck as style_bottleneck
 from tfmet.training.style import evaluate as style_eval
 from tfmet.training.style import finetune as style_finetune
@@ -50,7 +50,7 @@ MODES = ("auto", "bottleneck", "finetune")
 CLASSIFIER_FILE = "classifier.keras"
 CONFIG_FILE = "config.json"
 # Config entries a resumed run may change.
-RESUMABLE_CHANGES = ("train.epochs", "train.patience")
+RESUMABLE_CHANGES = ("train.epochs", "train.patience", "train.strategy")
 
 
 def default_cache_dir():
@@ -241,6 +241,13 @@ def _write_bad_images(workdir, errors, records):
 def train(config, workdir, resume=False):
     """Trains the classifier a config describes; returns a summary dict.
 
+    `train.strategy` ("default", "mirrored", "multi_worker"; `tfmet.training.distribute`)
+    builds and trains the model under that tf.distribute strategy: `train.batch_size` stays
+    the global batch, split across the replicas by `keras.Model.fit`, and the loss is scaled
+    by the global number of labelled rows (`MaskedSparseCrossEntropy`), so the run equals the
+    single-device one up to float rounding. In a multi-worker run only the chief writes
+    `workdir`; the other workers write to a temporary copy.
+
     Raises:
       ValueError / FileNotFoundError: a bad config, dataset or workdir (clear messages).
     """
@@ -248,6 +255,12 @@ def train(config, workdir, resume=False):
     check_config(config)
     config_dict = config_to_dict(config)
     check_model_precision(config_dict["model"])  # before anything is written
+    strategy = distribute.make_strategy(config_dict["train"].get("strategy", "default"))
+    with distribute.worker_workdir(workdir, strategy, resume) as writable, strategy.scope():
+        return _train(config_dict, writable, resume, start)
+
+
+def _train(config_dict, workdir, resume, start):
     os.makedirs(workdir, exist_ok=True)
     clean_stale_temporaries(workdir)  # what a killed run was writing
     if resume:
