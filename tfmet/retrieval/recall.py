@@ -125,37 +125,132 @@ def _summary(config):
 
 
 def _measure(index, config, queries, exact, k):
+    """(recall, top1, search seconds) of `index` searched with `config`'s search-time settings."""
     index.config = config
     indices, seconds = _timed_search(index, queries, k)
     return recall_at_k(indices, exact, k), top1_agreement(indices, exact), seconds
 
 
-def _search_families(database, queries, exact, k, min_recall, exact_s, num_threads):
-    """The fastest (seconds, config, recall, top1, index) reaching min_recall, and all tried.
+@dataclasses.dataclass
+class _Measured:
+    config: ScannConfig
+    recall: float
+    top1: float
+    seconds: float
+    family: int  # which of `candidate_families` it belongs to
 
-    The best index is kept, not rebuilt: ScaNN's training is not bit-reproducible across builds,
-    so a rebuild could miss the recall that was measured. At most two indexes are alive at once
-    (the best so far and the family being measured), each with ScaNN's own float32 copy of the
-    database for reordering.
+
+def _sweep(index, family, groups, queries, exact, k, min_recall, bound_s, tried):
+    """The fastest variant of one built family reaching `min_recall` (or None).
+
+    Within a group (fixed leaves) a deeper reorder is only slower, and more leaves at the same
+    reorder are only slower: a group stops at its first variant reaching the target or no faster
+    than `bound_s` (exact search, then the best so far), and the family stops when that happens
+    at a group's shallowest reorder.
     """
-    best, tried = None, []
-    for base, groups in candidate_families(database.shape[0], k):
+    best = None
+    for group in groups:
+        for config in group:
+            recall, top1, seconds = _measure(index, config, queries, exact, k)
+            tried.append(
+                {"config": _summary(config), "recall": round(recall, 5), "search_s": seconds}
+            )
+            if recall >= min_recall and seconds < bound_s:
+                best = bound = _Measured(config, recall, top1, seconds, family)
+                bound_s = bound.seconds
+            if recall >= min_recall or seconds >= bound_s:
+                break
+        if config is group[0] and seconds >= bound_s:
+            break  # reached (or too slow) with the fewest reorders: more leaves are only slower
+    return best
+
+
+def _search_families(database, queries, exact, k, min_recall, exact_s, num_threads, log):
+    """(NeighborIndex with the fastest configuration reaching min_recall, _Measured) or
+    (None, None); and every configuration tried.
+
+    One ScaNN index is alive at a time (each holds its own float32 copy of the database for
+    scoring or reordering): a family's index is freed once measured, unless it holds the best so
+    far and is the last family. ScaNN's training is not bit-reproducible across builds, so a best
+    rebuilt at the end is measured again, and swept further if the rebuild falls short.
+    """
+    families = candidate_families(database.shape[0], k)
+    best, best_index, tried = None, None, []
+    for number, (base, groups) in enumerate(families):
+        start = time.perf_counter()
         index = NeighborIndex("scann", base, num_threads=num_threads).build(database)
-        for group in groups:
-            for config in group:
-                recall, top1, seconds = _measure(index, config, queries, exact, k)
-                tried.append(
-                    {"config": _summary(config), "recall": round(recall, 5), "search_s": seconds}
-                )
-                reached = recall >= min_recall
-                if reached and (best is None or seconds < best[0]):
-                    best = (seconds, config, recall, top1, index)
-                if reached or seconds >= exact_s:
-                    break  # deeper reordering is only slower
-            if reached and config is group[0]:
-                break  # more leaves are only slower
+        build_s = time.perf_counter() - start
+        bound_s = exact_s if best is None else best.seconds
+        found = _sweep(index, number, groups, queries, exact, k, min_recall, bound_s, tried)
+        outcome = "no faster configuration reached the target"
+        if found is not None:
+            outcome = (
+                f"{_summary(found.config)}: recall {found.recall:.4f} in {found.seconds:.3f} s"
+            )
+        log(f"scann: calibration family {_summary(base)} built in {build_s:.1f} s; {outcome}")
+        if found is not None:
+            best, best_index = found, index
         del index
-    return best, tried
+        if number + 1 < len(families):
+            best_index = None  # freed before the next family is built
+    if best is None:
+        return None, None, tried
+    if best_index is None:
+        best_index, best = _rebuild(
+            database,
+            families[best.family],
+            best,
+            queries,
+            exact,
+            k,
+            min_recall,
+            num_threads,
+            tried,
+            log,
+        )
+    return best_index, best, tried
+
+
+def _rebuild(database, family, best, queries, exact, k, min_recall, num_threads, tried, log):
+    """The best family rebuilt and re-measured from the best variant on (None, None if short)."""
+    base, groups = family
+    index = NeighborIndex("scann", base, num_threads=num_threads).build(database)
+    later = [[c for c in g if _is_at_least(c, best.config)] for g in groups]
+    later = [g for g in later if g]
+    found = _sweep(index, best.family, later, queries, exact, k, min_recall, math.inf, tried)
+    log(
+        f"scann: rebuilt {_summary(base)}: "
+        + (
+            "no variant reached the target"
+            if found is None
+            else f"{_summary(found.config)} recall {found.recall:.4f}"
+        )
+    )
+    return (None, None) if found is None else (index, found)
+
+
+def _is_at_least(config, best):
+    """Whether `config` searches at least as many leaves and reorders at least as deep."""
+    return (
+        config.num_leaves_to_search >= best.num_leaves_to_search and config.reorder >= best.reorder
+    )
+
+
+def _choice(backend, config, measured, exact_s, reason, common, log, tried=(), warn=False):
+    """Logs `reason` (as a warning with `warn`) and returns the `SearchChoice`."""
+    recall, top1, seconds = measured
+    (logging.warning if warn else log)(f"scann: {reason}")
+    return SearchChoice(
+        backend,
+        config,
+        recall,
+        top1,
+        search_s=seconds,
+        exact_search_s=exact_s,
+        reason=reason,
+        tried=list(tried),
+        **common,
+    )
 
 
 def calibrate(
@@ -194,58 +289,26 @@ def calibrate(
     if config is not None:
         config = config if isinstance(config, ScannConfig) else ScannConfig(**dict(config))
         index = NeighborIndex("scann", config, num_threads=num_threads).build(database)
-        recall, top1, seconds = _measure(index, config, queries, exact, k)
-        below = recall < min_recall
+        measured = _measure(index, config, queries, exact, k)
+        below = measured[0] < min_recall
         reason = f"explicit configuration ({_summary(config)})" + (
-            f": recall@{k} {recall:.4f} is BELOW min_recall {min_recall}" if below else ""
+            f": recall@{k} {measured[0]:.4f} is BELOW min_recall {min_recall}" if below else ""
         )
-        (logging.warning if below else log)(f"scann: {reason}")
-        choice = SearchChoice(
-            "scann",
-            config,
-            recall,
-            top1,
-            search_s=seconds,
-            **common,
-            exact_search_s=exact_s,
-            reason=reason,
-        )
-        return choice, index
-    best, tried = _search_families(database, queries, exact, k, min_recall, exact_s, num_threads)
-    if best is None or best[0] >= exact_s:
+        return _choice("scann", config, measured, exact_s, reason, common, log, warn=below), index
+    index, best, tried = _search_families(
+        database, queries, exact, k, min_recall, exact_s, num_threads, log
+    )
+    if best is None:
         reason = (
             f"no ScaNN configuration reached recall@{k} >= {min_recall} faster than exact search "
             f"({exact_s:.3f} s for {queries.shape[0]} queries): using exact search"
         )
-        log(f"scann: {reason}")
-        choice = SearchChoice(
-            "exact",
-            None,
-            1.0,
-            1.0,
-            search_s=exact_s,
-            exact_search_s=exact_s,
-            reason=reason,
-            tried=tried,
-            **common,
-        )
-        return choice, exact_index
-    seconds, config, recall, top1, index = best
-    index.config = config
+        measured = (1.0, 1.0, exact_s)
+        return _choice("exact", None, measured, exact_s, reason, common, log, tried), exact_index
+    index.config = best.config
     reason = (
-        f"chose {_summary(config)}: recall@{k} {recall:.4f} >= {min_recall}, "
-        f"{exact_s / max(seconds, 1e-9):.1f}x faster than exact on {queries.shape[0]} queries"
+        f"chose {_summary(best.config)}: recall@{k} {best.recall:.4f} >= {min_recall}, "
+        f"{exact_s / max(best.seconds, 1e-9):.1f}x faster than exact on {queries.shape[0]} queries"
     )
-    log(f"scann: {reason}")
-    choice = SearchChoice(
-        "scann",
-        config,
-        recall,
-        top1,
-        search_s=seconds,
-        exact_search_s=exact_s,
-        reason=reason,
-        tried=tried,
-        **common,
-    )
-    return choice, index
+    measured = (best.recall, best.top1, best.seconds)
+    return _choice("scann", best.config, measured, exact_s, reason, common, log, tried), index
