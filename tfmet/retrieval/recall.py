@@ -65,6 +65,7 @@ class SearchChoice:
       search_s, exact_search_s: seconds to search the sample with the choice / exactly.
       reason: one line saying why.
       tried: [{config summary, recall, search_s}] of every configuration measured.
+      builds: [{config summary, build_s}] of every index built (where calibration time goes).
     """
 
     backend: str
@@ -78,6 +79,7 @@ class SearchChoice:
     exact_search_s: float
     reason: str
     tried: list = dataclasses.field(default_factory=list)
+    builds: list = dataclasses.field(default_factory=list)
 
     def to_json(self):
         out = dataclasses.asdict(self)
@@ -140,116 +142,114 @@ class _Measured:
     family: int  # which of `candidate_families` it belongs to
 
 
-def _sweep(index, family, groups, queries, exact, k, min_recall, bound_s, tried):
-    """The fastest variant of one built family reaching `min_recall` (or None).
+class _Calibration:
+    """One calibration's inputs and its record: every configuration tried, every index built."""
 
-    Within a group (fixed leaves) a deeper reorder is only slower, and more leaves at the same
-    reorder are only slower: a group stops at its first variant reaching the target or no faster
-    than `bound_s` (exact search, then the best so far), and the family stops when that happens
-    at a group's shallowest reorder.
-    """
-    best = None
-    for group in groups:
-        for config in group:
-            recall, top1, seconds = _measure(index, config, queries, exact, k)
-            tried.append(
-                {"config": _summary(config), "recall": round(recall, 5), "search_s": seconds}
-            )
-            if recall >= min_recall and seconds < bound_s:
-                best = bound = _Measured(config, recall, top1, seconds, family)
-                bound_s = bound.seconds
-            if recall >= min_recall or seconds >= bound_s:
-                break
-        if config is group[0] and seconds >= bound_s:
-            break  # reached (or too slow) with the fewest reorders: more leaves are only slower
-    return best
+    def __init__(self, database, queries, exact, k, min_recall, num_threads, log):
+        self.database, self.queries, self.exact, self.k = database, queries, exact, k
+        self.min_recall, self.num_threads, self.log = min_recall, num_threads, log
+        self.tried, self.builds = [], []
 
-
-def _search_families(database, queries, exact, k, min_recall, exact_s, num_threads, log):
-    """(NeighborIndex with the fastest configuration reaching min_recall, _Measured) or
-    (None, None); and every configuration tried.
-
-    One ScaNN index is alive at a time (each holds its own float32 copy of the database for
-    scoring or reordering): a family's index is freed once measured, unless it holds the best so
-    far and is the last family. ScaNN's training is not bit-reproducible across builds, so a best
-    rebuilt at the end is measured again, and swept further if the rebuild falls short.
-    """
-    families = candidate_families(database.shape[0], k)
-    best, best_index, tried = None, None, []
-    for number, (base, groups) in enumerate(families):
+    def build(self, config):
         start = time.perf_counter()
-        index = NeighborIndex("scann", base, num_threads=num_threads).build(database)
-        build_s = time.perf_counter() - start
-        bound_s = exact_s if best is None else best.seconds
-        found = _sweep(index, number, groups, queries, exact, k, min_recall, bound_s, tried)
-        outcome = "no faster configuration reached the target"
-        if found is not None:
-            outcome = (
-                f"{_summary(found.config)}: recall {found.recall:.4f} in {found.seconds:.3f} s"
+        index = NeighborIndex("scann", config, num_threads=self.num_threads).build(self.database)
+        self.builds.append({"config": _summary(config), "build_s": time.perf_counter() - start})
+        return index
+
+    def measure(self, index, config):
+        recall, top1, seconds = _measure(index, config, self.queries, self.exact, self.k)
+        self.tried.append(
+            {"config": _summary(config), "recall": round(recall, 5), "search_s": seconds}
+        )
+        return recall, top1, seconds
+
+    def sweep(self, index, family, groups, bound_s):
+        """The fastest variant of one built family reaching `min_recall` (or None).
+
+        Within a group (fixed leaves) a deeper reorder is only slower, and more leaves at the
+        same reorder are only slower: a group stops at its first variant reaching the target or
+        no faster than `bound_s` (exact search, then the best so far), and the family stops when
+        that happens at a group's shallowest reorder.
+        """
+        best = None
+        for group in groups:
+            for config in group:
+                recall, top1, seconds = self.measure(index, config)
+                if recall >= self.min_recall and seconds < bound_s:
+                    best = _Measured(config, recall, top1, seconds, family)
+                    bound_s = seconds
+                if recall >= self.min_recall or seconds >= bound_s:
+                    break
+            if config is group[0] and seconds >= bound_s:
+                break  # reached (or too slow) at the fewest reorders: more leaves are slower
+        return best
+
+    def choice(self, backend, config, measured, exact_s, reason, common, warn=False):
+        """Logs `reason` (as a warning with `warn`) and returns the `SearchChoice`."""
+        recall, top1, seconds = measured
+        (logging.warning if warn else self.log)(f"scann: {reason}")
+        return SearchChoice(
+            backend,
+            config,
+            recall,
+            top1,
+            search_s=seconds,
+            exact_search_s=exact_s,
+            reason=reason,
+            tried=self.tried,
+            builds=self.builds,
+            **common,
+        )
+
+    def search_families(self, exact_s):
+        """(index, _Measured) of the fastest configuration reaching `min_recall` faster than
+        `exact_s`, or (None, None).
+
+        One ScaNN index is alive at a time (each holds its own float32 copy of the database for
+        scoring or reordering): a family's index is freed once measured, unless it holds the best
+        so far and is the last family. ScaNN's training is not bit-reproducible across builds, so
+        a best rebuilt at the end is measured again, and swept further if the rebuild falls
+        short.
+        """
+        families = candidate_families(self.database.shape[0], self.k)
+        best, best_index = None, None
+        for number, (base, groups) in enumerate(families):
+            index = self.build(base)
+            found = self.sweep(index, number, groups, exact_s if best is None else best.seconds)
+            outcome = "no faster configuration reached the target"
+            if found is not None:
+                best, best_index = found, index
+                outcome = (
+                    f"{_summary(found.config)}: recall {found.recall:.4f} in {found.seconds:.3f} s"
+                )
+            self.log(
+                f"scann: calibration family {_summary(base)} built in "
+                f"{self.builds[-1]['build_s']:.1f} s; {outcome}"
             )
-        log(f"scann: calibration family {_summary(base)} built in {build_s:.1f} s; {outcome}")
+            del index
+            if number + 1 < len(families):
+                best_index = None  # freed before the next family is built
+        if best is not None and best_index is None:
+            best_index, best = self.rebuild(families[best.family], best)
+        return best_index, best
+
+    def rebuild(self, family, best):
+        """The best's family rebuilt and swept from the best variant on; (None, None) if short."""
+        base, groups = family
+        index = self.build(base)
+        later = [[c for c in g if _is_at_least(c, best.config)] for g in groups]
+        found = self.sweep(index, best.family, [g for g in later if g], math.inf)
+        outcome = "no variant reached the target"
         if found is not None:
-            best, best_index = found, index
-        del index
-        if number + 1 < len(families):
-            best_index = None  # freed before the next family is built
-    if best is None:
-        return None, None, tried
-    if best_index is None:
-        best_index, best = _rebuild(
-            database,
-            families[best.family],
-            best,
-            queries,
-            exact,
-            k,
-            min_recall,
-            num_threads,
-            tried,
-            log,
-        )
-    return best_index, best, tried
-
-
-def _rebuild(database, family, best, queries, exact, k, min_recall, num_threads, tried, log):
-    """The best family rebuilt and re-measured from the best variant on (None, None if short)."""
-    base, groups = family
-    index = NeighborIndex("scann", base, num_threads=num_threads).build(database)
-    later = [[c for c in g if _is_at_least(c, best.config)] for g in groups]
-    later = [g for g in later if g]
-    found = _sweep(index, best.family, later, queries, exact, k, min_recall, math.inf, tried)
-    log(
-        f"scann: rebuilt {_summary(base)}: "
-        + (
-            "no variant reached the target"
-            if found is None
-            else f"{_summary(found.config)} recall {found.recall:.4f}"
-        )
-    )
-    return (None, None) if found is None else (index, found)
+            outcome = f"{_summary(found.config)}: recall {found.recall:.4f}"
+        self.log(f"scann: rebuilt {_summary(base)}; {outcome}")
+        return (None, None) if found is None else (index, found)
 
 
 def _is_at_least(config, best):
     """Whether `config` searches at least as many leaves and reorders at least as deep."""
     return (
         config.num_leaves_to_search >= best.num_leaves_to_search and config.reorder >= best.reorder
-    )
-
-
-def _choice(backend, config, measured, exact_s, reason, common, log, tried=(), warn=False):
-    """Logs `reason` (as a warning with `warn`) and returns the `SearchChoice`."""
-    recall, top1, seconds = measured
-    (logging.warning if warn else log)(f"scann: {reason}")
-    return SearchChoice(
-        backend,
-        config,
-        recall,
-        top1,
-        search_s=seconds,
-        exact_search_s=exact_s,
-        reason=reason,
-        tried=list(tried),
-        **common,
     )
 
 
@@ -286,29 +286,28 @@ def calibrate(
     exact_index = NeighborIndex("exact", num_threads=num_threads).build(database)
     exact, exact_s = _timed_search(exact_index, queries, k)
     common = dict(k=k, min_recall=float(min_recall), queries=int(queries.shape[0]))
+    calibration = _Calibration(database, queries, exact, k, min_recall, num_threads, log)
     if config is not None:
         config = config if isinstance(config, ScannConfig) else ScannConfig(**dict(config))
-        index = NeighborIndex("scann", config, num_threads=num_threads).build(database)
-        measured = _measure(index, config, queries, exact, k)
+        index = calibration.build(config)
+        measured = calibration.measure(index, config)
         below = measured[0] < min_recall
         reason = f"explicit configuration ({_summary(config)})" + (
             f": recall@{k} {measured[0]:.4f} is BELOW min_recall {min_recall}" if below else ""
         )
-        return _choice("scann", config, measured, exact_s, reason, common, log, warn=below), index
-    index, best, tried = _search_families(
-        database, queries, exact, k, min_recall, exact_s, num_threads, log
-    )
+        return calibration.choice("scann", config, measured, exact_s, reason, common, below), index
+    index, best = calibration.search_families(exact_s)
     if best is None:
         reason = (
             f"no ScaNN configuration reached recall@{k} >= {min_recall} faster than exact search "
             f"({exact_s:.3f} s for {queries.shape[0]} queries): using exact search"
         )
         measured = (1.0, 1.0, exact_s)
-        return _choice("exact", None, measured, exact_s, reason, common, log, tried), exact_index
+        return calibration.choice("exact", None, measured, exact_s, reason, common), exact_index
     index.config = best.config
     reason = (
         f"chose {_summary(best.config)}: recall@{k} {best.recall:.4f} >= {min_recall}, "
         f"{exact_s / max(best.seconds, 1e-9):.1f}x faster than exact on {queries.shape[0]} queries"
     )
     measured = (best.recall, best.top1, best.seconds)
-    return _choice("scann", best.config, measured, exact_s, reason, common, log, tried), index
+    return calibration.choice("scann", best.config, measured, exact_s, reason, common), index
