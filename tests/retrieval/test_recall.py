@@ -141,6 +141,8 @@ def test_one_scann_index_alive_and_rebuilt_best_is_measured_again(monkeypatch):
     lines = []
     choice, index = recall.calibrate(database, queries, 10, min_recall=0.95, log=lines.append)
     assert max(most) == 1 and len(most) == 3  # two families, then the best rebuilt
+    built = [b["config"] for b in choice.builds]
+    assert built == ["AH reorder 300", "tree 1/8, AH reorder 10", "AH reorder 300"]
     assert choice.backend == "scann" and choice.config == good
     assert any("rebuilt" in line for line in lines)
     _, found = index.search(queries, 10)
