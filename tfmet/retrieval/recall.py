@@ -6,10 +6,11 @@ leaves found 41% of the true 50 nearest neighbours. So tfmet never trusts a conf
 blindly: `calibrate` searches a sample of queries it already has (the val queries) exactly and
 approximately, and
 
-- with no explicit configuration, tries a small family of configurations (tree + AH, AH alone,
-  tree + brute-force scoring; leaves searched and reorder depth varied at search time, so each
-  family is built once) and keeps the cheapest whose recall@k reaches `min_recall` and whose
-  search is faster than exact search; if none is, it says so and keeps exact search;
+- with no explicit configuration, tries a small family of configurations (a tree with
+  brute-force scoring and the tree with AH, or AH alone for small databases; leaves searched and
+  reorder depth varied at search time, so each family is built once) and keeps the cheapest
+  whose recall@k reaches `min_recall` and whose search is faster than exact search; if none is,
+  it says so and keeps exact search;
 - with an explicit configuration, keeps it, reports its recall and warns below `min_recall`.
 
 recall@k = mean over queries of |approximate top k & exact top k| / k (ties at the k-th
@@ -96,27 +97,36 @@ def _timed_search(index, queries, k):
 def candidate_families(n, k):
     """[(ScannConfig built once, [[search-time variants]])]: groups by leaves searched
     (ascending), each group by reorder depth (ascending); so within a family cost grows along
-    both axes and a sweep can stop at the first variant reaching the target."""
+    both axes and a sweep can stop at the first variant reaching the target.
+
+    Below `TREE_FROM` rows: AH alone. From it: a spherical tree with brute-force scoring, then
+    the same tree with AH. AH alone is not tried there: the tree + AH family searching all
+    leaves covers it, and an AH build (anisotropic encoding of every row) is the dearest step
+    of a calibration (at Met size it took longer than the tree + brute-force build and all the
+    searches together). Brute-force scoring comes first because its build is the cheap one: a
+    best from it that must be rebuilt at the end costs little.
+    """
     sample = min(int(n), TRAINING_SAMPLE)
     reorders = [r for r in REORDERS if r >= k] or [k]
-    ah = ScannConfig(use_ah=True, reorder=max(reorders), training_sample_size=sample)
-    families = [(ah, [[dataclasses.replace(ah, reorder=r) for r in reorders]])]
-    if n >= TREE_FROM:
-        leaves = max(2, int(round(math.sqrt(n))))
-        searched = sorted({max(1, int(math.ceil(f * leaves))) for f in LEAF_FRACTIONS})
-        tree = dict(num_leaves=leaves, spherical=True, training_sample_size=sample)
-        for use_ah in (True, False):
-            base = ScannConfig(
-                num_leaves_to_search=leaves, use_ah=use_ah, reorder=max(reorders), **tree
-            )
-            groups = [
-                [
-                    dataclasses.replace(base, num_leaves_to_search=s, reorder=r)
-                    for r in (reorders if use_ah else [0])
-                ]
-                for s in searched
+    if n < TREE_FROM:
+        ah = ScannConfig(use_ah=True, reorder=max(reorders), training_sample_size=sample)
+        return [(ah, [[dataclasses.replace(ah, reorder=r) for r in reorders]])]
+    leaves = max(2, int(round(math.sqrt(n))))
+    searched = sorted({max(1, int(math.ceil(f * leaves))) for f in LEAF_FRACTIONS})
+    tree = dict(num_leaves=leaves, spherical=True, training_sample_size=sample)
+    families = []
+    for use_ah in (False, True):
+        base = ScannConfig(
+            num_leaves_to_search=leaves, use_ah=use_ah, reorder=max(reorders), **tree
+        )
+        groups = [
+            [
+                dataclasses.replace(base, num_leaves_to_search=s, reorder=r)
+                for r in (reorders if use_ah else [0])
             ]
-            families.append((base, groups))
+            for s in searched
+        ]
+        families.append((base, groups))
     return families
 
 
