@@ -23,7 +23,8 @@ Each pipeline runs in its own process (so its peak RSS is its own), reading the 
   and a Python loop per query; it is timed on a subsample of the queries (--baseline_queries)
   for every K and EXTRAPOLATED linearly to all queries and all 12 taus per K, then the test set.
 tfmet scann measures its recall@max(k) against exact search on val queries and keeps the cheapest
-configuration reaching 0.99 (or exact search); its choice and recall are printed.
+configuration reaching the library's default min_recall (or exact search); its choice and recall
+are printed.
 Printed: phase timings, speed-ups against the reference's method measured in the same run, val /
 test GAP of both backends and their difference, whether the reference's method gives the same
 predictions as the exact backend on the subsample, and peak RSS against the descriptor bytes, also
