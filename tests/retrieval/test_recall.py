@@ -147,3 +147,17 @@ def test_one_scann_index_alive_and_rebuilt_best_is_measured_again(monkeypatch):
     assert any("rebuilt" in line for line in lines)
     _, found = index.search(queries, 10)
     assert choice.recall == pytest.approx(_numpy_recall(found, database, queries, 10), abs=1e-9)
+
+
+def test_ah_is_not_swept_over_leaves_where_brute_force_fell_short():
+    database, queries = _dataset("isotropic", seed=5)
+    choice, _ = recall.calibrate(database, queries, 10, min_recall=0.999)
+    brute_force = {
+        t["config"].split(",")[0]: t["recall"]
+        for t in choice.tried
+        if t["config"].endswith("brute-force scoring")
+    }
+    short = {leaves for leaves, r in brute_force.items() if r < 0.999 - recall.BRUTE_FORCE_SLACK}
+    assert short  # isotropic data: a few leaves hold few of the true neighbours
+    ah = [t["config"].split(",")[0] for t in choice.tried if "AH" in t["config"]]
+    assert not short & set(ah)
