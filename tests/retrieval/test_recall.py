@@ -1,6 +1,7 @@
 """Measured recall of approximate search, the choice of a ScaNN configuration, its round trips."""
 
 import json
+import weakref
 
 import numpy as np
 import pytest
@@ -118,3 +119,45 @@ def test_chosen_configuration_round_trips_through_save_and_export(tmp_path):
     tf.saved_model.save(module, str(tmp_path / "recognizer"), signatures=module.signatures())
     restored = tf.saved_model.load(str(tmp_path / "recognizer"))
     assert json.loads(restored.scann_config_json.numpy().decode()) == chosen.to_dict()
+
+
+def test_one_scann_index_alive_and_rebuilt_best_is_measured_again(monkeypatch):
+    """Calibration frees each family's index before building the next; a best from an earlier
+    family is rebuilt at the end and its recall measured again on the index returned."""
+    database, queries = _dataset("clustered", seed=4)
+    good = ScannConfig(use_ah=True, reorder=300, training_sample_size=3000)
+    families = [(good, [[good]]), (LOSSY, [[LOSSY]])]  # the second never reaches the target
+    monkeypatch.setattr(recall, "candidate_families", lambda n, k: families)
+    alive, most = weakref.WeakSet(), []
+
+    class CountingIndex(recall.NeighborIndex):
+        def build(self, database):
+            if self.backend == "scann":
+                alive.add(self)
+                most.append(len(alive))
+            return super().build(database)
+
+    monkeypatch.setattr(recall, "NeighborIndex", CountingIndex)
+    lines = []
+    choice, index = recall.calibrate(database, queries, 10, min_recall=0.95, log=lines.append)
+    assert max(most) == 1 and len(most) == 3  # two families, then the best rebuilt
+    built = [b["config"] for b in choice.builds]
+    assert built == ["AH reorder 300", "tree 1/8, AH reorder 10", "AH reorder 300"]
+    assert choice.backend == "scann" and choice.config == good
+    assert any("rebuilt" in line for line in lines)
+    _, found = index.search(queries, 10)
+    assert choice.recall == pytest.approx(_numpy_recall(found, database, queries, 10), abs=1e-9)
+
+
+def test_ah_is_not_swept_over_leaves_where_brute_force_fell_short():
+    database, queries = _dataset("isotropic", seed=5)
+    choice, _ = recall.calibrate(database, queries, 10, min_recall=0.999)
+    brute_force = {
+        t["config"].split(",")[0]: t["recall"]
+        for t in choice.tried
+        if t["config"].endswith("brute-force scoring")
+    }
+    short = {leaves for leaves, r in brute_force.items() if r < 0.999 - recall.BRUTE_FORCE_SLACK}
+    assert short  # isotropic data: a few leaves hold few of the true neighbours
+    ah = [t["config"].split(",")[0] for t in choice.tried if "AH" in t["config"]]
+    assert not short & set(ah)

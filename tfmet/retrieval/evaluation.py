@@ -247,6 +247,7 @@ def knn_eval(
             database_labels,
             recall_queries=splits["val"].valid_descriptors() if backend == "scann" else None,
             recall_k=max(ks) if autotune else k,
+            log=log,
         )
     del database
     search = _search_choice(classifier, log)

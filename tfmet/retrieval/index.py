@@ -14,6 +14,8 @@ ties broken by the smaller database index. An approximate search that finds fewe
 candidates pads with index -1 and similarity -inf.
 """
 
+import ctypes
+import ctypes.util
 import dataclasses
 import math
 import os
@@ -87,6 +89,19 @@ class ScannConfig:
 
     def to_dict(self):
         return dataclasses.asdict(self)
+
+
+def return_freed_memory():
+    """Asks the C allocator to give freed heap memory back to the OS (glibc's malloc_trim).
+
+    A freed ScaNN index (a float32 copy of the database and its build buffers) otherwise stays
+    in the process's heap, and the next index is built on top of it: in a Met-size calibration
+    that raised the peak RSS by about one database. A no-op where there is no glibc.
+    """
+    name = ctypes.util.find_library("c")
+    trim = getattr(ctypes.CDLL(name), "malloc_trim", None) if name else None
+    if trim is not None:
+        trim(0)
 
 
 def _as_matrix(name, x, dim=None):

@@ -128,12 +128,13 @@ class KnnClassifier:
         self.labels = None
         self.num_classes = 0
 
-    def fit(self, descriptors, labels, recall_queries=None, recall_k=None):
+    def fit(self, descriptors, labels, recall_queries=None, recall_k=None, log=None):
         """Indexes database `descriptors` [n, d] (float32, L2-normalised) with int `labels` [n].
 
         For "scann", `recall_queries` [q, d] (e.g. the val queries) measure recall@`recall_k`
         (default `k`) against exact search: with no explicit `scann_config` the cheapest
-        configuration reaching `min_recall` is chosen, or exact search when none is faster.
+        configuration reaching `min_recall` is chosen, or exact search when none is faster;
+        `log` (a callable taking a line) gets the calibration's lines.
         """
         descriptors = np.asarray(descriptors) if not hasattr(descriptors, "shape") else descriptors
         labels = np.asarray(labels)
@@ -146,12 +147,12 @@ class KnnClassifier:
         if not np.issubdtype(labels.dtype, np.integer):
             raise ValueError(f"`labels` must be integers. Received dtype {labels.dtype}")
         check_finite("descriptors", descriptors)
-        self._build_index(descriptors, recall_queries, recall_k)
+        self._build_index(descriptors, recall_queries, recall_k, log)
         self.labels = labels.astype(np.int64)
         self.num_classes = int(np.unique(self.labels).size)
         return self
 
-    def _build_index(self, descriptors, recall_queries, recall_k):
+    def _build_index(self, descriptors, recall_queries, recall_k, log):
         if self.backend != "scann":
             self.index.build(descriptors)
             return
@@ -169,6 +170,7 @@ class KnnClassifier:
             config=self.scann_config,
             min_recall=self.min_recall,
             num_threads=self.num_threads,
+            log=log,
         )
         self.scann_config = self.index.config
 

@@ -6,10 +6,11 @@ leaves found 41% of the true 50 nearest neighbours. So tfmet never trusts a conf
 blindly: `calibrate` searches a sample of queries it already has (the val queries) exactly and
 approximately, and
 
-- with no explicit configuration, tries a small family of configurations (tree + AH, AH alone,
-  tree + brute-force scoring; leaves searched and reorder depth varied at search time, so each
-  family is built once) and keeps the cheapest whose recall@k reaches `min_recall` and whose
-  search is faster than exact search; if none is, it says so and keeps exact search;
+- with no explicit configuration, tries a small family of configurations (a tree with
+  brute-force scoring and the tree with AH, or AH alone for small databases; leaves searched and
+  reorder depth varied at search time, so each family is built once) and keeps the cheapest
+  whose recall@k reaches `min_recall` and whose search is faster than exact search; if none is,
+  it says so and keeps exact search;
 - with an explicit configuration, keeps it, reports its recall and warns below `min_recall`.
 
 recall@k = mean over queries of |approximate top k & exact top k| / k (ties at the k-th
@@ -23,14 +24,18 @@ import time
 
 import numpy as np
 
-from tfmet.retrieval.index import NeighborIndex, ScannConfig
+from tfmet.retrieval.index import NeighborIndex, ScannConfig, return_freed_memory
 
-DEFAULT_MIN_RECALL = 0.99
+# 0.99 at k = 50 lost 0.0059 test GAP on the clustered Met-size bench (top-1 agreement 0.994).
+DEFAULT_MIN_RECALL = 0.999
 MAX_QUERIES = 500
 LEAF_FRACTIONS = (0.01, 0.02, 0.05, 0.1, 0.2, 0.35, 0.5, 1.0)
 REORDERS = (100, 250, 500, 1000, 2000)
 TREE_FROM = 2_000  # smaller databases: AH alone (a tree has too few points per leaf)
 TRAINING_SAMPLE = 50_000
+PLATEAU = 0.001  # a deeper reorder gaining less recall than this ends a group's sweep
+# AH groups are skipped where brute-force scoring of as many leaves fell this far short.
+BRUTE_FORCE_SLACK = 0.005
 
 
 def recall_at_k(approximate, exact, k=None):
@@ -65,6 +70,7 @@ class SearchChoice:
       search_s, exact_search_s: seconds to search the sample with the choice / exactly.
       reason: one line saying why.
       tried: [{config summary, recall, search_s}] of every configuration measured.
+      builds: [{config summary, build_s}] of every index built (where calibration time goes).
     """
 
     backend: str
@@ -78,6 +84,7 @@ class SearchChoice:
     exact_search_s: float
     reason: str
     tried: list = dataclasses.field(default_factory=list)
+    builds: list = dataclasses.field(default_factory=list)
 
     def to_json(self):
         out = dataclasses.asdict(self)
@@ -94,27 +101,36 @@ def _timed_search(index, queries, k):
 def candidate_families(n, k):
     """[(ScannConfig built once, [[search-time variants]])]: groups by leaves searched
     (ascending), each group by reorder depth (ascending); so within a family cost grows along
-    both axes and a sweep can stop at the first variant reaching the target."""
+    both axes and a sweep can stop at the first variant reaching the target.
+
+    Below `TREE_FROM` rows: AH alone. From it: a spherical tree with brute-force scoring, then
+    the same tree with AH. AH alone is not tried there: the tree + AH family searching all
+    leaves covers it, and an AH build (anisotropic encoding of every row) is the dearest step
+    of a calibration (at Met size it took longer than the tree + brute-force build and all the
+    searches together). Brute-force scoring comes first because its build is the cheap one: a
+    best from it that must be rebuilt at the end costs little.
+    """
     sample = min(int(n), TRAINING_SAMPLE)
     reorders = [r for r in REORDERS if r >= k] or [k]
-    ah = ScannConfig(use_ah=True, reorder=max(reorders), training_sample_size=sample)
-    families = [(ah, [[dataclasses.replace(ah, reorder=r) for r in reorders]])]
-    if n >= TREE_FROM:
-        leaves = max(2, int(round(math.sqrt(n))))
-        searched = sorted({max(1, int(math.ceil(f * leaves))) for f in LEAF_FRACTIONS})
-        tree = dict(num_leaves=leaves, spherical=True, training_sample_size=sample)
-        for use_ah in (True, False):
-            base = ScannConfig(
-                num_leaves_to_search=leaves, use_ah=use_ah, reorder=max(reorders), **tree
-            )
-            groups = [
-                [
-                    dataclasses.replace(base, num_leaves_to_search=s, reorder=r)
-                    for r in (reorders if use_ah else [0])
-                ]
-                for s in searched
+    if n < TREE_FROM:
+        ah = ScannConfig(use_ah=True, reorder=max(reorders), training_sample_size=sample)
+        return [(ah, [[dataclasses.replace(ah, reorder=r) for r in reorders]])]
+    leaves = max(2, int(round(math.sqrt(n))))
+    searched = sorted({max(1, int(math.ceil(f * leaves))) for f in LEAF_FRACTIONS})
+    tree = dict(num_leaves=leaves, spherical=True, training_sample_size=sample)
+    families = []
+    for use_ah in (False, True):
+        base = ScannConfig(
+            num_leaves_to_search=leaves, use_ah=use_ah, reorder=max(reorders), **tree
+        )
+        groups = [
+            [
+                dataclasses.replace(base, num_leaves_to_search=s, reorder=r)
+                for r in (reorders if use_ah else [0])
             ]
-            families.append((base, groups))
+            for s in searched
+        ]
+        families.append((base, groups))
     return families
 
 
@@ -125,37 +141,148 @@ def _summary(config):
 
 
 def _measure(index, config, queries, exact, k):
+    """(recall, top1, search seconds) of `index` searched with `config`'s search-time settings."""
     index.config = config
     indices, seconds = _timed_search(index, queries, k)
     return recall_at_k(indices, exact, k), top1_agreement(indices, exact), seconds
 
 
-def _search_families(database, queries, exact, k, min_recall, exact_s, num_threads):
-    """The fastest (seconds, config, recall, top1, index) reaching min_recall, and all tried.
+@dataclasses.dataclass
+class _Measured:
+    config: ScannConfig
+    recall: float
+    top1: float
+    seconds: float
+    family: int  # which of `candidate_families` it belongs to
 
-    The best index is kept, not rebuilt: ScaNN's training is not bit-reproducible across builds,
-    so a rebuild could miss the recall that was measured. At most two indexes are alive at once
-    (the best so far and the family being measured), each with ScaNN's own float32 copy of the
-    database for reordering.
-    """
-    best, tried = None, []
-    for base, groups in candidate_families(database.shape[0], k):
-        index = NeighborIndex("scann", base, num_threads=num_threads).build(database)
+
+class _Calibration:
+    """One calibration's inputs and its record: every configuration tried, every index built."""
+
+    def __init__(self, database, queries, exact, k, min_recall, num_threads, log):
+        self.database, self.queries, self.exact, self.k = database, queries, exact, k
+        self.min_recall, self.num_threads, self.log = min_recall, num_threads, log
+        self.tried, self.builds = [], []
+        self.brute_force = {}  # leaves searched -> recall with brute-force scoring
+
+    def build(self, config):
+        start = time.perf_counter()
+        index = NeighborIndex("scann", config, num_threads=self.num_threads).build(self.database)
+        self.builds.append({"config": _summary(config), "build_s": time.perf_counter() - start})
+        return index
+
+    def measure(self, index, config):
+        recall, top1, seconds = _measure(index, config, self.queries, self.exact, self.k)
+        if config.num_leaves and not config.use_ah:
+            self.brute_force[config.num_leaves_to_search] = recall
+        self.tried.append(
+            {"config": _summary(config), "recall": round(recall, 5), "search_s": seconds}
+        )
+        return recall, top1, seconds
+
+    def sweep(self, index, family, groups, bound_s):
+        """The fastest variant of one built family reaching `min_recall` (or None).
+
+        Within a group (fixed leaves) a deeper reorder is only slower, and more leaves at the
+        same reorder are only slower: a group stops at its first variant reaching the target or
+        no faster than `bound_s` (exact search, then the best so far), or when a deeper reorder
+        gained less than `PLATEAU` recall (the leaves searched limit it: in a Met-size run every
+        reorder past 250 gained at most 0.0002), and the family stops when a group stops at its
+        shallowest reorder.
+        """
+        best = None
         for group in groups:
+            if self._hopeless(group[0]):
+                continue
+            previous = -1.0
             for config in group:
-                recall, top1, seconds = _measure(index, config, queries, exact, k)
-                tried.append(
-                    {"config": _summary(config), "recall": round(recall, 5), "search_s": seconds}
+                recall, top1, seconds = self.measure(index, config)
+                if recall >= self.min_recall and seconds < bound_s:
+                    best = _Measured(config, recall, top1, seconds, family)
+                    bound_s = seconds
+                if recall >= self.min_recall or seconds >= bound_s or recall < previous + PLATEAU:
+                    break  # reached, too slow, or the leaves searched, not the reorder, limit it
+                previous = recall
+            if config is group[0] and seconds >= bound_s:
+                break  # reached (or too slow) at the fewest reorders: more leaves are slower
+        return best
+
+    def _hopeless(self, config):
+        """Whether AH over these leaves cannot reach the target: it rescores a subset of what
+        brute-force scoring of as many leaves scores, and that fell short (by more than
+        `BRUTE_FORCE_SLACK`, for the other build's tree). On the sphere bench data this skipped
+        groups of 7 to 315 of 630 leaves (brute force: recall 0.04 to 0.72)."""
+        recall = self.brute_force.get(config.num_leaves_to_search) if config.use_ah else None
+        return recall is not None and recall < self.min_recall - BRUTE_FORCE_SLACK
+
+    def choice(self, backend, config, measured, exact_s, reason, common, warn=False):
+        """Logs `reason` (as a warning with `warn`) and returns the `SearchChoice`."""
+        recall, top1, seconds = measured
+        (logging.warning if warn else self.log)(f"scann: {reason}")
+        return SearchChoice(
+            backend,
+            config,
+            recall,
+            top1,
+            search_s=seconds,
+            exact_search_s=exact_s,
+            reason=reason,
+            tried=self.tried,
+            builds=self.builds,
+            **common,
+        )
+
+    def search_families(self, exact_s):
+        """(index, _Measured) of the fastest configuration reaching `min_recall` faster than
+        `exact_s`, or (None, None).
+
+        One ScaNN index is alive at a time (each holds its own float32 copy of the database for
+        scoring or reordering): a family's index is freed once measured, unless it holds the best
+        so far and is the last family. ScaNN's training is not bit-reproducible across builds, so
+        a best rebuilt at the end is measured again, and swept further if the rebuild falls
+        short.
+        """
+        families = candidate_families(self.database.shape[0], self.k)
+        best, best_index = None, None
+        for number, (base, groups) in enumerate(families):
+            index = self.build(base)
+            found = self.sweep(index, number, groups, exact_s if best is None else best.seconds)
+            outcome = "no faster configuration reached the target"
+            if found is not None:
+                best, best_index = found, index
+                outcome = (
+                    f"{_summary(found.config)}: recall {found.recall:.4f} in {found.seconds:.3f} s"
                 )
-                reached = recall >= min_recall
-                if reached and (best is None or seconds < best[0]):
-                    best = (seconds, config, recall, top1, index)
-                if reached or seconds >= exact_s:
-                    break  # deeper reordering is only slower
-            if reached and config is group[0]:
-                break  # more leaves are only slower
-        del index
-    return best, tried
+            self.log(
+                f"scann: calibration family {_summary(base)} built in "
+                f"{self.builds[-1]['build_s']:.1f} s; {outcome}"
+            )
+            del index
+            if number + 1 < len(families):
+                best_index = None  # freed before the next family is built
+                return_freed_memory()
+        if best is not None and best_index is None:
+            best_index, best = self.rebuild(families[best.family], best)
+        return best_index, best
+
+    def rebuild(self, family, best):
+        """The best's family rebuilt and swept from the best variant on; (None, None) if short."""
+        base, groups = family
+        index = self.build(base)
+        later = [[c for c in g if _is_at_least(c, best.config)] for g in groups]
+        found = self.sweep(index, best.family, [g for g in later if g], math.inf)
+        outcome = "no variant reached the target"
+        if found is not None:
+            outcome = f"{_summary(found.config)}: recall {found.recall:.4f}"
+        self.log(f"scann: rebuilt {_summary(base)}; {outcome}")
+        return (None, None) if found is None else (index, found)
+
+
+def _is_at_least(config, best):
+    """Whether `config` searches at least as many leaves and reorders at least as deep."""
+    return (
+        config.num_leaves_to_search >= best.num_leaves_to_search and config.reorder >= best.reorder
+    )
 
 
 def calibrate(
@@ -191,61 +318,28 @@ def calibrate(
     exact_index = NeighborIndex("exact", num_threads=num_threads).build(database)
     exact, exact_s = _timed_search(exact_index, queries, k)
     common = dict(k=k, min_recall=float(min_recall), queries=int(queries.shape[0]))
+    calibration = _Calibration(database, queries, exact, k, min_recall, num_threads, log)
     if config is not None:
         config = config if isinstance(config, ScannConfig) else ScannConfig(**dict(config))
-        index = NeighborIndex("scann", config, num_threads=num_threads).build(database)
-        recall, top1, seconds = _measure(index, config, queries, exact, k)
-        below = recall < min_recall
+        index = calibration.build(config)
+        measured = calibration.measure(index, config)
+        below = measured[0] < min_recall
         reason = f"explicit configuration ({_summary(config)})" + (
-            f": recall@{k} {recall:.4f} is BELOW min_recall {min_recall}" if below else ""
+            f": recall@{k} {measured[0]:.4f} is BELOW min_recall {min_recall}" if below else ""
         )
-        (logging.warning if below else log)(f"scann: {reason}")
-        choice = SearchChoice(
-            "scann",
-            config,
-            recall,
-            top1,
-            search_s=seconds,
-            **common,
-            exact_search_s=exact_s,
-            reason=reason,
-        )
-        return choice, index
-    best, tried = _search_families(database, queries, exact, k, min_recall, exact_s, num_threads)
-    if best is None or best[0] >= exact_s:
+        return calibration.choice("scann", config, measured, exact_s, reason, common, below), index
+    index, best = calibration.search_families(exact_s)
+    if best is None:
         reason = (
             f"no ScaNN configuration reached recall@{k} >= {min_recall} faster than exact search "
             f"({exact_s:.3f} s for {queries.shape[0]} queries): using exact search"
         )
-        log(f"scann: {reason}")
-        choice = SearchChoice(
-            "exact",
-            None,
-            1.0,
-            1.0,
-            search_s=exact_s,
-            exact_search_s=exact_s,
-            reason=reason,
-            tried=tried,
-            **common,
-        )
-        return choice, exact_index
-    seconds, config, recall, top1, index = best
-    index.config = config
+        measured = (1.0, 1.0, exact_s)
+        return calibration.choice("exact", None, measured, exact_s, reason, common), exact_index
+    index.config = best.config
     reason = (
-        f"chose {_summary(config)}: recall@{k} {recall:.4f} >= {min_recall}, "
-        f"{exact_s / max(seconds, 1e-9):.1f}x faster than exact on {queries.shape[0]} queries"
+        f"chose {_summary(best.config)}: recall@{k} {best.recall:.4f} >= {min_recall}, "
+        f"{exact_s / max(best.seconds, 1e-9):.1f}x faster than exact on {queries.shape[0]} queries"
     )
-    log(f"scann: {reason}")
-    choice = SearchChoice(
-        "scann",
-        config,
-        recall,
-        top1,
-        search_s=seconds,
-        exact_search_s=exact_s,
-        reason=reason,
-        tried=tried,
-        **common,
-    )
-    return choice, index
+    measured = (best.recall, best.top1, best.seconds)
+    return calibration.choice("scann", best.config, measured, exact_s, reason, common), index
