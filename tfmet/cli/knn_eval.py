@@ -20,6 +20,7 @@ from absl import app, flags, logging
 
 from tfmet.cli.common import UsageError, check_outputs, guarded, parse_flags
 from tfmet.retrieval import BACKENDS
+from tfmet.retrieval.recall import DEFAULT_MIN_RECALL
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("info_dir", None, "Folder with the Met ground-truth JSON files.")
@@ -34,7 +35,9 @@ flags.DEFINE_string("log", None, "Suffix of the log and output files (log_knn_<l
 flags.DEFINE_enum("backend", "exact", BACKENDS, "Search: exact brute force or ScaNN approximate.")
 flags.DEFINE_string("results_json", None, "Results JSON path (default in --output_dir).")
 flags.DEFINE_float(
-    "min_recall", 0.99, "--backend scann: recall@k against exact search to reach on val."
+    "min_recall",
+    DEFAULT_MIN_RECALL,
+    "--backend scann: recall@k against exact search to reach on val.",
 )
 flags.DEFINE_float(
     "target_precision",

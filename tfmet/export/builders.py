@@ -175,6 +175,14 @@ def build_recognizer(
     from tfmet.export.recognizer import RecognizerModule
     from tfmet.retrieval import apply_pca_whitening
 
+    if searcher == "scann" and scann_config is None:
+        from absl import logging
+
+        logging.warning(
+            "searcher 'scann' without a measured configuration (the results file of a "
+            "tfmet-knn-eval --backend scann run): the exported searcher's recall against exact "
+            "search is not measured and can be far below 0.99 (docs/recognition.md)"
+        )
     train, labels = read_database(descriptor_dir, info_dir, spec, mini=mini)
     mean, projection = whitening(pca=pca, train=train, dim=dim, raw=raw)
     database = train if projection is None else apply_pca_whitening(train, mean, projection)
