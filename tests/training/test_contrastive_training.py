@@ -5,7 +5,6 @@ The loop runs on the tiny Met tree of tests/met_tree.py with the smoke config (r
 """
 
 import glob
-import importlib.util
 import json
 import os
 import pickle
@@ -15,7 +14,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from tests.kit import REPO, tiny_backbone
+from tests.kit import tiny_backbone
+from tests.kit.configs import load_config
 from tests.kit.met_tree import write_met_tree
 from tfmet.data import pairs as pairs_lib
 from tfmet.data.images import read_image
@@ -30,17 +30,9 @@ from tfmet.training.augment import (
 )
 from tfmet.training.mining import Pairs
 
-CONFIG_FILE = os.path.join(REPO, "configs", "met_contrastive_r18.py")
-
 
 def smoke_config(**overrides):
-    spec = importlib.util.spec_from_file_location("met_contrastive_r18", CONFIG_FILE)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    config = module.get_config("smoke")
-    for key, value in overrides.items():
-        config[key] = value
-    return config
+    return load_config("met_contrastive_r18", "smoke", **overrides)
 
 
 @pytest.fixture(scope="module")

@@ -2,7 +2,6 @@
 compute in bfloat16 / float16 while GeM, L2, heads and losses stay float32; float16 trains with
 dynamic loss scaling; runs recorded before the setting existed resume as float32."""
 
-import importlib.util
 import os
 
 import keras
@@ -10,7 +9,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from tests.kit import REPO, tiny_backbone
+from tests.kit import tiny_backbone
+from tests.kit.configs import load_config
 from tests.kit.style_data import NUM_CLASSES
 from tfmet.backbones.precision import model_precision
 from tfmet.descriptors import Embedder
@@ -18,16 +18,9 @@ from tfmet.training import contrastive, rundir
 from tfmet.training.style import fit as style_fit
 from tfmet.training.style import run as style_run
 
-CONTRASTIVE_CONFIG = os.path.join(REPO, "configs", "met_contrastive_r18.py")
-
 
 def _contrastive_smoke(**overrides):
-    spec = importlib.util.spec_from_file_location("met_contrastive_r18", CONTRASTIVE_CONFIG)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    config = module.get_config("smoke")
-    config.update(overrides)
-    return config
+    return load_config("met_contrastive_r18", "smoke", **overrides)
 
 
 def _pairs(count=4, size=32, seed=0):

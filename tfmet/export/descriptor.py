@@ -77,14 +77,18 @@ class DescriptorModule(tf.Module):
     def _describe_images(self, images):
         return {"descriptor": self.descriptors(images)}
 
-    def _describe_bytes(self, image_bytes):
-        descriptor, valid = map_image_bytes(
+    def _bytes_descriptors(self, image_bytes):
+        """(descriptors [N, dim], valid [N]) of encoded images, one at a time (any size)."""
+        return map_image_bytes(
             image_bytes,
             lambda x: self.descriptors(x)[0],
             [self.dim],
             max_side=self.max_side,
             max_pixels=self.max_pixels,
         )
+
+    def _describe_bytes(self, image_bytes):
+        descriptor, valid = self._bytes_descriptors(image_bytes)
         return {"descriptor": descriptor, "valid": valid}
 
     def signatures(self):

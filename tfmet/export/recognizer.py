@@ -15,7 +15,6 @@ import uuid
 import numpy as np
 import tensorflow as tf
 
-from tfmet.export.common import map_image_bytes
 from tfmet.export.descriptor import DescriptorModule
 from tfmet.export.knn import knn_confidence
 
@@ -157,13 +156,7 @@ class RecognizerModule(DescriptorModule):
         }
 
     def _recognize_bytes(self, image_bytes):
-        descriptor, valid = map_image_bytes(
-            image_bytes,
-            lambda x: self.descriptors(x)[0],
-            [self.dim],
-            max_side=self.max_side,
-            max_pixels=self.max_pixels,
-        )
+        descriptor, valid = self._bytes_descriptors(image_bytes)
         out = self._recognize_descriptors(descriptor)
         column = valid[:, None]
         return {
