@@ -204,8 +204,9 @@ def _flag_error(error, argv):
         return f"{where}: the config file defines no get_config()"
     if isinstance(error, AttributeError | KeyError) and not _raised_in_config(error):
         key = str(error).strip("\"'")
-        overrides = [a.split("=", 1)[0] for a in argv if a.startswith(f"--{names[0]}.")]
-        named = [o for o in overrides if o.rsplit(".", 1)[-1] == key] if names else []
+        prefixes = tuple(f"--{name}." for name in names)
+        overrides = [a.split("=", 1)[0] for a in argv if prefixes and a.startswith(prefixes)]
+        named = [o for o in overrides if o.rsplit(".", 1)[-1] == key]
         return f"{named[0] if named else where}: the config has no key {key!r}"
     return f"{where}: loading the config failed: {type(error).__name__}: {error}"
 
