@@ -69,3 +69,12 @@ def brute_force(database, queries, k):
     scores = queries.astype(np.float64) @ database.astype(np.float64).T
     order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
     return np.take_along_axis(scores, order, 1), order, scores
+
+
+def assert_first_adam_step_of_decay_only(before, variables, learning_rate, weight_decay):
+    """The first Adam step when the loss gradient is zero and only the decay term `wd * w`
+    remains: w - lr * g / (|g| + eps), g = wd * w, written out in float64."""
+    for w0, variable in zip(before, variables, strict=True):
+        g = weight_decay * w0.astype(np.float64)
+        expected = w0 - learning_rate * g / (np.abs(g) + 1e-8)
+        np.testing.assert_allclose(variable.numpy(), expected, rtol=1e-5, atol=1e-7)
