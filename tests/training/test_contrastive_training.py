@@ -8,6 +8,7 @@ import glob
 import json
 import os
 import pickle
+import shutil
 
 import keras
 import numpy as np
@@ -29,6 +30,7 @@ from tfmet.training.augment import (
     central_crop_box,
     random_resized_crop_box,
 )
+from tfmet.training.contrastive import loop as contrastive_loop
 from tfmet.training.mining import Pairs
 
 
@@ -125,6 +127,41 @@ def test_pair_dataset_order_and_resume_offset(tree, augmenter):
         np.testing.assert_allclose(a["second"].numpy(), b["second"].numpy(), atol=1e-4)
     other_epoch = next(iter(pairs_lib.pair_dataset(files, pairs, augmenter, 3, seed=5, epoch=3)))
     assert np.abs(other_epoch["first"] - full[0]["first"]).max() > 1.0
+
+
+def test_an_image_that_went_bad_after_extraction_is_named(tree, augmenter, tmp_path):
+    """A file readable at extraction but broken when its epoch reads it: one ValueError naming
+    the file and the pairs of the failing batch, instead of tf.data's op error naming nothing."""
+    files = []
+    for i, entry in enumerate(tree.train[:8]):
+        files.append(tmp_path / f"{i}.jpg")
+        shutil.copyfile(tree.image_path(entry["path"]), files[-1])
+    files[7].write_bytes(b"no longer a JPEG")
+    pairs = Pairs(
+        first=np.array([0, 1, 2, 3, 4, 5, 6]),
+        second=np.array([0, 0, 5, 3, 1, 5, 7]),
+        label=np.array([1, 1, 0, 1, 0, 1, 0], np.int32),
+        kind=np.array([0, 1, 2, 0, 2, 1, 2], np.int8),
+    )
+    for start in (0, 3):  # a fresh epoch and a resumed one count pairs from where they start
+        dataset = pairs_lib.pair_dataset(files, pairs, augmenter, 3, seed=5, epoch=2, start=start)
+        batches = contrastive_loop._NamedFailures(iter(dataset), files, pairs, 3, epoch=2)
+        batches.position = start
+        readable = [next(batches)["position"].numpy().tolist() for _ in range(start, 6, 3)]
+        assert readable == [[0, 1, 2], [3, 4, 5]][start // 3 :]
+        with pytest.raises(ValueError) as failure:
+            next(batches)
+        message = str(failure.value)
+        assert message.startswith(f"{files[7]}: cannot be read for training (epoch 2, pairs 6-6)")
+        assert "--resume" in message
+
+    class Failing:  # an op error of no image: raised as it is
+        def __next__(self):
+            raise tf.errors.UnknownError(None, None, "something else")
+
+    batches = contrastive_loop._NamedFailures(Failing(), files[:7], pairs, 3, epoch=1)
+    with pytest.raises(tf.errors.UnknownError, match="something else"):
+        next(batches)
 
 
 # -- optimizer and trainer ---------------------------------------------------------------------

@@ -11,6 +11,7 @@ import tensorflow as tf
 from absl import logging as absl_logging
 
 from tfmet.data import pairs as pairs_lib
+from tfmet.data.images import read_image
 from tfmet.descriptors import extraction
 from tfmet.descriptors import store as store_lib
 from tfmet.descriptors.embedder import DescriptorExtractor
@@ -265,7 +266,8 @@ class _TrainingLoop:
         )
         self.distances = {"positive": [], "negative": []}
         progress = rundir.Progress(f"epoch {epoch}", len(pairs), unit="pairs")
-        batches = iter(dataset)
+        batches = _NamedFailures(iter(dataset), self.data.train_files, pairs, bsize, epoch)
+        batches.position = min(done * vbs * bsize, len(pairs))
         for step in range(done, virtual_steps):
             losses = self._step(batches, min(vbs, sub_batches - step * vbs))
             state.step_in_epoch.assign(step + 1)
@@ -428,6 +430,50 @@ class _TrainingLoop:
                 return self._result(False)
             self._finish_epoch(epoch, time.perf_counter() - started)
         return self._finalise()
+
+
+class _NamedFailures:
+    """An epoch's batch iterator whose read failures name the image.
+
+    Unreadable images are left out of mining, but a file can change between the extraction that
+    judged it readable and the epoch that reads it (replaced, truncated, removed, or grown past a
+    limit). tf.data then fails with an op error that names no file; this finds the image among
+    the failing batch's pairs and raises one `ValueError` naming it (any other failure is raised
+    as it is). Nothing is written for the failed step, so the last checkpoint stands and
+    `--resume` goes on once the file is fixed.
+    """
+
+    def __init__(self, batches, files, pairs, batch_size, epoch):
+        self.batches, self.files, self.pairs = batches, files, pairs
+        self.batch_size, self.epoch = batch_size, epoch
+        self.position = 0  # the first pair of the next batch, in the epoch's order
+
+    def __next__(self):
+        try:
+            batch = next(self.batches)
+        except tf.errors.OpError as error:
+            failure = self._unreadable_image()
+            if failure is None:
+                raise  # not an image of this batch: the error as it is
+            raise failure from error
+        self.position += int(batch["label"].shape[0])
+        return batch
+
+    def _unreadable_image(self):
+        end = min(self.position + self.batch_size, len(self.pairs))
+        where = f"epoch {self.epoch}, pairs {self.position}-{end - 1}"
+        rows = np.concatenate(
+            [self.pairs.first[self.position : end], self.pairs.second[self.position : end]]
+        )
+        for row in dict.fromkeys(rows.tolist()):  # each image once, in the batch's order
+            image, reason = read_image(str(self.files[row]))
+            if image is None:
+                return ValueError(
+                    f"{self.files[row]}: cannot be read for training ({where}): {reason}; it "
+                    "was readable when the database's descriptors were made. Fix or remove the "
+                    "file and rerun with --resume (the last checkpoint is kept)"
+                )
+        return None
 
 
 def _mean_pair_similarity(descriptors, first, second, chunk=65536):
