@@ -199,6 +199,38 @@ def _roll_forward(directory, journal):
     os.remove(journal)
 
 
+def committed_path(path):
+    """Where `path`'s committed contents are, for a reader that must not wait for a restart.
+
+    A kill after a `commit_files` commit point leaves the new set's files beside their targets
+    until `recover_commits` runs at the next start in that folder; a reader in between would see
+    the old file. This returns the temporary that a pending journal moves onto `path` (the
+    committed file) if it is still there, else `path`; a pending deletion of `path` gives
+    FileNotFoundError. Nothing is moved: readers never race a writer's roll-forward.
+    """
+    path = os.fspath(path)
+    directory, name = os.path.split(os.path.abspath(path))
+    try:
+        journals = [n for n in os.listdir(directory) if n.startswith(JOURNAL)]
+    except OSError:
+        return path
+    for journal in sorted(journals):
+        try:
+            with open(os.path.join(directory, journal), encoding="utf-8") as f:
+                moves = json.load(f)["moves"]
+        except (OSError, ValueError, KeyError, TypeError):
+            continue  # finished (removed) meanwhile, or not a journal of ours
+        for temporary, target in moves:
+            if os.path.normpath(os.path.join(directory, target)) != os.path.join(directory, name):
+                continue
+            if temporary is None:
+                raise FileNotFoundError(f"{path}: removed by a committed output set ({journal})")
+            temporary = os.path.join(directory, temporary)
+            if os.path.isfile(temporary):
+                return temporary
+    return path
+
+
 def recover_commits(directory):
     """Finishes the `commit_files` sets a kill interrupted in `directory`; returns their names."""
     directory = os.fspath(directory)

@@ -3,15 +3,28 @@
 import json
 import os
 
+from tfmet.io.atomic import committed_path
+
 
 def read_json(path, what="JSON file"):
-    """Parses `path`; FileNotFoundError / ValueError name the file (`what` says what it is)."""
+    """Parses `path`; FileNotFoundError / ValueError name the file (`what` says what it is).
+
+    A file of an output set committed but not yet rolled forward (a kill after the commit point,
+    `tfmet.io.atomic.commit_files`) is read as committed.
+    """
     path = os.fspath(path)
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"{path}: {what} not found")
+    source = committed_path(path)
     try:
-        with open(path, encoding="utf-8") as f:
+        try:
+            f = open(source, encoding="utf-8")
+        except FileNotFoundError:
+            if source == path:
+                raise
+            f = open(path, encoding="utf-8")  # rolled forward meanwhile: now in place
+        with f:
             return json.load(f)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: {what} not found") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"{path}: not valid JSON ({e})") from None
     except RecursionError:
