@@ -22,7 +22,7 @@ from PIL import Image
 
 from tests.kit.cli import REPO
 from tests.kit.met_tree import write_image, write_met_tree
-from tfmet.beam import paths, pipeline
+from tfmet.beam import paths, pipeline, transforms
 from tfmet.beam.chunks import ChunkOutput
 from tfmet.beam.model_handler import DescriptorModelHandler, describe_batch
 from tfmet.data import images as image_io
@@ -180,6 +180,34 @@ def test_inference_function_reasons_match_single_machine(corpus, beam_run):
         path.write_bytes(data)
         assert result.inference.descriptor is None
         assert result.inference.reason == image_io.read_image(str(path))[1] != ""
+
+
+def test_input_limits_are_applied_by_the_workers(corpus, beam_run, tmp_path):
+    """--max_pixels refuses in the inference function, --max_bytes in the reader, local files
+    and object-store ones alike (an object is never read past the limit)."""
+    root, tree, _, _, _, _ = corpus
+    out, _ = beam_run
+    model = DescriptorModelHandler(os.path.join(out, "model")).load_model()
+    good = tree.image_path(tree.val[2]["path"])
+    with open(good, "rb") as f:
+        good_bytes = f.read()
+    height, width = image_io.decode_image(good_bytes).shape[:2]
+    fits = describe_batch(model, [good_bytes], {}, max_pixels=height * width)[0]
+    over = describe_batch(model, [good_bytes], {}, max_pixels=height * width - 1)[0]
+    assert fits.inference.reason == "" and over.inference.descriptor is None
+    assert over.inference.reason.startswith(f"image declares {width}x{height}")
+
+    _MappedFileSystem.ROOT = str(tmp_path)
+    shutil.copyfile(good, tmp_path / "x.jpg")
+    size = len(good_bytes)
+    for file in (str(tmp_path / "x.jpg"), "tfmettest://x.jpg"):
+        key = transforms.RowKey("val", 0, 0, 1, 0, "x.jpg", file)
+        [(_, data)] = transforms.ReadImageBytes(max_bytes=size).process(key)
+        assert data == good_bytes
+        [refused] = transforms.ReadImageBytes(max_bytes=size - 1).process(key)
+        assert refused.tag == transforms.UNREADABLE
+        assert refused.value[1].descriptor is None
+        assert f"{size - 1:,} bytes" in refused.value[1].reason
 
 
 # --- A stand-in remote file system: "tfmettest://<key>" is <ROOT>/<key> on the local disk -------

@@ -40,11 +40,19 @@ def _image(seed, size):
 
 def test_descriptor_export_cli_and_saved_model_cli(tmp_path):
     out = tmp_path / "descriptor"
-    result = _export("--kind=descriptor", "--backbone=resnet_tiny", "--seed=3", f"--out={out}")
+    # The 20 x 30 PNG served below is exactly at the pixel limit.
+    result = _export(
+        "--kind=descriptor",
+        "--backbone=resnet_tiny",
+        "--seed=3",
+        f"--out={out}",
+        "--max_pixels=600",
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     with open(out / "assets" / "tfmet_metadata.json") as f:
         metadata = json.load(f)
     assert metadata["backbone"] == "resnet_tiny" and metadata["weights_sha256"] == "random:seed=3"
+    assert (metadata["max_pixels"], metadata["max_bytes"]) == (600, 64 * 1024 * 1024)
 
     # The same descriptor as the extraction library computes in-process.
     extractor, _ = extraction.build_extractor(backbone="resnet_tiny", seed=3)
@@ -89,6 +97,7 @@ def test_descriptor_export_cli_and_saved_model_cli(tmp_path):
         (["--kind=recognizer", "--out=x"], "--descriptor_dir and --info_dir"),
         (["--kind=style", "--out=x"], "--style_model"),
         (["--kind=descriptor", "--out=x", "--backbone=nope"], "Unknown backbone 'nope'"),
+        (["--kind=style", "--out=x", "--max_bytes=0"], "--max_bytes must be a positive integer"),
     ],
 )
 def test_bad_input_one_line_exit_2(tmp_path, args, message):

@@ -241,6 +241,11 @@ def test_descriptor_and_recognizer_signatures_mark_bombs_invalid(tmp_path, bomb,
     np.testing.assert_array_equal(out["descriptor"].numpy()[1:3], 0.0)
     strict = DescriptorModule(embedder, max_pixels=200)
     assert strict.describe_bytes(tf.constant(payload))["valid"].numpy().tolist() == [False] * 4
+    # max_bytes: the larger of the two good images is one byte over the limit.
+    limit = max(len(ENCODED["jpeg"]), len(ENCODED["png"])) - 1
+    small = DescriptorModule(embedder, max_bytes=limit).describe_bytes(tf.constant(payload))
+    expected = [len(ENCODED["jpeg"]) <= limit, False, False, len(ENCODED["png"]) <= limit]
+    assert small["valid"].numpy().tolist() == expected and sum(expected) == 1
 
     database = np.eye(8, dtype=np.float32)
     recognizer = RecognizerModule(embedder, database, np.arange(8), k=2, tau=10.0)

@@ -26,6 +26,7 @@ from apache_beam.ml.inference.base import PredictionResult
 from apache_beam.ml.inference.tensorflow_inference import TFModelHandlerTensor
 
 from tfmet.beam.paths import copy_tree, is_remote
+from tfmet.data.limits import DEFAULT_MAX_PIXELS
 
 METADATA_ASSET = "tfmet_metadata.json"
 NON_FINITE = "model gave a non-finite descriptor"
@@ -48,15 +49,16 @@ def localize_model(model_uri):
     return local
 
 
-def decode(image_bytes, max_side=None):
+def decode(image_bytes, max_side=None, max_pixels=DEFAULT_MAX_PIXELS):
     """Encoded bytes -> (float32 image [H, W, 3] or None, reason), as `tfmet.data.images` reads
-    a file for the single-machine extraction (same decoder, same checks, same cap)."""
+    a file for the single-machine extraction (same decoder, same checks, same cap); an image
+    whose header declares more than `max_pixels` pixels is refused before decoding."""
     import tensorflow as tf
 
     from tfmet.data import images as image_io
 
     try:
-        image = image_io.decode_image(image_bytes)
+        image = image_io.decode_image(image_bytes, max_pixels)
     except tf.errors.OpError as e:
         return None, image_io.error_reason(e)
     if image.shape[0] == 0 or image.shape[1] == 0:
@@ -84,7 +86,9 @@ def _describe_group(describe, images):
     ]
 
 
-def describe_batch(model, batch, inference_args, model_id=None, max_side=None):
+def describe_batch(
+    model, batch, inference_args, model_id=None, max_side=None, max_pixels=DEFAULT_MAX_PIXELS
+):
     """Beam inference function: encoded images (bytes) -> `PredictionResult`s of `Described`.
 
     Each image is decoded here (so a bad one costs nothing but its reason); images of the same
@@ -93,7 +97,7 @@ def describe_batch(model, batch, inference_args, model_id=None, max_side=None):
     outcomes = [None] * len(batch)
     groups = {}  # (h, w) -> [(position, image)]
     for i, data in enumerate(batch):
-        image, reason = decode(data, max_side)
+        image, reason = decode(data, max_side, max_pixels)
         if image is None:
             outcomes[i] = Described(None, reason)
         else:
@@ -113,6 +117,7 @@ class DescriptorModelHandler(TFModelHandlerTensor):
       model_uri: the SavedModel folder (local, gs://, ...), as written by `tfmet-export --kind
         descriptor` or `tfmet.beam.pipeline.export_descriptor_model`.
       max_side: cap on the long side of decoded images (the extraction's `max_side`).
+      max_pixels: images whose header declares more pixels are failed rows, never decoded.
       batch_size: most images per inference call (RunInference batches up to this many).
       intra_op_threads: TensorFlow intra-op threads per worker process; 0 keeps TF's default
         (all cores), which oversubscribes a machine that runs one worker per core.
@@ -120,11 +125,19 @@ class DescriptorModelHandler(TFModelHandlerTensor):
     """
 
     def __init__(
-        self, model_uri, max_side=None, batch_size=8, intra_op_threads=0, log_every_s=60.0
+        self,
+        model_uri,
+        max_side=None,
+        batch_size=8,
+        intra_op_threads=0,
+        log_every_s=60.0,
+        max_pixels=DEFAULT_MAX_PIXELS,
     ):
         super().__init__(
             model_uri,
-            inference_fn=functools.partial(describe_batch, max_side=max_side),
+            inference_fn=functools.partial(
+                describe_batch, max_side=max_side, max_pixels=max_pixels
+            ),
             min_batch_size=1,
             max_batch_size=int(batch_size),
         )

@@ -21,10 +21,10 @@ def join(base, *parts):
     return FileSystems.join(os.fspath(base), *parts)
 
 
-def read_bytes(path):
-    """The bytes of a file."""
+def read_bytes(path, limit=None):
+    """The bytes of a file; with `limit`, at most that many (the file's first bytes)."""
     with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as f:
-        return f.read()
+        return f.read() if limit is None else f.read(int(limit))
 
 
 def write_bytes(path, data):

@@ -31,6 +31,7 @@ from tfmet.beam import transforms
 from tfmet.beam.chunks import ChunkOutput
 from tfmet.beam.model_handler import METADATA_ASSET, DescriptorModelHandler
 from tfmet.beam.paths import is_remote, read_bytes, upload_tree
+from tfmet.data.limits import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS
 from tfmet.descriptors import extraction
 from tfmet.descriptors import store as store_lib
 
@@ -209,8 +210,9 @@ def is_failure(keyed_outcome):
     return keyed_outcome[1].descriptor is None
 
 
-def build_pipeline(pipeline, plan, model_handler, dead_letter_prefix):
-    """Adds the extraction of `plan.tasks` to `pipeline`.
+def build_pipeline(pipeline, plan, model_handler, dead_letter_prefix, max_bytes=DEFAULT_MAX_BYTES):
+    """Adds the extraction of `plan.tasks` to `pipeline`; image files of more than `max_bytes`
+    bytes are failed rows, never held whole.
 
     Returns:
       (written, dead_letters): PCollections of (split, chunk_id, images, failed) per chunk file
@@ -222,7 +224,7 @@ def build_pipeline(pipeline, plan, model_handler, dead_letter_prefix):
         | "ChunkRows" >> beam.ParDo(transforms.ExpandChunk(plan.output_dir, plan.image_root))
         | "SpreadRows" >> beam.Reshuffle()
     )
-    read = rows | "ReadImageBytes" >> beam.ParDo(transforms.ReadImageBytes()).with_outputs(
+    read = rows | "ReadImageBytes" >> beam.ParDo(transforms.ReadImageBytes(max_bytes)).with_outputs(
         transforms.UNREADABLE, main="images"
     )
     described = (
@@ -319,9 +321,20 @@ def pipeline_options(beam_args=()):
     return options
 
 
-def run_extraction(plan, model_uri, beam_args=(), batch_size=8, intra_op_threads=0, wait=True):
+def run_extraction(
+    plan,
+    model_uri,
+    beam_args=(),
+    batch_size=8,
+    intra_op_threads=0,
+    wait=True,
+    max_pixels=DEFAULT_MAX_PIXELS,
+    max_bytes=DEFAULT_MAX_BYTES,
+):
     """Runs the pipeline of `plan` with Beam options `beam_args` (e.g. ["--runner=DataflowRunner",
     "--project=...", ...]); `wait` blocks until it finishes (always true for DirectRunner).
+    Images over `max_bytes` bytes or declaring more than `max_pixels` pixels are failed rows
+    (`tfmet.data.limits`).
 
     Returns:
       a `BeamReport` (counts are zero when not waiting).
@@ -331,12 +344,13 @@ def run_extraction(plan, model_uri, beam_args=(), batch_size=8, intra_op_threads
         max_side=plan.spec.max_side,
         batch_size=batch_size,
         intra_op_threads=intra_op_threads,
+        max_pixels=max_pixels,
     )
     namespace = handler.get_metrics_namespace()
     prefix = dead_letter_prefix(plan.output_dir)
     started = time.perf_counter()
     pipeline = beam.Pipeline(options=pipeline_options(beam_args))
-    build_pipeline(pipeline, plan, handler, prefix)
+    build_pipeline(pipeline, plan, handler, prefix, max_bytes)
     result = pipeline.run()
     if not wait:
         return BeamReport(str(result.state), len(plan.tasks), 0, 0, 0.0, prefix)

@@ -22,6 +22,7 @@ from absl import logging as absl_logging
 from tfmet.beam.chunks import ChunkOutput
 from tfmet.beam.model_handler import Described
 from tfmet.beam.paths import is_remote, join, read_bytes
+from tfmet.data.limits import DEFAULT_MAX_BYTES
 
 NAMESPACE = "tfmet"
 UNREADABLE = "unreadable"
@@ -81,16 +82,29 @@ class ExpandChunk(beam.DoFn):
 class ReadImageBytes(beam.DoFn):
     """RowKey -> (RowKey, bytes); a file that cannot be read goes to the UNREADABLE output."""
 
-    def __init__(self):
+    def __init__(self, max_bytes=DEFAULT_MAX_BYTES):
+        self.max_bytes = None if max_bytes is None else int(max_bytes)
         self.unreadable = beam.metrics.Metrics.counter(NAMESPACE, "unreadable_files")
 
+    def _read(self, path):
+        from tfmet.data.images import ImageRefused, read_image_bytes
+
+        if not is_remote(path):
+            # Read as tfmet-extract reads it: a regular file of at most `max_bytes` (a FIFO would
+            # block the worker forever, a link to /dev/zero fill its memory).
+            return read_image_bytes(path, self.max_bytes)
+        # An object store has no FIFOs, but an object can be of any size: read one byte past the
+        # limit at most, so a huge object is refused without being held.
+        data = read_bytes(path, None if self.max_bytes is None else self.max_bytes + 1)
+        if self.max_bytes is not None and len(data) > self.max_bytes:
+            raise ImageRefused(f"file holds more than the limit of {self.max_bytes:,} bytes")
+        return data
+
     def process(self, key):
-        from tfmet.data.images import error_reason, read_image_bytes
+        from tfmet.data.images import error_reason
 
         try:
-            # A local file is read as tfmet-extract reads it: a regular file of at most 64 MiB
-            # (a FIFO would block the worker forever, a link to /dev/zero fill its memory).
-            data = read_bytes(key.file) if is_remote(key.file) else read_image_bytes(key.file)
+            data = self._read(key.file)
         # Any exception: besides OSErrors, remote file systems raise their own client errors
         # (e.g. google.api_core NotFound), and one bad file must not fail the pipeline.
         except Exception as e:

@@ -13,11 +13,18 @@ needs the database: the train descriptor store that tfmet-extract wrote (--descr
 its labels (--info_dir), the PCA-whitening (--pca, or fitted again on the train descriptors with
 --dim, as tfmet-knn-eval does; --raw for none) and the tuned k and tau (--k/--tau, or
 --results_json from tfmet-knn-eval).
+
+Every export's serving signature refuses, as invalid rows, images declaring more than
+--max_pixels pixels (checked in the header, before decoding) or holding more than --max_bytes
+bytes; both are recorded in the export's metadata.
 """
 
 from absl import flags
 
-from tfmet.cli import model_flags  # the descriptor model, as tfmet-extract
+from tfmet.cli import (
+    input_flags,  # --max_pixels, --max_bytes
+    model_flags,  # the descriptor model, as tfmet-extract
+)
 from tfmet.cli.common import UsageError, check_outputs, no_arguments, run_program
 
 FLAGS = flags.FLAGS
@@ -47,11 +54,18 @@ flags.DEFINE_integer("image_size", None, "Style input size (default: the run's).
 flags.DEFINE_bool("trust_model", False, "Allow loading hub modules (SavedModel programs).")
 
 
+def _limits():
+    """--max_pixels and --max_bytes: what the export's serving signature refuses to decode."""
+    return {name: FLAGS[name].value for name in input_flags.NAMES}
+
+
 def _export_descriptor():
     from tfmet.export import builders
 
     extractor, spec = model_flags.build_extractor(model_flags.values())
-    return builders.build_descriptor(extractor, spec, pca=None if FLAGS.raw else FLAGS.pca)
+    return builders.build_descriptor(
+        extractor, spec, pca=None if FLAGS.raw else FLAGS.pca, **_limits()
+    )
 
 
 def _export_recognizer():
@@ -85,6 +99,7 @@ def _export_recognizer():
         scann_config=builders.scann_config(FLAGS.results_json)
         if FLAGS.searcher == "scann"
         else None,
+        **_limits(),
     )
 
 
@@ -94,7 +109,11 @@ def _export_style():
     if not FLAGS.style_model:
         raise UsageError("the style export needs --style_model")
     return builders.build_style(
-        FLAGS.style_model, FLAGS.image_size, top_k=FLAGS.top_k, trust_model=FLAGS.trust_model
+        FLAGS.style_model,
+        FLAGS.image_size,
+        top_k=FLAGS.top_k,
+        trust_model=FLAGS.trust_model,
+        **_limits(),
     )
 
 
@@ -105,6 +124,7 @@ def main(argv):
     if FLAGS.kind == "style" and FLAGS["precision"].present:
         raise UsageError("--precision is for the descriptor and recognizer exports")
     model_flags.check_precision(model_flags.values())
+    input_flags.check(_limits())
     check_outputs(folders=("out",))
     import tfmet
     from tfmet.export import metadata_signature, save_module

@@ -91,7 +91,8 @@ POSITIVE = ("max_side", "batch_images", "chunk_size", "num_shards")
 
 def check_numbers(values):
     """Refuses values that make no sense before anything is written (a bad value recorded in
-    run.json would block the corrected command)."""
+    run.json would block the corrected command); tfmet-extract-beam shares them."""
+    input_flags.check(values)
     for name in POSITIVE:
         value = values.get(name)
         if value is not None and value < 1:
@@ -110,7 +111,6 @@ def extract(values):
     from tfmet.data import met
 
     require(values, "info_dir", "image_root", "output_dir")
-    input_flags.check(values)
     # Validate the ground truth before TensorFlow loads: bad input fails in a fraction of a second.
     met_splits = [met.load_split(values["info_dir"], s, values["mini"]) for s in values["splits"]]
     for split in met_splits:  # every path stays below the image root, links followed

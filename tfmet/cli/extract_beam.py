@@ -171,6 +171,8 @@ def extract(values, beam_args):
             batch_size=FLAGS.batch_size,
             intra_op_threads=FLAGS.tf_threads,
             wait=FLAGS.wait,
+            max_pixels=values["max_pixels"],
+            max_bytes=values["max_bytes"],
         )
         logging.info("failed images are listed in %s-*.jsonl", report.dead_letter_prefix)
         if not FLAGS.wait:

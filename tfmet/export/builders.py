@@ -94,8 +94,14 @@ def whitening(pca=None, train=None, dim=None, raw=False):
     return fitted.mean, fitted.projection
 
 
-def build_descriptor(extractor, spec, pca=None):
-    """The descriptor export of `extractor` (its `ExtractionSpec` `spec`), optionally whitened."""
+def _limits(module):
+    """The input limits a module's serving signature applies, for its metadata."""
+    return dict(max_pixels=module.max_pixels, max_bytes=module.max_bytes)
+
+
+def build_descriptor(extractor, spec, pca=None, **limits):
+    """The descriptor export of `extractor` (its `ExtractionSpec` `spec`), optionally whitened;
+    `limits`: `max_pixels`, `max_bytes` of `DescriptorModule` (its defaults if not given)."""
     from tfmet.export.descriptor import DescriptorModule
 
     mean, projection = whitening(pca=pca)
@@ -106,8 +112,11 @@ def build_descriptor(extractor, spec, pca=None):
         pca_mean=mean,
         pca_projection=projection,
         max_side=spec.max_side,
+        **limits,
     )
-    metadata = dict(spec.metadata(), dim=module.dim, pca_whitening=module.whitened)
+    metadata = dict(
+        spec.metadata(), dim=module.dim, pca_whitening=module.whitened, **_limits(module)
+    )
     return module, metadata
 
 
@@ -154,6 +163,7 @@ def build_recognizer(
     top_k=5,
     threshold=(0.0, "none", ""),
     scann_config=None,
+    **limits,
 ):
     """The one-piece recogniser: `extractor` + the train store of `descriptor_dir` as database.
 
@@ -171,6 +181,7 @@ def build_recognizer(
         `accepted` is `confidence >= value`.
       scann_config: with `searcher="scann"`, the configuration to build (a dict, see
         `scann_config`); None sizes one for the database.
+      limits: `max_pixels`, `max_bytes` of `DescriptorModule` (its defaults if not given).
     """
     from tfmet.export.recognizer import RecognizerModule
     from tfmet.retrieval import apply_pca_whitening
@@ -201,9 +212,11 @@ def build_recognizer(
         pca_mean=mean,
         pca_projection=projection,
         max_side=spec.max_side,
+        **limits,
     )
     metadata = dict(
         spec.metadata(),
+        **_limits(module),
         k=module.k,
         tau=module.tau,
         dim=module.dim,
@@ -219,8 +232,9 @@ def build_recognizer(
     return module, metadata
 
 
-def build_style(style_model, image_size=None, top_k=5, trust_model=False):
-    """The style classifier export of a `tfmet-train-style` run directory or `.keras` file."""
+def build_style(style_model, image_size=None, top_k=5, trust_model=False, **limits):
+    """The style classifier export of a `tfmet-train-style` run directory or `.keras` file;
+    `limits`: `max_pixels`, `max_bytes` of `StyleModule`."""
     from tfmet.export.style_classifier import StyleModule
     from tfmet.training.style import run as style_run
 
@@ -228,10 +242,11 @@ def build_style(style_model, image_size=None, top_k=5, trust_model=False):
     if image_size is None:
         run_dir = style_run.run_dir_of(style_model)
         image_size = style_run.read_run_config(run_dir)["model"]["image_size"]
-    module = StyleModule(classifier, image_size, top_k=top_k)
+    module = StyleModule(classifier, image_size, top_k=top_k, **limits)
     metadata = dict(
         backbone=classifier.backbone_name or classifier.backbone.name,
         image_size=module.image_size,
         class_names=module.class_names,
+        **_limits(module),
     )
     return module, metadata

@@ -7,15 +7,19 @@ import shutil
 import tensorflow as tf
 
 from tfmet.data.images import DEFAULT_MAX_PIXELS, cap_max_side, decode_image
+from tfmet.data.limits import DEFAULT_MAX_BYTES
 from tfmet.io.atomic import clean_stale_temporaries, replace_directory, staging_directory
 
 
-def decode_image_batch(image_bytes, max_side=None, max_pixels=DEFAULT_MAX_PIXELS):
+def decode_image_batch(
+    image_bytes, max_side=None, max_pixels=DEFAULT_MAX_PIXELS, max_bytes=DEFAULT_MAX_BYTES
+):
     """Decodes each encoded image of `image_bytes` [N]; undecodable ones are flagged, not raised.
 
     An image whose header declares more than `max_pixels` pixels is not decoded: it is flagged
     like an undecodable one (`tfmet.data.images.decode_image`), so a small file declaring a huge
-    canvas costs nothing.
+    canvas costs nothing; so is an image of more than `max_bytes` bytes (None: no limit), as
+    tfmet-extract refuses such a file.
 
     Only the decoding runs in a tf.data pipeline (whose `ignore_errors` is the graph-mode way to
     survive a bad element); keeping the model out of it avoids re-optimising the model's graph
@@ -28,6 +32,11 @@ def decode_image_batch(image_bytes, max_side=None, max_pixels=DEFAULT_MAX_PIXELS
     n = tf.shape(image_bytes)[0]
 
     def decode(index, data):
+        if max_bytes is not None:
+            within = tf.strings.length(data) <= int(max_bytes)
+            over = f"image of more than {int(max_bytes):,} bytes"
+            with tf.control_dependencies([tf.debugging.Assert(within, [over])]):
+                data = tf.identity(data)
         image = decode_image(data, max_pixels)
         return index, cap_max_side(image, max_side) if max_side else image
 
@@ -49,18 +58,24 @@ def decode_image_batch(image_bytes, max_side=None, max_pixels=DEFAULT_MAX_PIXELS
 
 
 def map_image_bytes(
-    image_bytes, fn, output_shape, dtype=tf.float32, max_side=None, max_pixels=DEFAULT_MAX_PIXELS
+    image_bytes,
+    fn,
+    output_shape,
+    dtype=tf.float32,
+    max_side=None,
+    max_pixels=DEFAULT_MAX_PIXELS,
+    max_bytes=DEFAULT_MAX_BYTES,
 ):
     """Applies `fn(image [1, H, W, 3] float 0-255) -> [*output_shape]` to each encoded image.
 
     Images of different sizes are handled one by one. An element whose bytes do not decode (empty,
-    truncated, not an image, or declaring more than `max_pixels` pixels) is skipped instead of
-    failing the batch.
+    truncated, not an image, declaring more than `max_pixels` pixels or holding more than
+    `max_bytes` bytes) is skipped instead of failing the batch.
 
     Returns:
       (outputs [N, *output_shape] with zeros for failed elements, valid [N] bool).
     """
-    pixels, shapes, valid = decode_image_batch(image_bytes, max_side, max_pixels)
+    pixels, shapes, valid = decode_image_batch(image_bytes, max_side, max_pixels, max_bytes)
     n = tf.shape(shapes)[0]
     zeros = tf.zeros(output_shape, dtype)
 

@@ -4,6 +4,7 @@ import numpy as np
 import tensorflow as tf
 
 from tfmet.data.images import DEFAULT_MAX_PIXELS
+from tfmet.data.limits import DEFAULT_MAX_BYTES
 from tfmet.descriptors.embedder import MET_SCALES, DescriptorExtractor
 from tfmet.export.common import map_image_bytes
 from tfmet.layers import l2_normalize
@@ -29,6 +30,8 @@ class DescriptorModule(tf.Module):
       max_side: optional cap on the long side of decoded images (no cap by default).
       max_pixels: images whose header declares more pixels are invalid rows, never decoded
         (default Pillow's 89,478,485; None: no limit).
+      max_bytes: images of more bytes are invalid rows (default 64 MiB, as tfmet-extract;
+        None: no limit).
     """
 
     def __init__(
@@ -41,12 +44,14 @@ class DescriptorModule(tf.Module):
         max_side=None,
         name=None,
         max_pixels=DEFAULT_MAX_PIXELS,
+        max_bytes=DEFAULT_MAX_BYTES,
     ):
         super().__init__(name=name)
         self.extractor = DescriptorExtractor(embedder, scales, resize_method)
         self.embedder = embedder
         self.max_side = max_side
         self.max_pixels = None if max_pixels is None else int(max_pixels)
+        self.max_bytes = None if max_bytes is None else int(max_bytes)
         if (pca_mean is None) != (pca_projection is None):
             raise ValueError("Give both `pca_mean` and `pca_projection`, or neither.")
         self.whitened = pca_projection is not None
@@ -85,6 +90,7 @@ class DescriptorModule(tf.Module):
             [self.dim],
             max_side=self.max_side,
             max_pixels=self.max_pixels,
+            max_bytes=self.max_bytes,
         )
 
     def _describe_bytes(self, image_bytes):

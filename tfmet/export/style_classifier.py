@@ -2,6 +2,7 @@
 
 import tensorflow as tf
 
+from tfmet.data.limits import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS
 from tfmet.data.style_datasets import resize_image
 from tfmet.export.common import map_image_bytes
 
@@ -19,10 +20,22 @@ class StyleModule(tf.Module):
       classifier: a `StyleClassifier`.
       image_size: the side S images are resized to (as in training).
       top_k: labels returned per attribute (at most the number of classes).
+      max_pixels, max_bytes: images declaring more pixels (before decoding) or of more bytes
+        are invalid rows (None: no limit); see `tfmet.data.limits`.
     """
 
-    def __init__(self, classifier, image_size, top_k=5, name=None):
+    def __init__(
+        self,
+        classifier,
+        image_size,
+        top_k=5,
+        name=None,
+        max_pixels=DEFAULT_MAX_PIXELS,
+        max_bytes=DEFAULT_MAX_BYTES,
+    ):
         super().__init__(name=name)
+        self.max_pixels = None if max_pixels is None else int(max_pixels)
+        self.max_bytes = None if max_bytes is None else int(max_bytes)
         self.classifier = classifier
         if not classifier.built:
             classifier.build((None, int(image_size), int(image_size), 3))
@@ -53,7 +66,13 @@ class StyleModule(tf.Module):
             logits = self._logits(resized)
             return tf.concat([tf.nn.softmax(logits[a])[0] for a in self.attributes], axis=0)
 
-        stacked, valid = map_image_bytes(image_bytes, probabilities, [sum(widths)])
+        stacked, valid = map_image_bytes(
+            image_bytes,
+            probabilities,
+            [sum(widths)],
+            max_pixels=self.max_pixels,
+            max_bytes=self.max_bytes,
+        )
         outputs = {"valid": valid}
         for attribute, probs in zip(
             self.attributes, tf.split(stacked, widths, axis=1), strict=True
