@@ -160,7 +160,7 @@ def test_reduced_precision_agrees_with_float32_on_real_photos(precision, photos_
 RESNET50_MIN_COSINE = 0.997
 
 
-@pytest.mark.slow  # ~30 s on an idle 2-core machine (ResNet-50 built, folded, traced twice)
+@pytest.mark.slow  # ResNet-50 built, folded, traced twice: 94 s on the 2 busy cores
 def test_bfloat16_resnet50_agrees_with_float32_on_real_photos():
     photos = _photos(divisor=4)
     keras.utils.set_random_seed(0)
