@@ -106,19 +106,6 @@ def write_images(directory, count, seed):
     return paths
 
 
-def calibrate_batchnorm(model, images):
-    """Sets every BN's moving statistics to the batch statistics of `images` (one pass)."""
-    import keras
-
-    layers = [layer for layer in model.layers if isinstance(layer, keras.layers.BatchNormalization)]
-    saved = [layer.momentum for layer in layers]
-    for layer in layers:
-        layer.momentum = 0.0
-    model(images, training=True)
-    for layer, momentum in zip(layers, saved, strict=True):
-        layer.momentum = momentum
-
-
 def torch_trunk_like(keras_model, name):
     """The torchvision-layout trunk of `name` holding `keras_model`'s weights."""
     import keras
@@ -169,6 +156,7 @@ def bench_backbone(name, paths, decoded, workdir):
     import keras
     import torch
 
+    from tests.kit.models import calibrate_batchnorm
     from tfmet import backbones
     from tfmet.backbones.precision import set_precision
     from tfmet.descriptors import MET_SCALES, DescriptorExtractor, Embedder, extraction

@@ -19,7 +19,8 @@ def test_bfloat16_descriptor_export_matches_the_extractor_and_records_precision(
     assert metadata["precision"] == "bfloat16"
     path = save_module(module, tmp_path / "export", module.signatures(), metadata)
     with open(os.path.join(path, "assets", "tfmet_metadata.json")) as f:
-        assert json.load(f)["precision"] == "bfloat16"
+        recorded = json.load(f)
+    assert recorded["precision"] == "bfloat16" and recorded["precision_version"] == 2
     images = rng.uniform(0, 255, size=(1, 40, 52, 3)).astype(np.float32)
     loaded = tf.saved_model.load(path).signatures["images"]
     served = loaded(images=tf.constant(images))["descriptor"].numpy()

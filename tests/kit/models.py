@@ -23,3 +23,18 @@ def relu_backbone(channels=3):
     """The feature map is the ReLU of the input itself: values in tests can be worked by hand."""
     x = keras.Input((None, None, channels))
     return keras.Model(x, keras.layers.ReLU()(x), name="relu_backbone")
+
+
+def calibrate_batchnorm(model, images):
+    """Sets every BatchNorm's moving statistics to the batch statistics of `images` (one pass).
+
+    A randomly initialised trunk then has activations of realistic scale (BN normalises them, as
+    in a trained one), which is what reduced-precision rounding errors grow through.
+    """
+    layers = [layer for layer in model.layers if isinstance(layer, keras.layers.BatchNormalization)]
+    saved = [layer.momentum for layer in layers]
+    for layer in layers:
+        layer.momentum = 0.0
+    model(images, training=True)
+    for layer, momentum in zip(layers, saved, strict=True):
+        layer.momentum = momentum

@@ -9,10 +9,24 @@ can hold models of several precisions. What must stay exact -- GeM, L2 normalisa
 PCA-whitening, the classification heads, the kNN rule and the losses -- is built with an explicit
 dtype="float32" by its owner (e.g. `tfmet.descriptors.Embedder`), which casts the backbone's
 reduced-precision features up to float32 on entry.
+
+One exception to "the backbone computes in bfloat16": in a torchvision-layout bottleneck trunk
+(ResNet-50/101, ResNeXt) the stem and the first residual block stay float32 (`float32_layers`;
+8.5% of ResNet-50's FLOPs). Measured on ResNet-50 (docs/extraction.md, "Reduced precision"), the
+rounding in the first layers -- of the normalised pixels, of the stem's weights and outputs -- is
+what the rest of the network amplifies most; a stage further down contributes 5-300x less.
+BasicBlock trunks (ResNet-18/34) and float16 (11 mantissa bits) meet the 0.999 cosine target
+without the exception and are left as they were.
 """
 
 PRECISIONS = ("float32", "bfloat16", "float16")
 DTYPE_POLICIES = {"float32": "float32", "bfloat16": "mixed_bfloat16", "float16": "mixed_float16"}
+# What a precision computes, where it changed after descriptors of it were stored: bfloat16 2
+# keeps the stem and first block of a bottleneck ResNet in float32 (`float32_layers`); bfloat16 1
+# (stores without the field) ran every backbone layer in bfloat16. Stores record it
+# (`tfmet.descriptors.extraction.ExtractionSpec`) so that the two are never mixed -- for every
+# backbone, also those whose bfloat16 did not change (a store does not say which layers ran how).
+PRECISION_VERSIONS = {"bfloat16": 2}
 
 
 def check_precision(precision):
@@ -29,12 +43,38 @@ def dtype_policy(precision):
     return DTYPE_POLICIES[check_precision(precision)]
 
 
+def precision_version(precision):
+    """The version of what `precision` computes (`PRECISION_VERSIONS`; 1 where it never changed)."""
+    return PRECISION_VERSIONS.get(check_precision(precision), 1)
+
+
+def float32_layers(model, precision):
+    """The layers of `model` that stay float32 under `precision`.
+
+    For bfloat16 on a torchvision-layout bottleneck trunk (ResNet-50/101, ResNeXt;
+    `tfmet.backbones.torchvision_resnet` naming: "conv1", ..., "maxpool", "layer1.0.conv3"): the
+    stem and the first residual block, whose output the next block reads rounded to bfloat16.
+    Nothing otherwise: BasicBlock trunks (ResNet-18/34) meet the cosine target in bfloat16
+    throughout, other families were not measured, float16 and float32 need no exception.
+    """
+    if precision != "bfloat16" or not hasattr(model, "layers"):
+        return []
+    if "layer1.0.conv3" not in {layer.name for layer in model.layers}:
+        return []
+    return [
+        layer
+        for layer in model.layers
+        if layer.name.startswith("layer1.0.") or not layer.name.startswith("layer")
+    ]
+
+
 def set_precision(model, precision):
     """Sets the dtype policy of `precision` on `model` and every layer inside it; returns `model`.
 
     Variables keep their float32 storage (mixed policies store in float32), so weights load and
-    save as before; only the computation dtype changes. Works on built models (the policy is read
-    at call time). float32 on a float32 model changes nothing.
+    save as before; only the computation dtype changes. The `float32_layers` of `model` get the
+    float32 policy. Works on built models (the policy is read at call time). float32 on a
+    float32 model changes nothing.
 
     Raises:
       ValueError: an unknown precision, or a reduced one on a TF-Hub module (a SavedModel runs
@@ -51,8 +91,10 @@ def set_precision(model, precision):
             f"{model.name}: a TF-Hub module runs in the dtype it was saved with. "
             f"Received: precision={precision!r} (use float32)"
         )
+    exact = {id(layer) for layer in float32_layers(model, precision)}
+    float32 = keras.dtype_policies.get("float32")
     for layer in layers:
-        layer.dtype_policy = policy
+        layer.dtype_policy = float32 if id(layer) in exact else policy
     return model
 
 

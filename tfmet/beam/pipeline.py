@@ -27,6 +27,7 @@ from apache_beam.metrics.metric import MetricsFilter
 from apache_beam.ml.inference.base import KeyedModelHandler, RunInference
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 
+from tfmet.backbones.precision import precision_version
 from tfmet.beam import transforms
 from tfmet.beam.chunks import ChunkOutput
 from tfmet.beam.model_handler import METADATA_ASSET, DescriptorModelHandler
@@ -83,6 +84,13 @@ def saved_model_spec(model_uri, chunk_size=extraction.DEFAULT_CHUNK_SIZE):
             f"{model_uri}: the model applies PCA-whitening; descriptor stores hold raw "
             "descriptors (export it without PCA)"
         )
+    precision = extraction.recorded_precision(metadata)
+    version = extraction.recorded_precision_version(metadata)
+    if version != precision_version(precision):  # its stores would claim the current version
+        raise ValueError(
+            f"{model_uri}: exported by an older tfmet whose {precision} computed differently "
+            f"(precision_version {version}); export it again"
+        )
     max_side = metadata["max_side"]
     return extraction.ExtractionSpec(
         backbone=metadata["backbone"],
@@ -92,7 +100,7 @@ def saved_model_spec(model_uri, chunk_size=extraction.DEFAULT_CHUNK_SIZE):
         max_side=None if max_side is None else int(max_side),
         dim=int(metadata["dim"]),
         chunk_size=int(chunk_size),
-        precision=extraction.recorded_precision(metadata),
+        precision=precision,
     )
 
 

@@ -34,7 +34,7 @@ from absl import logging as absl_logging
 
 from tfmet import backbones
 from tfmet.backbones.batchnorm import FoldedBatchNorm, fold_batchnorm  # noqa: F401 (public here too)
-from tfmet.backbones.precision import check_precision, set_precision
+from tfmet.backbones.precision import check_precision, precision_version, set_precision
 from tfmet.data import images as image_io
 from tfmet.data.limits import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS
 from tfmet.descriptors import store as store_lib
@@ -74,6 +74,8 @@ class ExtractionSpec:
       chunk_size: rows per chunk file.
       precision: what the backbone computed in ("float32", "bfloat16", "float16";
         `tfmet.backbones.precision`). Stores written before this field read as "float32".
+        Where what a precision computes changed (`precision_version` > 1: bfloat16), the
+        manifest also records "precision_version"; stores without it read as version 1.
     """
 
     backbone: str
@@ -97,7 +99,7 @@ class ExtractionSpec:
 
     def metadata(self):
         """The manifest fields of this spec."""
-        return {
+        metadata = {
             "backbone": self.backbone,
             "weights_sha256": self.weights,
             "scales": list(self.scales),
@@ -106,6 +108,10 @@ class ExtractionSpec:
             "chunk_size": self.chunk_size,
             "precision": self.precision,
         }
+        version = precision_version(self.precision)
+        if version != 1:  # float32 and float16 manifests stay as they were
+            metadata["precision_version"] = version
+        return metadata
 
 
 def recorded_precision(metadata):
@@ -114,12 +120,26 @@ def recorded_precision(metadata):
     return metadata.get("precision", "float32")
 
 
-def check_same_precision(where, recorded, precision):
-    """Raises ValueError (one line naming `where` and both precisions) unless they are equal."""
+def recorded_precision_version(metadata):
+    """The `precision_version` a manifest or run record gives (stores without it: 1)."""
+    return int(metadata.get("precision_version", 1))
+
+
+def check_same_precision(where, metadata, precision):
+    """Raises ValueError (one line naming `where` and both precisions) unless `metadata` (a
+    manifest or a run record's spec) records `precision`, in the version this tfmet computes."""
+    recorded = recorded_precision(metadata)
     if recorded != precision:
         raise ValueError(
             f"{where} holds descriptors computed in {recorded}; refusing to add {precision} ones "
             f"(use --precision={recorded} or another --output_dir)"
+        )
+    version, current = recorded_precision_version(metadata), precision_version(precision)
+    if version != current:
+        raise ValueError(
+            f"{where} holds {recorded} descriptors of precision_version {version} (an older "
+            f"tfmet's {recorded}, computed differently); refusing to add version {current} ones "
+            "(use another --output_dir)"
         )
 
 
@@ -190,9 +210,7 @@ class ChunkDirectory:
             return
         recorded = self.read_run()
         recorded["spec"] = {"precision": "float32"} | recorded.get("spec", {})
-        check_same_precision(
-            self.directory, recorded_precision(recorded["spec"]), run["spec"]["precision"]
-        )
+        check_same_precision(self.directory, recorded["spec"], run["spec"]["precision"])
         differences = [
             f"{key}: {recorded.get(key)!r} on disk, {run[key]!r} now"
             for key in ("spec", "count", "paths_sha256")
@@ -527,20 +545,17 @@ def check_output_precision(output_dir, split, precision):
     if store_lib.has_store(output_dir, split):
         manifest = store_lib.read_manifest(output_dir, split)
         where = store_lib.manifest_path(output_dir, split)
-        check_same_precision(where, recorded_precision(manifest), precision)
+        check_same_precision(where, manifest, precision)
     chunks = ChunkDirectory(output_dir, split)
     if chunks.exists():
-        recorded = recorded_precision(chunks.read_run().get("spec", {}))
-        check_same_precision(chunks.directory, recorded, precision)
+        check_same_precision(chunks.directory, chunks.read_run().get("spec", {}), precision)
 
 
 def check_existing_store(output_dir, split, spec, count, paths):
     """Raises ValueError unless the store of `split` was extracted with `spec` from `paths`."""
     manifest = store_lib.read_manifest(output_dir, split)
     manifest["precision"] = recorded_precision(manifest)
-    check_same_precision(
-        store_lib.manifest_path(output_dir, split), manifest["precision"], spec.precision
-    )
+    check_same_precision(store_lib.manifest_path(output_dir, split), manifest, spec.precision)
     expected = spec.metadata() | {"dim": spec.dim, "count": count}
     differences = [
         f"{key}: {manifest.get(key)!r} in the store, {value!r} now"

@@ -198,10 +198,21 @@ def check_manifest(path, manifest):
     for key in ("backbone", "weights_sha256", "resize_method", "source", "precision"):
         if manifest.get(key) is not None and not isinstance(manifest[key], str):
             raise ValueError(f"{path}: '{key}' must be a string")
+    version = manifest.get("precision_version")
+    if version is not None and (isinstance(version, bool) or not isinstance(version, int)):
+        raise ValueError(f"{path}: 'precision_version' must be an integer")
 
 
 # What makes descriptors of different splits comparable: one model, one way of extracting.
-EXTRACTION_KEYS = ("backbone", "weights_sha256", "scales", "resize_method", "max_side", "precision")
+EXTRACTION_KEYS = (
+    "backbone",
+    "weights_sha256",
+    "scales",
+    "resize_method",
+    "max_side",
+    "precision",
+    "precision_version",
+)
 
 
 def check_same_extraction(manifests):
@@ -210,9 +221,11 @@ def check_same_extraction(manifests):
     Args:
       manifests: {manifest path: manifest}. A key that a manifest lacks (e.g. an imported
         pickle's) is not compared, except `precision`: stores without it (written before it was
-        recorded, or imported) hold float32 descriptors.
+        recorded, or imported) hold float32 descriptors; and `precision_version`: stores
+        without it hold version 1 (`tfmet.backbones.precision.PRECISION_VERSIONS`).
     """
-    items = [(path, {"precision": "float32"} | m) for path, m in manifests.items()]
+    defaults = {"precision": "float32", "precision_version": 1}
+    items = [(path, defaults | m) for path, m in manifests.items()]
     for key in EXTRACTION_KEYS:
         seen = [(path, m[key]) for path, m in items if m.get(key) is not None]
         for path, value in seen[1:]:
