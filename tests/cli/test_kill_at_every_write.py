@@ -2,9 +2,10 @@
 
 strace's fault injection delivers SIGKILL at the Nth `rename` system call of the program: every
 commit step of every output is a kill point (tfmet's own renames; of TensorFlow's renames inside
-a staging folder, all equivalent, the first and the last). After each kill, the next start's recovery runs
-(`recover_directory`, `recover_commits`, `clean_stale_temporaries`: what the program does first)
-and the outputs must be exactly the old set or exactly the new one, with no temporaries left.
+a staging folder, all equivalent, the first and the last). After each kill, the next start's
+recovery runs (`recover_directory`, `recover_commits`, `clean_stale_temporaries`: what the
+program does first) and the outputs must be exactly the old set or exactly the new one, with no
+temporaries left.
 """
 
 import json
