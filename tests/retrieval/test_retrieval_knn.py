@@ -1,5 +1,6 @@
 """The kNN confidence rule, exact search vs numpy brute force, ScaNN recall, index save/load."""
 
+import dataclasses
 import math
 
 import numpy as np
@@ -10,6 +11,8 @@ from tests.kit.references import clustered as _clustered
 from tests.kit.references import rule_by_loop as _rule_by_loop
 from tests.kit.references import unit as _unit
 from tfmet.retrieval import KnnClassifier, NeighborIndex, ScannConfig, knn_confidence
+from tfmet.retrieval.index import build_tree_by_chunks, evenly_spaced_rows
+from tfmet.retrieval.recall import recall_at_k
 
 
 def test_hand_made_rule():
@@ -128,6 +131,63 @@ def test_tree_search_recall_and_padding():
     sims, idx = narrow.search(queries, 500)
     assert np.any(idx == -1) and np.all(np.isneginf(sims[idx == -1]))
     assert np.all(idx[idx >= 0] < 3000)
+
+
+def _memmap(tmp_path, x):
+    np.save(tmp_path / "database.npy", x)
+    return np.load(tmp_path / "database.npy", mmap_mode="r")
+
+
+def test_exact_search_of_a_memmap_equals_in_memory_search_bit_for_bit(tmp_path):
+    database, _, centres = _clustered(7, 1000, 16, 20, 0.5)
+    queries = _unit(
+        centres[np.arange(30) % 20] + 0.5 * np.random.default_rng(8).normal(size=(30, 16))
+    )
+    mapped = NeighborIndex("exact", shard_rows=300).build(_memmap(tmp_path, database))
+    # Kept as the memmap (read shard by shard with file reads), not materialised.
+    assert isinstance(mapped._database, np.memmap)
+    in_memory = NeighborIndex("exact", shard_rows=300).build(database)
+    pairs = zip(mapped.search(queries, 10), in_memory.search(queries, 10), strict=True)
+    for got, expected in pairs:
+        np.testing.assert_array_equal(got, expected)
+
+
+def test_evenly_spaced_rows_of_a_memmap(tmp_path):
+    database, _, _ = _clustered(9, 1000, 8, 5, 0.5)
+    picks = np.unique(np.linspace(0, 999, 70).round().astype(np.int64))
+    got = evenly_spaced_rows(_memmap(tmp_path, database), 70, chunk_rows=128)
+    np.testing.assert_array_equal(got, database[picks])
+    np.testing.assert_array_equal(evenly_spaced_rows(database, 5000), database)
+
+
+@pytest.mark.parametrize("use_ah", [False, True])
+def test_tree_built_by_chunks_finds_numpy_brute_force_neighbours(tmp_path, use_ah):
+    # The tree is trained on 500 of 3000 rows; the rows go in 7 chunks of 450. Ids must be the
+    # row numbers, and searching every leaf must find numpy's exact neighbours.
+    database, _, centres = _clustered(10, 3000, 16, 30, 0.4)
+    rng = np.random.default_rng(11)
+    queries = _unit(centres[rng.integers(0, 30, 60)] + 0.4 * rng.normal(size=(60, 16)))
+    k = 10
+    expected_sims, expected_idx, scores = _brute_force(database, queries, k)
+    ranked = -np.sort(-scores, axis=1)
+    assert np.min(ranked[:, k - 1] - ranked[:, k]) > 1e-6
+    config = ScannConfig(
+        30, 30, spherical=True, use_ah=use_ah, reorder=3000, training_sample_size=500
+    )
+    searcher = build_tree_by_chunks(_memmap(tmp_path, database), config, chunk_rows=450)
+    assert searcher.size() == 3000
+    idx, sims = searcher.search_batched(queries, k, 3000 if use_ah else None, 30)
+    assert recall_at_k(idx, expected_idx, k) == 1.0
+    np.testing.assert_array_equal(np.sort(idx, axis=1), np.sort(expected_idx, axis=1))
+    np.testing.assert_allclose(sims, expected_sims, rtol=1e-5, atol=1e-5)
+    # Through NeighborIndex (one chunk), fewer leaves: recall measured as numpy measures it.
+    narrow = dataclasses.replace(config, num_leaves_to_search=3, reorder=100)
+    _, found = NeighborIndex("scann", narrow).build(database).search(queries, k)
+    numpy_recall = np.mean(
+        [len(set(a) & set(b)) / k for a, b in zip(found, expected_idx, strict=True)]
+    )
+    assert recall_at_k(found, expected_idx, k) == pytest.approx(numpy_recall)
+    assert 0.5 < numpy_recall
 
 
 @pytest.mark.parametrize("backend", ["exact", "scann"])

@@ -87,3 +87,14 @@ def test_bad_input(tmp_path):
         PCAWhitening.load(tmp_path / "bad.npz")
     with pytest.raises(FileNotFoundError, match="missing.npz"):
         PCAWhitening.load(tmp_path / "missing.npz")
+
+
+def test_whitening_to_a_file_equals_whitening_in_memory(tmp_path):
+    x = _data(4, n=300)
+    whitening = PCAWhitening(5, chunk_rows=64).fit(x)
+    mapped = whitening.transform_to_file(x, tmp_path / "whitened.npy")  # 5 chunks written
+    assert isinstance(mapped, np.memmap) and mapped.dtype == np.float32
+    # Bit for bit what transform returns, and (independently) L2((x - mean) P) rounded to float32.
+    np.testing.assert_array_equal(mapped, whitening.transform(x))
+    expected = (x.astype(np.float64) - whitening.mean) @ whitening.projection
+    np.testing.assert_allclose(mapped, _unit_rows(expected), atol=2e-6)

@@ -7,8 +7,10 @@ Labels come from the Met ground truth (`tfmet.data.met.load_split`). Rows a stor
 prediction -1 and confidence 0 (ranked last).
 """
 
+import contextlib
 import dataclasses
 import os
+import tempfile
 import time
 
 import numpy as np
@@ -229,60 +231,66 @@ def knn_eval(
     database_labels = train.labels[train.valid]
     counts = _counts(data, database, database_labels, log)
     splits = {"val": val} if val_eval or "test" not in data else {"val": val, "test": data["test"]}
-    if not raw:
-        database, splits = _whiten(database, splits, dim, timer, log)
-    classifier = KnnClassifier(
-        1 if k is None else k,
-        1.0 if tau is None else tau,
-        backend=backend,
-        scann_config=scann_config,
-        min_recall=min_recall,
-    )
-    if autotune:
-        ks = _grid_ks((k,) if k is not None else ks, counts, log)
-        taus = (tau,) if tau is not None else taus
-    with timer("index_build"):
-        classifier.fit(
-            database,
-            database_labels,
-            recall_queries=splits["val"].valid_descriptors() if backend == "scann" else None,
-            recall_k=max(ks) if autotune else k,
-            log=log,
+    with contextlib.ExitStack() as stack:
+        spill_dir = None
+        if backend == "scann" and not raw:
+            # The whitened database goes to a temporary file that ScaNN's build and the exact
+            # searches read chunk by chunk: scann mode never holds it beside ScaNN's own copy.
+            spill_dir = stack.enter_context(tempfile.TemporaryDirectory(prefix="tfmet_knn_"))
+        if not raw:
+            database, splits = _whiten(database, splits, dim, timer, log, spill_dir)
+        classifier = KnnClassifier(
+            1 if k is None else k,
+            1.0 if tau is None else tau,
+            backend=backend,
+            scann_config=scann_config,
+            min_recall=min_recall,
         )
-    del database
-    search = _search_choice(classifier, log)
-    result_tuning = None
-    if autotune:
-        result_tuning, val_pred = _autotune(classifier, splits["val"], ks, taus, timer, log)
-    else:
-        with timer("val_search"):
-            val_pred = _predict_split(classifier, splits["val"])
-    predictions = {"val": (*val_pred, splits["val"].labels)}
-    if "test" in splits:
-        with timer("test_search"):
-            test_pred = _predict_split(classifier, splits["test"])
-        predictions["test"] = (*test_pred, splits["test"].labels)
-    metrics = {name: recognition.evaluate(*p) for name, p in predictions.items()}
-    for name, values in metrics.items():
-        log(
-            f"{name}: GAP {values['gap']:.6f}, GAP-nodis {values['gap_minus']:.6f}, "
-            f"ACC {values['acc']:.6f}"
+        if autotune:
+            ks = _grid_ks((k,) if k is not None else ks, counts, log)
+            taus = (tau,) if tau is not None else taus
+        with timer("index_build"):
+            classifier.fit(
+                database,
+                database_labels,
+                recall_queries=splits["val"].valid_descriptors() if backend == "scann" else None,
+                recall_k=max(ks) if autotune else k,
+                log=log,
+            )
+        del database
+        search = _search_choice(classifier, log)
+        result_tuning = None
+        if autotune:
+            result_tuning, val_pred = _autotune(classifier, splits["val"], ks, taus, timer, log)
+        else:
+            with timer("val_search"):
+                val_pred = _predict_split(classifier, splits["val"])
+        predictions = {"val": (*val_pred, splits["val"].labels)}
+        if "test" in splits:
+            with timer("test_search"):
+                test_pred = _predict_split(classifier, splits["test"])
+            predictions["test"] = (*test_pred, splits["test"].labels)
+        metrics = {name: recognition.evaluate(*p) for name, p in predictions.items()}
+        for name, values in metrics.items():
+            log(
+                f"{name}: GAP {values['gap']:.6f}, GAP-nodis {values['gap_minus']:.6f}, "
+                f"ACC {values['acc']:.6f}"
+            )
+        threshold = _operating_threshold(predictions, target_precision, log)
+        return KnnEvalResult(
+            k=classifier.k,
+            tau=classifier.tau,
+            dim=None if raw else int(dim),
+            backend=backend,
+            val=metrics["val"],
+            test=metrics.get("test"),
+            timings_s=timer.timings,
+            tuning=result_tuning,
+            predictions=predictions,
+            counts=counts,
+            threshold=threshold,
+            search=search,
         )
-    threshold = _operating_threshold(predictions, target_precision, log)
-    return KnnEvalResult(
-        k=classifier.k,
-        tau=classifier.tau,
-        dim=None if raw else int(dim),
-        backend=backend,
-        val=metrics["val"],
-        test=metrics.get("test"),
-        timings_s=timer.timings,
-        tuning=result_tuning,
-        predictions=predictions,
-        counts=counts,
-        threshold=threshold,
-        search=search,
-    )
 
 
 def _operating_threshold(predictions, target_precision, log):
@@ -334,12 +342,17 @@ def _counts(data, database, database_labels, log):
     return counts
 
 
-def _whiten(database, splits, dim, timer, log):
-    """PCA-whitening learned on the database, applied to it and to the query splits."""
+def _whiten(database, splits, dim, timer, log, spill_dir=None):
+    """PCA-whitening learned on the database, applied to it and to the query splits; with
+    `spill_dir` the whitened database is written there and returned memory-mapped."""
     with timer("pcaw_fit"):
         whitening = PCAWhitening(dim).fit(database)
     with timer("pcaw_apply"):
-        database = whitening.transform(database)
+        if spill_dir is None:
+            database = whitening.transform(database)
+        else:
+            path = os.path.join(spill_dir, "whitened_database.npy")
+            database = whitening.transform_to_file(database, path)
         splits = {
             name: dataclasses.replace(s, descriptors=whitening.transform(s.descriptors))
             for name, s in splits.items()

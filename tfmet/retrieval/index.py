@@ -8,6 +8,10 @@ Backends:
   follows ScaNN's rules of thumb (docs/algorithms.md): brute force below 20k points, asymmetric
   hashing (2 dimensions per block) + exact reordering below 100k, and above that a spherical
   k-means tree of ~sqrt(n) leaves in front of it, a quarter of them searched per query.
+  An index with a tree is built from chunks (`build_tree_by_chunks`): the tree and the AH
+  codebooks are trained on an evenly spaced sample, then the rows are upserted chunk by chunk
+  in order, so ScaNN never holds a second copy of the database beside its own and the database
+  may be a memory-mapped file read chunk by chunk.
 
 `search(queries, k)` returns (similarities float32 [q, k], indices int64 [q, k]), best first,
 ties broken by the smaller database index. An approximate search that finds fewer than k
@@ -17,6 +21,7 @@ candidates pads with index -1 and similarity -inf.
 import ctypes
 import ctypes.util
 import dataclasses
+import functools
 import math
 import os
 import shutil
@@ -31,6 +36,7 @@ from tfmet.io.atomic import (
     staging_directory,
 )
 from tfmet.io.json_files import read_manifest
+from tfmet.retrieval.pca import row_chunks
 
 BACKENDS = ("exact", "scann")
 FORMAT = "tfmet-knn-index"
@@ -40,6 +46,7 @@ DEFAULT_SHARD_ROWS = 32768
 # ScaNN's rules of thumb (docs/algorithms.md).
 BRUTE_FORCE_BELOW = 20_000
 TREE_FROM = 100_000
+UPSERT_ROWS = 8192  # rows read and handed to ScaNN at a time by a chunked build
 
 
 def _scann():
@@ -98,14 +105,21 @@ def return_freed_memory():
     in the process's heap, and the next index is built on top of it: in a Met-size calibration
     that raised the peak RSS by about one database. A no-op where there is no glibc.
     """
-    name = ctypes.util.find_library("c")
-    trim = getattr(ctypes.CDLL(name), "malloc_trim", None) if name else None
+    trim = _malloc_trim()
     if trim is not None:
         trim(0)
 
 
+@functools.cache
+def _malloc_trim():
+    # find_library runs ldconfig in a subprocess: once per process, not once per call.
+    name = ctypes.util.find_library("c")
+    return getattr(ctypes.CDLL(name), "malloc_trim", None) if name else None
+
+
 def _as_matrix(name, x, dim=None):
-    x = np.asarray(x)
+    if not isinstance(x, np.ndarray):  # np.asarray would turn a np.memmap into a plain view
+        x = np.asarray(x)
     if x.ndim != 2:
         raise ValueError(f"`{name}` must be a 2-D array [n, d]. Received: shape={x.shape}")
     if dim is not None and x.shape[1] != dim:
@@ -154,6 +168,56 @@ def configure_builder(builder, config, n):
     return builder.reorder(max(config.reorder, 1))
 
 
+def evenly_spaced_rows(database, count, chunk_rows=UPSERT_ROWS):
+    """`count` rows of `database` at evenly spaced positions (all rows if count >= n), float32,
+    read chunk by chunk (a memory-mapped store is read with file reads, see `row_chunks`)."""
+    n = database.shape[0]
+    picks = np.unique(np.linspace(0, n - 1, min(int(count), n)).round().astype(np.int64))
+    parts = []
+    for rows, chunk in row_chunks(database, chunk_rows):
+        inside = picks[(picks >= rows.start) & (picks < rows.stop)]
+        parts.append(_contiguous32(chunk[inside - rows.start]))
+    return np.concatenate(parts)
+
+
+def build_tree_by_chunks(database, config, chunk_rows=UPSERT_ROWS):
+    """A ScaNN searcher over the rows of `database` whose ids are the row numbers, built without
+    a second full copy of the database (tree configurations only).
+
+    ScaNN's own build copies the whole database into ScaNN and, with brute-force scoring, once
+    more into the tree's leaves before dropping the first copy (at Met size 3x the database
+    bytes at the peak). Here the tree (and the AH codebooks) are trained on an evenly spaced
+    sample of `config.training_sample_size` rows, the sample's rows are deleted again (the
+    trained partitioner and quantizer stay), room for n rows is reserved, and the rows are
+    upserted in order, `chunk_rows` at a time, so that row i gets id i; the heap memory the
+    growing leaves free is given back to the OS after each chunk (`return_freed_memory`).
+    Upserted rows are assigned to their nearest leaf and (with AH) encoded like those of a full
+    build; ScaNN's training is not bit-reproducible either way, which is why
+    `tfmet.retrieval.recall` measures the recall of the index it returns.
+    """
+    if not config.num_leaves:
+        raise ValueError(f"a chunked build needs a tree (num_leaves > 0). Received: {config}")
+    n = database.shape[0]
+    sample = evenly_spaced_rows(database, min(config.training_sample_size, n), chunk_rows)
+    builder = configure_builder(_scann().builder(sample, 10, "dot_product"), config, len(sample))
+    searcher = builder.build()
+    # The pybind object itself: the Python wrapper's upsert/delete insist on string docids,
+    # and searches would then return docids instead of row numbers.
+    mutable = searcher.searcher
+    mutable.delete(list(range(len(sample) - 1, -1, -1)))  # from the end: no id is moved
+    del sample
+    return_freed_memory()
+    mutable.reserve(n)
+    for _, chunk in row_chunks(database, chunk_rows):
+        mutable.upsert([None] * chunk.shape[0], _contiguous32(chunk), 256)
+        # The leaves grow by reallocation; the freed buffers would otherwise stay in the heap
+        # (at Met size, 32k-row chunks without this peaked 0.27 GB higher; 8k rows with it).
+        return_freed_memory()
+    if searcher.size() != n:
+        raise RuntimeError(f"ScaNN holds {searcher.size()} rows after upserting {n}")
+    return searcher
+
+
 class NeighborIndex:
     """Maximum-inner-product index over the rows of a database.
 
@@ -192,7 +256,8 @@ class NeighborIndex:
         return self._database is not None or self._searcher is not None
 
     def build(self, database):
-        """Indexes the rows of `database` [n, d] (float32; kept by reference for "exact")."""
+        """Indexes the rows of `database` [n, d] (float32; kept by reference for "exact", read
+        chunk by chunk for a "scann" tree: a memory-mapped file is never read whole)."""
         database = _as_matrix("database", database)
         if database.shape[0] == 0:
             raise ValueError("cannot build a neighbour index over an empty database")
@@ -202,14 +267,18 @@ class NeighborIndex:
             return self
         if self.config is None:
             self.config = ScannConfig.for_size(self.size)
-        self._searcher = self._build_scann(_contiguous32(database), self.config)
+        self._searcher = self._build_scann(database, self.config)
         return self
 
     def _build_scann(self, database, config):
-        builder = configure_builder(
-            _scann().builder(database, 10, "dot_product"), config, len(database)
-        )
-        searcher = builder.build()
+        if config.num_leaves:
+            searcher = build_tree_by_chunks(database, config)
+        else:
+            database = _contiguous32(database)
+            builder = configure_builder(
+                _scann().builder(database, 10, "dot_product"), config, len(database)
+            )
+            searcher = builder.build()
         if self.num_threads:
             searcher.set_num_threads(self.num_threads)
         return searcher
@@ -242,8 +311,11 @@ class NeighborIndex:
         # A running top-k merged after each shard keeps the extra memory at two [q, k] lists.
         best_similarities = np.full((queries.shape[0], 0), -np.inf, np.float32)
         best_indices = np.zeros((queries.shape[0], 0), np.int64)
-        for start in range(0, self.size, self.shard_rows):
-            shard = _contiguous32(self._database[start : start + self.shard_rows])
+        # row_chunks reads a memory-mapped database with file reads: its pages never pile up
+        # in this process's resident memory.
+        for rows, shard in row_chunks(self._database, self.shard_rows):
+            start = rows.start
+            shard = _contiguous32(shard)
             shard_k = min(k, shard.shape[0])
             searcher = _scann().builder(shard, shard_k, "dot_product").score_brute_force().build()
             if self.num_threads:

@@ -128,8 +128,7 @@ def pca_whitening(x, dim=512, shrinkage=1.0, chunk_rows=DEFAULT_CHUNK_ROWS):
     return mean, projection, eigenvalues
 
 
-def apply_pca_whitening(x, mean, projection, chunk_rows=DEFAULT_CHUNK_ROWS):
-    """L2((x - mean) projection) as float32 [n, dim], computed in float32 chunk by chunk."""
+def _whitened_chunks(x, mean, projection, chunk_rows):
     x = _check_matrix(x)
     if x.shape[1] != projection.shape[0]:
         raise ValueError(
@@ -138,10 +137,33 @@ def apply_pca_whitening(x, mean, projection, chunk_rows=DEFAULT_CHUNK_ROWS):
         )
     mean32 = np.asarray(mean, np.float32)
     projection32 = np.asarray(projection, np.float32)
-    out = np.empty((x.shape[0], projection.shape[1]), np.float32)
     for rows, chunk in row_chunks(x, chunk_rows):
-        out[rows] = l2_normalize((chunk.astype(np.float32) - mean32) @ projection32)
+        yield rows, l2_normalize((chunk.astype(np.float32) - mean32) @ projection32)
+
+
+def apply_pca_whitening(x, mean, projection, chunk_rows=DEFAULT_CHUNK_ROWS):
+    """L2((x - mean) projection) as float32 [n, dim], computed in float32 chunk by chunk."""
+    out = np.empty((np.shape(x)[0], projection.shape[1]), np.float32)
+    for rows, chunk in _whitened_chunks(x, mean, projection, chunk_rows):
+        out[rows] = chunk
     return out
+
+
+def whiten_to_file(x, mean, projection, path, chunk_rows=DEFAULT_CHUNK_ROWS):
+    """`apply_pca_whitening` written chunk by chunk to the .npy file `path`; returns it
+    memory-mapped read-only (its values equal `apply_pca_whitening`'s bit for bit).
+
+    The whitened database never sits whole in this process's memory: the chunks are written with
+    plain file writes and `row_chunks` reads the memmap back with plain file reads.
+    """
+    n, dim = np.shape(x)[0], projection.shape[1]
+    with open(path, "wb") as f:
+        header = {"descr": np.lib.format.dtype_to_descr(np.dtype(np.float32))}
+        header.update(fortran_order=False, shape=(n, dim))
+        np.lib.format.write_array_header_1_0(f, header)
+        for _, chunk in _whitened_chunks(x, mean, projection, chunk_rows):
+            f.write(np.ascontiguousarray(chunk, np.float32).tobytes())
+    return np.load(path, mmap_mode="r")
 
 
 class PCAWhitening:
@@ -184,6 +206,13 @@ class PCAWhitening:
         if not self.fitted:
             raise ValueError("PCAWhitening is not fitted: call fit(x) or load(path) first")
         return apply_pca_whitening(x, self.mean, self.projection, self.chunk_rows)
+
+    def transform_to_file(self, x, path):
+        """`transform(x)` written to the .npy file `path` and returned memory-mapped read-only
+        (see `whiten_to_file`)."""
+        if not self.fitted:
+            raise ValueError("PCAWhitening is not fitted: call fit(x) or load(path) first")
+        return whiten_to_file(x, self.mean, self.projection, path, self.chunk_rows)
 
     def fit_transform(self, x):
         return self.fit(x).transform(x)
