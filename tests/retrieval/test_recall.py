@@ -170,6 +170,42 @@ def test_one_scann_index_alive_and_rebuilt_best_is_measured_again(monkeypatch):
     assert choice.recall == pytest.approx(_numpy_recall(found, database, queries, 10), abs=1e-9)
 
 
+def test_a_rebuilt_best_slower_than_exact_search_falls_back_to_exact(monkeypatch):
+    """The best of an earlier family is rebuilt at the end; when the rebuilt index searches no
+    faster than exact search, calibration uses exact search and says so (it once reported a
+    rebuilt choice "0.8x faster than exact")."""
+    database, queries = _dataset("clustered", seed=4)
+    good = ScannConfig(use_ah=True, reorder=300, training_sample_size=3000)
+    hopeless = ScannConfig(
+        num_leaves=100, num_leaves_to_search=1, spherical=True, use_ah=True, reorder=10,
+        training_sample_size=3000,
+    )  # fmt: skip
+    monkeypatch.setattr(
+        recall, "candidate_families", lambda n, k: [(good, [[good]]), (hopeless, [[hopeless]])]
+    )
+    timed, builds = recall._timed_search, []
+    build = recall._Calibration.build
+
+    def counted_build(self, config):
+        builds.append(config)
+        return build(self, config)
+
+    def search(index, queries, k):  # exact: 1 s; the first build: 0.1 s; the rebuild: 2 s
+        indices, _ = timed(index, queries, k)
+        if index.backend == "exact":
+            return indices, 1.0
+        return indices, 0.1 if len(builds) < 3 else 2.0
+
+    monkeypatch.setattr(recall._Calibration, "build", counted_build)
+    monkeypatch.setattr(recall, "_timed_search", search)
+    lines = []
+    choice, index = recall.calibrate(database, queries, 10, min_recall=0.95, log=lines.append)
+    assert builds == [good, hopeless, good]
+    assert choice.backend == index.backend == "exact" and choice.config is None
+    assert "using exact search" in choice.reason
+    assert any("rebuilt" in line and "faster than exact search" in line for line in lines)
+
+
 def test_ah_is_not_swept_over_leaves_where_brute_force_fell_short(monkeypatch):
     _exact_search_timed_as_slow(monkeypatch)
     database, queries = _dataset("isotropic", seed=5)
