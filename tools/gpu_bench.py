@@ -81,24 +81,12 @@ def batched(images, batch):
     return groups
 
 
-def calibrate_batchnorm(model, images):
-    """Sets every BN's moving statistics to the batch statistics of `images` (one pass)."""
-    import keras
-
-    layers = [layer for layer in model.layers if isinstance(layer, keras.layers.BatchNormalization)]
-    saved = [layer.momentum for layer in layers]
-    for layer in layers:
-        layer.momentum = 0.0
-    model(images, training=True)
-    for layer, momentum in zip(layers, saved, strict=True):
-        layer.momentum = momentum
-
-
 def calibrated_trunk(name, images):
     """The seeded random-init backbone `name`, BatchNorm statistics of `images`."""
     import keras
     import tensorflow as tf
 
+    from tests.kit.models import calibrate_batchnorm
     from tfmet import backbones
 
     keras.utils.set_random_seed(FLAGS.seed)

@@ -53,6 +53,21 @@ def _run(command, kill_at=None):
     return subprocess.run(command, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=600)
 
 
+def traced_renames(command, listing):
+    """Runs `command` to completion under strace; the lines of its `rename` calls, in order (the
+    Nth is what `_run(command, kill_at=N)` kills at)."""
+    traced = subprocess.run(
+        ["strace", "-f", "-qq", "-o", listing, "-e", "trace=rename", *command],
+        cwd=REPO,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert traced.returncode == 0, traced.stderr[-2000:]
+    return [line for line in listing.read_text().splitlines() if "rename(" in line]
+
+
 def kill_at_every_rename(command, check):
     """Runs `command` killed at its 1st, 2nd, ... rename until a run completes; calls
     `check(n)` after each kill. Returns the number of kills."""
@@ -95,18 +110,8 @@ def test_export_force_killed_at_every_rename(tmp_path):
     # then the swap (the old export aside, the new one in). A kill at any rename inside the
     # staging folder leaves the same state (the old export, a temporary): the first and the last
     # of those stand for the rest; every rename outside it is a kill point.
-    listing = tmp_path / "renames.txt"
-    traced = subprocess.run(
-        ["strace", "-f", "-qq", "-o", listing, "-e", "trace=rename", *export(2), "--force"],
-        cwd=REPO,
-        env=ENV,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert traced.returncode == 0, traced.stderr[-2000:]
+    renames = traced_renames([*export(2), "--force"], tmp_path / "renames.txt")
     new = fingerprint()
-    renames = [line for line in listing.read_text().splitlines() if "rename(" in line]
     staged = [
         n for n, line in enumerate(renames, 1) if re.search(r'rename\("[^"]*", "[^"]*/\.tmp-', line)
     ]
@@ -227,19 +232,8 @@ def test_style_checkpoints_killed_at_every_rename_of_a_checkpoint(tmp_path):
     # after the first run, so later runs make the same renames in the same order).
     assert _run(train(tmp_path / "one", 1)).returncode == 0
     after = {1: _checkpoint(tmp_path / "one")}
-    listing = tmp_path / "renames.txt"
-    command = train(tmp_path / "two", 2)
-    traced = subprocess.run(
-        ["strace", "-f", "-qq", "-o", listing, "-e", "trace=rename", *command],
-        cwd=REPO,
-        env=ENV,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert traced.returncode == 0, traced.stderr[-2000:]
+    renames = traced_renames(train(tmp_path / "two", 2), tmp_path / "renames.txt")
     after[2] = _checkpoint(tmp_path / "two")
-    renames = [line for line in listing.read_text().splitlines() if "rename(" in line]
     # The kill points: every rename that writes the second epoch's checkpoint set.
     points = [n for n, line in enumerate(renames, 1) if "checkpoints" in line]
     stagings = [re.search(r"\.tmp-\d+-checkpoints-\w+", renames[n - 1]) for n in points]

@@ -20,6 +20,17 @@ LOSSY = ScannConfig(
 )  # fmt: skip
 
 
+# Two calibration families for the rebuild tests: AH over all rows (reaches 0.95 on the clustered
+# set), and a tree searching 1 leaf of 100 (30 of 3,000 rows), which cannot (the 1-of-8 LOSSY
+# could on clustered data, where a cluster's neighbours share a leaf).
+GOOD = ScannConfig(use_ah=True, reorder=300, training_sample_size=3000)
+HOPELESS = ScannConfig(
+    num_leaves=100, num_leaves_to_search=1, spherical=True, use_ah=True, reorder=10,
+    training_sample_size=3000,
+)  # fmt: skip
+FAMILIES = [(GOOD, [[GOOD]]), (HOPELESS, [[HOPELESS]])]
+
+
 def _unit(x):
     return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
 
@@ -139,15 +150,7 @@ def test_one_scann_index_alive_and_rebuilt_best_is_measured_again(monkeypatch):
     """Calibration frees each family's index before building the next; a best from an earlier
     family is rebuilt at the end and its recall measured again on the index returned."""
     database, queries = _dataset("clustered", seed=4)
-    good = ScannConfig(use_ah=True, reorder=300, training_sample_size=3000)
-    # The second family searches 1 leaf of 100 (30 of 3,000 rows): it cannot reach 0.95 (the
-    # 1-of-8 LOSSY could on clustered data, where a cluster's neighbours share a leaf).
-    hopeless = ScannConfig(
-        num_leaves=100, num_leaves_to_search=1, spherical=True, use_ah=True, reorder=10,
-        training_sample_size=3000,
-    )  # fmt: skip
-    families = [(good, [[good]]), (hopeless, [[hopeless]])]
-    monkeypatch.setattr(recall, "candidate_families", lambda n, k: families)
+    monkeypatch.setattr(recall, "candidate_families", lambda n, k: FAMILIES)
     _exact_search_timed_as_slow(monkeypatch)
     alive, most = weakref.WeakSet(), []
 
@@ -164,7 +167,7 @@ def test_one_scann_index_alive_and_rebuilt_best_is_measured_again(monkeypatch):
     assert max(most) == 1 and len(most) == 3  # two families, then the best rebuilt
     built = [b["config"] for b in choice.builds]
     assert built == ["AH reorder 300", "tree 1/100, AH reorder 10", "AH reorder 300"]
-    assert choice.backend == "scann" and choice.config == good
+    assert choice.backend == "scann" and choice.config == GOOD
     assert any("rebuilt" in line for line in lines)
     _, found = index.search(queries, 10)
     assert choice.recall == pytest.approx(_numpy_recall(found, database, queries, 10), abs=1e-9)
@@ -175,14 +178,7 @@ def test_a_rebuilt_best_slower_than_exact_search_falls_back_to_exact(monkeypatch
     faster than exact search, calibration uses exact search and says so (it once reported a
     rebuilt choice "0.8x faster than exact")."""
     database, queries = _dataset("clustered", seed=4)
-    good = ScannConfig(use_ah=True, reorder=300, training_sample_size=3000)
-    hopeless = ScannConfig(
-        num_leaves=100, num_leaves_to_search=1, spherical=True, use_ah=True, reorder=10,
-        training_sample_size=3000,
-    )  # fmt: skip
-    monkeypatch.setattr(
-        recall, "candidate_families", lambda n, k: [(good, [[good]]), (hopeless, [[hopeless]])]
-    )
+    monkeypatch.setattr(recall, "candidate_families", lambda n, k: FAMILIES)
     timed, builds = recall._timed_search, []
     build = recall._Calibration.build
 
@@ -200,7 +196,7 @@ def test_a_rebuilt_best_slower_than_exact_search_falls_back_to_exact(monkeypatch
     monkeypatch.setattr(recall, "_timed_search", search)
     lines = []
     choice, index = recall.calibrate(database, queries, 10, min_recall=0.95, log=lines.append)
-    assert builds == [good, hopeless, good]
+    assert builds == [GOOD, HOPELESS, GOOD]
     assert choice.backend == index.backend == "exact" and choice.config is None
     assert "using exact search" in choice.reason
     assert any("rebuilt" in line and "faster than exact search" in line for line in lines)
