@@ -3,9 +3,12 @@
 import functools
 import io
 
+from absl import logging
 from PIL import Image
 
 from tfmet.data import met
+from tfmet.data.images import ImageRefused, read_image_bytes
+from tfmet.data.limits import DEFAULT_MAX_PIXELS, megapixels
 
 
 class Gallery:
@@ -36,13 +39,38 @@ class Gallery:
 
     @functools.lru_cache(maxsize=256)  # noqa: B019 (one gallery per process; bounded)
     def thumbnail(self, met_id, side=160):
-        """JPEG bytes of the database image scaled to at most `side` pixels, or None."""
+        """JPEG bytes of the database image scaled to at most `side` pixels, or None.
+
+        None also when the file cannot serve as one, with a warning naming it: read as
+        tfmet-extract reads images (a regular file of at most 64 MiB: a FIFO in the image tree
+        would block a server thread forever), and refused when its header declares more than
+        `DEFAULT_MAX_PIXELS` pixels (checked before decoding) or it does not decode.
+        """
         path = self.image_path(met_id)
         if path is None:
             return None
-        with Image.open(path) as image:
-            image = image.convert("RGB")
-            image.thumbnail((side, side))
-            buffer = io.BytesIO()
-            image.save(buffer, format="JPEG", quality=85)
-        return buffer.getvalue()
+        try:
+            return _jpeg_thumbnail(read_image_bytes(path), side)
+        except (OSError, ValueError, ImageRefused, Image.DecompressionBombError) as e:
+            reason = e.message if isinstance(e, ImageRefused) else str(e)
+            logging.warning("%s: no thumbnail for Met id %d: %s", path, met_id, reason)
+            return None
+
+
+def _jpeg_thumbnail(data, side):
+    try:
+        opened = Image.open(io.BytesIO(data))  # reads the header only
+    except Image.UnidentifiedImageError:
+        raise ValueError("not an image file PIL can read") from None
+    with opened as image:
+        pixels = image.width * image.height
+        if pixels > DEFAULT_MAX_PIXELS:
+            raise ValueError(
+                f"image declares {image.width}x{image.height} = {megapixels(pixels)}, over the "
+                f"limit of {megapixels(DEFAULT_MAX_PIXELS)}"
+            )
+        image = image.convert("RGB")
+        image.thumbnail((side, side))
+        buffer = io.BytesIO()
+        image.save(buffer, format="JPEG", quality=85)
+    return buffer.getvalue()
