@@ -70,15 +70,22 @@ def test_padding_is_ignored():
     assert conf[0] == pytest.approx(math.exp(0.5) / (math.exp(0.5) + 3)) and conf[1] == 0.0
 
 
-def test_exact_backend_equals_numpy_brute_force():
-    database, owner, centres = _clustered(0, 2000, 24, 40, 0.8)
-    rng = np.random.default_rng(1)
-    queries = _unit(centres[rng.integers(0, 40, 60)] + 0.8 * rng.normal(size=(60, 24)))
-    k = 10
+def _queries_with_truth(database, centres, noise, seed, k, count=60):
+    """`count` queries near random centres and numpy's exact top `k` (sims, indices) for them,
+    checked free of near-ties around the k-th neighbour so the neighbour sets are well defined."""
+    rng = np.random.default_rng(seed)
+    near = centres[rng.integers(0, len(centres), count)]
+    queries = _unit(near + noise * rng.normal(size=(count, centres.shape[1])))
     expected_sims, expected_idx, scores = _brute_force(database, queries, k)
-    # No near-ties around the k-th neighbour, so the neighbour sets are well defined.
     ranked = -np.sort(-scores, axis=1)
     assert np.min(ranked[:, k - 1] - ranked[:, k]) > 1e-6
+    return queries, expected_sims, expected_idx
+
+
+def test_exact_backend_equals_numpy_brute_force():
+    database, owner, centres = _clustered(0, 2000, 24, 40, 0.8)
+    k = 10
+    queries, expected_sims, expected_idx = _queries_with_truth(database, centres, 0.8, 1, k)
     index = NeighborIndex("exact", shard_rows=300).build(database)  # 7 shards merged
     sims, idx = index.search(queries, k)
     np.testing.assert_array_equal(idx, expected_idx)
@@ -165,12 +172,8 @@ def test_tree_built_by_chunks_finds_numpy_brute_force_neighbours(tmp_path, use_a
     # The tree is trained on 500 of 3000 rows; the rows go in 7 chunks of 450. Ids must be the
     # row numbers, and searching every leaf must find numpy's exact neighbours.
     database, _, centres = _clustered(10, 3000, 16, 30, 0.4)
-    rng = np.random.default_rng(11)
-    queries = _unit(centres[rng.integers(0, 30, 60)] + 0.4 * rng.normal(size=(60, 16)))
     k = 10
-    expected_sims, expected_idx, scores = _brute_force(database, queries, k)
-    ranked = -np.sort(-scores, axis=1)
-    assert np.min(ranked[:, k - 1] - ranked[:, k]) > 1e-6
+    queries, expected_sims, expected_idx = _queries_with_truth(database, centres, 0.4, 11, k)
     config = ScannConfig(
         30, 30, spherical=True, use_ah=use_ah, reorder=3000, training_sample_size=500
     )
