@@ -408,3 +408,19 @@ def test_subclassed_model_mismatch_names_layer_and_entry(tmp_path):
     load_weights(same, path)
     images = np.random.default_rng(0).normal(size=(1, 32, 32, 3)).astype(np.float32)
     np.testing.assert_array_equal(same(images), small(images))
+
+
+# Built in full below; the largest sizes share their builder and naming with a smaller sibling.
+_LARGEST = ("dinov2_vitg14", "dinov2_vitg14_reg", "dinov3_vit7b16", "dinov3_vith16plus")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", [n for n in backbones.names() if n not in _LARGEST])
+def test_every_variable_name_is_a_valid_savedmodel_name(name):
+    from tfmet.export.common import VALID_VARIABLE_NAME
+
+    model = backbones.get(name)
+    if not model.built:
+        model.build((None, None, None, 3))
+    bad = [v.path for v in model.weights if not VALID_VARIABLE_NAME.match(v.path)]
+    assert model.weights and bad == []

@@ -179,6 +179,34 @@ def test_weights_are_converted_once_into_the_cache(classifier, cache):
     assert [os.stat(os.path.join(cache, f)).st_mtime_ns for f in files] == stamps
     assert sorted(os.listdir(cache)) == files  # no temporary files left behind
     np.testing.assert_array_equal(
-        trunk.get_layer("_conv_head").kernel.numpy(),
-        classifier.get_layer("_conv_head").kernel.numpy(),
+        trunk.get_layer("conv_head").kernel.numpy(),
+        classifier.get_layer("conv_head").kernel.numpy(),
     )
+
+
+def test_torch_path_puts_back_the_checkpoint_underscores():
+    assert efficientnet_lite.torch_path("blocks.3.bn1") == "_blocks.3._bn1"
+    assert efficientnet_lite.torch_path("conv_stem") == "_conv_stem"
+    assert efficientnet_lite.torch_path("blocks.12.depthwise_conv") == "_blocks.12._depthwise_conv"
+
+
+def test_weights_saved_under_the_underscore_names_still_load(tmp_path):
+    """Files converted before the layers lost their leading "_" ("_bn1", "_blocks.3._bn1")."""
+    model = efficientnet_lite.build()
+    rng = np.random.default_rng(0)
+    model.set_weights([rng.normal(size=w.shape).astype(np.float32) for w in model.weights])
+
+    def old_name(layer):
+        config = layer.get_config()
+        if not isinstance(layer, keras.layers.InputLayer):
+            config["name"] = efficientnet_lite.torch_path(layer.name)
+        return type(layer).from_config(config)
+
+    old = keras.models.clone_model(model, clone_function=old_name)
+    old.set_weights(model.get_weights())
+    assert old.get_layer("_blocks.3._bn1") is not None
+    path = str(tmp_path / "old_names.weights.h5")
+    old.save_weights(path)
+    loaded = backbones.get("efficientnet_lite0", weights=path)
+    for a, b in zip(loaded.get_weights(), model.get_weights(), strict=True):
+        np.testing.assert_array_equal(a, b)

@@ -6,6 +6,7 @@ import os
 import sys
 import textwrap
 
+import keras
 import numpy as np
 import pytest
 from PIL import Image
@@ -165,3 +166,14 @@ def test_recognizer_export_matches_numpy_knn(tmp_path, embedder, searcher):
     np.testing.assert_allclose(out["confidence"][:3], ref_conf, atol=1e-5)
     assert [row[0] for row in out["top_k_ids"][:3]] == ref_pred.tolist()
     assert out["top_k_ids"][3] == [-1, -1, -1]
+
+
+def test_an_invalid_variable_name_is_refused_before_anything_is_written(tmp_path):
+    inputs = keras.Input((None, None, 3))
+    outputs = keras.layers.Conv2D(4, 1, name="_conv")(inputs)
+    module = DescriptorModule(Embedder(keras.Model(inputs, outputs)), scales=(1.0,))
+    target = tmp_path / "export"
+    names = r"export: cannot export: 2 variable names .*'_conv/kernel', '_conv/bias'"
+    with pytest.raises(ValueError, match=names):
+        save_module(module, target, module.signatures(), {})
+    assert not target.exists() and os.listdir(tmp_path) == []

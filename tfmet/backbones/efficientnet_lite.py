@@ -20,9 +20,13 @@ Numerics that matter for parity with the checkpoint:
   of the TF release (the port's README shows torchvision's ImageNet mean/std, which is not what
   these weights were trained with; the classification test checks the difference).
 
-Keras layers are named after the torch state_dict module paths ("_conv_stem", "_bn0",
-"_blocks.3._depthwise_conv", "_conv_head", "_bn1", "_fc"), so the generic name-based converter in
-`tfmet.backbones.torch_convert` maps the checkpoint 1:1.
+Keras layers are named after the torch state_dict module paths without the leading underscore
+of each path component ("_blocks.3._depthwise_conv" is layer "blocks.3.depthwise_conv", "_bn1"
+is "bn1"): a variable's name starts with its layer's, and a SavedModel refuses variable names
+that start with "_". `torch_path` gives the checkpoint name back, so the generic name-based
+converter in `tfmet.backbones.torch_convert` maps the checkpoint 1:1. Weight files do not store
+layer names (`tfmet.backbones.weights`), so files saved under the earlier underscore names load
+unchanged.
 
 `efficientnet_lite0(weights="imagenet")` converts the packaged `.pth` on first use into a cached
 `.weights.h5` (folder `$TFMET_CACHE_DIR`, default `~/.cache/tfmet`; written atomically, named
@@ -70,7 +74,12 @@ LITE0_STAGES = (
     Stage(1, 3, 1, 6, 192, 320),
 )
 
-FEATURES_LAYER = "_head_act"
+FEATURES_LAYER = "head_act"
+
+
+def torch_path(name):
+    """The torch module path of Keras layer `name`: "blocks.3.bn1" -> "_blocks.3._bn1"."""
+    return ".".join(part if part.isdigit() else f"_{part}" for part in name.split("."))
 
 
 def _bn(name):
@@ -82,26 +91,27 @@ def _relu6(name):
 
 
 def _mbconv(x, prefix, filters_in, filters_out, kernel_size, stride, expand_ratio):
-    """One inverted-residual block; layer names follow the torch module paths under `prefix`."""
+    """One inverted-residual block; layer names follow the torch module paths under `prefix`
+    (see `torch_path`)."""
     inputs = x
     expanded = filters_in * expand_ratio
     if expand_ratio != 1:
-        x = keras.layers.Conv2D(expanded, 1, use_bias=False, name=f"{prefix}._expand_conv")(x)
-        x = _bn(f"{prefix}._bn0")(x)
-        x = _relu6(f"{prefix}._expand_act")(x)
+        x = keras.layers.Conv2D(expanded, 1, use_bias=False, name=f"{prefix}.expand_conv")(x)
+        x = _bn(f"{prefix}.bn0")(x)
+        x = _relu6(f"{prefix}.expand_act")(x)
     x = keras.layers.DepthwiseConv2D(
         kernel_size,
         strides=stride,
         padding="same",
         use_bias=False,
-        name=f"{prefix}._depthwise_conv",
+        name=f"{prefix}.depthwise_conv",
     )(x)
-    x = _bn(f"{prefix}._bn1")(x)
-    x = _relu6(f"{prefix}._depthwise_act")(x)
-    x = keras.layers.Conv2D(filters_out, 1, use_bias=False, name=f"{prefix}._project_conv")(x)
-    x = _bn(f"{prefix}._bn2")(x)
+    x = _bn(f"{prefix}.bn1")(x)
+    x = _relu6(f"{prefix}.depthwise_act")(x)
+    x = keras.layers.Conv2D(filters_out, 1, use_bias=False, name=f"{prefix}.project_conv")(x)
+    x = _bn(f"{prefix}.bn2")(x)
     if stride == 1 and filters_in == filters_out:
-        x = keras.layers.Add(name=f"{prefix}._add")([x, inputs])
+        x = keras.layers.Add(name=f"{prefix}.add")([x, inputs])
     return x
 
 
@@ -110,23 +120,23 @@ def build(include_top=False, stages=LITE0_STAGES, name="efficientnet_lite0"):
 
     Args:
       include_top: False: images [B, H, W, 3] -> head feature map [B, ceil(H/32), ceil(W/32),
-        1280]; True: -> ImageNet logits [B, 1000] (global average pooling + Dense "_fc").
+        1280]; True: -> ImageNet logits [B, 1000] (global average pooling + Dense "fc").
       stages: the MBConv stage table (`LITE0_STAGES`).
       name: the model's name.
     """
     images = keras.Input((None, None, 3), name="images")
     x = keras.layers.Conv2D(
-        stages[0].filters_in, 3, strides=2, padding="same", use_bias=False, name="_conv_stem"
+        stages[0].filters_in, 3, strides=2, padding="same", use_bias=False, name="conv_stem"
     )(images)
-    x = _bn("_bn0")(x)
-    x = _relu6("_stem_act")(x)
+    x = _bn("bn0")(x)
+    x = _relu6("stem_act")(x)
     index = 0
     for stage in stages:
         for repeat in range(stage.repeats):
             first = repeat == 0
             x = _mbconv(
                 x,
-                f"_blocks.{index}",
+                f"blocks.{index}",
                 stage.filters_in if first else stage.filters_out,
                 stage.filters_out,
                 stage.kernel_size,
@@ -134,12 +144,12 @@ def build(include_top=False, stages=LITE0_STAGES, name="efficientnet_lite0"):
                 stage.expand_ratio,
             )
             index += 1
-    x = keras.layers.Conv2D(FEATURE_CHANNELS, 1, use_bias=False, name="_conv_head")(x)
-    x = _bn("_bn1")(x)
+    x = keras.layers.Conv2D(FEATURE_CHANNELS, 1, use_bias=False, name="conv_head")(x)
+    x = _bn("bn1")(x)
     x = _relu6(FEATURES_LAYER)(x)
     if include_top:
-        x = keras.layers.GlobalAveragePooling2D(name="_avg_pooling")(x)
-        x = keras.layers.Dense(NUM_CLASSES, name="_fc")(x)
+        x = keras.layers.GlobalAveragePooling2D(name="avg_pooling")(x)
+        x = keras.layers.Dense(NUM_CLASSES, name="fc")(x)
     return keras.Model(images, x, name=name)
 
 
@@ -196,7 +206,7 @@ def pretrained_weights(include_top=False, checkpoint=None, directory=None):
     }
     if not all(os.path.isfile(p) for p in paths.values()):
         classifier = build(include_top=True)
-        torch_convert.load_torch_weights(classifier, checkpoint)
+        torch_convert.load_torch_weights(classifier, checkpoint, torch_path=torch_path)
         trunk = keras.Model(
             classifier.input, classifier.get_layer(FEATURES_LAYER).output, name=classifier.name
         )
@@ -228,6 +238,7 @@ registry.register(
         name="efficientnet_lite0",
         builder=efficientnet_lite0,
         preprocessing=EFFICIENTNET_LITE,
+        torch_path=torch_path,
         description=(
             "EfficientNet-Lite0 (1280 channels, stride 32); weights='imagenet' converts the "
             "packaged ImageNet checkpoint"

@@ -65,6 +65,9 @@ class BackboneSpec:
         [B, h, w, C], "cls" for a token sequence [B, T, C] (vision transformers).
       weights_file: for backbones whose builder loads weights by itself when `weights` is None
         (a checkpoint directory), `weights_file()` -> the file that identifies those weights.
+      torch_path: `torch_path(layer name) -> torch module path` for backbones whose Keras layer
+        names differ from their torch checkpoint's module paths (EfficientNet-Lite: Keras
+        layer and variable names cannot start with "_"); None: the names are the paths.
     """
 
     name: str
@@ -73,6 +76,7 @@ class BackboneSpec:
     description: str = ""
     pooling: str = "gem"
     weights_file: Callable[[], str] | None = None
+    torch_path: Callable[[str], str] | None = None
 
 
 _REGISTRY: dict[str, BackboneSpec] = {}

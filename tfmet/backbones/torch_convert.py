@@ -1,8 +1,9 @@
 """PyTorch state dicts -> Keras backbones and the Met `Embedder` (GeM p, projector).
 
 The Keras backbones name every weight-holding layer after its torch module path (torchvision
-ResNets: "conv1", "layer1.0.downsample.0"; EfficientNet-Lite: "_conv_stem", "_blocks.3._bn1"),
-so the mapping is generic, by layer type:
+ResNets: "conv1", "layer1.0.downsample.0"), or give the path with their registry spec's
+`torch_path` (EfficientNet-Lite: layer "blocks.3.bn1" is "_blocks.3._bn1", as a SavedModel
+refuses names that start with "_"), so the mapping is generic, by layer type:
 
     Conv2D              <path>.weight [O, I/groups, kh, kw] -> kernel [kh, kw, I/groups, O]
                         <path>.bias                         -> bias
@@ -134,14 +135,18 @@ def canonical_names(state_dict):
     return out
 
 
-def weight_layers(model):
-    """(torch path, layer) for each layer that owns weights, descending into nested models."""
+def weight_layers(model, torch_path=None):
+    """(torch path, layer) for each layer that owns weights, descending into nested models.
+
+    `torch_path(layer name)` gives the torch module path (`BackboneSpec.torch_path`); None: the
+    layer's name is its path.
+    """
     found = []
     for layer in model.layers:
         if isinstance(layer, keras.Model):
-            found.extend(weight_layers(layer))
+            found.extend(weight_layers(layer, torch_path))
         elif layer.weights:
-            found.append((layer.name, layer))
+            found.append((torch_path(layer.name) if torch_path else layer.name, layer))
     return found
 
 
@@ -249,8 +254,9 @@ def _listing(items, limit=8):
     return shown + (f", ... ({len(items) - limit} more)" if len(items) > limit else "")
 
 
-def load_torch_weights(model, checkpoint, key=None, ignore=DEFAULT_IGNORE):
-    """Loads a torch checkpoint into a Keras model whose layers carry the torch module names.
+def load_torch_weights(model, checkpoint, key=None, ignore=DEFAULT_IGNORE, torch_path=None):
+    """Loads a torch checkpoint into a Keras model whose layers carry the torch module names
+    (or names that `torch_path` turns into them, see `weight_layers`).
 
     Returns:
       ConversionReport.
@@ -258,7 +264,8 @@ def load_torch_weights(model, checkpoint, key=None, ignore=DEFAULT_IGNORE):
     state_dict = canonical_names(load_state_dict(checkpoint, key=key))
     if not model.built:
         model.build((None, None, None, 3))
-    return assign(weight_layers(model), state_dict, source=os.fspath(checkpoint), ignore=ignore)
+    targets = weight_layers(model, torch_path)
+    return assign(targets, state_dict, source=os.fspath(checkpoint), ignore=ignore)
 
 
 def save_weights(model, path, **metadata):

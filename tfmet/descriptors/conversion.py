@@ -27,9 +27,10 @@ from tfmet.io.hashing import file_sha256
 from tfmet.io.torch_checkpoint import load_state_dict
 
 
-def embedder_targets(embedder):
-    """[(torch path, layer)] of an `Embedder`: backbone layers, "pool", and "projector"."""
-    targets = weight_layers(embedder.backbone)
+def embedder_targets(embedder, torch_path=None):
+    """[(torch path, layer)] of an `Embedder`: backbone layers (named by `torch_path`, see
+    `weight_layers`), "pool", and "projector"."""
+    targets = weight_layers(embedder.backbone, torch_path)
     targets.append((POOL, embedder.pool))
     if embedder.projector is not None:
         targets.append((PROJECTOR, embedder.projector))
@@ -76,7 +77,8 @@ def _convert(checkpoint, arch, out, key, ignore):
         model = spec.builder(weights=None)
         if not model.built:
             model.build((None, None, None, 3))
-        report = assign(weight_layers(model), state_dict, source=checkpoint, ignore=ignore)
+        targets = weight_layers(model, spec.torch_path)
+        report = assign(targets, state_dict, source=checkpoint, ignore=ignore)
         metadata["kind"] = "backbone"
         save_weights(model, out, **metadata)
         return report, metadata
@@ -89,7 +91,8 @@ def _convert(checkpoint, arch, out, key, ignore):
     embedder.build((None, None, None, 3))
     if not has_pool:
         state_dict[f"{POOL}.p"] = np.asarray([embedder.p], np.float32)
-    report = assign(embedder_targets(embedder), state_dict, source=checkpoint, ignore=ignore)
+    targets = embedder_targets(embedder, spec.torch_path)
+    report = assign(targets, state_dict, source=checkpoint, ignore=ignore)
     metadata.update(
         kind="embedder",
         projector_dim=-1 if projector_dim is None else projector_dim,

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import shutil
 
 import tensorflow as tf
@@ -91,6 +92,28 @@ def map_image_bytes(
     return tf.reshape(outputs.stack(), tf.concat([[n], output_shape], axis=0)), valid
 
 
+# What TensorFlow accepts as a root name scope, the scope a SavedModel re-creates each variable
+# under (`tf.Graph.name_scope`): a variable's name is its layer's name, then "/", then its own.
+VALID_VARIABLE_NAME = re.compile(r"^[A-Za-z0-9.][A-Za-z0-9_.\\/>-]*$")
+
+
+def check_variable_names(variables, path):
+    """Raises ValueError naming `path` and the first variables a SavedModel cannot hold.
+
+    TensorFlow fails deep inside `tf.saved_model.save` on such a name (one starting with "_",
+    or holding a space or ":"); this says which layer to rename before any file is written.
+    """
+    bad = [v.name.split(":")[0] for v in variables]
+    bad = [name for name in bad if not VALID_VARIABLE_NAME.match(name)]
+    if bad:
+        shown = ", ".join(repr(name) for name in bad[:3]) + (" ..." if len(bad) > 3 else "")
+        raise ValueError(
+            f"{path}: cannot export: {len(bad)} variable names are not valid SavedModel names "
+            f"({shown}); a name must match {VALID_VARIABLE_NAME.pattern} (rename the layer that "
+            "owns it)"
+        )
+
+
 def check_export_dir(path, force=False):
     """Refuses to overwrite an existing export unless `force`."""
     if os.path.exists(path) and os.listdir(path):
@@ -118,6 +141,7 @@ def save_module(module, path, signatures, metadata, force=False):
         module.metadata_asset = tf.saved_model.Asset(meta_file)
         concrete = {name: _concrete(fn) for name, fn in signatures.items()}
         track_captured_variables(module, concrete.values())
+        check_variable_names(module.captured_variables, path)
         target = os.path.join(staging, "model")
         tf.saved_model.save(module, target, signatures=concrete)
         replace_directory(target, path)
