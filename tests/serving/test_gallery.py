@@ -1,6 +1,8 @@
 """Gallery thumbnails: database images read as the extraction reads them, never blocking."""
 
+import csv
 import io
+import json
 import os
 import signal
 
@@ -9,7 +11,8 @@ from PIL import Image
 
 from tests.kit import bombs
 from tests.kit.met_tree import write_met_tree
-from tfmet.serving.gallery import Gallery
+from tfmet.serving import gallery as gallery_module
+from tfmet.serving.gallery import Gallery, read_exhibit_names
 
 
 @pytest.fixture
@@ -60,3 +63,61 @@ def test_thumbnails_of_good_and_bad_database_images(tmp_path, alarm, caplog):
     assert warnings[3].endswith(  # PIL only warns (under twice its limit); tfmet refuses
         ": image declares 10000x10000 = 100.0 Mpx, over the limit of 89.5 Mpx"
     )
+
+
+def test_exhibit_names_from_json_and_met_objects_csv(tmp_path):
+    tree = write_met_tree(tmp_path / "met", num_exhibits=3)
+    first, second, third = sorted({entry["id"] for entry in tree.train})
+    table = tmp_path / "names.json"
+    names = {str(first): " Astronaut ", str(second): "", "999999": "Elsewhere"}
+    table.write_text(json.dumps(names))
+    gallery = Gallery(tree.info_dir, tree.image_root, names=table)
+    # Trimmed; an empty name and an id outside the database are dropped.
+    assert [gallery.name(i) for i in (first, second, third, 999999)] == [
+        "Astronaut", None, None, None,
+    ]  # fmt: skip
+    # The Met's Open Access table: a BOM, many columns, quoted titles; names cut to 200 chars.
+    csv_file = tmp_path / "MetObjects.csv"
+    rows = [
+        ["Object Number", "Object ID", "Department", "Title"],
+        ["1.2", str(first), "Arms", 'Helmet, "Burgonet"'],
+        ["3.4", str(third), "Paintings", "x" * 500],
+        ["5.6", "424242", "Drawings", "Not in this database"],
+    ]
+    with open(csv_file, "w", encoding="utf-8-sig", newline="") as f:
+        csv.writer(f).writerows(rows)
+    assert read_exhibit_names(csv_file, [first, second, third]) == {
+        first: 'Helmet, "Burgonet"', third: "x" * 200,
+    }  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "name, content, message",
+    [
+        ("names.json", "[1, 2]", r"names.json: exhibit names must be a JSON object"),
+        ("names.json", '{"abc": "x"}', r"names.json: 'abc' is not a Met id"),
+        ("names.json", "{", r"names.json: not valid JSON"),
+        ("names.csv", "id,name\n1,x\n", r"names.csv: a CSV of exhibit names needs the columns"),
+        ("names.csv", b"Object ID,Title\n1,\xff\n", r"names.csv: not a readable CSV file"),
+    ],
+)
+def test_bad_exhibit_names_files_name_the_file(tmp_path, name, content, message):
+    path = tmp_path / name
+    if isinstance(content, bytes):
+        path.write_bytes(content)
+    else:
+        path.write_text(content)
+    with pytest.raises(ValueError, match=message):
+        read_exhibit_names(path, [1])
+
+
+def test_exhibit_names_file_missing_fifo_or_oversized_json(tmp_path, monkeypatch, alarm):
+    with pytest.raises(FileNotFoundError, match=r"missing.json: exhibit names file not found"):
+        read_exhibit_names(tmp_path / "missing.json", [1])
+    os.mkfifo(tmp_path / "fifo.csv")  # not a regular file: refused without opening it
+    with pytest.raises(FileNotFoundError, match=r"fifo.csv: exhibit names file not found"):
+        read_exhibit_names(tmp_path / "fifo.csv", [1])
+    monkeypatch.setattr(gallery_module, "MAX_NAMES_JSON_BYTES", 16)
+    (tmp_path / "big.json").write_text(json.dumps({"1": "a name longer than the limit"}))
+    with pytest.raises(ValueError, match=r"big.json: a JSON exhibit names file may have at most"):
+        read_exhibit_names(tmp_path / "big.json", [1])

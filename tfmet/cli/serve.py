@@ -19,6 +19,9 @@ flags.DEFINE_string("model", None, "Recogniser export directory (tfmet-export --
 flags.DEFINE_string("info_dir", None, "Met ground truth folder: thumbnails of the top matches.")
 flags.DEFINE_string("image_root", None, "Met image root (default: --info_dir's parent).")
 flags.DEFINE_bool("mini", False, "The database is mini_MET_database.json.")
+flags.DEFINE_string(
+    "names", None, 'Exhibit names: JSON {"<Met id>": "name"} or The Met\'s MetObjects.csv.'
+)
 flags.DEFINE_string("host", "127.0.0.1", "Address to bind (0.0.0.0 exposes it to the network).")
 flags.DEFINE_integer("port", 8080, "Port to listen on.")
 flags.DEFINE_integer("max_upload_mb", 20, "Uploads above this many MiB are refused (413).")
@@ -39,7 +42,11 @@ def main(argv):
         raise UsageError(f'{e}; install the web extra: pip install -e ".[web]"') from None
     from tfmet.serving import open_recognizer
 
-    recognizer, gallery = open_recognizer(FLAGS.model, FLAGS.info_dir, FLAGS.image_root, FLAGS.mini)
+    if FLAGS.names and not FLAGS.info_dir:
+        raise UsageError("--names needs --info_dir (the exhibits it names are the database's)")
+    recognizer, gallery = open_recognizer(
+        FLAGS.model, FLAGS.info_dir, FLAGS.image_root, FLAGS.mini, names=FLAGS.names
+    )
     recognizer.warm_up()
     application = create_app(recognizer, gallery, max_upload_bytes=FLAGS.max_upload_mb << 20)
     print(f"{PROGRAM}: serving {FLAGS.model} on http://{FLAGS.host}:{FLAGS.port}/", flush=True)

@@ -16,10 +16,11 @@ __all__ = [
 ]
 
 
-def open_recognizer(model, info_dir=None, image_root=None, mini=False):
+def open_recognizer(model, info_dir=None, image_root=None, mini=False, names=None):
     """(Recognizer of the export `model`, Gallery of the Met ground truth or None).
 
-    `image_root` defaults to the folder above `info_dir` (the Met dataset's layout).
+    `image_root` defaults to the folder above `info_dir` (the Met dataset's layout); `names`: an
+    exhibit names file (`tfmet.serving.gallery.read_exhibit_names`).
     """
     import os
 
@@ -27,4 +28,4 @@ def open_recognizer(model, info_dir=None, image_root=None, mini=False):
     if not info_dir:
         return recognizer, None
     root = image_root or os.path.dirname(os.path.abspath(info_dir))
-    return recognizer, Gallery(info_dir, root, mini=mini)
+    return recognizer, Gallery(info_dir, root, mini=mini, names=names)

@@ -2,7 +2,9 @@
 
     GET  /                    the page: choose or drop a photo, see the answer and top matches
     POST /v1/recognize        multipart field "image", or JSON {"image_base64": "..."}
-    GET  /v1/thumbnail/{id}   JPEG thumbnail of a Met id's database image (ground-truth ids only)
+    GET  /v1/thumbnail/{id}   JPEG thumbnail of a Met id's database image (ground-truth ids only;
+                              ?size=large for the 360-pixel one the page shows with an answer)
+    GET  /v1                  what the JSON API takes and answers (linked from the page)
     GET  /healthz             {"status": "ok"}
 
 Uploads above `max_upload_bytes` get 413, non-images 415, absurd declared dimensions 422. Needs
@@ -48,10 +50,36 @@ async def _image_bytes(request, limit):
     return data
 
 
+THUMBNAIL_SIDES = {"small": 160, "large": 360}
+
+API = {
+    "POST /v1/recognize": {
+        "body": "multipart/form-data with a file field 'image', or application/json "
+        '{"image_base64": "<base64 image bytes>"}',
+        "answer": {
+            "answer": "'Met <id>' or 'not in the collection'",
+            "met_id": "the recognised Met id, null when not in the collection",
+            "best_met_id": "the closest exhibit, also when rejected",
+            "name": "best_met_id's name (tfmet-serve --names), or null",
+            "confidence": "kNN confidence of best_met_id, 0-1",
+            "threshold": "accepted means confidence >= threshold",
+            "accepted": "bool",
+            "valid": "false when the image did not decode",
+            "top_k": "[{met_id, score, name, thumbnail, database_path}], best first",
+        },
+        "errors": "400 malformed, 413 too large, 415 not an image, 422 absurd dimensions",
+    },
+    "GET /v1/thumbnail/<Met id>[?size=large]": "JPEG of the exhibit's database image",
+    "GET /healthz": '{"status": "ok"}',
+}
+
+
 def _with_thumbnails(answer, gallery):
     result = answer.to_json()
+    result["name"] = None if gallery is None else gallery.name(answer.met_id)
     for match in result["top_k"]:
         known = gallery is not None and match["met_id"] in gallery
+        match["name"] = gallery.name(match["met_id"]) if known else None
         match["thumbnail"] = f"/v1/thumbnail/{match['met_id']}" if known else None
         match["database_path"] = gallery.relative_path(match["met_id"]) if known else None
     return result
@@ -74,6 +102,10 @@ def create_app(recognizer, gallery=None, max_upload_bytes=MAX_UPLOAD_BYTES):
     def page():
         return PAGE
 
+    @app.get("/v1")
+    def api():
+        return API
+
     @app.get("/healthz")
     def healthz():
         return {"status": "ok"}
@@ -91,9 +123,11 @@ def create_app(recognizer, gallery=None, max_upload_bytes=MAX_UPLOAD_BYTES):
         return result
 
     @app.get("/v1/thumbnail/{met_id}")
-    def thumbnail(met_id: int):
+    def thumbnail(met_id: int, size: str = "small"):
+        if size not in THUMBNAIL_SIDES:
+            raise HTTPException(422, f"size must be one of {', '.join(THUMBNAIL_SIDES)}")
         try:
-            jpeg = None if gallery is None else gallery.thumbnail(met_id)
+            jpeg = None if gallery is None else gallery.thumbnail(met_id, THUMBNAIL_SIDES[size])
         except OSError:
             jpeg = None
         if jpeg is None:
