@@ -221,12 +221,18 @@ def test_cli_on_a_users_met_folder(tmp_path):
     )
     assert done.returncode == 0, done.stderr[-2000:]
     assert "Summary (test queries):" in done.stdout and "GAP-" in done.stdout
-    # It ends with the commands that show this run in tfmet-serve's web page.
-    last = done.stdout.strip().splitlines()[-2:]
+    # It ends with the commands that show this run in tfmet-serve's web page, and the script
+    # (what `make serve` runs) that holds them.
+    last = done.stdout.strip().splitlines()[-3:]
     assert last[0].strip().startswith("tfmet-export --kind recognizer --out ")
     assert f"--results_json {workdir}" in last[0] and "--backbone resnet_tiny --seed 0" in last[0]
     assert last[1].strip().startswith("tfmet-serve --model ")
     assert f"--info_dir {tree.info_dir} --image_root {tree.image_root}" in last[1]
+    assert "--names" not in last[1]  # a user's Met folder has no exhibit names to show
+    assert last[2] == f"(or: make serve, which runs {workdir / 'serve.sh'})"
+    script = (workdir / "serve.sh").read_text(encoding="utf-8")
+    assert f"|| {last[0].strip()} --force\n" in script
+    assert f'exec {last[1].strip()} "$@"\n' in script
     assert (workdir / "matches-resnet_tiny-random-seed0.png").exists()
     assert not (workdir / "benchmark").exists()  # the user's folder was used, none was built
 

@@ -59,7 +59,7 @@ def main(argv):
             f"--precision must be one of {', '.join(PRECISIONS)}. Received: {FLAGS.precision!r}"
         )
     from tfmet.demo import figures
-    from tfmet.demo.run import RANDOM, run_demo
+    from tfmet.demo.run import RANDOM, run_demo, write_serve_script
 
     runs = [FLAGS.weights]
     if FLAGS.random_baseline and FLAGS.weights != RANDOM:
@@ -92,6 +92,8 @@ def main(argv):
     print(figures.EXPLANATION)
     print("See the recogniser answer photos in a web page (tfmet-serve, then open the address):")
     print(results[0].serve_command)
+    script = write_serve_script(FLAGS.workdir, results[0])
+    print(f"(or: make serve, which runs {script})")
 
 
 def run():

@@ -10,6 +10,7 @@ The steps are the library calls behind the programs, in the order a user runs th
 
 import dataclasses
 import os
+import shlex
 import time
 
 import numpy as np
@@ -32,6 +33,7 @@ class DemoResult:
       num_database, num_val, num_test: split sizes.
       seconds: wall time of the whole run.
       serve_command: tfmet-export + tfmet-serve commands that put this run in a web page.
+      export_dir: where `serve_command` exports the recogniser.
     """
 
     run_name: str
@@ -47,6 +49,7 @@ class DemoResult:
     num_test: int
     seconds: float
     serve_command: str = ""
+    export_dir: str = ""
 
 
 def _check_weights(backbone, weights):
@@ -216,15 +219,52 @@ def run_demo(
         num_val=len(bench.splits[1]),
         num_test=len(bench.splits[2]),
         seconds=time.perf_counter() - started,
+        export_dir=os.path.join(workdir, "recognizer", run_name),
         serve_command=serve_command(
             os.path.join(workdir, "recognizer", run_name),
             f"--descriptor_dir {output_dir} --info_dir {bench.info_dir} "
             f"--results_json {results_json}"
             + _model_flags(backbone, weights_file, seed, multiscale, max_side)
             + ("" if precision == "float32" else f" --precision {precision}"),
-            f"--info_dir {bench.info_dir} --image_root {bench.image_root}",
+            f"--info_dir {bench.info_dir} --image_root {bench.image_root}"
+            + (f" --names {_write_names(workdir, bench.names)}" if bench.names else ""),
         ),
     )
+
+
+NAMES_FILE = "exhibit_names.json"
+SERVE_SCRIPT = "serve.sh"
+
+
+def _write_names(workdir, names):
+    """The exhibits' names for tfmet-serve's page (`--names`): "chelsea" -> "Chelsea"."""
+    from tfmet.io.atomic import save_json
+
+    path = os.path.join(workdir, NAMES_FILE)
+    save_json(path, {str(i): name.replace("_", " ").capitalize() for i, name in names.items()})
+    return path
+
+
+def write_serve_script(workdir, result):
+    """Writes `<workdir>/serve.sh`, what `make serve` runs: `result`'s two serve commands as
+    printed, the export skipped while it is newer than the run's kNN results; arguments of the
+    script go to tfmet-serve (e.g. `--port 8081`)."""
+    from tfmet.io.atomic import atomic_path
+
+    export, serve = (line.strip() for line in result.serve_command.splitlines())
+    results_json = os.path.join(result.descriptors, "knn_results.json")
+    marker = os.path.join(result.export_dir, "saved_model.pb")
+    script = (
+        "#!/bin/sh\n# Written by tfmet-demo: its recogniser in tfmet-serve's page (make serve).\n"
+        "set -e\n"
+        f"[ {shlex.quote(marker)} -nt {shlex.quote(results_json)} ] || {export} --force\n"
+        f'exec {serve} "$@"\n'
+    )
+    path = os.path.join(os.path.abspath(os.fspath(workdir)), SERVE_SCRIPT)
+    with atomic_path(path) as tmp:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(script)
+    return path
 
 
 @dataclasses.dataclass
