@@ -329,17 +329,36 @@ def bench_demo(workdir):
     return results
 
 
+def demo_cosines(result, reference):
+    """Per-image cosine of a demo run's descriptors (every split's store) to `reference`'s."""
+    from tfmet.descriptors import store
+
+    cosines = []
+    for split in ("train", "val", "test"):
+        # The same ground truth in the same order: row i is the same photo in both stores.
+        ours, theirs = (store.read_store(r.descriptors, split) for r in (result, reference))
+        valid = ours.valid & theirs.valid
+        cosines.append(np.sum(ours.descriptors[valid] * theirs.descriptors[valid], axis=1))
+    return np.concatenate(cosines)
+
+
 def print_demo(results):
-    print(f"{'demo':<10} {'precision':<24} {'GAP':>7} {'GAP-':>7} {'ACC':>7}  vs float32 (points)")
-    base = results["float32"].test
+    print(
+        f"{'demo':<10} {'precision':<24} {'GAP':>7} {'GAP-':>7} {'ACC':>7}  vs float32 (points)"
+        "; per-image cosine to float32 (min / mean, every photo)"
+    )
+    base = results["float32"]
     for precision, result in results.items():
         test = result.test
         delta = " ".join(
-            f"{key} {100 * (test[key] - base[key]):+.2f}" for key in ("gap", "gap_minus", "acc")
+            f"{key} {100 * (test[key] - base.test[key]):+.2f}"
+            for key in ("gap", "gap_minus", "acc")
         )
+        cosines = demo_cosines(result, base)
         print(
             f"{'demo':<10} {precision:<24} {100 * test['gap']:7.2f} "
-            f"{100 * test['gap_minus']:7.2f} {100 * test['acc']:7.2f}  {delta}"
+            f"{100 * test['gap_minus']:7.2f} {100 * test['acc']:7.2f}  {delta}; "
+            f"{cosines.min():.6f} / {cosines.mean():.6f} ({cosines.size} photos)"
         )
 
 

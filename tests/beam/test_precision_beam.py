@@ -5,8 +5,11 @@ import json
 
 import pytest
 
+from tfmet.backbones.precision import precision_version
 from tfmet.beam import pipeline
 from tfmet.descriptors import extraction
+
+BFLOAT16_VERSION = precision_version("bfloat16")
 
 
 def _write_metadata(model, **fields):
@@ -27,20 +30,24 @@ def _write_metadata(model, **fields):
 def test_saved_model_spec_reads_the_precision(tmp_path):
     _write_metadata(tmp_path / "old")
     assert pipeline.saved_model_spec(str(tmp_path / "old")).precision == "float32"
-    _write_metadata(tmp_path / "bf16", precision="bfloat16", precision_version=2)
+    _write_metadata(tmp_path / "bf16", precision="bfloat16", precision_version=BFLOAT16_VERSION)
     assert pipeline.saved_model_spec(str(tmp_path / "bf16")).precision == "bfloat16"
     metadata = pipeline.model_metadata(pipeline.saved_model_spec(str(tmp_path / "bf16")))
-    assert metadata["precision"] == "bfloat16" and metadata["precision_version"] == 2
+    assert metadata["precision"] == "bfloat16" and metadata["precision_version"] == BFLOAT16_VERSION
 
 
-def test_an_export_of_the_first_bfloat16_is_refused(tmp_path):
-    _write_metadata(tmp_path / "bf16", precision="bfloat16")  # every layer in bfloat16, baked in
-    with pytest.raises(ValueError, match=r"older tfmet whose bfloat16 .*\(precision_version 1\)"):
+@pytest.mark.parametrize("version", [None, 2])
+def test_an_export_of_an_older_bfloat16_is_refused(tmp_path, version):
+    # None: every layer in bfloat16 (no field); 2: EfficientNet-Lite's first block still in it.
+    fields = {} if version is None else {"precision_version": version}
+    _write_metadata(tmp_path / "bf16", precision="bfloat16", **fields)
+    expected = rf"older tfmet whose bfloat16 .*\(precision_version {version or 1}\)"
+    with pytest.raises(ValueError, match=expected):
         pipeline.saved_model_spec(str(tmp_path / "bf16"))
 
 
 def test_an_export_of_another_precision_is_not_reused(tmp_path):
-    _write_metadata(tmp_path / "model", precision="bfloat16", precision_version=2)
+    _write_metadata(tmp_path / "model", precision="bfloat16", precision_version=BFLOAT16_VERSION)
     spec = extraction.ExtractionSpec(
         "resnet18", "sha256:00", (1.0,), "torch", None, 512, precision="float32"
     )

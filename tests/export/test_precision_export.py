@@ -7,6 +7,7 @@ import os
 import numpy as np
 import tensorflow as tf
 
+from tfmet.backbones.precision import precision_version
 from tfmet.descriptors import extraction
 from tfmet.export import builders
 from tfmet.export.common import save_module
@@ -20,7 +21,9 @@ def test_bfloat16_descriptor_export_matches_the_extractor_and_records_precision(
     path = save_module(module, tmp_path / "export", module.signatures(), metadata)
     with open(os.path.join(path, "assets", "tfmet_metadata.json")) as f:
         recorded = json.load(f)
-    assert recorded["precision"] == "bfloat16" and recorded["precision_version"] == 2
+    assert recorded["precision"] == "bfloat16" and recorded[
+        "precision_version"
+    ] == precision_version("bfloat16")
     images = rng.uniform(0, 255, size=(1, 40, 52, 3)).astype(np.float32)
     loaded = tf.saved_model.load(path).signatures["images"]
     served = loaded(images=tf.constant(images))["descriptor"].numpy()

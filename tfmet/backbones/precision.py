@@ -11,22 +11,26 @@ dtype="float32" by its owner (e.g. `tfmet.descriptors.Embedder`), which casts th
 reduced-precision features up to float32 on entry.
 
 One exception to "the backbone computes in bfloat16": in a torchvision-layout bottleneck trunk
-(ResNet-50/101, ResNeXt) the stem and the first residual block stay float32 (`float32_layers`;
-8.5% of ResNet-50's FLOPs). Measured on ResNet-50 (docs/extraction.md, "Reduced precision"), the
-rounding in the first layers -- of the normalised pixels, of the stem's weights and outputs -- is
-what the rest of the network amplifies most; a stage further down contributes 5-300x less.
+(ResNet-50/101, ResNeXt) and in EfficientNet-Lite the stem and the first block stay float32
+(`float32_layers`; 8.5% of ResNet-50's FLOPs, 5.4% of EfficientNet-Lite0's). Measured on
+ResNet-50 (docs/extraction.md, "Reduced precision"), the rounding in the first layers -- of the
+normalised pixels, of the stem's weights and outputs -- is what the rest of the network
+amplifies most; a stage further down contributes 5-300x less. The same holds for
+EfficientNet-Lite0 with its ImageNet weights on the demo's real photos, where its first block
+(a depthwise and a pointwise conv at full resolution) costs the most.
 BasicBlock trunks (ResNet-18/34) and float16 (11 mantissa bits) meet the 0.999 cosine target
 without the exception and are left as they were.
 """
 
 PRECISIONS = ("float32", "bfloat16", "float16")
 DTYPE_POLICIES = {"float32": "float32", "bfloat16": "mixed_bfloat16", "float16": "mixed_float16"}
-# What a precision computes, where it changed after descriptors of it were stored: bfloat16 2
-# keeps the stem and first block of a bottleneck ResNet in float32 (`float32_layers`); bfloat16 1
-# (stores without the field) ran every backbone layer in bfloat16. Stores record it
+# What a precision computes, where it changed after descriptors of it were stored: bfloat16 3
+# also keeps EfficientNet-Lite's stem and first block in float32; 2 kept only those of a
+# bottleneck ResNet (`float32_layers`); 1 (stores without the field) ran every backbone layer
+# in bfloat16. Stores record it
 # (`tfmet.descriptors.extraction.ExtractionSpec`) so that the two are never mixed -- for every
 # backbone, also those whose bfloat16 did not change (a store does not say which layers ran how).
-PRECISION_VERSIONS = {"bfloat16": 2}
+PRECISION_VERSIONS = {"bfloat16": 3}
 
 
 def check_precision(precision):
@@ -48,24 +52,32 @@ def precision_version(precision):
     return PRECISION_VERSIONS.get(check_precision(precision), 1)
 
 
+# The first block of a trunk whose rounding under bfloat16 the rest amplifies most, by the name
+# of one of its layers (the trunk's naming) -> the prefix of the block's layer names.
+FIRST_BLOCKS = {
+    "layer1.0.conv3": "layer1.0.",  # torchvision bottleneck ResNet / ResNeXt
+    "blocks.0.project_conv": "blocks.0.",  # EfficientNet-Lite (tfmet.backbones.efficientnet_lite)
+}
+
+
 def float32_layers(model, precision):
     """The layers of `model` that stay float32 under `precision`.
 
-    For bfloat16 on a torchvision-layout bottleneck trunk (ResNet-50/101, ResNeXt;
-    `tfmet.backbones.torchvision_resnet` naming: "conv1", ..., "maxpool", "layer1.0.conv3"): the
-    stem and the first residual block, whose output the next block reads rounded to bfloat16.
-    Nothing otherwise: BasicBlock trunks (ResNet-18/34) meet the cosine target in bfloat16
-    throughout, other families were not measured, float16 and float32 need no exception.
+    For bfloat16 on a trunk of `FIRST_BLOCKS` -- a torchvision-layout bottleneck ResNet
+    (ResNet-50/101, ResNeXt: "conv1", ..., "maxpool", "layer1.0.*") or EfficientNet-Lite
+    ("conv_stem", "bn0", "stem_act", "blocks.0.*") -- the stem and the first block: every layer
+    up to the block's last, whose output the next block reads rounded to bfloat16. Nothing
+    otherwise: BasicBlock trunks (ResNet-18/34) meet the cosine target in bfloat16 throughout,
+    other families were not measured, float16 and float32 need no exception.
     """
     if precision != "bfloat16" or not hasattr(model, "layers"):
         return []
-    if "layer1.0.conv3" not in {layer.name for layer in model.layers}:
-        return []
-    return [
-        layer
-        for layer in model.layers
-        if layer.name.startswith("layer1.0.") or not layer.name.startswith("layer")
-    ]
+    names = [layer.name for layer in model.layers]
+    for marker, prefix in FIRST_BLOCKS.items():
+        if marker in names:
+            last = max(i for i, name in enumerate(names) if name.startswith(prefix))
+            return model.layers[: last + 1]
+    return []
 
 
 def set_precision(model, precision):
