@@ -1,0 +1,280 @@
+"""The Met journey with the real embedded model, as a new user walks it after `make demo`.
+
+tfmet-demo (EfficientNet-Lite0, ImageNet weights, the benchmark of real photos) prints its next
+step: a tfmet-export and a tfmet-serve command. They are run here as printed, then:
+- tfmet-recognize --json on every test photo gives knn-eval's test ACC (top-1) and the
+  threshold's test precision / recall, which the demo's knn_results.json records;
+- the export, reloaded by plain TensorFlow (no tfmet import), gives tfmet-extract's descriptors
+  (< 1e-5) and tfmet-recognize's answers;
+- `make serve` (the README's line; the demo's serve.sh) serves it, and in chromium a Met photo
+  shows its exhibit (name and database photo), a distractor "not in the collection".
+"""
+
+import json
+import os
+import shlex
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+import urllib.request
+
+import numpy as np
+import pytest
+
+from tests.kit import REPO, run_cli, run_command
+from tests.kit.cli import ENV
+
+pytestmark = pytest.mark.slow
+BIN = os.path.dirname(sys.executable)
+
+
+def _printed(stdout, program):
+    """The command line the demo printed for `program`, split as a shell would."""
+    lines = [line.strip() for line in stdout.splitlines()]
+    found = [line for line in lines if line.startswith(program + " ")]
+    assert len(found) == 1, f"the demo printed {len(found)} {program} lines:\n{stdout[-3000:]}"
+    return shlex.split(found[0])
+
+
+def _run_printed(argv, timeout=600):
+    """A printed command, run as printed (its program from this environment's bin/)."""
+    result = run_command([os.path.join(BIN, argv[0]), *argv[1:]], timeout=timeout)
+    assert result.returncode == 0, f"{shlex.join(argv)} failed:\n{result.stderr[-3000:]}"
+    return result
+
+
+def _flag(argv, name):
+    return argv[argv.index(name) + 1]
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("demo_work")
+    result = run_cli("demo", "--workdir", workdir, "--noprogress", timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    export = _printed(result.stdout, "tfmet-export")
+    serve = _printed(result.stdout, "tfmet-serve")
+    _run_printed(export)
+    info_dir = _flag(export, "--info_dir")
+    return dict(
+        workdir=str(workdir),
+        stdout=result.stdout,
+        export=export,
+        serve=serve,
+        model=_flag(export, "--out"),
+        info_dir=info_dir,
+        image_root=_flag(serve, "--image_root"),
+        results=json.load(open(_flag(export, "--results_json"), encoding="utf-8")),
+        descriptors=_flag(export, "--descriptor_dir"),
+        test=json.load(open(os.path.join(info_dir, "testset.json"), encoding="utf-8")),
+    )
+
+
+@pytest.fixture(scope="module")
+def answers(demo):
+    """tfmet-recognize --json on every test photo: {path under the image root: answer}."""
+    photos = [os.path.join(demo["image_root"], "images", q["path"]) for q in demo["test"]]
+    result = run_command(
+        [os.path.join(BIN, "tfmet-recognize"), "--model", demo["model"], "--json", *photos]
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = [json.loads(line) for line in result.stdout.splitlines()]
+    prefix = os.path.join(demo["image_root"], "images") + os.sep
+    return {row["path"][len(prefix) :]: row for row in rows}
+
+
+def test_recognize_gives_knn_evals_test_accuracy_precision_and_recall(demo, answers):
+    queries = demo["test"]
+    assert len(answers) == len(queries) == 66
+    met = [q for q in queries if "MET_id" in q]
+    top1 = sum(answers[q["path"]]["best_met_id"] == q["MET_id"] for q in met)
+    right = sum(
+        answers[q["path"]]["accepted"] and answers[q["path"]]["met_id"] == q["MET_id"] for q in met
+    )
+    accepted = sum(answers[q["path"]]["accepted"] for q in queries)
+    results = demo["results"]
+    assert top1 / len(met) == pytest.approx(results["test"]["acc"], abs=1e-12)
+    threshold = results["threshold"]
+    assert threshold["rule"] == "max_f1" and 0 < threshold["value"] < 1
+    assert right / accepted == pytest.approx(threshold["test"]["precision"], abs=1e-12)
+    assert right / len(met) == pytest.approx(threshold["test"]["recall"], abs=1e-12)
+    # The real model recognises most of them (the demo's documented ACC is 92.9%).
+    assert results["test"]["acc"] > 0.85
+
+
+_PLAIN_TF = textwrap.dedent(
+    """
+    import json, sys
+    import numpy as np
+    import tensorflow as tf
+    model = tf.saved_model.load(sys.argv[1])
+    out = {"descriptors": [], "answers": []}
+    for pixels, photo in json.loads(sys.argv[2]):
+        image = np.load(pixels, allow_pickle=False)[None]
+        described = model.signatures["images"](images=tf.constant(image))
+        out["descriptors"].append(described["descriptor"].numpy()[0].tolist())
+        data = tf.constant([open(photo, "rb").read()])
+        answer = model.signatures["serving_default"](image_bytes=data)
+        out["answers"].append({k: v.numpy()[0].tolist() for k, v in answer.items()})
+    assert not any(name.startswith("tfmet") for name in sys.modules)
+    print(json.dumps(out))
+    """
+)
+
+
+def test_export_reloaded_by_plain_tensorflow_gives_the_librarys_numbers(demo, answers, tmp_path):
+    from tfmet.data.images import decode_image
+    from tfmet.descriptors.store import read_store
+
+    rows = [0, 7, 30, 65]  # Met photos and distractors of different sizes
+    queries = [demo["test"][i] for i in rows]
+    jobs = []
+    for row, query in zip(rows, queries, strict=True):
+        photo = os.path.join(demo["image_root"], "images", query["path"])
+        with open(photo, "rb") as f:
+            np.save(tmp_path / f"{row}.npy", decode_image(f.read()).numpy())
+        jobs.append((str(tmp_path / f"{row}.npy"), photo))
+    result = run_command([sys.executable, "-c", _PLAIN_TF, demo["model"], json.dumps(jobs)])
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = json.loads(result.stdout.strip().splitlines()[-1])
+    extracted = np.asarray(read_store(demo["descriptors"], "test").descriptors)[rows]
+    assert np.abs(np.asarray(out["descriptors"]) - extracted).max() < 1e-5
+    for query, served in zip(queries, out["answers"], strict=True):
+        library = answers[query["path"]]
+        assert served["met_id"] == library["best_met_id"]
+        assert served["accepted"] == library["accepted"]
+        assert abs(served["confidence"] - library["confidence"]) < 1e-5
+
+
+def test_the_printed_commands_are_what_make_serve_runs(demo):
+    script = open(os.path.join(demo["workdir"], "serve.sh"), encoding="utf-8").read()
+    assert f"|| {shlex.join(demo['export'])} --force\n" in script
+    assert f'exec {shlex.join(demo["serve"])} "$@"\n' in script
+    assert "(or: make serve, which runs" in demo["stdout"]
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def page(demo):
+    """`make serve` on the demo's work folder (the README's line), on a free port."""
+    port = _free_port()
+    if shutil.which("make") and os.path.exists(os.path.join(REPO, ".venv", ".installed")):
+        command = ["make", "-s", "-C", REPO, "serve", f"DEMO_WORKDIR={demo['workdir']}",
+                   f"SERVE_FLAGS=--port={port}"]  # fmt: skip
+    else:  # not the README's .venv: the script make serve runs, with this environment's bin/
+        command = ["sh", os.path.join(demo["workdir"], "serve.sh"), f"--port={port}"]
+    env = dict(ENV, PATH=BIN + os.pathsep + os.environ.get("PATH", ""))
+    process = subprocess.Popen(
+        command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        start_new_session=True,
+    )  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and process.poll() is None:
+        try:
+            urllib.request.urlopen(url + "/healthz", timeout=2)
+            break
+        except OSError:
+            time.sleep(0.5)
+    else:
+        os.killpg(process.pid, signal.SIGKILL)
+        pytest.fail(f"make serve did not start: {process.communicate()[0][-3000:]}")
+    yield url, process
+    os.killpg(process.pid, signal.SIGTERM)
+    output = process.communicate(timeout=60)[0]
+    assert f"serving {demo['model']} on http://127.0.0.1:{port}/" in output, output[-2000:]
+
+
+def _pick(demo, answers):
+    """A Met test photo answered right, and a distractor rejected."""
+    right = next(
+        q for q in demo["test"]
+        if "MET_id" in q and answers[q["path"]]["accepted"]
+        and answers[q["path"]]["met_id"] == q["MET_id"]
+    )  # fmt: skip
+    rejected = next(
+        q for q in demo["test"] if "MET_id" not in q and not answers[q["path"]]["accepted"]
+    )
+    return right, rejected
+
+
+@pytest.mark.skipif(not shutil.which("chromedriver"), reason="needs chromium + chromium-driver")
+def test_the_page_shows_the_exhibit_and_rejects_a_distractor(demo, answers, page, tmp_path):
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    url, _ = page
+    names = json.load(open(os.path.join(demo["workdir"], "exhibit_names.json"), encoding="utf-8"))
+    right, rejected = _pick(demo, answers)
+    options = webdriver.ChromeOptions()
+    options.binary_location = shutil.which("chromium") or "/usr/bin/chromium"
+    for flag in (
+        "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+        "--disable-background-networking", "--disable-component-update", "--disable-sync",
+        f"--user-data-dir={tmp_path / 'profile'}", "--window-size=1000,900",
+    ):  # fmt: skip
+        options.add_argument(flag)
+    driver = webdriver.Chrome(service=Service(shutil.which("chromedriver")), options=options)
+
+    def ask(query):
+        driver.get(url + "/")
+        photo = os.path.join(demo["image_root"], "images", query["path"])
+        driver.find_element(By.ID, "file").send_keys(photo)
+        WebDriverWait(driver, 120).until(lambda d: d.find_element(By.ID, "answer").text.strip())
+        thumbnails = driver.find_elements(By.CSS_SELECTOR, "#matches img, #exhibit img")
+        WebDriverWait(driver, 60).until(
+            lambda d: all(
+                d.execute_script("return arguments[0].complete", t)
+                for t in thumbnails
+                if t.is_displayed()
+            )
+        )
+        return {
+            key: driver.find_element(By.ID, key).text.strip()
+            for key in ("answer", "name", "confidence", "exhibit", "matches")
+        }
+
+    try:
+        shown = ask(right)
+        met_id = right["MET_id"]
+        assert shown["answer"] == f"Met {met_id}"
+        assert shown["name"] == names[str(met_id)]
+        assert shown["exhibit"] == f"In the collection: Met {met_id} \u00b7 {names[str(met_id)]}"
+        exhibit = driver.find_element(By.CSS_SELECTOR, "#exhibit img")
+        assert driver.execute_script("return arguments[0].naturalWidth", exhibit) > 0
+        confidence = answers[right["path"]]["confidence"]
+        threshold = demo["results"]["threshold"]["value"]
+        assert shown["confidence"] == (
+            f"Confidence {confidence:.2f}, at or above the threshold of {threshold:.2f} needed "
+            "for an answer: recognised."
+        )
+        shot = tmp_path / "recognize.png"
+        assert driver.save_screenshot(str(shot))
+        if os.environ.get("TFMET_SCREENSHOT"):
+            shutil.copy(shot, os.environ["TFMET_SCREENSHOT"])
+
+        shown = ask(rejected)
+        closest = answers[rejected["path"]]["best_met_id"]
+        assert shown["answer"] == "not in the collection"
+        assert shown["name"] == "" and shown["exhibit"] == ""
+        assert "is below the threshold of" in shown["confidence"]
+        assert shown["confidence"].endswith(
+            f"The closest is Met {closest} \u00b7 {names[str(closest)]}."
+        )
+        link = driver.find_element(By.LINK_TEXT, "JSON API")
+        assert link.get_attribute("href") == url + "/v1"
+    finally:
+        driver.quit()
+    api = json.load(urllib.request.urlopen(url + "/v1"))
+    assert "POST /v1/recognize" in api
