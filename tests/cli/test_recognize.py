@@ -10,7 +10,6 @@ import io
 import json
 import os
 import shutil
-import socket
 import struct
 import subprocess
 import sys
@@ -22,6 +21,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from tests.kit.web import free_port, headless_chromium, needs_chromium, wait_until_serving
 from tfmet.data import met
 from tfmet.demo import benchmark
 
@@ -240,15 +240,9 @@ def test_web_refuses_bad_uploads(client):
     assert client.get("/v1/thumbnail/..%2F..%2Fetc%2Fpasswd").status_code in (404, 422)
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server(built):
-    port = _free_port()
+    port = free_port()
     bench = built["bench"]
     process = subprocess.Popen(
         [sys.executable, "-m", "tfmet.cli.serve", f"--model={built['export']}",
@@ -256,16 +250,7 @@ def server(built):
         env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )  # fmt: skip
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline and process.poll() is None:
-        try:
-            urllib.request.urlopen(url + "/healthz", timeout=2)
-            break
-        except OSError:
-            time.sleep(0.5)
-    else:
-        process.kill()
-        pytest.fail(f"tfmet-serve did not start: {process.communicate()[0][-2000:]}")
+    wait_until_serving(url, process, process.kill, "tfmet-serve")
     yield url, process
     process.terminate()
     process.wait(timeout=30)
@@ -301,23 +286,13 @@ def test_server_under_load(server, built):
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not shutil.which("chromedriver"), reason="needs chromium + chromium-driver")
+@needs_chromium
 def test_page_in_a_headless_browser(server, built, tmp_path):
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
     url, _ = server
-    options = webdriver.ChromeOptions()
-    options.binary_location = shutil.which("chromium") or "/usr/bin/chromium"
-    for flag in (
-        "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-        "--disable-background-networking", "--disable-component-update", "--disable-sync",
-        f"--user-data-dir={tmp_path / 'profile'}", "--window-size=1000,760",
-    ):  # fmt: skip
-        options.add_argument(flag)
-    driver = webdriver.Chrome(service=Service(shutil.which("chromedriver")), options=options)
+    driver = headless_chromium(tmp_path / "profile")
     try:
         # A right accepted answer when there is one, else any accepted one, else the first photo.
         right = [

@@ -1,7 +1,9 @@
 """The Met journey with the real embedded model, as a new user walks it after `make demo`.
 
-tfmet-demo (EfficientNet-Lite0, ImageNet weights, the benchmark of real photos) prints its next
-step: a tfmet-export and a tfmet-serve command. They are run here as printed, then:
+tfmet-demo (EfficientNet-Lite0, ImageNet weights, the benchmark of real photos) prints the
+tfmet-extract and tfmet-knn-eval commands equivalent to its steps, and its next step: a
+tfmet-export and a tfmet-serve command. They are run here as printed, then:
+- the equivalent commands give the demo's descriptors and its k, tau and test metrics;
 - tfmet-recognize --json on every test photo gives knn-eval's test ACC (top-1) and the
   threshold's test precision / recall, which the demo's knn_results.json records;
 - the export, reloaded by plain TensorFlow (no tfmet import), gives tfmet-extract's descriptors
@@ -15,11 +17,9 @@ import os
 import shlex
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import textwrap
-import time
 import urllib.request
 
 import numpy as np
@@ -27,14 +27,16 @@ import pytest
 
 from tests.kit import REPO, run_cli, run_command
 from tests.kit.cli import ENV
+from tests.kit.web import free_port, headless_chromium, needs_chromium, wait_until_serving
 
 pytestmark = pytest.mark.slow
 BIN = os.path.dirname(sys.executable)
 
 
 def _printed(stdout, program):
-    """The command line the demo printed for `program`, split as a shell would."""
-    lines = [line.strip() for line in stdout.splitlines()]
+    """The command line the demo printed for `program`, split as a shell would (the lines of its
+    equivalent commands start with "= ")."""
+    lines = [line.strip().removeprefix("= ") for line in stdout.splitlines()]
     found = [line for line in lines if line.startswith(program + " ")]
     assert len(found) == 1, f"the demo printed {len(found)} {program} lines:\n{stdout[-3000:]}"
     return shlex.split(found[0])
@@ -150,6 +152,34 @@ def test_export_reloaded_by_plain_tensorflow_gives_the_librarys_numbers(demo, an
         assert abs(served["confidence"] - library["confidence"]) < 1e-5
 
 
+def test_the_printed_equivalent_commands_give_the_demos_numbers(demo, tmp_path):
+    """The demo's "= tfmet-extract ..." and "= tfmet-knn-eval ..." lines, run as printed into
+    another folder (so the demo's own results, which serve.sh dates the export by, stay)."""
+    from tfmet.descriptors.store import read_store
+
+    extract = _printed(demo["stdout"], "tfmet-extract")
+    out = str(tmp_path / "descriptors")
+    extract[extract.index("--output_dir") + 1] = out
+    _run_printed(extract)
+    for split in ("train", "val", "test"):
+        ours, demos = (read_store(d, split) for d in (out, demo["descriptors"]))
+        np.testing.assert_array_equal(ours.valid, demos.valid)
+        assert np.abs(np.asarray(ours.descriptors) - np.asarray(demos.descriptors)).max() < 1e-6
+    knn_eval = _printed(demo["stdout"], "tfmet-knn-eval")
+    assert knn_eval[1] == demo["descriptors"]
+    knn_eval[1] = out
+    _run_printed(knn_eval)
+    results = json.load(open(os.path.join(out, "knn_results.json"), encoding="utf-8"))
+    assert (results["k"], results["t"]) == (demo["results"]["k"], demo["results"]["t"])  # t: tau
+    for key in ("gap", "gap_minus", "acc"):
+        assert results["test"][key] == pytest.approx(demo["results"]["test"][key], abs=1e-9)
+    # The threshold sits between two confidences: float rounding of the descriptors (~1e-7) moves
+    # it by as much, not the decisions it makes.
+    threshold, demos = results["threshold"], demo["results"]["threshold"]
+    assert threshold["value"] == pytest.approx(demos["value"], abs=1e-5)
+    assert threshold["test"] == demos["test"]
+
+
 def test_the_printed_commands_are_what_make_serve_runs(demo):
     script = open(os.path.join(demo["workdir"], "serve.sh"), encoding="utf-8").read()
     assert f"|| {shlex.join(demo['export'])} --force\n" in script
@@ -157,16 +187,10 @@ def test_the_printed_commands_are_what_make_serve_runs(demo):
     assert "(or: make serve, which runs" in demo["stdout"]
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def page(demo):
     """`make serve` on the demo's work folder (the README's line), on a free port."""
-    port = _free_port()
+    port = free_port()
     if shutil.which("make") and os.path.exists(os.path.join(REPO, ".venv", ".installed")):
         command = ["make", "-s", "-C", REPO, "serve", f"DEMO_WORKDIR={demo['workdir']}",
                    f"SERVE_FLAGS=--port={port}"]  # fmt: skip
@@ -178,16 +202,7 @@ def page(demo):
         start_new_session=True,
     )  # fmt: skip
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline and process.poll() is None:
-        try:
-            urllib.request.urlopen(url + "/healthz", timeout=2)
-            break
-        except OSError:
-            time.sleep(0.5)
-    else:
-        os.killpg(process.pid, signal.SIGKILL)
-        pytest.fail(f"make serve did not start: {process.communicate()[0][-3000:]}")
+    wait_until_serving(url, process, lambda: os.killpg(process.pid, signal.SIGKILL), "make serve")
     yield url, process
     os.killpg(process.pid, signal.SIGTERM)
     output = process.communicate(timeout=60)[0]
@@ -207,25 +222,15 @@ def _pick(demo, answers):
     return right, rejected
 
 
-@pytest.mark.skipif(not shutil.which("chromedriver"), reason="needs chromium + chromium-driver")
+@needs_chromium
 def test_the_page_shows_the_exhibit_and_rejects_a_distractor(demo, answers, page, tmp_path):
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
     url, _ = page
     names = json.load(open(os.path.join(demo["workdir"], "exhibit_names.json"), encoding="utf-8"))
     right, rejected = _pick(demo, answers)
-    options = webdriver.ChromeOptions()
-    options.binary_location = shutil.which("chromium") or "/usr/bin/chromium"
-    for flag in (
-        "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-        "--disable-background-networking", "--disable-component-update", "--disable-sync",
-        f"--user-data-dir={tmp_path / 'profile'}", "--window-size=1000,900",
-    ):  # fmt: skip
-        options.add_argument(flag)
-    driver = webdriver.Chrome(service=Service(shutil.which("chromedriver")), options=options)
+    driver = headless_chromium(tmp_path / "profile", window_size="1000,900")
 
     def ask(query):
         driver.get(url + "/")

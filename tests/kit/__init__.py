@@ -9,6 +9,7 @@
 - `tests.kit.met_tree`, `tests.kit.style_data`: writers of tiny Met trees and style datasets.
 - `run_cli`, `run_command`, `REPO`: programs in subprocesses (kit.cli).
 - `tests.kit.torch_models`: torchvision-layout torch modules (imports torch).
+- `tests.kit.web`: a free port, waiting for a server, headless chromium through selenium.
 """
 
 from tests.kit.cli import REPO, run_cli, run_command
