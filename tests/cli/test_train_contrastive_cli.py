@@ -46,6 +46,9 @@ def test_smoke_config_trains_and_the_model_extracts(tree, tmp_path):
     assert code == 0, log
     model = workdir / "model" / "embedder.keras"
     assert f"Trained model: {model}" in log
+    # Its next step, runnable as printed (tests/journeys/test_contrastive_journey.py runs it).
+    printed = f"Extract with: tfmet-extract --model={model} {' '.join(common)} --output_dir="
+    assert f"{printed}{workdir / 'extracted'}\n" in log
     with open(workdir / "config.json", encoding="utf-8") as f:
         recorded = json.load(f)
     assert recorded["pairs_type"] == "pos+new_neg" and recorded["seed"] == 3  # flags won

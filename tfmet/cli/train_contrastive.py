@@ -16,6 +16,7 @@ batch size stays the global one. See docs/contrastive.md.
 """
 
 import os
+import shlex
 
 from absl import flags, logging
 from ml_collections import config_flags
@@ -113,7 +114,22 @@ def _check_folders():
         raise FileNotFoundError(f"--init_descr={FLAGS.init_descr}: no such file or folder")
 
 
-def _report(result):
+def extract_command(result, config):
+    """The tfmet-extract line that describes this run's Met folder with the trained model
+    (multi-scale, into `<workdir>/extracted`), capped as validation was (`max_side`)."""
+    argv = [
+        "tfmet-extract",
+        f"--model={result.model_path}",
+        f"--info_dir={FLAGS.info_dir}",
+        f"--image_root={FLAGS.image_root}",
+        f"--output_dir={os.path.join(FLAGS.workdir, 'extracted')}",
+    ]
+    if config.get("max_side"):
+        argv.append(f"--max_side={config.max_side}")
+    return shlex.join(argv)
+
+
+def _report(result, config):
     for entry in result.history:
         if "loss" in entry:
             logging.info(
@@ -126,7 +142,7 @@ def _report(result):
             )
     if result.finished:
         print(f"Trained model: {result.model_path}")
-        print(f"Extract with: tfmet-extract --model={result.model_path} ...")
+        print(f"Extract with: {extract_command(result, config)}")
     else:
         print(
             f"Stopped at step {result.global_step} (epoch {result.epochs_completed} done); "
@@ -150,7 +166,7 @@ def main(argv):
         init_descr=FLAGS.init_descr,
         resume=FLAGS.resume,
     )
-    _report(result)
+    _report(result, config)
 
 
 def run():
