@@ -12,6 +12,9 @@ Usage:
 
     tree = write_met_tree(tmp_path)          # MetTree(info_dir, image_root, train, mini, val, test)
     split = tfmet.data.met.load_split(tree.info_dir, "val")
+
+`write_photo_tree` writes the same layout from real photos instead, for the journeys with the real
+embedded model (tests/journeys/).
 """
 
 import dataclasses
@@ -156,3 +159,29 @@ def write_met_tree(
     _write_json(os.path.join(tree.info_dir, "valset.json"), tree.val)
     _write_json(os.path.join(tree.info_dir, "testset.json"), tree.test)
     return tree
+
+
+# Four exhibits (the stereo motorcycle with two database views, as many Met objects have) and two
+# distractors: seventeen images keep EfficientNet-Lite0 within seconds on two cores.
+PHOTO_TREE_PHOTOS = ("astronaut", "chelsea", "coffee", "motorcycle", "clock", "china_right")
+# Its visitor photos have a long side of 320-448 px; the journeys cap them at this.
+PHOTO_TREE_MAX_SIDE = 160
+
+
+def write_photo_tree(root):
+    """A tiny Met tree of real photos under `root`, by the demo's own builder
+    (`tfmet.demo.benchmark`): one simulated visitor photo of each exhibit and distractor in val
+    and in test. Real photos, unlike `write_met_tree`'s patterns, are what ImageNet features
+    were trained on, so a real model's descriptors tell them apart. Returns the
+    `tfmet.demo.benchmark.Benchmark`."""
+    from tfmet.demo.benchmark import BenchmarkConfig, build_benchmark
+
+    config = BenchmarkConfig(
+        photos=PHOTO_TREE_PHOTOS,
+        val_per_exhibit=1,
+        test_per_exhibit=1,
+        val_per_distractor=1,
+        test_per_distractor=1,
+        database_side=128,
+    )
+    return build_benchmark(root, config, progress=False)

@@ -119,7 +119,8 @@ def settings_from_config(train_config):
 
 
 def build_classifier(model_config, class_names, seed=0):
-    """A `StyleClassifier` from a config's `model` section (weights: a local file or none).
+    """A `StyleClassifier` from a config's `model` section (weights: a local file, "imagenet"
+    for EfficientNet-Lite0's packaged weights, or none).
 
     Keras's random seed is set to `seed` first, so the randomly initialised parts (the head, a
     backbone without a weights file) are the same every time the run's model is rebuilt: a
