@@ -143,7 +143,7 @@ def test_extract_refuses_a_link_out_of_the_image_root(tmp_path, target):
 def style_export(tmp_path_factory):
     """A style SavedModel (3 classes, 32 px) for tfmet-predict."""
     from tfmet.export import save_module
-    from tfmet.export.style import StyleModule
+    from tfmet.export.style_classifier import StyleModule
     from tfmet.training.style import StyleClassifier, StyleHead
 
     classifier = StyleClassifier(one_conv_backbone(), StyleHead({"style": ["a", "b", "c"]}))

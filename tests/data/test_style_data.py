@@ -8,7 +8,7 @@ import pytest
 import tensorflow as tf
 
 from tests.kit import style_data
-from tfmet.data import style
+from tfmet.data import style_datasets
 
 
 @pytest.fixture(scope="module")
@@ -20,7 +20,7 @@ def pandora(tmp_path_factory):
 
 def test_pandora_keeps_artists_and_duplicate_names(pandora):
     root, truth = pandora
-    records = style.load_pandora18k(root)
+    records = style_datasets.load_pandora18k(root)
     assert len(records) == 3 * 2 * 3 + 2
     assert records.class_names["style"] == list(style_data.MOVEMENTS[:3])
     assert records.class_names["artist"] == sorted({a for a in truth["artist"] if a})
@@ -44,7 +44,7 @@ def test_pandora_keeps_artists_and_duplicate_names(pandora):
 def test_folders_plain_and_rasta_split_trees(tmp_path):
     plain = str(tmp_path / "plain")
     truth = style_data.make_folders(plain, num_classes=3, images_per_class=2)
-    records = style.load_folders(plain)
+    records = style_datasets.load_folders(plain)
     assert records.paths == truth["paths"]
     assert [records.class_names["style"][v] for v in records.labels["style"]] == truth["style"]
     assert records.splits is None
@@ -52,7 +52,7 @@ def test_folders_plain_and_rasta_split_trees(tmp_path):
     rasta = tmp_path / "rasta"
     style_data.make_folders(str(rasta / "wikipaintings_train"), num_classes=2, images_per_class=3)
     style_data.make_folders(str(rasta / "wikipaintings_val"), num_classes=2, images_per_class=1)
-    records = style.load_folders(str(rasta))
+    records = style_datasets.load_folders(str(rasta))
     assert {s: len(v) for s, v in records.splits.items()} == {"train": 6, "val": 2}
     assert all(records.paths[i].startswith("wikipaintings_val/") for i in records.splits["val"])
 
@@ -60,7 +60,7 @@ def test_folders_plain_and_rasta_split_trees(tmp_path):
 def test_wikipaintings_lists_with_classes_file_and_spaces(tmp_path):
     root = str(tmp_path)
     truth = style_data.make_wikipaintings(root, num_classes=3, per_split=(2, 1, 1))
-    records = style.load_wikipaintings_lists(root)
+    records = style_datasets.load_wikipaintings_lists(root)
     assert records.class_names["style"] == list(style_data.STYLES[:3])
     for split in ("train", "val", "test"):
         indices = records.splits[split]
@@ -72,16 +72,16 @@ def test_wikipaintings_lists_with_classes_file_and_spaces(tmp_path):
     with open(os.path.join(root, "val.txt"), "a") as f:
         f.write("images/x.jpg 7\n")
     with pytest.raises(ValueError, match=r"val\.txt: label '7' is not a class index"):
-        style.load_wikipaintings_lists(root)
+        style_datasets.load_wikipaintings_lists(root)
     with open(os.path.join(root, "val.txt"), "w") as f:
         f.write("just_a_path\n")
     with pytest.raises(ValueError, match=r"val\.txt:1: expected 'path label'"):
-        style.load_wikipaintings_lists(root)
+        style_datasets.load_wikipaintings_lists(root)
 
 
 def test_list_file_with_names_and_commas(tmp_path):
     (tmp_path / "train.csv").write_text("a/1.jpg,Baroque\na/2.jpg,Cubism\n")
-    records = style.load_wikipaintings_lists(str(tmp_path))
+    records = style_datasets.load_wikipaintings_lists(str(tmp_path))
     assert records.paths == ["a/1.jpg", "a/2.jpg"]
     assert records.class_names["style"] == ["Baroque", "Cubism"]
     assert list(records.splits) == ["train"]
@@ -90,67 +90,67 @@ def test_list_file_with_names_and_commas(tmp_path):
 def test_csv_multi_attribute_with_missing_values(tmp_path):
     root = str(tmp_path)
     truth = style_data.make_csv(root, num_classes=2, images_per_class=5)
-    records = style.load_csv(os.path.join(root, "labels.csv"))
+    records = style_datasets.load_csv(os.path.join(root, "labels.csv"))
     assert records.attributes == ["style", "artist", "genre"]
     genre = records.labels["genre"]
     assert [g == "" for g in truth["genre"]] == list(genre == -1)
     assert records.class_names["genre"] == sorted({g for g in truth["genre"] if g})
-    only = style.load_dataset("csv", root, attributes=["genre"])
+    only = style_datasets.load_dataset("csv", root, attributes=["genre"])
     assert only.attributes == ["genre"]
     with pytest.raises(ValueError, match=r"no column\(s\) \['period'\]"):
-        style.load_csv(os.path.join(root, "labels.csv"), attributes=["period"])
+        style_datasets.load_csv(os.path.join(root, "labels.csv"), attributes=["period"])
     with pytest.raises(ValueError, match="Unknown attribute"):
-        style.load_dataset("csv", root, attributes=["period"])
+        style_datasets.load_dataset("csv", root, attributes=["period"])
 
 
 def test_bad_roots_and_formats(tmp_path):
     with pytest.raises(FileNotFoundError, match="is not a directory"):
-        style.load_pandora18k(str(tmp_path / "missing"))
+        style_datasets.load_pandora18k(str(tmp_path / "missing"))
     with pytest.raises(ValueError, match="no images"):
-        style.load_pandora18k(str(tmp_path))
+        style_datasets.load_pandora18k(str(tmp_path))
     with pytest.raises(ValueError, match="Received: format='imagenet'"):
-        style.load_dataset("imagenet", str(tmp_path))
+        style_datasets.load_dataset("imagenet", str(tmp_path))
 
 
 def test_stratified_split_counts_by_hand():
     # class 0: 10 images -> 8/1/1; class 1: 7 images -> exact 5.6/0.7/0.7 -> floors 5/0/0 and
     # the 2 leftover images go to the largest remainders (val, test) -> 5/1/1; class 2: 1 -> train.
     labels = np.array([0] * 10 + [1] * 7 + [2])
-    split = style.stratified_split(labels, (0.8, 0.1, 0.1), seed=3)
+    split = style_datasets.stratified_split(labels, (0.8, 0.1, 0.1), seed=3)
     counts = {s: np.bincount(labels[v], minlength=3).tolist() for s, v in split.items()}
     assert counts == {"train": [8, 5, 1], "val": [1, 1, 0], "test": [1, 1, 0]}
     together = np.sort(np.concatenate(list(split.values())))
     np.testing.assert_array_equal(together, np.arange(len(labels)))
-    again = style.stratified_split(labels, (0.8, 0.1, 0.1), seed=3)
+    again = style_datasets.stratified_split(labels, (0.8, 0.1, 0.1), seed=3)
     assert all(np.array_equal(split[s], again[s]) for s in split)
-    other = style.stratified_split(labels, (0.8, 0.1, 0.1), seed=4)
+    other = style_datasets.stratified_split(labels, (0.8, 0.1, 0.1), seed=4)
     assert any(not np.array_equal(split[s], other[s]) for s in split)
     with pytest.raises(ValueError, match="summing to 1"):
-        style.stratified_split(labels, (0.8, 0.1, 0.2))
+        style_datasets.stratified_split(labels, (0.8, 0.1, 0.2))
 
 
 def test_split_file_round_trip_and_changed_dataset(pandora, tmp_path):
     root, _ = pandora
-    records = style.load_pandora18k(root)
+    records = style_datasets.load_pandora18k(root)
     path = str(tmp_path / "split.json")
-    first = style.load_or_create_split(records, path, (0.6, 0.2, 0.2), seed=0)
+    first = style_datasets.load_or_create_split(records, path, (0.6, 0.2, 0.2), seed=0)
     with open(path) as f:
         stored = json.load(f)
     assert stored["stratify"] == "style" and stored["seed"] == 0
     assert sorted(stored["splits"]["val"]) == sorted(records.paths[i] for i in first["val"])
     # A different seed does not matter once the file exists: runs stay comparable.
-    second = style.load_or_create_split(records, path, (0.6, 0.2, 0.2), seed=99)
+    second = style_datasets.load_or_create_split(records, path, (0.6, 0.2, 0.2), seed=99)
     assert all(np.array_equal(first[s], second[s]) for s in first)
     fewer = records.subset(np.arange(5))
     with pytest.raises(ValueError, match="the dataset changed"):
-        style.read_split(path, fewer)
+        style_datasets.read_split(path, fewer)
 
 
 def test_resize_eager_equals_dataset_map():
     image = tf.random.stateless_uniform([37, 23, 3], seed=(1, 2), maxval=255.0)
-    eager = style.resize_image(image, 16).numpy()
+    eager = style_datasets.resize_image(image, 16).numpy()
     mapped = next(
-        iter(tf.data.Dataset.from_tensors(image).map(lambda x: style.resize_image(x, 16)))
+        iter(tf.data.Dataset.from_tensors(image).map(lambda x: style_datasets.resize_image(x, 16)))
     )
     np.testing.assert_allclose(eager, mapped.numpy(), atol=1e-4)
     assert eager.shape == (16, 16, 3)
@@ -160,20 +160,20 @@ def test_image_dataset_skips_and_scan_reports_corrupt_files(tmp_path):
     root = str(tmp_path)
     truth = style_data.make_folders(root, num_classes=2, images_per_class=3, size=20)
     style_data.write_corrupt(os.path.join(root, truth["style"][0], "broken.jpg"))
-    records = style.load_folders(root)
+    records = style_datasets.load_folders(root)
     paths = records.abspaths()
-    bad = style.scan_images(paths)
+    bad = style_datasets.scan_images(paths)
     assert [(i, os.path.basename(p)) for i, p, _ in bad] == [
         (records.paths.index(f"{truth['style'][0]}/broken.jpg"), "broken.jpg")
     ]
     assert bad[0][2]  # a reason
-    dataset = style.image_dataset(paths, records.labels, image_size=8, batch_size=4)
+    dataset = style_datasets.image_dataset(paths, records.labels, image_size=8, batch_size=4)
     images, labels = zip(*[(x.numpy(), y["style"].numpy()) for x, y in dataset], strict=True)
     images, labels = np.concatenate(images), np.concatenate(labels)
     keep = [i for i in range(len(paths)) if i != bad[0][0]]
     assert images.shape == (6, 8, 8, 3)
     np.testing.assert_array_equal(labels, records.labels["style"][keep])
-    first = style.resize_image(
+    first = style_datasets.resize_image(
         tf.io.decode_jpeg(open(paths[keep[0]], "rb").read(), dct_method="INTEGER_ACCURATE"), 8
     )
     np.testing.assert_allclose(images[0], first.numpy(), atol=1e-3)

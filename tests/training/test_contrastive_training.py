@@ -24,14 +24,14 @@ from tfmet.data.images import read_image
 from tfmet.descriptors import DescriptorExtractor, Embedder
 from tfmet.descriptors import store as store_lib
 from tfmet.training import contrastive
-from tfmet.training.augment import (
+from tfmet.training.contrastive import loop as contrastive_loop
+from tfmet.training.contrastive.augment import (
     AugmentConfig,
     Augmenter,
     central_crop_box,
     random_resized_crop_box,
 )
-from tfmet.training.contrastive import loop as contrastive_loop
-from tfmet.training.mining import Pairs
+from tfmet.training.contrastive.mining import Pairs
 
 
 def smoke_config(**overrides):

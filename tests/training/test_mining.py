@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 
-from tfmet.training import mining
-from tfmet.training.mining import (
+from tfmet.training.contrastive import mining
+from tfmet.training.contrastive.mining import (
     NEGATIVE,
     REAL_POSITIVE,
     SYNTHETIC,

@@ -1,4 +1,4 @@
-"""tfmet.training.style_bottleneck: the feature cache keyed by extractor and image content."""
+"""tfmet.training.style.bottleneck: the feature cache keyed by extractor and image content."""
 
 import glob
 import os
@@ -9,7 +9,7 @@ import numpy as np
 import tensorflow as tf
 
 from tests.kit import style_data
-from tfmet.training import style_bottleneck
+from tfmet.training.style import bottleneck as style_bottleneck
 
 
 def test_bottleneck_cache_reuse_by_content(dataset, tmp_path):

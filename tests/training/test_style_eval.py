@@ -1,8 +1,8 @@
-"""tfmet.training.style_eval: confusion matrix, precision/recall and its image, by hand."""
+"""tfmet.training.style.evaluate: confusion matrix, precision/recall and its image, by hand."""
 
 import numpy as np
 
-from tfmet.training import style_eval
+from tfmet.training.style import evaluate as style_eval
 
 
 def test_confusion_and_precision_recall_by_hand():

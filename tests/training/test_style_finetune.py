@@ -1,4 +1,4 @@
-"""tfmet.training.style_finetune: which backbone variables train (blocks, fraction, hub)."""
+"""tfmet.training.style.finetune: which backbone variables train (blocks, fraction, hub)."""
 
 import keras
 import numpy as np
@@ -7,9 +7,11 @@ import tensorflow as tf
 
 from tests.kit.hub_modules import SlimHubTrunk as _HubTrunk
 from tests.kit.style_data import NUM_CLASSES
-from tfmet.data import style as style_data_module
-from tfmet.training import style_finetune, style_run, style_train
+from tfmet.data import style_datasets as style_data_module
 from tfmet.training.style import StyleClassifier, StyleHead
+from tfmet.training.style import finetune as style_finetune
+from tfmet.training.style import fit as style_train
+from tfmet.training.style import run as style_run
 
 
 def _finetune(batchnorm, dataset):

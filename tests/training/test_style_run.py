@@ -1,4 +1,4 @@
-"""tfmet.training.style_run on procedural styles: train, evaluate, TensorBoard, resume.
+"""tfmet.training.style.run on procedural styles: train, evaluate, TensorBoard, resume.
 
 The other style modules' tests sit beside this file (test_style_<module>.py)."""
 
@@ -13,12 +13,10 @@ import tensorflow as tf
 
 from configs import pandora18k
 from tests.kit.style_data import NUM_CLASSES
-from tfmet.training import (
-    style_eval,
-    style_predict,
-    style_run,
-    style_train,
-)
+from tfmet.training.style import evaluate as style_eval
+from tfmet.training.style import fit as style_train
+from tfmet.training.style import predict as style_predict
+from tfmet.training.style import run as style_run
 
 
 def smoke_config(root, cache_dir, **train):

@@ -1,4 +1,4 @@
-"""tfmet.training.style_train: the per-epoch monitor, its scalars, early stopping, checkpoints."""
+"""tfmet.training.style.fit: the per-epoch monitor, its scalars, early stopping, checkpoints."""
 
 import glob
 import os
@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from tfmet.training import style_train
 from tfmet.training.style import (
     StyleHead,
     masked_cross_entropy,
 )
+from tfmet.training.style import fit as style_train
 
 
 def test_monitor_scalars_and_early_stopping(tmp_path):

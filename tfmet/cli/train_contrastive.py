@@ -29,7 +29,7 @@ from tfmet.cli.common import (
     require,
     run_program,
 )
-from tfmet.training.mining import PAIR_TYPES
+from tfmet.training.contrastive.mining import PAIR_TYPES
 
 FLAGS = flags.FLAGS
 

@@ -15,7 +15,7 @@ threshold, i.e. the fewest accepted) or the lowest candidate whose precision >= 
 
 import numpy as np
 
-from tfmet.metrics import met as met_metrics
+from tfmet.metrics import recognition as met_metrics
 
 RULES = ("max_f1", "target_precision")
 KEYS = ("precision", "recall", "f1", "false_accept_rate")

@@ -81,7 +81,7 @@ class StyleClassifier(keras.Model):
         feeds the [0, 255] images unchanged.
       backbone_name: the registry name, kept for fine-tuning rules and cache keys.
       batchnorm: "frozen" calls the backbone with training=False always (BatchNorm in inference
-        mode); "train" passes the training flag through (see `tfmet.training.style_finetune`).
+        mode); "train" passes the training flag through (see `tfmet.training.style.finetune`).
 
     A backbone that already returns pooled features [B, C] (e.g. a hub feature-vector module) is
     used without pooling; a vision transformer's tokens [B, T, C] give their class token.

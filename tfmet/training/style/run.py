@@ -1,7 +1,7 @@
 """A style-classification run from a config: data, split, model, training, evaluation, prediction.
 
 The programs `tfmet-train-style` and `tfmet-evaluate-style` are thin wrappers around `train` and
-`evaluate` (`tfmet-predict` around `tfmet.training.style_predict`). A run directory holds:
+`evaluate` (`tfmet-predict` around `tfmet.training.style.predict`). A run directory holds:
 
     config.json          the config the run was trained with (evaluate / predict read it)
     split.json           the split, unless the config names a shared split file
@@ -14,7 +14,7 @@ The programs `tfmet-train-style` and `tfmet-evaluate-style` are thin wrappers ar
 Training modes (`train.mode`):
 
 - "bottleneck": the backbone is frozen; pooled features of every image are computed once and
-  cached (`tfmet.training.style_bottleneck`), then only the head trains, in seconds.
+  cached (`tfmet.training.style.bottleneck`), then only the head trains, in seconds.
 - "finetune": images flow through the backbone every step; the top of the backbone trains
   (`train.trainable_blocks` / `trainable_fraction` / `trainable_patterns`), with optional
   augmentation.
