@@ -12,7 +12,7 @@ from PIL import Image
 
 from tests.kit import tiny_backbone
 from tests.kit.met_tree import exhibit_view, write_image, write_met_tree
-from tfmet.backbones import IMAGENET_TORCH
+from tfmet.backbones import IMAGENET_TORCH, batchnorm
 from tfmet.data import met
 from tfmet.descriptors import MET_SCALES, DescriptorExtractor, Embedder, extraction, store
 
@@ -330,7 +330,7 @@ def test_fold_batchnorm_by_hand():
     model = keras.Model(x, keras.layers.ReLU()(bn(conv(x))))
     conv.set_weights([np.full((1, 1, 1, 1), 2.0, np.float32)])
     bn.set_weights([np.array([3.0]), np.array([1.0]), np.array([0.5]), np.array([4.0])])
-    folded, count = extraction.fold_batchnorm(model)
+    folded, count = batchnorm.fold_batchnorm(model)
     # (2x - 0.5) * 3 / sqrt(4) + 1 = 3x + 0.25
     assert count == 1
     kernel, bias = folded.get_layer("c").get_weights()
@@ -348,7 +348,7 @@ def test_fold_batchnorm_leaves_shared_conv_outputs_alone():
     y = keras.layers.Conv2D(2, 3, padding="same")(x)
     z = keras.layers.Add()([keras.layers.BatchNormalization()(y), y])
     model = keras.Model(x, z)
-    assert extraction.fold_batchnorm(model) == (model, 0)
+    assert batchnorm.fold_batchnorm(model) == (model, 0)
 
 
 def _randomise_batchnorm(model, seed):
@@ -386,7 +386,7 @@ def test_folded_extractor_from_a_saved_model_matches(tmp_path):
     n_bn = count(embedder.backbone.layers, keras.layers.BatchNormalization)
     layers = extractor.embedder.backbone.layers
     assert n_bn == 12 and count(layers, keras.layers.BatchNormalization) == 0
-    assert count(layers, extraction.FoldedBatchNorm) == n_bn
+    assert count(layers, batchnorm.FoldedBatchNorm) == n_bn
     assert spec.weights == extraction.weights_fingerprint(path) and spec.dim == 4
     image = np.random.default_rng(0).uniform(0, 255, (1, 45, 61, 3)).astype(np.float32)
     np.testing.assert_allclose(extractor(image).numpy(), reference(image).numpy(), atol=1e-5)

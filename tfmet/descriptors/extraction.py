@@ -33,12 +33,13 @@ import tensorflow as tf
 from absl import logging as absl_logging
 
 from tfmet import backbones
-from tfmet.backbones.batchnorm import FoldedBatchNorm, fold_batchnorm  # noqa: F401 (public here too)
+from tfmet.backbones.batchnorm import fold_batchnorm
 from tfmet.backbones.precision import check_precision, precision_version, set_precision
 from tfmet.data import images as image_io
 from tfmet.data.limits import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS
 from tfmet.descriptors import store as store_lib
 from tfmet.io.atomic import atomic_path, clean_stale_temporaries, save_json
+from tfmet.io.hashing import file_sha256
 from tfmet.io.json_files import read_json
 from tfmet.io.progress import format_seconds
 from tfmet.io.saved_models import load_keras_file
@@ -57,7 +58,7 @@ def weights_fingerprint(weights=None, seed=None):
         from tfmet.backbones.huggingface import weights_file
 
         weights = weights_file(weights)
-    return "sha256:" + store_lib.file_sha256(weights)
+    return "sha256:" + file_sha256(weights)
 
 
 @dataclasses.dataclass(frozen=True)

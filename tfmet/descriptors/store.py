@@ -22,7 +22,7 @@ import tfmet
 from tfmet.io import json_files
 from tfmet.io.arrays import load_npy
 from tfmet.io.atomic import atomic_path, save_json, save_npy
-from tfmet.io.hashing import file_sha256  # noqa: F401 (public here too)
+from tfmet.io.hashing import file_sha256
 
 FORMAT = "tfmet-descriptors"
 FORMAT_VERSION = 1

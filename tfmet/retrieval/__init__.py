@@ -6,7 +6,6 @@ from tfmet.retrieval.knn import KnnClassifier, knn_confidence
 from tfmet.retrieval.pca import (
     PCAWhitening,
     apply_pca_whitening,
-    l2_normalize,
     l2_normalize_rows,
     pca_whitening,
 )
@@ -29,7 +28,6 @@ __all__ = [
     "TuningResult",
     "apply_pca_whitening",
     "knn_confidence",
-    "l2_normalize",
     "l2_normalize_rows",
     "pca_whitening",
     "recall",

@@ -49,13 +49,6 @@ def nearest(database, queries, k):
     return np.asarray(scores, np.float32), np.asarray(neighbours, np.int64)
 
 
-def search(database, queries, k):
-    """`nearest` with the results the other way round, (indices, scores): this module's order
-    before every tfmet search returned (similarities, indices). Kept for existing callers."""
-    similarities, indices = nearest(database, queries, k)
-    return indices, similarities
-
-
 class NearestPaintings:
     """Nearest paintings by cosine similarity of pooled features.
 

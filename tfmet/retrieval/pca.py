@@ -69,9 +69,6 @@ def l2_normalize_rows(x):
     return x / norms
 
 
-l2_normalize = l2_normalize_rows  # the name before there was one per framework
-
-
 def covariance(x, chunk_rows=DEFAULT_CHUNK_ROWS):
     """(mean [d], biased covariance [d, d]) of the rows of `x`, both float64, two chunked passes."""
     x = _check_matrix(x)
@@ -138,7 +135,7 @@ def _whitened_chunks(x, mean, projection, chunk_rows):
     mean32 = np.asarray(mean, np.float32)
     projection32 = np.asarray(projection, np.float32)
     for rows, chunk in row_chunks(x, chunk_rows):
-        yield rows, l2_normalize((chunk.astype(np.float32) - mean32) @ projection32)
+        yield rows, l2_normalize_rows((chunk.astype(np.float32) - mean32) @ projection32)
 
 
 def apply_pca_whitening(x, mean, projection, chunk_rows=DEFAULT_CHUNK_ROWS):

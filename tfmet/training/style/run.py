@@ -59,10 +59,6 @@ def default_cache_dir():
     )
 
 
-config_to_dict = rundir.config_record
-_flatten = rundir.flatten
-
-
 def load_records(dataset_config):
     """The dataset of a config's `dataset` section, restricted to its attributes."""
     c = dataset_config
@@ -254,7 +250,7 @@ def train(config, workdir, resume=False):
     """
     start = time.time()
     check_config(config)
-    config_dict = config_to_dict(config)
+    config_dict = rundir.config_record(config)
     check_model_precision(config_dict["model"])  # before anything is written
     strategy = distribute.make_strategy(config_dict["train"].get("strategy", "default"))
     with distribute.worker_workdir(workdir, strategy, resume) as writable, strategy.scope():
