@@ -9,6 +9,7 @@ import pytest
 
 from tfmet import backbones
 from tfmet.backbones import torch_convert
+from tfmet.descriptors import conversion
 from tfmet.layers import gem
 
 torch = pytest.importorskip("torch")
@@ -45,7 +46,7 @@ def test_parity_with_torchvision_layout(tmp_path, arch, size):
     torch.save(model.state_dict(), checkpoint)  # full classifier: fc is ignored by the trunk
     if arch == "resnet18":  # the user's path: file -> tfmet-convert-weights -> backbones.get
         out = tmp_path / f"{arch}.weights.h5"
-        report, metadata = torch_convert.convert_checkpoint(checkpoint, arch, out)
+        report, metadata = conversion.convert_checkpoint(checkpoint, arch, out)
         assert metadata["kind"] == "backbone" and metadata["arch"] == arch
         keras_model = backbones.get(arch, weights=str(out))
     else:  # the same mapping, without building the (slow) bigger models twice
@@ -127,13 +128,11 @@ def test_met_contrastive_checkpoint_gives_an_embedder(tmp_path, projector):
     )
     out = tmp_path / "met.weights.h5"
     saved = tmp_path / "met.keras"
-    _, metadata = torch_convert.convert_checkpoint(
-        checkpoint, "resnet_tiny", out, keras_model=saved
-    )
+    _, metadata = conversion.convert_checkpoint(checkpoint, "resnet_tiny", out, keras_model=saved)
     assert metadata["kind"] == "embedder"
     assert metadata["projector_dim"] == (64 if projector else -1)
     assert metadata["p"] == pytest.approx(2.5)
-    keras_embedder = torch_convert.load_embedder(out)
+    keras_embedder = conversion.load_embedder(out)
     assert float(keras_embedder.pool.power.numpy()) == pytest.approx(2.5)
     assert (keras_embedder.projector is not None) == projector
     images = _images(37, 29)
@@ -154,9 +153,9 @@ def test_reference_extraction_sequential_layout(tmp_path):
     torch.save(sequential.state_dict(), checkpoint)
     assert "8.p" in sequential.state_dict() and "4.0.conv1.weight" in sequential.state_dict()
     out = tmp_path / "seq.weights.h5"
-    _, metadata = torch_convert.convert_checkpoint(checkpoint, "resnet_tiny", out)
+    _, metadata = conversion.convert_checkpoint(checkpoint, "resnet_tiny", out)
     assert metadata["kind"] == "embedder" and metadata["p"] == pytest.approx(4.0)
-    keras_embedder = torch_convert.load_embedder(out, arch="resnet_tiny")
+    keras_embedder = conversion.load_embedder(out, arch="resnet_tiny")
     normalised = keras_embedder.preprocess(_images(33, 41)).numpy()
     with torch.no_grad():
         pooled = sequential(torch.from_numpy(normalised).permute(0, 3, 1, 2))
@@ -164,7 +163,7 @@ def test_reference_extraction_sequential_layout(tmp_path):
     got = keras.ops.convert_to_numpy(keras_embedder(normalised))
     np.testing.assert_allclose(got, expected, atol=1e-5)
     with pytest.raises(ValueError, match="converted for backbone 'resnet_tiny', not 'resnet18'"):
-        torch_convert.load_embedder(out, arch="resnet18")
+        conversion.load_embedder(out, arch="resnet18")
 
 
 def test_unmapped_missing_and_misshapen_tensors_fail_loudly(tmp_path):
@@ -173,7 +172,7 @@ def test_unmapped_missing_and_misshapen_tensors_fail_loudly(tmp_path):
     torch.save(extra, tmp_path / "extra.pth")
     with pytest.raises(ValueError, match=r"extra.pth: 1 checkpoint tensors are not mapped: "
                                          r"layer5.0.conv1.weight"):  # fmt: skip
-        torch_convert.convert_checkpoint(
+        conversion.convert_checkpoint(
             tmp_path / "extra.pth", "resnet_tiny", tmp_path / "a.weights.h5"
         )
     missing = {k: v for k, v in state.items() if k != "layer2.0.bn1.running_var"}
@@ -181,16 +180,14 @@ def test_unmapped_missing_and_misshapen_tensors_fail_loudly(tmp_path):
     with pytest.raises(
         ValueError, match=r"1 Keras weights have no tensor: layer2.0.bn1.running_var"
     ):
-        torch_convert.convert_checkpoint(
+        conversion.convert_checkpoint(
             tmp_path / "missing.pth", "resnet_tiny", tmp_path / "b.weights.h5"
         )
     torch.save(state, tmp_path / "tiny.pth")
     with pytest.raises(
         ValueError, match=r"shapes differ: conv1.weight: torch shape \(8, 3, 7, 7\)"
     ):
-        torch_convert.convert_checkpoint(
-            tmp_path / "tiny.pth", "resnet18", tmp_path / "c.weights.h5"
-        )
+        conversion.convert_checkpoint(tmp_path / "tiny.pth", "resnet18", tmp_path / "c.weights.h5")
     assert not list(tmp_path.glob("*.weights.h5"))  # nothing half-written
 
 

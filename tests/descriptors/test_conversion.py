@@ -3,15 +3,8 @@
 import numpy as np
 
 from tfmet.backbones import torch_convert
-from tfmet.descriptors import conversion
 from tfmet.descriptors.embedder import Embedder
 from tfmet.descriptors.extraction import build_extractor
-
-
-def test_old_names_resolve_to_the_conversion_module():
-    assert torch_convert.load_embedder is conversion.load_embedder
-    assert torch_convert.convert_checkpoint is conversion.convert_checkpoint
-    assert torch_convert.embedder_targets is conversion.embedder_targets
 
 
 def test_build_extractor_reads_an_embedder_file_with_its_p_and_projector(tmp_path):

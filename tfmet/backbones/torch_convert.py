@@ -33,7 +33,7 @@ ValueError listing the names.
 Converted files are Keras `.weights.h5` files (`save_weights`) with HDF5 root attributes
 describing them (`read_metadata`): kind "backbone" (loadable with
 `tfmet.backbones.get(arch, weights=path)`) or kind "embedder" (backbone + GeM p [+ projector];
-`load_embedder` rebuilds it).
+written and rebuilt by `tfmet.descriptors.conversion`, one layer up).
 """
 
 import collections
@@ -300,19 +300,3 @@ def read_metadata(path):
             value = value.item()
         out[key] = value
     return out if out.get("format") == FORMAT else {}
-
-
-_weight_layers = weight_layers  # the name before it was public
-
-# Converting to a whole `Embedder` (GeM p, projector) needs the descriptors package, one layer up:
-# it lives in `tfmet.descriptors.conversion`. These names stay reachable from here for code
-# written against earlier versions; the import happens on first use only (no import-time cycle).
-_MOVED_TO_CONVERSION = ("convert_checkpoint", "load_embedder", "embedder_targets")
-
-
-def __getattr__(name):
-    if name in _MOVED_TO_CONVERSION:
-        from tfmet.descriptors import conversion  # compatibility shim, see above
-
-        return getattr(conversion, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
