@@ -5,7 +5,7 @@
         --weights=weights/resnet18_imagenet.weights.h5
 
 Smoke variant (random tiny backbone, queries only, tiny chunks; runs in seconds on the tree that
-`tests/met_tree.py` writes):
+`tests/kit/met_tree.py` writes):
 
     tfmet-extract --config=configs/extract_met.py:smoke \
         --info_dir=/tmp/met/info --image_root=/tmp/met --output_dir=/tmp/met_desc

@@ -15,7 +15,7 @@ then extract with the trained model:
         --info_dir=MET/ground_truth --image_root=MET --output_dir=descriptors/r18_swsl_closest
 
 Smoke variant (random tiny backbone, 32 px crops, 2 epochs, exact search; runs in seconds on the
-tree that `tests/met_tree.py` writes):
+tree that `tests/kit/met_tree.py` writes):
 
     tfmet-train-contrastive --config=configs/met_contrastive_r18.py:smoke \
         --info_dir=/tmp/met/info --image_root=/tmp/met --workdir=/tmp/met_contrastive

@@ -1,6 +1,6 @@
 """Contrastive training: augmentation, pair pipeline, optimizer, trainer, the resumable loop.
 
-The loop runs on the tiny Met tree of tests/met_tree.py with the smoke config (resnet_tiny,
+The loop runs on the tiny Met tree of tests/kit/met_tree.py with the smoke config (resnet_tiny,
 32 px crops, 4 pairs a batch, 2 batches a step, 2 epochs of 16 pairs = 4 steps).
 """
 

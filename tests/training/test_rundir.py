@@ -45,15 +45,6 @@ def test_check_resume_without_a_record_accepts(tmp_path):
     rundir.check_resume(str(tmp_path / "missing.json"), {"a": 1}, set())
 
 
-def test_record_config_writes_then_checks(tmp_path):
-    workdir = tmp_path / "run"
-    record = rundir.record_config(str(workdir), {"x": (1,)}, set(), resuming=False)
-    assert record == {"x": [1]}
-    assert json.loads((workdir / "config.json").read_text()) == {"x": [1]}
-    with pytest.raises(ValueError, match="x: \\[1\\] recorded, \\[2\\] now"):
-        rundir.record_config(str(workdir), {"x": (2,)}, set(), resuming=True)
-
-
 @pytest.mark.parametrize(
     "seconds, text",
     [

@@ -264,12 +264,6 @@ def read_classes_file(path):
     return [names[i] for i in range(len(names))]
 
 
-def read_list_file(path):
-    """`relative/path label` lines -> (paths, labels as strings). Comma or whitespace separated."""
-    lines = list(_list_lines(path))
-    return [image for _, image, _ in lines], [label for _, _, label in lines]
-
-
 def _list_lines(path):
     """(line number, image path, label) of each `relative/path label` line of a list file."""
     with open(path, encoding="utf-8") as f:

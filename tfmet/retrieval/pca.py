@@ -211,9 +211,6 @@ class PCAWhitening:
             raise ValueError("PCAWhitening is not fitted: call fit(x) or load(path) first")
         return whiten_to_file(x, self.mean, self.projection, path, self.chunk_rows)
 
-    def fit_transform(self, x):
-        return self.fit(x).transform(x)
-
     def save(self, path):
         """Writes mean, projection, eigenvalues and shrinkage to an .npz file, atomically."""
         if not self.fitted:

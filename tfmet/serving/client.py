@@ -2,8 +2,6 @@
 
 import dataclasses
 
-import numpy as np
-
 from tfmet.io.saved_models import read_export_metadata
 
 NOT_IN_COLLECTION = "not in the collection"
@@ -102,8 +100,3 @@ class Recognizer:
 
     def recognize_one(self, data):
         return self.recognize([data])[0]
-
-
-def as_array(answers, name):
-    """One field of `answers` as a numpy array (for checks against the export's raw outputs)."""
-    return np.asarray([getattr(a, name) for a in answers])

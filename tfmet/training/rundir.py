@@ -15,7 +15,6 @@ import time
 import tensorflow as tf
 from absl import logging
 
-from tfmet.io.atomic import save_json
 from tfmet.io.json_files import read_json
 from tfmet.io.progress import format_seconds
 
@@ -71,17 +70,6 @@ def check_resume(path, record, resumable):
             f"{path}: cannot resume with a different setup ({details}); only "
             f"{', '.join(sorted(resumable))} may change when resuming"
         )
-
-
-def record_config(workdir, config, resumable, resuming):
-    """Checks `config` against the recorded one when `resuming`, then records it; returns it."""
-    path = os.path.join(workdir, CONFIG_FILE)
-    record = config_record(config)
-    if resuming:
-        check_resume(path, record, resumable)
-    os.makedirs(workdir, exist_ok=True)
-    save_json(path, record)
-    return record
 
 
 class Progress:

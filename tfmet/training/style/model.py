@@ -142,10 +142,6 @@ class StyleClassifier(keras.Model):
     def attributes(self):
         return self.head.attributes
 
-    @property
-    def feature_dim(self):
-        return int(self.backbone.compute_output_shape((None, 64, 64, 3))[-1])
-
     def build(self, input_shape):
         if not self.backbone.built:
             self.backbone.build(input_shape)
