@@ -17,13 +17,13 @@ $(VENV)/.installed: setup.cfg pyproject.toml
 install: $(VENV)/.installed
 
 demo: $(VENV)/.installed
-	TF_CPP_MIN_LOG_LEVEL=3 $(VENV)/bin/tfmet-demo --workdir $(DEMO_WORKDIR)
+	TF_CPP_MIN_LOG_LEVEL=3 $(VENV)/bin/tfmet-demo --workdir "$(DEMO_WORKDIR)"
 
 # After `make demo`: its recogniser (real model) in tfmet-serve's page on 127.0.0.1; the script
 # is the demo's two printed commands (export, serve). SERVE_FLAGS go to tfmet-serve (--port=8081).
 serve: $(VENV)/.installed
-	@test -f $(DEMO_WORKDIR)/serve.sh || { echo "make serve shows the demo's recogniser: run make demo first"; exit 2; }
-	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" TF_CPP_MIN_LOG_LEVEL=3 sh $(DEMO_WORKDIR)/serve.sh $(SERVE_FLAGS)
+	@test -f "$(DEMO_WORKDIR)/serve.sh" || { echo "make serve shows the demo's recogniser: run make demo first"; exit 2; }
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" TF_CPP_MIN_LOG_LEVEL=3 sh "$(DEMO_WORKDIR)/serve.sh" $(SERVE_FLAGS)
 
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check .

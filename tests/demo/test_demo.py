@@ -3,6 +3,7 @@
 import io
 import json
 import os
+import shlex
 import subprocess
 import sys
 
@@ -198,6 +199,10 @@ def test_run_demo_end_to_end_with_a_converted_embedder(tmp_path):
     assert f"tfmet-serve --model {os.path.join(tmp_path, 'recognizer')}" in result.serve_command
 
 
+def _flag(argv, name):
+    return argv[argv.index(name) + 1]
+
+
 def _cli(*args):
     return subprocess.run(
         [sys.executable, "-c", "from tfmet.cli import demo; demo.run()", *args],
@@ -207,8 +212,9 @@ def _cli(*args):
 
 @pytest.mark.slow
 def test_cli_on_a_users_met_folder(tmp_path):
-    tree = write_met_tree(tmp_path / "met")
-    workdir = tmp_path / "work"
+    # Folders with spaces in their names, as on many desktops: the printed commands still run.
+    tree = write_met_tree(tmp_path / "the met")
+    workdir = tmp_path / "my work"
     done = _cli(
         f"--workdir={workdir}",
         "--backbone=resnet_tiny",
@@ -224,15 +230,27 @@ def test_cli_on_a_users_met_folder(tmp_path):
     # It ends with the commands that show this run in tfmet-serve's web page, and the script
     # (what `make serve` runs) that holds them.
     last = done.stdout.strip().splitlines()[-3:]
-    assert last[0].strip().startswith("tfmet-export --kind recognizer --out ")
-    assert f"--results_json {workdir}" in last[0] and "--backbone resnet_tiny --seed 0" in last[0]
-    assert last[1].strip().startswith("tfmet-serve --model ")
-    assert f"--info_dir {tree.info_dir} --image_root {tree.image_root}" in last[1]
-    assert "--names" not in last[1]  # a user's Met folder has no exhibit names to show
+    export, serve = shlex.split(last[0]), shlex.split(last[1])
+    export_dir = str(workdir / "recognizer" / "resnet_tiny-random-seed0")
+    assert export[:5] == ["tfmet-export", "--kind", "recognizer", "--out", export_dir]
+    results_json = workdir / "descriptors" / "resnet_tiny-random-seed0" / "knn_results.json"
+    assert _flag(export, "--results_json") == str(results_json)
+    assert _flag(export, "--backbone") == "resnet_tiny" and _flag(export, "--seed") == "0"
+    assert serve[:3] == ["tfmet-serve", "--model", export_dir]
+    assert _flag(serve, "--info_dir") == tree.info_dir
+    assert _flag(serve, "--image_root") == tree.image_root
+    assert "--names" not in serve  # a user's Met folder has no exhibit names to show
     assert last[2] == f"(or: make serve, which runs {workdir / 'serve.sh'})"
     script = (workdir / "serve.sh").read_text(encoding="utf-8")
     assert f"|| {last[0].strip()} --force\n" in script
     assert f'exec {last[1].strip()} "$@"\n' in script
+    # The export line, run by a shell as printed, writes the recogniser where serve looks.
+    env = dict(os.environ, PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"])
+    exported = subprocess.run(
+        ["sh", "-c", last[0]], capture_output=True, text=True, env=env, timeout=600
+    )
+    assert exported.returncode == 0, exported.stderr[-2000:]
+    assert os.path.isfile(os.path.join(export_dir, "saved_model.pb"))
     assert (workdir / "matches-resnet_tiny-random-seed0.png").exists()
     assert not (workdir / "benchmark").exists()  # the user's folder was used, none was built
 

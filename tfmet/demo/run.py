@@ -178,9 +178,9 @@ def run_demo(
     output_dir = os.path.join(workdir, "descriptors", run_name)
     log(f"[2/4] Extracting descriptors with {backbone} ({tag} weights) into {output_dir}")
     log(
-        f"      = tfmet-extract --info_dir {bench.info_dir} --image_root {bench.image_root} "
-        f"--output_dir {output_dir} --backbone {backbone}"
-        + (f" --weights {weights_file}" if weights_file else f" --seed {seed}")
+        f"      = tfmet-extract --info_dir {_q(bench.info_dir)} "
+        f"--image_root {_q(bench.image_root)} --output_dir {_q(output_dir)} --backbone {backbone}"
+        + (f" --weights {_q(weights_file)}" if weights_file else f" --seed {seed}")
         + ("" if multiscale else " --nomultiscale")
         + (f" --max_side {max_side}" if max_side else "")
         + ("" if precision == "float32" else f" --precision {precision}")
@@ -205,7 +205,7 @@ def run_demo(
     png_path = figures.write_png(os.path.join(workdir, f"matches-{run_name}.png"), png)
     tensorboard = _write_tensorboard(os.path.join(workdir, "tensorboard", run_name), result, png)
     log(f"      picture of queries and their top matches: {png_path}")
-    log(f"      TensorBoard: tensorboard --logdir {os.path.join(workdir, 'tensorboard')}")
+    log(f"      TensorBoard: tensorboard --logdir {_q(os.path.join(workdir, 'tensorboard'))}")
     return DemoResult(
         run_name=run_name,
         k=result.k,
@@ -222,12 +222,12 @@ def run_demo(
         export_dir=os.path.join(workdir, "recognizer", run_name),
         serve_command=serve_command(
             os.path.join(workdir, "recognizer", run_name),
-            f"--descriptor_dir {output_dir} --info_dir {bench.info_dir} "
-            f"--results_json {results_json}"
+            f"--descriptor_dir {_q(output_dir)} --info_dir {_q(bench.info_dir)} "
+            f"--results_json {_q(results_json)}"
             + _model_flags(backbone, weights_file, seed, multiscale, max_side)
             + ("" if precision == "float32" else f" --precision {precision}"),
-            f"--info_dir {bench.info_dir} --image_root {bench.image_root}"
-            + (f" --names {_write_names(workdir, bench.names)}" if bench.names else ""),
+            f"--info_dir {_q(bench.info_dir)} --image_root {_q(bench.image_root)}"
+            + (f" --names {_q(_write_names(workdir, bench.names))}" if bench.names else ""),
         ),
     )
 
@@ -257,7 +257,7 @@ def write_serve_script(workdir, result):
     script = (
         "#!/bin/sh\n# Written by tfmet-demo: its recogniser in tfmet-serve's page (make serve).\n"
         "set -e\n"
-        f"[ {shlex.quote(marker)} -nt {shlex.quote(results_json)} ] || {export} --force\n"
+        f"[ {_q(marker)} -nt {_q(results_json)} ] || {export} --force\n"
         f'exec {serve} "$@"\n'
     )
     path = os.path.join(os.path.abspath(os.fspath(workdir)), SERVE_SCRIPT)
@@ -319,7 +319,7 @@ def _classify(output_dir, info_dir, pca_dim, log):
         + ")"
     )
     log(
-        f"      = tfmet-knn-eval {output_dir} --info_dir {info_dir} --autotune "
+        f"      = tfmet-knn-eval {_q(output_dir)} --info_dir {_q(info_dir)} --autotune "
         + ("--raw" if not pca_dim else f"-d {pca_dim}")
     )
     result = evaluation.knn_eval(data, dim=pca_dim or 512, raw=not pca_dim, autotune=True)
@@ -376,18 +376,25 @@ def _write_tensorboard(tensorboard, result, png):
     return tensorboard
 
 
+def _q(path):
+    """`path` as a shell word: the printed commands run as printed, also where a folder has a
+    space in its name."""
+    return shlex.quote(os.fspath(path))
+
+
 def serve_command(export_dir, export_flags, gallery_flags):
-    """The tfmet-export and tfmet-serve lines that show a demo run's recogniser in a web page."""
+    """The tfmet-export and tfmet-serve lines that show a demo run's recogniser in a web page;
+    the flags are shell words already (`_q`)."""
     return (
-        f"  tfmet-export --kind recognizer --out {export_dir} {export_flags}\n"
-        f"  tfmet-serve --model {export_dir} {gallery_flags}"
+        f"  tfmet-export --kind recognizer --out {_q(export_dir)} {export_flags}\n"
+        f"  tfmet-serve --model {_q(export_dir)} {gallery_flags}"
     )
 
 
 def _model_flags(backbone, weights_file, seed, multiscale, max_side):
     return (
         f" --backbone {backbone}"
-        + (f" --weights {weights_file}" if weights_file else f" --seed {seed}")
+        + (f" --weights {_q(weights_file)}" if weights_file else f" --seed {seed}")
         + ("" if multiscale else " --nomultiscale")
         + (f" --max_side {max_side}" if max_side else "")
     )
