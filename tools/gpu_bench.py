@@ -169,7 +169,7 @@ def bench_training(device):
     import tensorflow as tf
 
     from tfmet.descriptors import Embedder
-    from tfmet.training.contrastive import ContrastiveTrainer
+    from tfmet.training.contrastive.trainer import ContrastiveTrainer
 
     rng = np.random.default_rng(FLAGS.seed)
     shape = (FLAGS.train_pairs, FLAGS.train_size, FLAGS.train_size, 3)

@@ -108,7 +108,7 @@ def test_bad_input_one_line_exit_2(tmp_path, args, message):
 
 def test_style_export_cli_from_a_run_directory(tmp_path):
 
-    from tfmet.training.style import StyleClassifier, StyleHead
+    from tfmet.training.style.model import StyleClassifier, StyleHead
 
     backbone = one_conv_backbone()
     names = {"style": ["baroque", "cubism", "pop_art"], "genre": ["portrait", "landscape"]}

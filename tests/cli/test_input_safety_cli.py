@@ -144,7 +144,7 @@ def style_export(tmp_path_factory):
     """A style SavedModel (3 classes, 32 px) for tfmet-predict."""
     from tfmet.export import save_module
     from tfmet.export.style_classifier import StyleModule
-    from tfmet.training.style import StyleClassifier, StyleHead
+    from tfmet.training.style.model import StyleClassifier, StyleHead
 
     classifier = StyleClassifier(one_conv_backbone(), StyleHead({"style": ["a", "b", "c"]}))
     classifier.build((None, 32, 32, 3))

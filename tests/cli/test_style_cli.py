@@ -17,10 +17,10 @@ from tests.kit import one_conv_backbone, run_cli, style_data
 from tfmet.data import style_datasets as style_data_module
 from tfmet.export import save_module
 from tfmet.export.style_classifier import StyleModule
-from tfmet.training.style import StyleClassifier, StyleHead
 from tfmet.training.style import fit as style_train
 from tfmet.training.style import predict as style_predict
 from tfmet.training.style import run as style_run
+from tfmet.training.style.model import StyleClassifier, StyleHead
 
 
 @pytest.fixture(scope="module")

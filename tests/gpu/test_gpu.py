@@ -17,7 +17,7 @@ import skimage.data
 import tensorflow as tf
 
 from tfmet.descriptors import DescriptorExtractor, Embedder, build_extractor
-from tfmet.training.contrastive import ContrastiveTrainer
+from tfmet.training.contrastive.trainer import ContrastiveTrainer
 
 pytestmark = pytest.mark.gpu
 

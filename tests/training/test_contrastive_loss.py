@@ -5,7 +5,11 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from tfmet.training.contrastive import ContrastiveLoss, contrastive_loss, pair_squared_distances
+from tfmet.training.contrastive.loss import (
+    ContrastiveLoss,
+    contrastive_loss,
+    pair_squared_distances,
+)
 
 
 def numpy_contrastive(e1, e2, y, margin=1.8, eps=1e-9):

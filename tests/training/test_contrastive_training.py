@@ -23,7 +23,6 @@ from tfmet.data import pairs as pairs_lib
 from tfmet.data.images import read_image
 from tfmet.descriptors import DescriptorExtractor, Embedder
 from tfmet.descriptors import store as store_lib
-from tfmet.training import contrastive
 from tfmet.training.contrastive import loop as contrastive_loop
 from tfmet.training.contrastive.augment import (
     AugmentConfig,
@@ -31,7 +30,10 @@ from tfmet.training.contrastive.augment import (
     central_crop_box,
     random_resized_crop_box,
 )
+from tfmet.training.contrastive.data import init_projector_from_pca, read_initial_descriptors
 from tfmet.training.contrastive.mining import Pairs
+from tfmet.training.contrastive.optimizer import TorchAdam, step_decay
+from tfmet.training.contrastive.trainer import ContrastiveTrainer
 
 
 def smoke_config(**overrides):
@@ -188,14 +190,14 @@ def test_torch_adam_matches_pytorch_with_coupled_weight_decay():
         return variable.numpy()
 
     expected = param.detach().numpy()
-    np.testing.assert_allclose(run(contrastive.TorchAdam(1e-3)), expected, rtol=0, atol=3e-7)
+    np.testing.assert_allclose(run(TorchAdam(1e-3)), expected, rtol=0, atol=3e-7)
     # Keras's Adam adds epsilon before the bias correction: visibly off for such gradients.
     keras_adam = run(keras.optimizers.Adam(1e-3, epsilon=1e-8))
     assert np.abs(keras_adam - expected).max() > 1e-5
 
 
 def test_step_decay():
-    assert [contrastive.step_decay(1e-7, e, 6, 0.1) for e in (1, 6, 7, 12, 13)] == pytest.approx(
+    assert [step_decay(1e-7, e, 6, 0.1) for e in (1, 6, 7, 12, 13)] == pytest.approx(
         [1e-7, 1e-7, 1e-8, 1e-8, 1e-9]
     )
 
@@ -214,7 +216,7 @@ def _batch(tree, count=4, size=32, seed=0):
 def test_fixed_batch_loss_decreases_and_batchnorm_stays_frozen(tree):
     keras.utils.set_random_seed(0)
     embedder = Embedder.from_registry("resnet_tiny")
-    trainer = contrastive.ContrastiveTrainer(embedder, learning_rate=1e-3, weight_decay=1e-6)
+    trainer = ContrastiveTrainer(embedder, learning_rate=1e-3, weight_decay=1e-6)
     bn = embedder.backbone.get_layer("bn1")
     moving = bn.moving_mean.numpy().copy()
     gamma = bn.gamma.numpy().copy()
@@ -234,7 +236,7 @@ def test_gradient_accumulation_equals_one_big_batch(tree):
 
     def trained(sub_batches):
         embedder = Embedder(tiny_backbone(seed=3), train_p=False)
-        trainer = contrastive.ContrastiveTrainer(embedder, learning_rate=1e-2, weight_decay=0.1)
+        trainer = ContrastiveTrainer(embedder, learning_rate=1e-2, weight_decay=0.1)
         loss = trainer.train_step(sub_batches)
         return loss, [v.numpy() for v in embedder.trainable_variables], embedder
 
@@ -253,9 +255,7 @@ def test_weight_decay_is_added_to_the_gradient(tree):
     # step follows the decay term alone: w - lr * g / (|g| + eps) with g = wd * w.
     first, second, _ = _batch(tree, count=2)
     embedder = Embedder(tiny_backbone(seed=4))
-    trainer = contrastive.ContrastiveTrainer(
-        embedder, learning_rate=1e-3, weight_decay=0.5, margin=1e-4
-    )
+    trainer = ContrastiveTrainer(embedder, learning_rate=1e-3, weight_decay=0.5, margin=1e-4)
     before = [v.numpy().copy() for v in embedder.trainable_variables]
     assert trainer.train_step([(first, second, np.zeros(2, np.int32))]) == 0.0
     assert_first_adam_step_of_decay_only(before, embedder.trainable_variables, 1e-3, 0.5)
@@ -268,18 +268,18 @@ def test_read_initial_descriptors(tmp_path):
     rng = np.random.default_rng(0)
     descriptors = rng.normal(size=(5, 4)).astype(np.float32)
     store_lib.write_store(tmp_path / "store", "train", descriptors, valid=[1, 1, 0, 1, 1])
-    got, valid = contrastive.read_initial_descriptors(tmp_path / "store", 5, 4)
+    got, valid = read_initial_descriptors(tmp_path / "store", 5, 4)
     np.testing.assert_array_equal(got, descriptors)
     assert valid.tolist() == [True, True, False, True, True]
     os.makedirs(tmp_path / "ref")
     with open(tmp_path / "ref" / "descriptors.pkl", "wb") as f:
         pickle.dump({"train_descriptors": descriptors.astype(np.float64)}, f)
-    got, valid = contrastive.read_initial_descriptors(tmp_path / "ref", 5, 4)
+    got, valid = read_initial_descriptors(tmp_path / "ref", 5, 4)
     np.testing.assert_allclose(got, descriptors) and valid.all()
     with pytest.raises(ValueError, match=r"shape \(5, 4\).*6 images"):
-        contrastive.read_initial_descriptors(tmp_path / "ref", 6, 4)
+        read_initial_descriptors(tmp_path / "ref", 6, 4)
     with pytest.raises(FileNotFoundError, match="no initial descriptors"):
-        contrastive.read_initial_descriptors(tmp_path / "missing", 5, 4)
+        read_initial_descriptors(tmp_path / "missing", 5, 4)
 
 
 def test_projector_initialised_from_pca_whitens():
@@ -288,12 +288,12 @@ def test_projector_initialised_from_pca_whitens():
     embedder.build((None, None, None, 3))
     rng = np.random.default_rng(1)
     x = (rng.normal(size=(300, 8)) @ rng.normal(size=(8, 8)) + 2.0).astype(np.float32)
-    contrastive.init_projector_from_pca(embedder, x)
+    init_projector_from_pca(embedder, x)
     projected = embedder.projector(x).numpy().astype(np.float64)
     np.testing.assert_allclose(projected.mean(axis=0), 0.0, atol=1e-4)
     np.testing.assert_allclose(projected.T @ projected / len(x), np.eye(8), atol=1e-3)
     with pytest.raises(ValueError, match="projector"):
-        contrastive.init_projector_from_pca(Embedder(tiny_backbone()), x)
+        init_projector_from_pca(Embedder(tiny_backbone()), x)
 
 
 # -- the training loop -------------------------------------------------------------------------
@@ -302,7 +302,7 @@ def test_projector_initialised_from_pca_whitens():
 @pytest.fixture(scope="module")
 def straight_run(tree, tmp_path_factory):
     workdir = str(tmp_path_factory.mktemp("straight"))
-    result = contrastive.train(smoke_config(), tree.info_dir, tree.image_root, workdir)
+    result = contrastive_loop.train(smoke_config(), tree.info_dir, tree.image_root, workdir)
     return result, workdir
 
 
@@ -367,15 +367,17 @@ def test_resumed_run_matches_an_uninterrupted_one(tree, straight_run, tmp_path):
     expected, straight_dir = straight_run
     workdir = str(tmp_path / "resumed")
     # Stop mid-epoch 2 (step 3 of 4): epoch 2's pairs were mined from epoch 1's descriptors.
-    first = contrastive.train(smoke_config(stop_at_step=3), tree.info_dir, tree.image_root, workdir)
+    first = contrastive_loop.train(
+        smoke_config(stop_at_step=3), tree.info_dir, tree.image_root, workdir
+    )
     assert not first.finished and first.global_step == 3 and first.epochs_completed == 1
     with pytest.raises(ValueError, match="already holds checkpoints"):
-        contrastive.train(smoke_config(), tree.info_dir, tree.image_root, workdir)
+        contrastive_loop.train(smoke_config(), tree.info_dir, tree.image_root, workdir)
     with pytest.raises(ValueError, match="margin"):
-        contrastive.train(
+        contrastive_loop.train(
             smoke_config(margin=1.0), tree.info_dir, tree.image_root, workdir, resume=True
         )
-    resumed = contrastive.train(
+    resumed = contrastive_loop.train(
         smoke_config(), tree.info_dir, tree.image_root, workdir, resume=True
     )
     assert resumed.finished and resumed.global_step == 4
@@ -393,9 +395,9 @@ def test_pca_projector_needs_more_images_than_dimensions(tree, tmp_path):
     # 8 database images cannot whiten 64-dimensional descriptors: a clear error before training.
     config = smoke_config(emb_proj=True, pca=True)
     with pytest.raises(ValueError, match="non-zero eigenvalues"):
-        contrastive.train(config, tree.info_dir, tree.image_root, str(tmp_path / "pca"))
+        contrastive_loop.train(config, tree.info_dir, tree.image_root, str(tmp_path / "pca"))
     with pytest.raises(ValueError, match="needs `emb_proj`"):
-        contrastive.train(
+        contrastive_loop.train(
             smoke_config(pca=True), tree.info_dir, tree.image_root, str(tmp_path / "p")
         )
 
@@ -410,12 +412,12 @@ def test_a_refused_start_writes_nothing_so_its_retry_works(tree, tmp_path):
     store_lib.write_store(bad, "train", np.zeros((count, 3), np.float32))
     workdir = tmp_path / "run"
     with pytest.raises(ValueError, match="initial descriptors have shape"):
-        contrastive.train(
+        contrastive_loop.train(
             smoke_config(), tree.info_dir, tree.image_root, workdir, init_descr=str(bad)
         )
     assert not os.path.exists(workdir)
     with pytest.raises(ValueError, match=r"has no entry `epoks` \(did you mean `epochs`\?\)"):
         config = smoke_config()
         config.epoks = 3
-        contrastive.train(config, tree.info_dir, tree.image_root, workdir)
+        contrastive_loop.train(config, tree.info_dir, tree.image_root, workdir)
     assert not os.path.exists(workdir)

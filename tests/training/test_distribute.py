@@ -106,7 +106,7 @@ def test_chief_writes_the_workdir_other_workers_a_deleted_copy(tmp_path):
 
 
 def test_configs_default_to_the_default_strategy():
-    from tfmet.training.contrastive import check_config, default_config
+    from tfmet.training.contrastive.config import check_config, default_config
     from tfmet.training.style.config import default_config as style_default
 
     assert default_config().strategy == "default"

@@ -15,7 +15,10 @@ from tests.kit.references import assert_first_adam_step_of_decay_only
 from tests.kit.style_data import NUM_CLASSES
 from tfmet.backbones.precision import model_precision
 from tfmet.descriptors import Embedder
-from tfmet.training import contrastive, rundir
+from tfmet.training import rundir
+from tfmet.training.contrastive import loop as contrastive_loop
+from tfmet.training.contrastive.config import build_embedder, check_config, default_config
+from tfmet.training.contrastive.trainer import ContrastiveTrainer
 from tfmet.training.style import fit as style_fit
 from tfmet.training.style import run as style_run
 
@@ -31,28 +34,26 @@ def _pairs(count=4, size=32, seed=0):
 
 
 def test_contrastive_config_builds_a_reduced_backbone_and_float32_pooling():
-    config = contrastive.check_config(
-        contrastive.default_config().to_dict() | {"backbone": "resnet_tiny", "emb_proj": True}
+    config = check_config(
+        default_config().to_dict() | {"backbone": "resnet_tiny", "emb_proj": True}
     )
     assert config["precision"] == "float32"
-    embedder = contrastive.build_embedder(config | {"precision": "bfloat16"})
+    embedder = build_embedder(config | {"precision": "bfloat16"})
     assert model_precision(embedder.backbone) == "bfloat16"
     assert embedder.backbone.get_layer("conv1").compute_dtype == "bfloat16"
     for layer in (embedder.pool, embedder.normalize, embedder.projector):
         assert layer.compute_dtype == "float32"
-    assert model_precision(contrastive.build_embedder(config)) == "float32"
+    assert model_precision(build_embedder(config)) == "float32"
     with pytest.raises(ValueError, match=r"config `precision` must be one of .*'half'"):
-        contrastive.check_config(config | {"precision": "half"})
+        check_config(config | {"precision": "half"})
 
 
 @pytest.mark.parametrize("precision", ["bfloat16", "float16"])
 def test_reduced_precision_training_step_learns(precision):
     keras.utils.set_random_seed(0)
-    config = contrastive.default_config().to_dict() | {"backbone": "resnet_tiny"}
-    embedder = contrastive.build_embedder(config | {"precision": precision})
-    trainer = contrastive.ContrastiveTrainer(
-        embedder, learning_rate=1e-3, loss_scaling=precision == "float16"
-    )
+    config = default_config().to_dict() | {"backbone": "resnet_tiny"}
+    embedder = build_embedder(config | {"precision": precision})
+    trainer = ContrastiveTrainer(embedder, learning_rate=1e-3, loss_scaling=precision == "float16")
     assert isinstance(trainer.optimizer, keras.optimizers.LossScaleOptimizer) == (
         precision == "float16"
     )
@@ -69,7 +70,7 @@ def test_loss_scaling_unscales_the_gradient_and_the_decay_term():
     # the first Adam step follows the (scaled, then unscaled) decay term alone.
     first, second, _ = _pairs(count=2)
     embedder = Embedder(tiny_backbone(seed=4))
-    trainer = contrastive.ContrastiveTrainer(
+    trainer = ContrastiveTrainer(
         embedder, learning_rate=1e-3, weight_decay=0.5, margin=1e-4, loss_scaling=True
     )
     scale = float(trainer.optimizer.dynamic_scale.numpy())
@@ -82,7 +83,7 @@ def test_loss_scaling_unscales_the_gradient_and_the_decay_term():
 
 def test_loss_scaling_skips_a_non_finite_step_and_halves_the_scale():
     embedder = Embedder(tiny_backbone(seed=5))
-    trainer = contrastive.ContrastiveTrainer(embedder, loss_scaling=True)
+    trainer = ContrastiveTrainer(embedder, loss_scaling=True)
     scale = float(trainer.optimizer.dynamic_scale.numpy())
     before = [v.numpy().copy() for v in embedder.trainable_variables]
     trainer._sums[0].assign(tf.fill(trainer._sums[0].shape, np.inf))  # an overflowed gradient
@@ -170,7 +171,7 @@ def test_contrastive_float16_run_end_to_end(tmp_path):
     tree = write_met_tree(tmp_path / "met")
     workdir = str(tmp_path / "run")
     config = _contrastive_smoke(precision="float16", epochs=1)
-    result = contrastive.train(config, tree.info_dir, tree.image_root, workdir)
+    result = contrastive_loop.train(config, tree.info_dir, tree.image_root, workdir)
     assert result.finished and all(np.isfinite(e["loss"]) for e in result.history)
     manifests = glob.glob(os.path.join(workdir, "descriptors", "epoch_*", "*_manifest.json"))
     assert manifests  # the stores mined from and validated on record their precision

@@ -8,10 +8,10 @@ import tensorflow as tf
 from tests.kit.hub_modules import SlimHubTrunk as _HubTrunk
 from tests.kit.style_data import NUM_CLASSES
 from tfmet.data import style_datasets as style_data_module
-from tfmet.training.style import StyleClassifier, StyleHead
 from tfmet.training.style import finetune as style_finetune
 from tfmet.training.style import fit as style_train
 from tfmet.training.style import run as style_run
+from tfmet.training.style.model import StyleClassifier, StyleHead
 
 
 def _finetune(batchnorm, dataset):

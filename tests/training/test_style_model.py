@@ -4,7 +4,7 @@ import keras
 import numpy as np
 import pytest
 
-from tfmet.training.style import (
+from tfmet.training.style.model import (
     MaskedSparseCrossEntropy,
     StyleClassifier,
     StyleHead,

@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from tfmet.training.style import (
+from tfmet.training.style import fit as style_train
+from tfmet.training.style.model import (
     StyleHead,
     masked_cross_entropy,
 )
-from tfmet.training.style import fit as style_train
 
 
 def test_monitor_scalars_and_early_stopping(tmp_path):

@@ -6,10 +6,10 @@ import pytest
 import tensorflow as tf
 
 from tests.kit import vit_models
-from tfmet.training.contrastive import build_embedder
-from tfmet.training.style import StyleClassifier
+from tfmet.training.contrastive.config import build_embedder
 from tfmet.training.style import finetune as style_finetune
 from tfmet.training.style import fit as style_train
+from tfmet.training.style.model import StyleClassifier
 
 pytest.importorskip("transformers")
 

@@ -36,7 +36,7 @@ def contrastive(directory):
 
     from configs import met_contrastive_r18
     from tests.kit.met_tree import write_met_tree
-    from tfmet.training import contrastive as lib
+    from tfmet.training.contrastive import loop
     from tfmet.training.distribute import make_strategy
 
     tree = write_met_tree(os.path.join(directory, "met"))
@@ -46,10 +46,10 @@ def contrastive(directory):
         config.update(epochs=1, batch_size=3, strategy=name)
         if name == "mirrored":
             config.stop_at_step = 1
-            first = lib.train(config, tree.info_dir, tree.image_root, workdir)
+            first = loop.train(config, tree.info_dir, tree.image_root, workdir)
             assert not first.finished and first.global_step == 1, first
             config.stop_at_step = None
-        result = lib.train(config, tree.info_dir, tree.image_root, workdir, resume=True)
+        result = loop.train(config, tree.info_dir, tree.image_root, workdir, resume=True)
         model = keras.saving.load_model(result.model_path)
         epoch = result.history[-1]
         record = {

@@ -47,7 +47,8 @@ config_flags.DEFINE_config_file(
     "config",
     None,
     "ml_collections training config, configs/*.py[:variant] (default: the reference's settings, "
-    "tfmet.training.contrastive.default_config); override entries with --config.<key>=<value>.",
+    "tfmet.training.contrastive.config.default_config); override entries with "
+    "--config.<key>=<value>.",
 )
 # The reference's train_contrastive.py flags, kept as aliases of config entries: given on the
 # command line they set that entry (after the config file and its --config.* overrides). Their
@@ -93,7 +94,7 @@ for _name in ("emb_proj", "pca", "mini", "initeval"):
 
 def training_config():
     """The config file's settings (or the reference defaults), then the alias flags given."""
-    from tfmet.training.contrastive import default_config
+    from tfmet.training.contrastive.config import default_config
 
     config = FLAGS.config if FLAGS.config is not None else default_config()
     for flag, key in ALIASES.items():
@@ -156,9 +157,9 @@ def main(argv):
     _check_folders()
     check_outputs(folders=("workdir",))
     config = training_config()
-    from tfmet.training import contrastive
+    from tfmet.training.contrastive.loop import train
 
-    result = contrastive.train(
+    result = train(
         config,
         FLAGS.info_dir,
         FLAGS.image_root,

@@ -1,27 +1,11 @@
-"""tfmet.data: Met ground truth (`met`) and image decoding / tf.data loading (`images`).
+"""tfmet.data: Met ground truth (`met`), image decoding / tf.data loading (`images`), contrastive
+pairs (`pairs`), style datasets (`style_datasets`) and input limits (`limits`).
 
-`tfmet.data.met` needs only numpy; the image functions import TensorFlow on first use, so a
-program can validate ground truth (and fail fast on bad input) before TensorFlow loads.
+The package exports only what loads without TensorFlow: the ground-truth names of `met` (numpy
+only), so a program can validate ground truth and fail fast on bad input before TensorFlow loads.
+The image functions are imported from their module, `tfmet.data.images`.
 """
 
-from tfmet.io.lazy import lazy_exports
+from tfmet.data.met import MetSplit, image_paths, load_split, resolve_image_path
 
-_EXPORTS = {
-    "MetSplit": "met",
-    "image_paths": "met",
-    "load_split": "met",
-    "resolve_image_path": "met",
-    "ImageRefused": "images",
-    "cap_max_side": "images",
-    "declared_pixels": "images",
-    "declared_size": "images",
-    "decode_image": "images",
-    "load_image": "images",
-    "load_images": "images",
-    "read_image": "images",
-    "read_image_bytes": "images",
-}
-
-__all__ = sorted(_EXPORTS)
-
-__getattr__ = lazy_exports(__name__, _EXPORTS)
+__all__ = ["MetSplit", "image_paths", "load_split", "resolve_image_path"]

@@ -17,7 +17,7 @@ __all__ = ["contrastive_config", "style_config", "variant"]
 
 
 def contrastive_config():
-    """`tfmet.training.contrastive.default_config()`: every entry with its default."""
+    """`tfmet.training.contrastive.config.default_config()`: every entry with its default."""
     from tfmet.training.contrastive.config import default_config
 
     return default_config()

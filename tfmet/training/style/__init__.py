@@ -2,6 +2,7 @@
 evaluation and prediction, one module each.
 
     model.py       StyleClassifier (backbone -> pooling -> one head per attribute), StyleHead, loss
+    config.py      default_config(): every entry of a style config with its default
     finetune.py    which backbone blocks train (stage, fraction, hub variable pattern), BatchNorm
     bottleneck.py  cached backbone features (no pickle) for head-only training
     fit.py         Keras fitting with checkpoints, resume, early stopping, TensorBoard
@@ -9,18 +10,7 @@ evaluation and prediction, one module each.
     run.py         a whole run from a config: data, split, mode, training, evaluation, export
     predict.py     predictions, nearest paintings and outliers for images
 
-The classes of `model` are importable from the package too; they load on first use, so reading a
-style config (`tfmet.training.style.config`) does not load TensorFlow.
+The package exports nothing (its modules need TensorFlow; `config` too, through
+`tfmet.training.rundir`): names are imported from their module, e.g.
+`tfmet.training.style.model.StyleClassifier`.
 """
-
-from tfmet.io.lazy import lazy_exports
-
-_MODEL_NAMES = (
-    "POOLINGS",
-    "MaskedSparseCrossEntropy",
-    "StyleClassifier",
-    "StyleHead",
-    "masked_cross_entropy",
-)
-__all__ = list(_MODEL_NAMES)
-__getattr__ = lazy_exports(__name__, dict.fromkeys(_MODEL_NAMES, "model"))
