@@ -204,6 +204,7 @@ def run_demo(
     png = _matches_picture(bench, data, result, pca_dim, examples, seed)
     png_path = figures.write_png(os.path.join(workdir, f"matches-{run_name}.png"), png)
     tensorboard = _write_tensorboard(os.path.join(workdir, "tensorboard", run_name), result, png)
+    export_dir = os.path.join(workdir, "recognizer", run_name)
     log(f"      picture of queries and their top matches: {png_path}")
     log(f"      TensorBoard: tensorboard --logdir {_q(os.path.join(workdir, 'tensorboard'))}")
     return DemoResult(
@@ -219,9 +220,9 @@ def run_demo(
         num_val=len(bench.splits[1]),
         num_test=len(bench.splits[2]),
         seconds=time.perf_counter() - started,
-        export_dir=os.path.join(workdir, "recognizer", run_name),
+        export_dir=export_dir,
         serve_command=serve_command(
-            os.path.join(workdir, "recognizer", run_name),
+            export_dir,
             f"--descriptor_dir {_q(output_dir)} --info_dir {_q(bench.info_dir)} "
             f"--results_json {_q(results_json)}"
             + _model_flags(backbone, weights_file, seed, multiscale, max_side)

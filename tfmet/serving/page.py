@@ -65,7 +65,7 @@ function confidenceWords(data) {
   }
   return "Confidence " + c + " is below the threshold of " + t +
     " needed for an answer, so the photo is not matched to any exhibit. The closest is " +
-    exhibitLabel(data.best_met_id, data.top_k.length ? data.top_k[0].name : null) + ".";
+    exhibitLabel(data.best_met_id, data.name) + ".";
 }
 function show(file, data) {
   const query = document.getElementById("query");
