@@ -10,7 +10,7 @@ import pytest
 import tensorflow as tf
 
 from tfmet import backbones
-from tfmet.backbones import keras_applications, torchvision_resnet
+from tfmet.backbones import keras_applications, registry, torchvision_resnet
 from tfmet.backbones.weights import load_weights
 
 try:
@@ -189,18 +189,30 @@ def test_output_size_is_torch_arithmetic():
 
 def test_set_trainable_blocks_selects_the_top_blocks():
     model = backbones.get("resnet18")
-    assert torchvision_resnet.blocks(model)[:3] == ["layer4.1", "layer4.0", "layer3.1"]
-    assert torchvision_resnet.stages(model)[0] == ["layer4.1", "layer4.0"]
-    assert torchvision_resnet.set_trainable_blocks(model, 2) == ["layer4.1", "layer4.0"]
+    family = backbones.spec("resnet18").family
+    assert registry.family_of(model) is family
+    assert family.blocks(model)[:3] == ["layer4.1", "layer4.0", "layer3.1"]
+    assert family.blocks(model)[-1] == "stem"
+    stem = [layer.name for layer in family.block_layers(model, "stem")]
+    assert stem == ["conv1.pad", "conv1", "bn1"]
+    assert family.set_trainable(model, trainable_blocks=2, batchnorm="train") == [
+        "layer4.1",
+        "layer4.0",
+    ]
     owners = {v.path.split("/")[0] for v in model.trainable_weights}
     assert owners == {
         f"layer4.{i}.{part}" for i in (0, 1) for part in ("conv1", "bn1", "conv2", "bn2")
     } | {"layer4.0.downsample.0", "layer4.0.downsample.1"}
     assert not model.get_layer("layer3.1.bn2").trainable
-    torchvision_resnet.set_trainable_blocks(model, len(torchvision_resnet.blocks(model)))
+    family.set_trainable(model, trainable_blocks=2)  # batchnorm="frozen": the convs only
+    owners = {v.path.split("/")[0] for v in model.trainable_weights}
+    assert owners == {f"layer4.{i}.conv{j}" for i in (0, 1) for j in (1, 2)} | {
+        "layer4.0.downsample.0"
+    }
+    family.set_trainable(model, trainable_blocks=len(family.blocks(model)), batchnorm="train")
     assert count(model.trainable_weights) == expected_trunk_params("resnet18")
-    with pytest.raises(ValueError, match="num_blocks must be in"):
-        torchvision_resnet.set_trainable_blocks(model, 99)
+    with pytest.raises(ValueError, match=r"trainable_blocks must be in \[1, 9\]"):
+        family.set_trainable(model, trainable_blocks=99)
 
 
 def test_unknown_backbone_lists_valid_names():
@@ -297,10 +309,15 @@ def test_keras_applications_counts_preprocessing_and_blocks(name):
     v2 = name.endswith("v2")
     expected = backbones.SCALE_MINUS_ONE_ONE if v2 else backbones.IMAGENET_CAFFE
     assert backbones.preprocessing(name) == expected
-    top = keras_applications.blocks(model)[0]
+    family = registry.family_of(model)
+    assert family is keras_applications.FAMILY is backbones.spec(name).family
+    top = family.blocks(model)[0]
     assert top == "conv5_block3"
-    top_layers = {layer.name for layer in keras_applications.block_layers(model, top)}
+    assert family.blocks(model)[-2:] == ["conv2_block1", "stem"]
+    top_layers = {layer.name for layer in family.block_layers(model, top)}
     assert ("post_bn" in top_layers) == v2
+    stem = {layer.name for layer in family.block_layers(model, "stem")}
+    assert stem >= {"conv1_conv", "pool1_pool"}
 
 
 def test_keras_applications_weights_round_trip(tmp_path):
@@ -318,7 +335,8 @@ def test_keras_applications_weights_round_trip(tmp_path):
         resnet50 = backbones.get("keras_resnet50")
     with pytest.raises(ValueError, match="r50v2.weights.h5 does not match model 'resnet50'"):
         load_weights(resnet50, path)
-    assert keras_applications.set_trainable_blocks(reloaded, 1) == ["conv5_block3"]
+    family = keras_applications.FAMILY
+    assert family.set_trainable(reloaded, trainable_blocks=1, batchnorm="train") == ["conv5_block3"]
     names = {v.path.split("/")[0] for v in reloaded.trainable_weights}
     assert "post_bn" in names and all(n.startswith(("conv5_block3", "post_bn")) for n in names)
 

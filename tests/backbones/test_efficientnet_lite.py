@@ -185,9 +185,10 @@ def test_weights_are_converted_once_into_the_cache(classifier, cache):
 
 
 def test_torch_path_puts_back_the_checkpoint_underscores():
-    assert efficientnet_lite.torch_path("blocks.3.bn1") == "_blocks.3._bn1"
-    assert efficientnet_lite.torch_path("conv_stem") == "_conv_stem"
-    assert efficientnet_lite.torch_path("blocks.12.depthwise_conv") == "_blocks.12._depthwise_conv"
+    torch_path = efficientnet_lite.FAMILY.torch_path
+    assert torch_path("blocks.3.bn1") == "_blocks.3._bn1"
+    assert torch_path("conv_stem") == "_conv_stem"
+    assert torch_path("blocks.12.depthwise_conv") == "_blocks.12._depthwise_conv"
 
 
 def test_weights_saved_under_the_underscore_names_still_load(tmp_path):
@@ -199,7 +200,7 @@ def test_weights_saved_under_the_underscore_names_still_load(tmp_path):
     def old_name(layer):
         config = layer.get_config()
         if not isinstance(layer, keras.layers.InputLayer):
-            config["name"] = efficientnet_lite.torch_path(layer.name)
+            config["name"] = efficientnet_lite.FAMILY.torch_path(layer.name)
         return type(layer).from_config(config)
 
     old = keras.models.clone_model(model, clone_function=old_name)

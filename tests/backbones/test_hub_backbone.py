@@ -125,7 +125,7 @@ def test_trainable_toggle_keeps_pattern_selection(tensor_module):
     assert sorted(layer.variable_name(v) for v in model.trainable_weights) == expected
     # Default: everything the module marks trainable; [] freezes all.
     assert len(backbones.get("hub:" + tensor_module).trainable_weights) == 4
-    assert hub.set_trainable_patterns(model, []) == []
+    assert hub.hub_layer(model).set_trainable_patterns([]) == []
     assert model.trainable_weights == []
 
 

@@ -7,6 +7,7 @@ import tensorflow as tf
 
 from tests.kit.hub_modules import SlimHubTrunk as _HubTrunk
 from tests.kit.style_data import NUM_CLASSES
+from tfmet.backbones import hub, registry
 from tfmet.data import style_datasets as style_data_module
 from tfmet.training.style import finetune as style_finetune
 from tfmet.training.style import fit as style_train
@@ -88,7 +89,7 @@ def test_block_prefixed_keras_names():
     backbone = keras.Model(x, y)
     classifier = StyleClassifier(backbone, StyleHead({"style": ["a", "b"]}), backbone_name="toy")
     classifier.build((None, 16, 16, 3))
-    assert style_finetune.backbone_blocks(backbone) == ["block2a", "block1a", "rest"]
+    assert registry.family_of(backbone).blocks(backbone) == ["block2a", "block1a", "rest"]
     assert style_finetune.set_trainable(classifier, trainable_blocks=1) == ["block2a"]
     assert [v.path for v in backbone.trainable_variables] == [
         "block2a_conv/kernel",
@@ -101,7 +102,9 @@ def test_hub_module_blocks_and_patterns(tmp_path):
     tf.saved_model.save(_HubTrunk(), directory)
     classifier = StyleClassifier.from_registry(f"hub:{directory}", {"style": ["a", "b", "c"]})
     classifier.build((None, 8, 8, 3))
-    assert style_finetune.backbone_blocks(classifier.backbone) == ["block2/unit_1", "block1/unit_1"]
+    family = registry.family_of(classifier.backbone)
+    assert family is hub.FAMILY
+    assert family.blocks(classifier.backbone) == ["block2/unit_1", "block1/unit_1"]
     names = style_finetune.set_trainable(classifier, trainable_blocks=1)
     assert names == ["net/block2/unit_1/conv/weights:0"]  # BatchNorm gamma stays frozen
     names = style_finetune.set_trainable(classifier, trainable_blocks=1, batchnorm="train")

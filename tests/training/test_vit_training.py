@@ -58,8 +58,8 @@ def test_trainable_fraction_counts_embeddings_blocks_and_norm(checkpoint):
     trainable = {v.path for v in transformer.trainable_variables}
     expected = transformer.blocks[-1].trainable_weights + transformer.final_norm.trainable_weights
     assert trainable == {v.path for v in expected}
-    with pytest.raises(ValueError, match=r"\[0, 2\]"):
-        transformer.set_trainable_blocks(3)
+    with pytest.raises(ValueError, match=r"trainable_blocks must be in \[1, 2\]"):
+        style_finetune.set_trainable(classifier, trainable_blocks=3)
 
 
 def test_contrastive_embedder_over_a_vit_pools_the_class_token(checkpoint):

@@ -35,10 +35,11 @@ after the checkpoint's SHA-256 so a different checkpoint is converted again).
 
 import dataclasses
 import os
+import re
 
 import keras
 
-from tfmet.backbones import registry
+from tfmet.backbones import family, registry
 from tfmet.backbones.weights import load_weights
 from tfmet.io.hashing import file_sha256
 
@@ -77,9 +78,30 @@ LITE0_STAGES = (
 FEATURES_LAYER = "head_act"
 
 
-def torch_path(name):
-    """The torch module path of Keras layer `name`: "blocks.3.bn1" -> "_blocks.3._bn1"."""
-    return ".".join(part if part.isdigit() else f"_{part}" for part in name.split("."))
+class EfficientNetLite(family.PrefixBlocks):
+    """EfficientNet-Lite: blocks "blocks.15", ..., "blocks.0", then "stem" (conv_stem, bn0,
+    stem_act); the head (conv_head, bn1, head_act) belongs to the top block. Torch state dicts
+    map by layer name with the checkpoint's underscores put back (`torch_path`). Under
+    bfloat16 the stem and the first block stay float32 (`tfmet.backbones.precision`)."""
+
+    name = "efficientnet_lite"
+    pattern = re.compile(r"^(blocks\.\d+)\.")
+    rest_layers = ("conv_stem", "bn0", "stem_act")
+    head_layers = ("conv_head", "bn1", FEATURES_LAYER)
+    converts_state_dicts = True
+
+    def matches(self, model):
+        return super().matches(model) and "conv_stem" in [layer.name for layer in model.layers]
+
+    def torch_path(self, layer_name):
+        """ "blocks.3.bn1" -> "_blocks.3._bn1": each non-numeric path component gets its "_"."""
+        return ".".join(part if part.isdigit() else f"_{part}" for part in layer_name.split("."))
+
+    def float32_layers(self, model):
+        return family.layers_through(model, "blocks.0.")
+
+
+FAMILY = registry.register_family(EfficientNetLite())
 
 
 def _bn(name):
@@ -206,7 +228,7 @@ def pretrained_weights(include_top=False, checkpoint=None, directory=None):
     }
     if not all(os.path.isfile(p) for p in paths.values()):
         classifier = build(include_top=True)
-        torch_convert.load_torch_weights(classifier, checkpoint, torch_path=torch_path)
+        torch_convert.load_torch_weights(classifier, checkpoint, torch_path=FAMILY.torch_path)
         trunk = keras.Model(
             classifier.input, classifier.get_layer(FEATURES_LAYER).output, name=classifier.name
         )
@@ -238,7 +260,7 @@ registry.register(
         name="efficientnet_lite0",
         builder=efficientnet_lite0,
         preprocessing=EFFICIENTNET_LITE,
-        torch_path=torch_path,
+        family=FAMILY,
         description=(
             "EfficientNet-Lite0 (1280 channels, stride 32); weights='imagenet' converts the "
             "packaged ImageNet checkpoint"

@@ -32,6 +32,7 @@ The same options are keyword arguments of `build` / `tfmet.backbones.get("hub:..
 (keyword arguments win over name options), and `register_module` gives a module a plain name.
 """
 
+import math
 import os
 import re
 import warnings
@@ -40,7 +41,7 @@ from collections.abc import Sequence
 import keras
 import tensorflow as tf
 
-from tfmet.backbones import registry
+from tfmet.backbones import family, registry
 from tfmet.backbones.weights import load_weights
 
 PREFIX = "hub:"
@@ -402,9 +403,69 @@ def hub_layer(model: keras.Model) -> HubModule:
     raise ValueError(f"Model {model.name!r} contains no HubModule layer.")
 
 
-def set_trainable_patterns(model: keras.Model, patterns) -> list[str]:
-    """Makes the hub variables matching `patterns` trainable (others frozen); returns names."""
-    return hub_layer(model).set_trainable_patterns(patterns)
+_BLOCK_UNIT = re.compile(r"(block(\d+)/unit_(\d+))")
+# Variable names of BatchNorm parameters and statistics in TF-Slim / TF2 modules.
+_BN_NAME = re.compile(
+    r"(batch_?norm|/bn\d*/|/bn\d*$|_bn$|_bn_|\.bn\d*$|gamma|beta|moving_)", re.IGNORECASE
+)
+
+
+class HubFamily(family.Family):
+    """TF-Hub modules: variables are chosen by regular expressions on their names
+    (`trainable_patterns`); `trainable_blocks` counts the "blockB/unit_U" groups of the names
+    (TF-Slim ResNets); `trainable_fraction` the variables the module lets train, in order. A
+    SavedModel runs in the dtype it was saved with: no reduced precision."""
+
+    name = "hub"
+    reduced_precision = False
+    variable_patterns = True
+
+    def matches(self, model):
+        layers = getattr(model, "_flatten_layers", None)
+        return layers is not None and any(
+            isinstance(layer, HubModule) for layer in layers(include_self=True, recursive=True)
+        )
+
+    def blocks(self, model):
+        layer = hub_layer(model)
+        found = {}
+        for variable in layer.weights:
+            match = _BLOCK_UNIT.search(layer.variable_name(variable))
+            if match:
+                found[match.group(1)] = (int(match.group(2)), int(match.group(3)))
+        return sorted(found, key=found.get, reverse=True)
+
+    def train_top(self, model, blocks, fraction, patterns, batchnorm, name):
+        """Returns the names of the variables that train. A hub module receives one `training`
+        flag, so with batchnorm="train" all its BatchNorms use batch statistics."""
+        layer = hub_layer(model)
+        model.trainable = True
+        layer.trainable = True
+        if blocks:
+            if not self.blocks(model):
+                raise ValueError(
+                    f"trainable_blocks: the variables of hub module {name!r} show no "
+                    "block/unit structure; use trainable_patterns"
+                )
+            chosen = self.top_blocks(model, blocks, name)
+            patterns = [re.escape(block) + "/" for block in chosen]
+        elif fraction:
+            names = layer.set_trainable_patterns(None)  # every variable the module lets train
+            if batchnorm == "frozen":
+                names = [n for n in names if not _BN_NAME.search(n)]
+            count = math.ceil(fraction * len(names))
+            patterns = ["^" + re.escape(n) + "$" for n in names[len(names) - count :]]
+        selected = layer.set_trainable_patterns(list(patterns))
+        if batchnorm == "frozen":
+            keep = [n for n in selected if not _BN_NAME.search(n)]
+            if len(keep) != len(selected):
+                selected = layer.set_trainable_patterns(["^" + re.escape(n) + "$" for n in keep])
+        if not selected:
+            model.trainable = False
+        return selected
+
+
+FAMILY = registry.register_family(HubFamily())
 
 
 def _spec(
@@ -433,6 +494,7 @@ def _spec(
         builder=builder,
         preprocessing=preprocessing,
         description=description or f"TF-Hub module {handle}",
+        family=FAMILY,
     )
 
 

@@ -13,11 +13,12 @@ tfmet wraps the result in `VisionTransformer` for any-size inputs. Nothing is do
 """
 
 import dataclasses
+import math
 import os
 
 import keras
 
-from tfmet.backbones import registry
+from tfmet.backbones import family, registry, vit_convert
 from tfmet.backbones.vit import VisionTransformer
 from tfmet.backbones.weights import load_weights
 from tfmet.io.json_files import read_json
@@ -225,6 +226,76 @@ def build_directory(directory, weights=None):
     return model
 
 
+class ViTFamily(family.Family):
+    """Vision transformers (`VisionTransformer`): the blocks are the encoder's, top first;
+    `trainable_blocks` N trains the top N and the final norm, `trainable_fraction` f the top
+    ceil(f * U) of the U units (embeddings, each block, final norm, in model order). Checkpoint
+    directories and DINOv2 torch-hub files convert (`convert`)."""
+
+    name = "vit"
+
+    def matches(self, model):
+        return isinstance(model, VisionTransformer)
+
+    def blocks(self, model):
+        return [block.name for block in model.blocks][::-1]
+
+    def train_top(self, model, blocks, fraction, patterns, batchnorm, name):
+        if blocks:
+            self.top_blocks(model, blocks, name)  # checks the range
+        units = [model.backbone.embeddings, *model.blocks, model.final_norm]
+        if fraction:
+            chosen = units[len(units) - math.ceil(fraction * len(units)) :]
+        else:
+            top = model.blocks[len(model.blocks) - blocks :]
+            chosen = [*top, model.final_norm] if top else []
+        model.trainable = True
+        model.backbone.trainable = True
+        for layer in model.backbone.layers:
+            layer.trainable = False
+        model.backbone.encoder.trainable = any(block in chosen for block in model.blocks)
+        for unit in units:  # the encoder's flag reaches every block: set them again
+            unit.trainable = unit in chosen
+        if fraction:
+            return [unit.name for unit in chosen][::-1]
+        return [block.name for block in chosen if block is not model.final_norm][::-1]
+
+    def convert(self, checkpoint, arch, out):
+        """A checkpoint directory or a DINOv2 torch-hub `.pth` -> tfmet weights `out` of `arch`
+        (a shortcut such as dinov2_vitb14, or "hf:<dir>"); returns the metadata written."""
+        from tfmet.backbones.torch_convert import save_weights
+
+        checkpoint = os.fspath(checkpoint)
+        if os.path.isdir(checkpoint):
+            if arch.startswith(PREFIX):
+                model = load_directory(checkpoint, name="vit")
+            else:
+                model = registry.spec(arch).builder(weights=checkpoint)
+            source = weights_file(checkpoint)
+        else:
+            model, source = load_torch_hub(checkpoint, arch), checkpoint
+        metadata = {"arch": arch, "kind": "backbone", "source": os.path.basename(source)}
+        save_weights(model, out, **metadata)
+        return metadata
+
+
+FAMILY = registry.register_family(ViTFamily())
+
+
+def load_torch_hub(path, arch):
+    """A `VisionTransformer` of `arch` (a DINOv2 shortcut, or "hf:<dir>" for that directory's
+    architecture) with the weights of torch-hub file `path`."""
+    if arch.startswith(PREFIX):  # the architecture of a checkpoint directory
+        config = read_config(arch[len(PREFIX) :])
+    elif arch in SHORTCUTS:
+        config = _hf_style_config(SHORTCUTS[arch])
+    else:
+        config = {}
+    if config.get("model_type") not in ("dinov2", "dinov2_with_registers"):
+        raise ValueError(f"{path}: torch-hub files are DINOv2 models; arch {arch!r} is not one")
+    return vit_convert.assign_torch_hub(random_backbone(config, name="vit"), path, config)
+
+
 def _resolve(name):
     directory = name[len(PREFIX) :]
     if not directory:
@@ -236,6 +307,7 @@ def _resolve(name):
         description=f"vision transformer from checkpoint directory {directory}",
         pooling="cls",
         weights_file=lambda: weights_file(directory),
+        family=FAMILY,
     )
 
 
@@ -248,6 +320,7 @@ def _register_shortcuts():
                 preprocessing=registry.IMAGENET_TORCH,
                 description=f"{arch.model_type} ViT/{arch.patch_size}, {arch.hidden_size}-d",
                 pooling="cls",
+                family=FAMILY,
             )
         )
 

@@ -15,8 +15,7 @@ import re
 
 import keras
 
-from tfmet.backbones import blocks as blocks_lib
-from tfmet.backbones import registry
+from tfmet.backbones import family, registry
 from tfmet.backbones.weights import load_weights
 
 _APPLICATIONS = {
@@ -29,10 +28,6 @@ _APPLICATIONS = {
         "keras.applications ResNet50V2 (pre-activation)",
     ),
 }
-
-_BLOCK_PREFIX = re.compile(r"^(conv\d+_block\d+)_")
-_STEM_PREFIXES = ("conv1_", "pool1_")
-_TOP_LAYERS = ("post_bn", "post_relu")  # ResNetV2's final BN + ReLU, part of the top block
 
 
 def build(name: str, weights=None) -> keras.Model:
@@ -48,24 +43,19 @@ def build(name: str, weights=None) -> keras.Model:
     return model
 
 
-def blocks(model: keras.Model) -> list[str]:
-    """The residual blocks, top first ("conv5_block3", ..., "conv2_block1"), then "stem"."""
-    return blocks_lib.blocks_by_prefix(model, _BLOCK_PREFIX)
+class KerasResNet(family.PrefixBlocks):
+    """keras.applications ResNets: blocks "conv5_block3", ..., "conv2_block1", then "stem"
+    (conv1_*, pool1_*); the top block includes ResNetV2's final BN + ReLU."""
+
+    name = "keras_resnet"
+    pattern = re.compile(r"^(conv\d+_block\d+)_")
+    head_layers = ("post_bn", "post_relu")
+
+    def _in_rest(self, layer_name):
+        return layer_name.startswith(("conv1_", "pool1_"))
 
 
-def block_layers(model: keras.Model, block: str) -> list[keras.layers.Layer]:
-    """The layers of `block` (a name from `blocks`); the top block includes ResNetV2's post_bn."""
-    if block == "stem":
-        return [layer for layer in model.layers if layer.name.startswith(_STEM_PREFIXES)]
-    layers = [layer for layer in model.layers if layer.name.startswith(block + "_")]
-    if block == blocks(model)[0]:
-        layers += [layer for layer in model.layers if layer.name in _TOP_LAYERS]
-    return layers
-
-
-def set_trainable_blocks(model: keras.Model, num_blocks: int) -> list[str]:
-    """Makes the top `num_blocks` blocks trainable, freezes the rest; returns their names."""
-    return blocks_lib.set_trainable_blocks(model, num_blocks, blocks, block_layers)
+FAMILY = registry.register_family(KerasResNet())
 
 
 def _builder(name: str):
@@ -83,5 +73,6 @@ for _name, (_, _preprocessing, _description) in _APPLICATIONS.items():
             builder=_builder(_name),
             preprocessing=_preprocessing,
             description=_description,
+            family=FAMILY,
         )
     )

@@ -12,7 +12,8 @@ reduced-precision features up to float32 on entry.
 
 One exception to "the backbone computes in bfloat16": in a torchvision-layout bottleneck trunk
 (ResNet-50/101, ResNeXt) and in EfficientNet-Lite the stem and the first block stay float32
-(`float32_layers`; 8.5% of ResNet-50's FLOPs, 5.4% of EfficientNet-Lite0's). Measured on
+(`float32_layers`, which asks the backbone's family: `Family.float32_layers`; 8.5% of
+ResNet-50's FLOPs, 5.4% of EfficientNet-Lite0's). Measured on
 ResNet-50 (docs/extraction.md, "Reduced precision"), the rounding in the first layers -- of the
 normalised pixels, of the stem's weights and outputs -- is what the rest of the network
 amplifies most; a stage further down contributes 5-300x less. The same holds for
@@ -21,6 +22,8 @@ EfficientNet-Lite0 with its ImageNet weights on the demo's real photos, where it
 BasicBlock trunks (ResNet-18/34) and float16 (11 mantissa bits) meet the 0.999 cosine target
 without the exception and are left as they were.
 """
+
+from tfmet.backbones import registry
 
 PRECISIONS = ("float32", "bfloat16", "float16")
 DTYPE_POLICIES = {"float32": "float32", "bfloat16": "mixed_bfloat16", "float16": "mixed_float16"}
@@ -52,32 +55,15 @@ def precision_version(precision):
     return PRECISION_VERSIONS.get(check_precision(precision), 1)
 
 
-# The first block of a trunk whose rounding under bfloat16 the rest amplifies most, by the name
-# of one of its layers (the trunk's naming) -> the prefix of the block's layer names.
-FIRST_BLOCKS = {
-    "layer1.0.conv3": "layer1.0.",  # torchvision bottleneck ResNet / ResNeXt
-    "blocks.0.project_conv": "blocks.0.",  # EfficientNet-Lite (tfmet.backbones.efficientnet_lite)
-}
-
-
 def float32_layers(model, precision):
-    """The layers of `model` that stay float32 under `precision`.
-
-    For bfloat16 on a trunk of `FIRST_BLOCKS` -- a torchvision-layout bottleneck ResNet
-    (ResNet-50/101, ResNeXt: "conv1", ..., "maxpool", "layer1.0.*") or EfficientNet-Lite
-    ("conv_stem", "bn0", "stem_act", "blocks.0.*") -- the stem and the first block: every layer
-    up to the block's last, whose output the next block reads rounded to bfloat16. Nothing
-    otherwise: BasicBlock trunks (ResNet-18/34) meet the cosine target in bfloat16 throughout,
-    other families were not measured, float16 and float32 need no exception.
+    """The layers of `model` that stay float32 under `precision`: for bfloat16, those its
+    family names (`Family.float32_layers`: the stem and first block of a bottleneck ResNet or
+    of EfficientNet-Lite, whose output the next block reads rounded to bfloat16); nothing for
+    float16 and float32, or for families whose bfloat16 meets the cosine target throughout.
     """
     if precision != "bfloat16" or not hasattr(model, "layers"):
         return []
-    names = [layer.name for layer in model.layers]
-    for marker, prefix in FIRST_BLOCKS.items():
-        if marker in names:
-            last = max(i for i, name in enumerate(names) if name.startswith(prefix))
-            return model.layers[: last + 1]
-    return []
+    return registry.family_of(model).float32_layers(model)
 
 
 def set_precision(model, precision):
@@ -89,18 +75,17 @@ def set_precision(model, precision):
     float32 model changes nothing.
 
     Raises:
-      ValueError: an unknown precision, or a reduced one on a TF-Hub module (a SavedModel runs
-        in the dtype it was saved with).
+      ValueError: an unknown precision, or a reduced one on a family that cannot run in it
+        (`Family.reduced_precision`: a TF-Hub module runs in the dtype it was saved with).
     """
     import keras
 
-    from tfmet.backbones.hub import HubModule
-
     policy = keras.dtype_policies.get(dtype_policy(precision))
     layers = list(model._flatten_layers(include_self=True, recursive=True))
-    if precision != "float32" and any(isinstance(layer, HubModule) for layer in layers):
+    family = registry.family_of(model)
+    if precision != "float32" and not family.reduced_precision:
         raise ValueError(
-            f"{model.name}: a TF-Hub module runs in the dtype it was saved with. "
+            f"{model.name}: a {family.name} backbone runs in the dtype it was saved with. "
             f"Received: precision={precision!r} (use float32)"
         )
     exact = {id(layer) for layer in float32_layers(model, precision)}

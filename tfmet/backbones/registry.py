@@ -10,6 +10,8 @@ from collections.abc import Callable
 import keras
 import tensorflow as tf
 
+from tfmet.backbones.family import KERAS, Family
+
 
 @dataclasses.dataclass(frozen=True)
 class Preprocessing:
@@ -65,9 +67,8 @@ class BackboneSpec:
         [B, h, w, C], "cls" for a token sequence [B, T, C] (vision transformers).
       weights_file: for backbones whose builder loads weights by itself when `weights` is None
         (a checkpoint directory), `weights_file()` -> the file that identifies those weights.
-      torch_path: `torch_path(layer name) -> torch module path` for backbones whose Keras layer
-        names differ from their torch checkpoint's module paths (EfficientNet-Lite: Keras
-        layer and variable names cannot start with "_"); None: the names are the paths.
+      family: what fine-tuning, reduced precision and conversion need to know about the
+        backbone (`tfmet.backbones.family`); the generic Keras family by default.
     """
 
     name: str
@@ -76,11 +77,12 @@ class BackboneSpec:
     description: str = ""
     pooling: str = "gem"
     weights_file: Callable[[], str] | None = None
-    torch_path: Callable[[str], str] | None = None
+    family: Family = KERAS
 
 
 _REGISTRY: dict[str, BackboneSpec] = {}
 _DYNAMIC_PREFIXES: dict[str, Callable[[str], BackboneSpec]] = {}
+_FAMILIES: list[Family] = []
 
 
 def register(spec: BackboneSpec) -> BackboneSpec:
@@ -92,6 +94,21 @@ def register(spec: BackboneSpec) -> BackboneSpec:
 def register_prefix(prefix: str, resolver: Callable[[str], BackboneSpec]) -> None:
     """Names starting with `prefix` (e.g. "hub:") are resolved by `resolver(name)`."""
     _DYNAMIC_PREFIXES[prefix] = resolver
+
+
+def register_family(family: Family) -> Family:
+    """Adds `family` to those `family_of` asks; re-registering a name replaces it."""
+    _FAMILIES[:] = [f for f in _FAMILIES if f.name != family.name] + [family]
+    return family
+
+
+def family_of(model) -> Family:
+    """The registered family `model` belongs to (`Family.matches`); the generic Keras family
+    when none claims it. Works on models loaded from files, which keep no registry name."""
+    for family in _FAMILIES:
+        if family.matches(model):
+            return family
+    return KERAS
 
 
 def names() -> list[str]:

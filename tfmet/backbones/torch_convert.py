@@ -1,9 +1,10 @@
 """PyTorch state dicts -> Keras backbones and the Met `Embedder` (GeM p, projector).
 
 The Keras backbones name every weight-holding layer after its torch module path (torchvision
-ResNets: "conv1", "layer1.0.downsample.0"), or give the path with their registry spec's
-`torch_path` (EfficientNet-Lite: layer "blocks.3.bn1" is "_blocks.3._bn1", as a SavedModel
-refuses names that start with "_"), so the mapping is generic, by layer type:
+ResNets: "conv1", "layer1.0.downsample.0"), or give the path with their family's
+`torch_path` (`tfmet.backbones.family`; EfficientNet-Lite: layer "blocks.3.bn1" is
+"_blocks.3._bn1", as a SavedModel refuses names that start with "_"), so the mapping is
+generic, by layer type:
 
     Conv2D              <path>.weight [O, I/groups, kh, kw] -> kernel [kh, kw, I/groups, O]
                         <path>.bias                         -> bias
@@ -138,7 +139,7 @@ def canonical_names(state_dict):
 def weight_layers(model, torch_path=None):
     """(torch path, layer) for each layer that owns weights, descending into nested models.
 
-    `torch_path(layer name)` gives the torch module path (`BackboneSpec.torch_path`); None: the
+    `torch_path(layer name)` gives the torch module path (`Family.torch_path`); None: the
     layer's name is its path.
     """
     found = []

@@ -39,8 +39,7 @@ import re
 import keras
 import tensorflow as tf
 
-from tfmet.backbones import blocks as blocks_lib
-from tfmet.backbones import registry
+from tfmet.backbones import family, registry
 from tfmet.backbones.weights import load_weights
 
 BN_EPSILON = 1e-5
@@ -209,41 +208,23 @@ def build(config: ResNetConfig, name: str = "resnet") -> keras.Model:
     return keras.Model(images, x, name=name)
 
 
-_BLOCK_PREFIX = re.compile(r"^(layer\d+\.\d+)\.")
-_STEM_LAYERS = ("conv1.pad", "conv1", "bn1")
+class TorchvisionResNet(family.PrefixBlocks):
+    """torchvision-layout ResNets / ResNeXts: blocks "layer4.2", ..., "layer1.0", then "stem"
+    (conv1/bn1); torch state dicts map by layer name. Under bfloat16 a bottleneck trunk keeps
+    its stem and first block ("layer1.0.*") in float32 (`tfmet.backbones.precision`)."""
+
+    name = "torchvision_resnet"
+    pattern = re.compile(r"^(layer\d+\.\d+)\.")
+    rest_layers = ("conv1.pad", "conv1", "bn1")
+    converts_state_dicts = True
+
+    def float32_layers(self, model):
+        if "layer1.0.conv3" not in [layer.name for layer in model.layers]:
+            return []  # BasicBlock trunks meet the cosine target in bfloat16 throughout
+        return family.layers_through(model, "layer1.0.")
 
 
-def blocks(model: keras.Model) -> list[str]:
-    """The blocks of a trunk built here, top (last) first: "layer4.2", ..., "layer1.0", "stem".
-
-    "stem" stands for conv1/bn1. Use with `set_trainable_blocks` to fine-tune only the top of
-    the trunk.
-    """
-    return blocks_lib.blocks_by_prefix(model, _BLOCK_PREFIX)
-
-
-def stages(model: keras.Model) -> list[list[str]]:
-    """`blocks` grouped by stage, top first: [["layer4.2", ...], ..., ["layer1.0"], ["stem"]]."""
-    grouped: dict[str, list[str]] = {}
-    for block in blocks(model):
-        grouped.setdefault(block.split(".")[0], []).append(block)
-    return list(grouped.values())
-
-
-def block_layers(model: keras.Model, block: str) -> list[keras.layers.Layer]:
-    """The layers of `model` that belong to `block` (a name from `blocks`)."""
-    if block == "stem":
-        return [layer for layer in model.layers if layer.name in _STEM_LAYERS]
-    return [layer for layer in model.layers if layer.name.startswith(block + ".")]
-
-
-def set_trainable_blocks(model: keras.Model, num_blocks: int) -> list[str]:
-    """Makes the top `num_blocks` blocks trainable and freezes the rest; returns their names.
-
-    Frozen BatchNormalization layers run in inference mode (Keras 3 semantics of
-    `trainable=False`), as fine-tuning the top of a pretrained trunk needs.
-    """
-    return blocks_lib.set_trainable_blocks(model, num_blocks, blocks, block_layers)
+FAMILY = registry.register_family(TorchvisionResNet())
 
 
 def output_size(size: int) -> int:
@@ -273,5 +254,6 @@ for _name in CONFIGS:
             builder=_builder(_name),
             preprocessing=registry.IMAGENET_TORCH,
             description=_DESCRIPTIONS[_name],
+            family=FAMILY,
         )
     )

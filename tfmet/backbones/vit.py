@@ -210,25 +210,6 @@ class VisionTransformer(keras.Model):
     def compute_output_shape(self, input_shape):
         return (input_shape[0], None, self.hidden_dim)
 
-    def set_trainable_blocks(self, num_blocks):
-        """Trains the top `num_blocks` blocks and the final norm; returns the blocks' names."""
-        blocks = self.blocks
-        if not 0 <= num_blocks <= len(blocks):
-            raise ValueError(
-                f"num_blocks must be in [0, {len(blocks)}] for {self.name!r}. "
-                f"Received: num_blocks={num_blocks}"
-            )
-        chosen = blocks[len(blocks) - num_blocks :][::-1]
-        self.trainable = True
-        self.backbone.trainable = True
-        for layer in self.backbone.layers:
-            layer.trainable = False
-        self.backbone.encoder.trainable = bool(chosen)
-        for block in blocks:
-            block.trainable = block in chosen
-        self.final_norm.trainable = bool(chosen)
-        return [block.name for block in chosen]
-
     def get_config(self):
         config = super().get_config()
         config.update(

@@ -1,17 +1,14 @@
-"""ViT checkpoints -> tfmet `.weights.h5`: checkpoint directories and DINOv2 torch-hub `.pth` files.
+"""DINOv2 torch-hub `.pth` files -> the weights of a keras-hub ViT.
 
-A checkpoint directory (`tfmet.backbones.huggingface`) is loaded by keras-hub and saved. An
-official DINOv2 torch-hub file (dinov2_vits14_pretrain.pth, ..._reg4_pretrain.pth) is read with
-tfmet's pickle-free torch reader, its tensor names are mapped to the Hugging Face ones, and
+An official DINOv2 torch-hub file (dinov2_vits14_pretrain.pth, ..._reg4_pretrain.pth) is read
+with tfmet's pickle-free torch reader, its tensor names are mapped to the Hugging Face ones, and
 keras-hub's own Hugging Face converter assigns them; every tensor must be used and every weight
-filled, as for the ResNets.
+filled, as for the ResNets. The ViT family (`tfmet.backbones.huggingface.ViTFamily.convert`)
+writes tfmet weights from these files and from checkpoint directories.
 """
-
-import os
 
 import numpy as np
 
-from tfmet.backbones import huggingface, registry
 from tfmet.io.torch_checkpoint import load_state_dict
 
 
@@ -86,20 +83,11 @@ def torch_hub_to_hf(state_dict, source="<checkpoint>"):
     return out
 
 
-def load_torch_hub(path, arch):
-    """A `VisionTransformer` of `arch` (a DINOv2 shortcut, or "hf:<dir>" for that directory's
-    architecture) with the weights of torch-hub file `path`."""
+def assign_torch_hub(model, path, config):
+    """Fills `model` (a random `VisionTransformer` of Hugging Face `config`) with the weights of
+    DINOv2 torch-hub file `path`; every tensor must be used."""
     from keras_hub.src.utils.transformers import convert_dinov2
 
-    if arch.startswith(huggingface.PREFIX):  # the architecture of a checkpoint directory
-        config = huggingface.read_config(arch[len(huggingface.PREFIX) :])
-    elif arch in huggingface.SHORTCUTS:
-        config = huggingface._hf_style_config(huggingface.SHORTCUTS[arch])
-    else:
-        config = {}
-    if config.get("model_type") not in ("dinov2", "dinov2_with_registers"):
-        raise ValueError(f"{path}: torch-hub files are DINOv2 models; arch {arch!r} is not one")
-    model = huggingface.random_backbone(config, name="vit")
     tensors = torch_hub_to_hf(load_state_dict(path), source=path)
     loader = _TensorLoader(tensors, path)
     convert_dinov2.convert_weights(model.backbone, loader, config)
@@ -107,24 +95,3 @@ def load_torch_hub(path, arch):
     if unused:
         raise ValueError(f"{path}: {len(unused)} tensors do not map, e.g. {unused[0]!r}")
     return model
-
-
-def convert(source, arch, out):
-    """Writes the tfmet weights of `source` (a checkpoint directory or torch-hub `.pth`) to `out`.
-
-    `arch` is a shortcut (e.g. dinov2_vitb14) or "hf:<dir>"; returns the metadata written.
-    """
-    from tfmet.backbones.torch_convert import save_weights
-
-    source = os.fspath(source)
-    if os.path.isdir(source):
-        if arch.startswith(huggingface.PREFIX):
-            model = huggingface.load_directory(source, name="vit")
-        else:
-            model = registry.spec(arch).builder(weights=source)
-        weights = huggingface.weights_file(source)
-    else:
-        model, weights = load_torch_hub(source, arch), source
-    metadata = {"arch": arch, "kind": "backbone", "source": os.path.basename(weights)}
-    save_weights(model, out, **metadata)
-    return metadata

@@ -44,20 +44,6 @@ FLAGS = flags.FLAGS
 PROGRAM = "tfmet-convert-weights"
 
 
-def _is_vit(checkpoint, arch):
-    from tfmet.backbones import huggingface
-
-    return os.path.isdir(checkpoint) or arch.startswith("hf:") or arch in huggingface.SHORTCUTS
-
-
-def _convert_vit(checkpoint, arch, out):
-    """A checkpoint directory or DINOv2 torch-hub file -> tfmet weights of a ViT backbone."""
-    from tfmet.backbones import vit_convert
-
-    vit_convert.convert(checkpoint, arch, out)
-    print(f"Converted {checkpoint} -> {out} (backbone of {arch})")
-
-
 def main(argv):
     no_arguments(argv)
     checkpoint, arch, out = FLAGS["from"].value, FLAGS.arch, FLAGS.out
@@ -76,13 +62,22 @@ def main(argv):
     for path in (out, keras_model):
         if path and os.path.exists(path) and not FLAGS.overwrite:
             raise UsageError(f"{path} exists; pass --overwrite to replace it")
-    from tfmet.backbones import names, torch_convert
+    from tfmet import backbones
+    from tfmet.backbones import torch_convert
     from tfmet.descriptors import conversion
 
-    if _is_vit(checkpoint, arch):
-        return _convert_vit(checkpoint, arch, out)
-    if arch not in names():
-        raise UsageError(f"unknown --arch {arch!r}; registered backbones: {', '.join(names())}")
+    try:
+        family = backbones.spec(arch).family
+    except ValueError as e:
+        raise UsageError(f"--arch: {e}") from None
+    if not family.converts_state_dicts:  # a converter of the family's own (ViT checkpoints)
+        if keras_model:
+            raise UsageError(f"--keras_model: {arch} checkpoints hold a backbone only")
+        family.convert(checkpoint, arch, out)
+        print(f"Converted {checkpoint} -> {out} (backbone of {arch})")
+        return
+    if os.path.isdir(checkpoint):
+        raise UsageError(f"{checkpoint}: a directory; --arch {arch} converts torch .pth files")
     ignore = torch_convert.DEFAULT_IGNORE if FLAGS.ignore is None else tuple(FLAGS.ignore)
     report, metadata = conversion.convert_checkpoint(
         checkpoint, arch, out, key=FLAGS.key, ignore=ignore, keras_model=keras_model

@@ -77,7 +77,7 @@ def _convert(checkpoint, arch, out, key, ignore):
         model = spec.builder(weights=None)
         if not model.built:
             model.build((None, None, None, 3))
-        targets = weight_layers(model, spec.torch_path)
+        targets = weight_layers(model, spec.family.torch_path)
         report = assign(targets, state_dict, source=checkpoint, ignore=ignore)
         metadata["kind"] = "backbone"
         save_weights(model, out, **metadata)
@@ -91,7 +91,7 @@ def _convert(checkpoint, arch, out, key, ignore):
     embedder.build((None, None, None, 3))
     if not has_pool:
         state_dict[f"{POOL}.p"] = np.asarray([embedder.p], np.float32)
-    targets = embedder_targets(embedder, spec.torch_path)
+    targets = embedder_targets(embedder, spec.family.torch_path)
     report = assign(targets, state_dict, source=checkpoint, ignore=ignore)
     metadata.update(
         kind="embedder",
