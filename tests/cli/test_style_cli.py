@@ -17,7 +17,7 @@ from tests.kit import one_conv_backbone, run_cli, style_data
 from tfmet.data import style_datasets as style_data_module
 from tfmet.export import save_module
 from tfmet.export.style_classifier import StyleModule
-from tfmet.training.style import fit as style_train
+from tfmet.training.style import checkpoints
 from tfmet.training.style import predict as style_predict
 from tfmet.training.style import run as style_run
 from tfmet.training.style.model import StyleClassifier, StyleHead
@@ -199,7 +199,7 @@ def test_rasta_smoke_finetunes_top_block_with_augmentation(tmp_path):
     config.train.epochs = 3
     resumed = style_run.train(config, workdir, resume=True)
     assert resumed["epochs_run"] == 3
-    assert [h["epoch"] for h in style_train.read_state(workdir)["history"]] == [1, 2, 3]
+    assert [h["epoch"] for h in checkpoints.read_state(workdir)["history"]] == [1, 2, 3]
 
 
 @pytest.mark.parametrize("kind", ["flip", "flip_crop", "randaugment"])

@@ -13,8 +13,8 @@ import tensorflow as tf
 
 from configs import pandora18k
 from tests.kit.style_data import NUM_CLASSES
+from tfmet.training.style import checkpoints
 from tfmet.training.style import evaluate as style_eval
-from tfmet.training.style import fit as style_train
 from tfmet.training.style import predict as style_predict
 from tfmet.training.style import run as style_run
 
@@ -120,7 +120,7 @@ def test_two_attributes_style_and_artist(dataset, bottleneck_run, tmp_path):
     artists = records.labels["artist"][split["val"]]
     assert reports["artist"]["count"] == int((artists >= 0).sum())
     assert len(reports["artist"]["per_class"]) == NUM_CLASSES * 2
-    state = style_train.read_state(workdir)
+    state = checkpoints.read_state(workdir)
     assert "val/artist/top5" in state["history"][-1]
 
 
@@ -138,10 +138,10 @@ def test_resume_and_refusal_to_overwrite(dataset, bottleneck_run, tmp_path):
     longer = smoke_config(dataset, cache, epochs=4, learning_rate=0.05, batch_size=32, patience=0)
     resumed = style_run.train(longer, workdir, resume=True)
     assert resumed["epochs_run"] == 4
-    state = style_train.read_state(workdir)
+    state = checkpoints.read_state(workdir)
     assert [h["epoch"] for h in state["history"]] == [1, 2, 3, 4]
     # The optimizer state came back: its step counter covers all four epochs.
     with open(os.path.join(workdir, "split.json")) as f:
         steps_per_epoch = int(np.ceil(json.load(f)["counts"]["train"] / 32))
-    with np.load(style_train.checkpoint_paths(workdir)["optimizer"]) as opt:
+    with np.load(checkpoints.checkpoint_paths(workdir)["optimizer"]) as opt:
         assert int(opt["0"]) == 4 * steps_per_epoch  # variable 0 is the iteration counter

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from tfmet.training.style import checkpoints
 from tfmet.training.style import fit as style_train
 from tfmet.training.style.model import (
     StyleHead,
@@ -52,7 +53,7 @@ def test_monitor_scalars_and_early_stopping(tmp_path):
             break
     monitor.on_train_end()
     assert epoch == 3 and head.stop_training
-    state = style_train.read_state(workdir)
+    state = checkpoints.read_state(workdir)
     assert (state["best_epoch"], state["best_top1"], state["epoch"]) == (2, 0.75, 4)
     assert [h["val/style/top1"] for h in state["history"]] == [0.5, 0.75, 0.75, 0.5]
     values = {}
@@ -70,6 +71,6 @@ def test_monitor_scalars_and_early_stopping(tmp_path):
     assert values[("val", "loss")][0][1] == pytest.approx(val_loss, rel=1e-6)
     best = StyleHead({"style": ["a", "b"]})
     best.build((None, 3))
-    style_train.load_weights(best, style_train.checkpoint_paths(workdir)["best"])
+    checkpoints.load_weights(best, checkpoints.checkpoint_paths(workdir)["best"])
     with open(os.path.join(workdir, "tensorboard", "metadata.tsv")) as f:
         assert f.read().splitlines()[1] == "img0.jpg\ta"

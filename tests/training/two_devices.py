@@ -68,7 +68,7 @@ def style(directory):
     and resume (a resumed run reshuffles from the seed, so it is compared with a resumed one)."""
     from configs import pandora18k
     from tests.kit.style_data import make_small_pandora18k
-    from tfmet.training.style import fit, run
+    from tfmet.training.style import checkpoints, run
 
     root = make_small_pandora18k(os.path.join(directory, "data"))
     for name in ("default", "mirrored"):
@@ -81,8 +81,8 @@ def style(directory):
         run.train(config, workdir)
         config.train.epochs = 2  # resumed: weights, optimizer state and epoch from checkpoints/
         summary = run.train(config, workdir, resume=True)
-        state = fit.read_state(workdir)
-        with np.load(fit.checkpoint_paths(workdir)["last"]) as data:
+        state = checkpoints.read_state(workdir)
+        with np.load(checkpoints.checkpoint_paths(workdir)["last"]) as data:
             weights = [data[k] for k in sorted(data.files) if k.startswith("w")]
         record = {
             "best_epoch": summary["best_epoch"],

@@ -40,6 +40,7 @@ from tfmet.metrics.topk import bag_probabilities
 from tfmet.retrieval import embedding_tools
 from tfmet.training import distribute, rundir
 from tfmet.training.style import bottleneck as style_bottleneck
+from tfmet.training.style import checkpoints
 from tfmet.training.style import evaluate as style_eval
 from tfmet.training.style import finetune as style_finetune
 from tfmet.training.style import fit as style_train
@@ -262,7 +263,7 @@ def _train(config_dict, workdir, resume, start):
     clean_stale_temporaries(workdir)  # what a killed run was writing
     if resume:
         _check_resume_config(workdir, config_dict)
-    elif style_train.has_checkpoint(workdir):
+    elif checkpoints.has_checkpoint(workdir):
         raise ValueError(
             f"{workdir} already holds a training checkpoint; pass --resume to continue it or "
             "choose a new workdir"
@@ -455,9 +456,9 @@ def load_classifier(path, trust_model=False):
             classifier.load_weights(path)
             return classifier
         kind = "classifier"
-        if style_train.has_checkpoint(workdir):
-            kind = style_train.read_state(workdir).get("model", "classifier")
-        style_train.load_weights(classifier.head if kind == "head" else classifier, path)
+        if checkpoints.has_checkpoint(workdir):
+            kind = checkpoints.read_state(workdir).get("model", "classifier")
+        checkpoints.load_weights(classifier.head if kind == "head" else classifier, path)
         return classifier
     if not path.endswith(".keras"):
         raise ValueError(
