@@ -72,3 +72,71 @@ def test_merge_keeps_the_best_of_every_scale():
     np.testing.assert_array_equal(scores.numpy(), [[9.0, 7.0, 6.0]])
     np.testing.assert_array_equal(points.numpy(), [[[0, 0], [1, 1], [1, 1]]])
     np.testing.assert_array_equal(descriptors.numpy()[0, :, :2], [[1, 0], [2, 0], [0, 2]])
+
+
+def _extractor(backbone, scales, num=20, dim=16):
+    from tfmet.descriptors.embedder import DescriptorExtractor, Embedder
+
+    embedder = Embedder.from_registry(backbone) if isinstance(backbone, str) else backbone
+    spec = local.LocalSpec(num=num, dim=dim, seed=0)
+    return DescriptorExtractor(embedder, scales=scales, local=spec)
+
+
+@pytest.mark.parametrize("backbone", ["resnet_tiny", "efficientnet_lite0"])
+def test_extract_local_gives_the_global_descriptors_and_the_family_map(backbone):
+    import keras
+
+    from tfmet.backbones import registry
+
+    keras.utils.set_random_seed(0)
+    extractor = _extractor(backbone, scales=(1.0, 0.5))
+    images = np.random.default_rng(0).uniform(0, 255, (1, 70, 90, 3)).astype(np.float32)
+    descriptors, points, rows, scores = (t.numpy() for t in extractor.extract_local(images))
+    np.testing.assert_allclose(descriptors, extractor(images).numpy(), atol=1e-6)
+    assert rows.shape == (1, 20, 16) and points.shape == (1, 20, 2)
+    np.testing.assert_allclose(np.linalg.norm(rows, axis=-1), 1.0, rtol=1e-5)
+    assert (np.diff(scores[0]) <= 0).all() and (points >= 0).all() and (points <= 1).all()
+    # Scale 1 alone, by hand: the family's stride-16 layer, its strongest cells in numpy.
+    backbone_model = extractor.embedder.backbone
+    family = registry.family_of(backbone_model)
+    layer = backbone_model.get_layer(family.local_layer(backbone_model))
+    view = keras.Model(backbone_model.inputs, layer.output)
+    feature_map = view(extractor.embedder.preprocess(images)).numpy()
+    assert feature_map.shape[1:3] == (5, 6)  # stride 16: ceil(70 / 16), ceil(90 / 16)
+    single = _extractor(extractor.embedder, scales=(1.0,))
+    _, points1, rows1, scores1 = (t.numpy() for t in single.extract_local(images))
+    ((want_points, want_rows, want_scores),) = _numpy_select(
+        feature_map, (70 / 5, 90 / 6), 90.0, 20, single._projection
+    )
+    np.testing.assert_allclose(scores1[0], want_scores, rtol=1e-5)
+    np.testing.assert_allclose(points1[0], want_points, rtol=1e-5)
+    np.testing.assert_allclose(rows1[0], want_rows, atol=1e-5)
+
+
+def test_extract_local_of_a_vit_uses_its_patch_tokens(tmp_path):
+    pytest.importorskip("transformers")
+    from tests.kit.vit_models import make_model
+    from tfmet.descriptors.embedder import Embedder
+
+    make_model("dinov2_with_registers", tmp_path / "vit")
+    embedder = Embedder.from_registry(f"hf:{tmp_path / 'vit'}")
+    extractor = _extractor(embedder, scales=(1.0,), num=50, dim=64)
+    images = np.random.default_rng(1).uniform(0, 255, (1, 30, 44, 3)).astype(np.float32)
+    descriptors, points, rows, scores = (t.numpy() for t in extractor.extract_local(images))
+    np.testing.assert_allclose(descriptors, extractor(images).numpy(), atol=1e-6)
+    assert extractor._projection is None  # 32 channels <= 64: kept as they are
+    tokens = embedder.backbone(embedder.preprocess(images)).numpy()[0, 3:]  # cls + 2 registers
+    grid = tokens.reshape(4, 6, 32)  # patch 7: 30 // 7 rows, 44 // 7 columns
+    ((want_points, want_rows, want_scores),) = _numpy_select(grid[None], (7, 7), 44.0, 50, None)
+    assert rows.shape == (1, 24, 32)  # all 24 patches, fewer than the 50 asked
+    np.testing.assert_allclose(scores[0], want_scores, rtol=1e-5)
+    np.testing.assert_allclose(points[0], want_points, rtol=1e-5)
+    np.testing.assert_allclose(rows[0], want_rows, atol=1e-5)
+
+
+def test_a_family_without_local_features_says_so():
+    from tests.kit.models import tiny_backbone
+    from tfmet.descriptors.embedder import Embedder
+
+    with pytest.raises(ValueError, match=r"no local features"):
+        _extractor(Embedder(tiny_backbone()), scales=(1.0,))

@@ -76,6 +76,9 @@ LITE0_STAGES = (
 )
 
 FEATURES_LAYER = "head_act"
+# The last block whose output has stride 16: the third of stage 5 of `LITE0_STAGES` (blocks
+# 8-10; the stem and stages 2-4 halve the resolution, stage 6 halves it again).
+LOCAL_BLOCK = 10
 
 
 class EfficientNetLite(family.PrefixBlocks):
@@ -99,6 +102,11 @@ class EfficientNetLite(family.PrefixBlocks):
 
     def float32_layers(self, model):
         return family.layers_through(model, "blocks.0.")
+
+    def local_layer(self, model):
+        """The output of the last block at stride 16 (`LOCAL_BLOCK`, 112 channels)."""
+        prefix = f"blocks.{LOCAL_BLOCK}."
+        return [layer.name for layer in model.layers if layer.name.startswith(prefix)][-1]
 
 
 FAMILY = registry.register_family(EfficientNetLite())

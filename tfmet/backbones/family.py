@@ -16,6 +16,8 @@ never guesses from layer names itself:
     converts_state_dicts         whether torch state dicts map onto it by layer name
     torch_path(layer name)       ... and under which torch module path
     convert(checkpoint, arch, out)   a converter of its own (e.g. ViT checkpoint directories)
+    local_layer(model), local_probe(model)   where local features come from (spatial
+                                 verification): a stride-16 map, or a ViT's patch tokens
 
 A new family is one module: its builders, its `Family` subclass and its registrations (plus the
 import in `tfmet/backbones/__init__.py` that registers it).
@@ -25,6 +27,7 @@ import math
 import re
 
 import keras
+import tensorflow as tf
 
 BATCHNORM_MODES = ("frozen", "train")
 
@@ -124,6 +127,31 @@ class Family:
     def float32_layers(self, model) -> list:
         """The layers of `model` that stay float32 when the rest computes in bfloat16."""
         return []
+
+    def local_layer(self, model):
+        """The layer whose feature map gives local features (a stride-16 map), or None."""
+        return None
+
+    def local_probe(self, model):
+        """`probe(images) -> (local map [B, h, w, C], cell size [2] in input pixels, output)`:
+        the map local features are selected from and the backbone's output, from one pass.
+
+        Default: a functional view of `model` that also returns `local_layer`'s output.
+        """
+        layer = self.local_layer(model)
+        if layer is None:
+            raise ValueError(
+                f"Backbone {model.name!r} ({self.name} family): no local features (its family "
+                "names no feature map for them)"
+            )
+        view = keras.Model(model.inputs, [model.get_layer(layer).output, model.outputs[0]])
+
+        def probe(images):
+            local, output = view(images, training=False)
+            cell = tf.cast(tf.shape(images)[1:3] / tf.shape(local)[1:3], tf.float32)
+            return local, cell, output
+
+        return probe
 
     def torch_path(self, layer_name) -> str:
         """The torch module path of Keras layer `layer_name` (`converts_state_dicts` families)."""

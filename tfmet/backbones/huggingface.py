@@ -17,6 +17,7 @@ import math
 import os
 
 import keras
+import tensorflow as tf
 
 from tfmet.backbones import family, registry, vit_convert
 from tfmet.backbones.vit import VisionTransformer
@@ -259,6 +260,20 @@ class ViTFamily(family.Family):
         if fraction:
             return [unit.name for unit in chosen][::-1]
         return [block.name for block in chosen if block is not model.final_norm][::-1]
+
+    def local_probe(self, model):
+        """The patch tokens as a [B, H / patch, W / patch, C] map (cells of `patch_size` input
+        pixels); the output is the whole token sequence."""
+
+        def probe(images):
+            tokens = model(images, training=False)
+            patch = model.patch_size
+            grid = tf.shape(images)[1:3] // patch
+            shape = tf.concat([tf.shape(tokens)[:1], grid, tf.shape(tokens)[2:]], axis=0)
+            local = tf.reshape(tokens[:, model.num_prefix_tokens :], shape)
+            return local, tf.constant([patch, patch], tf.float32), tokens
+
+        return probe
 
     def convert(self, checkpoint, arch, out):
         """A checkpoint directory or a DINOv2 torch-hub `.pth` -> tfmet weights `out` of `arch`

@@ -54,6 +54,10 @@ class KerasResNet(family.PrefixBlocks):
     def _in_rest(self, layer_name):
         return layer_name.startswith(("conv1_", "pool1_"))
 
+    def local_layer(self, model):
+        """The output of conv4's last block (stride 16)."""
+        return [layer.name for layer in model.layers if layer.name.startswith("conv4_")][-1]
+
 
 FAMILY = registry.register_family(KerasResNet())
 

@@ -218,6 +218,10 @@ class TorchvisionResNet(family.PrefixBlocks):
     rest_layers = ("conv1.pad", "conv1", "bn1")
     converts_state_dicts = True
 
+    def local_layer(self, model):
+        """The output of layer3's last block (stride 16: DELF's conv4)."""
+        return [layer.name for layer in model.layers if layer.name.startswith("layer3.")][-1]
+
     def float32_layers(self, model):
         if "layer1.0.conv3" not in [layer.name for layer in model.layers]:
             return []  # BasicBlock trunks meet the cosine target in bfloat16 throughout

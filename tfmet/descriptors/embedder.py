@@ -6,7 +6,8 @@ import keras
 import tensorflow as tf
 
 from tfmet import backbones
-from tfmet.backbones.registry import Preprocessing
+from tfmet.backbones.registry import Preprocessing, family_of
+from tfmet.descriptors import local as local_lib
 from tfmet.descriptors.resize import resize
 from tfmet.layers import GeMPooling2D, L2Normalize, Projector, TokenPooling, l2_normalize
 
@@ -100,7 +101,10 @@ class Embedder(keras.Model):
         return images if self.preprocessing is None else self.preprocessing(images)
 
     def call(self, images, training=False):
-        features = self.backbone(images, training=training)
+        return self.head(self.backbone(images, training=training))
+
+    def head(self, features):
+        """The descriptor of backbone output `features`: pooling, L2 [, projector, L2]."""
         descriptor = self.normalize(self.pool(features))
         if self.projector is not None:
             descriptor = self.normalize(self.projector(descriptor))
@@ -155,9 +159,12 @@ class DescriptorExtractor(tf.Module):
       embedder: an `Embedder`.
       scales: the scales to average; `MET_SCALES` for multi-scale, (1.0,) for single-scale.
       resize_method: "torch" (PyTorch-compatible bilinear, the default for fidelity) or "tf".
+      local: None, or a `tfmet.descriptors.local.LocalSpec`: `extract_local` then also gives
+        each image's local features, from the same backbone passes (the backbone's family says
+        which map: `Family.local_probe`).
     """
 
-    def __init__(self, embedder, scales=MET_SCALES, resize_method="torch", name=None):
+    def __init__(self, embedder, scales=MET_SCALES, resize_method="torch", local=None, name=None):
         super().__init__(name=name)
         if resize_method not in ("torch", "tf"):
             raise ValueError(
@@ -169,16 +176,45 @@ class DescriptorExtractor(tf.Module):
         self.embedder = embedder
         self.scales = tuple(float(s) for s in scales)
         self.resize_method = resize_method
-        self.extract = tf.function(
-            self._extract,
-            input_signature=[tf.TensorSpec([None, None, None, 3], tf.float32, name="images")],
-            reduce_retracing=True,
-        )
+        signature = [tf.TensorSpec([None, None, None, 3], tf.float32, name="images")]
+        self.extract = tf.function(self._extract, input_signature=signature, reduce_retracing=True)
+        self.local = local
+        if local is not None:
+            self._probe = family_of(embedder.backbone).local_probe(embedder.backbone)
+            channels = int(self._probe(tf.zeros((1, 64, 64, 3)))[0].shape[-1])
+            self._projection = local_lib.projection_matrix(channels, local.dim, local.seed)
+            self.extract_local = tf.function(
+                self._extract_local, input_signature=signature, reduce_retracing=True
+            )
 
     def _extract(self, images):
         normalised = self.embedder.preprocess(images)
         embed = lambda x: self.embedder(x, training=False)
         return multiscale_embed(embed, normalised, self.scales, self.resize_method)
+
+    def _extract_local(self, images):
+        """(descriptors [B, D], points [B, n, 2], local descriptors [B, n, d], scores [B, n]):
+        the global descriptors equal `extract`'s; the local features are `local.num` of all
+        scales' (`tfmet.descriptors.local.select`, `merge`)."""
+        normalised = self.embedder.preprocess(images)
+        size = tf.cast(tf.shape(images)[1:3], tf.float32)
+        descriptors, selections = [], []
+        for scale in self.scales:
+            resized = resize(normalised, scale, self.resize_method)
+            local_map, cell, output = self._probe(resized)
+            descriptors.append(self.embedder.head(output))
+            to_original = size / tf.cast(tf.shape(resized)[1:3], tf.float32)
+            selections.append(
+                local_lib.select(
+                    local_map,
+                    cell * to_original,
+                    tf.reduce_max(size),
+                    self.local.num,
+                    self._projection,
+                )
+            )
+        descriptor = l2_normalize(tf.add_n(descriptors) / float(len(self.scales)))
+        return (descriptor, *local_lib.merge(selections, self.local.num))
 
     def __call__(self, images):
         return self.extract(tf.convert_to_tensor(images, tf.float32))

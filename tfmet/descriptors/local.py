@@ -16,12 +16,29 @@ database, and cosines survive it to within a few percent (Johnson-Lindenstrauss)
 record the seed and the dimension so that query and database always agree.
 """
 
+import dataclasses
+
 import numpy as np
 import tensorflow as tf
 
 DEFAULT_NUM = 200
 DEFAULT_DIM = 128
 DEFAULT_SEED = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class LocalSpec:
+    """How many local features an image keeps, and their dimension (see the module doc)."""
+
+    num: int = DEFAULT_NUM
+    dim: int = DEFAULT_DIM
+    seed: int = DEFAULT_SEED
+
+    def __post_init__(self):
+        for name in ("num", "dim"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value <= 0:
+                raise ValueError(f"`{name}` must be a positive integer. Received: {value!r}")
 
 
 def projection_matrix(channels, dim=DEFAULT_DIM, seed=DEFAULT_SEED):
@@ -61,7 +78,7 @@ def select(feature_map, cell_size, long_side, num, projection=None):
     chosen = tf.gather(flat, index, batch_dims=1)
     if projection is not None:
         chosen = tf.einsum("bnc,cd->bnd", chosen, tf.constant(projection, tf.float32))
-    descriptors = tf.math.l2_normalize(chosen, axis=-1, epsilon=1e-12)
+    descriptors = tf.math.l2_normalize(chosen, axis=-1, epsilon=1e-30)  # tiny maps too
     cell = tf.cast(cell_size, tf.float32)
     rows = tf.cast(index // width, tf.float32)
     columns = tf.cast(index % width, tf.float32)
