@@ -8,6 +8,7 @@ import pytest
 import tensorflow as tf
 
 from tfmet import metrics
+from tfmet.metrics import keras_metrics
 
 
 def _queries(seed, n=50, classes=6):
@@ -22,8 +23,8 @@ def _queries(seed, n=50, classes=6):
 @pytest.mark.parametrize("exclude", [False, True])
 def test_streaming_equals_function_on_concatenated_batches(exclude):
     pred, conf, labels = _queries(0)
-    metric = metrics.GlobalAveragePrecision(exclude_distractors=exclude, capacity=64)
-    accuracy = metrics.MetAccuracy()
+    metric = keras_metrics.GlobalAveragePrecision(exclude_distractors=exclude, capacity=64)
+    accuracy = keras_metrics.MetAccuracy()
     for start, stop in ((0, 7), (7, 30), (30, 31), (31, 50)):
         batch = (pred[start:stop], conf[start:stop])
         metric.update_state(labels[start:stop], batch)
@@ -45,7 +46,7 @@ def test_streaming_equals_function_on_concatenated_batches(exclude):
 
 def test_in_a_compiled_custom_loop():
     pred, conf, labels = _queries(1)
-    metric = metrics.GlobalAveragePrecision(capacity=50)
+    metric = keras_metrics.GlobalAveragePrecision(capacity=50)
 
     @tf.function
     def step(y, p, c):
@@ -57,19 +58,20 @@ def test_in_a_compiled_custom_loop():
 
 
 def test_capacity_overflow_is_an_error():
-    metric = metrics.GlobalAveragePrecision(capacity=4)
+    metric = keras_metrics.GlobalAveragePrecision(capacity=4)
     metric.update_state([1, 2, 3], ([1, 2, 3], [0.1, 0.2, 0.3]))
     with pytest.raises(tf.errors.InvalidArgumentError, match="capacity=4"):
         metric.update_state([1, 2], ([1, 2], [0.1, 0.2]))
 
 
 def test_config_round_trip():
-    metric = metrics.GlobalAveragePrecision(exclude_distractors=True, capacity=100, name="g")
-    clone = metrics.GlobalAveragePrecision.from_config(metric.get_config())
+    metric = keras_metrics.GlobalAveragePrecision(exclude_distractors=True, capacity=100, name="g")
+    clone = keras_metrics.GlobalAveragePrecision.from_config(metric.get_config())
     assert clone.get_config() == metric.get_config()
     assert (clone.exclude_distractors, clone.capacity, clone.name) == (True, 100, "g")
-    restored = keras.metrics.deserialize(keras.metrics.serialize(metrics.MetAccuracy(name="a")))
-    assert isinstance(restored, metrics.MetAccuracy) and restored.name == "a"
+    serialized = keras.metrics.serialize(keras_metrics.MetAccuracy(name="a"))
+    restored = keras.metrics.deserialize(serialized)
+    assert isinstance(restored, keras_metrics.MetAccuracy) and restored.name == "a"
 
 
 def test_model_compile_evaluate_and_save(tmp_path):
@@ -82,7 +84,7 @@ def test_model_compile_evaluate_and_save(tmp_path):
     model = keras.Model(inputs, keras.layers.Dense(4, activation="softmax")(inputs))
     model.compile(
         loss=keras.losses.SparseCategoricalCrossentropy(ignore_class=-1),
-        metrics=[metrics.GlobalAveragePrecision(), metrics.MetAccuracy()],
+        metrics=[keras_metrics.GlobalAveragePrecision(), keras_metrics.MetAccuracy()],
     )
     scores = model.predict(x, verbose=0)
     pred, conf = scores.argmax(1), scores.max(1)
@@ -99,10 +101,10 @@ def test_model_compile_evaluate_and_save(tmp_path):
 
 
 def test_bad_input():
-    metric = metrics.GlobalAveragePrecision()
+    metric = keras_metrics.GlobalAveragePrecision()
     with pytest.raises(ValueError, match="sample_weight"):
         metric.update_state([1], ([1], [0.5]), sample_weight=[1.0])
     with pytest.raises(ValueError, match="class scores"):
         metric.update_state([1], tf.zeros([1, 2, 3]))
     with pytest.raises(ValueError, match="capacity"):
-        metrics.GlobalAveragePrecision(capacity=0)
+        keras_metrics.GlobalAveragePrecision(capacity=0)

@@ -13,6 +13,10 @@ A program ends in one of three ways:
 - failure at run time, exit status 1: a full disk or an I/O error (one line, `RUNTIME_ERRNOS`),
   a `RunFailure` (one line: e.g. a model whose outputs are not finite), or a bug (its traceback).
 Set TFMET_TRACEBACK=1 to see the traceback behind any one-line error.
+
+`--help` / `-h` print what the program does (its module docstring) and its own flags (those of
+tfmet's modules) and exit 0; `--helpfull` adds absl's flags after them. Both are answered before
+anything heavy is imported: a program's module imports TensorFlow only inside its `main`.
 """
 
 import errno
@@ -140,13 +144,71 @@ def config_flag_names():
     return [name for name, flag in flags.FLAGS._flags().items() if is_config_flag(flag)]
 
 
-def parse_flags(program, known_only=False):
+HELP_ARGS = frozenset({"--help", "-help", "-h", "--helpshort", "-helpshort", "-?"})
+HELPFULL_ARGS = frozenset({"--helpfull", "-helpfull"})
+
+
+def _help_wanted(argv):
+    """`short` for --help/-h, `full` for --helpfull, None otherwise (arguments after `--` are
+    positional, never help)."""
+    for arg in argv[1:]:
+        if arg == "--":
+            return None
+        if arg in HELPFULL_ARGS:
+            return "full"
+        if arg in HELP_ARGS:
+            return "short"
+    return None
+
+
+def _flag_line(flag):
+    dashes = "-" if len(flag.name) == 1 else "--"  # -k, -t: as the docs write them
+    names = f"{dashes}{'[no]' if flag.boolean else ''}{flag.name}"
+    if flag.short_name:
+        names = f"-{flag.short_name}, {names}"
+    default = flag.default_as_str if flag.default is not None else None
+    if flag.boolean:
+        default = "true" if flag.default else "false"
+    text = " ".join(str(flag.help).split())  # absl puts an enum's values first: <a|b>: ...
+    if default not in (None, "", "''"):
+        text += f" (default: {default.strip(chr(39))})"
+    return f"  {names}  {text}"
+
+
+def help_text(program, module, full=False):
+    """What `--help` prints: the docstring of the program's `module` (what it does, how it is
+    called), then its own flags, then those it shares (tfmet's flag modules, e.g. model_flags);
+    with `full`, absl's flags after them."""
+    by_module = flags.FLAGS.flags_by_module_dict()
+    # Run as `python -m`, the module is __main__ and absl names its flags after sys.argv[0].
+    key = module if module in by_module else (sys.argv[0] if sys.argv else module)
+    shared = sorted(m for m in by_module if m.startswith("tfmet") and m != key)
+    doc = getattr(sys.modules.get(module), "__doc__", None) or program
+    lines = [line.rstrip() for line in doc.strip("\n").splitlines()]
+    for name in ([key] if key in by_module else []) + shared:
+        lines += ["", "Flags:" if name == key else f"Flags shared with other programs ({name}):"]
+        lines += [_flag_line(f) for f in sorted(by_module[name], key=lambda f: f.name)]
+    if full:
+        for name in sorted(set(by_module) - {key, *shared}):
+            lines += ["", f"Flags of {name}:"]
+            lines += [_flag_line(f) for f in sorted(by_module[name], key=lambda f: f.name)]
+    else:
+        lines += ["", f"`{program} --helpfull` also lists absl's flags (logging, verbosity, ...)."]
+    return "\n".join(lines) + "\n"
+
+
+def parse_flags(program, known_only=False, module="__main__"):
     """An `app.run` flags parser: a flag or `--config` file that cannot be parsed is one line
     naming it, exit status 2 (absl would print a traceback for a config file that raises, or a
     multi-line message and exit status 1). `known_only` leaves unknown flags in the returned
-    arguments (for programs that pass them on, e.g. to Beam)."""
+    arguments (for programs that pass them on, e.g. to Beam). `--help`, `-h` and `--helpfull`
+    print `help_text(program, module)` (`module`: the program's) and exit 0."""
 
     def parser(argv):
+        wanted = _help_wanted(argv)
+        if wanted:
+            sys.stdout.write(help_text(program, module, full=wanted == "full"))
+            sys.exit(0)
         absl_logger = logging.get_absl_logger()
         absl_logger.addFilter(_errors_only)  # ml_collections warns before its error: one line
         try:
@@ -226,6 +288,8 @@ def _raised_in_config(error):
     return last is not None and "ml_collections" not in last
 
 
-def run_program(program, main):
-    """`app.run` of `guarded(program, main)` with `parse_flags`: a program's entry point."""
-    app.run(guarded(program, main), flags_parser=parse_flags(program))
+def run_program(program, main, known_only=False):
+    """`app.run` of `guarded(program, main)` with `parse_flags`: a program's entry point. Its
+    `--help` is the docstring of `main`'s module."""
+    parser = parse_flags(program, known_only=known_only, module=main.__module__)
+    app.run(guarded(program, main), flags_parser=parser)

@@ -13,11 +13,11 @@ gs:// copy the chunks down and run `tfmet-extract --merge`. Dataflow, Flink and 
 lines, and what must be staged for them: docs/beam.md.
 """
 
-from absl import app, flags, logging
+from absl import flags, logging
 
 import tfmet.cli.extract as extract_cli  # defines the tfmet-extract flags this program shares
 from tfmet.cli import model_flags
-from tfmet.cli.common import UsageError, guarded, no_arguments, parse_flags, require
+from tfmet.cli.common import UsageError, no_arguments, require, run_program
 
 FLAGS = flags.FLAGS
 
@@ -192,10 +192,7 @@ def main(argv):
 
 def run():
     # absl parses its flags; everything else is left for Beam's pipeline options.
-    app.run(
-        guarded("tfmet-extract-beam", main),
-        flags_parser=parse_flags("tfmet-extract-beam", known_only=True),
-    )
+    run_program("tfmet-extract-beam", main, known_only=True)
 
 
 if __name__ == "__main__":

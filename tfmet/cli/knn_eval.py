@@ -16,9 +16,9 @@ results file as knn_threshold[_NAME].png; see docs/recognize.md.
 import datetime
 import os
 
-from absl import app, flags, logging
+from absl import flags, logging
 
-from tfmet.cli.common import UsageError, check_outputs, guarded, parse_flags
+from tfmet.cli.common import UsageError, check_outputs, guarded, run_program
 from tfmet.retrieval import BACKENDS
 from tfmet.retrieval.recall import DEFAULT_MIN_RECALL
 
@@ -116,7 +116,7 @@ main = guarded("tfmet-knn-eval", _main)
 
 
 def run():
-    app.run(main, flags_parser=parse_flags("tfmet-knn-eval"))
+    run_program("tfmet-knn-eval", _main)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
-"""Met benchmark metrics: GAP / GAP- / ACC as numpy functions and as streaming Keras metrics."""
+"""Met benchmark metrics: GAP / GAP- / ACC as numpy functions (the streaming Keras metrics are in
+tfmet.metrics.keras_metrics: the package loads no TensorFlow, so tfmet-knn-eval's --help is fast).
+"""
 
-from tfmet.metrics.keras_metrics import GlobalAveragePrecision, MetAccuracy
 from tfmet.metrics.recognition import (
     DISTRACTOR,
     accuracy,
@@ -14,8 +15,6 @@ from tfmet.metrics.recognition import (
 
 __all__ = [
     "DISTRACTOR",
-    "GlobalAveragePrecision",
-    "MetAccuracy",
     "accuracy",
     "correct",
     "evaluate",
