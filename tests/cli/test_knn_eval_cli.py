@@ -320,3 +320,33 @@ def test_stores_must_match_the_ground_truth_row_by_row(met, tmp_path, capsys):
     path.write_text(json.dumps(manifest))
     line = _error(capsys, run_cli(edited, "--info_dir", tree.info_dir, "-k", 1, "-t", 1, "--raw"))
     assert "val_manifest.json: 'valid' entry 0 is 'false', not true or false" in line
+
+
+def test_autotune_at_the_default_dim_on_fewer_images_whitens_to_their_rank(met, tmp_path):
+    """The documented `tfmet-knn-eval DESC --info_dir ... --autotune` (-d 512) on 18 database
+    images of 600 dimensions: 18 descriptors whiten to at most 17 dimensions, and that is what
+    runs (said in the log, recorded as the results' dim) instead of an error about eigenvalues."""
+    tree, descriptors = met
+    rng = np.random.default_rng(1)
+    wide = {
+        split: _unit(np.concatenate([x, 0.1 * rng.normal(size=(len(x), 600 - DIM))], axis=1))
+        for split, x in descriptors.items()
+    }
+    _write_stores(tmp_path, wide)
+    code = run_cli(tmp_path, "--info_dir", tree.info_dir, "--autotune")
+    assert code == 0
+    results = json.loads((tmp_path / "knn_results.json").read_text())
+    assert results["dim"] == 17 and results["counts"]["database"] == 18
+    log = (tmp_path / "log_knn.txt").read_text()
+    assert (
+        "PCA-whitening to 17 dimensions, not --dim 512: the covariance of the 18 database "
+        "descriptors has only 17 non-zero eigenvalues" in log
+    )
+    # Independent PCA-whitening (SVD) to the 17 components, at the chosen k and tau.
+    database = wide["train"].astype(np.float64)
+    mean = database.mean(axis=0)
+    _, s, vt = np.linalg.svd(database - mean, full_matrices=False)
+    projection = vt[:17].T / np.sqrt(s[:17] ** 2 / len(database))
+    whitened = {split: _unit((x - mean) @ projection) for split, x in wide.items()}
+    expected = _expected(tree, whitened, results["k"], results["t"])
+    assert results["test"] == pytest.approx(expected["test"][0], rel=1e-5)

@@ -180,6 +180,17 @@ def test_the_printed_equivalent_commands_give_the_demos_numbers(demo, tmp_path):
     assert threshold["test"] == demos["test"]
 
 
+def test_the_documented_knn_eval_command_runs_on_the_demos_descriptors(demo, tmp_path):
+    """docs/recognition.md's `tfmet-knn-eval DESCRIPTOR_DIR --info_dir INFO_DIR --autotune`
+    (-d 512) on the demo's 22 database images: whitened to their rank, 21, said in the log."""
+    argv = ["tfmet-knn-eval", demo["descriptors"], "--info_dir", demo["info_dir"], "--autotune"]
+    _run_printed([*argv, "--output_dir", str(tmp_path)])
+    results = json.load(open(tmp_path / "knn_results.json", encoding="utf-8"))
+    assert (results["dim"], results["counts"]["database"]) == (21, 22)
+    log = (tmp_path / "log_knn.txt").read_text(encoding="utf-8")
+    assert "PCA-whitening to 21 dimensions, not --dim 512: the covariance of the 22 database" in log
+
+
 def test_the_printed_commands_are_what_make_serve_runs(demo):
     script = open(os.path.join(demo["workdir"], "serve.sh"), encoding="utf-8").read()
     assert f"|| {shlex.join(demo['export'])} --force\n" in script

@@ -98,3 +98,13 @@ def test_whitening_to_a_file_equals_whitening_in_memory(tmp_path):
     np.testing.assert_array_equal(mapped, whitening.transform(x))
     expected = (x.astype(np.float64) - whitening.mean) @ whitening.projection
     np.testing.assert_allclose(mapped, _unit_rows(expected), atol=2e-6)
+
+
+def test_clip_to_rank_keeps_the_non_zero_eigenvalues():
+    # 5 points span 4 dimensions: asked for 6, clip_to_rank whitens to those 4 (as dim=4 does).
+    x = _data()[:5]
+    clipped = PCAWhitening(6, clip_to_rank=True).fit(x)
+    four = PCAWhitening(4).fit(x)
+    assert clipped.dim == 4 and clipped.projection.shape == (12, 4)
+    np.testing.assert_array_equal(clipped.eigenvalues, four.eigenvalues)
+    np.testing.assert_allclose(np.abs(clipped.transform(x)), np.abs(four.transform(x)), atol=1e-6)

@@ -209,7 +209,8 @@ def knn_eval(
     """Runs the Met kNN evaluation on loaded `data` ({split: SplitData}).
 
     Args:
-      dim: PCA-whitening dimension (ignored with `raw`).
+      dim: PCA-whitening dimension (ignored with `raw`); a database of fewer descriptors than
+        that is whitened to the rank of its covariance instead (logged; the result's `dim`).
       raw: skip PCA-whitening.
       k, tau: the classifier's parameters; with `autotune` they restrict the grid to that k / tau.
       autotune: choose (k, tau) by val GAP over the grid (`ks` x `taus`, K outer, tau inner).
@@ -238,7 +239,7 @@ def knn_eval(
             # searches read chunk by chunk: scann mode never holds it beside ScaNN's own copy.
             spill_dir = stack.enter_context(tempfile.TemporaryDirectory(prefix="tfmet_knn_"))
         if not raw:
-            database, splits = _whiten(database, splits, dim, timer, log, spill_dir)
+            database, splits, dim = _whiten(database, splits, dim, timer, log, spill_dir)
         classifier = KnnClassifier(
             1 if k is None else k,
             1.0 if tau is None else tau,
@@ -344,9 +345,11 @@ def _counts(data, database, database_labels, log):
 
 def _whiten(database, splits, dim, timer, log, spill_dir=None):
     """PCA-whitening learned on the database, applied to it and to the query splits; with
-    `spill_dir` the whitened database is written there and returned memory-mapped."""
+    `spill_dir` the whitened database is written there and returned memory-mapped. Returns
+    (database, splits, dimension): `dim`, or the rank of the database's covariance when that is
+    smaller (n descriptors whiten to at most n - 1 dimensions; said in the log)."""
     with timer("pcaw_fit"):
-        whitening = PCAWhitening(dim).fit(database)
+        whitening = PCAWhitening(dim, clip_to_rank=True).fit(database)
     with timer("pcaw_apply"):
         if spill_dir is None:
             database = whitening.transform(database)
@@ -357,8 +360,15 @@ def _whiten(database, splits, dim, timer, log, spill_dir=None):
             name: dataclasses.replace(s, descriptors=whitening.transform(s.descriptors))
             for name, s in splits.items()
         }
-    log(f"PCA-whitening to {dim} dimensions learned on the database")
-    return database, splits
+    if whitening.dim < dim:
+        log(
+            f"PCA-whitening to {whitening.dim} dimensions, not --dim {dim}: the covariance of the "
+            f"{database.shape[0]} database descriptors has only {whitening.dim} non-zero "
+            "eigenvalues"
+        )
+    else:
+        log(f"PCA-whitening to {dim} dimensions learned on the database")
+    return database, splits, whitening.dim
 
 
 def _grid_ks(ks, counts, log):

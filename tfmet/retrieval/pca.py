@@ -87,7 +87,7 @@ def covariance(x, chunk_rows=DEFAULT_CHUNK_ROWS):
     return mean, cov
 
 
-def pca_whitening(x, dim=512, shrinkage=1.0, chunk_rows=DEFAULT_CHUNK_ROWS):
+def pca_whitening(x, dim=512, shrinkage=1.0, chunk_rows=DEFAULT_CHUNK_ROWS, clip_to_rank=False):
     """Learns PCA-whitening from the rows of `x`.
 
     Args:
@@ -95,12 +95,17 @@ def pca_whitening(x, dim=512, shrinkage=1.0, chunk_rows=DEFAULT_CHUNK_ROWS):
       dim: number of components kept (<= d); None keeps d.
       shrinkage: exponent scale: P = V diag(lambda^(-shrinkage / 2)).
       chunk_rows: rows converted to float64 at a time.
+      clip_to_rank: (shrinkage > 0) keep min(dim, rank) components, where rank is the number of
+        positive eigenvalues (at most n - 1), instead of raising: n descriptors cannot be whitened
+        to more than n - 1 dimensions.
 
     Returns:
-      (mean [d], projection [d, dim], eigenvalues [dim]), float64, eigenvalues descending.
+      (mean [d], projection [d, dim'], eigenvalues [dim']), float64, eigenvalues descending;
+      dim' = dim, or min(dim, rank) with `clip_to_rank`.
 
     Raises:
-      ValueError: `dim` > d, or (shrinkage > 0) fewer than `dim` positive eigenvalues.
+      ValueError: `dim` > d, or (shrinkage > 0, not `clip_to_rank`) fewer than `dim` positive
+        eigenvalues.
     """
     x = _check_matrix(x)
     d = x.shape[1]
@@ -116,7 +121,9 @@ def pca_whitening(x, dim=512, shrinkage=1.0, chunk_rows=DEFAULT_CHUNK_ROWS):
     if shrinkage:
         floor = RELATIVE_EIGENVALUE_FLOOR * max(float(eigenvalues[0]), 0.0)
         rank = int(np.sum(eigenvalues > floor))
-        if rank < dim:
+        if rank < dim and clip_to_rank and rank > 0:
+            eigenvalues, eigenvectors = eigenvalues[:rank], eigenvectors[:, :rank]
+        elif rank < dim:
             raise ValueError(
                 f"the covariance of {x.shape[0]} descriptors has only {rank} non-zero eigenvalues; "
                 f"cannot whiten to dim={dim} (lower `dim` or use shrinkage=0)"
@@ -170,11 +177,13 @@ class PCAWhitening:
       dim: components kept (default 512, the reference's); None keeps all.
       shrinkage: 1.0 whitens, 0.0 is plain PCA (reference: 1.0).
       chunk_rows: rows processed at a time when fitting and transforming.
+      clip_to_rank: fit keeps min(dim, rank of the data) components instead of raising (see
+        `pca_whitening`); `dim` is then the number kept.
 
     Attributes after `fit`: mean [d], projection [d, dim], eigenvalues [dim] (float64).
     """
 
-    def __init__(self, dim=512, shrinkage=1.0, chunk_rows=DEFAULT_CHUNK_ROWS):
+    def __init__(self, dim=512, shrinkage=1.0, chunk_rows=DEFAULT_CHUNK_ROWS, clip_to_rank=False):
         if dim is not None and int(dim) < 1:
             raise ValueError(f"`dim` must be a positive integer or None. Received: dim={dim}")
         if int(chunk_rows) < 1:
@@ -182,6 +191,7 @@ class PCAWhitening:
         self.dim = None if dim is None else int(dim)
         self.shrinkage = float(shrinkage)
         self.chunk_rows = int(chunk_rows)
+        self.clip_to_rank = bool(clip_to_rank)
         self.mean = None
         self.projection = None
         self.eigenvalues = None
@@ -193,7 +203,7 @@ class PCAWhitening:
     def fit(self, x):
         """Learns mean and projection from the rows of `x`; returns self."""
         self.mean, self.projection, self.eigenvalues = pca_whitening(
-            x, self.dim, self.shrinkage, self.chunk_rows
+            x, self.dim, self.shrinkage, self.chunk_rows, clip_to_rank=self.clip_to_rank
         )
         self.dim = self.projection.shape[1]
         return self
