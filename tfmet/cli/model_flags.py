@@ -9,7 +9,12 @@ from absl import flags
 from tfmet.cli.common import UsageError
 
 flags.DEFINE_string("backbone", "resnet18", "Backbone registry name (tfmet.backbones.names()).")
-flags.DEFINE_string("weights", None, "Backbone weights file; none for a seeded random init.")
+flags.DEFINE_string(
+    "weights",
+    None,
+    "Backbone weights file, or 'imagenet' for the packaged weights (efficientnet_lite0); none "
+    "for a seeded random init.",
+)
 flags.DEFINE_string("model", None, "A saved Embedder (.keras) to use instead of --backbone.")
 flags.DEFINE_integer("seed", 0, "Seed of the random initialisation when --weights is not given.")
 flags.DEFINE_bool("multiscale", True, "Average the scales 1, 1/sqrt(2), 1/2 (else scale 1 only).")

@@ -74,9 +74,9 @@ def resolve_weights(backbone, weights):
         return None, RANDOM
     _check_weights(backbone, weights)
     if weights == IMAGENET:
-        from tfmet.backbones import efficientnet_lite
+        from tfmet.descriptors import extraction
 
-        return efficientnet_lite.pretrained_weights(), IMAGENET
+        return extraction.packaged_weights(backbone), IMAGENET
     stem = os.path.basename(weights)
     return weights, stem[: -len(".weights.h5")] if stem.endswith(".weights.h5") else stem
 
@@ -173,6 +173,8 @@ def run_demo(
 
     bench = _benchmark(workdir, info_dir, image_root, seed, benchmark_config, progress, log)
     weights_file, tag = resolve_weights(backbone, weights)
+    # The printed commands name the packaged weights as every program does: --weights imagenet.
+    weights_flag = IMAGENET if weights == IMAGENET else weights_file
     run_name = f"{backbone}-{tag}" + (f"-seed{seed}" if weights_file is None else "")
     run_name += "" if precision == "float32" else f"-{precision}"
     output_dir = os.path.join(workdir, "descriptors", run_name)
@@ -180,7 +182,7 @@ def run_demo(
     log(
         f"      = tfmet-extract --info_dir {_q(bench.info_dir)} "
         f"--image_root {_q(bench.image_root)} --output_dir {_q(output_dir)} --backbone {backbone}"
-        + (f" --weights {_q(weights_file)}" if weights_file else f" --seed {seed}")
+        + (f" --weights {_q(weights_flag)}" if weights_flag else f" --seed {seed}")
         + ("" if multiscale else " --nomultiscale")
         + (f" --max_side {max_side}" if max_side else "")
         + ("" if precision == "float32" else f" --precision {precision}")
@@ -225,7 +227,7 @@ def run_demo(
             export_dir,
             f"--descriptor_dir {_q(output_dir)} --info_dir {_q(bench.info_dir)} "
             f"--results_json {_q(results_json)}"
-            + _model_flags(backbone, weights_file, seed, multiscale, max_side)
+            + _model_flags(backbone, weights_flag, seed, multiscale, max_side)
             + ("" if precision == "float32" else f" --precision {precision}"),
             f"--info_dir {_q(bench.info_dir)} --image_root {_q(bench.image_root)}"
             + (f" --names {_q(_write_names(workdir, bench.names))}" if bench.names else ""),
@@ -392,10 +394,10 @@ def serve_command(export_dir, export_flags, gallery_flags):
     )
 
 
-def _model_flags(backbone, weights_file, seed, multiscale, max_side):
+def _model_flags(backbone, weights, seed, multiscale, max_side):
     return (
         f" --backbone {backbone}"
-        + (f" --weights {_q(weights_file)}" if weights_file else f" --seed {seed}")
+        + (f" --weights {_q(weights)}" if weights else f" --seed {seed}")
         + ("" if multiscale else " --nomultiscale")
         + (f" --max_side {max_side}" if max_side else "")
     )

@@ -47,6 +47,10 @@ from tfmet.io.saved_models import load_keras_file
 RUN_FILE = "run.json"
 CHUNK_PATTERN = "chunk-{:06d}.npz"
 DEFAULT_CHUNK_SIZE = 512
+# `weights="imagenet"` (`--weights imagenet` in every program): the weights tfmet ships, those of
+# the backbones named here (converted from the packaged checkpoint and cached on first use).
+PACKAGED_WEIGHTS = "imagenet"
+PACKAGED_BACKBONES = ("efficientnet_lite0",)
 
 
 def weights_fingerprint(weights=None, seed=None):
@@ -656,6 +660,23 @@ def folded_embedder(embedder):
     return copy
 
 
+def packaged_weights(backbone):
+    """The local file of the packaged `PACKAGED_WEIGHTS` ("imagenet") weights of `backbone`.
+
+    Raises:
+      ValueError: `backbone` ships without weights (only `PACKAGED_BACKBONES` have them).
+    """
+    if backbone not in PACKAGED_BACKBONES:
+        raise ValueError(
+            f"no packaged ImageNet weights for backbone {backbone!r}: convert a PyTorch "
+            "checkpoint with tfmet-convert-weights and pass --weights FILE.weights.h5 (only "
+            f"{', '.join(PACKAGED_BACKBONES)} ships with weights: --weights {PACKAGED_WEIGHTS})"
+        )
+    from tfmet.backbones import efficientnet_lite
+
+    return efficientnet_lite.pretrained_weights()
+
+
 def build_extractor(
     backbone=None,
     weights=None,
@@ -674,7 +695,9 @@ def build_extractor(
       backbone: registry name (`tfmet.backbones.names()`), used with `weights`.
       weights: local weights file for the backbone (a plain backbone file, or a converted
         "embedder" file that also holds GeM p and a projector: `tfmet.descriptors.conversion`),
-        or None for a random initialisation seeded with `seed` (recorded as "random:seed=<seed>").
+        "imagenet" for the packaged weights (`packaged_weights`; recorded as their file's
+        hash), or None for a random initialisation seeded with `seed` (recorded as
+        "random:seed=<seed>").
       model: alternatively, a saved `Embedder` (.keras file), e.g. after contrastive training.
       seed: seed of a random initialisation.
       scales: extraction scales; None for the Met multi-scale `MET_SCALES`.
@@ -688,13 +711,16 @@ def build_extractor(
 
     Raises:
       FileNotFoundError: `weights` or `model` does not exist.
-      ValueError: neither or both of `backbone` and `model`, an unknown backbone or precision.
+      ValueError: neither or both of `backbone` and `model`, an unknown backbone or precision,
+        "imagenet" for a backbone without packaged weights.
     """
     from tfmet.descriptors.embedder import MET_SCALES, DescriptorExtractor, Embedder
 
     check_precision(precision)
     if (backbone is None) == (model is None):
         raise ValueError("Give exactly one of `backbone` (with `weights`) and `model`.")
+    if weights == PACKAGED_WEIGHTS and model is None:
+        weights = packaged_weights(backbone)
     for path in (weights, model):
         if path is not None and not os.path.exists(path):  # a file, or a checkpoint directory
             raise FileNotFoundError(f"{path}: weights file not found")
