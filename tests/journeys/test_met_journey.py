@@ -28,6 +28,7 @@ import pytest
 from tests.kit import REPO, run_cli, run_command
 from tests.kit.cli import ENV
 from tests.kit.web import free_port, headless_chromium, needs_chromium, wait_until_serving
+from tfmet.serving.client import decimals
 
 pytestmark = pytest.mark.slow
 BIN = os.path.dirname(sys.executable)
@@ -271,9 +272,10 @@ def test_the_page_shows_the_exhibit_and_rejects_a_distractor(demo, answers, page
         assert driver.execute_script("return arguments[0].naturalWidth", exhibit) > 0
         confidence = answers[right["path"]]["confidence"]
         threshold = demo["results"]["threshold"]["value"]
+        d = decimals(confidence, threshold)
         assert shown["confidence"] == (
-            f"Confidence {confidence:.2f}, at or above the threshold of {threshold:.2f} needed "
-            "for an answer: recognised."
+            f"Confidence {confidence:.{d}f}, at or above the threshold of {threshold:.{d}f} "
+            "needed for an answer: recognised."
         )
         shot = tmp_path / "recognize.png"
         assert driver.save_screenshot(str(shot))

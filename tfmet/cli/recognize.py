@@ -70,8 +70,8 @@ def read_photos(paths):
         yield path, data
 
 
-def _print(path, answer, gallery):
-    record = {"path": path, **answer.to_json()}
+def _print(path, answer, gallery, threshold):
+    record = {"path": path, **answer.to_json(), "threshold": threshold}
     if gallery is not None:
         record["database_image"] = gallery.relative_path(answer.met_id) if answer.accepted else None
     if FLAGS.json:
@@ -79,7 +79,7 @@ def _print(path, answer, gallery):
         return
     where = f"  [{record['database_image']}]" if record.get("database_image") else ""
     others = ", ".join(f"{m} ({s:.3f})" for m, s in answer.top[1:])
-    print(f"{path}: {answer.label} (confidence {answer.confidence:.3f}){where}")
+    print(f"{path}: {answer.describe(threshold)}{where}")
     if others:
         print(f"    alternatives: {others}")
 
@@ -113,7 +113,7 @@ def main(argv):
     for batch in _batches(read_photos(paths), FLAGS.batch_size):
         answers = recognizer.recognize([data for _, data in batch])
         for (path, data), answer in zip(batch, answers, strict=True):
-            _print(path, answer, gallery)
+            _print(path, answer, gallery, recognizer.threshold)
             rows.append((path, data, answer) if FLAGS.html else None)
         bar.update(len(batch))
     bar.close()

@@ -5,6 +5,22 @@ import dataclasses
 from tfmet.io.saved_models import read_export_metadata
 
 NOT_IN_COLLECTION = "not in the collection"
+LEAST_DECIMALS = 3
+MOST_DECIMALS = 12
+
+
+def decimals(value, threshold):
+    """Decimals that show `value` against `threshold` as they compare: 3, or more while a value
+    below the threshold would print as high as it (0.1107 below 0.1108, not 0.111 and 0.111).
+    The page of tfmet-serve uses the same rule (tfmet.serving.page)."""
+    digits = LEAST_DECIMALS
+    while (
+        value < threshold
+        and digits < MOST_DECIMALS
+        and float(f"{value:.{digits}f}") >= float(f"{threshold:.{digits}f}")
+    ):
+        digits += 1
+    return digits
 
 
 @dataclasses.dataclass
@@ -29,6 +45,23 @@ class Answer:
     def label(self):
         """ "Met <id>" when accepted, else "not in the collection"."""
         return f"Met {self.met_id}" if self.accepted else NOT_IN_COLLECTION
+
+    def describe(self, threshold):
+        """One line of words: the answer, then `details`, e.g. "not in the collection
+        (confidence 0.1107, below the threshold 0.1108; closest: Met 42)"."""
+        return f"{self.label} ({self.details(threshold)})"
+
+    def details(self, threshold):
+        """The confidence against `threshold` and, for a rejected photo, its closest exhibit."""
+        if not self.valid:
+            return "the image could not be decoded"
+        d = decimals(self.confidence, threshold)
+        confidence = f"confidence {self.confidence:.{d}f}"
+        if threshold <= 0:
+            return f"{confidence}; no operating threshold: every photo is answered"
+        if self.accepted:
+            return f"{confidence}, at or above the threshold {threshold:.{d}f}"
+        return f"{confidence}, below the threshold {threshold:.{d}f}; closest: Met {self.met_id}"
 
     def to_json(self):
         return {

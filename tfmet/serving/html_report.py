@@ -7,6 +7,7 @@ import io
 from PIL import Image
 
 from tfmet.io.atomic import atomic_path
+from tfmet.serving.client import LEAST_DECIMALS, decimals
 
 
 def _data_uri(jpeg):
@@ -28,25 +29,30 @@ def _match_cell(met_id, score, gallery):
     return f"<figure>{image}<figcaption>Met {met_id}<br>{score:.3f}</figcaption></figure>"
 
 
-def _row(name, data, answer, gallery):
+def _row(name, data, answer, gallery, threshold):
     photo = f'<img src="{_data_uri(_photo_thumbnail(data))}" alt="query">'
     matches = "".join(_match_cell(m, s, gallery) for m, s in answer.top)
     return (
         f"<tr><td><figure>{photo}<figcaption>{html.escape(name)}</figcaption></figure></td>"
-        f"<td><b>{html.escape(answer.label)}</b><br>confidence {answer.confidence:.3f}</td>"
+        f"<td><b>{html.escape(answer.label)}</b><br>{html.escape(answer.details(threshold))}</td>"
         f"<td>{matches}</td></tr>"
     )
 
 
 def write_html(path, rows, gallery=None, threshold=None):
-    """Writes the report; `rows` are (name, image bytes, Answer)."""
-    body = "\n".join(_row(name, data, answer, gallery) for name, data, answer in rows)
+    """Writes the report; `rows` are (name, image bytes, Answer). Each answer says its confidence
+    against `threshold` with the decimals that tell them apart (`tfmet.serving.client.decimals`);
+    the threshold at the top has the most any row needed."""
+    threshold = float(threshold or 0.0)
+    body = "\n".join(_row(name, data, answer, gallery, threshold) for name, data, answer in rows)
+    digits = max([decimals(a.confidence, threshold) for _, _, a in rows], default=LEAST_DECIMALS)
+    shown = f"{threshold:.{digits}f}" if threshold > 0 else "none (every photo is answered)"
     page = (
         "<!doctype html><html><head><meta charset='utf-8'><title>tfmet-recognize</title>"
         "<style>body{font-family:sans-serif}td{vertical-align:top;padding:6px}"
         "figure{display:inline-block;margin:4px;text-align:center}img{max-height:160px}</style>"
         "</head><body><h1>tfmet-recognize</h1>"
-        f"<p>Operating threshold: {threshold if threshold is not None else 'none'}</p>"
+        f"<p>Operating threshold: {shown}</p>"
         "<table><tr><th>photo</th><th>answer</th><th>top matches</th></tr>"
         f"{body}</table></body></html>"
     )

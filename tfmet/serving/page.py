@@ -54,8 +54,16 @@ it shows, or says that it is not in the collection.</p>
 <footer>For programs: the <a href="/v1">JSON API</a> (POST a photo to /v1/recognize).</footer>
 <script>
 function exhibitLabel(id, name) { return "Met " + id + (name ? " \\u00b7 " + name : ""); }
+// The decimals of tfmet.serving.client.decimals: 3, or more while a confidence below the
+// threshold would print as high as it (0.1107 below 0.1108, not 0.111 and 0.111).
+function decimals(value, threshold) {
+  let d = 3;
+  while (value < threshold && d < 12 && +value.toFixed(d) >= +threshold.toFixed(d)) d++;
+  return d;
+}
 function confidenceWords(data) {
-  const c = data.confidence.toFixed(2), t = data.threshold.toFixed(2);
+  const d = decimals(data.confidence, data.threshold);
+  const c = data.confidence.toFixed(d), t = data.threshold.toFixed(d);
   if (data.threshold <= 0) {
     return "Confidence " + c + ". No operating threshold is set: every photo gets an answer.";
   }
@@ -98,7 +106,7 @@ function show(file, data) {
       fig.appendChild(t);
     }
     const cap = document.createElement("figcaption");
-    cap.textContent = exhibitLabel(m.met_id, m.name) + " (" + m.score.toFixed(2) + ")";
+    cap.textContent = exhibitLabel(m.met_id, m.name) + " (" + m.score.toFixed(3) + ")";
     fig.appendChild(cap);
     matches.appendChild(fig);
   }
@@ -117,7 +125,8 @@ async function send(file) {
     if (!response.ok) { document.getElementById("error").textContent = data.detail; return; }
     show(file, data);
   } catch (e) {
-    document.getElementById("error").textContent = "The recogniser did not answer: " + e;
+    document.getElementById("error").textContent =
+      "The recogniser did not answer (" + e.message + ").";
   } finally {
     document.getElementById("busy").hidden = true;
   }

@@ -30,8 +30,9 @@ def check_image(data, max_pixels=MAX_PIXELS, max_side=MAX_SIDE):
             image_format, (width, height) = image.format, image.size
     except Image.DecompressionBombError as e:
         raise BadImage(f"declared size out of range: {e}", status=422) from None
-    except (OSError, ValueError) as e:
-        raise BadImage(f"not an image ({type(e).__name__})") from None
+    except (OSError, ValueError):
+        formats = ", ".join(FORMATS)
+        raise BadImage(f"not an image: not a {formats} file that can be read") from None
     if image_format not in FORMATS:
         raise BadImage(f"unsupported image format {image_format}; use one of {', '.join(FORMATS)}")
     if width < 1 or height < 1 or max(width, height) > max_side or width * height > max_pixels:
