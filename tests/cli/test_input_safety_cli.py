@@ -44,7 +44,9 @@ def _measured(tmp_path, *command):
 
 
 def _error_lines(stderr, program):
-    return [line for line in stderr.splitlines() if line.startswith(f"{program}: error:")]
+    """The lines that report bad input: errors, and inputs skipped while the others are answered."""
+    prefixes = (f"{program}: error:", f"{program}: skipped ")
+    return [line for line in stderr.splitlines() if line.startswith(prefixes)]
 
 
 def _extract(tree, out, *flags):
@@ -170,14 +172,15 @@ def test_predict_reports_bombs_and_special_files_in_bounded_memory(tmp_path, sty
     assert code == 2
     assert peak < PEAK_RSS_LIMIT, f"peak RSS {peak / 2**20:.0f} MiB"
     assert _error_lines(stderr, "tfmet-predict") == [
-        f"tfmet-predict: error: {bomb}: {BOMB_REASON}",
-        f"tfmet-predict: error: {fifo}: not a regular file (a FIFO)",
-        f"tfmet-predict: error: {zero}: not a regular file (a character device)",
+        f"tfmet-predict: skipped {bomb}: {BOMB_REASON}",
+        f"tfmet-predict: skipped {fifo}: not a regular file (a FIFO)",
+        f"tfmet-predict: skipped {zero}: not a regular file (a character device)",
     ]
     code, stderr, _ = _measured(tmp_path, *command, "--max_pixels=100", good)
     assert code == 2
     assert _error_lines(stderr, "tfmet-predict") == [
-        f"tfmet-predict: error: {good}: image declares 30x20 = 600 px, over the limit of 100 px"
+        f"tfmet-predict: skipped {good}: image declares 30x20 = 600 px, over the limit of 100 px",
+        "tfmet-predict: error: no image could be read",
     ]
 
 
@@ -207,7 +210,7 @@ def test_recognize_skips_fifos_devices_and_bombs_in_a_folder(tmp_path, recognize
     command = [sys.executable, "-m", "tfmet.cli.recognize", f"--model={recognizer_export}"]
     code, stderr, peak = _measured(tmp_path, *command, "--json", "--noprogress", folder)
     print(f"tfmet-recognize on the bomb: peak RSS {peak / 2**20:.0f} MiB")
-    assert code == 0, stderr[-3000:]
+    assert code == 2, stderr[-3000:]  # the good photo answered, three skipped
     assert peak < PEAK_RSS_LIMIT, f"peak RSS {peak / 2**20:.0f} MiB"
     skipped = [line for line in stderr.splitlines() if line.startswith("tfmet-recognize: skipped")]
     assert skipped[0].startswith(f"tfmet-recognize: skipped {folder / 'b_bomb.png'}: declared")

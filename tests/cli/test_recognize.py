@@ -82,7 +82,7 @@ def built(tmp_path_factory):
     answers = recognizer.recognize(images)
     return dict(
         bench=bench, export=export, result=result, photos=photos, images=images, labels=test.labels,
-        answers=answers, recognizer=recognizer,
+        answers=answers, recognizer=recognizer, threshold=recognizer.threshold,
     )  # fmt: skip
 
 
@@ -122,7 +122,7 @@ def test_recognize_cli_answers_equal_the_exports(built, tmp_path):
         f"--model={built['export']}", "--json", f"--info_dir={bench.info_dir}",
         f"--image_root={bench.image_root}", f"--html={html}", "--noprogress", str(folder),
     )  # fmt: skip
-    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.returncode == 2, done.stderr[-2000:]  # every photo answered, one file skipped
     records = [json.loads(line) for line in done.stdout.splitlines()]
     assert len(records) == len(built["answers"])
     train = met.load_split(bench.info_dir, "train")
@@ -135,14 +135,26 @@ def test_recognize_cli_answers_equal_the_exports(built, tmp_path):
         assert [m["met_id"] for m in record["top_k"]] == [m for m, _ in answer.top]
         expected_path = database.get(answer.met_id) if answer.accepted else None
         assert record["database_image"] == expected_path
-    assert "skipped" in done.stderr and "zz_broken.jpg" in done.stderr
+        assert record["threshold"] == built["threshold"]
+    assert done.stderr.splitlines()[0] == (
+        f"tfmet-recognize: skipped {folder / 'zz_broken.jpg'}: not an image: not a JPEG, PNG, "
+        "GIF, BMP, WEBP file that can be read"
+    )
     page = html.read_text()
     assert page.count("<tr>") == len(records) + 1 and "data:image/jpeg;base64," in page
 
-    text = _recognize_cli(f"--model={built['export']}", str(built["photos"][0]))
-    assert text.returncode == 0 and built["answers"][0].label in text.stdout
-    bad = _recognize_cli(f"--model={built['export']}", str(tmp_path / "missing.jpg"))
-    assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1
+    # Plain lines: the answer, its confidence against the threshold (and the closest exhibit of a
+    # rejected photo). A missing path is reported like a non-image; the others are answered.
+    missing = tmp_path / "missing.jpg"
+    first, answer = str(built["photos"][0]), built["answers"][0]
+    text = _recognize_cli(f"--model={built['export']}", str(missing), first)
+    assert text.returncode == 2
+    skipped = f"tfmet-recognize: skipped {missing}: no such file or folder"
+    assert text.stderr.splitlines() == [skipped]
+    assert text.stdout.splitlines()[0] == f"{first}: {answer.describe(built['threshold'])}"
+    bad = _recognize_cli(f"--model={built['export']}", str(missing))
+    assert bad.returncode == 2
+    assert bad.stderr.splitlines() == [skipped, "tfmet-recognize: error: no photo could be read"]
 
 
 @pytest.fixture(scope="module")

@@ -73,7 +73,7 @@ def test_evaluate_and_predict_cli(trained):
         "predict", f"--model={workdir}", "--top_k=3", "--json", "--nearest=2", image, missing
     )
     assert result.returncode == 2  # one input was bad
-    assert f"tfmet-predict: error: {missing}: file not found" in result.stderr.splitlines()
+    assert f"tfmet-predict: skipped {missing}: file not found" in result.stderr.splitlines()
     (line,) = result.stdout.strip().splitlines()
     record = json.loads(line)
     assert record["image"] == image

@@ -54,6 +54,13 @@ def _traceback_wanted():
     return os.environ.get("TFMET_TRACEBACK", "") not in ("", "0")
 
 
+def report_skipped(program, path, reason):
+    """One line `<program>: skipped <path>: <reason>` on stderr for an input that cannot be
+    answered. The programs that take many inputs (tfmet-recognize, tfmet-predict) answer the
+    others and then exit with status 2 (`EXIT_BAD_INPUT`) if anything was skipped."""
+    print(f"{program}: skipped {path}: {_one_line(reason)}", file=sys.stderr)
+
+
 def fail(program, message, status=EXIT_BAD_INPUT):
     """One line `<program>: error: <message>` on stderr, then exit `status` (bad input: 2)."""
     print(f"{program}: error: {_one_line(message)}", file=sys.stderr)

@@ -5,18 +5,18 @@
     tfmet-predict --model runs/pandora18k --nearest 5 painting.jpg   # + nearest training paintings
 
 --model is a run directory, a .keras file, a checkpoint .weights.h5 (in a run), or an exported
-SavedModel directory (tfmet-export). A file that is not a regular file, holds more than
---max_bytes bytes or declares more than --max_pixels pixels is reported (one line naming it and
-the reason) and skipped, never decoded; the exit status is then 2.
+SavedModel directory (tfmet-export). A file that is missing, not a regular file, holds more than
+--max_bytes bytes or declares more than --max_pixels pixels is reported ("tfmet-predict: skipped
+PATH: REASON") and skipped, never decoded, and the others are answered; the exit status is then
+2.
 """
 
 import json
-import sys
 
 from absl import flags
 
 from tfmet.cli import input_flags  # --max_pixels, --max_bytes
-from tfmet.cli.common import UsageError, require, run_program
+from tfmet.cli.common import EXIT_BAD_INPUT, UsageError, report_skipped, require, run_program
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("model", None, "Run dir, .keras, .weights.h5 or SavedModel dir.")
@@ -46,9 +46,9 @@ def main(argv):
         paths, predictor.image_size, max_pixels=FLAGS.max_pixels, max_bytes=FLAGS.max_bytes
     )
     for path, reason in errors:  # bad files are reported and skipped; the exit status says so
-        print(f"tfmet-predict: error: {path}: {reason}", file=sys.stderr)
+        report_skipped("tfmet-predict", path, reason)
     if not good:
-        return 2
+        raise UsageError("no image could be read")
     probabilities = predictor.probabilities(images, flip_bagging=FLAGS.flip_bagging)
     nearest = None
     if FLAGS.nearest:
@@ -88,7 +88,7 @@ def main(argv):
         if nearest is not None:
             for p, n, s in nearest[row]:
                 print(f"  nearest: {p} ({n}) similarity {s:.4f}")
-    return 2 if errors else 0
+    return EXIT_BAD_INPUT if errors else 0
 
 
 def run():

@@ -6,7 +6,9 @@ r"""tfmet-recognize: which Met exhibit does each photo show (or "not in the coll
 --model is a recogniser export (tfmet-export --kind recognizer); its operating threshold decides
 between a Met id and "not in the collection". Per photo: the answer, the confidence and the top-k
 alternatives; with --info_dir/--image_root also the database image of each answer. Folders are
-searched recursively for image files. Files that are not images are reported and skipped.
+searched recursively for image files. A path that is missing or not an image is reported
+("tfmet-recognize: skipped PATH: REASON") and the other photos are answered; the exit status is
+then 2.
 """
 
 import json
@@ -15,7 +17,7 @@ import sys
 
 from absl import flags
 
-from tfmet.cli.common import UsageError, run_program
+from tfmet.cli.common import EXIT_BAD_INPUT, UsageError, report_skipped, run_program
 
 FLAGS = flags.FLAGS
 PROGRAM = "tfmet-recognize"
@@ -32,7 +34,8 @@ flags.DEFINE_bool("progress", True, "Progress bar when a folder is given.")
 
 
 def photo_paths(arguments):
-    """Files given plus image files below folders given (sorted); (paths, any folder given)."""
+    """Files given plus image files below folders given (sorted); (paths, any folder given).
+    A path that does not exist stays in the list (read_photos reports it)."""
     paths, folders = [], False
     for argument in arguments:
         if os.path.isdir(argument):
@@ -41,15 +44,14 @@ def photo_paths(arguments):
                 paths += [
                     os.path.join(folder, n) for n in sorted(names) if n.lower().endswith(EXTENSIONS)
                 ]
-        elif os.path.isfile(argument):
-            paths.append(argument)
         else:
-            raise FileNotFoundError(f"{argument}: no such file or folder")
+            paths.append(argument)
     return paths, folders
 
 
-def read_photos(paths):
-    """Yields (path, bytes) of the readable images; reports the others on stderr.
+def read_photos(paths, skipped):
+    """Yields (path, bytes) of the readable images; reports the others on stderr and appends
+    their paths to `skipped`.
 
     Only regular files of at most 64 MiB are read (`tfmet.data.images.read_image_bytes`): a FIFO
     named like a photo in a folder would otherwise block forever.
@@ -58,16 +60,23 @@ def read_photos(paths):
     from tfmet.serving import BadImage, check_image
 
     for path in paths:
-        try:
-            data = read_image_bytes(path)
-            check_image(data)
-        except ImageRefused as e:
-            print(f"{PROGRAM}: skipped {path}: {error_reason(e)}", file=sys.stderr)
-            continue
-        except (OSError, BadImage) as e:
-            print(f"{PROGRAM}: skipped {path}: {e}", file=sys.stderr)
-            continue
-        yield path, data
+        if not os.path.lexists(path):
+            reason = "no such file or folder"
+        else:
+            try:
+                data = read_image_bytes(path)
+                check_image(data)
+            except ImageRefused as e:
+                reason = error_reason(e)
+            except OSError as e:
+                reason = e.strerror or str(e)
+            except BadImage as e:
+                reason = str(e)
+            else:
+                yield path, data
+                continue
+        report_skipped(PROGRAM, path, reason)
+        skipped.append(path)
 
 
 def _print(path, answer, gallery, threshold):
@@ -109,8 +118,8 @@ def main(argv):
     paths, folders = photo_paths(argv[1:])
     recognizer, gallery = open_recognizer(FLAGS.model, FLAGS.info_dir, FLAGS.image_root, FLAGS.mini)
     bar = tqdm(total=len(paths), unit="photo", disable=not (folders and FLAGS.progress))
-    rows = []
-    for batch in _batches(read_photos(paths), FLAGS.batch_size):
+    rows, skipped = [], []
+    for batch in _batches(read_photos(paths, skipped), FLAGS.batch_size):
         answers = recognizer.recognize([data for _, data in batch])
         for (path, data), answer in zip(batch, answers, strict=True):
             _print(path, answer, gallery, recognizer.threshold)
@@ -122,6 +131,7 @@ def main(argv):
         print(f"report: {FLAGS.html}", file=sys.stderr)
     if not rows:
         raise UsageError("no photo could be read")
+    return EXIT_BAD_INPUT if skipped else 0
 
 
 def run():
