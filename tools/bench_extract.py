@@ -344,20 +344,19 @@ def demo_cosines(result, reference):
 
 def print_demo(results):
     print(
-        f"{'demo':<10} {'precision':<24} {'GAP':>7} {'GAP-':>7} {'ACC':>7}  vs float32 (points)"
+        f"{'demo':<10} {'precision':<24} {'GAP':>7} {'GAP-':>7} {'ACC':>7}  vs float32"
         "; per-image cosine to float32 (min / mean, every photo)"
     )
     base = results["float32"]
     for precision, result in results.items():
         test = result.test
         delta = " ".join(
-            f"{key} {100 * (test[key] - base.test[key]):+.2f}"
-            for key in ("gap", "gap_minus", "acc")
+            f"{key} {test[key] - base.test[key]:+.4f}" for key in ("gap", "gap_minus", "acc")
         )
         cosines = demo_cosines(result, base)
         print(
-            f"{'demo':<10} {precision:<24} {100 * test['gap']:7.2f} "
-            f"{100 * test['gap_minus']:7.2f} {100 * test['acc']:7.2f}  {delta}; "
+            f"{'demo':<10} {precision:<24} {test['gap']:7.4f} "
+            f"{test['gap_minus']:7.4f} {test['acc']:7.4f}  {delta}; "
             f"{cosines.min():.6f} / {cosines.mean():.6f} ({cosines.size} photos)"
         )
 

@@ -117,7 +117,12 @@ def test_autotune_raw_end_to_end(met, tmp_path):
     np.testing.assert_array_equal(saved["test_pred"], expected["test"][1])
     np.testing.assert_allclose(saved["test_conf"], expected["test"][2], rtol=1e-6)
     log = (tmp_path / "log_knn_run.txt").read_text()
-    assert "expname: EXP_d512AT" in log and "test: GAP" in log
+    assert "expname: EXP_d512AT" in log
+    test = results["test"]
+    assert (
+        f"test: GAP {test['gap']:.6f}, GAP- {test['gap_minus']:.6f}, ACC {test['acc']:.6f}"
+        in log.splitlines()
+    )
 
     events = event_accumulator.EventAccumulator(
         str(tmp_path / "tensorboard" / "knn_eval_run"), size_guidance={"tensors": 0, "images": 0}

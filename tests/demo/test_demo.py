@@ -163,8 +163,12 @@ def _embedder_file(path):
 
 
 def test_run_demo_end_to_end_with_a_converted_embedder(tmp_path):
+    import tensorflow as tf
+    from tensorboard.backend.event_processing import event_accumulator
+
     from tfmet.descriptors import store
 
+    lines = []
     result = run_demo(
         tmp_path,
         backbone="resnet_tiny",
@@ -173,7 +177,7 @@ def test_run_demo_end_to_end_with_a_converted_embedder(tmp_path):
         benchmark_config=SMALL,
         examples=2,
         progress=False,
-        log=lambda message: None,
+        log=lines.append,
     )
     assert result.run_name == "resnet_tiny-met_tiny"
     assert (result.num_database, result.num_val, result.num_test) == (3, 5, 8)
@@ -194,6 +198,20 @@ def test_run_demo_end_to_end_with_a_converted_embedder(tmp_path):
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
     events = [n for n in os.listdir(result.tensorboard) if n.startswith("events.out.tfevents")]
     assert events
+    # One unit and one name: the demo's summaries and printed metrics are fractions named GAP-,
+    # as tfmet-knn-eval writes them (its own summaries under knn_eval/).
+    for folder in (result.tensorboard, os.path.join(result.tensorboard, "knn_eval")):
+        accumulator = event_accumulator.EventAccumulator(folder, size_guidance={"tensors": 0})
+        accumulator.Reload()
+        for name in ("gap", "gap_minus", "acc"):
+            (event,) = accumulator.Tensors(f"test/{name}")
+            logged = float(tf.make_ndarray(event.tensor_proto))
+            assert logged == pytest.approx(result.test[name], rel=1e-6)
+    test = result.test
+    assert (
+        f"      resnet_tiny-met_tiny: GAP {test['gap']:.3f}  GAP- {test['gap_minus']:.3f}  "
+        f"ACC {test['acc']:.3f}" in lines
+    )
     with open(os.path.join(result.descriptors, "knn_results.json")) as f:
         assert set(json.load(f)["threshold"]) == {"value", "rule", "val", "test"}
     assert f"tfmet-serve --model {os.path.join(tmp_path, 'recognizer')}" in result.serve_command

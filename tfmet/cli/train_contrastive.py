@@ -134,12 +134,12 @@ def _report(result, config):
     for entry in result.history:
         if "loss" in entry:
             logging.info(
-                "epoch %d: loss %.5f, val GAP %.2f, GAP- %.2f, ACC %.2f",
+                "epoch %d: loss %.5f, val GAP %.4f, GAP- %.4f, ACC %.4f",
                 entry["epoch"],
                 entry["loss"],
-                100 * entry["val_gap"],
-                100 * entry["val_gap_minus"],
-                100 * entry["val_acc"],
+                entry["val_gap"],
+                entry["val_gap_minus"],
+                entry["val_acc"],
             )
     if result.finished:
         print(f"Trained model: {result.model_path}")

@@ -9,7 +9,7 @@ import numpy as np
 from tfmet.io.atomic import atomic_path
 
 EXPLANATION = """\
-How to read these numbers (all in %, higher is better):
+How to read these numbers (fractions from 0 to 1, higher is better):
   GAP   Global Average Precision over ALL test queries, distractors included. Queries are sorted
         by the classifier's confidence; GAP averages the precision at every rank where a Met
         query is recognised correctly, over the number of Met queries. Being wrong, or confident
@@ -22,11 +22,8 @@ validation queries (best val GAP); the test queries were not used for that."""
 
 
 def format_metrics(metrics):
-    """ "GAP 71.2  GAP- 80.1  ACC 84.0" from fractions."""
-    return (
-        f"GAP {100 * metrics['gap']:5.1f}  GAP- {100 * metrics['gap_minus']:5.1f}  "
-        f"ACC {100 * metrics['acc']:5.1f}"
-    )
+    """ "GAP 0.712  GAP- 0.801  ACC 0.840": fractions, like every tfmet output of the metrics."""
+    return f"GAP {metrics['gap']:.3f}  GAP- {metrics['gap_minus']:.3f}  ACC {metrics['acc']:.3f}"
 
 
 def choose_examples(pred, conf, labels, count=8, seed=0):

@@ -365,13 +365,14 @@ def _matches_picture(bench, data, result, pca_dim, examples, seed):
 
 
 def _write_tensorboard(tensorboard, result, png):
-    """The kNN evaluation's summaries, the metrics in percent, the picture and the explanation."""
+    """The kNN evaluation's summaries, the metrics (fractions, as tfmet-knn-eval writes them),
+    the picture and the explanation."""
     from tfmet.retrieval import report as knn_report
 
     knn_report.write_tensorboard(os.path.join(tensorboard, "knn_eval"), result)
     figures.write_tensorboard(
         tensorboard,
-        {f"{split}/{name}": 100 * value for split in ("val", "test")
+        {f"{split}/{name}": value for split in ("val", "test")
          for name, value in getattr(result, split).items()},
         png=png,
         text=figures.EXPLANATION,

@@ -274,7 +274,7 @@ def knn_eval(
         metrics = {name: recognition.evaluate(*p) for name, p in predictions.items()}
         for name, values in metrics.items():
             log(
-                f"{name}: GAP {values['gap']:.6f}, GAP-nodis {values['gap_minus']:.6f}, "
+                f"{name}: GAP {values['gap']:.6f}, GAP- {values['gap_minus']:.6f}, "
                 f"ACC {values['acc']:.6f}"
             )
         threshold = _operating_threshold(predictions, target_precision, log)
