@@ -136,9 +136,31 @@ def test_dead_letter_output_lists_the_broken_files(corpus, beam_run):
         errors = store.read_store(reference, r["split"]).manifest["errors"]
         expected = [e for e in errors if e["index"] == r["index"]]
         assert expected == [{"index": r["index"], "path": r["path"], "reason": r["reason"]}]
+    (prefix,) = {
+        os.path.join(out, "dead_letter", f.rsplit("-", 3)[0])
+        for f in os.listdir(os.path.join(out, "dead_letter"))
+    }
+    assert f"{len(broken)} failed images are listed in {prefix}-*.jsonl" in beam_run[1]
     reasons = {(r["split"], r["index"]): r["reason"] for r in records}
     assert reasons["test", 2] == "FileNotFoundError: No such file or directory"
     assert reasons["val", 0].startswith("InvalidArgumentError: ")
+
+
+@pytest.mark.slow
+def test_a_run_without_failures_writes_and_mentions_no_dead_letter_file(tmp_path):
+    tree = write_met_tree(tmp_path / "met", num_exhibits=2, images_per_exhibit=1)
+    out = tmp_path / "out"
+    command = [
+        sys.executable, "-m", "tfmet.cli.extract_beam", f"--info_dir={tree.info_dir}",
+        f"--image_root={tree.image_root}", f"--output_dir={out}", "--backbone=resnet_tiny",
+        "--splits=train", "--direct_running_mode=in_memory",
+    ]  # fmt: skip
+    done = subprocess.run(command, capture_output=True, text=True, cwd=REPO, timeout=400)
+    assert done.returncode == 0, done.stderr[-4000:]
+    assert "(0 failed)" in done.stderr
+    assert "dead_letter" not in done.stderr and "failed images are listed" not in done.stderr
+    assert not os.path.exists(out / "dead_letter") or os.listdir(out / "dead_letter") == []
+    assert store.read_store(out, "train").valid.tolist() == [True, True]
 
 
 @pytest.mark.slow

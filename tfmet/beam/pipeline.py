@@ -224,7 +224,8 @@ def build_pipeline(pipeline, plan, model_handler, dead_letter_prefix, max_bytes=
 
     Returns:
       (written, dead_letters): PCollections of (split, chunk_id, images, failed) per chunk file
-      written, and of the failed rows' JSON lines (also written under `dead_letter_prefix`).
+      written, and of the failed rows' JSON lines (also written under `dead_letter_prefix`, only
+      when there are any).
     """
     rows = (
         pipeline
@@ -246,8 +247,9 @@ def build_pipeline(pipeline, plan, model_handler, dead_letter_prefix, max_bytes=
         | "Failed" >> beam.Filter(is_failure)
         | "DeadLetterJson" >> beam.Map(transforms.dead_letter_line)
     )
+    # No failed row, no file: an empty dead-letter file would read as "look here".
     dead_letters | "WriteDeadLetters" >> beam.io.WriteToText(
-        dead_letter_prefix, file_name_suffix=DEAD_LETTER_SUFFIX
+        dead_letter_prefix, file_name_suffix=DEAD_LETTER_SUFFIX, skip_if_empty=True
     )
     written = (
         outcomes
@@ -284,7 +286,7 @@ class BeamReport:
       inference_seconds: time spent in model calls, summed over workers (RunInference's own
         batch latency metric), so `images / inference_seconds` is one worker's steady rate.
       model_load_seconds: time spent loading the model, summed over workers.
-      dead_letter_prefix: where the failed rows' JSON lines went.
+      dead_letter_prefix: where the failed rows' JSON lines went (no file when none failed).
     """
 
     state: str

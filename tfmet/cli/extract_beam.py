@@ -174,10 +174,20 @@ def extract(values, beam_args):
             max_pixels=values["max_pixels"],
             max_bytes=values["max_bytes"],
         )
-        logging.info("failed images are listed in %s-*.jsonl", report.dead_letter_prefix)
         if not FLAGS.wait:
-            logging.info("pipeline submitted (%s); merge once it has finished", report.state)
+            logging.info(
+                "pipeline submitted (%s); merge once it has finished; images that fail will be "
+                "listed in %s-*.jsonl",
+                report.state,
+                report.dead_letter_prefix,
+            )
             return
+        if report.failed:
+            logging.info(
+                "%d failed images are listed in %s-*.jsonl",
+                report.failed,
+                report.dead_letter_prefix,
+            )
     _merge_or_explain(values, [s for s in values["splits"] if s not in plan.complete])
 
 
