@@ -88,13 +88,13 @@ def main():
 
     from tfmet.beam import pipeline
     from tfmet.data import met
-    from tfmet.descriptors import extraction
+    from tfmet.descriptors import spec as spec_lib
 
     root = tempfile.mkdtemp(prefix="bench-beam-")
     try:
         info = write_images(root, args.images)
         split = met.load_split(info, "train")
-        extractor, spec = extraction.build_extractor(
+        extractor, spec = spec_lib.build_extractor(
             args.backbone, seed=0, chunk_size=args.chunk_size
         )
         model = pipeline.export_descriptor_model(extractor, spec, os.path.join(root, "model"))

@@ -159,7 +159,8 @@ def bench_backbone(name, paths, decoded, workdir):
     from tests.kit.models import calibrate_batchnorm
     from tfmet import backbones
     from tfmet.backbones.precision import set_precision
-    from tfmet.descriptors import MET_SCALES, DescriptorExtractor, Embedder, extraction
+    from tfmet.descriptors import MET_SCALES, DescriptorExtractor, Embedder
+    from tfmet.descriptors import spec as spec_lib
 
     keras.utils.set_random_seed(FLAGS.seed)
     trunk = backbones.get(name)
@@ -168,9 +169,9 @@ def bench_backbone(name, paths, decoded, workdir):
     calibrate_batchnorm(trunk, spec_pre(calibration.astype(np.float32)))
     extractors = {}
     for precision in precisions():
-        embedder = extraction.folded_embedder(Embedder(trunk, preprocessing=spec_pre))
+        embedder = spec_lib.folded_embedder(Embedder(trunk, preprocessing=spec_pre))
         set_precision(embedder.backbone, precision)
-        spec = extraction.ExtractionSpec(
+        spec = spec_lib.ExtractionSpec(
             name, "bench", MET_SCALES, "torch", None, embedder.output_dim, precision=precision
         )
         extractors[precision] = (DescriptorExtractor(embedder, scales=MET_SCALES), spec)
@@ -262,7 +263,8 @@ def bench_vit(name, paths, decoded, workdir):
     import torch.nn.functional as F
     import transformers
 
-    from tfmet.descriptors import MET_SCALES, DescriptorExtractor, Embedder, extraction
+    from tfmet.descriptors import MET_SCALES, DescriptorExtractor, Embedder
+    from tfmet.descriptors import spec as spec_lib
 
     torch.manual_seed(FLAGS.seed)
     model = transformers.Dinov2Model(transformers.Dinov2Config(**VITS[name], patch_size=14))
@@ -272,7 +274,7 @@ def bench_vit(name, paths, decoded, workdir):
     keras.utils.set_random_seed(FLAGS.seed)
     embedder = Embedder.from_registry("hf:" + directory)
     extractor = DescriptorExtractor(embedder, scales=MET_SCALES)
-    spec = extraction.ExtractionSpec(name, "bench", MET_SCALES, "torch", None, embedder.output_dim)
+    spec = spec_lib.ExtractionSpec(name, "bench", MET_SCALES, "torch", None, embedder.output_dim)
     torch.set_num_threads(FLAGS.torch_threads)
     mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
     std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)

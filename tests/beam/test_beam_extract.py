@@ -26,7 +26,8 @@ from tfmet.beam import paths, pipeline, transforms
 from tfmet.beam.chunks import ChunkOutput
 from tfmet.beam.model_handler import DescriptorModelHandler, describe_batch
 from tfmet.data import images as image_io
-from tfmet.descriptors import extraction, store
+from tfmet.descriptors import chunk_files, extraction, store
+from tfmet.descriptors import spec as spec_lib
 
 SPLITS = ("train", "val", "test")
 CHUNK_SIZE = 3  # train 8 rows -> chunks of 3, 3, 2; val and test 7 rows -> 3, 3, 1
@@ -66,7 +67,7 @@ def corpus(tmp_path_factory):
     tree = write_met_tree(root / "met")
     broken = _break_files(tree)
     reference = str(root / "single")
-    extractor, spec = extraction.build_extractor("resnet_tiny", seed=0, chunk_size=CHUNK_SIZE)
+    extractor, spec = spec_lib.build_extractor("resnet_tiny", seed=0, chunk_size=CHUNK_SIZE)
     met_splits = extraction.load_met_splits(tree.info_dir, SPLITS)
     extraction.extract_met(extractor, spec, met_splits, tree.image_root, reference, progress=False)
     return root, tree, broken, reference, extractor, spec
@@ -175,7 +176,7 @@ def test_rerun_plans_only_missing_chunks(corpus, beam_run, tmp_path):
     os.remove(ChunkOutput(copy, "val").chunk_path(1))
     plan = pipeline.plan_extraction(spec, met_splits[1:2], tree.image_root, copy)
     assert [tuple(t) for t in plan.tasks] == [("val", 1, 3, 6)] and plan.images == 3
-    other = extraction.ExtractionSpec(**{**vars(spec), "resize_method": "tf"})
+    other = spec_lib.ExtractionSpec(**{**vars(spec), "resize_method": "tf"})
     with pytest.raises(ValueError, match="other settings"):
         pipeline.plan_extraction(other, met_splits[1:2], tree.image_root, copy)
     # Finished stores (here the single-machine ones) are left alone.
@@ -313,7 +314,7 @@ def test_remote_paths_in_process_runner(corpus, beam_run, tmp_path):
     assert sorted(os.listdir(local_copy)) == sorted(os.listdir(os.path.join(out, "model")))
     assert count == sum(len(files) for _, _, files in os.walk(os.path.join(out, "model")))
     model = pipeline.export_descriptor_model(extractor, spec, remote + "/model")  # same spec
-    other = extraction.ExtractionSpec(**{**vars(spec), "max_side": 32})
+    other = spec_lib.ExtractionSpec(**{**vars(spec), "max_side": 32})
     with pytest.raises(ValueError, match="other settings"):
         pipeline.export_descriptor_model(extractor, other, model)
     met_splits = extraction.load_met_splits(tree.info_dir, SPLITS)
@@ -326,7 +327,7 @@ def test_remote_paths_in_process_runner(corpus, beam_run, tmp_path):
     # "Copy the chunks down and run tfmet-extract --merge": the local folder is that copy.
     local = str(tmp_path / "out")
     for split in SPLITS:
-        extraction.merge_split(local, split)
+        chunk_files.merge_split(local, split)
     _assert_matches_reference(local, reference, broken)
 
 

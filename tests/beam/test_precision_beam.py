@@ -7,7 +7,7 @@ import pytest
 
 from tfmet.backbones.precision import precision_version
 from tfmet.beam import pipeline
-from tfmet.descriptors import extraction
+from tfmet.descriptors import spec as spec_lib
 
 BFLOAT16_VERSION = precision_version("bfloat16")
 
@@ -48,7 +48,7 @@ def test_an_export_of_an_older_bfloat16_is_refused(tmp_path, version):
 
 def test_an_export_of_another_precision_is_not_reused(tmp_path):
     _write_metadata(tmp_path / "model", precision="bfloat16", precision_version=BFLOAT16_VERSION)
-    spec = extraction.ExtractionSpec(
+    spec = spec_lib.ExtractionSpec(
         "resnet18", "sha256:00", (1.0,), "torch", None, 512, precision="float32"
     )
     with pytest.raises(ValueError, match="holds a descriptor model with other settings"):

@@ -11,6 +11,7 @@ from PIL import Image
 
 from tests.kit import one_conv_backbone, run_cli, run_command
 from tfmet.descriptors import extraction
+from tfmet.descriptors import spec as spec_lib
 
 pytestmark = pytest.mark.slow  # every test runs the program in a subprocess
 
@@ -55,7 +56,7 @@ def test_descriptor_export_cli_and_saved_model_cli(tmp_path):
     assert (metadata["max_pixels"], metadata["max_bytes"]) == (600, 64 * 1024 * 1024)
 
     # The same descriptor as the extraction library computes in-process.
-    extractor, _ = extraction.build_extractor(backbone="resnet_tiny", seed=3)
+    extractor, _ = spec_lib.build_extractor(backbone="resnet_tiny", seed=3)
     image = _image(0, (45, 37)).astype(np.float32)
     expected = extractor(image[None]).numpy()
     np.save(tmp_path / "images.npy", image[None])
@@ -146,7 +147,7 @@ def test_recognizer_export_predicts_what_knn_eval_predicts(tmp_path):
 
     tree = write_met_tree(tmp_path / "met", num_exhibits=6, met_queries=6)
     desc = tmp_path / "desc"
-    extractor, spec = extraction.build_extractor(backbone="resnet_tiny", seed=1)
+    extractor, spec = spec_lib.build_extractor(backbone="resnet_tiny", seed=1)
     splits = extraction.load_met_splits(tree.info_dir)
     extraction.extract_met(extractor, spec, splits, tree.image_root, str(desc), progress=False)
 

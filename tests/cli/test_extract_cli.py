@@ -13,7 +13,8 @@ import pytest
 
 from tests.kit.cli import REPO
 from tests.kit.met_tree import write_met_tree
-from tfmet.descriptors import extraction, store
+from tfmet.descriptors import chunk_files, extraction, store
+from tfmet.descriptors import spec as spec_lib
 
 CONFIG = os.path.join(REPO, "configs", "extract_met.py")
 
@@ -41,7 +42,7 @@ def _run(command, log_path, timeout=300):
 
 def _reference(tree, out, splits, chunk_size, mini=False):
     """The same extraction in this process, uninterrupted and unsharded."""
-    extractor, spec = extraction.build_extractor(
+    extractor, spec = spec_lib.build_extractor(
         "resnet_tiny", seed=0, chunk_size=chunk_size, fold_bn=True
     )
     met_splits = extraction.load_met_splits(tree.info_dir, splits, mini=mini)
@@ -60,7 +61,7 @@ def test_sigkill_then_restart_gives_identical_output(tmp_path):
     tree = write_met_tree(tmp_path / "met", num_exhibits=4, images_per_exhibit=3)  # 12 rows
     out = tmp_path / "out"
     command = _command(tree, out, "--splits=train", "--chunk_size=2", "--keep_chunks")
-    chunk_dir = extraction.ChunkDirectory(out, "train")
+    chunk_dir = chunk_files.ChunkDirectory(out, "train")
     # SIGKILL at the 5th rename: run.json, chunks 0-2 are in place, chunk 3 is being renamed.
     # (A FIFO used to stall the run here; tfmet now refuses FIFOs instead of blocking on them.)
     killed = subprocess.run(
@@ -97,7 +98,7 @@ def test_config_shards_and_merge(tmp_path):
     assert code == 0, text
     assert "merge with tfmet-extract --merge" in text
     # Shard 0 in this process (same settings as the config), to save a TensorFlow start-up.
-    extractor, spec = extraction.build_extractor("resnet_tiny", seed=0, chunk_size=3, fold_bn=True)
+    extractor, spec = spec_lib.build_extractor("resnet_tiny", seed=0, chunk_size=3, fold_bn=True)
     met_splits = extraction.load_met_splits(tree.info_dir, ("val", "test"), mini=True)
     extraction.extract_met(
         extractor, spec, met_splits, tree.image_root, out, num_shards=2, progress=False

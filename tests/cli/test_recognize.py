@@ -39,11 +39,12 @@ CONFIG = benchmark.BenchmarkConfig(
 
 def _build_export(root):
     from tfmet.descriptors import extraction
+    from tfmet.descriptors import spec as spec_lib
     from tfmet.export import RecognizerModule, metadata_signature, save_module
     from tfmet.retrieval import evaluation
 
     bench = benchmark.build_benchmark(os.path.join(root, "bench"), CONFIG, progress=False)
-    extractor, spec = extraction.build_extractor(backbone="resnet_tiny", seed=1)
+    extractor, spec = spec_lib.build_extractor(backbone="resnet_tiny", seed=1)
     splits = extraction.load_met_splits(bench.info_dir)
     desc = os.path.join(root, "desc")
     extraction.extract_met(extractor, spec, splits, bench.image_root, desc, progress=False)

@@ -13,6 +13,7 @@ from tests.kit.met_tree import write_met_tree
 from tfmet.data import images as image_io
 from tfmet.data import met
 from tfmet.descriptors import MET_SCALES, extraction, store
+from tfmet.descriptors import spec as spec_lib
 
 pytest.importorskip("transformers")
 torch = pytest.importorskip("torch")
@@ -73,7 +74,7 @@ def test_extract_cli_multiscale_matches_a_pytorch_pipeline(tmp_path):
         assert reason == ""
         np.testing.assert_allclose(row, _torch_multiscale(model, image.numpy()), atol=1e-4)
     weights = os.path.join(tmp_path, "ckpt", "model.safetensors")
-    assert val.manifest["weights_sha256"] == extraction.weights_fingerprint(weights)
+    assert val.manifest["weights_sha256"] == spec_lib.weights_fingerprint(weights)
 
 
 RELOAD = """
@@ -92,7 +93,7 @@ def test_recognizer_export_with_a_vit_reloads_without_tfmet(tmp_path):
     backbone = f"hf:{tmp_path / 'ckpt'}"
     tree = write_met_tree(tmp_path / "met", num_exhibits=3, met_queries=2)
     desc = tmp_path / "desc"
-    extractor, spec = extraction.build_extractor(backbone=backbone)
+    extractor, spec = spec_lib.build_extractor(backbone=backbone)
     splits = extraction.load_met_splits(tree.info_dir, ("train",))
     extraction.extract_met(extractor, spec, splits, tree.image_root, str(desc), progress=False)
     export = tmp_path / "recognizer"

@@ -4,7 +4,7 @@ import numpy as np
 
 from tfmet.backbones import torch_convert
 from tfmet.descriptors.embedder import Embedder
-from tfmet.descriptors.extraction import build_extractor
+from tfmet.descriptors.spec import build_extractor
 
 
 def test_build_extractor_reads_an_embedder_file_with_its_p_and_projector(tmp_path):

@@ -14,7 +14,15 @@ from tests.kit import tiny_backbone
 from tests.kit.met_tree import exhibit_view, write_image, write_met_tree
 from tfmet.backbones import IMAGENET_TORCH, batchnorm
 from tfmet.data import met
-from tfmet.descriptors import MET_SCALES, DescriptorExtractor, Embedder, extraction, store
+from tfmet.descriptors import (
+    MET_SCALES,
+    DescriptorExtractor,
+    Embedder,
+    chunk_files,
+    extraction,
+    store,
+)
+from tfmet.descriptors import spec as spec_lib
 
 CHUNK = 3
 
@@ -34,7 +42,7 @@ def _spec(**overrides):
         dim=8,
         chunk_size=CHUNK,
     )
-    return extraction.ExtractionSpec(**(fields | overrides))
+    return spec_lib.ExtractionSpec(**(fields | overrides))
 
 
 @pytest.fixture(scope="module")
@@ -58,20 +66,20 @@ def _extract(extractor, tree, out, splits=("train", "val"), **kwargs):
 
 
 def test_chunk_bounds_and_shards():
-    assert extraction.chunk_bounds(7, 3) == [(0, 3), (3, 6), (6, 7)]
-    assert extraction.chunk_bounds(0, 3) == []
-    assert extraction.shard_chunks(7, 3, 0) == [0, 3, 6]
-    assert extraction.shard_chunks(7, 3, 2) == [2, 5]
+    assert chunk_files.chunk_bounds(7, 3) == [(0, 3), (3, 6), (6, 7)]
+    assert chunk_files.chunk_bounds(0, 3) == []
+    assert chunk_files.shard_chunks(7, 3, 0) == [0, 3, 6]
+    assert chunk_files.shard_chunks(7, 3, 2) == [2, 5]
     with pytest.raises(ValueError, match="shard_index"):
-        extraction.shard_chunks(7, 2, 2)
+        chunk_files.shard_chunks(7, 2, 2)
 
 
 def test_weights_fingerprint(tmp_path):
     path = tmp_path / "w.weights.h5"
     path.write_bytes(b"some weights")
     expected = "sha256:" + hashlib.sha256(b"some weights").hexdigest()
-    assert extraction.weights_fingerprint(str(path)) == expected
-    assert extraction.weights_fingerprint(None, seed=4) == "random:seed=4"
+    assert spec_lib.weights_fingerprint(str(path)) == expected
+    assert spec_lib.weights_fingerprint(None, seed=4) == "random:seed=4"
 
 
 @pytest.mark.parametrize("batch_images", [1, 3])
@@ -105,7 +113,7 @@ def test_sharded_and_merged_equals_unsharded(extractor, tree, tmp_path):
     with pytest.raises(FileNotFoundError, match="no descriptor store"):
         store.read_store(sharded, "train")  # shards never merge on their own
     for split in ("train", "val"):
-        extraction.merge_split(sharded, split, keep_chunks=False)
+        chunk_files.merge_split(sharded, split, keep_chunks=False)
         whole = store.read_store(tmp_path / "whole", split)
         merged = store.read_store(sharded, split)
         np.testing.assert_array_equal(merged.descriptors, whole.descriptors)
@@ -115,7 +123,7 @@ def test_sharded_and_merged_equals_unsharded(extractor, tree, tmp_path):
 def test_merge_names_missing_chunks(extractor, tree, tmp_path):
     _extract(extractor, tree, tmp_path, splits=("val",), num_shards=3, shard_index=1)
     with pytest.raises(FileNotFoundError, match=r"2 of 3 chunks missing \(0, 2\)"):
-        extraction.merge_split(tmp_path, "val")
+        chunk_files.merge_split(tmp_path, "val")
 
 
 class _Crash(RuntimeError):
@@ -143,7 +151,7 @@ def test_interrupted_run_resumes_from_finished_chunks(extractor, tree, tmp_path)
     crashing = _CountingExtractor(extractor, crash_after=7)  # dies inside chunk 2 (rows 6-7)
     with pytest.raises(_Crash):
         _extract(crashing, tree, out, splits=("train",))
-    chunk_dir = extraction.ChunkDirectory(out, "train")
+    chunk_dir = chunk_files.ChunkDirectory(out, "train")
     assert chunk_dir.finished(range(3)) == [0, 1]
     mtimes = [os.stat(chunk_dir.chunk_path(j)).st_mtime_ns for j in (0, 1)]
 
@@ -275,7 +283,7 @@ def test_a_model_failing_on_everything_stops_the_run(tmp_path):
     spec = _spec(dim=2, chunk_size=9)
     with pytest.raises(RuntimeError, match=r"failed on all 9 readable images of chunk 0"):
         extraction.extract_split(broken, spec, "test", paths, tmp_path / "o", progress=False)
-    assert extraction.ChunkDirectory(tmp_path / "o", "test").finished([0]) == []
+    assert chunk_files.ChunkDirectory(tmp_path / "o", "test").finished([0]) == []
 
 
 def test_a_model_with_non_finite_outputs_stops_the_run(tmp_path):
@@ -295,7 +303,7 @@ def test_a_model_with_non_finite_outputs_stops_the_run(tmp_path):
             tmp_path / "o",
             progress=False,
         )
-    assert extraction.ChunkDirectory(tmp_path / "o", "test").finished([0]) == []
+    assert chunk_files.ChunkDirectory(tmp_path / "o", "test").finished([0]) == []
 
     def one_good(batch):
         return tf.fill([int(batch.shape[0]), 2], 0.5 if int(batch.shape[2]) == 8 else np.nan)
@@ -378,7 +386,7 @@ def test_folded_extractor_from_a_saved_model_matches(tmp_path):
     path = str(tmp_path / "embedder.keras")
     embedder.save(path)
     reference = DescriptorExtractor(keras.saving.load_model(path))
-    extractor, spec = extraction.build_extractor(model=path, fold_bn=True)
+    extractor, spec = spec_lib.build_extractor(model=path, fold_bn=True)
 
     def count(layers, kind):
         return sum(isinstance(layer, kind) for layer in layers)
@@ -387,6 +395,6 @@ def test_folded_extractor_from_a_saved_model_matches(tmp_path):
     layers = extractor.embedder.backbone.layers
     assert n_bn == 12 and count(layers, keras.layers.BatchNormalization) == 0
     assert count(layers, batchnorm.FoldedBatchNorm) == n_bn
-    assert spec.weights == extraction.weights_fingerprint(path) and spec.dim == 4
+    assert spec.weights == spec_lib.weights_fingerprint(path) and spec.dim == 4
     image = np.random.default_rng(0).uniform(0, 255, (1, 45, 61, 3)).astype(np.float32)
     np.testing.assert_allclose(extractor(image).numpy(), reference(image).numpy(), atol=1e-5)

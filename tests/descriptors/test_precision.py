@@ -24,7 +24,15 @@ from tfmet.backbones.precision import (
     precision_version,
     set_precision,
 )
-from tfmet.descriptors import MET_SCALES, DescriptorExtractor, Embedder, extraction, store
+from tfmet.descriptors import (
+    MET_SCALES,
+    DescriptorExtractor,
+    Embedder,
+    chunk_files,
+    extraction,
+    store,
+)
+from tfmet.descriptors import spec as spec_lib
 
 REDUCED = ("bfloat16", "float16")
 BFLOAT16_VERSION = precision_version("bfloat16")
@@ -136,9 +144,9 @@ def test_bfloat16_efficientnet_lite0_agrees_with_float32_on_real_photos():
     from tfmet.backbones import efficientnet_lite
 
     photos, weights = _photos(), efficientnet_lite.pretrained_weights()
-    extractor, _ = extraction.build_extractor("efficientnet_lite0", weights=weights, fold_bn=True)
+    extractor, _ = spec_lib.build_extractor("efficientnet_lite0", weights=weights, fold_bn=True)
     expected = np.concatenate([extractor(p).numpy() for p in photos])
-    extractor, _ = extraction.build_extractor(
+    extractor, _ = spec_lib.build_extractor(
         "efficientnet_lite0", weights=weights, fold_bn=True, precision="bfloat16"
     )
     actual = np.concatenate([extractor(p).numpy() for p in photos])
@@ -157,8 +165,8 @@ def test_float32_layers_only_for_bottleneck_resnets_and_efficientnet_lite():
 
 def test_float32_is_unchanged_bit_for_bit():
     photo = _photos(divisor=4)[1]
-    plain, spec = extraction.build_extractor("resnet_tiny", seed=0)
-    again, spec32 = extraction.build_extractor("resnet_tiny", seed=0, precision="float32")
+    plain, spec = spec_lib.build_extractor("resnet_tiny", seed=0)
+    again, spec32 = spec_lib.build_extractor("resnet_tiny", seed=0, precision="float32")
     np.testing.assert_array_equal(plain(photo).numpy(), again(photo).numpy())
     assert spec == spec32 and spec.metadata()["precision"] == "float32"
 
@@ -173,14 +181,14 @@ MIN_COSINE = {"bfloat16": 0.9999, "float16": 0.99999}
 @pytest.fixture(scope="module")
 def photos_float32():
     photos = _photos()
-    reference, _ = extraction.build_extractor("resnet18", seed=0, fold_bn=True)
+    reference, _ = spec_lib.build_extractor("resnet18", seed=0, fold_bn=True)
     return photos, np.concatenate([reference(p).numpy() for p in photos])
 
 
 @pytest.mark.parametrize("precision", REDUCED)
 def test_reduced_precision_agrees_with_float32_on_real_photos(precision, photos_float32):
     photos, expected = photos_float32
-    extractor, spec = extraction.build_extractor(
+    extractor, spec = spec_lib.build_extractor(
         "resnet18", seed=0, fold_bn=True, precision=precision
     )
     assert spec.precision == precision
@@ -210,7 +218,7 @@ def test_bfloat16_resnet50_agrees_with_float32_on_real_photos():
     preprocessing = backbones.preprocessing("resnet50")
     batch = tf.concat([tf.image.resize(photo, (96, 96)) for photo in photos], axis=0)
     calibrate_batchnorm(trunk, preprocessing(batch))
-    embedder = extraction.folded_embedder(Embedder(trunk, preprocessing=preprocessing))
+    embedder = spec_lib.folded_embedder(Embedder(trunk, preprocessing=preprocessing))
     expected = np.concatenate([DescriptorExtractor(embedder)(p).numpy() for p in photos])
     set_precision(embedder.backbone, "bfloat16")
     actual = np.concatenate([DescriptorExtractor(embedder)(p).numpy() for p in photos])
@@ -220,7 +228,7 @@ def test_bfloat16_resnet50_agrees_with_float32_on_real_photos():
 
 
 def _spec(precision="float32"):
-    return extraction.ExtractionSpec(
+    return spec_lib.ExtractionSpec(
         backbone="tiny",
         weights="random:seed=3",
         scales=MET_SCALES,
@@ -283,7 +291,7 @@ def test_stores_without_the_field_read_as_float32(tree, tmp_path):
 
 def test_a_store_of_the_first_bfloat16_is_not_completed_with_the_current_one(tree, tmp_path):
     _extract(tree, tmp_path, "bfloat16", merge=False)  # chunks only
-    run_path = extraction.ChunkDirectory(tmp_path, "val").run_path
+    run_path = chunk_files.ChunkDirectory(tmp_path, "val").run_path
     with open(run_path) as f:
         run = json.load(f)
     assert run["spec"]["precision_version"] == BFLOAT16_VERSION
@@ -295,7 +303,7 @@ def test_a_store_of_the_first_bfloat16_is_not_completed_with_the_current_one(tre
         f"{BFLOAT16_VERSION} "
     )
     with pytest.raises(ValueError, match=r"chunks.val " + version_1):
-        extraction.check_output_precision(tmp_path, "val", "bfloat16")
+        chunk_files.check_output_precision(tmp_path, "val", "bfloat16")
     with pytest.raises(ValueError, match=version_1):
         _extract(tree, tmp_path, "bfloat16")
 
@@ -314,19 +322,19 @@ def test_a_store_of_the_first_bfloat16_is_not_completed_with_the_current_one(tre
 
 
 def test_check_output_precision_before_building_a_model(tree, tmp_path):
-    extraction.check_output_precision(tmp_path, "val", "bfloat16")  # nothing there yet
+    chunk_files.check_output_precision(tmp_path, "val", "bfloat16")  # nothing there yet
     _extract(tree, tmp_path, "float16", merge=False)
     with pytest.raises(ValueError, match=r"chunks.val holds descriptors computed in float16"):
-        extraction.check_output_precision(tmp_path, "val", "float32")
+        chunk_files.check_output_precision(tmp_path, "val", "float32")
     _extract(tree, tmp_path, "float16")
-    extraction.check_output_precision(tmp_path, "val", "float16")
+    chunk_files.check_output_precision(tmp_path, "val", "float16")
     with pytest.raises(ValueError, match=r"val_manifest.json holds descriptors computed in fl"):
-        extraction.check_output_precision(tmp_path, "val", "bfloat16")
+        chunk_files.check_output_precision(tmp_path, "val", "bfloat16")
 
 
 def test_old_run_records_without_the_field_resume_as_float32(tree, tmp_path):
     _extract(tree, tmp_path, "float32", merge=False)
-    run_path = extraction.ChunkDirectory(tmp_path, "val").run_path
+    run_path = chunk_files.ChunkDirectory(tmp_path, "val").run_path
     with open(run_path) as f:
         run = json.load(f)
     del run["spec"]["precision"]

@@ -10,7 +10,7 @@ import tensorflow as tf
 
 from tfmet.backbones import efficientnet_lite
 from tfmet.backbones.precision import precision_version
-from tfmet.descriptors import extraction
+from tfmet.descriptors import spec as spec_lib
 from tfmet.export import builders
 from tfmet.export.common import save_module
 
@@ -30,7 +30,7 @@ def test_reduced_precision_descriptor_export_matches_the_extractor_and_records_i
     tmp_path, backbone, precision
 ):
     weights = efficientnet_lite.pretrained_weights() if backbone == "efficientnet_lite0" else None
-    extractor, spec = extraction.build_extractor(backbone, weights, precision=precision)
+    extractor, spec = spec_lib.build_extractor(backbone, weights, precision=precision)
     rng = np.random.default_rng(0)
     module, metadata = builders.build_descriptor(extractor, spec, pca=None)
     assert metadata["precision"] == precision
@@ -44,5 +44,5 @@ def test_reduced_precision_descriptor_export_matches_the_extractor_and_records_i
     served = loaded(images=tf.constant(images))["descriptor"].numpy()
     assert served.dtype == np.float32
     np.testing.assert_allclose(served, extractor(images).numpy(), atol=1e-6)
-    float32, _ = extraction.build_extractor(backbone, weights)
+    float32, _ = spec_lib.build_extractor(backbone, weights)
     assert not np.array_equal(served, float32(images).numpy())  # the precision was baked in

@@ -1,7 +1,7 @@
 """BatchNorm folding: an inference copy of a backbone with its BatchNorms merged into the convs.
 
 A rewrite of a backbone's graph, so it lives with the backbones; descriptor extraction uses it
-(`tfmet.descriptors.extraction.folded_embedder`, `build_extractor(fold_bn=True)`).
+(`tfmet.descriptors.spec.folded_embedder`, `build_extractor(fold_bn=True)`).
 """
 
 import keras

@@ -31,7 +31,7 @@ DTYPE_POLICIES = {"float32": "float32", "bfloat16": "mixed_bfloat16", "float16":
 # also keeps EfficientNet-Lite's stem and first block in float32; 2 kept only those of a
 # bottleneck ResNet (`float32_layers`); 1 (stores without the field) ran every backbone layer
 # in bfloat16. Stores record it
-# (`tfmet.descriptors.extraction.ExtractionSpec`) so that the two are never mixed -- for every
+# (`tfmet.descriptors.spec.ExtractionSpec`) so that the two are never mixed -- for every
 # backbone, also those whose bfloat16 did not change (a store does not say which layers ran how).
 PRECISION_VERSIONS = {"bfloat16": 3}
 

@@ -1,9 +1,9 @@
 """The single-machine extraction's chunk files, on a local disk or any Beam file system.
 
-A Beam run writes exactly the files `tfmet.descriptors.extraction` writes (its `run.json` and
+A Beam run writes exactly the files `tfmet.descriptors.chunk_files` describes (its `run.json` and
 `chunk-NNNNNN.npz` files under `<output_dir>/chunks/<split>/`), through that module's own
-`ChunkDirectory`, so `tfmet-extract --merge` (`extraction.merge_split`) merges them, and Beam and
-single-machine runs can even finish each other's work. On a remote file system (gs://, s3://,
+`ChunkDirectory`, so `tfmet-extract --merge` (`chunk_files.merge_split`) merges them, and Beam
+and single-machine runs can even finish each other's work. On a remote file system (gs://, s3://,
 hdfs://) each file is written to a local temporary `ChunkDirectory` and uploaded; an object
 store makes an upload visible only once it is complete, so a chunk is never half there.
 """
@@ -16,7 +16,7 @@ import tempfile
 from apache_beam.io.filesystems import FileSystems
 
 from tfmet.beam.paths import is_remote, read_bytes, write_bytes
-from tfmet.descriptors.extraction import CHUNK_PATTERN, RUN_FILE, ChunkDirectory
+from tfmet.descriptors.chunk_files import CHUNK_PATTERN, RUN_FILE, ChunkDirectory
 
 
 class ChunkOutput:

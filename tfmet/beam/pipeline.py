@@ -1,7 +1,7 @@
 """Met descriptor extraction as an Apache Beam pipeline (DirectRunner, Dataflow, Flink, Spark).
 
 The launcher (this module, on one machine) reads and validates the Met JSON, records each split's
-`run.json` exactly as `tfmet.descriptors.extraction` does, and lists the chunks not yet on disk.
+`run.json` exactly as `tfmet.descriptors.chunk_files` does, and lists the chunks not yet on disk.
 The pipeline then, on the workers:
 
     chunk tasks -> rows (paths from run.json) -> image bytes (Beam FileSystems: local, gs://, ...)
@@ -33,7 +33,8 @@ from tfmet.beam.chunks import ChunkOutput
 from tfmet.beam.model_handler import METADATA_ASSET, DescriptorModelHandler
 from tfmet.beam.paths import is_remote, read_bytes, upload_tree
 from tfmet.data.limits import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS
-from tfmet.descriptors import extraction
+from tfmet.descriptors import chunk_files
+from tfmet.descriptors import spec as spec_lib
 from tfmet.descriptors import store as store_lib
 
 DEAD_LETTER_DIR = "dead_letter"
@@ -57,7 +58,7 @@ def model_metadata(spec):
     }
 
 
-def saved_model_spec(model_uri, chunk_size=extraction.DEFAULT_CHUNK_SIZE):
+def saved_model_spec(model_uri, chunk_size=spec_lib.DEFAULT_CHUNK_SIZE):
     """The `ExtractionSpec` of an exported descriptor SavedModel, from its metadata asset.
 
     Raises:
@@ -84,15 +85,15 @@ def saved_model_spec(model_uri, chunk_size=extraction.DEFAULT_CHUNK_SIZE):
             f"{model_uri}: the model applies PCA-whitening; descriptor stores hold raw "
             "descriptors (export it without PCA)"
         )
-    precision = extraction.recorded_precision(metadata)
-    version = extraction.recorded_precision_version(metadata)
+    precision = spec_lib.recorded_precision(metadata)
+    version = spec_lib.recorded_precision_version(metadata)
     if version != precision_version(precision):  # its stores would claim the current version
         raise ValueError(
             f"{model_uri}: exported by an older tfmet whose {precision} computed differently "
             f"(precision_version {version}); export it again"
         )
     max_side = metadata["max_side"]
-    return extraction.ExtractionSpec(
+    return spec_lib.ExtractionSpec(
         backbone=metadata["backbone"],
         weights=metadata["weights_sha256"],
         scales=tuple(metadata["scales"]),
@@ -161,7 +162,7 @@ class ExtractionPlan:
       complete: splits whose store already exists (nothing to do).
     """
 
-    spec: extraction.ExtractionSpec
+    spec: spec_lib.ExtractionSpec
     output_dir: str
     image_root: str
     tasks: list
@@ -193,14 +194,14 @@ def plan_extraction(spec, met_splits, image_root, output_dir):
         name, count = split.split, len(split)
         plan.counts[name] = count
         if not is_remote(output_dir) and store_lib.has_store(output_dir, name):
-            extraction.check_existing_store(output_dir, name, spec, count, split.paths)
+            chunk_files.check_existing_store(output_dir, name, spec, count, split.paths)
             absl_logging.info("%s: store already complete in %s; nothing to do", name, output_dir)
             plan.complete.append(name)
             continue
         chunks = ChunkOutput(output_dir, name)
         source = os.path.abspath(split.source)
-        chunks.prepare(extraction.run_record(name, spec, split.paths, split.labels, source))
-        bounds = extraction.chunk_bounds(count, spec.chunk_size)
+        chunks.prepare(chunk_files.run_record(name, spec, split.paths, split.labels, source))
+        bounds = chunk_files.chunk_bounds(count, spec.chunk_size)
         done = set(chunks.finished(range(len(bounds))))
         plan.finished[name] = len(done)
         plan.tasks.extend(

@@ -117,10 +117,10 @@ def extract(values):
         met.image_paths(split, values["image_root"])
     model_flags.check_precision(values)
 
-    from tfmet.descriptors import extraction
+    from tfmet.descriptors import chunk_files, extraction
 
     for split in values["splits"]:  # before the model is built
-        extraction.check_output_precision(values["output_dir"], split, values["precision"])
+        chunk_files.check_output_precision(values["output_dir"], split, values["precision"])
 
     extractor, spec = model_flags.build_extractor(
         values, chunk_size=values["chunk_size"], fold_bn=values["fold_bn"]
@@ -159,11 +159,11 @@ def extract(values):
 
 
 def merge(values):
-    from tfmet.descriptors import extraction
+    from tfmet.descriptors import chunk_files
 
     require(values, "output_dir")
     for split in values["splits"]:
-        extraction.merge_split(values["output_dir"], split, keep_chunks=values["keep_chunks"])
+        chunk_files.merge_split(values["output_dir"], split, keep_chunks=values["keep_chunks"])
 
 
 def main(argv):

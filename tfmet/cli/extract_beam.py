@@ -114,7 +114,7 @@ def _model(values, model_uri):
 
 def _merge_or_explain(values, pending):
     from tfmet.beam.paths import is_remote
-    from tfmet.descriptors import extraction
+    from tfmet.descriptors import chunk_files
 
     output_dir = values["output_dir"]
     if not pending:
@@ -127,7 +127,7 @@ def _merge_or_explain(values, pending):
         )
         return
     for split in pending:
-        extraction.merge_split(output_dir, split, keep_chunks=values["keep_chunks"])
+        chunk_files.merge_split(output_dir, split, keep_chunks=values["keep_chunks"])
 
 
 def extract(values, beam_args):

@@ -55,15 +55,15 @@ def check_precision(settings):
 
 
 def build_extractor(settings, **kwargs):
-    """`tfmet.descriptors.extraction.build_extractor` from model settings (see `values`).
+    """`tfmet.descriptors.spec.build_extractor` from model settings (see `values`).
 
     `settings` maps the names in `NAMES` to values (flags, possibly overridden by a config);
     `kwargs` go to `build_extractor` unchanged (chunk_size, fold_bn, ...).
     """
-    from tfmet.descriptors import extraction
+    from tfmet.descriptors import spec as spec_lib
 
     model = settings["model"]
-    return extraction.build_extractor(
+    return spec_lib.build_extractor(
         backbone=None if model else settings["backbone"],
         weights=settings["weights"],
         model=model,

@@ -74,19 +74,19 @@ def resolve_weights(backbone, weights):
         return None, RANDOM
     _check_weights(backbone, weights)
     if weights == IMAGENET:
-        from tfmet.descriptors import extraction
+        from tfmet.descriptors import spec as spec_lib
 
-        return extraction.packaged_weights(backbone), IMAGENET
+        return spec_lib.packaged_weights(backbone), IMAGENET
     stem = os.path.basename(weights)
     return weights, stem[: -len(".weights.h5")] if stem.endswith(".weights.h5") else stem
 
 
 def _extractor(backbone, weights, seed, multiscale, max_side, precision="float32"):
     """`DescriptorExtractor` + `ExtractionSpec`, built exactly as `tfmet-extract` builds them."""
-    from tfmet.descriptors import extraction
+    from tfmet.descriptors import spec as spec_lib
 
     scales = None if multiscale else (1.0,)
-    return extraction.build_extractor(
+    return spec_lib.build_extractor(
         backbone=backbone,
         weights=weights,
         seed=seed,

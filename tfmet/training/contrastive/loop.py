@@ -12,7 +12,7 @@ from absl import logging as absl_logging
 
 from tfmet.data import pairs as pairs_lib
 from tfmet.data.images import read_image
-from tfmet.descriptors import extraction
+from tfmet.descriptors import spec as spec_lib
 from tfmet.descriptors import store as store_lib
 from tfmet.descriptors.embedder import DescriptorExtractor
 from tfmet.io.atomic import atomic_path, save_json
@@ -219,7 +219,7 @@ class _TrainingLoop:
         """Initial descriptors (epoch 1's mining), PCA projector, optional initial evaluation."""
         c = self.config
         weights = c.get("weights")
-        fingerprint = extraction.weights_fingerprint(weights, c["seed"])
+        fingerprint = spec_lib.weights_fingerprint(weights, c["seed"])
         if self.initial is None:
             absl_logging.info("Extracting the initial single-scale database descriptors")
             self._extract(

@@ -7,6 +7,7 @@ import os
 import tensorflow as tf
 
 from tfmet.descriptors import extraction
+from tfmet.descriptors import spec as spec_lib
 from tfmet.descriptors import store as store_lib
 from tfmet.io.atomic import clean_stale_temporaries, save_json
 from tfmet.training import rundir
@@ -148,7 +149,7 @@ def _descriptor_dir(workdir, epoch):
 
 def _extract(extractor, name, dim, split, files, paths, labels, source, output_dir, config):
     """Single-scale descriptors of one split into a store in `output_dir`; returns the store."""
-    spec = extraction.ExtractionSpec(
+    spec = spec_lib.ExtractionSpec(
         backbone=config["backbone"],
         weights=name,
         scales=(1.0,),
