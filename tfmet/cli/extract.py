@@ -7,7 +7,8 @@ writes `<output_dir>/<split>_descriptors.npy` + `<split>_manifest.json` per spli
 run the same command again: finished chunks are kept. On several machines, run each with
 `--num_shards=N --shard_index=i` into the same output folder, then `tfmet-extract --merge
 --output_dir=...`. Settings can come from a config file (`--config=configs/extract_met.py`);
-flags given on the command line override it. Images whose header declares more than
+flags given on the command line override it. `--local_features N` also keeps each image's N
+strongest local features for spatial verification. Images whose header declares more than
 --max_pixels pixels, files over --max_bytes and files that are not regular files (FIFOs, devices)
 become invalid rows with the reason, never decoded. See docs/extraction.md.
 """
@@ -39,6 +40,13 @@ flags.DEFINE_integer("num_parallel_reads", -1, "Parallel image decodes (-1: auto
 flags.DEFINE_bool(
     "fold_bn", True, "Fold BatchNorms into convolutions (same descriptors to ~1e-7, faster)."
 )
+flags.DEFINE_integer(
+    "local_features",
+    0,
+    "Also keep this many local features per image (spatial verification, "
+    "tfmet-knn-eval --rerank=spatial); 0: none.",
+)
+flags.DEFINE_integer("local_dim", 128, "Dimension of local features (projected when larger).")
 flags.DEFINE_bool("merge", False, "Only merge finished shards' chunks into stores.")
 flags.DEFINE_bool("keep_chunks", False, "Keep chunk files after merging.")
 flags.DEFINE_bool("progress", True, "Show a progress bar.")
@@ -59,6 +67,8 @@ SETTINGS = (
     "chunk_size",
     "num_parallel_reads",
     "fold_bn",
+    "local_features",
+    "local_dim",
     "keep_chunks",
     "max_pixels",
     "max_bytes",
@@ -86,7 +96,7 @@ def settings():
 
 
 # Flags that must be positive integers when set (None: the default applies).
-POSITIVE = ("max_side", "batch_images", "chunk_size", "num_shards")
+POSITIVE = ("max_side", "batch_images", "chunk_size", "num_shards", "local_dim")
 
 
 def check_numbers(values):
@@ -97,6 +107,10 @@ def check_numbers(values):
         value = values.get(name)
         if value is not None and value < 1:
             raise UsageError(f"--{name} must be a positive integer. Received: {value}")
+    if (values.get("local_features") or 0) < 0:
+        raise UsageError(
+            f"--local_features must be 0 (none) or positive. Received: {values['local_features']}"
+        )
     reads = values.get("num_parallel_reads")
     if reads is not None and reads != -1 and reads < 1:
         raise UsageError(
@@ -122,8 +136,14 @@ def extract(values):
     for split in values["splits"]:  # before the model is built
         chunk_files.check_output_precision(values["output_dir"], split, values["precision"])
 
+    from tfmet.descriptors.local import LocalSpec
+
+    local = values["local_features"]
     extractor, spec = model_flags.build_extractor(
-        values, chunk_size=values["chunk_size"], fold_bn=values["fold_bn"]
+        values,
+        chunk_size=values["chunk_size"],
+        fold_bn=values["fold_bn"],
+        local=LocalSpec(num=local, dim=values["local_dim"]) if local else None,
     )
     logging.info("extracting %s with %s", ", ".join(values["splits"]), spec)
     reports = extraction.extract_met(

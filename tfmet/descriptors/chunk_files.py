@@ -107,8 +107,9 @@ class ChunkDirectory:
     def finished(self, chunk_ids):
         return [j for j in chunk_ids if os.path.exists(self.chunk_path(j))]
 
-    def write_chunk(self, chunk_id, start, descriptors, valid, errors):
-        """Writes one chunk atomically; `errors` are (row, reason) pairs."""
+    def write_chunk(self, chunk_id, start, descriptors, valid, errors, local=None):
+        """Writes one chunk atomically; `errors` are (row, reason) pairs; `local`: None or
+        the rows' local features, {name: array} (`tfmet.descriptors.store.LOCAL_ARRAYS`)."""
         rows = np.asarray([row for row, _ in errors], np.int64)
         reasons = np.asarray([reason for _, reason in errors], dtype=str)
         with atomic_path(self.chunk_path(chunk_id)) as tmp:
@@ -120,7 +121,22 @@ class ChunkDirectory:
                     valid=np.asarray(valid, bool),
                     error_rows=rows.reshape(-1),
                     error_reasons=reasons.reshape(-1),
+                    **{f"local_{name}": array for name, array in (local or {}).items()},
                 )
+
+    def read_local_chunk(self, chunk_id, start, stop):
+        """The local features {name: array} of a chunk's rows, checked against its rows."""
+        path = self.chunk_path(chunk_id)
+        try:
+            with np.load(path, allow_pickle=False) as data:
+                local = {name: data[f"local_{name}"] for name in store_lib.LOCAL_ARRAYS}
+        except FileNotFoundError:
+            raise FileNotFoundError(f"{path}: chunk {chunk_id} is missing") from None
+        except (ValueError, OSError, KeyError) as e:
+            raise ValueError(f"{path}: no readable local features in the chunk ({e})") from None
+        if any(len(array) != stop - start for array in local.values()):
+            raise ValueError(f"{path}: local features do not cover rows [{start}, {stop})")
+        return local
 
     def read_chunk(self, chunk_id, start, stop, dim, rows=True):
         """(descriptors [n, dim] or None, valid [n], [(row, reason)]) of a chunk, checked.
@@ -181,6 +197,20 @@ def check_existing_store(output_dir, split, spec, count, paths):
         )
 
 
+def _merge_local(chunks, bounds, count, local_spec):
+    """Writes the split's local arrays from its chunks; returns the manifest entry (the spec
+    and the stored dimension, "local_dim": the projected one, or the map's when smaller)."""
+    first = chunks.read_local_chunk(0, *bounds[0]) if bounds else None
+    local_dim = int(first["descriptors"].shape[-1]) if first is not None else local_spec["dim"]
+    blocks = (
+        (start, chunks.read_local_chunk(j, start, stop)) for j, (start, stop) in enumerate(bounds)
+    )
+    store_lib.write_local_rows(
+        chunks.output_dir, chunks.split, count, int(local_spec["num"]), local_dim, blocks
+    )
+    return dict(local_spec) | {"local_dim": local_dim}
+
+
 def merge_split(output_dir, split, keep_chunks=True):
     """Merges a split's chunk files (from one or several shards) into its descriptor store.
 
@@ -216,6 +246,8 @@ def merge_split(output_dir, split, keep_chunks=True):
     metadata = {key: value for key, value in spec.items() if key != "dim"}
     metadata["precision"] = recorded_precision(spec)
     metadata.update(source=run.get("source"), paths=paths, labels=run.get("labels"))
+    if spec.get("local_features"):
+        metadata["local_features"] = _merge_local(chunks, bounds, count, spec["local_features"])
     manifest = store_lib.write_store_rows(
         output_dir, split, count, dim, blocks, valid, errors, **metadata
     )

@@ -183,6 +183,7 @@ class DescriptorExtractor(tf.Module):
             self._probe = family_of(embedder.backbone).local_probe(embedder.backbone)
             channels = int(self._probe(tf.zeros((1, 64, 64, 3)))[0].shape[-1])
             self._projection = local_lib.projection_matrix(channels, local.dim, local.seed)
+            self.local_dim = channels if self._projection is None else int(local.dim)
             self.extract_local = tf.function(
                 self._extract_local, input_signature=signature, reduce_retracing=True
             )

@@ -106,10 +106,17 @@ class _Progress:
 class _ChunkBuffer:
     """Collects one chunk's rows, running the model on groups of equal-size images."""
 
-    def __init__(self, extractor, start, stop, dim, batch_images):
+    def __init__(self, extractor, start, stop, dim, batch_images, local=None):
         self.extractor = extractor
         self.start = start
         self.descriptors = np.zeros((stop - start, dim), np.float32)
+        self.local = None  # {name: array} when the spec keeps local features
+        if local is not None:
+            num, local_dim = local.num, extractor.local_dim
+            self.local = {
+                name: np.zeros((stop - start, *trailing(num, local_dim)), dtype)
+                for name, (dtype, trailing) in store_lib.LOCAL_ARRAYS.items()
+            }
         self.valid = np.zeros(stop - start, bool)
         self.errors = {}
         self.batch_images = batch_images
@@ -146,7 +153,11 @@ class _ChunkBuffer:
         """Runs the model on images of one size; on failure retries them one at a time."""
         rows = [row for row, _ in group]
         try:
-            descriptors = self.extractor(tf.stack([image for _, image in group])).numpy()
+            images = tf.stack([image for _, image in group])
+            if self.local is None:
+                descriptors, local = self.extractor(images).numpy(), None
+            else:
+                descriptors, *local = (t.numpy() for t in self.extractor.extract_local(images))
         except (tf.errors.OpError, ValueError) as e:
             if len(group) > 1:
                 for item in group:
@@ -160,13 +171,23 @@ class _ChunkBuffer:
                 f"the extractor returned shape {descriptors.shape} for {len(group)} images; "
                 f"the spec says dim={self.descriptors.shape[1]}"
             )
-        for row, descriptor in zip(rows, descriptors, strict=True):
+        for i, (row, descriptor) in enumerate(zip(rows, descriptors, strict=True)):
             if np.all(np.isfinite(descriptor)):
                 self.descriptors[row - self.start] = descriptor
                 self.valid[row - self.start] = True
+                if local is not None:
+                    self._add_local(row - self.start, *(array[i] for array in local))
             else:
                 self.errors[row] = "model gave a non-finite descriptor"
                 self.non_finite += 1
+
+    def _add_local(self, i, points, rows, scores):
+        """One image's local features (fewer than `num` when its map has fewer cells)."""
+        n = len(scores)
+        self.local["points"][i, :n] = points
+        self.local["descriptors"][i, :n] = rows
+        self.local["scores"][i, :n] = scores
+        self.local["counts"][i] = n
 
     def error_list(self):
         return sorted(self.errors.items())
@@ -222,6 +243,11 @@ def extract_split(
         raise ValueError(f"paths has {len(paths)} entries for {len(files)} files")
     if batch_images < 1:
         raise ValueError(f"`batch_images` must be >= 1. Received: batch_images={batch_images}")
+    if spec.local is not None and getattr(extractor, "local", None) != spec.local:
+        raise ValueError(
+            f"the spec keeps local features ({spec.local}); the extractor must give them "
+            "(`DescriptorExtractor(local=spec.local)`)"
+        )
     count = len(files)
     bounds = chunk_bounds(count, spec.chunk_size)
     report = SplitReport(split, count, len(bounds), 0, 0, 0, 0, 0.0)
@@ -261,13 +287,13 @@ def extract_split(
         elements = iter(dataset)
         for j in todo:
             start, stop = bounds[j]
-            buffer = _ChunkBuffer(extractor, start, stop, spec.dim, batch_images)
+            buffer = _ChunkBuffer(extractor, start, stop, spec.dim, batch_images, spec.local)
             _fill_chunk(buffer, elements, start, stop, bar)
             _check_model_health(buffer, split, j)
             errors = buffer.error_list()
             for row, reason in errors:
                 absl_logging.warning("%s: row %d (%s) skipped: %s", split, row, paths[row], reason)
-            chunks.write_chunk(j, start, buffer.descriptors, buffer.valid, errors)
+            chunks.write_chunk(j, start, buffer.descriptors, buffer.valid, errors, buffer.local)
             report.chunks_computed += 1
             report.images += stop - start
             report.failed += len(errors)

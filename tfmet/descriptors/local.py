@@ -40,6 +40,10 @@ class LocalSpec:
             if not isinstance(value, int) or value <= 0:
                 raise ValueError(f"`{name}` must be a positive integer. Received: {value!r}")
 
+    def metadata(self):
+        """The manifest entry "local_features" of stores that keep local features."""
+        return {"num": self.num, "dim": self.dim, "seed": self.seed}
+
 
 def projection_matrix(channels, dim=DEFAULT_DIM, seed=DEFAULT_SEED):
     """A [channels, dim] matrix with orthonormal columns (QR of a seeded Gaussian), or None when

@@ -16,6 +16,7 @@ from tfmet import backbones
 from tfmet.backbones.batchnorm import fold_batchnorm
 from tfmet.backbones.precision import check_precision, precision_version, set_precision
 from tfmet.descriptors.embedder import MET_SCALES, DescriptorExtractor, Embedder
+from tfmet.descriptors.local import LocalSpec
 from tfmet.io.hashing import file_sha256
 from tfmet.io.saved_models import load_keras_file
 
@@ -50,6 +51,8 @@ class ExtractionSpec:
       max_side: cap on the image's long side before extraction, or None for native size.
       dim: descriptor dimension.
       chunk_size: rows per chunk file.
+      local: None, or the local features kept per image (`tfmet.descriptors.local.LocalSpec`:
+        how many, their dimension and projection seed); stores without the field have none.
       precision: what the backbone computed in ("float32", "bfloat16", "float16";
         `tfmet.backbones.precision`). Stores written before this field read as "float32".
         Where what a precision computes changed (`precision_version` > 1: bfloat16), the
@@ -64,6 +67,7 @@ class ExtractionSpec:
     dim: int
     chunk_size: int = DEFAULT_CHUNK_SIZE
     precision: str = "float32"
+    local: LocalSpec | None = None
 
     def __post_init__(self):
         if int(self.chunk_size) <= 0:
@@ -86,6 +90,8 @@ class ExtractionSpec:
             "chunk_size": self.chunk_size,
             "precision": self.precision,
         }
+        if self.local is not None:  # manifests without local features stay as they were
+            metadata["local_features"] = self.local.metadata()
         version = precision_version(self.precision)
         if version != 1:  # float32 and float16 manifests stay as they were
             metadata["precision_version"] = version
@@ -177,6 +183,7 @@ def build_extractor(
     chunk_size=DEFAULT_CHUNK_SIZE,
     fold_bn=False,
     precision="float32",
+    local=None,
 ):
     """A `DescriptorExtractor` and the `ExtractionSpec` describing it.
 
@@ -197,6 +204,8 @@ def build_extractor(
       precision: "float32" (default), "bfloat16" or "float16": the backbone's computation dtype
         (`tfmet.backbones.precision.set_precision`); GeM, L2 and the projector stay float32.
         Set on the embedder loaded or built here (a saved model's own policy is replaced).
+      local: None, or a `LocalSpec`: the extractor also gives each image's local features
+        (`DescriptorExtractor.extract_local`), recorded in the spec.
 
     Raises:
       FileNotFoundError: `weights` or `model` does not exist.
@@ -227,7 +236,9 @@ def build_extractor(
     if fold_bn:
         embedder = folded_embedder(embedder)
     set_precision(embedder.backbone, precision)
-    extractor = DescriptorExtractor(embedder, scales=scales, resize_method=resize_method)
+    extractor = DescriptorExtractor(
+        embedder, scales=scales, resize_method=resize_method, local=local
+    )
     spec = ExtractionSpec(
         backbone=name,
         weights=fingerprint,
@@ -237,6 +248,7 @@ def build_extractor(
         dim=embedder.output_dim,
         chunk_size=int(chunk_size),
         precision=precision,
+        local=local,
     )
     return extractor, spec
 

@@ -7,12 +7,23 @@ Layout of a store directory, per split (`train`, `val`, `test`):
                                      "split", "count", "dim", "valid": [bool] * count,
                                      "errors": [{"index", "path", "reason"}], ...metadata}
 
+With local features (`tfmet-extract --local_features N`, manifest entry "local_features":
+{"num", "dim", "seed"}), four more arrays, written before the manifest:
+
+    <dir>/<split>_local_descriptors.npy  float16 [count, num, dim]  L2-normalised rows
+    <dir>/<split>_local_points.npy       float16 [count, num, 2]    (x, y), fractions of the
+                                                                    image's long side
+    <dir>/<split>_local_scores.npy       float32 [count, num]       keypoint scores, descending
+    <dir>/<split>_local_counts.npy       int16 [count]              how many of `num` are real
+                                                                    (the rest are zeros)
+
 Metadata written by extraction (tfmet.descriptors.extraction): backbone, weights_sha256, scales,
 resize_method, max_side, source, paths, labels. Rows whose image could not be read are zeros with
 valid=False and an entry in "errors". Both files are written atomically (temporary file +
 rename), the manifest last, so a manifest always describes a complete array.
 """
 
+import contextlib
 import dataclasses
 import os
 
@@ -35,6 +46,95 @@ def array_path(directory, split):
 
 def manifest_path(directory, split):
     return os.path.join(os.fspath(directory), f"{split}_manifest.json")
+
+
+LOCAL_ARRAYS = {  # name -> (dtype, trailing shape given (num, dim))
+    "descriptors": (np.float16, lambda num, dim: (num, dim)),
+    "points": (np.float16, lambda num, dim: (num, 2)),
+    "scores": (np.float32, lambda num, dim: (num,)),
+    "counts": (np.int16, lambda num, dim: ()),
+}
+
+
+def local_path(directory, split, name):
+    return os.path.join(os.fspath(directory), f"{split}_local_{name}.npy")
+
+
+@dataclasses.dataclass
+class LocalStore:
+    """A split's local features (see the module doc); arrays memory-mapped by `read_local`."""
+
+    descriptors: np.ndarray
+    points: np.ndarray
+    scores: np.ndarray
+    counts: np.ndarray
+    spec: dict
+
+    def image(self, row):
+        """(points [n, 2] float32, descriptors [n, dim] float32, scores [n]) of one image."""
+        n = int(self.counts[row])
+        return (
+            np.asarray(self.points[row, :n], np.float32),
+            np.asarray(self.descriptors[row, :n], np.float32),
+            np.asarray(self.scores[row, :n], np.float32),
+        )
+
+
+def write_local_rows(directory, split, count, num, dim, blocks):
+    """Writes a split's local arrays from row blocks (start, {name: array}), memory-mapped
+    temporaries renamed into place; call before the manifest that names them."""
+    with contextlib.ExitStack() as stack:
+        arrays = {}
+        for name, (dtype, trailing) in LOCAL_ARRAYS.items():
+            tmp = stack.enter_context(atomic_path(local_path(directory, split, name)))
+            shape = (count, *trailing(num, dim))
+            arrays[name] = np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=shape)
+        covered = np.zeros(count, bool)
+        for start, block in blocks:
+            stop = start + len(block["counts"])
+            for name, array in arrays.items():
+                rows = np.asarray(block[name])
+                if rows.shape != array.shape[1:] and rows.shape[1:] != array.shape[1:]:
+                    raise ValueError(
+                        f"local {name} block at row {start} has shape {rows.shape}; expected "
+                        f"[n, {', '.join(map(str, array.shape[1:]))}]"
+                    )
+                array[start:stop] = rows
+            covered[start:stop] = True
+        if not covered.all():
+            raise ValueError(f"local rows {np.flatnonzero(~covered)[:5].tolist()}... not written")
+        for array in arrays.values():
+            array.flush()
+        arrays.clear()
+
+
+def read_local(directory, split, mmap=True):
+    """A split's `LocalStore`; errors name the file (no local features, wrong shapes)."""
+    manifest = read_manifest(directory, split)
+    spec = manifest.get("local_features")
+    mpath = manifest_path(directory, split)
+    if not spec:
+        raise ValueError(
+            f"{mpath}: the store has no local features (extract with --local_features N)"
+        )
+    count, num, dim = int(manifest["count"]), int(spec["num"]), int(spec["local_dim"])
+    arrays = {}
+    for name, (dtype, trailing) in LOCAL_ARRAYS.items():
+        path = local_path(directory, split, name)
+        try:
+            array = load_npy(path, ".npy array", mmap=mmap)
+        except FileNotFoundError:
+            raise FileNotFoundError(f"{path}: local features missing next to {mpath}") from None
+        expected = (count, *trailing(num, dim))
+        if array.shape != expected or array.dtype != dtype:
+            raise ValueError(
+                f"{path}: array is {array.dtype} {array.shape}, the manifest says "
+                f"{np.dtype(dtype).name} {expected}"
+            )
+        arrays[name] = array
+    if count and (arrays["counts"].min() < 0 or arrays["counts"].max() > num):
+        raise ValueError(f"{local_path(directory, split, 'counts')}: counts outside [0, {num}]")
+    return LocalStore(**arrays, spec=spec)
 
 
 @dataclasses.dataclass
