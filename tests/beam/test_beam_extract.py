@@ -349,6 +349,14 @@ def test_cli_rejects_bad_input(corpus, tmp_path):
             ],
             "Dataflow workers cannot read",
         ),
+        (
+            [
+                f"--info_dir={tree.info_dir}",
+                f"--image_root={tree.image_root}",
+                "--local_features=50",
+            ],
+            "--local_features: the Beam pipeline does not keep local features yet",
+        ),  # fmt: skip
     ]
     for flags, message in cases:
         done = subprocess.run([*base, *flags], capture_output=True, text=True, cwd=REPO)

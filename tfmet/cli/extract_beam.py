@@ -137,6 +137,11 @@ def extract(values, beam_args):
     require(values, "info_dir", "image_root", "output_dir")
     if values["num_shards"] != 1:
         raise UsageError("--num_shards is for tfmet-extract; Beam distributes the chunks itself")
+    if values["local_features"]:
+        raise UsageError(
+            "--local_features: the Beam pipeline does not keep local features yet; extract "
+            "them with tfmet-extract"
+        )
     beam_args, runner = beam_options(beam_args)
     met_splits = [met.load_split(values["info_dir"], s, values["mini"]) for s in values["splits"]]
     model_flags.check_precision(values)
