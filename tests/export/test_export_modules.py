@@ -14,7 +14,7 @@ from PIL import Image
 from tests.kit import run_command, tiny_backbone
 from tfmet.backbones import IMAGENET_TORCH
 from tfmet.descriptors import DescriptorExtractor, Embedder
-from tfmet.export import DescriptorModule, RecognizerModule, knn_confidence, save_module
+from tfmet.export import DescriptorModule, RecognizerModule, save_module
 
 
 def reference_knn(sims, labels, tau, num_classes):
@@ -33,33 +33,6 @@ def reference_knn(sims, labels, tau, num_classes):
         preds.append(distinct[np.argmax(probs)])
         confs.append(probs.max())
     return np.array(preds), np.array(confs)
-
-
-@pytest.mark.parametrize("tau", [0.01, 1.0, 30.0, 500.0])
-def test_knn_confidence_matches_reference_rule(tau):
-    rng = np.random.default_rng(0)
-    sims = rng.uniform(-0.4, 1.0, (64, 7)).astype(np.float32)
-    sims[0] = -0.2  # no positive similarity at all: every class scores 0
-    labels = rng.integers(100, 106, (64, 7))
-    pred, conf, top_ids, top_scores = knn_confidence(sims, labels, tau, num_classes=40)
-    ref_pred, ref_conf = reference_knn(sims, labels, tau, 40)
-    np.testing.assert_array_equal(pred.numpy(), ref_pred)
-    np.testing.assert_allclose(conf.numpy(), ref_conf, rtol=1e-6, atol=1e-9)
-    # Row 0: all scores tie at 0 -> the smallest neighbour label, probability 1/40.
-    assert pred.numpy()[0] == labels[0].min() and abs(conf.numpy()[0] - 1 / 40) < 1e-9
-    # Candidates are distinct, sorted by probability, padded with -1.
-    for ids, scores in zip(top_ids.numpy(), top_scores.numpy(), strict=True):
-        kept = ids[ids >= 0]
-        assert len(set(kept)) == len(kept) and np.all(np.diff(scores[: len(kept)]) <= 1e-12)
-
-
-def test_knn_confidence_hand_example():
-    # Neighbours: label 7 (0.9), label 3 (0.9), label 7 (0.5); 4 database classes, tau 2.
-    # Scores: 3 -> 0.9, 7 -> 0.9, two absent classes -> 0. Tie -> smaller label 3.
-    pred, conf, top_ids, _ = knn_confidence([[0.9, 0.9, 0.5]], [[7, 3, 7]], 2.0, 4)
-    expected = np.exp(1.8) / (2 * np.exp(1.8) + 2)
-    assert pred.numpy()[0] == 3 and top_ids.numpy()[0].tolist() == [3, 7, -1]
-    np.testing.assert_allclose(conf.numpy()[0], expected, rtol=1e-6)
 
 
 def _jpeg(seed, size):

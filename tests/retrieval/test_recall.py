@@ -11,7 +11,7 @@ from tests.kit import tiny_backbone
 from tfmet.backbones import IMAGENET_TORCH
 from tfmet.descriptors import Embedder
 from tfmet.export import RecognizerModule
-from tfmet.retrieval import KnnClassifier, ScannConfig, recall
+from tfmet.retrieval import KnnClassifier, ScannConfig, ScannSearcher, recall
 
 # A tree of 8 leaves searching 1 with shallow AH reordering: clearly imperfect on both sets.
 LOSSY = ScannConfig(
@@ -53,6 +53,11 @@ def _numpy_recall(approximate, database, queries, k):
     return sum(hits) / (len(hits) * k)
 
 
+def _calibrate(database, queries, k, config=None, **options):
+    """`recall.calibrate` as the "scann" searcher's calibrated build runs it."""
+    return ScannSearcher(config).build_calibrated(database, queries, k, **options)
+
+
 def _exact_search_timed_as_slow(monkeypatch):
     """Calibration keeps a ScaNN variant only when it searches faster than exact search. On
     3,000 rows exact search takes milliseconds and a loaded machine can make any variant slower,
@@ -79,7 +84,7 @@ def test_recall_at_k_hand_example():
 def test_measured_recall_matches_numpy_brute_force(kind):
     database, queries = _dataset(kind)
     k = 10
-    choice, index = recall.calibrate(database, queries, k, config=LOSSY)
+    choice, index = _calibrate(database, queries, k, config=LOSSY)
     _, found = index.search(queries, k)
     expected = _numpy_recall(found, database, queries, k)
     assert choice.backend == "scann" and choice.config == LOSSY
@@ -91,7 +96,7 @@ def test_measured_recall_matches_numpy_brute_force(kind):
 @pytest.mark.parametrize("kind", ["clustered", "isotropic"])
 def test_chosen_configuration_reaches_min_recall(kind):
     database, queries = _dataset(kind, seed=1)
-    choice, index = recall.calibrate(database, queries, 10, min_recall=0.95)
+    choice, index = _calibrate(database, queries, 10, min_recall=0.95)
     assert len(choice.tried) > 0
     _, found = index.search(queries, 10)
     measured = _numpy_recall(found, database, queries, 10)
@@ -116,7 +121,7 @@ def test_impossible_target_falls_back_to_exact():
 def test_bad_min_recall_is_one_line():
     database, queries = _dataset("clustered", n=100, q=5)
     with pytest.raises(ValueError, match="min_recall"):
-        recall.calibrate(database, queries, 3, min_recall=float("nan"))
+        _calibrate(database, queries, 3, min_recall=float("nan"))
 
 
 def test_chosen_configuration_round_trips_through_save_and_export(tmp_path):
@@ -154,16 +159,16 @@ def test_one_scann_index_alive_and_rebuilt_best_is_measured_again(monkeypatch):
     _exact_search_timed_as_slow(monkeypatch)
     alive, most = weakref.WeakSet(), []
 
-    class CountingIndex(recall.NeighborIndex):
-        def build(self, database):
-            if self.backend == "scann":
-                alive.add(self)
-                most.append(len(alive))
-            return super().build(database)
+    build = ScannSearcher.build
 
-    monkeypatch.setattr(recall, "NeighborIndex", CountingIndex)
+    def counted_build(self, database):
+        alive.add(self)
+        most.append(len(alive))
+        return build(self, database)
+
+    monkeypatch.setattr(ScannSearcher, "build", counted_build)
     lines = []
-    choice, index = recall.calibrate(database, queries, 10, min_recall=0.95, log=lines.append)
+    choice, index = _calibrate(database, queries, 10, min_recall=0.95, log=lines.append)
     assert max(most) == 1 and len(most) == 3  # two families, then the best rebuilt
     built = [b["config"] for b in choice.builds]
     assert built == ["AH reorder 300", "tree 1/100, AH reorder 10", "AH reorder 300"]
@@ -195,7 +200,7 @@ def test_a_rebuilt_best_slower_than_exact_search_falls_back_to_exact(monkeypatch
     monkeypatch.setattr(recall._Calibration, "build", counted_build)
     monkeypatch.setattr(recall, "_timed_search", search)
     lines = []
-    choice, index = recall.calibrate(database, queries, 10, min_recall=0.95, log=lines.append)
+    choice, index = _calibrate(database, queries, 10, min_recall=0.95, log=lines.append)
     assert builds == [GOOD, HOPELESS, GOOD]
     assert choice.backend == index.backend == "exact" and choice.config is None
     assert "using exact search" in choice.reason
@@ -205,7 +210,7 @@ def test_a_rebuilt_best_slower_than_exact_search_falls_back_to_exact(monkeypatch
 def test_ah_is_not_swept_over_leaves_where_brute_force_fell_short(monkeypatch):
     _exact_search_timed_as_slow(monkeypatch)
     database, queries = _dataset("isotropic", seed=5)
-    choice, _ = recall.calibrate(database, queries, 10, min_recall=0.999)
+    choice, _ = _calibrate(database, queries, 10, min_recall=0.999)
     brute_force = {
         t["config"].split(",")[0]: t["recall"]
         for t in choice.tried

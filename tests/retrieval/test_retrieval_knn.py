@@ -10,9 +10,9 @@ from tests.kit.references import brute_force as _brute_force
 from tests.kit.references import clustered as _clustered
 from tests.kit.references import rule_by_loop as _rule_by_loop
 from tests.kit.references import unit as _unit
-from tfmet.retrieval import KnnClassifier, NeighborIndex, ScannConfig, knn_confidence
-from tfmet.retrieval.index import build_tree_by_chunks, evenly_spaced_rows
+from tfmet.retrieval import ExactSearcher, KnnClassifier, ScannConfig, ScannSearcher, knn_confidence
 from tfmet.retrieval.recall import recall_at_k
+from tfmet.retrieval.scann_build import build_tree_by_chunks, evenly_spaced_rows
 
 
 def test_hand_made_rule():
@@ -86,7 +86,7 @@ def test_exact_backend_equals_numpy_brute_force():
     database, owner, centres = _clustered(0, 2000, 24, 40, 0.8)
     k = 10
     queries, expected_sims, expected_idx = _queries_with_truth(database, centres, 0.8, 1, k)
-    index = NeighborIndex("exact", shard_rows=300).build(database)  # 7 shards merged
+    index = ExactSearcher(shard_rows=300).build(database)  # 7 shards merged
     sims, idx = index.search(queries, k)
     np.testing.assert_array_equal(idx, expected_idx)
     np.testing.assert_allclose(sims, expected_sims, rtol=1e-5, atol=1e-6)
@@ -106,7 +106,7 @@ def test_scann_defaults_recall_at_10():
     database, _, centres = _clustered(2, 24_000, 32, 300, 0.5)
     rng = np.random.default_rng(3)
     queries = _unit(centres[rng.integers(0, 300, 200)] + 0.5 * rng.normal(size=(200, 32)))
-    index = NeighborIndex("scann").build(database)
+    index = ScannSearcher().build(database)
     assert index.config.use_ah and index.config.num_leaves == 0
     _, found = index.search(queries, 10)
     _, expected, _ = _brute_force(database, queries, 10)
@@ -127,14 +127,14 @@ def test_tree_search_recall_and_padding():
     rng = np.random.default_rng(5)
     queries = _unit(centres[rng.integers(0, 30, 50)] + 0.3 * rng.normal(size=(50, 16)))
     config = ScannConfig(30, 10, spherical=True, use_ah=True, reorder=100)
-    index = NeighborIndex("scann", config).build(database)
+    index = ScannSearcher(config).build(database)
     _, found = index.search(queries, 10)
     _, expected, _ = _brute_force(database, queries, 10)
     assert (
         np.mean([len(set(a) & set(b)) / 10 for a, b in zip(found, expected, strict=True)]) >= 0.95
     )
     # One leaf of ~100 points cannot supply 500 neighbours: the rest is padding.
-    narrow = NeighborIndex("scann", ScannConfig(30, 1, use_ah=True, reorder=600)).build(database)
+    narrow = ScannSearcher(ScannConfig(30, 1, use_ah=True, reorder=600)).build(database)
     sims, idx = narrow.search(queries, 500)
     assert np.any(idx == -1) and np.all(np.isneginf(sims[idx == -1]))
     assert np.all(idx[idx >= 0] < 3000)
@@ -150,10 +150,10 @@ def test_exact_search_of_a_memmap_equals_in_memory_search_bit_for_bit(tmp_path):
     queries = _unit(
         centres[np.arange(30) % 20] + 0.5 * np.random.default_rng(8).normal(size=(30, 16))
     )
-    mapped = NeighborIndex("exact", shard_rows=300).build(_memmap(tmp_path, database))
+    mapped = ExactSearcher(shard_rows=300).build(_memmap(tmp_path, database))
     # Kept as the memmap (read shard by shard with file reads), not materialised.
     assert isinstance(mapped._database, np.memmap)
-    in_memory = NeighborIndex("exact", shard_rows=300).build(database)
+    in_memory = ExactSearcher(shard_rows=300).build(database)
     pairs = zip(mapped.search(queries, 10), in_memory.search(queries, 10), strict=True)
     for got, expected in pairs:
         np.testing.assert_array_equal(got, expected)
@@ -183,9 +183,9 @@ def test_tree_built_by_chunks_finds_numpy_brute_force_neighbours(tmp_path, use_a
     assert recall_at_k(idx, expected_idx, k) == 1.0
     np.testing.assert_array_equal(np.sort(idx, axis=1), np.sort(expected_idx, axis=1))
     np.testing.assert_allclose(sims, expected_sims, rtol=1e-5, atol=1e-5)
-    # Through NeighborIndex (one chunk), fewer leaves: recall measured as numpy measures it.
+    # Through ScannSearcher (one chunk), fewer leaves: recall measured as numpy measures it.
     narrow = dataclasses.replace(config, num_leaves_to_search=3, reorder=100)
-    _, found = NeighborIndex("scann", narrow).build(database).search(queries, k)
+    _, found = ScannSearcher(narrow).build(database).search(queries, k)
     numpy_recall = np.mean(
         [len(set(a) & set(b)) / k for a, b in zip(found, expected_idx, strict=True)]
     )

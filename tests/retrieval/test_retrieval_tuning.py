@@ -8,7 +8,7 @@ from tests.kit.references import clustered as _clustered
 from tests.kit.references import rule_by_loop as _rule_by_loop
 from tests.kit.references import unit as _unit
 from tfmet import metrics
-from tfmet.retrieval import DEFAULT_KS, DEFAULT_TAUS, NeighborIndex, tune, tune_on_neighbors
+from tfmet.retrieval import DEFAULT_KS, DEFAULT_TAUS, ExactSearcher, tune, tune_on_neighbors
 
 
 class _TableClassifier:
@@ -59,9 +59,9 @@ def test_tune_matches_an_independent_grid_and_searches_once(monkeypatch):
     ks, taus = (1, 3, 10), (0.1, 5.0, 50.0, 500.0)
 
     searches = []
-    original = NeighborIndex.search
+    original = ExactSearcher.search
     monkeypatch.setattr(
-        NeighborIndex, "search", lambda self, q, k: searches.append(k) or original(self, q, k)
+        ExactSearcher, "search", lambda self, q, k: searches.append(k) or original(self, q, k)
     )
     result = tune(database, labels, val, val_labels, ks, taus)
     assert searches == [10]

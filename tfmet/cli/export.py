@@ -26,6 +26,7 @@ from tfmet.cli import (
     model_flags,  # the descriptor model, as tfmet-extract
 )
 from tfmet.cli.common import UsageError, check_outputs, no_arguments, run_program
+from tfmet.retrieval import SEARCHERS, searcher_class
 
 FLAGS = flags.FLAGS
 
@@ -46,7 +47,7 @@ flags.DEFINE_string("results_json", None, "tfmet-knn-eval results.json with the 
 flags.DEFINE_float(
     "threshold", None, "Operating threshold (default: from --results_json, else accept all)."
 )
-flags.DEFINE_enum("searcher", "exact", ["exact", "scann"], "Recogniser neighbour search.")
+flags.DEFINE_enum("searcher", "exact", list(SEARCHERS), "Recogniser neighbour search.")
 flags.DEFINE_integer("top_k", 5, "Candidates returned per image (recogniser and style).")
 # Style classifier.
 flags.DEFINE_string("style_model", None, "tfmet-train-style run directory or .keras file.")
@@ -97,7 +98,7 @@ def _export_recognizer():
         top_k=FLAGS.top_k,
         threshold=builders.threshold_settings(FLAGS.results_json, FLAGS.threshold, "--threshold"),
         scann_config=builders.scann_config(FLAGS.results_json)
-        if FLAGS.searcher == "scann"
+        if searcher_class(FLAGS.searcher).approximate
         else None,
         **_limits(),
     )

@@ -19,7 +19,7 @@ import os
 from absl import flags, logging
 
 from tfmet.cli.common import UsageError, check_outputs, guarded, run_program
-from tfmet.retrieval import BACKENDS
+from tfmet.retrieval import SEARCHERS
 from tfmet.retrieval.recall import DEFAULT_MIN_RECALL
 
 FLAGS = flags.FLAGS
@@ -32,7 +32,9 @@ flags.DEFINE_bool("autotune", False, "Choose k and tau by val GAP over the refer
 flags.DEFINE_bool("val_eval", False, "Evaluate the final classifier on val instead of test.")
 flags.DEFINE_bool("raw", False, "Use the raw descriptors (no PCA-whitening).")
 flags.DEFINE_string("log", None, "Suffix of the log and output files (log_knn_<log>.txt).")
-flags.DEFINE_enum("backend", "exact", BACKENDS, "Search: exact brute force or ScaNN approximate.")
+flags.DEFINE_enum(
+    "backend", "exact", list(SEARCHERS), "Search: exact brute force or ScaNN approximate."
+)
 flags.DEFINE_string("results_json", None, "Results JSON path (default in --output_dir).")
 flags.DEFINE_float(
     "min_recall",

@@ -10,7 +10,6 @@ from tfmet.export.builders import (
 )
 from tfmet.export.common import metadata_signature, save_module
 from tfmet.export.descriptor import DescriptorModule
-from tfmet.export.knn import knn_confidence
 from tfmet.export.recognizer import RecognizerModule
 
 __all__ = [
@@ -22,7 +21,6 @@ __all__ = [
     "threshold_settings",
     "DescriptorModule",
     "RecognizerModule",
-    "knn_confidence",
     "metadata_signature",
     "save_module",
 ]

@@ -175,24 +175,24 @@ def build_recognizer(
       pca, dim, raw: PCA-whitening (see `whitening`): a saved one, or fitted to `dim` on the
         database as tfmet-knn-eval does, or none.
       mini: the database is mini_MET_database.json.
-      searcher: "exact" or "scann".
+      searcher: a searcher name of `tfmet.retrieval.searchers.SEARCHERS` ("exact", "scann").
       top_k: candidates returned per image.
       threshold: (value, rule, source) of the operating threshold (see `threshold_settings`):
         `accepted` is `confidence >= value`.
-      scann_config: with `searcher="scann"`, the configuration to build (a dict, see
-        `scann_config`); None sizes one for the database.
+      scann_config: with an approximate searcher ("scann"), the configuration to build (a
+        dict, see `scann_config`); None sizes one for the database.
       limits: `max_pixels`, `max_bytes` of `DescriptorModule` (its defaults if not given).
     """
     from tfmet.export.recognizer import RecognizerModule
-    from tfmet.retrieval import apply_pca_whitening
+    from tfmet.retrieval import apply_pca_whitening, searcher_class
 
-    if searcher == "scann" and scann_config is None:
+    if searcher_class(searcher).approximate and scann_config is None:
         from absl import logging
 
         logging.warning(
-            "searcher 'scann' without a measured configuration (the results file of a "
-            "tfmet-knn-eval --backend scann run): the exported searcher's recall against exact "
-            "search is not measured and can be far below 0.99 (docs/recognition.md)"
+            f"searcher {searcher!r} without a measured configuration (the results file of a "
+            f"tfmet-knn-eval --backend {searcher} run): the exported searcher's recall against "
+            "exact search is not measured and can be far below 0.99 (docs/recognition.md)"
         )
     train, labels = read_database(descriptor_dir, info_dir, spec, mini=mini)
     mean, projection = whitening(pca=pca, train=train, dim=dim, raw=raw)

@@ -1,44 +1,23 @@
 """One-piece recogniser SavedModel: image bytes -> Met id, confidence and top-k candidates.
 
 decode -> (multi-scale) descriptor -> PCA-whitening -> kNN over the database -> the reference's
-confidence rule with the tuned k and tau (`tfmet.export.knn.knn_confidence`).
+confidence rule with the tuned k and tau (`tfmet.retrieval.knn.knn_confidence`).
 
-Searchers: "exact" (a matmul + top-k in the graph: plain TensorFlow ops, servable by stock TF
-Serving; right for databases up to a few hundred thousand rows) or "scann" (ScaNN's TensorFlow
-searcher, stored through its module serialisation; the serving process must load ScaNN's op
-library first, e.g. `import scann`).
+The neighbour search is the in-graph form of a registered searcher
+(`tfmet.retrieval.searchers`, `Searcher.in_graph`): "exact" (a matmul + top-k in the graph:
+plain TensorFlow ops, servable by stock TF Serving; right for databases up to a few hundred
+thousand rows) or "scann" (ScaNN's TensorFlow searcher, stored through its module
+serialisation; the serving process must load ScaNN's op library first, e.g. `import scann`).
 """
 
 import json
-import uuid
 
 import numpy as np
 import tensorflow as tf
 
 from tfmet.export.descriptor import DescriptorModule
-from tfmet.export.knn import knn_confidence
-
-SEARCHERS = ("exact", "scann")
-
-
-def _scann_config(config, size):
-    """`config` as a ScannConfig; None: `ScannConfig.for_size(size)` (recall not measured)."""
-    from tfmet.retrieval.index import ScannConfig
-
-    if config is None:
-        return ScannConfig.for_size(size)
-    return config if isinstance(config, ScannConfig) else ScannConfig(**dict(config))
-
-
-def _scann_tf_searcher(database, k, config):
-    """A ScaNN TF searcher built with `config` (leaves searched and reorder depth included)."""
-    from scann.scann_ops.py import scann_ops
-
-    from tfmet.retrieval.index import configure_builder
-
-    return configure_builder(
-        scann_ops.builder(database, k, "dot_product"), config, len(database)
-    ).build()
+from tfmet.retrieval.knn import knn_confidence
+from tfmet.retrieval.searchers import make_searcher
 
 
 class RecognizerModule(DescriptorModule):
@@ -50,11 +29,11 @@ class RecognizerModule(DescriptorModule):
       database: database descriptors [M, D] in the output space of the descriptor (whitened, L2).
       labels: Met ids [M] of the database rows.
       k, tau: the kNN classifier's parameters.
-      searcher: "exact" or "scann".
-      scann_config: the `ScannConfig` (or dict) of the "scann" searcher, e.g. the one
-        tfmet-knn-eval chose by measured recall (its results JSON's "search" entry); None sizes
-        one from the database without measuring its recall. Kept in the SavedModel as the
-        JSON string variable `scann_config_json` ("null" for "exact").
+      searcher: a searcher name of `tfmet.retrieval.searchers.SEARCHERS` ("exact", "scann").
+      scann_config: the searcher's config: for "scann" the `ScannConfig` (or dict), e.g. the
+        one tfmet-knn-eval chose by measured recall (its results JSON's "search" entry); None
+        sizes one from the database without measuring its recall. Kept in the SavedModel as
+        the JSON string variable `scann_config_json` ("null" for "exact").
       top_k: number of candidate ids returned per image.
       threshold: operating threshold; `accepted` = valid and confidence >= threshold (compared in
         float32, as the returned confidence). 0.0 accepts every valid image.
@@ -85,8 +64,7 @@ class RecognizerModule(DescriptorModule):
             raise ValueError(
                 f"`labels` must have {database.shape[0]} entries. Received: shape={labels.shape}"
             )
-        if searcher not in SEARCHERS:
-            raise ValueError(f"`searcher` must be one of {SEARCHERS}. Received: {searcher!r}")
+        search = make_searcher(searcher, scann_config)  # unknown names fail before any work
         if int(k) < 1 or int(top_k) < 1:
             raise ValueError(f"`k` and `top_k` must be >= 1. Received: k={k}, top_k={top_k}")
         self.k = min(int(k), database.shape[0])
@@ -97,16 +75,8 @@ class RecognizerModule(DescriptorModule):
         self.num_classes = int(np.unique(labels).size)
         self.database_size = int(database.shape[0])
         self.labels = tf.Variable(labels, trainable=False, name="database_labels")
-        self.scann_config = None
-        if searcher == "exact":
-            self.database = tf.Variable(database, trainable=False, name="database")
-        else:
-            self.scann_config = _scann_config(scann_config, database.shape[0])
-            searcher_ops = _scann_tf_searcher(database, self.k, self.scann_config)
-            self.scann_state = searcher_ops.serialize_to_module()
-            # The searcher is rebuilt from its serialised state once per process: the op looks the
-            # shared name up in the resource manager before creating it.
-            self.scann_shared_name = f"tfmet-scann-{uuid.uuid4().hex}"
+        self.neighbor_search = search.in_graph(database, self.k)
+        self.scann_config = self.neighbor_search.config
         config_json = json.dumps(None if self.scann_config is None else self.scann_config.to_dict())
         self.scann_config_json = tf.Variable(config_json, trainable=False, name="scann_config")
         descriptor_spec = tf.TensorSpec([None, self.dim], tf.float32, name="descriptor")
@@ -119,32 +89,13 @@ class RecognizerModule(DescriptorModule):
 
     def neighbors(self, descriptors):
         """(similarities [B, k], database row indices [B, k]) by descending similarity."""
-        if self.searcher == "exact":
-            scores = tf.matmul(descriptors, self.database, transpose_b=True)
-            return tf.math.top_k(scores, k=self.k, sorted=True)
-        from scann.scann_ops.py import scann_ops
-
-        s = self.scann_state
-        handle = scann_ops.tensors_to_scann(
-            s.dataset,
-            s.scann_config,
-            s.serialized_partitioner,
-            s.datapoint_to_token,
-            s.ah_codebook,
-            s.hashed_dataset,
-            s.int8_dataset,
-            s.int8_multipliers,
-            s.dp_norms,
-            shared_name=self.scann_shared_name,
-        )
-        indices, sims = scann_ops.scann_search_batched(handle, descriptors, self.k, -1, -1, False)
-        return sims, indices
+        return self.neighbor_search(descriptors)
 
     def _recognize_descriptors(self, descriptor):
         sims, indices = self.neighbors(descriptor)
         neighbor_labels = tf.gather(self.labels, indices)
         pred, conf, top_ids, top_scores = knn_confidence(
-            sims, neighbor_labels, self.tau, self.num_classes, self.top_k
+            sims, neighbor_labels, self.num_classes, self.tau, top_k=self.top_k
         )
         pad = tf.maximum(self.top_k - tf.shape(top_ids)[1], 0)
         return {

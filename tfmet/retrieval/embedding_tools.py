@@ -1,7 +1,8 @@
 """Tools on a classifier's pooled features: nearest paintings and outlier scores (ArtExtract).
 
-Features are L2-normalised and compared by cosine similarity; ScaNN's exact (brute-force)
-search finds the neighbours. Distances are cosine distances, 1 - cos, in [0, 2].
+Features are L2-normalised and compared by cosine similarity; the exact searcher
+(`tfmet.retrieval.searchers.ExactSearcher`, ScaNN brute force) finds the neighbours. Distances
+are cosine distances, 1 - cos, in [0, 2].
 
 - `NearestPaintings`: index a collection's features once, then ask for the nearest paintings of
   new images.
@@ -16,6 +17,7 @@ import numpy as np
 
 from tfmet.io.atomic import atomic_path
 from tfmet.retrieval.pca import l2_normalize_rows
+from tfmet.retrieval.searchers import ExactSearcher
 
 
 def normalize_rows(features):
@@ -23,17 +25,10 @@ def normalize_rows(features):
     return l2_normalize_rows(np.array(features, np.float32))
 
 
-def _searcher(database, k):
-    import scann
-
-    return scann.scann_ops_pybind.builder(database, k, "dot_product").score_brute_force().build()
-
-
 def nearest(database, queries, k):
     """Exact top-`k` inner-product search -> (similarities [q, k'], indices int [q, k']),
-    k' = min(k, n), in the order of every tfmet search (`NeighborIndex.search`, `knn_search`).
-
-    Rows are sorted by decreasing similarity; `database` and `queries` are used as given.
+    k' = min(k, n), with `ExactSearcher`: rows by decreasing similarity, ties to the smaller
+    index, as every tfmet search; `database` and `queries` are used as given.
     """
     database = np.ascontiguousarray(database, np.float32)
     queries = np.ascontiguousarray(queries, np.float32)
@@ -45,8 +40,7 @@ def nearest(database, queries, k):
     k = min(int(k), len(database))
     if k < 1 or not len(queries):
         return np.zeros((len(queries), 0), np.float32), np.zeros((len(queries), 0), np.int64)
-    neighbours, scores = _searcher(database, k).search_batched(queries, final_num_neighbors=k)
-    return np.asarray(scores, np.float32), np.asarray(neighbours, np.int64)
+    return ExactSearcher().build(database).search(queries, k)
 
 
 class NearestPaintings:

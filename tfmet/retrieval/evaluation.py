@@ -22,6 +22,7 @@ from tfmet.metrics import operating_point, recognition
 from tfmet.retrieval import tuning
 from tfmet.retrieval.knn import DEFAULT_MIN_RECALL, KnnClassifier, check_finite
 from tfmet.retrieval.pca import PCAWhitening
+from tfmet.retrieval.searchers import searcher_class
 
 SPLITS = ("train", "val", "test")
 PICKLE_NAME = "descriptors.pkl"
@@ -137,7 +138,7 @@ class KnnEvalResult:
     predictions: dict
     counts: dict
     threshold: dict | None = None
-    search: dict | None = None  # `recall.SearchChoice.to_json()` for backend "scann"
+    search: dict | None = None  # `recall.SearchChoice.to_json()` of an approximate backend
 
     def to_json(self):
         return {
@@ -215,8 +216,8 @@ def knn_eval(
       k, tau: the classifier's parameters; with `autotune` they restrict the grid to that k / tau.
       autotune: choose (k, tau) by val GAP over the grid (`ks` x `taus`, K outer, tau inner).
       val_eval: report the final classifier on val only (no test search).
-      backend, scann_config, min_recall: see `KnnClassifier`; "scann" measures its recall
-        against exact search on the val queries at the largest k used.
+      backend, scann_config, min_recall: see `KnnClassifier`; an approximate backend ("scann")
+        measures its recall against exact search on the val queries at the largest k used.
       log: callable taking a line of text.
       target_precision: choose the operating threshold as the lowest val threshold reaching this
         precision instead of the one of maximal val F1 (`tfmet.metrics.operating_point`).
@@ -234,9 +235,11 @@ def knn_eval(
     splits = {"val": val} if val_eval or "test" not in data else {"val": val, "test": data["test"]}
     with contextlib.ExitStack() as stack:
         spill_dir = None
-        if backend == "scann" and not raw:
+        approximate = searcher_class(backend).approximate
+        if approximate and not raw:
             # The whitened database goes to a temporary file that ScaNN's build and the exact
-            # searches read chunk by chunk: scann mode never holds it beside ScaNN's own copy.
+            # searches of the calibration read chunk by chunk: it is never held beside ScaNN's
+            # own copy.
             spill_dir = stack.enter_context(tempfile.TemporaryDirectory(prefix="tfmet_knn_"))
         if not raw:
             database, splits, dim = _whiten(database, splits, dim, timer, log, spill_dir)
@@ -254,7 +257,7 @@ def knn_eval(
             classifier.fit(
                 database,
                 database_labels,
-                recall_queries=splits["val"].valid_descriptors() if backend == "scann" else None,
+                recall_queries=splits["val"].valid_descriptors() if approximate else None,
                 recall_k=max(ks) if autotune else k,
                 log=log,
             )
@@ -380,7 +383,7 @@ def _grid_ks(ks, counts, log):
 
 
 def _search_choice(classifier, log):
-    """The measured-recall search choice of a "scann" classifier, logged (None for "exact")."""
+    """The measured-recall search choice of an approximate classifier, logged (None for exact)."""
     if classifier.search_choice is None:
         return None
     search = classifier.search_choice.to_json()

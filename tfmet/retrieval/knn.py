@@ -16,6 +16,7 @@ conf = 1 / (sum_present exp(tau (s - s_max)) + (N - P) exp(-tau s_max)).
 
 import logging
 import os
+import sys
 
 import numpy as np
 
@@ -23,16 +24,21 @@ from tfmet.io.arrays import load_npy
 from tfmet.io.atomic import save_json, save_npy
 from tfmet.io.json_files import read_manifest
 from tfmet.retrieval import recall
-from tfmet.retrieval.index import NeighborIndex
 from tfmet.retrieval.pca import row_chunks
+from tfmet.retrieval.searchers import load_searcher, make_searcher
 
 FORMAT = "tfmet-knn-classifier"
 CHECK_ROWS = 65536
 DEFAULT_MIN_RECALL = recall.DEFAULT_MIN_RECALL
 
 
-def knn_confidence(similarities, neighbor_labels, num_classes, tau, valid=None):
-    """Applies the confidence rule to each row of neighbours.
+def knn_confidence(similarities, neighbor_labels, num_classes, tau, valid=None, top_k=None):
+    """Applies the confidence rule (the module docstring) to each row of neighbours.
+
+    The one definition of the rule: numpy arrays are scored here in float64; tensors (inside
+    a tf.function, e.g. the recogniser SavedModel) by the same rule in TensorFlow ops,
+    `tfmet.retrieval.graph_search.knn_confidence_ops` (conf float32), held equal to this by
+    tests/retrieval/test_searchers.py.
 
     Args:
       similarities: float [q, K] neighbour similarities (any order).
@@ -40,10 +46,18 @@ def knn_confidence(similarities, neighbor_labels, num_classes, tau, valid=None):
       num_classes: N, the number of distinct database labels.
       tau: the softmax's inverse temperature (>= 0).
       valid: optional bool [q, K]; False marks padding (not a neighbour).
+      top_k: also return the distinct neighbour labels by descending probability (ties to the
+        smaller label), at most `top_k` of them, padded with label -1 / probability 0.
 
     Returns:
-      (pred int64 [q], conf float64 [q]); a row without any neighbour gets pred -1, conf 0.
+      (pred int64 [q], conf [q]); with `top_k`, (pred, conf, top_labels [q, t], top_probs
+      [q, t]), t = min(K, top_k). A row without any neighbour gets pred -1, conf 0.
     """
+    if _is_tensor(similarities) or _is_tensor(neighbor_labels):
+        from tfmet.retrieval.graph_search import knn_confidence_ops
+
+        out = knn_confidence_ops(similarities, neighbor_labels, num_classes, tau, valid, top_k)
+        return out if top_k is not None else out[:2]
     similarities = np.asarray(similarities, np.float64)
     labels = np.asarray(neighbor_labels, np.int64)
     if similarities.ndim != 2 or similarities.shape != labels.shape:
@@ -54,8 +68,11 @@ def knn_confidence(similarities, neighbor_labels, num_classes, tau, valid=None):
     valid = np.ones(labels.shape, bool) if valid is None else np.asarray(valid, bool)
     if not np.isfinite(tau) or tau < 0:
         raise ValueError(f"`tau` must be a finite number >= 0. Received: tau={tau}")
+    width = labels.shape[1] if top_k is None else min(labels.shape[1], int(top_k))
     if labels.shape[0] == 0:
-        return np.zeros(0, np.int64), np.zeros(0, np.float64)
+        empty = (np.zeros(0, np.int64), np.zeros(0, np.float64))
+        tops = (np.zeros((0, width), np.int64), np.zeros((0, width), np.float64))
+        return empty if top_k is None else empty + tops
     # Group the neighbours by label (ascending), best similarity first within a label.
     order = np.lexsort((-similarities, np.where(valid, labels, np.iinfo(np.int64).max)), axis=1)
     labels = np.take_along_axis(labels, order, 1)
@@ -79,7 +96,22 @@ def knn_confidence(similarities, neighbor_labels, num_classes, tau, valid=None):
     shifted = np.where(first, np.exp(tau * below_best), 0.0)
     denominator = shifted.sum(axis=1) + (num_classes - present) * np.exp(-tau * best)
     conf = np.where(found, 1.0 / denominator, 0.0)
-    return np.where(found, pred, -1), conf
+    pred = np.where(found, pred, -1)
+    if top_k is None:
+        return pred, conf
+    # Labels are ascending along each row: a stable sort by descending score ties to the smaller.
+    ranking = np.argsort(-score, axis=1, kind="stable")[:, :width]
+    kept = np.take_along_axis(first, ranking, 1)
+    top_labels = np.where(kept, np.take_along_axis(labels, ranking, 1), -1)
+    probabilities = np.where(first, shifted / denominator[:, None], 0.0)
+    top_probs = np.where(kept, np.take_along_axis(probabilities, ranking, 1), 0.0)
+    return pred, conf, top_labels, top_probs
+
+
+def _is_tensor(x):
+    # TensorFlow is only looked at when something loaded it: numpy callers never import it.
+    tf = sys.modules.get("tensorflow")
+    return tf is not None and tf.is_tensor(x)
 
 
 def check_finite(name, x):
@@ -96,14 +128,17 @@ class KnnClassifier:
     Args:
       k: neighbours per query.
       tau: softmax inverse temperature.
-      backend: "exact" (ScaNN brute force) or "scann" (tree + AH + reorder).
-      scann_config: a `ScannConfig` (or dict) for "scann"; None sizes it from the database.
+      backend: a searcher name of `tfmet.retrieval.searchers.SEARCHERS`: "exact" (ScaNN brute
+        force) or "scann" (tree + AH + reorder).
+      scann_config: the searcher's config: a `ScannConfig` (or dict) for "scann" (None sizes it
+        from the database); None for "exact".
       num_threads: ScaNN search threads (0: ScaNN's default).
-      min_recall: for "scann", the recall@k against exact search that `fit` must reach on its
-        `recall_queries` (see `tfmet.retrieval.recall`).
+      min_recall: for an approximate searcher, the recall@k against exact search that `fit`
+        must reach on its `recall_queries` (see `tfmet.retrieval.recall`).
 
     After `fit`, `search_choice` is the `recall.SearchChoice` (None for "exact", or for "scann"
-    fitted without `recall_queries`, which logs a warning that recall was not measured).
+    fitted without `recall_queries`, which logs a warning that recall was not measured), and
+    `index` the `Searcher` in use (an exact one where calibration fell back to exact search).
     """
 
     def __init__(
@@ -124,16 +159,17 @@ class KnnClassifier:
         self.num_threads = int(num_threads)
         self.min_recall = float(min_recall)
         self.search_choice = None
-        self.index = NeighborIndex(backend, scann_config, num_threads=num_threads)
+        self.index = make_searcher(backend, scann_config, num_threads=num_threads)
         self.labels = None
         self.num_classes = 0
 
     def fit(self, descriptors, labels, recall_queries=None, recall_k=None, log=None):
         """Indexes database `descriptors` [n, d] (float32, L2-normalised) with int `labels` [n].
 
-        For "scann", `recall_queries` [q, d] (e.g. the val queries) measure recall@`recall_k`
-        (default `k`) against exact search: with no explicit `scann_config` the cheapest
-        configuration reaching `min_recall` is chosen, or exact search when none is faster;
+        For an approximate searcher ("scann"), `recall_queries` [q, d] (e.g. the val queries)
+        measure recall@`recall_k` (default `k`) against exact search: with no explicit
+        `scann_config` the cheapest configuration reaching `min_recall` is chosen, or exact
+        search when none is faster;
         `log` (a callable taking a line) gets the calibration's lines.
         """
         descriptors = np.asarray(descriptors) if not hasattr(descriptors, "shape") else descriptors
@@ -153,23 +189,19 @@ class KnnClassifier:
         return self
 
     def _build_index(self, descriptors, recall_queries, recall_k, log):
-        if self.backend != "scann":
-            self.index.build(descriptors)
-            return
         if recall_queries is None:
-            logging.warning(
-                "scann: recall against exact search not measured (no recall_queries given to "
-                "fit); approximate answers may be worse than exact ones"
-            )
+            if self.index.approximate:
+                logging.warning(
+                    f"{self.index.backend}: recall against exact search not measured (no "
+                    "recall_queries given to fit); approximate answers may be worse than exact ones"
+                )
             self.index.build(descriptors)
             return
-        self.search_choice, self.index = recall.calibrate(
+        self.search_choice, self.index = self.index.build_calibrated(
             descriptors,
             recall_queries,
             self.k if recall_k is None else recall_k,
-            config=self.scann_config,
             min_recall=self.min_recall,
-            num_threads=self.num_threads,
             log=log,
         )
         self.scann_config = self.index.config
@@ -224,7 +256,7 @@ class KnnClassifier:
         path = os.path.join(directory, "classifier.json")
         meta = read_manifest(path, FORMAT, "tfmet KnnClassifier file")
         classifier = cls(meta["k"], meta["tau"], meta["backend"], num_threads=num_threads)
-        classifier.index = NeighborIndex.load(os.path.join(directory, "index"), num_threads)
+        classifier.index = load_searcher(os.path.join(directory, "index"), num_threads)
         classifier.scann_config = classifier.index.config
         labels = load_npy(os.path.join(directory, "labels.npy"), "label array")
         if labels.shape != (classifier.index.size,):

@@ -24,7 +24,7 @@ import time
 
 import numpy as np
 
-from tfmet.retrieval.index import NeighborIndex, ScannConfig, return_freed_memory
+from tfmet.retrieval.scann_build import ScannConfig, return_freed_memory
 
 # 0.99 at k = 50 lost 0.0059 test GAP on the clustered Met-size bench (top-1 agreement 0.994).
 DEFAULT_MIN_RECALL = 0.999
@@ -159,15 +159,15 @@ class _Measured:
 class _Calibration:
     """One calibration's inputs and its record: every configuration tried, every index built."""
 
-    def __init__(self, database, queries, exact, k, min_recall, num_threads, log):
+    def __init__(self, database, queries, exact, k, min_recall, approximate, log):
         self.database, self.queries, self.exact, self.k = database, queries, exact, k
-        self.min_recall, self.num_threads, self.log = min_recall, num_threads, log
+        self.min_recall, self.approximate, self.log = min_recall, approximate, log
         self.tried, self.builds = [], []
         self.brute_force = {}  # leaves searched -> recall with brute-force scoring
 
     def build(self, config):
         start = time.perf_counter()
-        index = NeighborIndex("scann", config, num_threads=self.num_threads).build(self.database)
+        index = self.approximate(config).build(self.database)
         self.builds.append({"config": _summary(config), "build_s": time.perf_counter() - start})
         return index
 
@@ -292,24 +292,31 @@ def calibrate(
     database,
     queries,
     k,
+    exact,
+    approximate,
     config=None,
     min_recall=DEFAULT_MIN_RECALL,
-    num_threads=0,
     max_queries=MAX_QUERIES,
     log=None,
 ):
     """Chooses (or checks) a ScaNN configuration for `database` by its recall on `queries`.
 
+    The builder concern of the "scann" searcher (`ScannSearcher.build_calibrated` calls it with
+    its own classes), which is why the searchers are given, not imported.
+
     Args:
       database: [n, d] float32 (may be a memmap).
       queries: [q, d] sample queries (e.g. val); at most `max_queries` evenly spaced are used.
       k: the largest k searches will use; recall is measured at it.
+      exact: an unbuilt exact `Searcher` (the ground truth, and the fallback).
+      approximate: `approximate(ScannConfig)` -> an unbuilt approximate `Searcher` whose
+        `config` may be replaced between searches (search-time settings).
       config: an explicit `ScannConfig` (or dict) to check instead of choosing one.
       min_recall: the recall@k to reach (above 1: unreachable, i.e. exact search).
       log: callable taking a line (default: the logging module).
 
     Returns:
-      (SearchChoice, NeighborIndex built over `database` with the choice).
+      (SearchChoice, the `Searcher` built over `database` with the choice).
     """
     log = log or logging.info
     if not (np.isfinite(min_recall) and float(min_recall) >= 0.0):
@@ -318,10 +325,10 @@ def calibrate(
     if queries.shape[0] > max_queries:
         queries = queries[np.linspace(0, queries.shape[0] - 1, max_queries).astype(np.int64)]
     k = min(int(k), database.shape[0])
-    exact_index = NeighborIndex("exact", num_threads=num_threads).build(database)
-    exact, exact_s = _timed_search(exact_index, queries, k)
+    exact_index = exact.build(database)
+    truth, exact_s = _timed_search(exact_index, queries, k)
     common = dict(k=k, min_recall=float(min_recall), queries=int(queries.shape[0]))
-    calibration = _Calibration(database, queries, exact, k, min_recall, num_threads, log)
+    calibration = _Calibration(database, queries, truth, k, min_recall, approximate, log)
     if config is not None:
         config = config if isinstance(config, ScannConfig) else ScannConfig(**dict(config))
         index = calibration.build(config)
@@ -330,7 +337,8 @@ def calibrate(
         reason = f"explicit configuration ({_summary(config)})" + (
             f": recall@{k} {measured[0]:.4f} is BELOW min_recall {min_recall}" if below else ""
         )
-        return calibration.choice("scann", config, measured, exact_s, reason, common, below), index
+        choice = calibration.choice(index.backend, config, measured, exact_s, reason, common, below)
+        return choice, index
     index, best = calibration.search_families(exact_s)
     if best is None:
         reason = (
@@ -338,11 +346,12 @@ def calibrate(
             f"({exact_s:.3f} s for {queries.shape[0]} queries): using exact search"
         )
         measured = (1.0, 1.0, exact_s)
-        return calibration.choice("exact", None, measured, exact_s, reason, common), exact_index
+        choice = calibration.choice(exact_index.backend, None, measured, exact_s, reason, common)
+        return choice, exact_index
     index.config = best.config
     reason = (
         f"chose {_summary(best.config)}: recall@{k} {best.recall:.4f} >= {min_recall}, "
         f"{exact_s / max(best.seconds, 1e-9):.1f}x faster than exact on {queries.shape[0]} queries"
     )
     measured = (best.recall, best.top1, best.seconds)
-    return calibration.choice("scann", best.config, measured, exact_s, reason, common), index
+    return calibration.choice(index.backend, best.config, measured, exact_s, reason, common), index

@@ -8,6 +8,7 @@ import ml_collections
 from tfmet import backbones
 from tfmet.backbones.precision import PRECISIONS, set_precision
 from tfmet.descriptors.embedder import Embedder
+from tfmet.retrieval import SEARCHERS
 from tfmet.training import distribute
 from tfmet.training.contrastive import mining
 from tfmet.training.contrastive.augment import AugmentConfig
@@ -117,11 +118,13 @@ def check_config(config):
             raise ValueError(f"config `{key}` must be non-negative. Received: {config[key]}")
     if config["pca"] and not config["emb_proj"]:
         raise ValueError("config `pca` initialises the projector: it needs `emb_proj` too")
-    for key in ("backend",):
-        if config["mining"][key] not in ("scann", "exact"):
-            raise ValueError(f"config `mining.{key}` must be 'scann' or 'exact'")
-    if config["knn_backend"] not in ("scann", "exact"):
-        raise ValueError("config `knn_backend` must be 'scann' or 'exact'")
+    known = ", ".join(repr(name) for name in SEARCHERS)
+    for key, value in (
+        ("mining.backend", config["mining"]["backend"]),
+        ("knn_backend", config["knn_backend"]),
+    ):
+        if value not in SEARCHERS:
+            raise ValueError(f"config `{key}` must be one of {known}. Received: {value!r}")
     if config.get("precision", "float32") not in PRECISIONS:
         raise ValueError(
             f"config `precision` must be one of {', '.join(PRECISIONS)}. "

@@ -32,6 +32,8 @@ import dataclasses
 
 import numpy as np
 
+from tfmet.retrieval.searchers import make_searcher
+
 PAIR_TYPES = ("sim_siam_pos", "sim_siam_pos+new_neg", "pos+new_neg", "new_pos+new_neg")
 
 # Pair kinds, for statistics.
@@ -210,15 +212,13 @@ def exact_search(database, queries, k, chunk_rows=1024):
 
 
 def knn_search(database, queries, k, backend="scann"):
-    """Top-k inner-product neighbours with tfmet's index (`tfmet.retrieval.NeighborIndex`).
-
-    "scann" is ScaNN's tree + asymmetric hashing + exact reordering for large databases (brute
-    force below its size threshold), "exact" ScaNN brute force.
+    """Top-k inner-product neighbours with the searcher registered as `backend`
+    (`tfmet.retrieval.searchers`): "scann" is ScaNN's tree + asymmetric hashing + exact
+    reordering for large databases (brute force below its size threshold), "exact" ScaNN
+    brute force.
     """
-    from tfmet.retrieval import NeighborIndex  # noqa: PLC0415 (loads ScaNN, only when mining)
-
-    index = NeighborIndex(backend).build(np.asarray(database, np.float32))
-    return index.search(np.asarray(queries, np.float32), min(int(k), index.size))
+    searcher = make_searcher(backend).build(np.asarray(database, np.float32))
+    return searcher.search(np.asarray(queries, np.float32), min(int(k), searcher.size))
 
 
 def hard_negatives(
