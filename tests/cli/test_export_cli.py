@@ -99,6 +99,16 @@ def test_descriptor_export_cli_and_saved_model_cli(tmp_path):
         (["--kind=style", "--out=x"], "--style_model"),
         (["--kind=descriptor", "--out=x", "--backbone=nope"], "Unknown backbone 'nope'"),
         (["--kind=style", "--out=x", "--max_bytes=0"], "--max_bytes must be a positive integer"),
+        (
+            [
+                "--kind=recognizer",
+                "--out=x",
+                "--descriptor_dir=d",
+                "--info_dir=i",
+                "--searcher=faiss",
+            ],
+            "--searcher: unknown search backend 'faiss': the known backends are 'exact', 'scann'",
+        ),
     ],
 )
 def test_bad_input_one_line_exit_2(tmp_path, args, message):

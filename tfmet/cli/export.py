@@ -26,7 +26,6 @@ from tfmet.cli import (
     model_flags,  # the descriptor model, as tfmet-extract
 )
 from tfmet.cli.common import UsageError, check_outputs, no_arguments, run_program
-from tfmet.retrieval import SEARCHERS, searcher_class
 
 FLAGS = flags.FLAGS
 
@@ -47,7 +46,13 @@ flags.DEFINE_string("results_json", None, "tfmet-knn-eval results.json with the 
 flags.DEFINE_float(
     "threshold", None, "Operating threshold (default: from --results_json, else accept all)."
 )
-flags.DEFINE_enum("searcher", "exact", list(SEARCHERS), "Recogniser neighbour search.")
+# A string checked against the registry when the recogniser is built: naming the choices here
+# would import tfmet.retrieval, hence TensorFlow, before the program has checked its input.
+flags.DEFINE_string(
+    "searcher",
+    "exact",
+    "Recogniser neighbour search: a tfmet.retrieval.SEARCHERS name (exact, scann).",
+)
 flags.DEFINE_integer("top_k", 5, "Candidates returned per image (recogniser and style).")
 # Style classifier.
 flags.DEFINE_string("style_model", None, "tfmet-train-style run directory or .keras file.")
@@ -71,9 +76,14 @@ def _export_descriptor():
 
 def _export_recognizer():
     from tfmet.export import builders
+    from tfmet.retrieval import searcher_class
 
     if not FLAGS.descriptor_dir or not FLAGS.info_dir:
         raise UsageError("the recogniser needs --descriptor_dir and --info_dir")
+    try:
+        approximate = searcher_class(FLAGS.searcher).approximate
+    except ValueError as e:
+        raise UsageError(f"--searcher: {e}") from None
     try:
         k, tau, dim = builders.classifier_settings(
             FLAGS.results_json, FLAGS.k, FLAGS.tau, FLAGS.dim if FLAGS["dim"].present else None
@@ -97,9 +107,7 @@ def _export_recognizer():
         searcher=FLAGS.searcher,
         top_k=FLAGS.top_k,
         threshold=builders.threshold_settings(FLAGS.results_json, FLAGS.threshold, "--threshold"),
-        scann_config=builders.scann_config(FLAGS.results_json)
-        if searcher_class(FLAGS.searcher).approximate
-        else None,
+        scann_config=builders.scann_config(FLAGS.results_json) if approximate else None,
         **_limits(),
     )
 
