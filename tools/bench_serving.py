@@ -6,7 +6,7 @@ A `RecognizerModule` over a synthetic database (--database x 512, spread evenly 
 the hard case for a k-means tree) and a small two-convolution backbone with 512 output channels
 (the timings of the descriptor part are of that backbone, not of a ResNet: the search part is what
 is compared). For each searcher ("exact": one matrix product over the whole database; "scann":
-the configuration `tfmet.retrieval.recall.calibrate` chooses on held-out queries for
+the configuration the "scann" searcher's calibrated build chooses on held-out queries for
 recall@k >= --min_recall), one query at a time and in batches of 8 and 64:
 - the search part: the module's `neighbors` on descriptors, as a tf.function;
 - the whole call: `recognize_bytes` on JPEG bytes (decode + multi-scale descriptor + search).
@@ -92,7 +92,7 @@ def main():
 
     from tfmet.descriptors import Embedder
     from tfmet.export import RecognizerModule
-    from tfmet.retrieval import recall
+    from tfmet.retrieval import ScannSearcher
 
     rng = np.random.default_rng(0)
     database = _unit(rng.standard_normal((args.database, args.dim), dtype=np.float32))
@@ -105,7 +105,9 @@ def main():
     queries, held_out = views(512), views(500)
     images = _jpegs(128, 1)
     embedder = Embedder(_backbone(args.dim))
-    choice, _ = recall.calibrate(database, held_out, args.k, min_recall=args.min_recall)
+    choice, _ = ScannSearcher().build_calibrated(
+        database, held_out, args.k, min_recall=args.min_recall
+    )
     print(f"[serving] calibration: {choice.reason}", flush=True)
     results, found = {}, {}
     for searcher in ("exact", "scann"):
