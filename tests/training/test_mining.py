@@ -209,3 +209,19 @@ def test_knn_search_agrees_with_numpy(backend):
     expected_sims, expected_idx = exact_search(descriptors, descriptors[:50], 25)
     np.testing.assert_allclose(sims, expected_sims, rtol=1e-5, atol=1e-5)
     assert np.mean(idx == expected_idx) > 0.99
+
+
+def test_unknown_search_backends_are_refused_by_name():
+    from tfmet.training.contrastive.config import check_config, default_config
+
+    with pytest.raises(ValueError, match="unknown search backend 'faiss'.*'exact', 'scann'"):
+        mining.knn_search(np.eye(3, dtype=np.float32), np.eye(3, dtype=np.float32), 2, "faiss")
+    config = default_config().to_dict()
+    for key, changed in (
+        ("mining.backend", config | {"mining": config["mining"] | {"backend": "faiss"}}),
+        ("knn_backend", config | {"knn_backend": "faiss"}),
+    ):
+        message = f"config `{key}` must be one of 'exact', 'scann'. Received: 'faiss'"
+        with pytest.raises(ValueError, match=message):
+            check_config(changed)
+    assert check_config(config)["mining"]["backend"] == "scann"
