@@ -107,7 +107,7 @@ def test_descriptor_export_cli_and_saved_model_cli(tmp_path):
                 "--info_dir=i",
                 "--searcher=faiss",
             ],
-            "--searcher: unknown search backend 'faiss': the known backends are 'exact', 'scann'",
+            "--searcher=faiss: value should be one of <exact|scann>",
         ),
     ],
 )

@@ -26,6 +26,7 @@ from tfmet.cli import (
     model_flags,  # the descriptor model, as tfmet-extract
 )
 from tfmet.cli.common import UsageError, check_outputs, no_arguments, run_program
+from tfmet.retrieval import SEARCHERS
 
 FLAGS = flags.FLAGS
 
@@ -46,12 +47,11 @@ flags.DEFINE_string("results_json", None, "tfmet-knn-eval results.json with the 
 flags.DEFINE_float(
     "threshold", None, "Operating threshold (default: from --results_json, else accept all)."
 )
-# A string checked against the registry when the recogniser is built: naming the choices here
-# would import tfmet.retrieval, hence TensorFlow, before the program has checked its input.
-flags.DEFINE_string(
+flags.DEFINE_enum(
     "searcher",
     "exact",
-    "Recogniser neighbour search: a tfmet.retrieval.SEARCHERS name (exact, scann).",
+    list(SEARCHERS),
+    "Recogniser neighbour search (tfmet.retrieval.SEARCHERS).",
 )
 flags.DEFINE_integer("top_k", 5, "Candidates returned per image (recogniser and style).")
 # Style classifier.
@@ -76,14 +76,10 @@ def _export_descriptor():
 
 def _export_recognizer():
     from tfmet.export import builders
-    from tfmet.retrieval import searcher_class
 
     if not FLAGS.descriptor_dir or not FLAGS.info_dir:
         raise UsageError("the recogniser needs --descriptor_dir and --info_dir")
-    try:
-        approximate = searcher_class(FLAGS.searcher).approximate
-    except ValueError as e:
-        raise UsageError(f"--searcher: {e}") from None
+    approximate = SEARCHERS[FLAGS.searcher].approximate
     try:
         k, tau, dim = builders.classifier_settings(
             FLAGS.results_json, FLAGS.k, FLAGS.tau, FLAGS.dim if FLAGS["dim"].present else None
