@@ -3,6 +3,7 @@
     tfmet-knn-eval DESCRIPTOR_DIR --info_dir INFO_DIR --autotune [--mini] [-d 512] [--raw]
         [--val_eval] [--backend exact|scann] [--log NAME] [--results_json PATH]
     tfmet-knn-eval DESCRIPTOR_DIR --info_dir INFO_DIR -k 15 -t 50
+    tfmet-knn-eval DESCRIPTOR_DIR --info_dir INFO_DIR --autotune --rerank=spatial [--rerank_top 20]
 
 DESCRIPTOR_DIR holds tfmet descriptor stores or the reference's descriptors.pkl. The flags mirror
 the reference's knn_eval.py; unlike its current version, --autotune without -k sweeps the whole
@@ -10,7 +11,8 @@ the reference's knn_eval.py; unlike its current version, --autotune without -k s
 knn_results[_NAME].json, knn_predictions[_NAME].npz and TensorBoard summaries under
 tensorboard/knn_eval[_NAME]. The operating threshold ("not in the collection" below it) is chosen
 on val (max F1, or --target_precision P) and its precision-recall curve is written beside the
-results file as knn_threshold[_NAME].png; see docs/recognize.md.
+results file as knn_threshold[_NAME].png; see docs/recognize.md. --rerank=spatial reports the
+decision re-ranked by spatial verification beside the global one (docs/recognition.md).
 """
 
 import datetime
@@ -46,6 +48,14 @@ flags.DEFINE_float(
     None,
     "Operating threshold: the lowest whose val precision reaches this (default: max val F1).",
 )
+flags.DEFINE_enum(
+    "rerank",
+    "none",
+    ["none", "spatial"],
+    "spatial: also report the decision re-ranked by spatial verification (local features "
+    "extracted with tfmet-extract --local_features).",
+)
+flags.DEFINE_integer("rerank_top", 20, "--rerank: global neighbours verified per query (M).")
 flags.DEFINE_string("output_dir", None, "Where outputs go (default: DESCRIPTOR_DIR).")
 
 
@@ -87,6 +97,8 @@ def _main(argv):
         lines.append(line)
 
     data = evaluation.load_met_descriptors(directory, FLAGS.info_dir, FLAGS.mini, evaluation.SPLITS)
+    rerank = None if FLAGS.rerank == "none" else FLAGS.rerank
+    local = evaluation.load_local_features(directory) if rerank else None
     result = evaluation.knn_eval(
         data,
         dim=FLAGS.dim,
@@ -99,18 +111,27 @@ def _main(argv):
         log=log,
         target_precision=FLAGS.target_precision,
         min_recall=FLAGS.min_recall,
+        rerank=rerank,
+        rerank_top=FLAGS.rerank_top,
+        local=local,
     )
     log(f"best parameters are : k={result.k} t={result.tau}")
     log("timings (s): " + ", ".join(f"{n} {t:.2f}" for n, t in result.timings_s.items()))
     report.write_outputs(
         paths, result, lines, name=f"knn_eval{'_' + FLAGS.log if FLAGS.log else ''}"
     )
+    name = "val" if FLAGS.val_eval else "test"
     final = result.val if FLAGS.val_eval else result.test
     print(
-        f"{'val' if FLAGS.val_eval else 'test'}: GAP {final['gap']:.4f}, "
-        f"GAP- {final['gap_minus']:.4f}, ACC {final['acc']:.4f} (k={result.k}, t={result.tau}); "
-        f"results in {paths['results']}"
+        f"{name}: GAP {final['gap']:.4f}, GAP- {final['gap_minus']:.4f}, ACC {final['acc']:.4f} "
+        f"(k={result.k}, t={result.tau}); results in {paths['results']}"
     )
+    if result.rerank is not None:
+        verified = result.rerank[name]
+        print(
+            f"{name} re-ranked (spatial, top {FLAGS.rerank_top}): GAP {verified['gap']:.4f}, "
+            f"GAP- {verified['gap_minus']:.4f}, ACC {verified['acc']:.4f}"
+        )
 
 
 # The program's main: bad input leaves as one line and exit status 2 (tfmet.cli.common).

@@ -19,7 +19,8 @@ from tfmet.data import met
 from tfmet.descriptors import store
 from tfmet.io.safe_pickle import load_reference_descriptors
 from tfmet.metrics import operating_point, recognition
-from tfmet.retrieval import tuning
+from tfmet.retrieval import rerank as rerank_lib
+from tfmet.retrieval import spatial, tuning
 from tfmet.retrieval.knn import DEFAULT_MIN_RECALL, KnnClassifier, check_finite
 from tfmet.retrieval.pca import PCAWhitening
 from tfmet.retrieval.searchers import searcher_class
@@ -139,6 +140,7 @@ class KnnEvalResult:
     counts: dict
     threshold: dict | None = None
     search: dict | None = None  # `recall.SearchChoice.to_json()` of an approximate backend
+    rerank: dict | None = None  # `rerank.RerankResult.to_json()` + its operating threshold
 
     def to_json(self):
         return {
@@ -159,6 +161,7 @@ class KnnEvalResult:
             "counts": self.counts,
             **({} if self.threshold is None else {"threshold": self.threshold}),
             "search": self.search,
+            **({} if self.rerank is None else {"rerank": self.rerank}),
         }
 
 
@@ -206,6 +209,9 @@ def knn_eval(
     min_recall=DEFAULT_MIN_RECALL,
     log=None,
     target_precision=None,
+    rerank=None,
+    rerank_top=rerank_lib.DEFAULT_TOP,
+    local=None,
 ):
     """Runs the Met kNN evaluation on loaded `data` ({split: SplitData}).
 
@@ -221,6 +227,9 @@ def knn_eval(
       log: callable taking a line of text.
       target_precision: choose the operating threshold as the lowest val threshold reaching this
         precision instead of the one of maximal val F1 (`tfmet.metrics.operating_point`).
+      rerank: None, or "spatial": also report the decision re-ranked by spatial verification of
+        the `rerank_top` global neighbours (`tfmet.retrieval.rerank`), with `local`
+        ({split: LocalStore}, `load_local_features`) holding every split's local features.
 
     Returns:
       a `KnnEvalResult`.
@@ -229,6 +238,7 @@ def knn_eval(
     timer = _Timer()
     train, val = data["train"], data["val"]
     _check_inputs(train, val, dim, raw, k, tau, autotune)
+    _check_rerank(rerank, rerank_top, local, data)
     database = train.valid_descriptors()
     database_labels = train.labels[train.valid]
     counts = _counts(data, database, database_labels, log)
@@ -281,6 +291,13 @@ def knn_eval(
                 f"ACC {values['acc']:.6f}"
             )
         threshold = _operating_threshold(predictions, target_precision, log)
+        reranked = None
+        if rerank is not None:
+            with timer("rerank"):
+                reranked = _rerank(
+                    classifier, splits, predictions, train, local, rerank_top, target_precision,
+                    log,
+                )  # fmt: skip
         return KnnEvalResult(
             k=classifier.k,
             tau=classifier.tau,
@@ -294,7 +311,41 @@ def knn_eval(
             counts=counts,
             threshold=threshold,
             search=search,
+            rerank=reranked,
         )
+
+
+def load_local_features(directory, splits=SPLITS):
+    """{split: LocalStore} of a store directory extracted with `--local_features`."""
+    return {split: store.read_local(directory, split) for split in splits}
+
+
+def _check_rerank(rerank, top, local, data):
+    if rerank is None:
+        return
+    if rerank != "spatial":
+        raise ValueError(f"--rerank must be 'spatial'. Received: {rerank!r}")
+    if int(top) < 1:
+        raise ValueError(f"--rerank_top must be a positive integer. Received: {top}")
+    missing = [split for split in data if split not in (local or {})]
+    if missing:
+        raise ValueError(f"--rerank=spatial needs the local features of {', '.join(missing)}")
+    for split, split_data in data.items():
+        if len(local[split].counts) != len(split_data.labels):
+            raise ValueError(
+                f"{split_data.source}: {len(split_data.labels)} rows but the local features "
+                f"hold {len(local[split].counts)}"
+            )
+
+
+def _rerank(classifier, splits, predictions, train, local, top, target_precision, log):
+    """The "rerank" block of the results: the re-ranked metrics and their own threshold."""
+    database = (train.labels[train.valid], local["train"], np.flatnonzero(train.valid))
+    result = rerank_lib.spatial_rerank(
+        classifier, splits, local, predictions, database, top, log, spatial.DEFAULT_THRESHOLD
+    )
+    threshold = _operating_threshold(result.predictions, target_precision, log)
+    return result.to_json() | {"threshold": threshold}
 
 
 def _operating_threshold(predictions, target_precision, log):
