@@ -136,6 +136,52 @@ def test_contrastive_config_override_of_an_unknown_key(tree, tmp_path):
     assert "--config.epoks: the config has no key 'epoks'" in line
 
 
+# Every program that takes --config, and config files that cannot serve as one (issue #27): each
+# is one line naming the file, exit status 2, in every program.
+CONFIG_PROGRAMS = ("extract", "train_contrastive", "train_style")
+
+BROKEN_CONFIGS = {
+    "syntax.py": ("def get_config(:\n", "syntax error in {file} line 1: invalid syntax"),
+    "raising.py": ('raise RuntimeError("boom")\n', "loading the config failed: RuntimeError: boom"),
+    "get_raises.py": (
+        'def get_config():\n    raise KeyError("k")\n',
+        "loading the config failed: KeyError: 'k'",
+    ),
+    "int.py": ("def get_config():\n    return 1\n", "get_config() returned int, not a ConfigDict"),
+    "dict.py": (
+        'def get_config():\n    return {"a": 1}\n',
+        "get_config() returned dict, not a ConfigDict",
+    ),
+    "none.py": ("def get_config():\n    return None\n", "get_config() returned None, not a config"),
+    "no_get.py": ("x = 1\n", "the config file defines no get_config()"),
+    "null_bytes.py": ("x = 1\0\n", "syntax error: source code string cannot contain null bytes"),
+    "missing.py": (None, "cannot load the config file ([Errno 2] No such file or directory"),
+}
+
+
+def test_every_program_taking_config_is_covered():
+    cli = os.path.join(REPO, "tfmet", "cli")
+    defining = sorted(
+        name[:-3]
+        for name in os.listdir(cli)
+        if name.endswith(".py")
+        and "DEFINE_config_file(" in open(os.path.join(cli, name), encoding="utf-8").read()
+    )
+    assert defining == list(CONFIG_PROGRAMS)
+
+
+@pytest.mark.parametrize("name", sorted(BROKEN_CONFIGS))
+@pytest.mark.parametrize("program", CONFIG_PROGRAMS)
+def test_broken_config_files_in_every_program(tmp_path, program, name):
+    text, message = BROKEN_CONFIGS[name]
+    config = tmp_path / name
+    if text is not None:
+        config.write_text(text)
+    line = one_line(run(program, f"--config={config}"))
+    assert line.startswith(f"tfmet-{program.replace('_', '-')}: error: --config={config}: ")
+    assert message.format(file=config) in line
+
+
 # --- Output paths that cannot be written ----------------------------------------------------------
 
 

@@ -245,7 +245,17 @@ def _parse(program, argv, known_only):
             fail(program, f"{where}: cannot load the config file ({_last_line(error)})")
         if flag.present and flag.value is None:
             fail(program, f"{where}: get_config() returned None, not a config")
+        if flag.present and not _is_config(flag.value):
+            returned = type(flag.value).__name__
+            fail(program, f"{where}: get_config() returned {returned}, not a ConfigDict")
     return args
+
+
+def _is_config(value):
+    """Whether `value` is what the programs read a config as (an ml_collections ConfigDict)."""
+    from ml_collections import ConfigDict
+
+    return isinstance(value, ConfigDict)
 
 
 def _config_file(name, argv):
@@ -267,6 +277,8 @@ def _flag_error(error, argv):
         return first if len(lines) == 1 else f"{first} {lines[-1]}"
     names = config_flag_names()
     where = f"--{names[0]}={_config_file(names[0], argv)}" if names else "flags"
+    if isinstance(error, SyntaxError) and error.lineno is None:  # e.g. null bytes: no line
+        return f"{where}: syntax error: {error.msg}"
     if isinstance(error, SyntaxError):
         return f"{where}: syntax error in {error.filename} line {error.lineno}: {error.msg}"
     if isinstance(error, AttributeError) and "get_config" in str(error):
