@@ -138,8 +138,10 @@ def test_max_pixels_is_a_parameter_and_none_lifts_it():
     assert images.error_reason(raised.value) == (
         "image declares 21x13 = 273 px, over the limit of 272 px"
     )
+    with pytest.raises(images.ImageRefused, match="over the budget of 256.0 MiB"):
+        images.decode_image(_bomb_headers()["gif"], max_pixels=None)  # the bytes still count
     with pytest.raises(tf.errors.InvalidArgumentError) as raised:  # the decoder's own error
-        images.decode_image(_bomb_headers()["gif"], max_pixels=None)
+        images.decode_image(_bomb_headers()["gif"], max_pixels=None, max_decoded_bytes=None)
     assert not isinstance(raised.value, images.ImageRefused)
     with pytest.raises(ValueError, match="max_pixels"):
         images.decode_image(data, max_pixels=0)

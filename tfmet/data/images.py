@@ -22,6 +22,12 @@ Memory is bounded by what an input declares, before anything is decoded (docs/ex
   screen, BMP info header, WebP VP8/VP8L/VP8X: `declared_size`) and refuses an image of more than
   `max_pixels` (default `DEFAULT_MAX_PIXELS`, Pillow's 89,478,485) before decoding it: a 400 KB
   PNG declaring 20000x20000 costs nothing instead of 10 GB.
+- `decode_image` also reads the channels and sample size the header declares (JPEG SOF
+  components, PNG IHDR colour type and bit depth, BMP bit count: `declared_layout`) and refuses
+  an image of more than `max_decoded_bytes` decoded bytes (default `DEFAULT_MAX_DECODED_BYTES`,
+  256 MiB): width x height x channels x bytes per sample x frames, so a 497 KB PNG of 7999 x 7999
+  RGBA 16-bit (under the pixel limit, 488 MiB decoded) is refused unread. 8-bit PNGs decode to
+  8-bit RGB.
 
 Refusals raise `ImageRefused` (an `InvalidArgumentError`, so every caller that survives a bad
 image survives these) with a one-line reason such as "image declares 20000x20000 = 400.0 Mpx, over
@@ -35,7 +41,15 @@ import stat
 
 import tensorflow as tf
 
-from tfmet.data.limits import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS, SMALL_PIXELS, megapixels
+from tfmet.data.limits import (
+    DEFAULT_MAX_BYTES,
+    DEFAULT_MAX_DECODED_BYTES,
+    DEFAULT_MAX_PIXELS,
+    SMALL_PIXELS,
+    mebibytes,
+    megapixels,
+    over_budget,
+)
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -62,8 +76,17 @@ def _decode_jpeg(image_bytes):
 
 
 def _decode_png(image_bytes):
-    image = tf.io.decode_png(image_bytes, channels=3, dtype=tf.uint16)
-    return tf.cast(image, tf.float32) / 257.0
+    """8-bit PNGs decode to 8-bit RGB (half the memory of decoding them at 16 bits, the same
+    values); 16-bit ones at 16 bits, divided by 257."""
+    sixteen = tf.strings.substr(image_bytes, 24, 1) == b"\x10"  # IHDR bit depth
+
+    def deep():
+        return tf.cast(tf.io.decode_png(image_bytes, channels=3, dtype=tf.uint16), tf.float32) / 257
+
+    def shallow():
+        return tf.cast(tf.io.decode_png(image_bytes, channels=3, dtype=tf.uint8), tf.float32)
+
+    return tf.cond(sixteen, deep, shallow)
 
 
 def _decode_other(image_bytes):
@@ -230,6 +253,91 @@ def declared_size(image_bytes):
     return height, width
 
 
+# PNG colour types: 0 grey, 2 RGB, 3 palette, 4 grey + alpha, 6 RGBA
+_PNG_CHANNELS = {0: 1, 2: 3, 3: 1, 4: 2, 6: 4}
+
+
+@tf.function(input_signature=[tf.TensorSpec([], tf.string)], autograph=False)
+def declared_layout(image_bytes):
+    """(channels, bytes per sample) int64 scalars an image's header declares, without decoding.
+
+    JPEG: the SOF's components (1 grey, 3 YCbCr, 4 CMYK/YCCK), 1 byte. PNG: IHDR's colour type
+    and bit depth (2 bytes at 16 bits). BMP: 4 channels at 32 bits per pixel, else 3. WebP: 4
+    (the decoder works in RGBA). GIF and anything else: 3 channels of 1 byte (GIF frames are
+    counted by `declared_pixels`).
+    """
+    text, head = _header(image_bytes)
+    three, one = tf.constant(3, tf.int64), tf.constant(1, tf.int64)
+    is_png = tf.strings.substr(text, 0, len(PNG_SIGNATURE)) == PNG_SIGNATURE
+    colour, depth = head[25], head[24]
+    png_channels = three
+    for kind, count in _PNG_CHANNELS.items():
+        png_channels = tf.where(tf.equal(colour, kind), tf.constant(count, tf.int64), png_channels)
+    png_sample = tf.where(depth > 8, tf.constant(2, tf.int64), one)
+    is_bmp = tf.strings.substr(text, 0, 2) == b"BM"
+    bmp_channels = tf.where(_little(head, 28, 2) == 32, tf.constant(4, tf.int64), three)
+    is_webp = (tf.strings.substr(text, 0, 4) == b"RIFF") & (
+        tf.strings.substr(text, 8, 4) == b"WEBP"
+    )
+
+    def jpeg():
+        return tf.cast(tf.image.extract_jpeg_shape(image_bytes)[2], tf.int64), one
+
+    def other():
+        channels = tf.where(is_png, png_channels, tf.where(is_bmp, bmp_channels, three))
+        channels = tf.where(is_webp, tf.constant(4, tf.int64), channels)
+        return channels, tf.where(is_png, png_sample, one)
+
+    return tf.cond(tf.io.is_jpeg(image_bytes), jpeg, other)
+
+
+def check_decoded_bytes(image_bytes, max_decoded_bytes=DEFAULT_MAX_DECODED_BYTES):
+    """Refuses `image_bytes` whose header declares more than `max_decoded_bytes` decoded bytes:
+    width x height x channels x bytes per sample x frames (`tfmet.data.limits.decoded_bytes`;
+    a GIF's frames by their total area, `declared_pixels`).
+
+    Eagerly raises `ImageRefused`; in a graph returns the op that fails with the same reason
+    ("assertion failed: [<reason>]"), which decoding must depend on.
+    """
+    if max_decoded_bytes is None:
+        return tf.no_op()
+    budget = int(max_decoded_bytes)
+    if budget < 1:
+        raise ValueError(f"`max_decoded_bytes` must be positive or None. Received: {budget}")
+    height, width, frames, pixels = declared_pixels(image_bytes)
+    channels, sample = declared_layout(image_bytes)
+    channels = tf.maximum(channels, 3)
+    if tf.executing_eagerly():
+        reason = over_budget(width, height, channels, sample, frames, budget, pixels)
+        if reason:
+            raise ImageRefused(reason)
+        return tf.no_op()
+    size = pixels * channels * sample
+    animated = frames > 1
+    reason = tf.strings.join(
+        [
+            "image declares ",
+            tf.where(animated, tf.strings.as_string(frames) + " frames of up to ", ""),
+            tf.strings.as_string(width),
+            "x",
+            tf.strings.as_string(height),
+            tf.where(animated, " (" + tf.strings.as_string(pixels) + " px in all)", ""),
+            " x ",
+            tf.strings.as_string(channels),
+            " channels x ",
+            tf.strings.as_string(sample),
+            " bytes = ",
+            tf.where(
+                size < 2**20,
+                tf.strings.as_string(size) + " bytes",  # no thousands separators in a graph
+                tf.strings.as_string(tf.cast(size, tf.float64) / 2**20, precision=1) + " MiB",
+            ),
+            f" decoded, over the budget of {mebibytes(budget)}",
+        ]
+    )
+    return tf.debugging.Assert(size <= budget, [reason], name="check_decoded_bytes")
+
+
 def too_many_pixels(height, width, max_pixels, frames=1, pixels=None):
     """The refusal reason for an image declaring `frames` of up to `height` x `width` (`pixels`
     in all, default their product), or "" if it fits `max_pixels`."""
@@ -284,18 +392,23 @@ def check_pixels(image_bytes, max_pixels=DEFAULT_MAX_PIXELS):
     return tf.debugging.Assert(pixels <= int(max_pixels), [reason], name="check_pixels")
 
 
-def decode_image(image_bytes, max_pixels=DEFAULT_MAX_PIXELS):
+def decode_image(
+    image_bytes, max_pixels=DEFAULT_MAX_PIXELS, max_decoded_bytes=DEFAULT_MAX_DECODED_BYTES
+):
     """Encoded JPEG/PNG/GIF/BMP/WebP bytes -> float32 RGB [H, W, 3] in [0, 255].
 
-    An image whose header declares more than `max_pixels` pixels (None: no limit) is refused
-    before it is decoded (`check_pixels`).
+    An image whose header declares more than `max_pixels` pixels, or more than
+    `max_decoded_bytes` decoded bytes (`check_decoded_bytes`: 16 bits, alpha, CMYK and frames
+    multiply the pixels), is refused before it is decoded (None: no limit).
 
     Raises (eagerly; inside tf.data the error stops the element) `tf.errors.InvalidArgumentError`
     for data that is not a decodable image, `ImageRefused` (one of those) for too many pixels.
     `load_images` turns those into `ok=False` rows.
     """
     image_bytes = tf.convert_to_tensor(image_bytes, tf.string)
-    with tf.control_dependencies([check_pixels(image_bytes, max_pixels)]):
+    checks = [check_pixels(image_bytes, max_pixels)]
+    checks.append(check_decoded_bytes(image_bytes, max_decoded_bytes))
+    with tf.control_dependencies(checks):
         image_bytes = tf.identity(image_bytes)
     is_png = tf.strings.substr(image_bytes, 0, len(PNG_SIGNATURE)) == PNG_SIGNATURE
     image = tf.cond(
@@ -393,14 +506,20 @@ def read_image_bytes(path, max_bytes=DEFAULT_MAX_BYTES):
     return data
 
 
-def read_image(path, max_pixels=DEFAULT_MAX_PIXELS, max_bytes=DEFAULT_MAX_BYTES):
+def read_image(
+    path,
+    max_pixels=DEFAULT_MAX_PIXELS,
+    max_bytes=DEFAULT_MAX_BYTES,
+    max_decoded_bytes=DEFAULT_MAX_DECODED_BYTES,
+):
     """Reads and decodes one image file eagerly -> (float32 [H, W, 3] or None, reason or "").
 
-    `max_bytes` and `max_pixels` bound what the file may declare (`read_image_bytes`,
-    `decode_image`); a refused file gives None and the reason, like an unreadable one.
+    `max_bytes`, `max_pixels` and `max_decoded_bytes` bound what the file may declare
+    (`read_image_bytes`, `decode_image`); a refused file gives None and the reason, like an
+    unreadable one.
     """
     try:
-        image = decode_image(read_image_bytes(path, max_bytes), max_pixels)
+        image = decode_image(read_image_bytes(path, max_bytes), max_pixels, max_decoded_bytes)
     except (OSError, tf.errors.OpError) as e:
         return None, error_reason(e)
     if image.shape[0] == 0 or image.shape[1] == 0:

@@ -10,7 +10,7 @@ from PIL import Image
 
 from tfmet.data import met
 from tfmet.data.images import ImageRefused, read_image_bytes
-from tfmet.data.limits import DEFAULT_MAX_PIXELS, megapixels
+from tfmet.data.limits import DEFAULT_MAX_PIXELS, check_pil_budget, megapixels
 
 # The columns of The Met's Open Access table (MetObjects.csv) that name an object.
 MET_OBJECTS_ID, MET_OBJECTS_TITLE = "Object ID", "Title"
@@ -114,7 +114,8 @@ class Gallery:
         None also when the file cannot serve as one, with a warning naming it: read as
         tfmet-extract reads images (a regular file of at most 64 MiB: a FIFO in the image tree
         would block a server thread forever), and refused when its header declares more than
-        `DEFAULT_MAX_PIXELS` pixels (checked before decoding) or it does not decode.
+        `DEFAULT_MAX_PIXELS` pixels or more than `DEFAULT_MAX_DECODED_BYTES` decoded bytes
+        (checked before decoding) or it does not decode.
         """
         path = self.image_path(met_id)
         if path is None:
@@ -139,6 +140,10 @@ def _jpeg_thumbnail(data, side):
                 f"image declares {image.width}x{image.height} = {megapixels(pixels)}, over the "
                 f"limit of {megapixels(DEFAULT_MAX_PIXELS)}"
             )
+        over = check_pil_budget(image)
+        if over:
+            raise ValueError(over)
+        image.draft("RGB", (side, side))  # a JPEG decodes at 1/2 .. 1/8 scale when that suffices
         image = image.convert("RGB")
         image.thumbnail((side, side))
         buffer = io.BytesIO()
