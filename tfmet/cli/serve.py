@@ -8,6 +8,8 @@ Open http://127.0.0.1:8080/ and drop a photo; programs POST to /v1/recognize (mu
 `[web]` extra: pip install -e ".[web]". See docs/recognize.md.
 """
 
+import os
+
 from absl import flags
 
 from tfmet.cli.common import UsageError, run_program
@@ -25,22 +27,51 @@ flags.DEFINE_string(
 flags.DEFINE_string("host", "127.0.0.1", "Address to bind (0.0.0.0 exposes it to the network).")
 flags.DEFINE_integer("port", 8080, "Port to listen on.")
 flags.DEFINE_integer("max_upload_mb", 20, "Uploads above this many MiB are refused (413).")
+flags.DEFINE_integer(
+    "max_decoded_mb", 256, "Images declaring more decoded MiB (w x h x channels x bytes) get 422."
+)
+flags.DEFINE_integer("concurrency", 2, "Requests decoding and inferring at once.")
+flags.DEFINE_integer("queue", 16, "Requests waiting beyond those; more get 503 + Retry-After.")
+flags.DEFINE_float("queue_timeout", 60.0, "Seconds a request waits for a slot before 503.")
+flags.DEFINE_float("body_timeout", 30.0, "Seconds an upload may take to arrive before 408.")
+flags.DEFINE_float("header_timeout", 10.0, "Seconds a connection may take to send its headers.")
+
+
+# oneDNN's CPU allocator pools what TensorFlow frees and never returns it: one large upload left
+# the server at 5x its warm RSS for good (issue #27). Eigen's kernels allocate from the heap,
+# which `tfmet.serving.web.release_freed_memory` trims after each request. Set before TensorFlow
+# loads; a value in the environment wins.
+ONEDNN = ("TF_ENABLE_ONEDNN_OPTS", "0")
 
 
 def main(argv):
+    os.environ.setdefault(*ONEDNN)
     if len(argv) > 1:
         raise UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     if not FLAGS.model:
         raise UsageError("--model is required")
     if FLAGS.max_upload_mb < 1:
         raise UsageError(f"--max_upload_mb must be >= 1, got {FLAGS.max_upload_mb}")
+    if FLAGS.max_decoded_mb < 1:
+        raise UsageError(f"--max_decoded_mb must be >= 1, got {FLAGS.max_decoded_mb}")
     try:
         import uvicorn
 
-        from tfmet.serving.web import create_app
+        from tfmet.serving.web import Shedding, create_app, server_config
     except ImportError as e:
         raise UsageError(f'{e}; install the web extra: pip install -e ".[web]"') from None
     from tfmet.serving import open_recognizer
+
+    try:
+        shedding = Shedding(
+            concurrency=FLAGS.concurrency,
+            queue=FLAGS.queue,
+            queue_timeout=FLAGS.queue_timeout,
+            body_timeout=FLAGS.body_timeout,
+            header_timeout=FLAGS.header_timeout,
+        )
+    except ValueError as e:
+        raise UsageError(str(e).replace("`", "--", 1).replace("`", "", 1)) from None
 
     if FLAGS.names and not FLAGS.info_dir:
         raise UsageError("--names needs --info_dir (the exhibits it names are the database's)")
@@ -48,9 +79,16 @@ def main(argv):
         FLAGS.model, FLAGS.info_dir, FLAGS.image_root, FLAGS.mini, names=FLAGS.names
     )
     recognizer.warm_up()
-    application = create_app(recognizer, gallery, max_upload_bytes=FLAGS.max_upload_mb << 20)
+    application = create_app(
+        recognizer,
+        gallery,
+        max_upload_bytes=FLAGS.max_upload_mb << 20,
+        shedding=shedding,
+        max_decoded_bytes=FLAGS.max_decoded_mb << 20,
+    )
     print(f"{PROGRAM}: serving {FLAGS.model} on http://{FLAGS.host}:{FLAGS.port}/", flush=True)
-    uvicorn.run(application, host=FLAGS.host, port=FLAGS.port, log_level="warning")
+    config = server_config(application, FLAGS.host, FLAGS.port, shedding, log_level="warning")
+    uvicorn.Server(config).run()
 
 
 def run():
