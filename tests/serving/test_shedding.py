@@ -136,7 +136,7 @@ def _readable(s):
 
 def test_beyond_concurrency_and_queue_requests_get_503_with_retry_after():
     recognizer = HeldRecognizer()
-    shedding = Shedding(concurrency=2, queue=3, retry_after=7)
+    shedding = Shedding(concurrency=2, queue=3, retry_after=7, queue_timeout=600)
     app = create_app(recognizer, shedding=shedding)
     load = app.state.load
     with serving(app, shedding) as port, concurrent.futures.ThreadPoolExecutor(5) as pool:
@@ -236,7 +236,7 @@ def test_images_over_the_decoded_bytes_budget_get_422_unread():
         assert status == 422
         assert answer["detail"] == (
             "image declares 7999x7999 x 4 channels x 2 bytes = 488.2 MiB decoded, over the "
-            "budget of 1.0 MiB"
+            "budget of 1,000,000 bytes"
         )
         # 600 x 600: 8-bit grey fits (1,080,000 counted as RGB: over), 500 x 500 RGB fits
         assert post(port, png_header(600, 600, 8, 0))[0] == 422
