@@ -144,3 +144,20 @@ def test_thumbnails_over_the_budget_are_refused_before_decoding():
     with pytest.raises(ValueError) as refused:
         _jpeg_thumbnail(png(7999, 7999, 16, 6), 160)
     assert str(refused.value) == HOSTILE
+
+
+def test_an_image_over_both_limits_is_refused_for_its_pixels_in_a_graph_too():
+    data = png(20000, 20000, 16, 6)  # 400 Mpx and 2.98 GiB decoded
+    pixels = "image declares 20000x20000 = 400.0 Mpx, over the limit of 89.5 Mpx"
+    with pytest.raises(images.ImageRefused) as refused:
+        images.decode_image(data)
+    assert refused.value.message == pixels
+
+    @tf.function(input_signature=[tf.TensorSpec([], tf.string)])
+    def decode(image_bytes):
+        return images.decode_image(image_bytes)
+
+    for _ in range(5):  # the budget's check depends on the pixels' one: never the other message
+        with pytest.raises(tf.errors.InvalidArgumentError) as failed:
+            decode(tf.constant(data))
+        assert images.error_reason(failed.value) == pixels

@@ -406,9 +406,11 @@ def decode_image(
     `load_images` turns those into `ok=False` rows.
     """
     image_bytes = tf.convert_to_tensor(image_bytes, tf.string)
-    checks = [check_pixels(image_bytes, max_pixels)]
-    checks.append(check_decoded_bytes(image_bytes, max_decoded_bytes))
-    with tf.control_dependencies(checks):
+    # In a graph the budget's check runs after the pixels' one: an image over both is refused
+    # for its pixels, as it is eagerly.
+    with tf.control_dependencies([check_pixels(image_bytes, max_pixels)]):
+        budget = check_decoded_bytes(image_bytes, max_decoded_bytes)
+    with tf.control_dependencies([budget]):
         image_bytes = tf.identity(image_bytes)
     is_png = tf.strings.substr(image_bytes, 0, len(PNG_SIGNATURE)) == PNG_SIGNATURE
     image = tf.cond(
