@@ -44,7 +44,7 @@ def server(tmp_path_factory):
     )  # fmt: skip
     url = f"http://127.0.0.1:{port}"
     wait_until_serving(url, process, process.kill, "tfmet-serve")
-    yield url, port, process
+    yield url, port, process, export
     process.terminate()
     process.wait(timeout=30)
 
@@ -119,7 +119,7 @@ def chunked_flood(port):
 
 
 def test_rss_returns_to_the_warm_baseline_after_hostile_and_large_uploads(server):
-    url, port, process = server
+    url, port, process, _ = server
     small = jpeg(320, 240)
     for _ in range(3):
         assert post(url, small) == 200
@@ -143,3 +143,14 @@ def test_rss_returns_to_the_warm_baseline_after_hostile_and_large_uploads(server
     assert after["VmHWM"] > baseline + 0.1  # the 3000 x 3000 uploads were decoded
     assert after["VmRSS"] <= 1.2 * baseline
     assert post(url, small) == 200 and process.poll() is None
+
+
+def test_the_exports_graph_refuses_images_over_the_budget_unread(server):
+    """The export's own decoder checks the budget (a caller of the SavedModel that skips
+    `check_image`): the hostile PNG is a `valid=false` row beside a decoded photo."""
+    import tensorflow as tf
+
+    served = tf.saved_model.load(server[3]).signatures["serving_default"]
+    batch = [png(7999, 7999, 16, 6, 4), jpeg(320, 240), png(40, 30, 16, 6, 4)]
+    out = served(image_bytes=tf.constant(batch))
+    assert out["valid"].numpy().tolist() == [False, True, True]
