@@ -32,7 +32,7 @@ lint: $(VENV)/.installed
 
 test: $(VENV)/.installed lint
 	@# pytest exits 5 when it collects no tests: that is not a failure of the suite.
-	TF_CPP_MIN_LOG_LEVEL=3 $(PY) -m pytest -q tests; rc=$$?; \
+	TF_CPP_MIN_LOG_LEVEL=3 $(PY) -m pytest -q --durations=15 tests; rc=$$?; \
 	  if [ $$rc -eq 5 ]; then echo "pytest collected no tests"; exit 0; fi; exit $$rc
 
 # The suite without the tests marked `slow` (those that start programs in subprocesses):
