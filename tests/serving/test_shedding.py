@@ -123,9 +123,22 @@ def raw_request(port, head, parts=(), until_answered=False):
         with contextlib.suppress(ConnectionResetError):
             while chunk := s.recv(65536):
                 answer += chunk
-                if b"\r\n\r\n" in answer and not until_answered:
+                if not until_answered and _complete(answer):
                     break
         return answer, sent
+
+
+def _complete(answer):
+    """Whether `answer` holds the headers and the whole body they announce (the body may come
+    in a later packet than the headers)."""
+    head, found, body = answer.partition(b"\r\n\r\n")
+    if not found:
+        return False
+    for line in head.split(b"\r\n")[1:]:
+        name, _, value = line.partition(b":")
+        if name.strip().lower() == b"content-length":
+            return len(body) >= int(value.strip())
+    return True
 
 
 def _readable(s):
