@@ -316,11 +316,7 @@ def check_decoded_bytes(image_bytes, max_decoded_bytes=DEFAULT_MAX_DECODED_BYTES
     animated = frames > 1
     reason = tf.strings.join(
         [
-            "image declares ",
-            tf.where(animated, tf.strings.as_string(frames) + " frames of up to ", ""),
-            tf.strings.as_string(width),
-            "x",
-            tf.strings.as_string(height),
+            *_declares(frames, width, height),
             tf.where(animated, " (" + tf.strings.as_string(pixels) + " px in all)", ""),
             " x ",
             tf.strings.as_string(channels),
@@ -336,6 +332,17 @@ def check_decoded_bytes(image_bytes, max_decoded_bytes=DEFAULT_MAX_DECODED_BYTES
         ]
     )
     return tf.debugging.Assert(size <= budget, [reason], name="check_decoded_bytes")
+
+
+def _declares(frames, width, height):
+    """In a graph: the parts of "image declares [<n> frames of up to ]<w>x<h>"."""
+    return [
+        "image declares ",
+        tf.where(frames > 1, tf.strings.as_string(frames) + " frames of up to ", ""),
+        tf.strings.as_string(width),
+        "x",
+        tf.strings.as_string(height),
+    ]
 
 
 def too_many_pixels(height, width, max_pixels, frames=1, pixels=None):
@@ -374,17 +381,12 @@ def check_pixels(image_bytes, max_pixels=DEFAULT_MAX_PIXELS):
         tf.strings.as_string(pixels) + " px",
         tf.strings.as_string(tf.cast(pixels, tf.float64) / 1e6, precision=1) + " Mpx",
     )
-    animated = frames > 1
     reason = tf.strings.join(
         [
-            "image declares ",
-            tf.where(animated, tf.strings.as_string(frames) + " frames of up to ", ""),
-            tf.strings.as_string(width),
-            "x",
-            tf.strings.as_string(height),
+            *_declares(frames, width, height),
             " = ",
             count,
-            tf.where(animated, " in all", ""),
+            tf.where(frames > 1, " in all", ""),
             ", over the limit of ",
             megapixels(int(max_pixels)),
         ]
