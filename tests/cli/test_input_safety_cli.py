@@ -17,6 +17,7 @@ import pytest
 from PIL import Image
 
 from tests.kit import bombs, one_conv_backbone, run_command
+from tests.kit.cli import extract_command
 from tests.kit.met_tree import write_met_tree
 from tfmet.descriptors import store
 
@@ -50,18 +51,7 @@ def _error_lines(stderr, program):
 
 
 def _extract(tree, out, *flags):
-    return [
-        sys.executable,
-        "-m",
-        "tfmet.cli.extract",
-        f"--info_dir={tree.info_dir}",
-        f"--image_root={tree.image_root}",
-        f"--output_dir={out}",
-        "--backbone=resnet_tiny",
-        "--splits=val",
-        "--noprogress",
-        *flags,
-    ]
+    return extract_command(tree, out, "--splits=val", *flags)
 
 
 def _replace(path, make):

@@ -33,3 +33,18 @@ def run_command(command, cwd=REPO, timeout=600, env=None):
         text=True,
         timeout=timeout,
     )
+
+
+def extract_command(tree, out, *flags):
+    """tfmet-extract of a `tests.kit.met_tree` tree into `out` with the tiny ResNet (a list)."""
+    return [
+        sys.executable,
+        "-m",
+        "tfmet.cli.extract",
+        f"--info_dir={tree.info_dir}",
+        f"--image_root={tree.image_root}",
+        f"--output_dir={out}",
+        "--backbone=resnet_tiny",
+        "--noprogress",
+        *flags,
+    ]
