@@ -201,7 +201,7 @@ def bench_backbone(name, paths, decoded, workdir):
 
 def precisions():
     """float32 first (the reference of the cosines), then the others of --precisions."""
-    from tfmet.backbones.precision import check_precision
+    from tfmet.precision import check_precision
 
     return ["float32"] + [check_precision(p) for p in FLAGS.precisions if p != "float32"]
 

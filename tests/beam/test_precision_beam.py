@@ -5,9 +5,9 @@ import json
 
 import pytest
 
-from tfmet.backbones.precision import precision_version
 from tfmet.beam import pipeline
 from tfmet.descriptors import spec as spec_lib
+from tfmet.precision import precision_version
 
 BFLOAT16_VERSION = precision_version("bfloat16")
 

@@ -16,14 +16,7 @@ from tests.kit.met_tree import write_met_tree
 from tfmet import backbones
 from tfmet.backbones import IMAGENET_TORCH, torchvision_resnet
 from tfmet.backbones.batchnorm import fold_batchnorm
-from tfmet.backbones.precision import (
-    PRECISIONS,
-    check_precision,
-    dtype_policy,
-    float32_layers,
-    precision_version,
-    set_precision,
-)
+from tfmet.backbones.precision import float32_layers, set_precision
 from tfmet.descriptors import (
     MET_SCALES,
     DescriptorExtractor,
@@ -33,6 +26,7 @@ from tfmet.descriptors import (
     store,
 )
 from tfmet.descriptors import spec as spec_lib
+from tfmet.precision import PRECISIONS, check_precision, dtype_policy, precision_version
 
 REDUCED = ("bfloat16", "float16")
 BFLOAT16_VERSION = precision_version("bfloat16")
@@ -53,8 +47,11 @@ def test_precision_names_and_policies():
     assert [dtype_policy(p) for p in PRECISIONS] == ["float32", "mixed_bfloat16", "mixed_float16"]
     # bfloat16 2: a bottleneck ResNet's stem and first block float32; 3: also EfficientNet-Lite's.
     assert [precision_version(p) for p in PRECISIONS] == [1, 3, 1]
-    with pytest.raises(ValueError, match=r"`precision` must be one of .*Received: precision='fp8'"):
+    with pytest.raises(ValueError, match=r"`precision` must be one of .*Received: 'fp8'"):
         check_precision("fp8")
+    with pytest.raises(ValueError, match=r"^--precision must be one of float32, bfloat16, float16"):
+        check_precision("fp8", "--precision")
+    assert check_precision("bfloat16") == "bfloat16"
 
 
 @pytest.mark.parametrize("precision", REDUCED)

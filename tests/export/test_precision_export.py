@@ -9,10 +9,10 @@ import pytest
 import tensorflow as tf
 
 from tfmet.backbones import efficientnet_lite
-from tfmet.backbones.precision import precision_version
 from tfmet.descriptors import spec as spec_lib
 from tfmet.export import builders
 from tfmet.export.common import save_module
+from tfmet.precision import precision_version
 
 
 # resnet_tiny, and EfficientNet-Lite0 with its packaged ImageNet weights (random ones give it a

@@ -1,8 +1,5 @@
-"""Reduced precision: which Keras dtype policy a `precision` name means, applied to one model.
-
-    float32    every layer computes and stores in float32 (the default; unchanged behaviour)
-    bfloat16   "mixed_bfloat16": variables stay float32, the backbone computes in bfloat16
-    float16    "mixed_float16": the same in float16 (training adds loss scaling)
+"""Reduced precision applied to one model: the Keras dtype policy of a `precision` name
+(`tfmet.precision`, the TF-free list of names and their checks) set on its layers.
 
 The policy is set on the layers of the model given (a backbone), never globally, so a process
 can hold models of several precisions. What must stay exact -- GeM, L2 normalisation,
@@ -24,35 +21,7 @@ without the exception and are left as they were.
 """
 
 from tfmet.backbones import registry
-
-PRECISIONS = ("float32", "bfloat16", "float16")
-DTYPE_POLICIES = {"float32": "float32", "bfloat16": "mixed_bfloat16", "float16": "mixed_float16"}
-# What a precision computes, where it changed after descriptors of it were stored: bfloat16 3
-# also keeps EfficientNet-Lite's stem and first block in float32; 2 kept only those of a
-# bottleneck ResNet (`float32_layers`); 1 (stores without the field) ran every backbone layer
-# in bfloat16. Stores record it
-# (`tfmet.descriptors.spec.ExtractionSpec`) so that the two are never mixed -- for every
-# backbone, also those whose bfloat16 did not change (a store does not say which layers ran how).
-PRECISION_VERSIONS = {"bfloat16": 3}
-
-
-def check_precision(precision):
-    """Returns `precision` if it is one of `PRECISIONS`; raises ValueError naming it otherwise."""
-    if precision not in PRECISIONS:
-        raise ValueError(
-            f"`precision` must be one of {', '.join(PRECISIONS)}. Received: precision={precision!r}"
-        )
-    return precision
-
-
-def dtype_policy(precision):
-    """The Keras dtype policy name of `precision` ("float32", "mixed_bfloat16", ...)."""
-    return DTYPE_POLICIES[check_precision(precision)]
-
-
-def precision_version(precision):
-    """The version of what `precision` computes (`PRECISION_VERSIONS`; 1 where it never changed)."""
-    return PRECISION_VERSIONS.get(check_precision(precision), 1)
+from tfmet.precision import dtype_policy
 
 
 def float32_layers(model, precision):

@@ -27,7 +27,6 @@ from apache_beam.metrics.metric import MetricsFilter
 from apache_beam.ml.inference.base import KeyedModelHandler, RunInference
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 
-from tfmet.backbones.precision import precision_version
 from tfmet.beam import transforms
 from tfmet.beam.chunks import ChunkOutput
 from tfmet.beam.model_handler import METADATA_ASSET, DescriptorModelHandler
@@ -36,6 +35,7 @@ from tfmet.data.limits import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS
 from tfmet.descriptors import chunk_files
 from tfmet.descriptors import spec as spec_lib
 from tfmet.descriptors import store as store_lib
+from tfmet.precision import precision_version
 
 DEAD_LETTER_DIR = "dead_letter"
 DEAD_LETTER_SUFFIX = ".jsonl"

@@ -6,6 +6,7 @@ can be imported in one process (absl refuses a flag defined twice).
 
 from absl import flags
 
+from tfmet import precision
 from tfmet.cli.common import UsageError
 
 flags.DEFINE_string("backbone", "resnet18", "Backbone registry name (tfmet.backbones.names()).")
@@ -23,7 +24,8 @@ flags.DEFINE_integer("max_side", None, "Downscale images whose long side exceeds
 flags.DEFINE_string(
     "precision",
     "float32",
-    "What the backbone computes in: float32, bfloat16 or float16 (GeM, L2 and PCA stay float32).",
+    f"What the backbone computes in: {', '.join(precision.PRECISIONS)} (GeM, L2 and PCA stay "
+    "float32).",
 )
 
 NAMES = (
@@ -45,13 +47,10 @@ def values():
 
 def check_precision(settings):
     """Raises UsageError unless `settings["precision"]` is a precision tfmet knows."""
-    from tfmet.backbones.precision import PRECISIONS
-
-    if settings["precision"] not in PRECISIONS:
-        raise UsageError(
-            f"--precision must be one of {', '.join(PRECISIONS)}. "
-            f"Received: {settings['precision']!r}"
-        )
+    try:
+        precision.check_precision(settings["precision"], "--precision")
+    except ValueError as error:
+        raise UsageError(str(error)) from None
 
 
 def build_extractor(settings, **kwargs):

@@ -16,6 +16,7 @@ import time
 import numpy as np
 
 from tfmet.demo import figures
+from tfmet.precision import check_precision
 
 RANDOM = "random"
 IMAGENET = "imagenet"
@@ -164,12 +165,7 @@ def run_demo(
     if (info_dir is None) != (image_root is None):
         raise ValueError("give both `info_dir` and `image_root` (a Met-format folder), or neither")
     _check_weights(backbone, weights)  # before the (slow) TensorFlow imports
-    from tfmet.backbones.precision import PRECISIONS
-
-    if precision not in PRECISIONS:
-        raise ValueError(
-            f"`precision` must be one of {', '.join(PRECISIONS)}. Received: {precision!r}"
-        )
+    check_precision(precision)
 
     bench = _benchmark(workdir, info_dir, image_root, seed, benchmark_config, progress, log)
     weights_file, tag = resolve_weights(backbone, weights)

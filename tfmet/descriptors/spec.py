@@ -14,11 +14,12 @@ from absl import logging as absl_logging
 
 from tfmet import backbones
 from tfmet.backbones.batchnorm import fold_batchnorm
-from tfmet.backbones.precision import check_precision, precision_version, set_precision
+from tfmet.backbones.precision import set_precision
 from tfmet.descriptors.embedder import MET_SCALES, DescriptorExtractor, Embedder
 from tfmet.descriptors.local import LocalSpec
 from tfmet.io.hashing import file_sha256
 from tfmet.io.saved_models import load_keras_file
+from tfmet.precision import check_precision, precision_version
 
 DEFAULT_CHUNK_SIZE = 512
 # `weights="imagenet"` (`--weights imagenet` in every program): the weights tfmet ships, those of

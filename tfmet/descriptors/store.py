@@ -322,7 +322,7 @@ def check_same_extraction(manifests):
       manifests: {manifest path: manifest}. A key that a manifest lacks (e.g. an imported
         pickle's) is not compared, except `precision`: stores without it (written before it was
         recorded, or imported) hold float32 descriptors; and `precision_version`: stores
-        without it hold version 1 (`tfmet.backbones.precision.PRECISION_VERSIONS`).
+        without it hold version 1 (`tfmet.precision.PRECISION_VERSIONS`).
     """
     defaults = {"precision": "float32", "precision_version": 1}
     items = [(path, defaults | m) for path, m in manifests.items()]

@@ -6,8 +6,9 @@ import keras
 import ml_collections
 
 from tfmet import backbones
-from tfmet.backbones.precision import PRECISIONS, set_precision
+from tfmet.backbones.precision import set_precision
 from tfmet.descriptors.embedder import Embedder
+from tfmet.precision import check_precision
 from tfmet.retrieval import SEARCHERS
 from tfmet.training import distribute
 from tfmet.training.contrastive import mining
@@ -125,11 +126,7 @@ def check_config(config):
     ):
         if value not in SEARCHERS:
             raise ValueError(f"config `{key}` must be one of {known}. Received: {value!r}")
-    if config.get("precision", "float32") not in PRECISIONS:
-        raise ValueError(
-            f"config `precision` must be one of {', '.join(PRECISIONS)}. "
-            f"Received: {config['precision']!r}"
-        )
+    check_precision(config.get("precision", "float32"), "config `precision`")
     config.setdefault("strategy", "default")  # runs recorded before the entry existed
     distribute.check_strategy(config["strategy"])
     augment_config(config)  # validates the augmentation entries

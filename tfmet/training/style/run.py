@@ -31,12 +31,13 @@ import keras
 import numpy as np
 from absl import logging
 
-from tfmet.backbones.precision import PRECISIONS, model_precision, set_precision
+from tfmet.backbones.precision import model_precision, set_precision
 from tfmet.data import style_datasets
 from tfmet.io import saved_models
 from tfmet.io.atomic import atomic_path, clean_stale_temporaries, save_json
 from tfmet.io.json_files import read_json
 from tfmet.metrics.topk import bag_probabilities
+from tfmet.precision import check_precision
 from tfmet.retrieval import embedding_tools
 from tfmet.training import distribute, rundir
 from tfmet.training.style import bottleneck as style_bottleneck
@@ -142,13 +143,7 @@ def build_classifier(model_config, class_names, seed=0):
 
 def check_model_precision(model_config):
     """The config's `model.precision` (float32 when absent); ValueError naming it if unknown."""
-    precision = model_config.get("precision", "float32")
-    if precision not in PRECISIONS:
-        raise ValueError(
-            f"config `model.precision` must be one of {', '.join(PRECISIONS)}. "
-            f"Received: {precision!r}"
-        )
-    return precision
+    return check_precision(model_config.get("precision", "float32"), "config `model.precision`")
 
 
 def save_classifier(classifier, path, image_size):
