@@ -307,8 +307,12 @@ def _raised_in_config(error):
     return last is not None and "ml_collections" not in last
 
 
-def run_program(program, main, known_only=False):
+def run_program(program, main, known_only=False, defaults=None):
     """`app.run` of `guarded(program, main)` with `parse_flags`: a program's entry point. Its
-    `--help` is the docstring of `main`'s module."""
+    `--help` is the docstring of `main`'s module. `defaults` ({flag name: value}) are this
+    program's own defaults of shared flags (e.g. tfmet-demo's --backbone), set before parsing
+    (so `--help` shows them); only the program that runs sets them."""
+    for name, value in (defaults or {}).items():
+        flags.FLAGS.set_default(name, value)
     parser = parse_flags(program, known_only=known_only, module=main.__module__)
     app.run(guarded(program, main), flags_parser=parser)

@@ -15,30 +15,25 @@ GAP / GAP- / ACC, and writes TensorBoard logs and a PNG of queries with their to
 
 from absl import flags
 
+from tfmet.cli import model_flags
 from tfmet.cli.common import UsageError, check_outputs, no_arguments, run_program
 
+# The model flags (--backbone, --weights, --seed, --multiscale, --max_side, --precision) are
+# model_flags', with the demo's defaults (DEFAULTS); --weights also takes 'random' (the seeded
+# random initialisation), and --seed also seeds the benchmark.
+DEFAULTS = {"backbone": "efficientnet_lite0", "weights": "imagenet"}
+# model_flags' flags the demo has no use for: it builds its model from --backbone and --weights.
+UNUSED = ("model", "resize_method")
+
 flags.DEFINE_string("workdir", None, "Folder for the benchmark, descriptors, logs and pictures.")
-flags.DEFINE_string("backbone", "efficientnet_lite0", "Registered backbone name.")
-flags.DEFINE_string(
-    "weights",
-    "imagenet",
-    "'imagenet' (packaged weights, efficientnet_lite0 only), 'random' (seeded random "
-    "initialisation) or a .weights.h5 file (e.g. from tfmet-convert-weights).",
-)
 flags.DEFINE_bool("random_baseline", False, "Also run with random weights and print both results.")
 flags.DEFINE_string("info_dir", None, "Your Met ground-truth folder (with --image_root).")
 flags.DEFINE_string("image_root", None, "Folder whose images/ holds your Met images.")
-flags.DEFINE_integer("seed", 0, "Seed of the benchmark and of random weights.")
-flags.DEFINE_bool("multiscale", True, "Average scales 1, 1/sqrt(2), 1/2 (else scale 1 only).")
-flags.DEFINE_integer("max_side", None, "Downscale images whose long side exceeds this.")
 flags.DEFINE_integer(
     "pca_dim",
     None,
     "PCA-whitening dimension; 0 for raw descriptors. Default: 512 for databases of >= 2048 "
     "images with larger descriptors, else raw.",
-)
-flags.DEFINE_string(
-    "precision", "float32", "What the backbone computes in: float32, bfloat16 or float16."
 )
 flags.DEFINE_integer("examples", 8, "Queries drawn in the matches picture.")
 flags.DEFINE_bool("progress", True, "Show progress bars.")
@@ -51,13 +46,11 @@ def main(argv):
     no_arguments(argv)
     if not FLAGS.workdir:
         raise UsageError("--workdir is required")
+    for name in UNUSED:
+        if FLAGS[name].present:
+            raise UsageError(f"--{name}: tfmet-demo builds its model from --backbone and --weights")
     check_outputs(folders=("workdir",))
-    from tfmet.backbones.precision import PRECISIONS
-
-    if FLAGS.precision not in PRECISIONS:
-        raise UsageError(
-            f"--precision must be one of {', '.join(PRECISIONS)}. Received: {FLAGS.precision!r}"
-        )
+    model_flags.check_precision(model_flags.values())
     from tfmet.demo import figures
     from tfmet.demo.run import RANDOM, run_demo, write_serve_script
 
@@ -97,7 +90,7 @@ def main(argv):
 
 
 def run():
-    run_program(PROGRAM, main)
+    run_program(PROGRAM, main, defaults=DEFAULTS)
 
 
 if __name__ == "__main__":
