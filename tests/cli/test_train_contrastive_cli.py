@@ -84,3 +84,22 @@ def test_bad_input_exits_with_code_2(tree, tmp_path):
         f"--workdir={tmp_path / 'run'}",
     )
     assert code == 2 and "nowhere" in log and "Traceback" not in log
+
+
+def test_the_batch_size_is_set_one_way(tree, tmp_path):
+    """`--config.batch_size=N` (or `batch_size` in the config file); the reference's `bsize`
+    is neither a flag nor a config entry."""
+    same = (f"--info_dir={tree.info_dir}", f"--image_root={tree.image_root}")
+    same += (f"--workdir={tmp_path / 'run'}", f"--config={CONFIG}:smoke")
+    code, log = _run("tfmet.cli.train_contrastive", *same, "--bsize=3")
+    assert (code, log.strip()) == (
+        2,
+        "tfmet-train-contrastive: error: Unknown command line flag 'bsize'. Did you mean: "
+        "vbsizemul ?",
+    )
+    code, log = _run("tfmet.cli.train_contrastive", *same, "--config.bsize=3")
+    assert (code, log.strip()) == (
+        2,
+        "tfmet-train-contrastive: error: --config.bsize: the config has no key 'bsize'",
+    )
+    assert not os.path.exists(tmp_path / "run")

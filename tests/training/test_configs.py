@@ -7,6 +7,7 @@ import pytest
 
 from tests.kit import REPO
 from tfmet.training.configs import contrastive_config, style_config, variant
+from tfmet.training.contrastive.config import _config_dict, check_config
 
 
 def _load(name):
@@ -36,13 +37,25 @@ def test_reference_names_are_aliases_of_the_shared_vocabulary():
     config = contrastive_config()
     assert (config.batch_size, config.learning_rate, config.weight_decay) == (64, 1e-7, 1e-6)
     assert (config.backbone, config.image_size) == ("resnet18", 500)
-    config.bsize = 4
     config.net = "resnet_tiny"
     config.update({"backbone_lr": 1e-4, "wdecay": 0.0, "imsize": 32})
-    assert (config.batch_size, config.backbone, config.learning_rate) == (4, "resnet_tiny", 1e-4)
+    assert (config.backbone, config.learning_rate) == ("resnet_tiny", 1e-4)
     assert (config.weight_decay, config.image_size) == (0.0, 32)
-    config.batch_size = 8
-    assert config.bsize == 8
+    config.backbone = "resnet18"
+    assert config.net == "resnet18"
+
+
+def test_the_batch_size_has_one_name():
+    config = contrastive_config()
+    assert "bsize" not in config and config.batch_size == 64
+    config.bsize = 4  # a config file's old name: refused, naming the one to use
+    with pytest.raises(
+        ValueError,
+        match=r"^contrastive config has no entry `bsize`: the batch size is `batch_size`$",
+    ):
+        check_config(config.to_dict())
+    recorded = contrastive_config().to_dict() | {"bsize": 64}  # a run recorded before
+    assert "bsize" not in _config_dict(recorded) and _config_dict(recorded)["batch_size"] == 64
 
 
 def test_style_configs_set_only_what_differs_from_the_defaults():
@@ -53,4 +66,4 @@ def test_style_configs_set_only_what_differs_from_the_defaults():
     rasta = _load("wikipaintings_rasta").get_config()
     assert rasta.to_dict() == base.to_dict()  # RASTA's settings are the defaults
     smoke = _load("met_contrastive_r18").get_config("smoke")
-    assert (smoke.backbone, smoke.batch_size, smoke.bsize) == ("resnet_tiny", 4, 4)
+    assert (smoke.backbone, smoke.batch_size) == ("resnet_tiny", 4)

@@ -290,7 +290,7 @@ def test_contrastive_on_two_workers_equals_one_process(tmp_path):
             f"--image_root={tree.image_root}",
             f"--workdir={workdir}",
             "--epochs=1",
-            "--bsize=3",
+            "--config.batch_size=3",
             "--stop_at_step=2",
             f"--strategy={strategy}",
         ]

@@ -12,7 +12,7 @@ stopped. The final model is `<workdir>/model/embedder.keras`, for
 train_contrastive.py; given on the command line they override the config (as does
 `--config.<key>=<value>`). `--strategy=mirrored` trains on every local GPU,
 `--strategy=multi_worker` on the machines TF_CONFIG names (the same command on each); the
-batch size stays the global one. See docs/contrastive.md.
+batch size (`--config.batch_size=N`, its one name) stays the global one. See docs/contrastive.md.
 """
 
 import os
@@ -58,7 +58,6 @@ ALIASES = {
     "weights": "weights",
     "pairs_type": "pairs_type",
     "epochs": "epochs",
-    "bsize": "batch_size",
     "vbsizemul": "vbsizemul",
     "backbone_lr": "learning_rate",
     "wdecay": "weight_decay",
@@ -84,7 +83,7 @@ flags.DEFINE_string(
     "(the machines TF_CONFIG names). Alias of --config.strategy (default: the config's).",
 )
 flags.DEFINE_enum("pairs_type", None, PAIR_TYPES, _HELP.format("pairs_type"))
-for _name in ("epochs", "bsize", "vbsizemul", "imsize", "sched_step", "seed", "stop_at_step"):
+for _name in ("epochs", "vbsizemul", "imsize", "sched_step", "seed", "stop_at_step"):
     flags.DEFINE_integer(_name, None, _HELP.format(ALIASES[_name]))
 for _name in ("backbone_lr", "wdecay", "margin", "sched_gamma"):
     flags.DEFINE_float(_name, None, _HELP.format(ALIASES[_name]))

@@ -17,10 +17,11 @@ from tfmet.training.contrastive.loss import MARGIN
 from tfmet.training.rundir import check_entries
 
 # The reference's train_contrastive.py names of settings that have tfmet's shared name (the one
-# both trainings use): `config.bsize = 4` and `--config.bsize=4` set `batch_size`, and so on.
+# both trainings use): `config.net = "resnet50"` and `--config.net=resnet50` set `backbone`, and
+# so on. The batch size has one name only, `batch_size` (set in the config file or by
+# `--config.batch_size=N`).
 REFERENCE_NAMES = {
     "net": "backbone",
-    "bsize": "batch_size",
     "backbone_lr": "learning_rate",
     "wdecay": "weight_decay",
     "imsize": "image_size",
@@ -32,7 +33,7 @@ def default_config():
 
     Entries use tfmet's shared vocabulary where both trainings have the setting (`backbone`,
     `batch_size`, `learning_rate`, `weight_decay`, `image_size`, `seed`, `epochs`; the reference's
-    `net`, `bsize`, `backbone_lr`, `wdecay`, `imsize` are aliases of them, `REFERENCE_NAMES`), the
+    `net`, `backbone_lr`, `wdecay`, `imsize` are aliases of them, `REFERENCE_NAMES`), the
     reference's names otherwise (`pairs_type`, `vbsizemul`, `margin`, `sched_step`,
     `sched_gamma`, `emb_proj`, `pca`, `mini`, `initeval`), plus tfmet's: backbone `weights`
     file, GeM `gem_p`/`train_p`, `augment`, `mining`, the validation `knn_backend`, `max_side`
@@ -96,6 +97,8 @@ def _config_dict(config):
     """A plain dict of `config` with both names of every aliased entry (a dict written with the
     reference's names only, or tfmet's only, gets the other)."""
     config = config.to_dict() if hasattr(config, "to_dict") else dict(config)
+    if "bsize" in config and config["bsize"] == config.get("batch_size"):
+        del config["bsize"]  # recorded by runs from before `batch_size` became its one name
     for old, new in REFERENCE_NAMES.items():
         if new not in config and old in config:
             config[new] = config[old]
@@ -106,6 +109,8 @@ def _config_dict(config):
 
 def check_config(config):
     """Validates a training config (a dict); raises ValueError naming the bad entry."""
+    if "bsize" in config:  # the reference's name, not an alias here: one name per setting
+        raise ValueError("contrastive config has no entry `bsize`: the batch size is `batch_size`")
     check_entries(config, _config_dict(default_config()), "contrastive config")
     mining.check_pair_type(config["pairs_type"])
     for key in ("epochs", "batch_size", "vbsizemul", "image_size", "sched_step"):

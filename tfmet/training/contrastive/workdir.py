@@ -50,6 +50,7 @@ RESUMABLE_CHANGES = frozenset(
         "progress",
         "keep_all_descriptors",
         "strategy",
+        "bsize",  # recorded (as batch_size's twin) by runs from before it was removed
     }
 )
 
