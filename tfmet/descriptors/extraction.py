@@ -237,17 +237,7 @@ def extract_split(
     Returns:
       a `SplitReport`.
     """
-    files = [os.fspath(f) for f in files]
-    paths = list(files) if paths is None else [str(p) for p in paths]
-    if len(paths) != len(files):
-        raise ValueError(f"paths has {len(paths)} entries for {len(files)} files")
-    if batch_images < 1:
-        raise ValueError(f"`batch_images` must be >= 1. Received: batch_images={batch_images}")
-    if spec.local is not None and getattr(extractor, "local", None) != spec.local:
-        raise ValueError(
-            f"the spec keeps local features ({spec.local}); the extractor must give them "
-            "(`DescriptorExtractor(local=spec.local)`)"
-        )
+    files, paths = _check_arguments(extractor, spec, files, paths, batch_images)
     count = len(files)
     bounds = chunk_bounds(count, spec.chunk_size)
     report = SplitReport(split, count, len(bounds), 0, 0, 0, 0, 0.0)
@@ -260,17 +250,7 @@ def extract_split(
 
     chunks = ChunkDirectory(output_dir, split)
     chunks.prepare(run_record(split, spec, paths, labels, source))
-    mine = shard_chunks(len(bounds), num_shards, shard_index)
-    done = set(chunks.finished(mine))
-    todo = [j for j in mine if j not in done]
-    report.chunks_skipped = len(done)
-    if done:
-        absl_logging.info(
-            "%s: resuming, %d of this shard's %d chunks already finished (skipped)",
-            split,
-            len(done),
-            len(mine),
-        )
+    todo = _chunks_to_compute(chunks, split, len(bounds), num_shards, shard_index, report)
 
     rows = [row for j in todo for row in range(*bounds[j])]
     started = time.perf_counter()
@@ -284,20 +264,19 @@ def extract_split(
             max_pixels=max_pixels,
             max_bytes=max_bytes,
         ).prefetch(tf.data.AUTOTUNE)
-        elements = iter(dataset)
-        for j in todo:
-            start, stop = bounds[j]
-            buffer = _ChunkBuffer(extractor, start, stop, spec.dim, batch_images, spec.local)
-            _fill_chunk(buffer, elements, start, stop, bar)
-            _check_model_health(buffer, split, j)
-            errors = buffer.error_list()
-            for row, reason in errors:
-                absl_logging.warning("%s: row %d (%s) skipped: %s", split, row, paths[row], reason)
-            chunks.write_chunk(j, start, buffer.descriptors, buffer.valid, errors, buffer.local)
-            report.chunks_computed += 1
-            report.images += stop - start
-            report.failed += len(errors)
-            bar.chunk_written(j, start, stop)
+        _compute_chunks(
+            extractor,
+            spec,
+            split,
+            paths,
+            bounds,
+            todo,
+            iter(dataset),
+            chunks,
+            bar,
+            report,
+            batch_images,
+        )
     finally:
         bar.close()
     report.seconds = time.perf_counter() - started
@@ -306,6 +285,56 @@ def extract_split(
         merge_split(output_dir, split, keep_chunks=keep_chunks)
         report.merged = True
     return report
+
+
+def _check_arguments(extractor, spec, files, paths, batch_images):
+    """`extract_split`'s arguments checked before any work; returns (files, paths) as lists."""
+    files = [os.fspath(f) for f in files]
+    paths = list(files) if paths is None else [str(p) for p in paths]
+    if len(paths) != len(files):
+        raise ValueError(f"paths has {len(paths)} entries for {len(files)} files")
+    if batch_images < 1:
+        raise ValueError(f"`batch_images` must be >= 1. Received: batch_images={batch_images}")
+    if spec.local is not None and getattr(extractor, "local", None) != spec.local:
+        raise ValueError(
+            f"the spec keeps local features ({spec.local}); the extractor must give them "
+            "(`DescriptorExtractor(local=spec.local)`)"
+        )
+    return files, paths
+
+
+def _chunks_to_compute(chunks, split, num_chunks, num_shards, shard_index, report):
+    """This shard's chunks not finished by an earlier run (those are counted as skipped)."""
+    mine = shard_chunks(num_chunks, num_shards, shard_index)
+    done = set(chunks.finished(mine))
+    report.chunks_skipped = len(done)
+    if done:
+        absl_logging.info(
+            "%s: resuming, %d of this shard's %d chunks already finished (skipped)",
+            split,
+            len(done),
+            len(mine),
+        )
+    return [j for j in mine if j not in done]
+
+
+def _compute_chunks(
+    extractor, spec, split, paths, bounds, todo, elements, chunks, bar, report, batch_images
+):
+    """Runs the model on the decoded `elements` of the chunks `todo`, writing each chunk file."""
+    for j in todo:
+        start, stop = bounds[j]
+        buffer = _ChunkBuffer(extractor, start, stop, spec.dim, batch_images, spec.local)
+        _fill_chunk(buffer, elements, start, stop, bar)
+        _check_model_health(buffer, split, j)
+        errors = buffer.error_list()
+        for row, reason in errors:
+            absl_logging.warning("%s: row %d (%s) skipped: %s", split, row, paths[row], reason)
+        chunks.write_chunk(j, start, buffer.descriptors, buffer.valid, errors, buffer.local)
+        report.chunks_computed += 1
+        report.images += stop - start
+        report.failed += len(errors)
+        bar.chunk_written(j, start, stop)
 
 
 # A chunk in which the model failed on this many images and succeeded on none is not bad luck
