@@ -168,45 +168,15 @@ def run_demo(
     check_precision(precision)
 
     bench = _benchmark(workdir, info_dir, image_root, seed, benchmark_config, progress, log)
-    weights_file, tag = resolve_weights(backbone, weights)
-    # The printed commands name the packaged weights as every program does: --weights imagenet.
-    weights_flag = IMAGENET if weights == IMAGENET else weights_file
-    run_name = f"{backbone}-{tag}" + (f"-seed{seed}" if weights_file is None else "")
-    run_name += "" if precision == "float32" else f"-{precision}"
-    output_dir = os.path.join(workdir, "descriptors", run_name)
-    log(f"[2/4] Extracting descriptors with {backbone} ({tag} weights) into {output_dir}")
-    log(
-        f"      = tfmet-extract --info_dir {_q(bench.info_dir)} "
-        f"--image_root {_q(bench.image_root)} --output_dir {_q(output_dir)} --backbone {backbone}"
-        + (f" --weights {_q(weights_flag)}" if weights_flag else f" --seed {seed}")
-        + ("" if multiscale else " --nomultiscale")
-        + (f" --max_side {max_side}" if max_side else "")
-        + ("" if precision == "float32" else f" --precision {precision}")
-    )
-    from tfmet.descriptors import extraction
-
-    extractor, spec = _extractor(backbone, weights_file, seed, multiscale, max_side, precision)
-    reports = extraction.extract_met(
-        extractor, spec, bench.splits, bench.image_root, output_dir, progress=progress
-    )
-    for r in reports:
-        if r.images:
-            log(f"      {r.split}: {r.images} images, {r.images_per_second:.1f} images/s")
+    model = _DemoModel(backbone, weights, seed, multiscale, max_side, precision)
+    output_dir = os.path.join(workdir, "descriptors", model.run_name)
+    _extract(bench, model, output_dir, progress, log)
     data, result, pca_dim = _classify(output_dir, bench.info_dir, pca_dim, log)
     results_json = os.path.join(output_dir, "knn_results.json")
-    from tfmet.retrieval import report as knn_report
-
-    knn_report.write_results(results_json, result)
-    log("[4/4] Results on the test queries")
-    log(f"      {run_name}: {figures.format_metrics(result.test)}")
-    png = _matches_picture(bench, data, result, pca_dim, examples, seed)
-    png_path = figures.write_png(os.path.join(workdir, f"matches-{run_name}.png"), png)
-    tensorboard = _write_tensorboard(os.path.join(workdir, "tensorboard", run_name), result, png)
-    export_dir = os.path.join(workdir, "recognizer", run_name)
-    log(f"      picture of queries and their top matches: {png_path}")
-    log(f"      TensorBoard: tensorboard --logdir {_q(os.path.join(workdir, 'tensorboard'))}")
+    png_path, tensorboard = _report(workdir, bench, model, data, result, pca_dim, examples, log)
+    export_dir = os.path.join(workdir, "recognizer", model.run_name)
     return DemoResult(
-        run_name=run_name,
+        run_name=model.run_name,
         k=result.k,
         tau=result.tau,
         val=result.val,
@@ -223,12 +193,82 @@ def run_demo(
             export_dir,
             f"--descriptor_dir {_q(output_dir)} --info_dir {_q(bench.info_dir)} "
             f"--results_json {_q(results_json)}"
-            + _model_flags(backbone, weights_flag, seed, multiscale, max_side)
+            + _model_flags(backbone, model.weights_flag, seed, multiscale, max_side)
             + ("" if precision == "float32" else f" --precision {precision}"),
             f"--info_dir {_q(bench.info_dir)} --image_root {_q(bench.image_root)}"
             + (f" --names {_q(_write_names(workdir, bench.names))}" if bench.names else ""),
         ),
     )
+
+
+class _DemoModel:
+    """The model a demo run extracts with: its settings, resolved weights and run name."""
+
+    def __init__(self, backbone, weights, seed, multiscale, max_side, precision):
+        self.backbone, self.seed, self.multiscale = backbone, seed, multiscale
+        self.max_side, self.precision = max_side, precision
+        self.weights_file, self.tag = resolve_weights(backbone, weights)
+        # The printed commands name the packaged weights as every program does: --weights
+        # imagenet.
+        self.weights_flag = IMAGENET if weights == IMAGENET else self.weights_file
+        run_name = f"{backbone}-{self.tag}" + (f"-seed{seed}" if self.weights_file is None else "")
+        self.run_name = run_name + ("" if precision == "float32" else f"-{precision}")
+
+
+def _extract(bench, model, output_dir, progress, log):
+    """Step 2: the benchmark's descriptors into `output_dir`, as the tfmet-extract it prints."""
+    log(
+        f"[2/4] Extracting descriptors with {model.backbone} ({model.tag} weights) into "
+        f"{output_dir}"
+    )
+    log(
+        f"      = tfmet-extract --info_dir {_q(bench.info_dir)} "
+        f"--image_root {_q(bench.image_root)} --output_dir {_q(output_dir)} "
+        f"--backbone {model.backbone}"
+        + (
+            f" --weights {_q(model.weights_flag)}"
+            if model.weights_flag
+            else f" --seed {model.seed}"
+        )
+        + ("" if model.multiscale else " --nomultiscale")
+        + (f" --max_side {model.max_side}" if model.max_side else "")
+        + ("" if model.precision == "float32" else f" --precision {model.precision}")
+    )
+    from tfmet.descriptors import extraction
+
+    extractor, spec = _extractor(
+        model.backbone,
+        model.weights_file,
+        model.seed,
+        model.multiscale,
+        model.max_side,
+        model.precision,
+    )
+    reports = extraction.extract_met(
+        extractor, spec, bench.splits, bench.image_root, output_dir, progress=progress
+    )
+    for r in reports:
+        if r.images:
+            log(f"      {r.split}: {r.images} images, {r.images_per_second:.1f} images/s")
+
+
+def _report(workdir, bench, model, data, result, pca_dim, examples, log):
+    """Step 4: the kNN results file, the test metrics, the matches picture and TensorBoard;
+    returns (the picture's path, the TensorBoard folder)."""
+    from tfmet.retrieval import report as knn_report
+
+    output_dir = os.path.join(workdir, "descriptors", model.run_name)
+    knn_report.write_results(os.path.join(output_dir, "knn_results.json"), result)
+    log("[4/4] Results on the test queries")
+    log(f"      {model.run_name}: {figures.format_metrics(result.test)}")
+    png = _matches_picture(bench, data, result, pca_dim, examples, model.seed)
+    png_path = figures.write_png(os.path.join(workdir, f"matches-{model.run_name}.png"), png)
+    tensorboard = _write_tensorboard(
+        os.path.join(workdir, "tensorboard", model.run_name), result, png
+    )
+    log(f"      picture of queries and their top matches: {png_path}")
+    log(f"      TensorBoard: tensorboard --logdir {_q(os.path.join(workdir, 'tensorboard'))}")
+    return png_path, tensorboard
 
 
 NAMES_FILE = "exhibit_names.json"
