@@ -13,23 +13,15 @@ Smoke variant (random tiny backbone, queries only, tiny chunks; runs in seconds 
 Command-line flags override the values here.
 """
 
-import ml_collections
-
+from tfmet.cli.settings import extract_config
 from tfmet.training.configs import variant
 
 
 def get_config(arg=None):
     arg = variant(arg, "extract_met", ("smoke",))
-    config = ml_collections.ConfigDict()
-    config.backbone = "resnet18"
-    config.weights = ml_collections.FieldReference(None, field_type=str)
-    config.multiscale = True
-    config.resize_method = "torch"
-    config.mini = False
-    config.splits = ("train", "val", "test")
-    config.batch_images = 1
-    config.chunk_size = 512
-    config.precision = "float32"  # or "bfloat16" / "float16" (docs/extraction.md)
+    # tfmet-extract's defaults (tfmet.cli.settings: ResNet-18, three scales, torch resize,
+    # float32 -- "bfloat16" / "float16": docs/extraction.md); the variants change some.
+    config = extract_config()
     if arg == "smoke":
         config.backbone = "resnet_tiny"
         config.mini = True

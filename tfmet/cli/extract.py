@@ -7,7 +7,8 @@ writes `<output_dir>/<split>_descriptors.npy` + `<split>_manifest.json` per spli
 run the same command again: finished chunks are kept. On several machines, run each with
 `--num_shards=N --shard_index=i` into the same output folder, then `tfmet-extract --merge
 --output_dir=...`. Settings can come from a config file (`--config=configs/extract_met.py`);
-flags given on the command line override it. `--local_features N` also keeps each image's N
+flags given on the command line override it (settings: the defaults <- the config file and its
+`--config.<key>=<value>` <- flags given). `--local_features N` also keeps each image's N
 strongest local features for spatial verification. Images whose header declares more than
 --max_pixels pixels, files over --max_bytes and files that are not regular files (FIFOs, devices)
 become invalid rows with the reason, never decoded. See docs/extraction.md.
@@ -22,68 +23,26 @@ from tfmet.cli import (
     input_flags,  # --max_pixels, --max_bytes
     model_flags,  # --backbone, --weights, --model, ...
 )
+from tfmet.cli import settings as settings_lib
 from tfmet.cli.common import UsageError, check_outputs, no_arguments, require, run_program
 
 FLAGS = flags.FLAGS
 
-flags.DEFINE_string("info_dir", None, "Folder with MET_database.json, valset.json, testset.json.")
-flags.DEFINE_string("image_root", None, "Folder whose images/ subfolder holds the Met images.")
-flags.DEFINE_string("output_dir", None, "Where chunk files and descriptor stores go.")
-flags.DEFINE_bool("mini", False, "Use mini_MET_database.json as the train split.")
-flags.DEFINE_list("splits", ["train", "val", "test"], "Splits to extract.")
-flags.DEFINE_bool("queries_only", False, "Extract only the query splits (val, test).")
-flags.DEFINE_integer("num_shards", 1, "Number of machines sharing the work.")
-flags.DEFINE_integer("shard_index", 0, "This machine's shard, in [0, num_shards).")
-flags.DEFINE_integer("batch_images", 1, "Up to this many same-size images per model call.")
-flags.DEFINE_integer("chunk_size", 512, "Images per chunk file (the unit of resumption).")
-flags.DEFINE_integer("num_parallel_reads", -1, "Parallel image decodes (-1: autotune).")
-flags.DEFINE_bool(
-    "fold_bn", True, "Fold BatchNorms into convolutions (same descriptors to ~1e-7, faster)."
-)
-flags.DEFINE_integer(
-    "local_features",
-    0,
-    "Also keep this many local features per image (spatial verification, "
-    "tfmet-knn-eval --rerank=spatial); 0: none.",
-)
-flags.DEFINE_integer("local_dim", 128, "Dimension of local features (projected when larger).")
+# One flag per setting of tfmet.cli.settings.EXTRACT (MODEL and INPUT: model_flags, input_flags).
+settings_lib.define_flags(settings_lib.EXTRACT, __name__)
 flags.DEFINE_bool("merge", False, "Only merge finished shards' chunks into stores.")
-flags.DEFINE_bool("keep_chunks", False, "Keep chunk files after merging.")
 flags.DEFINE_bool("progress", True, "Show a progress bar.")
-config_flags.DEFINE_config_file("config", None, "Optional ml_collections config with these keys.")
-
-# Flags a config file may set; a flag given on the command line wins over the config.
-SETTINGS = (
-    "info_dir",
-    "image_root",
-    "output_dir",
-    *model_flags.NAMES,
-    "mini",
-    "splits",
-    "queries_only",
-    "num_shards",
-    "shard_index",
-    "batch_images",
-    "chunk_size",
-    "num_parallel_reads",
-    "fold_bn",
-    "local_features",
-    "local_dim",
-    "keep_chunks",
-    "max_pixels",
-    "max_bytes",
+config_flags.DEFINE_config_file(
+    "config",
+    None,
+    "Optional ml_collections config of these settings (configs/extract_met.py); flags given "
+    "on the command line override it, as does --config.<key>=<value>.",
 )
 
 
 def settings():
-    """The flag values, with a config file's values where a flag was not given explicitly."""
-    values = {name: FLAGS[name].value for name in SETTINGS}
-    if FLAGS.config is not None:
-        for key, value in FLAGS.config.items():
-            if key not in values:
-                raise UsageError(f"config key {key!r} is not a setting of tfmet-extract")
-            if not FLAGS[key].present:
-                values[key] = list(value) if key == "splits" else value
+    """The run's settings: the defaults, then the config file's, then the flags given."""
+    values = settings_lib.resolve(settings_lib.extract_config(), FLAGS.config, "tfmet-extract")
     for split in values["splits"]:
         if split not in ("train", "val", "test"):
             raise UsageError(f"--splits: unknown split {split!r} (use train, val, test)")

@@ -1,24 +1,15 @@
 """The input-limit flags shared by the programs that read images: --max_pixels, --max_bytes.
 
-Defined once, here (absl refuses a flag defined twice in one process). Defaults and why:
-`tfmet.data.limits`.
+Defined once (`tfmet.cli.settings.INPUT`) and generated here (absl refuses a flag defined twice
+in one process). Defaults and why: `tfmet.data.limits`.
 """
 
-from absl import flags
-
+from tfmet.cli import settings
 from tfmet.cli.common import UsageError
-from tfmet.data.limits import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS
 
-flags.DEFINE_integer(
-    "max_pixels",
-    DEFAULT_MAX_PIXELS,
-    "Refuse (as an invalid row) images whose header declares more pixels, before decoding.",
-)
-flags.DEFINE_integer(
-    "max_bytes", DEFAULT_MAX_BYTES, "Refuse (as an invalid row) image files of more bytes."
-)
+settings.define_flags(settings.INPUT, __name__)
 
-NAMES = ("max_pixels", "max_bytes")
+NAMES = settings.names(settings.INPUT)
 
 
 def check(values):

@@ -1,43 +1,19 @@
 """The descriptor-model flags shared by tfmet-extract, tfmet-extract-beam and tfmet-export.
 
-Defined once, here, so every program describes the model the same way and two programs' modules
-can be imported in one process (absl refuses a flag defined twice).
+Defined once (`tfmet.cli.settings.MODEL`: name, default, type, help) and generated here, so every
+program describes the model the same way and two programs' modules can be imported in one process
+(absl refuses a flag defined twice).
 """
 
 from absl import flags
 
 from tfmet import precision
+from tfmet.cli import settings
 from tfmet.cli.common import UsageError
 
-flags.DEFINE_string("backbone", "resnet18", "Backbone registry name (tfmet.backbones.names()).")
-flags.DEFINE_string(
-    "weights",
-    None,
-    "Backbone weights file, or 'imagenet' for the packaged weights (efficientnet_lite0); none "
-    "for a seeded random init.",
-)
-flags.DEFINE_string("model", None, "A saved Embedder (.keras) to use instead of --backbone.")
-flags.DEFINE_integer("seed", 0, "Seed of the random initialisation when --weights is not given.")
-flags.DEFINE_bool("multiscale", True, "Average the scales 1, 1/sqrt(2), 1/2 (else scale 1 only).")
-flags.DEFINE_enum("resize_method", "torch", ["torch", "tf"], "Multi-scale resize semantics.")
-flags.DEFINE_integer("max_side", None, "Downscale images whose long side exceeds this.")
-flags.DEFINE_string(
-    "precision",
-    "float32",
-    f"What the backbone computes in: {', '.join(precision.PRECISIONS)} (GeM, L2 and PCA stay "
-    "float32).",
-)
+settings.define_flags(settings.MODEL, __name__)
 
-NAMES = (
-    "backbone",
-    "weights",
-    "model",
-    "seed",
-    "multiscale",
-    "resize_method",
-    "max_side",
-    "precision",
-)
+NAMES = settings.names(settings.MODEL)
 
 
 def values():
