@@ -25,7 +25,7 @@ import urllib.request
 import numpy as np
 import pytest
 
-from tests.kit import REPO, run_cli, run_command
+from tests.kit import REPO, run_command
 from tests.kit.cli import ENV
 from tests.kit.web import free_port, headless_chromium, needs_chromium, wait_until_serving
 from tfmet.serving.client import decimals
@@ -55,17 +55,15 @@ def _flag(argv, name):
 
 
 @pytest.fixture(scope="module")
-def demo(tmp_path_factory):
-    workdir = tmp_path_factory.mktemp("demo_work")
-    result = run_cli("demo", "--workdir", workdir, "--noprogress", timeout=900)
-    assert result.returncode == 0, result.stderr[-3000:]
-    export = _printed(result.stdout, "tfmet-export")
-    serve = _printed(result.stdout, "tfmet-serve")
+def demo(demo_run):
+    workdir, stdout = demo_run  # tests/journeys/conftest.py: the session's demo run
+    export = _printed(stdout, "tfmet-export")
+    serve = _printed(stdout, "tfmet-serve")
     _run_printed(export)
     info_dir = _flag(export, "--info_dir")
     return dict(
         workdir=str(workdir),
-        stdout=result.stdout,
+        stdout=stdout,
         export=export,
         serve=serve,
         model=_flag(export, "--out"),
@@ -179,17 +177,6 @@ def test_the_printed_equivalent_commands_give_the_demos_numbers(demo, tmp_path):
     threshold, demos = results["threshold"], demo["results"]["threshold"]
     assert threshold["value"] == pytest.approx(demos["value"], abs=1e-5)
     assert threshold["test"] == demos["test"]
-
-
-def test_the_documented_knn_eval_command_runs_on_the_demos_descriptors(demo, tmp_path):
-    """docs/recognition.md's `tfmet-knn-eval DESCRIPTOR_DIR --info_dir INFO_DIR --autotune`
-    (-d 512) on the demo's 22 database images: whitened to their rank, 21, said in the log."""
-    argv = ["tfmet-knn-eval", demo["descriptors"], "--info_dir", demo["info_dir"], "--autotune"]
-    _run_printed([*argv, "--output_dir", str(tmp_path)])
-    results = json.load(open(tmp_path / "knn_results.json", encoding="utf-8"))
-    assert (results["dim"], results["counts"]["database"]) == (21, 22)
-    log = (tmp_path / "log_knn.txt").read_text(encoding="utf-8")
-    assert "PCA-whitening to 21 dimensions, not --dim 512: the covariance of the 22 database" in log
 
 
 def test_the_printed_commands_are_what_make_serve_runs(demo):
