@@ -477,3 +477,47 @@ def _post_photo(url, photo):
         url, data=body, headers={"Content-Type": f"multipart/form-data; boundary={boundary}"}
     )
     return json.load(urllib.request.urlopen(request))
+
+
+# Options of tfmet-extract-beam's documented lines that are Beam's pipeline options (passed to
+# Beam, not tfmet's flags: docs/beam.md).
+BEAM_OPTIONS = {
+    "direct_num_workers", "direct_running_mode", "project", "region", "temp_location",
+    "job_name", "machine_type", "max_num_workers", "sdk_container_image", "flink_master",
+    "flink_version", "parallelism", "environment_type",
+}  # fmt: skip
+
+
+def _flags_of(program):
+    """The flag names (and short names) `program --helpfull` lists."""
+    module = program.removeprefix("tfmet-").replace("-", "_")
+    result = run_command([sys.executable, "-m", f"tfmet.cli.{module}", "--helpfull"], timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    names = set()
+    for line in result.stdout.splitlines():
+        head = re.match(r"\s+((?:-\w, )?--?(?:\[no\])?\w+)(?:\s\s|:|$)", line)
+        if head:
+            names |= set(re.findall(r"-(?:\[no\])?(\w+)", head.group(1)))
+    return names
+
+
+@pytest.mark.slow
+def test_every_documented_flag_is_a_flag_of_its_program():
+    """Also the commands that cannot run here: each --flag (-k) they give is one their program
+    defines (`--noX` a boolean X, `--config.a.b` an override of --config)."""
+    known, wrong = {}, []
+    for name, command in documented_commands():
+        tokens = shlex.split(command.replace("[", " ").replace("]", " "))
+        program = tokens[0]
+        if program not in known:
+            known[program] = _flags_of(program)
+        for token in tokens[1:]:
+            if not token.startswith("-") or token == "...":
+                continue
+            flag = token.lstrip("-").split("=", 1)[0]
+            flag = flag.split(".", 1)[0]  # --config.dataset.root: an override of --config
+            ok = flag in known[program] or (flag.startswith("no") and flag[2:] in known[program])
+            if not ok and not (program == "tfmet-extract-beam" and flag in BEAM_OPTIONS):
+                wrong.append(f"{name}: {program} has no flag {token}")
+    assert wrong == []
+    assert len(known) == 13
