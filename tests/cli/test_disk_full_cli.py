@@ -52,10 +52,9 @@ def test_knn_eval_on_a_full_disk_is_one_line_exit_1_and_keeps_the_old_results(tm
     result = run(*full, *knn, "-k", "2")
     assert result.returncode == 1, result.stderr[-2000:]
     lines = result.stderr.splitlines()
-    # (the failing fsync names no file: the line says what happened, e.g.
-    # "tfmet-knn-eval: error: [Errno 28] No space left on device")
-    assert lines[-1].startswith("tfmet-knn-eval: error: ") and lines[-1].endswith(
-        "No space left on device"
+    # The fsync names no file: the atomic write names the output it was writing.
+    assert lines[-1].startswith(f"tfmet-knn-eval: error: {out}") and lines[-1].endswith(
+        ": No space left on device"
     ), lines[-3:]
     assert "Traceback" not in result.stderr
     after = {

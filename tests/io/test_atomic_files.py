@@ -27,6 +27,7 @@ def test_a_full_disk_leaves_the_old_file_and_no_temporary(tmp_path, monkeypatch,
     with pytest.raises(OSError) as raised:
         atomic.save_json(target, {"gap": 0.9})
     assert raised.value.errno == errno.ENOSPC
+    assert raised.value.filename == str(target)  # the one-line error names the output
     assert json.loads(target.read_text()) == {"gap": 0.5}
     assert sorted(os.listdir(tmp_path)) == ["knn_results.json"]
 

@@ -75,7 +75,9 @@ def clean_stale_temporaries(directory):
 def atomic_path(path):
     """Yields a temporary path next to `path`; on success it is renamed onto `path`.
 
-    On error the temporary file is removed and `path` is left as it was.
+    On error the temporary file is removed and `path` is left as it was. An OSError that names
+    no file (a full disk's ENOSPC from a write or fsync) is raised again naming `path`, so the
+    one-line error says which output could not be written.
     """
     path = os.fspath(path)
     directory = os.path.dirname(os.path.abspath(path))
@@ -85,10 +87,15 @@ def atomic_path(path):
     )
     os.close(fd)
     try:
-        yield tmp
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        try:
+            yield tmp
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except OSError as e:
+            if e.filename is not None or e.errno is None:
+                raise
+            raise OSError(e.errno, e.strerror, path) from e
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
