@@ -1,5 +1,6 @@
 """The demo: visitor photos, the Met-format benchmark, and the end-to-end run and program."""
 
+import dataclasses
 import io
 import json
 import os
@@ -53,6 +54,43 @@ def test_visitor_photo_is_seeded_phone_sized_and_different():
     # Not a copy: the exhibit is resized, cropped, warped and relit.
     resized = np.asarray(Image.fromarray(image).resize(photo.size), np.float64)
     assert np.abs(np.asarray(photo, np.float64) - resized).mean() > 10
+
+
+def test_hard_visitor_photos_are_seeded_and_draw_from_the_wider_ranges():
+    image = skimage.data.chelsea()
+    first, params = visitor.visitor_photo(image, np.random.default_rng(0), visitor.HARD)
+    again, _ = visitor.visitor_photo(image, np.random.default_rng(0), visitor.HARD)
+    default, default_params = visitor.visitor_photo(image, np.random.default_rng(0))
+    assert first == again and first != default
+    # The same first draw, a wider range: the crop lands at the same quantile of its range.
+    quantile = (default_params["crop"][0] - 0.6) / 0.4
+    assert (params["crop"][0] - 0.4) / 0.6 == pytest.approx(quantile)
+    assert abs(params["rotation"]) <= 25 and 0.4 <= min(params["crop"])
+    assert 256 <= params["long_side"] <= 448 and 25 <= params["jpeg_quality"] <= 85
+    photo = Image.open(io.BytesIO(first))
+    assert max(photo.size) == params["long_side"]
+
+
+def test_hard_benchmark_is_deterministic_and_differs_from_the_default(tmp_path):
+    hard = dataclasses.replace(SMALL, visitor="hard", test_per_distractor=2)
+    first = benchmark.build_benchmark(tmp_path / "a", hard, progress=False)
+    second = benchmark.build_benchmark(tmp_path / "b", hard, progress=False)
+    default = benchmark.build_benchmark(tmp_path / "c", SMALL, progress=False)
+    files = _files(first.root)
+    assert files == _files(second.root)
+    assert first.provenance["config"]["visitor"] == "hard"
+    assert "visitor" not in default.provenance["config"]  # default provenance as before
+    assert not benchmark.is_built(first.root, SMALL) and benchmark.is_built(first.root, hard)
+    others = _files(default.root)
+    assert files["images/MET/1000/0.jpg"] == others["images/MET/1000/0.jpg"]  # same database
+    queries = [p for p in files if p.startswith("images/test_")]
+    assert len(queries) == 3 * 3 + 2 * 3  # more distractor queries than SMALL's 2 * 2
+    assert all(files[p] != others.get(p) for p in queries)
+    with pytest.raises(ValueError, match="`visitor` must be one of"):
+        benchmark.BenchmarkConfig(visitor="extreme")
+    assert benchmark.PRESETS["hard"].visitor == "hard" and benchmark.PRESETS["default"] == (
+        benchmark.BenchmarkConfig()
+    )
 
 
 def _files(root):
