@@ -1,11 +1,13 @@
 """Benchmark: spatial re-ranking (local features + RANSAC) against the global decision it refines.
 
     .venv/bin/python tools/bench_rerank.py --root /tmp/rerank_bench --build_demo
+    .venv/bin/python tools/bench_rerank.py --root /tmp/rerank_hard --build_hard
     .venv/bin/python tools/bench_rerank.py --root /data/met --local_layer blocks.10.add --top 20
 
 On a Met-format folder (`<root>/info/*.json`, `<root>/images/...`; `--build_demo` writes the
-demo's benchmark there first), with EfficientNet-Lite0's packaged ImageNet weights, one pass per
-image at long side `--max_side`:
+demo's benchmark there first, `--build_hard` the harder one, `tfmet.demo.benchmark.HARD`:
+stronger viewpoint / crop / lighting changes and three times the queries), with
+EfficientNet-Lite0's packaged ImageNet weights, one pass per image at long side `--max_side`:
 
 - global: GeM (p=3) of the last feature map, L2; kNN over the database (k, tau), the
   confidence of the predicted exhibit (softmax of similarities / tau over the top k);
@@ -38,6 +40,9 @@ def _arguments():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--root", required=True, help="Met-format folder (info/, images/).")
     parser.add_argument("--build_demo", action="store_true", help="Write the demo benchmark.")
+    parser.add_argument(
+        "--build_hard", action="store_true", help="Write the harder benchmark (benchmark.HARD)."
+    )
     parser.add_argument("--local_layer", default="blocks.10.add", help="Stride-16 layer.")
     parser.add_argument("--num_local", type=int, default=200, help="Local features per image.")
     parser.add_argument("--max_side", type=int, default=448, help="Long side of each pass.")
@@ -127,10 +132,13 @@ def main():
     from tfmet.metrics import recognition
     from tfmet.retrieval import spatial
 
-    if args.build_demo:
-        from tfmet.demo.benchmark import build_benchmark
+    if args.build_demo and args.build_hard:
+        raise SystemExit("tools/bench_rerank.py: --build_demo and --build_hard exclude each other")
+    if args.build_demo or args.build_hard:
+        from tfmet.demo import benchmark
 
-        build_benchmark(args.root, progress=False)
+        config = benchmark.HARD if args.build_hard else benchmark.BenchmarkConfig()
+        benchmark.build_benchmark(args.root, config, progress=False)
     info = os.path.join(args.root, "info")
 
     def read(name):
