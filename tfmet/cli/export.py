@@ -53,6 +53,13 @@ flags.DEFINE_enum(
     list(SEARCHERS),
     "Recogniser neighbour search (tfmet.retrieval.SEARCHERS).",
 )
+flags.DEFINE_enum(
+    "rerank",
+    "none",
+    ["none", "spatial"],
+    "Recogniser: serve spatial re-ranking as tuned by tfmet-knn-eval --rerank=spatial (its "
+    "--results_json; the train store's local features go into the export).",
+)
 flags.DEFINE_integer("top_k", 5, "Candidates returned per image (recogniser and style).")
 # Style classifier.
 flags.DEFINE_string("style_model", None, "tfmet-train-style run directory or .keras file.")
@@ -104,6 +111,7 @@ def _export_recognizer():
         top_k=FLAGS.top_k,
         threshold=builders.threshold_settings(FLAGS.results_json, FLAGS.threshold, "--threshold"),
         scann_config=builders.scann_config(FLAGS.results_json) if approximate else None,
+        rerank=builders.rerank_settings(FLAGS.results_json) if FLAGS.rerank != "none" else None,
         **_limits(),
     )
 

@@ -73,6 +73,58 @@ def scann_config(results_json=None):
     return search.get("config")
 
 
+RERANK_KEYS = ("top", "residual_threshold", "weight", "saturation")
+
+
+def rerank_settings(results_json):
+    """The spatial re-ranking tfmet-knn-eval --rerank=spatial tuned (its results file's "rerank"
+    block): {"top", "residual_threshold", "weight", "saturation", "threshold", "threshold_rule"}.
+
+    Raises:
+      ValueError: no file, or a file without a complete "rerank" block (named in the message).
+    """
+    if not results_json:
+        raise ValueError(
+            "--rerank=spatial needs --results_json of a tfmet-knn-eval --rerank=spatial run"
+        )
+    results = read_json(results_json, "tfmet-knn-eval results file")
+    block = results.get("rerank") if isinstance(results, dict) else None
+    if not isinstance(block, dict) or block.get("method") != "spatial":
+        raise ValueError(
+            f'{results_json}: no spatial "rerank" block (run tfmet-knn-eval --rerank=spatial)'
+        )
+    missing = [key for key in RERANK_KEYS if key not in block]
+    if missing:
+        raise ValueError(f'{results_json}: the "rerank" block lacks {", ".join(missing)}')
+    threshold = block.get("threshold") or {}
+    return {
+        "top": int(block["top"]),
+        "residual_threshold": float(block["residual_threshold"]),
+        "weight": float(block["weight"]),
+        "saturation": float(block["saturation"]),
+        "threshold": float(threshold.get("value", 0.0)),
+        "threshold_rule": str(threshold.get("rule", "none")),
+    }
+
+
+def read_database_local(descriptor_dir, valid):
+    """(LocalSpec, {asset file name: array}) of the train store's local features, `valid` rows.
+
+    Raises:
+      ValueError: the store has no local features (the message names its manifest).
+    """
+    from tfmet.descriptors.local import LocalSpec
+    from tfmet.descriptors.store import read_local
+
+    store = read_local(descriptor_dir, "train")
+    spec = LocalSpec(int(store.spec["num"]), int(store.spec["dim"]), int(store.spec["seed"]))
+    arrays = {
+        f"rerank_local_{name}.npy": np.ascontiguousarray(getattr(store, name)[valid])
+        for name in ("points", "descriptors", "scores", "counts")
+    }
+    return spec, arrays
+
+
 def whitening(pca=None, train=None, dim=None, raw=False):
     """(mean, projection) of the PCA-whitening to bake in, or (None, None) for none.
 
@@ -120,8 +172,9 @@ def build_descriptor(extractor, spec, pca=None, **limits):
     return module, metadata
 
 
-def read_database(descriptor_dir, info_dir, spec, mini=False):
-    """(descriptors, Met ids) of the valid rows of the train store, checked against the model.
+def read_database(descriptor_dir, info_dir, spec, mini=False, with_valid=False):
+    """(descriptors, Met ids) of the valid rows of the train store, checked against the model
+    (and the store's valid mask when `with_valid`).
 
     Raises:
       ValueError: the store's rows do not match the ground truth, or it was extracted with other
@@ -145,7 +198,8 @@ def read_database(descriptor_dir, info_dir, spec, mini=False):
             f"{descriptor_dir}: descriptors were made with weights "
             f"{store.manifest['weights_sha256']}, the model to export has {spec.weights}"
         )
-    return np.asarray(store.descriptors[store.valid]), labels[store.valid]
+    found = np.asarray(store.descriptors[store.valid]), labels[store.valid]
+    return (*found, store.valid) if with_valid else found
 
 
 def build_recognizer(
@@ -163,6 +217,7 @@ def build_recognizer(
     top_k=5,
     threshold=(0.0, "none", ""),
     scann_config=None,
+    rerank=None,
     **limits,
 ):
     """The one-piece recogniser: `extractor` + the train store of `descriptor_dir` as database.
@@ -181,6 +236,10 @@ def build_recognizer(
         `accepted` is `confidence >= value`.
       scann_config: with an approximate searcher ("scann"), the configuration to build (a
         dict, see `scann_config`); None sizes one for the database.
+      rerank: None, or the spatial re-ranking to serve (`rerank_settings`): the train store's
+        local features go into the export as .npy assets (`module.asset_arrays`), the module
+        gets the `local_features` signature, and the metadata's "rerank" entry says how the
+        client verifies and which threshold then decides.
       limits: `max_pixels`, `max_bytes` of `DescriptorModule` (its defaults if not given).
     """
     from tfmet.export.recognizer import RecognizerModule
@@ -194,7 +253,8 @@ def build_recognizer(
             f"tfmet-knn-eval --backend {searcher} run): the exported searcher's recall against "
             "exact search is not measured and can be far below 0.99 (docs/recognition.md)"
         )
-    train, labels = read_database(descriptor_dir, info_dir, spec, mini=mini)
+    train, labels, valid = read_database(descriptor_dir, info_dir, spec, mini=mini, with_valid=True)
+    local, arrays = (None, {}) if rerank is None else read_database_local(descriptor_dir, valid)
     mean, projection = whitening(pca=pca, train=train, dim=dim, raw=raw)
     database = train if projection is None else apply_pca_whitening(train, mean, projection)
     module = RecognizerModule(
@@ -207,6 +267,8 @@ def build_recognizer(
         top_k=top_k,
         threshold=threshold[0],
         scann_config=scann_config,
+        local=local,
+        rerank_top=rerank["top"] if rerank else 20,
         scales=spec.scales,
         resize_method=spec.resize_method,
         pca_mean=mean,
@@ -229,6 +291,16 @@ def build_recognizer(
         threshold_source=threshold[2],
         scann_config=None if module.scann_config is None else module.scann_config.to_dict(),
     )
+    if rerank is not None:
+        arrays["rerank_labels.npy"] = np.asarray(labels, np.int64)
+        module.asset_arrays = arrays
+        metadata["rerank"] = dict(
+            rerank,
+            method="spatial",
+            top=module.rerank_top,
+            local_features=dict(local.metadata(), local_dim=module.local_dim),
+            threshold=float(np.float32(rerank["threshold"])),
+        )
     return module, metadata
 
 

@@ -5,6 +5,7 @@ import os
 import re
 import shutil
 
+import numpy as np
 import tensorflow as tf
 
 from tfmet.data.images import DEFAULT_MAX_PIXELS, cap_max_side, decode_image
@@ -122,7 +123,8 @@ def check_export_dir(path, force=False):
 
 
 def save_module(module, path, signatures, metadata, force=False):
-    """Saves `module` with `signatures` to `path`, metadata as assets/tfmet_metadata.json.
+    """Saves `module` with `signatures` to `path`, metadata as assets/tfmet_metadata.json and
+    each {file name: array} of the module's `asset_arrays` (if any) as an .npy asset.
 
     The SavedModel is written to a temporary folder next to `path` and renamed into place, so a
     failed export never leaves a half-written model behind (nor destroys the previous one before
@@ -139,6 +141,13 @@ def save_module(module, path, signatures, metadata, force=False):
         with open(meta_file, "w", encoding="utf-8") as f:
             json.dump(metadata, f, indent=1, sort_keys=True)
         module.metadata_asset = tf.saved_model.Asset(meta_file)
+        array_assets = []
+        for name, array in sorted(getattr(module, "asset_arrays", {}).items()):
+            array_file = os.path.join(staging, name)
+            np.save(array_file, np.asarray(array), allow_pickle=False)
+            array_assets.append(tf.saved_model.Asset(array_file))
+        if array_assets:
+            module.array_assets = array_assets
         concrete = {name: _concrete(fn) for name, fn in signatures.items()}
         track_captured_variables(module, concrete.values())
         check_variable_names(module.captured_variables, path)

@@ -74,7 +74,10 @@ class DescriptorModule(tf.Module):
 
     def descriptors(self, images):
         """Descriptors [N, D] of a batch of same-size float images in [0, 255]."""
-        descriptor = self.extractor._extract(images)
+        return self.whiten(self.extractor._extract(images))
+
+    def whiten(self, descriptor):
+        """The export's PCA-whitening of global descriptors [N, D] (identity without one)."""
         if self.whitened:
             descriptor = l2_normalize(tf.matmul(descriptor - self.pca_mean, self.pca_projection))
         return descriptor

@@ -8,6 +8,13 @@ The neighbour search is the in-graph form of a registered searcher
 plain TensorFlow ops, servable by stock TF Serving; right for databases up to a few hundred
 thousand rows) or "scann" (ScaNN's TensorFlow searcher, stored through its module
 serialisation; the serving process must load ScaNN's op library first, e.g. `import scann`).
+
+Built with `local` (a `LocalSpec`, `tfmet-export --rerank=spatial`), the module also has the
+signature `local_features`: the same answer as `serving_default` plus the query's local features
+(from the same backbone passes as its descriptor) and its `rerank_top` exact nearest database
+rows, for the spatial verification the Python client runs (`tfmet.serving.client`,
+`tfmet.retrieval.spatial`) against the database's local features, saved next to the model as
+.npy assets (`asset_arrays`).
 """
 
 import json
@@ -15,7 +22,9 @@ import json
 import numpy as np
 import tensorflow as tf
 
-from tfmet.export.descriptor import DescriptorModule
+from tfmet.descriptors.embedder import DescriptorExtractor
+from tfmet.export.common import map_image_bytes
+from tfmet.export.descriptor import IMAGE_BYTES_SPEC, DescriptorModule
 from tfmet.retrieval.knn import knn_confidence
 from tfmet.retrieval.searchers import make_searcher
 
@@ -37,6 +46,9 @@ class RecognizerModule(DescriptorModule):
       top_k: number of candidate ids returned per image.
       threshold: operating threshold; `accepted` = valid and confidence >= threshold (compared in
         float32, as the returned confidence). 0.0 accepts every valid image.
+      local: None, or the `tfmet.descriptors.local.LocalSpec` of the database's local features:
+        adds the `local_features` signature (see the module doc).
+      rerank_top: with `local`, the exact nearest database rows returned per image (M).
     """
 
     def __init__(
@@ -51,6 +63,8 @@ class RecognizerModule(DescriptorModule):
         threshold=0.0,
         name=None,
         scann_config=None,
+        local=None,
+        rerank_top=20,
         **descriptor_kwargs,
     ):
         super().__init__(embedder, name=name, **descriptor_kwargs)
@@ -86,6 +100,19 @@ class RecognizerModule(DescriptorModule):
         self.recognize_bytes = tf.function(
             self._recognize_bytes, input_signature=[tf.TensorSpec([None], tf.string, "image_bytes")]
         )
+        self.local = local
+        if local is not None:
+            self.local_extractor = DescriptorExtractor(
+                embedder, self.extractor.scales, self.extractor.resize_method, local=local
+            )
+            self.local_dim = int(self.local_extractor.local_dim)
+            self.rerank_top = min(int(rerank_top), self.database_size)
+            if self.rerank_top < 1:
+                raise ValueError(f"`rerank_top` must be >= 1. Received: {rerank_top}")
+            self.rerank_search = make_searcher("exact").in_graph(database, self.rerank_top)
+            self.recognize_local = tf.function(
+                self._recognize_local, input_signature=[IMAGE_BYTES_SPEC]
+            )
 
     def neighbors(self, descriptors):
         """(similarities [B, k], database row indices [B, k]) by descending similarity."""
@@ -108,6 +135,9 @@ class RecognizerModule(DescriptorModule):
 
     def _recognize_bytes(self, image_bytes):
         descriptor, valid = self._bytes_descriptors(image_bytes)
+        return self._answers(descriptor, valid)
+
+    def _answers(self, descriptor, valid):
         out = self._recognize_descriptors(descriptor)
         column = valid[:, None]
         return {
@@ -119,9 +149,59 @@ class RecognizerModule(DescriptorModule):
             "valid": valid,
         }
 
-    def signatures(self):
+    def _recognize_local(self, image_bytes):
+        """`serving_default`'s answer, plus `neighbor_rows` [N, M] (exact, -1 for invalid rows),
+        `local_points` [N, n, 2], `local_descriptors` [N, n, d], `local_scores` [N, n] (zero
+        padded) and `local_counts` [N] int32 of each image."""
+        num, dim = self.local.num, self.local_dim
+        width = self.dim + num * (3 + dim) + 1
+
+        def packed(images):  # one image -> one float32 row, as map_image_bytes takes
+            descriptor, points, descriptors, scores = self.local_extractor._extract_local(images)
+            count = tf.shape(scores)[1]
+            pad = [[0, num - count], [0, 0]]
+            return tf.concat(
+                [
+                    self.whiten(descriptor)[0],
+                    tf.reshape(tf.pad(points[0], pad), [-1]),
+                    tf.reshape(tf.pad(descriptors[0], pad), [-1]),
+                    tf.pad(scores[0], [[0, num - count]]),
+                    tf.cast(count, tf.float32)[None],
+                ],
+                axis=0,
+            )
+
+        rows, valid = map_image_bytes(
+            image_bytes,
+            packed,
+            [width],
+            max_side=self.max_side,
+            max_pixels=self.max_pixels,
+            max_bytes=self.max_bytes,
+        )
+        descriptor = rows[:, : self.dim]
+        out = self._answers(descriptor, valid)
+        _, neighbors = self.rerank_search(descriptor)
+        start = self.dim
+        points = tf.reshape(rows[:, start : start + 2 * num], [-1, num, 2])
+        start += 2 * num
+        descriptors = tf.reshape(rows[:, start : start + num * dim], [-1, num, dim])
+        start += num * dim
         return {
+            **out,
+            "neighbor_rows": tf.where(valid[:, None], tf.cast(neighbors, tf.int64), -1),
+            "local_points": points,
+            "local_descriptors": descriptors,
+            "local_scores": rows[:, start : start + num],
+            "local_counts": tf.cast(rows[:, -1], tf.int32),
+        }
+
+    def signatures(self):
+        signatures = {
             "serving_default": self.recognize_bytes,
             "descriptors": self.recognize_descriptors,
             "images": self.describe_images,
         }
+        if self.local is not None:
+            signatures["local_features"] = self.recognize_local
+        return signatures

@@ -1,6 +1,17 @@
-"""A recogniser export (tfmet-export --kind recognizer) loaded for answering photos."""
+"""A recogniser export (tfmet-export --kind recognizer) loaded for answering photos.
+
+An export built with `--rerank=spatial` (its metadata's "rerank" entry) is answered through its
+`local_features` signature: the database images of the predicted exhibit among the photo's
+`top` nearest rows are verified against it (`tfmet.retrieval.spatial.inliers`, on the database
+local features saved in the export's assets), the best inlier count folds into the confidence
+(`spatial.verified_confidence` with the tuned weight and saturation), and the re-ranking's own
+threshold decides, as tfmet-knn-eval --rerank=spatial measured it.
+"""
 
 import dataclasses
+import os
+
+import numpy as np
 
 from tfmet.io.saved_models import read_export_metadata
 
@@ -33,6 +44,8 @@ class Answer:
       accepted: confidence >= the export's threshold (and the image decoded).
       valid: the image decoded.
       top: [(met_id, score)] alternatives, best first (padding dropped).
+      inliers: with a re-ranking export, the best inlier count of the spatial verification
+        (0 when no database image of `met_id` was among the verified candidates); else None.
     """
 
     met_id: int
@@ -40,6 +53,7 @@ class Answer:
     accepted: bool
     valid: bool
     top: list
+    inliers: int | None = None
 
     @property
     def label(self):
@@ -57,6 +71,8 @@ class Answer:
             return "the image could not be decoded"
         d = decimals(self.confidence, threshold)
         confidence = f"confidence {self.confidence:.{d}f}"
+        if self.inliers is not None:
+            confidence += f" ({self.inliers} inliers)"
         if threshold <= 0:
             return f"{confidence}; no operating threshold: every photo is answered"
         if self.accepted:
@@ -72,6 +88,7 @@ class Answer:
             "accepted": self.accepted,
             "valid": self.valid,
             "top_k": [{"met_id": i, "score": s} for i, s in self.top],
+            **({} if self.inliers is None else {"inliers": self.inliers}),
         }
 
 
@@ -95,8 +112,15 @@ class Recognizer:
         from tfmet.io.saved_models import load_saved_model, signature
 
         self._tf = tf
-        self._fn = signature(load_saved_model(path), path, "serving_default")
-        self.threshold = float(self.metadata.get("threshold", 0.0))
+        loaded = load_saved_model(path)
+        self.rerank = self.metadata.get("rerank")
+        if self.rerank:
+            self._fn = signature(loaded, path, "local_features")
+            self.threshold = float(self.rerank["threshold"])
+            self._database = _database_local(path)
+        else:
+            self._fn = signature(loaded, path, "serving_default")
+            self.threshold = float(self.metadata.get("threshold", 0.0))
 
     def recognize(self, images):
         if not images:
@@ -106,6 +130,8 @@ class Recognizer:
         valid = out["valid"]
         # Exports made before the threshold existed have no `accepted`: they accept every answer.
         accepted = out["accepted"] if "accepted" in out else valid
+        if self.rerank:
+            return self._verified(out, len(images))
         return [
             Answer(
                 met_id=int(out["met_id"][i]),
@@ -121,6 +147,58 @@ class Recognizer:
             for i in range(len(images))
         ]
 
+    def _verified(self, out, n):
+        from tfmet.retrieval import spatial
+
+        rerank, (labels, points, descriptors, scores, counts) = self.rerank, self._database
+        answers = []
+        for i in range(n):
+            met_id, valid = int(out["met_id"][i]), bool(out["valid"][i])
+            best = 0
+            if valid:
+                c = int(out["local_counts"][i])
+                # Rounded as the stores keep them (float16), so that the verification sees what
+                # tfmet-knn-eval --rerank=spatial saw for the same photo.
+                query = spatial.LocalFeatures(
+                    _float16(out["local_points"][i, :c]),
+                    _float16(out["local_descriptors"][i, :c]),
+                    np.asarray(out["local_scores"][i, :c], np.float32),
+                )
+                for row in out["neighbor_rows"][i]:
+                    if row < 0 or labels[row] != met_id:
+                        continue
+                    m = int(counts[row])
+                    candidate = spatial.LocalFeatures(
+                        np.asarray(points[row, :m], np.float32),
+                        np.asarray(descriptors[row, :m], np.float32),
+                        np.asarray(scores[row, :m], np.float32),
+                    )
+                    found = spatial.inliers(query, candidate, rerank["residual_threshold"])
+                    best = max(best, found)
+            confidence = float(out["confidence"][i])
+            if valid:
+                confidence = float(
+                    spatial.verified_confidence(
+                        np.array([confidence]), np.array([best]), rerank["weight"],
+                        rerank["saturation"],
+                    )[0]
+                )  # fmt: skip
+            answers.append(
+                Answer(
+                    met_id=met_id,
+                    confidence=confidence,
+                    accepted=valid and np.float32(confidence) >= np.float32(self.threshold),
+                    valid=valid,
+                    top=[
+                        (int(m), float(s))
+                        for m, s in zip(out["top_k_ids"][i], out["top_k_scores"][i], strict=True)
+                        if m >= 0
+                    ],
+                    inliers=best if valid else None,
+                )
+            )
+        return answers
+
     def warm_up(self):
         """One call on a small generated JPEG, so that the first visitor does not wait for it."""
         import io
@@ -133,3 +211,22 @@ class Recognizer:
 
     def recognize_one(self, data):
         return self.recognize([data])[0]
+
+
+def _float16(array):
+    return np.asarray(np.asarray(array, np.float16), np.float32)
+
+
+def _database_local(path):
+    """(labels, points, descriptors, scores, counts) of the database rows, memory-mapped from
+    the export's assets; errors name the missing file."""
+    arrays = []
+    for name in ("labels", "local_points", "local_descriptors", "local_scores", "local_counts"):
+        file = os.path.join(os.fspath(path), "assets", f"rerank_{name}.npy")
+        try:
+            arrays.append(np.load(file, mmap_mode="r", allow_pickle=False))
+        except FileNotFoundError:
+            raise FileNotFoundError(
+                f"{file}: missing from a --rerank=spatial export (export it again)"
+            ) from None
+    return tuple(arrays)

@@ -1,0 +1,135 @@
+"""Benchmark: the memory and time of spatial re-ranking on a Met-size, memory-mapped store.
+
+    .venv/bin/python tools/bench_rerank_met.py --source /tmp/hard_desc --work /tmp/met_local
+
+Writes a synthetic database of `--count` images (397,121: the Met's database) of local features
+in the layout of `tfmet.descriptors.store` (`train_local_*.npy`, float16 descriptors and
+points), tiled from the real local features of `--source` (a tfmet-extract --local_features
+output; its train rows, cut to `--num` features and the first `--dim` dimensions, renormalised:
+smaller than the extraction's 200 x 112 so that 397k images fit the disk), then in a fresh
+process verifies real queries of `--source`'s test split against `--top` candidates each (M =
+20 and 100; random database rows, all counted as the predicted exhibit's: the worst case, every
+candidate verified), reading the store memory-mapped as tfmet-knn-eval and the recogniser
+client do. Prints the store size, time per query and per pair, and the peak RSS.
+"""
+
+import argparse
+import os
+import resource
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+MET_DATABASE = 397_121
+
+
+def _arguments():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--source", required=True, help="tfmet-extract output with local features.")
+    parser.add_argument("--work", required=True, help="Where the synthetic store goes.")
+    parser.add_argument("--count", type=int, default=MET_DATABASE, help="Database images.")
+    parser.add_argument("--num", type=int, default=100, help="Local features per image.")
+    parser.add_argument("--dim", type=int, default=64, help="Local feature dimension.")
+    parser.add_argument("--top", default="20,100", help="Candidates verified per query (M).")
+    parser.add_argument("--queries", type=int, default=30, help="Queries timed per M.")
+    parser.add_argument("--measure", action="store_true", help=argparse.SUPPRESS)
+    return parser.parse_args()
+
+
+def _cut(store, row, num, dim):
+    points, descriptors, scores = store.image(row)
+    descriptors = descriptors[:num, :dim]
+    descriptors = descriptors / np.maximum(
+        np.linalg.norm(descriptors, axis=1, keepdims=True), 1e-12
+    )
+    return points[:num], descriptors, scores[:num]
+
+
+def _build(args):
+    from tfmet.descriptors.store import read_local, write_local_rows
+
+    source = read_local(args.source, "train")
+    rows = [_cut(source, i, args.num, args.dim) for i in range(len(source.counts))]
+    block = 8192
+
+    def blocks():
+        for start in range(0, args.count, block):
+            n = min(block, args.count - start)
+            picks = [rows[(start + i) % len(rows)] for i in range(n)]
+            counts = np.array([len(p[0]) for p in picks], np.int16)
+            pad = lambda a, width: np.pad(a, [(0, args.num - len(a))] + [(0, 0)] * (a.ndim - 1))  # noqa: E731
+            yield (
+                start,
+                {
+                    "points": np.stack([pad(p[0], 2) for p in picks]),
+                    "descriptors": np.stack([pad(p[1], args.dim) for p in picks]),
+                    "scores": np.stack([pad(p[2], 1) for p in picks]),
+                    "counts": counts,
+                },
+            )
+
+    os.makedirs(args.work, exist_ok=True)
+    start = time.perf_counter()
+    write_local_rows(args.work, "train", args.count, args.num, args.dim, blocks())
+    return time.perf_counter() - start
+
+
+def _measure(args):
+    from tfmet.descriptors.store import local_path, read_local
+    from tfmet.retrieval import spatial
+
+    arrays = {
+        name: np.load(local_path(args.work, "train", name), mmap_mode="r")
+        for name in ("points", "descriptors", "scores", "counts")
+    }
+    queries = read_local(args.source, "test")
+    rng = np.random.default_rng(0)
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(f"peak RSS before verifying: {rss:.0f} MiB")
+    for top in (int(t) for t in args.top.split(",")):
+        seconds, pairs, found = 0.0, 0, []
+        for q in range(args.queries):
+            query = spatial.LocalFeatures(
+                *_cut(queries, q % len(queries.counts), args.num, args.dim)
+            )
+            start = time.perf_counter()
+            for row in rng.choice(args.count, size=top, replace=False):
+                n = int(arrays["counts"][row])
+                candidate = spatial.LocalFeatures(
+                    np.asarray(arrays["points"][row, :n], np.float32),
+                    np.asarray(arrays["descriptors"][row, :n], np.float32),
+                    np.asarray(arrays["scores"][row, :n], np.float32),
+                )
+                found.append(spatial.inliers(query, candidate))
+            seconds += time.perf_counter() - start
+            pairs += top
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        print(
+            f"M={top}: {1e3 * seconds / args.queries:.1f} ms per query, "
+            f"{1e3 * seconds / pairs:.2f} ms per pair ({pairs} pairs, mean inliers "
+            f"{np.mean(found):.1f}); peak RSS {rss:.0f} MiB"
+        )
+
+
+def main():
+    args = _arguments()
+    if args.measure:
+        _measure(args)
+        return
+    seconds = _build(args)
+    size = sum(
+        os.path.getsize(os.path.join(args.work, f))
+        for f in os.listdir(args.work)
+        if f.endswith(".npy")
+    )
+    print(
+        f"store: {args.count} images x {args.num} x {args.dim}: {size / 2**30:.2f} GiB "
+        f"({size / args.count / 1e3:.1f} kB per image), written in {seconds:.0f} s"
+    )
+    subprocess.run([sys.executable, *sys.argv, "--measure"], check=True)
+
+
+if __name__ == "__main__":
+    main()
