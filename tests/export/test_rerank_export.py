@@ -35,6 +35,11 @@ def exported(tmp_path_factory):
     done = _run("tfmet.cli.knn_eval", str(desc), f"--info_dir={tree.info_dir}", "--raw", "-k",
                 "2", "-t", "0.1", "--rerank=spatial")  # fmt: skip
     assert done.returncode == 0, done.stderr[-2000:]
+    # Random weights: val may choose weight 0 (the global decision); a weight that moves the
+    # confidences makes the comparison below test the rule, not only the inliers.
+    results = json.loads((desc / "knn_results.json").read_text())
+    results["rerank"].update(weight=0.5, saturation=8)
+    (desc / "knn_results.json").write_text(json.dumps(results))
     export = ["tfmet.cli.export", "--kind=recognizer", "--backbone=resnet_tiny", "--raw",
               f"--descriptor_dir={desc}", f"--info_dir={tree.info_dir}"]  # fmt: skip
     results = desc / "knn_results.json"
@@ -78,6 +83,7 @@ def test_recognize_answers_with_the_confidence_knn_eval_verified(exported):
         with open(path, "rb") as f:
             photos.append(f.read())
     answers = recognizer.recognize(photos)
+    assert any(answer.inliers for answer in answers)  # the verification found geometry
     assert recognizer.threshold == pytest.approx(block["threshold"]["value"], rel=1e-6)
     for row, answer in enumerate(answers):
         pred = int(predictions["val_pred"][row])
