@@ -187,7 +187,7 @@ class Recognizer:
                 Answer(
                     met_id=met_id,
                     confidence=confidence,
-                    accepted=valid and np.float32(confidence) >= np.float32(self.threshold),
+                    accepted=bool(valid and np.float32(confidence) >= np.float32(self.threshold)),
                     valid=valid,
                     top=[
                         (int(m), float(s))
