@@ -75,6 +75,12 @@ function confidenceWords(data) {
     " needed for an answer, so the photo is not matched to any exhibit. The closest is " +
     exhibitLabel(data.best_met_id, data.name) + ".";
 }
+// A --rerank=spatial export's answers say how many local matches one geometry explained.
+function inlierWords(data) {
+  if (data.inliers === undefined) return "";
+  return " Spatial verification: " + data.inliers +
+    " matching points of the photo agree on one view of the best match.";
+}
 function show(file, data) {
   const query = document.getElementById("query");
   query.querySelectorAll("img").forEach(i => i.remove());
@@ -95,7 +101,8 @@ function show(file, data) {
       "In the collection: " + exhibitLabel(best.met_id, best.name);
   }
   document.getElementById("confidence").textContent =
-    data.valid ? confidenceWords(data) : "The file could not be read as an image.";
+    data.valid ? confidenceWords(data) + inlierWords(data)
+      : "The file could not be read as an image.";
   const matches = document.getElementById("matches");
   matches.innerHTML = "";
   for (const m of data.top_k) {
