@@ -187,3 +187,18 @@ def test_numpy_and_tensorflow_give_the_same_numbers(tau):
         pred, conf = rule_by_loop(sims[row : row + 1, kept], labels[row : row + 1, kept], 40, tau)
         assert masked[0][row] == pred[0]
         np.testing.assert_allclose(masked[1][row], conf[0], rtol=1e-9)
+
+
+@pytest.mark.parametrize("k", [1, 7, 50])
+def test_exact_gemm_search_equals_numpy_brute_force_with_ties(k):
+    # Integer-valued vectors: many exact ties, which must go to the smaller index across shards
+    # and query blocks (more queries than QUERY_BLOCK, shards smaller than the database).
+    rng = np.random.default_rng(3)
+    database = rng.integers(-2, 3, (3000, 8)).astype(np.float32)
+    queries = rng.integers(-2, 3, (700, 8)).astype(np.float32)
+    similarities, indices = ExactSearcher(shard_rows=700).build(database).search(queries, k)
+    scores = queries @ database.T
+    columns = np.broadcast_to(np.arange(database.shape[0]), scores.shape)
+    order = np.lexsort((columns, -scores), axis=1)[:, :k]
+    np.testing.assert_array_equal(indices, order)
+    np.testing.assert_array_equal(similarities, np.take_along_axis(scores, order, 1))

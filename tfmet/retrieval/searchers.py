@@ -21,9 +21,10 @@ A `Searcher` offers
   for the one-piece recogniser SavedModel.
 
 Backends:
-- "exact" (`ExactSearcher`): ScaNN brute force (float32 dot products), run shard by shard over
-  the database and merged, so the search never holds a second full copy of the database (ScaNN
-  copies what it indexes). Equal to numpy brute force up to the order of exact ties. In the graph:
+- "exact" (`ExactSearcher`): float32 GEMM (numpy's BLAS) shard by shard over the database and
+  block by block over the queries, each block's top k selected as it is produced and merged, so
+  the search never holds a second full copy of the database nor a full similarity matrix. Equal
+  to numpy brute force, ties broken by the smaller index. In the graph:
   a matmul + top-k (plain TensorFlow ops).
 - "scann" (`ScannSearcher`): ScaNN's approximate search, configured by
   `tfmet.retrieval.scann_build.ScannConfig` (None: `ScannConfig.for_size(n)`); its calibrated
@@ -61,6 +62,7 @@ FORMAT = "tfmet-knn-index"
 MANIFEST = "tfmet_index.json"
 DATABASE_FILE = "database.npy"
 DEFAULT_SHARD_ROWS = 32768
+QUERY_BLOCK = 512  # queries per GEMM block: [512, shard_rows] float32 similarities
 
 SEARCHERS = {}  # backend name -> Searcher subclass, in registration order
 
@@ -110,6 +112,43 @@ def sort_neighbors(similarities, indices, k):
     """The best `k` of each row, by descending similarity then ascending index."""
     order = np.lexsort((indices, -similarities), axis=1)[:, :k]
     return np.take_along_axis(similarities, order, 1), np.take_along_axis(indices, order, 1)
+
+
+def merge_top_k(scores, offset, best_similarities, best_indices):
+    """The running top k ([b, k], best first) merged with a block of `scores` [b, s] of the
+    database rows `offset` .. `offset + s` (all after the rows already merged).
+
+    Only the scores above a row's current k-th best can enter (an equal one has a larger index
+    and loses the tie); where many do (the first block), those below the block's own k-th best
+    are dropped first. The survivors are gathered into a padded [b, m] list and merged by
+    `sort_neighbors`, so ties keep going to the smaller index.
+    """
+    k = best_indices.shape[1]
+    mask = scores > best_similarities[:, -1:]
+    counts = np.count_nonzero(mask, axis=1)
+    if not counts.any():
+        return best_similarities, best_indices
+    if counts.max() > 4 * k:
+        heavy = counts > k
+        kth = np.full(scores.shape[0], -np.inf, np.float32)
+        if heavy.all():
+            kth = np.partition(scores, scores.shape[1] - k, axis=1)[:, -k]
+        else:
+            kth[heavy] = np.partition(scores[heavy], scores.shape[1] - k, axis=1)[:, -k]
+        mask &= scores >= kth[:, None]
+        counts = np.count_nonzero(mask, axis=1)
+    rows, columns = np.nonzero(mask)
+    position = np.arange(rows.size) - np.repeat(np.cumsum(counts) - counts, counts)
+    width = int(counts.max())
+    similarities = np.full((scores.shape[0], width), -np.inf, np.float32)
+    indices = np.full((scores.shape[0], width), -1, np.int64)
+    similarities[rows, position] = scores[rows, columns]
+    indices[rows, position] = columns + offset
+    return sort_neighbors(
+        np.concatenate([best_similarities, similarities], axis=1),
+        np.concatenate([best_indices, indices], axis=1),
+        k,
+    )
 
 
 def _as_matrix(name, x, dim=None):
@@ -235,7 +274,7 @@ class Searcher:
 
 @register
 class ExactSearcher(Searcher):
-    """Exact search: ScaNN brute force shard by shard (`shard_rows`), merged."""
+    """Exact search: float32 GEMM shard by shard (`shard_rows`), top k merged per block."""
 
     backend = "exact"
 
@@ -252,29 +291,23 @@ class ExactSearcher(Searcher):
         self._database = database if database.dtype == np.float32 else contiguous32(database)
 
     def _search(self, queries, k):
-        # A running top-k merged after each shard keeps the extra memory at two [q, k] lists.
-        best_similarities = np.full((queries.shape[0], 0), -np.inf, np.float32)
-        best_indices = np.zeros((queries.shape[0], 0), np.int64)
+        # One float32 GEMM per (shard, query block); each block's top k is selected as it is
+        # produced and merged into a running [q, k] list, so the extra memory is one block of
+        # similarities and the running lists.
+        best_similarities = np.full((queries.shape[0], k), -np.inf, np.float32)
+        best_indices = np.full((queries.shape[0], k), -1, np.int64)
         # row_chunks reads a memory-mapped database with file reads: its pages never pile up
         # in this process's resident memory.
         for rows, shard in row_chunks(self._database, self.shard_rows):
-            start = rows.start
             shard = contiguous32(shard)
-            shard_k = min(k, shard.shape[0])
-            builder = scann_pybind().builder(shard, shard_k, "dot_product")
-            searcher = builder.score_brute_force().build()
-            if self.num_threads:
-                searcher.set_num_threads(self.num_threads)
-            indices, similarities = searcher.search_batched_parallel(
-                queries, final_num_neighbors=shard_k, batch_size=self.batch_size
-            )
-            del searcher, shard
-            similarities, indices = _clean(indices, similarities, shard_k)
-            best_similarities, best_indices = sort_neighbors(
-                np.concatenate([best_similarities, similarities], axis=1),
-                np.concatenate([best_indices, np.where(indices >= 0, indices + start, -1)], axis=1),
-                k,
-            )
+            for start in range(0, queries.shape[0], QUERY_BLOCK):
+                block = slice(start, start + QUERY_BLOCK)
+                best_similarities[block], best_indices[block] = merge_top_k(
+                    queries[block] @ shard.T,
+                    rows.start,
+                    best_similarities[block],
+                    best_indices[block],
+                )
         return best_similarities, best_indices
 
     def _save(self, directory):
