@@ -244,52 +244,28 @@ def knn_eval(
     counts = _counts(data, database, database_labels, log)
     splits = {"val": val} if val_eval or "test" not in data else {"val": val, "test": data["test"]}
     with contextlib.ExitStack() as stack:
-        spill_dir = None
         approximate = searcher_class(backend).approximate
-        if approximate and not raw:
-            # The whitened database goes to a temporary file that ScaNN's build and the exact
-            # searches of the calibration read chunk by chunk: it is never held beside ScaNN's
-            # own copy.
-            spill_dir = stack.enter_context(tempfile.TemporaryDirectory(prefix="tfmet_knn_"))
         if not raw:
+            # For an approximate backend the whitened database goes to a temporary file that
+            # ScaNN's build and the calibration's exact searches read chunk by chunk.
+            spill_dir = None
+            if approximate:
+                spill_dir = stack.enter_context(tempfile.TemporaryDirectory(prefix="tfmet_knn_"))
             database, splits, dim = _whiten(database, splits, dim, timer, log, spill_dir)
-        classifier = KnnClassifier(
-            1 if k is None else k,
-            1.0 if tau is None else tau,
-            backend=backend,
-            scann_config=scann_config,
-            min_recall=min_recall,
-        )
         if autotune:
             ks = _grid_ks((k,) if k is not None else ks, counts, log)
             taus = (tau,) if tau is not None else taus
-        with timer("index_build"):
-            classifier.fit(
-                database,
-                database_labels,
-                recall_queries=splits["val"].valid_descriptors() if approximate else None,
-                recall_k=max(ks) if autotune else k,
-                log=log,
-            )
+        recall_k = max(ks) if autotune else k
+        options = dict(backend=backend, scann_config=scann_config, min_recall=min_recall)
+        classifier = _fit_classifier(
+            database, database_labels, splits["val"], k, tau, recall_k, options, timer, log
+        )
         del database
         search = _search_choice(classifier, log)
-        result_tuning = None
-        if autotune:
-            result_tuning, val_pred = _autotune(classifier, splits["val"], ks, taus, timer, log)
-        else:
-            with timer("val_search"):
-                val_pred = _predict_split(classifier, splits["val"])
-        predictions = {"val": (*val_pred, splits["val"].labels)}
-        if "test" in splits:
-            with timer("test_search"):
-                test_pred = _predict_split(classifier, splits["test"])
-            predictions["test"] = (*test_pred, splits["test"].labels)
-        metrics = {name: recognition.evaluate(*p) for name, p in predictions.items()}
-        for name, values in metrics.items():
-            log(
-                f"{name}: GAP {values['gap']:.6f}, GAP- {values['gap_minus']:.6f}, "
-                f"ACC {values['acc']:.6f}"
-            )
+        result_tuning, predictions = _predict_splits(
+            classifier, splits, autotune, ks, taus, timer, log
+        )
+        metrics = _evaluate(predictions, log)
         threshold = _operating_threshold(predictions, target_precision, log)
         reranked = None
         if rerank is not None:
@@ -313,6 +289,44 @@ def knn_eval(
             search=search,
             rerank=reranked,
         )
+
+
+def _fit_classifier(database, labels, val, k, tau, recall_k, options, timer, log):
+    """The classifier over the (whitened) database; an approximate backend measures its recall
+    at `recall_k` on the val queries."""
+    classifier = KnnClassifier(1 if k is None else k, 1.0 if tau is None else tau, **options)
+    with timer("index_build"):
+        recall_queries = val.valid_descriptors() if classifier.index.approximate else None
+        classifier.fit(database, labels, recall_queries, recall_k, log=log)
+    return classifier
+
+
+def _predict_splits(classifier, splits, autotune, ks, taus, timer, log):
+    """(TuningResult or None, {split: (pred, conf, labels)}): val (tuned on first with
+    `autotune`), then test with the final (k, tau)."""
+    result_tuning = None
+    if autotune:
+        result_tuning, val_pred = _autotune(classifier, splits["val"], ks, taus, timer, log)
+    else:
+        with timer("val_search"):
+            val_pred = _predict_split(classifier, splits["val"])
+    predictions = {"val": (*val_pred, splits["val"].labels)}
+    if "test" in splits:
+        with timer("test_search"):
+            test_pred = _predict_split(classifier, splits["test"])
+        predictions["test"] = (*test_pred, splits["test"].labels)
+    return result_tuning, predictions
+
+
+def _evaluate(predictions, log):
+    """{split: GAP / GAP- / ACC} of each split's predictions, logged."""
+    metrics = {name: recognition.evaluate(*p) for name, p in predictions.items()}
+    for name, values in metrics.items():
+        log(
+            f"{name}: GAP {values['gap']:.6f}, GAP- {values['gap_minus']:.6f}, "
+            f"ACC {values['acc']:.6f}"
+        )
+    return metrics
 
 
 def load_local_features(directory, splits=SPLITS):
