@@ -172,7 +172,9 @@ def child_tfmet(workdir, backend):
         },
     )
     _, peak = memory()
+    bound = gemm_bound(data, result, backend)
     return {
+        "gemm_bound": bound,
         "k": result.k,
         "tau": result.tau,
         "val": result.val,
@@ -184,6 +186,32 @@ def child_tfmet(workdir, backend):
         "peak_rss": peak,
         "search": result.search,
     }
+
+
+def gemm_bound(data, result, backend, repeats=3):
+    """The float32 GEMM bound of knn-eval's searches, measured in this process after the run.
+
+    FLOPs = 2 q n d summed over the searches knn-eval makes (val once at max k, test once);
+    the rate is the best of `repeats` GEMMs of one search block's shape (QUERY_BLOCK queries x
+    DEFAULT_SHARD_ROWS rows x d, what ExactSearcher multiplies), so the bound is the time those
+    searches would take if selecting, merging and moving data were free.
+    """
+    from tfmet.retrieval.searchers import DEFAULT_SHARD_ROWS, QUERY_BLOCK
+
+    n = int(result.counts["database"])
+    d = int(result.dim or data["train"].descriptors.shape[1])
+    rng = np.random.default_rng(0)
+    queries = rng.standard_normal((QUERY_BLOCK, d), dtype=np.float32)
+    shard = rng.standard_normal((min(n, DEFAULT_SHARD_ROWS), d), dtype=np.float32)
+    best = np.inf
+    for _ in range(repeats):
+        start = time.perf_counter()
+        queries @ shard.T
+        best = min(best, time.perf_counter() - start)
+    rate = 2.0 * queries.shape[0] * shard.shape[0] * d / best
+    searched = sum(int(np.sum(data[s].valid)) for s in result.predictions)
+    flops = 2.0 * searched * n * d
+    return {"gflop_s": rate / 1e9, "flops": flops, "bound_s": flops / rate}
 
 
 def reference_pcaw(x, dim):
@@ -354,6 +382,15 @@ def prepare(args):
 
 
 def report(exact, scann, ref, descriptor_bytes):
+    for name, r in (("exact", exact), ("scann", scann)):
+        b = r["gemm_bound"]
+        searches = sum(r["timings_s"].get(p, 0.0) for p in ("val_search", "test_search"))
+        print(
+            f"[bench] {name}: GEMM bound {b['bound_s']:.2f} s ({b['flops'] / 1e12:.2f} TFLOP at "
+            f"{b['gflop_s']:.0f} GFLOP/s, measured in the same process), knn-eval "
+            f"{r['total_s']:.2f} s, ratio {r['total_s'] / b['bound_s']:.2f}; searches "
+            f"{searches:.2f} s, ratio {searches / b['bound_s']:.2f}"
+        )
     phases = list(exact["timings_s"])
     print("\nphase (s)            exact     scann")
     for p in phases:

@@ -220,3 +220,49 @@ def test_ah_is_not_swept_over_leaves_where_brute_force_fell_short(monkeypatch):
     assert short  # isotropic data: a few leaves hold few of the true neighbours
     ah = [t["config"].split(",")[0] for t in choice.tried if "AH" in t["config"]]
     assert not short & set(ah)
+
+
+def test_search_pays_counts_the_builds_against_the_exact_time_saved():
+    # Exact: 1 s for 100 sample queries, so 10 s for 1,000 queries.
+    assert recall.search_pays(1.0, 100, 1000, cost_s=5.0, approximate_s=0.1)  # 5 + 1 < 10
+    assert not recall.search_pays(1.0, 100, 1000, cost_s=9.5, approximate_s=0.1)  # 9.5 + 1
+    assert not recall.search_pays(1.0, 100, 100, cost_s=1.0)  # the sample alone: no saving
+    assert recall.search_pays(1.0, 100, None, cost_s=1e9)  # query count unknown: calibrate
+
+
+def test_build_lower_bound_prices_the_tree_assignment_at_the_exact_rate():
+    leaves = recall.candidate_families(10_000, 10)[0][0].num_leaves
+    assert leaves == 100
+    assert recall.build_lower_bound_s(10_000, 10, 2.0, 200) == pytest.approx(2.0 * 100 / 200)
+    assert recall.build_lower_bound_s(recall.TREE_FROM - 1, 10, 2.0, 200) == 0.0
+
+
+def test_too_few_queries_choose_exact_search_without_building(monkeypatch):
+    # 3,000 rows: a tree of 55 leaves, whose assignment alone costs as much as an exact search of
+    # 55 queries; 10 queries in all cannot pay for it, whatever the machine's speed.
+    database, queries = _dataset("clustered")
+    built = []
+    monkeypatch.setattr(ScannSearcher, "_build", lambda self, db: built.append(self.config))
+    choice, index = _calibrate(database, queries, 10, total_queries=10, log=lambda line: None)
+    assert built == [] and index.backend == "exact" and choice.backend == "exact"
+    assert choice.reason.startswith("too few queries for ScaNN to pay")
+    assert choice.to_json()["builds"] == []
+
+
+def test_calibration_stops_before_a_build_that_cannot_pay(monkeypatch):
+    # The first family's build is timed as an hour: the second family is never built.
+    database, queries = _dataset("clustered")
+    monkeypatch.setattr(recall, "candidate_families", lambda n, k: FAMILIES)
+    monkeypatch.setattr(recall, "build_lower_bound_s", lambda *args: 0.0)
+    build = recall._Calibration.build
+
+    def slow_build(self, config):
+        index = build(self, config)
+        self.builds[-1]["build_s"] = 3600.0
+        return index
+
+    monkeypatch.setattr(recall._Calibration, "build", slow_build)
+    lines = []
+    choice, _ = _calibrate(database, queries, 10, total_queries=1000, log=lines.append)
+    assert len(choice.builds) == 1
+    assert any("calibration stops before" in line for line in lines)

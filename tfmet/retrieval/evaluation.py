@@ -258,7 +258,7 @@ def knn_eval(
         recall_k = max(ks) if autotune else k
         options = dict(backend=backend, scann_config=scann_config, min_recall=min_recall)
         classifier = _fit_classifier(
-            database, database_labels, splits["val"], k, tau, recall_k, options, timer, log
+            database, database_labels, splits, k, tau, recall_k, options, timer, log
         )
         del database
         search = _search_choice(classifier, log)
@@ -291,13 +291,17 @@ def knn_eval(
         )
 
 
-def _fit_classifier(database, labels, val, k, tau, recall_k, options, timer, log):
+def _fit_classifier(database, labels, splits, k, tau, recall_k, options, timer, log):
     """The classifier over the (whitened) database; an approximate backend measures its recall
-    at `recall_k` on the val queries."""
+    at `recall_k` on the val queries and weighs its calibration and build against the exact
+    search time it would save on all the queries of `splits`."""
     classifier = KnnClassifier(1 if k is None else k, 1.0 if tau is None else tau, **options)
     with timer("index_build"):
-        recall_queries = val.valid_descriptors() if classifier.index.approximate else None
-        classifier.fit(database, labels, recall_queries, recall_k, log=log)
+        recall_queries = None
+        if classifier.index.approximate:
+            recall_queries = splits["val"].valid_descriptors()
+        total = sum(int(np.sum(s.valid)) for s in splits.values())
+        classifier.fit(database, labels, recall_queries, recall_k, log=log, total_queries=total)
     return classifier
 
 

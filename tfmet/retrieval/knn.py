@@ -163,13 +163,16 @@ class KnnClassifier:
         self.labels = None
         self.num_classes = 0
 
-    def fit(self, descriptors, labels, recall_queries=None, recall_k=None, log=None):
+    def fit(
+        self, descriptors, labels, recall_queries=None, recall_k=None, log=None, total_queries=None
+    ):
         """Indexes database `descriptors` [n, d] (float32, L2-normalised) with int `labels` [n].
 
         For an approximate searcher ("scann"), `recall_queries` [q, d] (e.g. the val queries)
         measure recall@`recall_k` (default `k`) against exact search: with no explicit
         `scann_config` the cheapest configuration reaching `min_recall` is chosen, or exact
-        search when none is faster;
+        search when none is faster (with `total_queries`, the number of queries the classifier
+        will search, also when calibration and the build would cost more than the search saves);
         `log` (a callable taking a line) gets the calibration's lines.
         """
         descriptors = np.asarray(descriptors) if not hasattr(descriptors, "shape") else descriptors
@@ -183,12 +186,12 @@ class KnnClassifier:
         if not np.issubdtype(labels.dtype, np.integer):
             raise ValueError(f"`labels` must be integers. Received dtype {labels.dtype}")
         check_finite("descriptors", descriptors)
-        self._build_index(descriptors, recall_queries, recall_k, log)
+        self._build_index(descriptors, recall_queries, recall_k, log, total_queries)
         self.labels = labels.astype(np.int64)
         self.num_classes = int(np.unique(self.labels).size)
         return self
 
-    def _build_index(self, descriptors, recall_queries, recall_k, log):
+    def _build_index(self, descriptors, recall_queries, recall_k, log, total_queries=None):
         if recall_queries is None:
             if self.index.approximate:
                 logging.warning(
@@ -203,6 +206,7 @@ class KnnClassifier:
             self.k if recall_k is None else recall_k,
             min_recall=self.min_recall,
             log=log,
+            total_queries=total_queries,
         )
         self.scann_config = self.index.config
 

@@ -134,6 +134,27 @@ def candidate_families(n, k):
     return families
 
 
+def search_pays(exact_s, sample_queries, total_queries, cost_s, approximate_s=0.0):
+    """Whether an approximate search can still pay for itself: the exact search of all
+    `total_queries` (projected from `exact_s` for `sample_queries`) must cost more than `cost_s`
+    (builds still to pay for) plus the approximate search of them (`approximate_s` for the
+    sample). Unknown `total_queries` (None): assumed to pay."""
+    if total_queries is None:
+        return True
+    scale = float(total_queries) / max(int(sample_queries), 1)
+    return exact_s * scale > cost_s + approximate_s * scale
+
+
+def build_lower_bound_s(n, k, exact_s, sample_queries):
+    """A lower bound on building the cheapest family of `candidate_families`: assigning each of
+    the `n` rows to the tree's leaves costs as many dot products as an exact search of that many
+    queries (priced at the sample's exact rate); 0 below `TREE_FROM`, where no tree is built."""
+    if n < TREE_FROM:
+        return 0.0
+    leaves = candidate_families(n, k)[0][0].num_leaves
+    return exact_s * leaves / max(int(sample_queries), 1)
+
+
 def _summary(config):
     parts = [f"tree {config.num_leaves_to_search}/{config.num_leaves}"] if config.num_leaves else []
     parts.append(f"AH reorder {config.reorder}" if config.use_ah else "brute-force scoring")
@@ -159,8 +180,9 @@ class _Measured:
 class _Calibration:
     """One calibration's inputs and its record: every configuration tried, every index built."""
 
-    def __init__(self, database, queries, exact, k, min_recall, approximate, log):
+    def __init__(self, database, queries, exact, k, min_recall, approximate, log, total=None):
         self.database, self.queries, self.exact, self.k = database, queries, exact, k
+        self.total = total
         self.min_recall, self.approximate, self.log = min_recall, approximate, log
         self.tried, self.builds = [], []
         self.brute_force = {}  # leaves searched -> recall with brute-force scoring
@@ -238,9 +260,10 @@ class _Calibration:
 
         One ScaNN index is alive at a time (each holds its own float32 copy of the database for
         scoring or reordering): a family's index is freed once measured, unless it holds the best
-        so far and is the last family. ScaNN's training is not bit-reproducible across builds, so
-        a best rebuilt at the end is measured again, and swept further if the rebuild falls
-        short.
+        so far and is the last family, or the last family built (when the next build cannot pay
+        for itself, `search_pays`, priced at the last build's time). ScaNN's training is not
+        bit-reproducible across builds, so a best rebuilt at the end is measured again, and
+        swept further if the rebuild falls short.
         """
         families = candidate_families(self.database.shape[0], self.k)
         best, best_index = None, None
@@ -259,6 +282,16 @@ class _Calibration:
             )
             del index
             if number + 1 < len(families):
+                nxt = _summary(families[number + 1][0])
+                if not search_pays(
+                    exact_s, self.queries.shape[0], self.total, self.builds[-1]["build_s"]
+                ):
+                    self.log(
+                        f"scann: calibration stops before {nxt}: building it (about "
+                        f"{self.builds[-1]['build_s']:.1f} s, as the last build) costs more "
+                        f"than the exact search of all {self.total} queries"
+                    )
+                    break
                 best_index = None  # freed before the next family is built
                 return_freed_memory()
         if best is not None and best_index is None:
@@ -298,6 +331,7 @@ def calibrate(
     min_recall=DEFAULT_MIN_RECALL,
     max_queries=MAX_QUERIES,
     log=None,
+    total_queries=None,
 ):
     """Chooses (or checks) a ScaNN configuration for `database` by its recall on `queries`.
 
@@ -314,6 +348,10 @@ def calibrate(
       config: an explicit `ScannConfig` (or dict) to check instead of choosing one.
       min_recall: the recall@k to reach (above 1: unreachable, i.e. exact search).
       log: callable taking a line (default: the logging module).
+      total_queries: how many queries will be searched with the choice (e.g. val + test of
+        knn-eval); with it, no configuration is chosen when calibrating and building cannot pay
+        for itself (`search_pays`): up front by `build_lower_bound_s`, and before each further
+        build by the last build's time. None: calibrate regardless of the query count.
 
     Returns:
       (SearchChoice, the `Searcher` built over `database` with the choice).
@@ -328,7 +366,19 @@ def calibrate(
     exact_index = exact.build(database)
     truth, exact_s = _timed_search(exact_index, queries, k)
     common = dict(k=k, min_recall=float(min_recall), queries=int(queries.shape[0]))
-    calibration = _Calibration(database, queries, truth, k, min_recall, approximate, log)
+    calibration = _Calibration(
+        database, queries, truth, k, min_recall, approximate, log, total_queries
+    )
+    lower_bound = build_lower_bound_s(database.shape[0], k, exact_s, queries.shape[0])
+    if config is None and not search_pays(exact_s, queries.shape[0], total_queries, lower_bound):
+        reason = (
+            f"too few queries for ScaNN to pay: the exact search of all {total_queries} queries "
+            f"(about {exact_s * total_queries / queries.shape[0]:.2f} s) costs less than building "
+            f"an index (at least {lower_bound:.2f} s): using exact search"
+        )
+        measured = (1.0, 1.0, exact_s)
+        choice = calibration.choice(exact_index.backend, None, measured, exact_s, reason, common)
+        return choice, exact_index
     if config is not None:
         config = config if isinstance(config, ScannConfig) else ScannConfig(**dict(config))
         index = calibration.build(config)

@@ -217,10 +217,12 @@ class Searcher:
         return self
 
     def build_calibrated(
-        self, database, queries, k, min_recall=recall.DEFAULT_MIN_RECALL, log=None
-    ):
+        self, database, queries, k, min_recall=recall.DEFAULT_MIN_RECALL, log=None,
+        total_queries=None,
+    ):  # fmt: skip
         """(SearchChoice or None, searcher built over `database`) for searches up to `k`
-        neighbours of queries like `queries`; an exact backend just builds itself."""
+        neighbours of queries like `queries` (`total_queries` of them in all, if known); an
+        exact backend just builds itself."""
         return None, self.build(database)
 
     def search(self, queries, k):
@@ -364,8 +366,9 @@ class ScannSearcher(Searcher):
         self._searcher = searcher
 
     def build_calibrated(
-        self, database, queries, k, min_recall=recall.DEFAULT_MIN_RECALL, log=None
-    ):
+        self, database, queries, k, min_recall=recall.DEFAULT_MIN_RECALL, log=None,
+        total_queries=None,
+    ):  # fmt: skip
         """`recall.calibrate`: chooses the configuration by its recall@k on `queries` (or checks
         an explicit one); the searcher returned may be an `ExactSearcher` when no configuration
         reaches `min_recall` faster than exact search."""
@@ -379,6 +382,7 @@ class ScannSearcher(Searcher):
             config=self.config,
             min_recall=min_recall,
             log=log,
+            total_queries=total_queries,
         )
 
     def _search(self, queries, k):
