@@ -100,3 +100,15 @@ def test_a_truncated_local_array_is_named(built, tree, tmp_path):
     np.save(path, np.zeros((3, 12, 2), np.float16))
     with pytest.raises(ValueError, match=r"_local_points.npy: array is float16 \(3, 12, 2\)"):
         store.read_local(out, "train")
+
+
+def test_a_local_block_of_the_wrong_length_is_refused(tmp_path):
+    block = {
+        "descriptors": np.zeros((2, 3, 4), np.float16),
+        "points": np.zeros((1, 3, 2), np.float16),  # one row short of the block's 2
+        "scores": np.zeros((2, 3), np.float32),
+        "counts": np.zeros(2, np.int16),
+    }
+    with pytest.raises(ValueError, match=r"local points block at row 0 has shape \(1, 3, 2\)"):
+        store.write_local_rows(tmp_path, "train", 2, 3, 4, [(0, block)])
+    assert not list(tmp_path.glob("train_local_*.npy"))  # nothing half-written

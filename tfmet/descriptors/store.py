@@ -94,10 +94,11 @@ def write_local_rows(directory, split, count, num, dim, blocks):
             stop = start + len(block["counts"])
             for name, array in arrays.items():
                 rows = np.asarray(block[name])
-                if rows.shape != array.shape[1:] and rows.shape[1:] != array.shape[1:]:
+                expected = (stop - start, *array.shape[1:])
+                if rows.shape != expected or start < 0 or stop > count:
                     raise ValueError(
                         f"local {name} block at row {start} has shape {rows.shape}; expected "
-                        f"[n, {', '.join(map(str, array.shape[1:]))}]"
+                        f"{list(expected)} within {count} rows"
                     )
                 array[start:stop] = rows
             covered[start:stop] = True
