@@ -1,8 +1,8 @@
 """Tools on a classifier's pooled features: nearest paintings and outlier scores (ArtExtract).
 
 Features are L2-normalised and compared by cosine similarity; the exact searcher
-(`tfmet.retrieval.searchers.ExactSearcher`, ScaNN brute force) finds the neighbours. Distances
-are cosine distances, 1 - cos, in [0, 2].
+(`tfmet.retrieval.searchers.ExactSearcher`, float32 GEMMs with a running top k) finds the
+neighbours. Distances are cosine distances, 1 - cos, in [0, 2].
 
 - `NearestPaintings`: index a collection's features once, then ask for the nearest paintings of
   new images.

@@ -214,8 +214,8 @@ def exact_search(database, queries, k, chunk_rows=1024):
 def knn_search(database, queries, k, backend="scann"):
     """Top-k inner-product neighbours with the searcher registered as `backend`
     (`tfmet.retrieval.searchers`): "scann" is ScaNN's tree + asymmetric hashing + exact
-    reordering for large databases (brute force below its size threshold), "exact" ScaNN
-    brute force.
+    reordering for large databases (brute force below its size threshold), "exact" the
+    float32 GEMM search with a running top k.
     """
     searcher = make_searcher(backend).build(np.asarray(database, np.float32))
     return searcher.search(np.asarray(queries, np.float32), min(int(k), searcher.size))
