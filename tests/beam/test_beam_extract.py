@@ -353,9 +353,9 @@ def test_cli_rejects_bad_input(corpus, tmp_path):
             [
                 f"--info_dir={tree.info_dir}",
                 f"--image_root={tree.image_root}",
-                "--local_features=50",
+                "--local_features=-5",
             ],
-            "--local_features: the Beam pipeline does not keep local features yet",
+            "--local_features must be 0 (none) or positive. Received: -5",
         ),  # fmt: skip
     ]
     for flags, message in cases:

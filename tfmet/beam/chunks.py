@@ -83,15 +83,16 @@ class ChunkOutput:
         present = {m.path.rsplit("/", 1)[-1] for m in FileSystems.match([pattern])[0].metadata_list}
         return [j for j in chunk_ids if CHUNK_PATTERN.format(j) in present]
 
-    def write_chunk(self, chunk_id, start, descriptors, valid, errors):
-        """Writes one chunk file (atomically); `errors` are (row, reason) pairs."""
+    def write_chunk(self, chunk_id, start, descriptors, valid, errors, local=None):
+        """Writes one chunk file (atomically); `errors` are (row, reason) pairs; `local`: None or
+        the rows' local features, {name: array} (`tfmet.descriptors.store.LOCAL_ARRAYS`)."""
         if not self.remote:
-            self.local.write_chunk(chunk_id, start, descriptors, valid, errors)
+            self.local.write_chunk(chunk_id, start, descriptors, valid, errors, local)
             return
         tmp = tempfile.mkdtemp(prefix="tfmet-chunk-")
         try:
             staged = ChunkDirectory(tmp, self.split)
-            staged.write_chunk(chunk_id, start, descriptors, valid, errors)
+            staged.write_chunk(chunk_id, start, descriptors, valid, errors, local)
             with open(staged.chunk_path(chunk_id), "rb") as f:
                 write_bytes(self.chunk_path(chunk_id), f.read())
         finally:

@@ -8,10 +8,12 @@ function decodes a batch of encoded images and calls the `images` signature once
 same-size images. (The `serving_default` signature takes the bytes itself, but each call pays
 a fixed ~0.3 s here for its in-graph tf.data loop, and it says only valid or not, never why.)
 
-Each prediction is a `Described(descriptor, reason)`: the float32 descriptor and "" for a good
-image, or None and the reason the single-machine extraction (`tfmet.descriptors.extraction`)
+Each prediction is a `Described(descriptor, reason, local)`: the float32 descriptor and "" for
+a good image, or None and the reason the single-machine extraction (`tfmet.descriptors.extraction`)
 records for the same image: the decode error, "ValueError: image has no pixels",
-"model failed: ..." or "model gave a non-finite descriptor".
+"model failed: ..." or "model gave a non-finite descriptor". A handler made with `local=True`
+calls the `local_features` signature instead (a `LocalDescriptorModule` export), so each good
+image also carries its local features (points, descriptors, scores), as tfmet-extract keeps them.
 """
 
 import functools
@@ -32,11 +34,16 @@ METADATA_ASSET = "tfmet_metadata.json"
 NON_FINITE = "model gave a non-finite descriptor"
 
 
+LOCAL_SIGNATURE = "local_features"
+
+
 class Described(NamedTuple):
-    """The outcome for one image: a descriptor (float32 [D]) and "", or None and a reason."""
+    """The outcome for one image: a descriptor (float32 [D]) and "", or None and a reason; with
+    local features, `local` is (points [n, 2], descriptors [n, d], scores [n]) of a good image."""
 
     descriptor: np.ndarray | None
     reason: str
+    local: tuple | None = None
 
 
 def localize_model(model_uri):
@@ -75,24 +82,36 @@ def _describe_group(describe, images):
     from tfmet.data import images as image_io
 
     try:
-        descriptors = describe(images=tf.stack(images))["descriptor"].numpy()
+        outputs = {k: v.numpy() for k, v in describe(images=tf.stack(images)).items()}
     except (tf.errors.OpError, ValueError) as e:
         if len(images) > 1:
             return [_describe_group(describe, [image])[0] for image in images]
         return [Described(None, "model failed: " + image_io.error_reason(e))]
+    descriptors = outputs["descriptor"].astype(np.float32)
+    local = [None] * len(images)
+    if "local_descriptors" in outputs:
+        names = ("points", "local_descriptors", "scores")
+        local = list(zip(*(outputs[name] for name in names), strict=True))
     return [
-        Described(d, "") if np.all(np.isfinite(d)) else Described(None, NON_FINITE)
-        for d in descriptors.astype(np.float32)
+        Described(d, "", features) if np.all(np.isfinite(d)) else Described(None, NON_FINITE)
+        for d, features in zip(descriptors, local, strict=True)
     ]
 
 
 def describe_batch(
-    model, batch, inference_args, model_id=None, max_side=None, max_pixels=DEFAULT_MAX_PIXELS
+    model,
+    batch,
+    inference_args,
+    model_id=None,
+    max_side=None,
+    max_pixels=DEFAULT_MAX_PIXELS,
+    local=False,
 ):
     """Beam inference function: encoded images (bytes) -> `PredictionResult`s of `Described`.
 
     Each image is decoded here (so a bad one costs nothing but its reason); images of the same
-    size go through the SavedModel's `images` signature together. Never raises for bad images.
+    size go through the SavedModel's `images` signature together (`local_features` with
+    `local`). Never raises for bad images.
     """
     outcomes = [None] * len(batch)
     groups = {}  # (h, w) -> [(position, image)]
@@ -102,7 +121,7 @@ def describe_batch(
             outcomes[i] = Described(None, reason)
         else:
             groups.setdefault(tuple(image.shape[:2]), []).append((i, image))
-    describe = model.signatures["images"]
+    describe = model.signatures[LOCAL_SIGNATURE if local else "images"]
     for group in groups.values():
         described = _describe_group(describe, [image for _, image in group])
         for (i, _), outcome in zip(group, described, strict=True):
@@ -122,6 +141,7 @@ class DescriptorModelHandler(TFModelHandlerTensor):
       intra_op_threads: TensorFlow intra-op threads per worker process; 0 keeps TF's default
         (all cores), which oversubscribes a machine that runs one worker per core.
       log_every_s: seconds between a worker's progress lines (images, images/s).
+      local: also give each image's local features (the model's `local_features` signature).
     """
 
     def __init__(
@@ -132,17 +152,19 @@ class DescriptorModelHandler(TFModelHandlerTensor):
         intra_op_threads=0,
         log_every_s=60.0,
         max_pixels=DEFAULT_MAX_PIXELS,
+        local=False,
     ):
         super().__init__(
             model_uri,
             inference_fn=functools.partial(
-                describe_batch, max_side=max_side, max_pixels=max_pixels
+                describe_batch, max_side=max_side, max_pixels=max_pixels, local=local
             ),
             min_batch_size=1,
             max_batch_size=int(batch_size),
         )
         self.intra_op_threads = int(intra_op_threads)
         self.log_every_s = float(log_every_s)
+        self.local = bool(local)
         self._progress = None
 
     def load_model(self):
@@ -159,6 +181,11 @@ class DescriptorModelHandler(TFModelHandlerTensor):
             raise ValueError(
                 f"{self._model_uri}: not a tfmet descriptor SavedModel (no 'images' signature; "
                 "export one with tfmet-export --kind descriptor)"
+            )
+        if self.local and LOCAL_SIGNATURE not in model.signatures:
+            raise ValueError(
+                f"{self._model_uri}: the SavedModel gives no local features (no "
+                f"'{LOCAL_SIGNATURE}' signature; export one with local features)"
             )
         return model
 

@@ -11,6 +11,10 @@ The pipeline then, on the workers:
 
 Chunks are the unit of work, of output and of resumption: a rerun skips the chunks already
 written, by Beam or by the single-machine `tfmet-extract`, since both write the same files.
+
+With local features (an `ExtractionSpec` whose `local` is a `LocalSpec`), the model is a
+`LocalDescriptorModule` export whose `local_features` signature computes them as tfmet-extract
+does; the chunks hold them, and merging writes the same `<split>_local_*.npy` arrays.
 """
 
 import dataclasses
@@ -45,36 +49,70 @@ SPEC_KEYS = ("backbone", "weights_sha256", "scales", "resize_method", "max_side"
 # --- The descriptor model
 
 
-def model_metadata(spec):
-    """The metadata `tfmet-export --kind descriptor` gives a raw (unwhitened) descriptor model."""
+def model_metadata(spec, local_dim=None):
+    """The metadata `tfmet-export --kind descriptor` gives a raw (unwhitened) descriptor model;
+    with local features (`spec.local`), also the dimension they are stored in, `local_dim`."""
     import tfmet
 
-    return {
+    metadata = {
         "kind": "descriptor",
         "tfmet_version": tfmet.__version__,
         **spec.metadata(),
         "dim": spec.dim,
         "pca_whitening": False,
     }
+    if spec.local is not None:
+        metadata["local_features"] = spec.local.metadata() | {"local_dim": int(local_dim)}
+    return metadata
 
 
-def saved_model_spec(model_uri, chunk_size=spec_lib.DEFAULT_CHUNK_SIZE):
-    """The `ExtractionSpec` of an exported descriptor SavedModel, from its metadata asset.
-
-    Raises:
-      FileNotFoundError: no `assets/tfmet_metadata.json` under `model_uri`.
-      ValueError: the metadata lacks a field, or the model bakes in PCA-whitening (stores hold
-        raw descriptors; whitening is learned from them afterwards).
-    """
+def read_model_metadata(model_uri):
+    """The metadata asset of an exported descriptor SavedModel (FileNotFoundError, ValueError)."""
     path = FileSystems.join(os.fspath(model_uri), "assets", METADATA_ASSET)
     try:
-        metadata = json.loads(read_bytes(path).decode("utf-8"))
+        return json.loads(read_bytes(path).decode("utf-8"))
     except OSError:
         raise FileNotFoundError(
             f"{path}: not found; is {model_uri} a SavedModel from tfmet-export --kind descriptor?"
         ) from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"{path}: not valid JSON ({e})") from None
+
+
+def model_local_dim(model_uri, local):
+    """The dimension of the local features the model at `model_uri` computes as `local` (a
+    `LocalSpec`) asks.
+
+    Raises:
+      ValueError: the model keeps no local features, or other ones (one line naming it).
+    """
+    recorded = read_model_metadata(model_uri).get("local_features")
+    wanted = local.metadata()
+    if recorded is None:
+        raise ValueError(
+            f"{model_uri}: the model computes no local features; --local_features needs a "
+            "model exported with them (tfmet-extract-beam --local_features exports one)"
+        )
+    if {key: recorded.get(key) for key in wanted} != wanted or "local_dim" not in recorded:
+        shown = {key: value for key, value in recorded.items() if key != "local_dim"}
+        raise ValueError(
+            f"{model_uri}: the model computes local features {shown}, not the {wanted} asked for"
+        )
+    return int(recorded["local_dim"])
+
+
+def saved_model_spec(model_uri, chunk_size=spec_lib.DEFAULT_CHUNK_SIZE, local=None):
+    """The `ExtractionSpec` of an exported descriptor SavedModel, from its metadata asset; with
+    `local` (a `LocalSpec`), of its local features too, which the model must compute as asked.
+
+    Raises:
+      FileNotFoundError: no `assets/tfmet_metadata.json` under `model_uri`.
+      ValueError: the metadata lacks a field, the model bakes in PCA-whitening (stores hold
+        raw descriptors; whitening is learned from them afterwards), or it computes no such
+        local features as `local` asks for.
+    """
+    path = FileSystems.join(os.fspath(model_uri), "assets", METADATA_ASSET)
+    metadata = read_model_metadata(model_uri)
     missing = [key for key in SPEC_KEYS if key not in metadata]
     if missing:
         raise ValueError(f"{path}: metadata lacks {', '.join(missing)}")
@@ -92,6 +130,8 @@ def saved_model_spec(model_uri, chunk_size=spec_lib.DEFAULT_CHUNK_SIZE):
             f"{model_uri}: exported by an older tfmet whose {precision} computed differently "
             f"(precision_version {version}); export it again"
         )
+    if local is not None:
+        model_local_dim(model_uri, local)
     max_side = metadata["max_side"]
     return spec_lib.ExtractionSpec(
         backbone=metadata["backbone"],
@@ -102,6 +142,7 @@ def saved_model_spec(model_uri, chunk_size=spec_lib.DEFAULT_CHUNK_SIZE):
         dim=int(metadata["dim"]),
         chunk_size=int(chunk_size),
         precision=precision,
+        local=local,
     )
 
 
@@ -109,17 +150,21 @@ def export_descriptor_model(extractor, spec, model_dir):
     """Exports `extractor` as a descriptor SavedModel at `model_dir` (local or remote).
 
     An export already at `model_dir` is reused when its metadata describes the same `spec` (a
-    resumed run), and refused otherwise. Returns `model_dir`.
+    resumed run), and refused otherwise. With local features (`spec.local`; `extractor` is a
+    `DescriptorExtractor(local=spec.local)`), the model also has the `local_features`
+    signature. Returns `model_dir`.
 
     Raises:
       ValueError: `model_dir` holds a model with other settings.
     """
     from tfmet.export.common import metadata_signature, save_module
-    from tfmet.export.descriptor import DescriptorModule
 
     model_dir = os.fspath(model_dir)
     if FileSystems.exists(FileSystems.join(model_dir, "assets", METADATA_ASSET)):
-        existing = saved_model_spec(model_dir, spec.chunk_size)
+        try:
+            existing = saved_model_spec(model_dir, spec.chunk_size, spec.local)
+        except ValueError as e:
+            existing = str(e).removeprefix(f"{model_dir}: ")
         if existing != spec:
             raise ValueError(
                 f"{model_dir} holds a descriptor model with other settings ({existing}); use "
@@ -127,10 +172,8 @@ def export_descriptor_model(extractor, spec, model_dir):
             )
         absl_logging.info("reusing the descriptor model in %s", model_dir)
         return model_dir
-    module = DescriptorModule(
-        extractor.embedder, spec.scales, spec.resize_method, max_side=spec.max_side
-    )
-    metadata = model_metadata(spec)
+    module = _descriptor_module(extractor, spec)
+    metadata = model_metadata(spec, getattr(module, "local_dim", None))
     signatures = module.signatures()
     scalars = {k: v for k, v in metadata.items() if isinstance(v, str | int | float | bool)}
     signatures["metadata"] = metadata_signature(scalars)
@@ -143,6 +186,21 @@ def export_descriptor_model(extractor, spec, model_dir):
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return model_dir
+
+
+def _descriptor_module(extractor, spec):
+    """The `DescriptorModule` (`LocalDescriptorModule` with `spec.local`) to export."""
+    from tfmet.export.descriptor import DescriptorModule, LocalDescriptorModule
+
+    kwargs = {"scales": spec.scales, "resize_method": spec.resize_method}
+    if spec.local is None:
+        return DescriptorModule(extractor.embedder, max_side=spec.max_side, **kwargs)
+    if getattr(extractor, "local", None) != spec.local:
+        raise ValueError(
+            f"the spec keeps local features ({spec.local}); the extractor must give them "
+            "(`DescriptorExtractor(local=spec.local)`)"
+        )
+    return LocalDescriptorModule(extractor.embedder, spec.local, max_side=spec.max_side, **kwargs)
 
 
 # --- The launcher's plan
@@ -219,9 +277,12 @@ def is_failure(keyed_outcome):
     return keyed_outcome[1].descriptor is None
 
 
-def build_pipeline(pipeline, plan, model_handler, dead_letter_prefix, max_bytes=DEFAULT_MAX_BYTES):
+def build_pipeline(
+    pipeline, plan, model_handler, dead_letter_prefix, max_bytes=DEFAULT_MAX_BYTES, local_dim=None
+):
     """Adds the extraction of `plan.tasks` to `pipeline`; image files of more than `max_bytes`
-    bytes are failed rows, never held whole.
+    bytes are failed rows, never held whole. With `plan.spec.local`, the chunks also hold local
+    features of dimension `local_dim` (`model_handler` made with `local=True`).
 
     Returns:
       (written, dead_letters): PCollections of (split, chunk_id, images, failed) per chunk file
@@ -252,11 +313,12 @@ def build_pipeline(pipeline, plan, model_handler, dead_letter_prefix, max_bytes=
     dead_letters | "WriteDeadLetters" >> beam.io.WriteToText(
         dead_letter_prefix, file_name_suffix=DEAD_LETTER_SUFFIX, skip_if_empty=True
     )
+    local = None if plan.spec.local is None else (plan.spec.local.num, local_dim)
     written = (
         outcomes
         | "ByChunk" >> beam.Map(transforms.by_chunk)
         | "GroupChunks" >> beam.GroupByKey()
-        | "WriteChunks" >> beam.ParDo(transforms.WriteChunk(plan.output_dir, plan.spec.dim))
+        | "WriteChunks" >> beam.ParDo(transforms.WriteChunk(plan.output_dir, plan.spec.dim, local))
     )
     return written, dead_letters
 
@@ -345,23 +407,27 @@ def run_extraction(
     """Runs the pipeline of `plan` with Beam options `beam_args` (e.g. ["--runner=DataflowRunner",
     "--project=...", ...]); `wait` blocks until it finishes (always true for DirectRunner).
     Images over `max_bytes` bytes or declaring more than `max_pixels` pixels are failed rows
-    (`tfmet.data.limits`).
+    (`tfmet.data.limits`). With `plan.spec.local`, the model must compute those local features
+    (`model_local_dim`; ValueError otherwise).
 
     Returns:
       a `BeamReport` (counts are zero when not waiting).
     """
+    local = plan.spec.local
+    local_dim = None if local is None else model_local_dim(model_uri, local)
     handler = DescriptorModelHandler(
         model_uri,
         max_side=plan.spec.max_side,
         batch_size=batch_size,
         intra_op_threads=intra_op_threads,
         max_pixels=max_pixels,
+        local=local is not None,
     )
     namespace = handler.get_metrics_namespace()
     prefix = dead_letter_prefix(plan.output_dir)
     started = time.perf_counter()
     pipeline = beam.Pipeline(options=pipeline_options(beam_args))
-    build_pipeline(pipeline, plan, handler, prefix, max_bytes)
+    build_pipeline(pipeline, plan, handler, prefix, max_bytes, local_dim)
     result = pipeline.run()
     if not wait:
         return BeamReport(str(result.state), len(plan.tasks), 0, 0, 0.0, prefix)

@@ -4,7 +4,8 @@ Elements between steps:
 
     ChunkTask  (split, chunk_id, start, stop)          one chunk file to compute
     RowKey     (split, chunk_id, start, stop, row, path, file)   one image of a chunk
-    (RowKey, Described)                               its descriptor, or None and the reason
+    (RowKey, Described)                               its descriptor (and local features),
+                                                      or None and the reason
 
 Unreadable files and images the model cannot describe never fail the pipeline: they become rows
 with a reason, recorded in the chunk (and so in the merged store's "errors") and sent to the
@@ -136,17 +137,41 @@ def dead_letter_line(keyed_outcome):
 
 
 def by_chunk(keyed_outcome):
-    """(RowKey, Described) -> ((split, chunk_id, start, stop), (row, descriptor, reason))."""
+    """(RowKey, Described) -> ((split, chunk_id, start, stop), (row, descriptor, reason, local))."""
     key, outcome = keyed_outcome
     return (key.split, key.chunk_id, key.start, key.stop), (key.row, *outcome)
 
 
-class WriteChunk(beam.DoFn):
-    """A chunk's grouped rows -> its chunk file; emits (split, chunk_id, images, failed)."""
+def local_arrays(count, num, dim):
+    """Zeroed local-feature arrays of `count` rows, {name: array} (`store.LOCAL_ARRAYS`)."""
+    from tfmet.descriptors.store import LOCAL_ARRAYS
 
-    def __init__(self, output_dir, dim):
+    return {
+        name: np.zeros((count, *trailing(num, dim)), dtype)
+        for name, (dtype, trailing) in LOCAL_ARRAYS.items()
+    }
+
+
+def add_local(local, i, points, descriptors, scores):
+    """Row `i`'s local features (fewer than `num` when its map has fewer cells)."""
+    n = len(scores)
+    local["points"][i, :n] = points
+    local["descriptors"][i, :n] = descriptors
+    local["scores"][i, :n] = scores
+    local["counts"][i] = n
+
+
+class WriteChunk(beam.DoFn):
+    """A chunk's grouped rows -> its chunk file; emits (split, chunk_id, images, failed).
+
+    With `local` = (num, local_dim), the chunk also holds the rows' local features, laid out as
+    the single-machine extraction lays them out (`tfmet.descriptors.store.LOCAL_ARRAYS`).
+    """
+
+    def __init__(self, output_dir, dim, local=None):
         self.output_dir = output_dir
         self.dim = int(dim)
+        self.local = None if local is None else tuple(int(n) for n in local)
         self.images = beam.metrics.Metrics.counter(NAMESPACE, "images")
         self.failed = beam.metrics.Metrics.counter(NAMESPACE, "failed_images")
         self.chunks = beam.metrics.Metrics.counter(NAMESPACE, "chunks_written")
@@ -159,19 +184,23 @@ class WriteChunk(beam.DoFn):
         (split, chunk_id, start, stop), rows = element
         descriptors = np.zeros((stop - start, self.dim), np.float32)
         valid = np.zeros(stop - start, bool)
+        local = None if self.local is None else local_arrays(stop - start, *self.local)
         errors = {}
-        for row, descriptor, reason in rows:
+        for row, descriptor, reason, features in rows:
             if descriptor is None:
                 errors[row] = reason
             else:
                 descriptors[row - start] = descriptor
                 valid[row - start] = True
+                if local is not None:
+                    add_local(local, row - start, *features)
         seen = set(errors) | {start + i for i in np.flatnonzero(valid)}
         if len(seen) != stop - start:  # a lost element is a runner bug: never write a hole
             missing = sorted(set(range(start, stop)) - seen)
             raise RuntimeError(f"{split} chunk {chunk_id}: rows {missing[:5]} never arrived")
         errors = sorted(errors.items())
-        ChunkOutput(self.output_dir, split).write_chunk(chunk_id, start, descriptors, valid, errors)
+        chunks = ChunkOutput(self.output_dir, split)
+        chunks.write_chunk(chunk_id, start, descriptors, valid, errors, local)
         self.images.inc(stop - start)
         self.failed.inc(len(errors))
         self.chunks.inc()

@@ -102,14 +102,49 @@ def _model_uri(values):
 
 
 def _model(values, model_uri):
-    """The `ExtractionSpec` of the model at `model_uri`, exporting it there first if needed."""
+    """The `ExtractionSpec` of the model at `model_uri`, exporting it there first if needed;
+    --local_features N --local_dim D mean what they mean to tfmet-extract."""
     from tfmet.beam import pipeline
+    from tfmet.descriptors.local import LocalSpec
 
+    num = values["local_features"]
+    local = LocalSpec(num=num, dim=values["local_dim"]) if num else None
     if FLAGS.saved_model:
-        return pipeline.saved_model_spec(model_uri, values["chunk_size"])
-    extractor, spec = model_flags.build_extractor(values, chunk_size=values["chunk_size"])
+        return pipeline.saved_model_spec(model_uri, values["chunk_size"], local)
+    extractor, spec = model_flags.build_extractor(
+        values, chunk_size=values["chunk_size"], fold_bn=values["fold_bn"], local=local
+    )
     pipeline.export_descriptor_model(extractor, spec, model_uri)
     return spec
+
+
+def _run(plan, model_uri, beam_args, values):
+    """Runs the pipeline of `plan`; False when it was only submitted (--nowait)."""
+    from tfmet.beam import pipeline
+
+    report = pipeline.run_extraction(
+        plan,
+        model_uri,
+        beam_args,
+        batch_size=FLAGS.batch_size,
+        intra_op_threads=FLAGS.tf_threads,
+        wait=FLAGS.wait,
+        max_pixels=values["max_pixels"],
+        max_bytes=values["max_bytes"],
+    )
+    if not FLAGS.wait:
+        logging.info(
+            "pipeline submitted (%s); merge once it has finished; images that fail will be "
+            "listed in %s-*.jsonl",
+            report.state,
+            report.dead_letter_prefix,
+        )
+        return False
+    if report.failed:
+        logging.info(
+            "%d failed images are listed in %s-*.jsonl", report.failed, report.dead_letter_prefix
+        )
+    return True
 
 
 def _merge_or_explain(values, pending):
@@ -137,11 +172,6 @@ def extract(values, beam_args):
     require(values, "info_dir", "image_root", "output_dir")
     if values["num_shards"] != 1:
         raise UsageError("--num_shards is for tfmet-extract; Beam distributes the chunks itself")
-    if values["local_features"]:
-        raise UsageError(
-            "--local_features: the Beam pipeline does not keep local features yet; extract "
-            "them with tfmet-extract"
-        )
     beam_args, runner = beam_options(beam_args)
     met_splits = [met.load_split(values["info_dir"], s, values["mini"]) for s in values["splits"]]
     model_flags.check_precision(values)
@@ -168,31 +198,8 @@ def extract(values, beam_args):
         plan.finished,
         plan.complete or "none",
     )
-    if plan.tasks:
-        report = pipeline.run_extraction(
-            plan,
-            model_uri,
-            beam_args,
-            batch_size=FLAGS.batch_size,
-            intra_op_threads=FLAGS.tf_threads,
-            wait=FLAGS.wait,
-            max_pixels=values["max_pixels"],
-            max_bytes=values["max_bytes"],
-        )
-        if not FLAGS.wait:
-            logging.info(
-                "pipeline submitted (%s); merge once it has finished; images that fail will be "
-                "listed in %s-*.jsonl",
-                report.state,
-                report.dead_letter_prefix,
-            )
-            return
-        if report.failed:
-            logging.info(
-                "%d failed images are listed in %s-*.jsonl",
-                report.failed,
-                report.dead_letter_prefix,
-            )
+    if plan.tasks and not _run(plan, model_uri, beam_args, values):
+        return
     _merge_or_explain(values, [s for s in values["splits"] if s not in plan.complete])
 
 

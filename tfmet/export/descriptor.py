@@ -102,3 +102,42 @@ class DescriptorModule(tf.Module):
 
     def signatures(self):
         return {"serving_default": self.describe_bytes, "images": self.describe_images}
+
+
+class LocalDescriptorModule(DescriptorModule):
+    """A `DescriptorModule` that also serves local features (`tfmet.descriptors.local`).
+
+    Besides `DescriptorModule`'s signatures, `local_features` takes float32 RGB `images`
+    [N, H, W, 3] in [0, 255] (one size per batch) and returns what
+    `DescriptorExtractor(local=local).extract_local` gives tfmet-extract, from the same
+    backbone passes: `descriptor` [N, D] (whitened as `images`' is), `points` [N, n, 2],
+    `local_descriptors` [N, n, local_dim] and `scores` [N, n]. The projection of the local
+    features (`projection_matrix` of `local.seed`) is a constant of the exported graph.
+
+    Args:
+      embedder: a built or unbuilt `Embedder`.
+      local: the `tfmet.descriptors.local.LocalSpec` (num, dim, seed).
+      **kwargs: `DescriptorModule`'s other arguments (scales, resize_method, ...).
+    """
+
+    def __init__(self, embedder, local, **kwargs):
+        super().__init__(embedder, **kwargs)
+        extractor = self.extractor
+        self.extractor = DescriptorExtractor(
+            embedder, extractor.scales, extractor.resize_method, local=local
+        )
+        self.local = local
+        self.local_dim = self.extractor.local_dim
+        self.describe_local = tf.function(self._describe_local, input_signature=[IMAGES_SPEC])
+
+    def _describe_local(self, images):
+        descriptor, points, local_descriptors, scores = self.extractor._extract_local(images)
+        return {
+            "descriptor": self.whiten(descriptor),
+            "points": points,
+            "local_descriptors": local_descriptors,
+            "scores": scores,
+        }
+
+    def signatures(self):
+        return {**super().signatures(), "local_features": self.describe_local}
