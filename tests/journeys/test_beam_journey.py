@@ -4,8 +4,8 @@ docs/beam.md promises that the Beam pipeline's stores are tfmet-extract's "bit f
 and to float rounding in values". tests/beam checks that on a tiny random backbone; here both
 programs run as a user types them, with the same flags, on EfficientNet-Lite0 and its packaged
 ImageNet weights, over a Met tree of real photos (`tests.kit.met_tree.write_photo_tree`): Beam
-on the DirectRunner, through the descriptor SavedModel it exports for its workers (BatchNorms as
-trained), tfmet-extract with the Keras model (BatchNorms folded, its default). Chunks of 4 rows
+on the DirectRunner, through the descriptor SavedModel it exports for its workers, tfmet-extract
+with the Keras model (both with BatchNorms folded, their default). Chunks of 4 rows
 cut every split in two, so the merge order is checked too. Then:
 - every split's store has the same manifest (paths, Met ids, model fingerprint, settings) and
   the same descriptors (max abs diff < 1e-5), every row valid, and nothing in the dead letters;
