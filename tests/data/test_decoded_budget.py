@@ -14,7 +14,7 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
-from tfmet.data import images, limits
+from tfmet.data import image_headers, images, limits
 from tfmet.serving.uploads import BadImage, check_image
 
 HOSTILE = (
@@ -48,8 +48,8 @@ def test_budget_math_of_the_hostile_png_by_its_header_only():
     assert limits.over_budget(7999, 7999, 4, 2, budget=limits.DEFAULT_MAX_DECODED_BYTES) == HOSTILE
     data = png(7999, 7999, 16, 6)
     assert len(data) == 45
-    assert [int(v) for v in images.declared_layout(data)] == [4, 2]
-    assert [int(v) for v in images.declared_pixels(data)] == [7999, 7999, 1, 63_984_001]
+    assert [int(v) for v in image_headers.declared_layout(data)] == [4, 2]
+    assert [int(v) for v in image_headers.declared_pixels(data)] == [7999, 7999, 1, 63_984_001]
     with Image.open(io.BytesIO(data)) as image:
         assert limits.pil_layout(image) == (4, 2, 1)
         assert limits.check_pil_budget(image) == HOSTILE
@@ -61,14 +61,16 @@ def test_budget_math_of_the_hostile_png_by_its_header_only():
      (8, 4, [2, 1]), (16, 4, [2, 2]), (8, 6, [4, 1]), (16, 6, [4, 2])],
 )  # fmt: skip
 def test_png_layouts(bit_depth, colour_type, layout):
-    assert [int(v) for v in images.declared_layout(png(10, 10, bit_depth, colour_type))] == layout
+    assert [
+        int(v) for v in image_headers.declared_layout(png(10, 10, bit_depth, colour_type))
+    ] == layout
 
 
 def test_jpeg_layouts_read_the_sof_components():
     for mode, channels in (("L", 1), ("RGB", 3), ("CMYK", 4)):
         buffer = io.BytesIO()
         Image.new(mode, (16, 8)).save(buffer, format="JPEG")
-        assert [int(v) for v in images.declared_layout(buffer.getvalue())] == [channels, 1]
+        assert [int(v) for v in image_headers.declared_layout(buffer.getvalue())] == [channels, 1]
 
 
 def test_decode_image_refuses_over_the_budget_eagerly_and_in_a_graph():

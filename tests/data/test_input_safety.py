@@ -17,7 +17,7 @@ from PIL import Image
 
 from tests.kit import bombs, tiny_backbone
 from tfmet.backbones import IMAGENET_TORCH
-from tfmet.data import images
+from tfmet.data import image_headers, images
 from tfmet.data.limits import DEFAULT_MAX_PIXELS
 
 BOMB_REASON = "image declares 20000x20000 = 400.0 Mpx, over the limit of 89.5 Mpx"
@@ -79,20 +79,20 @@ def watchdog():
 
 def test_declared_size_of_every_format_eagerly_and_in_map():
     for name, data in ENCODED.items():
-        assert [int(v) for v in images.declared_size(data)] == [13, 21], name
+        assert [int(v) for v in image_headers.declared_size(data)] == [13, 21], name
     mapped = tf.data.Dataset.from_tensor_slices(list(ENCODED.values())).map(
-        lambda data: tf.stack(images.declared_size(data))
+        lambda data: tf.stack(image_headers.declared_size(data))
     )
     assert [row.tolist() for row in mapped.as_numpy_iterator()] == [[13, 21]] * len(ENCODED)
 
 
 def test_declared_size_of_hand_made_headers():
     webp = bombs.webp_vp8x_header(16384, 300)
-    assert [int(v) for v in images.declared_size(webp)] == [300, 16384]
+    assert [int(v) for v in image_headers.declared_size(webp)] == [300, 16384]
     for name, data in _bomb_headers().items():
-        assert [int(v) for v in images.declared_size(data)] == [20000, 20000], name
+        assert [int(v) for v in image_headers.declared_size(data)] == [20000, 20000], name
     for data in (b"", b"x", b"not an image at all, just text"):
-        assert [int(v) for v in images.declared_size(data)] == [-1, -1]
+        assert [int(v) for v in image_headers.declared_size(data)] == [-1, -1]
 
 
 # --- Decoding refuses what declares too much ------------------------------------------------
@@ -473,7 +473,12 @@ def test_beam_read_image_bytes_refuses_special_files(tmp_path, watchdog):
 def test_gif_frames_are_counted_not_just_the_logical_screen():
     # giflib holds every frame at its own size: a 10x10 screen may carry a 20000x20000 frame.
     big_frame = bombs.gif_frames((10, 10), [(20000, 20000)])
-    assert [int(v) for v in images.declared_pixels(big_frame)] == [20000, 20000, 1, 400_000_000]
+    assert [int(v) for v in image_headers.declared_pixels(big_frame)] == [
+        20000,
+        20000,
+        1,
+        400_000_000,
+    ]
     with pytest.raises(images.ImageRefused) as raised:
         images.decode_image(big_frame)
     assert images.error_reason(raised.value) == BOMB_REASON
@@ -500,7 +505,7 @@ def test_gif_frames_of_a_real_animation():
     buffer = io.BytesIO()
     frames[0].save(buffer, "GIF", save_all=True, append_images=frames[1:])
     data = buffer.getvalue()
-    assert [int(v) for v in images.declared_pixels(data)] == [60, 80, 12, 12 * 4800]
+    assert [int(v) for v in image_headers.declared_pixels(data)] == [60, 80, 12, 12 * 4800]
     assert images.decode_image(data).shape == (60, 80, 3)  # the first frame
     with pytest.raises(images.ImageRefused) as raised:
         images.decode_image(data, max_pixels=50_000)
