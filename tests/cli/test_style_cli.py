@@ -14,10 +14,10 @@ import tensorflow as tf
 
 from configs import pandora18k, wikipaintings_rasta
 from tests.kit import one_conv_backbone, run_cli, style_data
-from tfmet.data import style_datasets as style_data_module
+from tfmet.data import style_images
 from tfmet.export import save_module
 from tfmet.export.style_classifier import StyleModule
-from tfmet.training.style import checkpoints
+from tfmet.training.style import checkpoints, trained_run
 from tfmet.training.style import predict as style_predict
 from tfmet.training.style import run as style_run
 from tfmet.training.style.model import StyleClassifier, StyleHead
@@ -131,7 +131,7 @@ def test_predict_from_an_exported_saved_model(tmp_path):
     served = tf.saved_model.load(export).signatures["serving_default"](
         image_bytes=tf.constant([png, b"broken"])
     )
-    resized = style_data_module.resize_image(tf.constant(photo, tf.float32), 32)[None]
+    resized = style_images.resize_image(tf.constant(photo, tf.float32), 32)[None]
     probs = keras.ops.softmax(classifier(resized)["style"]).numpy()[0]
     np.testing.assert_allclose(served["style_probabilities"].numpy()[0], probs, atol=1e-6)
     best = np.argsort(-probs, kind="stable")[:2]
@@ -186,7 +186,7 @@ def test_rasta_smoke_finetunes_top_block_with_augmentation(tmp_path):
     assert summary["mode"] == "finetune" and summary["epochs_run"] == 2
     with open(os.path.join(workdir, "split.json")) as f:
         assert json.load(f)["counts"] == {"train": 18, "val": 6, "test": 6}  # the lists' split
-    trained_model = style_run.load_classifier(workdir)
+    trained_model = trained_run.load_classifier(workdir)
 
     def weight(model, name):
         return model.backbone.get_layer(name).get_weights()[0]
@@ -205,7 +205,7 @@ def test_rasta_smoke_finetunes_top_block_with_augmentation(tmp_path):
 @pytest.mark.parametrize("kind", ["flip", "flip_crop", "randaugment"])
 def test_augmenters_keep_shape_and_range_eagerly_and_in_tf_data(kind):
     images = tf.random.stateless_uniform([4, 24, 24, 3], seed=(0, 1), maxval=255.0)
-    augment = style_data_module.make_augmenter(kind, 24, seed=1)
+    augment = style_images.make_augmenter(kind, 24, seed=1)
     mapped = next(iter(tf.data.Dataset.from_tensors(images).map(augment))).numpy()
     outputs = [mapped]
     if kind != "randaugment":  # (RandAugment eagerly costs seconds; training runs it in tf.data)
@@ -216,7 +216,7 @@ def test_augmenters_keep_shape_and_range_eagerly_and_in_tf_data(kind):
     if kind == "flip":  # every image is itself or its mirror image
         for a, b in zip(outputs[1], images.numpy(), strict=True):
             assert np.allclose(a, b) or np.allclose(a, b[:, ::-1])
-    assert style_data_module.make_augmenter("none", 24) is None
+    assert style_images.make_augmenter("none", 24) is None
 
 
 def test_config_variants_and_bad_input(tmp_path):

@@ -8,7 +8,7 @@ import pytest
 import tensorflow as tf
 
 from tests.kit import style_data
-from tfmet.data import style_datasets
+from tfmet.data import style_datasets, style_images, style_splits
 
 
 @pytest.fixture(scope="module")
@@ -116,41 +116,41 @@ def test_stratified_split_counts_by_hand():
     # class 0: 10 images -> 8/1/1; class 1: 7 images -> exact 5.6/0.7/0.7 -> floors 5/0/0 and
     # the 2 leftover images go to the largest remainders (val, test) -> 5/1/1; class 2: 1 -> train.
     labels = np.array([0] * 10 + [1] * 7 + [2])
-    split = style_datasets.stratified_split(labels, (0.8, 0.1, 0.1), seed=3)
+    split = style_splits.stratified_split(labels, (0.8, 0.1, 0.1), seed=3)
     counts = {s: np.bincount(labels[v], minlength=3).tolist() for s, v in split.items()}
     assert counts == {"train": [8, 5, 1], "val": [1, 1, 0], "test": [1, 1, 0]}
     together = np.sort(np.concatenate(list(split.values())))
     np.testing.assert_array_equal(together, np.arange(len(labels)))
-    again = style_datasets.stratified_split(labels, (0.8, 0.1, 0.1), seed=3)
+    again = style_splits.stratified_split(labels, (0.8, 0.1, 0.1), seed=3)
     assert all(np.array_equal(split[s], again[s]) for s in split)
-    other = style_datasets.stratified_split(labels, (0.8, 0.1, 0.1), seed=4)
+    other = style_splits.stratified_split(labels, (0.8, 0.1, 0.1), seed=4)
     assert any(not np.array_equal(split[s], other[s]) for s in split)
     with pytest.raises(ValueError, match="summing to 1"):
-        style_datasets.stratified_split(labels, (0.8, 0.1, 0.2))
+        style_splits.stratified_split(labels, (0.8, 0.1, 0.2))
 
 
 def test_split_file_round_trip_and_changed_dataset(pandora, tmp_path):
     root, _ = pandora
     records = style_datasets.load_pandora18k(root)
     path = str(tmp_path / "split.json")
-    first = style_datasets.load_or_create_split(records, path, (0.6, 0.2, 0.2), seed=0)
+    first = style_splits.load_or_create_split(records, path, (0.6, 0.2, 0.2), seed=0)
     with open(path) as f:
         stored = json.load(f)
     assert stored["stratify"] == "style" and stored["seed"] == 0
     assert sorted(stored["splits"]["val"]) == sorted(records.paths[i] for i in first["val"])
     # A different seed does not matter once the file exists: runs stay comparable.
-    second = style_datasets.load_or_create_split(records, path, (0.6, 0.2, 0.2), seed=99)
+    second = style_splits.load_or_create_split(records, path, (0.6, 0.2, 0.2), seed=99)
     assert all(np.array_equal(first[s], second[s]) for s in first)
     fewer = records.subset(np.arange(5))
     with pytest.raises(ValueError, match="the dataset changed"):
-        style_datasets.read_split(path, fewer)
+        style_splits.read_split(path, fewer)
 
 
 def test_resize_eager_equals_dataset_map():
     image = tf.random.stateless_uniform([37, 23, 3], seed=(1, 2), maxval=255.0)
-    eager = style_datasets.resize_image(image, 16).numpy()
+    eager = style_images.resize_image(image, 16).numpy()
     mapped = next(
-        iter(tf.data.Dataset.from_tensors(image).map(lambda x: style_datasets.resize_image(x, 16)))
+        iter(tf.data.Dataset.from_tensors(image).map(lambda x: style_images.resize_image(x, 16)))
     )
     np.testing.assert_allclose(eager, mapped.numpy(), atol=1e-4)
     assert eager.shape == (16, 16, 3)
@@ -162,18 +162,18 @@ def test_image_dataset_skips_and_scan_reports_corrupt_files(tmp_path):
     style_data.write_corrupt(os.path.join(root, truth["style"][0], "broken.jpg"))
     records = style_datasets.load_folders(root)
     paths = records.abspaths()
-    bad = style_datasets.scan_images(paths)
+    bad = style_images.scan_images(paths)
     assert [(i, os.path.basename(p)) for i, p, _ in bad] == [
         (records.paths.index(f"{truth['style'][0]}/broken.jpg"), "broken.jpg")
     ]
     assert bad[0][2]  # a reason
-    dataset = style_datasets.image_dataset(paths, records.labels, image_size=8, batch_size=4)
+    dataset = style_images.image_dataset(paths, records.labels, image_size=8, batch_size=4)
     images, labels = zip(*[(x.numpy(), y["style"].numpy()) for x, y in dataset], strict=True)
     images, labels = np.concatenate(images), np.concatenate(labels)
     keep = [i for i in range(len(paths)) if i != bad[0][0]]
     assert images.shape == (6, 8, 8, 3)
     np.testing.assert_array_equal(labels, records.labels["style"][keep])
-    first = style_datasets.resize_image(
+    first = style_images.resize_image(
         tf.io.decode_jpeg(open(paths[keep[0]], "rb").read(), dct_method="INTEGER_ACCURATE"), 8
     )
     np.testing.assert_allclose(images[0], first.numpy(), atol=1e-3)

@@ -8,7 +8,7 @@ import tensorflow as tf
 from tests.kit.hub_modules import SlimHubTrunk as _HubTrunk
 from tests.kit.style_data import NUM_CLASSES
 from tfmet.backbones import hub, registry
-from tfmet.data import style_datasets as style_data_module
+from tfmet.data import style_images
 from tfmet.training.style import finetune as style_finetune
 from tfmet.training.style import fit as style_train
 from tfmet.training.style import run as style_run
@@ -27,7 +27,7 @@ def _finetune(batchnorm, dataset):
         {"format": "pandora18k", "root": dataset, "attributes": ["style"]}
     )
     indices = np.arange(0, len(records), 4)[:24]
-    data = style_data_module.image_dataset(
+    data = style_images.image_dataset(
         records.abspaths(indices), {"style": records.labels["style"][indices]}, 32, 8
     )
     style_train.compile_for_attributes(classifier, ["style"], keras.optimizers.SGD(0.05))

@@ -1,4 +1,4 @@
-"""tfmet.training.style.run on procedural styles: train, evaluate, TensorBoard, resume.
+"""style run and trained_run on procedural styles: train, evaluate, TensorBoard, resume.
 
 The other style modules' tests sit beside this file (test_style_<module>.py)."""
 
@@ -13,7 +13,7 @@ import tensorflow as tf
 
 from configs import pandora18k
 from tests.kit.style_data import NUM_CLASSES
-from tfmet.training.style import checkpoints
+from tfmet.training.style import checkpoints, trained_run
 from tfmet.training.style import evaluate as style_eval
 from tfmet.training.style import predict as style_predict
 from tfmet.training.style import run as style_run
@@ -50,12 +50,12 @@ def test_bottleneck_head_learns_procedural_styles(bottleneck_run):
 
 def test_evaluation_matches_a_direct_computation(bottleneck_run, dataset):
     workdir, _, _ = bottleneck_run
-    reports = style_run.evaluate(workdir, split="test", flip_bagging=True, outliers_k=3)
+    reports = trained_run.evaluate(workdir, split="test", flip_bagging=True, outliers_k=3)
     report = reports["style"]
     # Recompute top-1 independently: classifier on decoded images, numpy argmax.
-    records = style_run.load_records(style_run.read_run_config(workdir)["dataset"])
-    split = style_run.load_split(style_run.read_run_config(workdir)["dataset"], records, workdir)
-    classifier = style_run.load_classifier(workdir)
+    records = style_run.load_records(trained_run.read_run_config(workdir)["dataset"])
+    split = style_run.load_split(trained_run.read_run_config(workdir)["dataset"], records, workdir)
+    classifier = trained_run.load_classifier(workdir)
     images, good, errors = style_predict.read_images(records.abspaths(split["test"]), 32)
     assert not errors and len(good) == report["count"]
     logits = classifier(images)["style"].numpy()
@@ -112,7 +112,7 @@ def test_two_attributes_style_and_artist(dataset, bottleneck_run, tmp_path):
     workdir = str(tmp_path / "run")
     summary = style_run.train(config, workdir)
     assert summary["mode"] == "bottleneck"
-    reports = style_run.evaluate(workdir, split="val", flip_bagging=False)
+    reports = trained_run.evaluate(workdir, split="val", flip_bagging=False)
     assert set(reports) == {"style", "artist"}
     records = style_run.load_records(config.dataset.to_dict())
     split = style_run.load_split(config.dataset.to_dict(), records, workdir)

@@ -1,4 +1,4 @@
-"""tfmet.training.style.fit: the per-epoch monitor, its scalars, early stopping, checkpoints."""
+"""tfmet.training.style.fit and .monitor: epoch monitor, scalars, early stopping, checkpoints."""
 
 import glob
 import os
@@ -10,6 +10,7 @@ import tensorflow as tf
 
 from tfmet.training.style import checkpoints
 from tfmet.training.style import fit as style_train
+from tfmet.training.style import monitor as style_monitor
 from tfmet.training.style.model import (
     StyleHead,
     masked_cross_entropy,
@@ -37,7 +38,7 @@ def test_monitor_scalars_and_early_stopping(tmp_path):
         return {"style": np.array(next(epochs), np.float32)}, features
 
     workdir = str(tmp_path)
-    monitor = style_train.StyleMonitor(
+    monitor = style_monitor.StyleMonitor(
         workdir,
         evaluate,
         {"style": labels},

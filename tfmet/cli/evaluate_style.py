@@ -27,10 +27,10 @@ def main(argv):
     no_arguments(argv)
     require(FLAGS.flag_values_dict(), "workdir")
     check_outputs(folders=("output_dir",))
-    from tfmet.training.style import run as style_run
+    from tfmet.training.style import trained_run
 
     logging.set_verbosity(logging.INFO)
-    reports = style_run.evaluate(
+    reports = trained_run.evaluate(
         FLAGS.workdir,
         split=FLAGS.split,
         flip_bagging=FLAGS.flip_bagging,

@@ -39,7 +39,7 @@ def main(argv):
         raise UsageError(f"--top_k must be positive, got {FLAGS.top_k}")
     input_flags.check(FLAGS.flag_values_dict())
     from tfmet.training.style import predict as style_predict
-    from tfmet.training.style import run as style_run
+    from tfmet.training.style import trained_run
 
     predictor = style_predict.load_predictor(FLAGS.model, trust_model=FLAGS.trust_model)
     images, good, errors = style_predict.read_images(
@@ -55,7 +55,7 @@ def main(argv):
         if predictor.classifier is None:
             raise UsageError("--nearest needs a training run or a .keras model, not a SavedModel")
         nearest = style_predict.nearest_in_run(
-            style_run.run_dir_of(FLAGS.model),
+            trained_run.run_dir_of(FLAGS.model),
             predictor.classifier,
             predictor.features(images),
             split=FLAGS.nearest_split,

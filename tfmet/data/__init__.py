@@ -1,5 +1,6 @@
-"""tfmet.data: Met ground truth (`met`), image decoding / tf.data loading (`images`), contrastive
-pairs (`pairs`), style datasets (`style_datasets`) and input limits (`limits`).
+"""tfmet.data: Met ground truth (`met`), image decoding / tf.data loading (`images`, headers in
+`image_headers`), contrastive pairs (`pairs`), style datasets (`style_datasets`, their splits
+`style_splits` and tensors `style_images`) and input limits (`limits`).
 
 The package exports only what loads without TensorFlow: the ground-truth names of `met` (numpy
 only), so a program can validate ground truth and fail fast on bad input before TensorFlow loads.

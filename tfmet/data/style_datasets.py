@@ -1,4 +1,4 @@
-"""Style datasets (Pandora18k, WikiPaintings/RASTA, folders, CSV), stratified splits, tf.data.
+"""Style datasets (Pandora18k, WikiPaintings/RASTA, folders, CSV) read into `StyleRecords`.
 
 Every loader returns a `StyleRecords`: image paths relative to a root, one integer label array per
 attribute ("style", "artist", "genre", ...; -1 = not annotated) with its sorted class names, and,
@@ -24,7 +24,8 @@ root folder) it came from. List and CSV paths are normalised (`a/./b`, `a//b` an
 `a/b`), and naming one image twice is refused.
 
 Splits are per-class stratified, seeded and written to a JSON file of relative paths, so every run
-on the same data uses the same images (`load_or_create_split`).
+on the same data uses the same images (`tfmet.data.style_splits`); the images become tensors in
+`tfmet.data.style_images`. This module needs no TensorFlow.
 """
 
 import csv
@@ -32,23 +33,15 @@ import dataclasses
 import os
 import posixpath
 import re
-import time
 
 import numpy as np
-import tensorflow as tf
-from absl import logging
 
-from tfmet.data import images as image_io
 from tfmet.data.met import check_relative_path
-from tfmet.io.atomic import save_json
-from tfmet.io.json_files import read_json
 from tfmet.io.paths import RootResolver
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp")
 SPLITS = ("train", "val", "test")
 MISSING = -1
-SPLIT_FORMAT = "tfmet-style-split"
-AUGMENTATIONS = ("none", "flip", "flip_crop", "randaugment")
 
 
 @dataclasses.dataclass
@@ -385,214 +378,3 @@ def load_dataset(format, root, list_dir=None, classes_file=None, csv_path=None, 
             f"Received: format={format!r}"
         )
     return records.select_attributes(attributes) if attributes else records
-
-
-# --- Splits ---------------------------------------------------------------------------------
-
-
-def stratified_split(labels, fractions=(0.8, 0.1, 0.1), seed=0):
-    """Deterministic per-class split of indices 0..n-1 into train/val/test.
-
-    Within each class (label value; -1 is a class of its own) the indices are shuffled with a
-    generator seeded by (`seed`, class), and cut by largest-remainder rounding of the fractions,
-    so each split gets its share of every class. The result depends only on `labels`, `fractions`
-    and `seed`.
-
-    Returns:
-      {"train": int64 [n_train], "val": ..., "test": ...}, each sorted.
-    """
-    fractions = np.asarray(fractions, np.float64)
-    if fractions.shape != (3,) or np.any(fractions < 0) or not np.isclose(fractions.sum(), 1.0):
-        raise ValueError(
-            f"`fractions` must be three non-negative numbers summing to 1 (train, val, test). "
-            f"Received: fractions={tuple(fractions.tolist())}"
-        )
-    labels = np.asarray(labels).reshape(-1)
-    out = {split: [] for split in SPLITS}
-    for value in np.unique(labels):
-        members = np.flatnonzero(labels == value)
-        rng = np.random.default_rng([int(seed), int(value) + 1])
-        members = members[rng.permutation(len(members))]
-        exact = fractions * len(members)
-        counts = np.floor(exact).astype(int)
-        remainder = len(members) - counts.sum()
-        order = np.argsort(-(exact - counts), kind="stable")
-        counts[order[:remainder]] += 1
-        bounds = np.cumsum(counts)[:-1]
-        for split, part in zip(SPLITS, np.split(members, bounds), strict=True):
-            out[split].append(part)
-    return {s: np.sort(np.concatenate(out[s])).astype(np.int64) for s in SPLITS}
-
-
-def write_split(path, records, split_indices, **metadata):
-    """Writes a split as relative paths per split name (JSON, atomically)."""
-    save_json(
-        path,
-        {
-            "format": SPLIT_FORMAT,
-            "format_version": 1,
-            **metadata,
-            "counts": {s: len(v) for s, v in split_indices.items()},
-            "splits": {s: [records.paths[int(i)] for i in v] for s, v in split_indices.items()},
-        },
-    )
-
-
-def read_split(path, records):
-    """Reads a split file and maps its paths to indices of `records`.
-
-    Raises:
-      ValueError: the file is not a split file, or lists images `records` does not have (the
-        dataset changed since the split was written).
-    """
-    data = read_json(path, "split file")
-    if not isinstance(data, dict) or data.get("format") != SPLIT_FORMAT:
-        raise ValueError(f"{path}: not a {SPLIT_FORMAT} file")
-    index = {p: i for i, p in enumerate(records.paths)}
-    out = {}
-    for split, paths in data["splits"].items():
-        missing = [p for p in paths if p not in index]
-        if missing:
-            raise ValueError(
-                f"{path}: split {split!r} lists {len(missing)} image(s) absent from the dataset "
-                f"at {records.root}, e.g. {missing[0]!r}; the dataset changed since the split "
-                "was written (delete the file to make a new split)"
-            )
-        out[split] = np.array(sorted(index[p] for p in paths), np.int64)
-    return out
-
-
-def load_or_create_split(records, path, fractions=(0.8, 0.1, 0.1), seed=0, stratify="style"):
-    """The split stored at `path`, or a new one written there.
-
-    A dataset's own split (`records.splits`) is used as is; otherwise `stratified_split` on the
-    `stratify` attribute. Either way the split is written to `path` so later runs reuse it.
-    """
-    if os.path.exists(path):
-        logging.info("Using the split in %s", path)
-        return read_split(path, records)
-    if records.splits is not None:
-        splits = {s: np.asarray(v, np.int64) for s, v in records.splits.items()}
-        metadata = {"source": "dataset lists"}
-    else:
-        if stratify not in records.labels:
-            raise ValueError(
-                f"cannot stratify on {stratify!r}: the dataset has attributes {records.attributes}"
-            )
-        splits = stratified_split(records.labels[stratify], fractions, seed)
-        metadata = {
-            "source": "stratified",
-            "stratify": stratify,
-            "seed": int(seed),
-            "fractions": [float(f) for f in fractions],
-        }
-    write_split(path, records, splits, **metadata)
-    logging.info("Wrote split %s: %s", path, ", ".join(f"{s}={len(v)}" for s, v in splits.items()))
-    return splits
-
-
-# --- Images ---------------------------------------------------------------------------------
-
-
-def resize_image(image, image_size):
-    """Bilinear (antialiased) resize to `image_size` x `image_size`, aspect not kept (RASTA)."""
-    return tf.image.resize(image, [image_size, image_size], method="bilinear", antialias=True)
-
-
-def scan_images(paths, log_every_s=30.0):
-    """Decodes every file once; returns [(index, path, reason)] for those that fail."""
-    bad = []
-    start = last = time.time()
-    for done, element in enumerate(image_io.load_images(paths).prefetch(tf.data.AUTOTUNE), 1):
-        if not bool(element["ok"]):
-            i = int(element["index"])
-            bad.append((i, paths[i], element["error"].numpy().decode("utf-8")))
-        if time.time() - last > log_every_s:
-            last = time.time()
-            rate = done / (last - start)
-            logging.info(
-                "checking images: %d/%d, %.1f images/s, ETA %.0f s",
-                done,
-                len(paths),
-                rate,
-                (len(paths) - done) / rate,
-            )
-    for _, path, reason in bad:
-        logging.warning("Skipping unreadable image %s: %s", path, reason)
-    return bad
-
-
-def image_dataset(
-    paths, labels, image_size, batch_size, shuffle=False, seed=0, augment=None, repeat=False
-):
-    """A batched tf.data pipeline of (images [B, S, S, 3] float 0..255, {attribute: labels}).
-
-    Unreadable files are dropped (run `scan_images` first to report them).
-
-    Args:
-      paths: absolute image paths.
-      labels: attribute -> int array [n].
-      image_size: output side S.
-      batch_size: batch size.
-      shuffle: shuffle the file order each epoch (seeded).
-      seed: shuffle seed.
-      augment: None, or a callable (images batch, training) -> images applied after batching.
-      repeat: repeat forever.
-    """
-    paths = [str(p) for p in paths]
-    labels = {a: np.asarray(v, np.int32) for a, v in labels.items()}
-    order = tf.data.Dataset.range(len(paths))
-    if shuffle:
-        order = order.shuffle(max(len(paths), 1), seed=seed, reshuffle_each_iteration=True)
-    if repeat:
-        order = order.repeat()
-    path_table = tf.constant(paths if paths else [""], tf.string)
-    label_tables = {a: tf.constant(v if len(v) else [0], tf.int32) for a, v in labels.items()}
-
-    def load(index):
-        image, ok, _ = image_io.load_image(tf.gather(path_table, index))
-        image = tf.cond(
-            ok,
-            lambda: resize_image(image, image_size),
-            lambda: tf.zeros([image_size, image_size, 3], tf.float32),
-        )
-        image.set_shape([image_size, image_size, 3])
-        return image, {a: tf.gather(t, index) for a, t in label_tables.items()}, ok
-
-    dataset = order.map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-    dataset = dataset.filter(lambda image, target, ok: ok).map(lambda i, t, ok: (i, t))
-    dataset = dataset.batch(batch_size)
-    if augment is not None:
-        dataset = dataset.map(lambda i, t: (augment(i), t), num_parallel_calls=tf.data.AUTOTUNE)
-    return dataset.prefetch(tf.data.AUTOTUNE)
-
-
-def make_augmenter(kind, image_size, seed=0):
-    """keras-cv augmentation of batches in [0, 255]: flips, flips + random crops, RandAugment."""
-    if kind == "none":
-        return None
-    import keras_cv
-
-    layers = [keras_cv.layers.RandomFlip("horizontal", seed=seed)]
-    if kind in ("flip_crop", "randaugment"):
-        layers.append(
-            keras_cv.layers.RandomCropAndResize(
-                target_size=(image_size, image_size),
-                crop_area_factor=(0.6, 1.0),
-                aspect_ratio_factor=(3 / 4, 4 / 3),
-                seed=seed,
-            )
-        )
-    if kind == "randaugment":
-        layers.append(
-            keras_cv.layers.RandAugment(
-                value_range=(0, 255), augmentations_per_image=2, magnitude=0.3, seed=seed
-            )
-        )
-
-    def augment(images):
-        for layer in layers:
-            images = layer(images, training=True)
-        return images
-
-    return augment

@@ -308,12 +308,12 @@ def build_style(style_model, image_size=None, top_k=5, trust_model=False, **limi
     """The style classifier export of a `tfmet-train-style` run directory or `.keras` file;
     `limits`: `max_pixels`, `max_bytes` of `StyleModule`."""
     from tfmet.export.style_classifier import StyleModule
-    from tfmet.training.style import run as style_run
+    from tfmet.training.style import trained_run
 
-    classifier = style_run.load_classifier(style_model, trust_model=trust_model)
+    classifier = trained_run.load_classifier(style_model, trust_model=trust_model)
     if image_size is None:
-        run_dir = style_run.run_dir_of(style_model)
-        image_size = style_run.read_run_config(run_dir)["model"]["image_size"]
+        run_dir = trained_run.run_dir_of(style_model)
+        image_size = trained_run.read_run_config(run_dir)["model"]["image_size"]
     module = StyleModule(classifier, image_size, top_k=top_k, **limits)
     metadata = dict(
         backbone=classifier.backbone_name or classifier.backbone.name,

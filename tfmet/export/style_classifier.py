@@ -3,7 +3,7 @@
 import tensorflow as tf
 
 from tfmet.data.limits import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS
-from tfmet.data.style_datasets import resize_image
+from tfmet.data.style_images import resize_image
 from tfmet.export.common import map_image_bytes
 
 

@@ -22,7 +22,7 @@ import tensorflow as tf
 from absl import logging
 
 from tfmet.data import images as image_io
-from tfmet.data.style_datasets import resize_image
+from tfmet.data.style_images import resize_image
 from tfmet.io import hashing
 from tfmet.io.atomic import atomic_path, save_json
 

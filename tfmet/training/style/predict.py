@@ -9,7 +9,7 @@ import os
 import numpy as np
 
 from tfmet.data import images as image_io
-from tfmet.data import style_datasets
+from tfmet.data import style_images
 from tfmet.data.limits import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS
 from tfmet.io import saved_models
 from tfmet.metrics.topk import bag_probabilities
@@ -17,13 +17,11 @@ from tfmet.retrieval import embedding_tools
 from tfmet.training.style.run import (
     CLASSIFIER_FILE,
     default_cache_dir,
-    load_classifier,
     load_records,
     load_split,
-    read_run_config,
-    run_dir_of,
     split_features,
 )
+from tfmet.training.style.trained_run import load_classifier, read_run_config, run_dir_of
 
 
 class Predictor:
@@ -150,7 +148,7 @@ def read_images(paths, image_size, max_pixels=DEFAULT_MAX_PIXELS, max_bytes=DEFA
         if image is None:
             errors.append((path, reason))
             continue
-        images.append(np.asarray(style_datasets.resize_image(image, image_size)))
+        images.append(np.asarray(style_images.resize_image(image, image_size)))
         good.append(path)
     stacked = np.stack(images) if images else np.zeros((0, image_size, image_size, 3), np.float32)
     return stacked, good, errors

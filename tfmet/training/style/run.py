@@ -1,7 +1,8 @@
 """A style-classification run from a config: data, split, model, training, evaluation, prediction.
 
-The programs `tfmet-train-style` and `tfmet-evaluate-style` are thin wrappers around `train` and
-`evaluate` (`tfmet-predict` around `tfmet.training.style.predict`). A run directory holds:
+The program `tfmet-train-style` is a thin wrapper around `train` (`tfmet-evaluate-style` around
+`tfmet.training.style.trained_run.evaluate`, `tfmet-predict` around
+`tfmet.training.style.predict`). A run directory holds:
 
     config.json          the config the run was trained with (evaluate / predict read it)
     split.json           the split, unless the config names a shared split file
@@ -32,17 +33,12 @@ import numpy as np
 from absl import logging
 
 from tfmet.backbones.precision import model_precision, set_precision
-from tfmet.data import style_datasets
-from tfmet.io import saved_models
+from tfmet.data import style_datasets, style_images, style_splits
 from tfmet.io.atomic import atomic_path, clean_stale_temporaries, save_json
-from tfmet.io.json_files import read_json
-from tfmet.metrics.topk import bag_probabilities
 from tfmet.precision import check_precision
-from tfmet.retrieval import embedding_tools
 from tfmet.training import distribute, rundir
 from tfmet.training.style import bottleneck as style_bottleneck
 from tfmet.training.style import checkpoints
-from tfmet.training.style import evaluate as style_eval
 from tfmet.training.style import finetune as style_finetune
 from tfmet.training.style import fit as style_train
 from tfmet.training.style.config import check_config
@@ -53,6 +49,9 @@ CLASSIFIER_FILE = "classifier.keras"
 CONFIG_FILE = "config.json"
 # Config entries a resumed run may change.
 RESUMABLE_CHANGES = ("train.epochs", "train.patience", "train.strategy")
+# `StyleClassifier`'s constructor options besides its two layers, each kept as the attribute of
+# the same name (the Keras layer contract), so a copy takes them by name
+_CLASSIFIER_OPTIONS = ("pooling", "gem_p", "preprocessing", "backbone_name", "batchnorm", "name")
 
 
 def default_cache_dir():
@@ -78,7 +77,7 @@ def load_records(dataset_config):
 
 def load_split(dataset_config, records, workdir):
     path = dataset_config.get("split_file") or os.path.join(workdir, "split.json")
-    return style_datasets.load_or_create_split(
+    return style_splits.load_or_create_split(
         records,
         path,
         fractions=tuple(dataset_config.get("split_fractions", (0.8, 0.1, 0.1))),
@@ -92,9 +91,9 @@ def resolve_mode(train_config):
     if mode not in MODES:
         raise ValueError(f"train.mode must be one of {MODES}. Received: {mode!r}")
     augment = train_config.get("augment", "none")
-    if augment not in style_datasets.AUGMENTATIONS:
+    if augment not in style_images.AUGMENTATIONS:
         raise ValueError(
-            f"train.augment must be one of {style_datasets.AUGMENTATIONS}. Received: {augment!r}"
+            f"train.augment must be one of {style_images.AUGMENTATIONS}. Received: {augment!r}"
         )
     trains_backbone = bool(
         train_config.get("trainable_blocks")
@@ -148,16 +147,8 @@ def check_model_precision(model_config):
 
 def save_classifier(classifier, path, image_size):
     """Saves an uncompiled copy of `classifier` (same layers, no optimizer state) atomically."""
-    copy = StyleClassifier(
-        classifier.backbone,
-        classifier.head,
-        pooling=classifier.pooling,
-        gem_p=classifier.gem_p,
-        preprocessing=classifier.preprocessing,
-        backbone_name=classifier.backbone_name,
-        batchnorm=classifier.batchnorm,
-        name=classifier.name,
-    )
+    options = {option: getattr(classifier, option) for option in _CLASSIFIER_OPTIONS}
+    copy = StyleClassifier(classifier.backbone, classifier.head, **options)
     copy.build((None, image_size, image_size, 3))
     copy.pool.set_weights(classifier.pool.get_weights())
     with atomic_path(path) as tmp:
@@ -202,7 +193,8 @@ def split_features(classifier, records, indices, image_size, batch_size, cache_d
     return features[ok], indices[ok], [(int(indices[i]), p, r) for i, p, r in errors]
 
 
-def _labels(records, indices):
+def split_labels(records, indices):
+    """attribute -> the labels of records[indices]."""
     return {a: records.labels[a][indices] for a in records.attributes}
 
 
@@ -331,9 +323,9 @@ def _train_bottleneck(
     state = style_train.train_head(
         classifier.head,
         train_x,
-        _labels(records, train_i),
+        split_labels(records, train_i),
         val_x,
-        _labels(records, val_i),
+        split_labels(records, val_i),
         settings,
         workdir,
         resume=resume,
@@ -363,18 +355,16 @@ def _train_finetune(classifier, records, splits, settings, train_c, workdir, res
             if records.paths[i] in known
         ]
     else:
-        errors = style_datasets.scan_images(records.abspaths(indices))
+        errors = style_images.scan_images(records.abspaths(indices))
         errors = [(int(indices[i]), p, r) for i, p, r in errors]
         _write_bad_images(workdir, errors, records)
     bad = {i for i, _, _ in errors}
     train_i = np.array([i for i in splits["train"] if i not in bad], np.int64)
     val_i = np.array([i for i in splits["val"] if i not in bad], np.int64)
-    augment = style_datasets.make_augmenter(
-        train_c.get("augment", "none"), image_size, settings.seed
-    )
-    train_data = style_datasets.image_dataset(
+    augment = style_images.make_augmenter(train_c.get("augment", "none"), image_size, settings.seed)
+    train_data = style_images.image_dataset(
         records.abspaths(train_i),
-        _labels(records, train_i),
+        split_labels(records, train_i),
         image_size,
         settings.batch_size,
         shuffle=True,
@@ -382,8 +372,8 @@ def _train_finetune(classifier, records, splits, settings, train_c, workdir, res
         augment=augment,
         repeat=True,
     )
-    val_labels = _labels(records, val_i)
-    val_data = style_datasets.image_dataset(
+    val_labels = split_labels(records, val_i)
+    val_data = style_images.image_dataset(
         records.abspaths(val_i), val_labels, image_size, settings.batch_size
     )
     steps = max(1, math.ceil(len(train_i) / settings.batch_size))
@@ -399,160 +389,3 @@ def _train_finetune(classifier, records, splits, settings, train_c, workdir, res
         projector_metadata=_projector_metadata(records, val_i),
     )
     return state, val_i, errors
-
-
-# --- Loading a trained run -------------------------------------------------------------------
-
-
-def run_dir_of(path):
-    """The run directory of a run dir, its classifier.keras or a checkpoint in it."""
-    path = os.fspath(path)
-    candidates = [path] if os.path.isdir(path) else []
-    candidates += [os.path.dirname(path), os.path.dirname(os.path.dirname(path))]
-    for candidate in candidates:
-        if os.path.exists(os.path.join(candidate, CONFIG_FILE)):
-            return candidate
-    raise FileNotFoundError(f"{path}: not inside a tfmet-train-style run (no {CONFIG_FILE})")
-
-
-def read_run_config(workdir):
-    path = os.path.join(workdir, CONFIG_FILE)
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"{workdir} is not a tfmet-train-style run: no {CONFIG_FILE}")
-    config = read_json(path, "run config")
-    if not isinstance(config, dict) or not isinstance(config.get("model"), dict):
-        raise ValueError(f"{path}: not a tfmet-train-style run config")
-    return config
-
-
-def load_classifier(path, trust_model=False):
-    """A trained `StyleClassifier` from a run directory, a `.keras` file or a checkpoint.
-
-    Checkpoints (`checkpoints/*.weights.npz` of a run, or a Keras `.weights.h5` of the whole
-    classifier) are loaded into a classifier rebuilt from the run's config.json. Hub backbones
-    are SavedModels (programs): loading one from a `.keras` file needs `trust_model=True`.
-    """
-    path = os.fspath(path)
-    if os.path.isdir(path):
-        candidate = os.path.join(path, CLASSIFIER_FILE)
-        if not os.path.exists(candidate):
-            raise FileNotFoundError(f"{path}: no {CLASSIFIER_FILE} (has the run finished?)")
-        path = candidate
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"model file not found: {path}")
-    if path.endswith((".weights.npz", ".weights.h5")):
-        workdir = run_dir_of(path)
-        config = read_run_config(workdir)
-        records = load_records(config["dataset"])
-        classifier = build_classifier(
-            config["model"], records.class_names, config["train"].get("seed", 0)
-        )
-        if path.endswith(".weights.h5"):
-            classifier.load_weights(path)
-            return classifier
-        kind = "classifier"
-        if checkpoints.has_checkpoint(workdir):
-            kind = checkpoints.read_state(workdir).get("model", "classifier")
-        checkpoints.load_weights(classifier.head if kind == "head" else classifier, path)
-        return classifier
-    if not path.endswith(".keras"):
-        raise ValueError(
-            f"{path}: expected a run directory, a .keras file or a .weights.npz/.weights.h5 "
-            "checkpoint"
-        )
-    try:
-        model = saved_models.load_keras_file(path, "Keras model", safe_mode=not trust_model)
-    except ValueError as e:
-        if "safe mode" in str(e):
-            raise ValueError(
-                f"{path} contains a hub module (a SavedModel program); load it only if you "
-                "trust the file (--trust_model)"
-            ) from None
-        raise
-    if not isinstance(model, StyleClassifier):
-        raise ValueError(f"{path}: holds a {type(model).__name__}, not a StyleClassifier")
-    return model
-
-
-# --- Evaluation ------------------------------------------------------------------------------
-
-
-def evaluate(
-    workdir,
-    split="test",
-    flip_bagging=True,
-    output_dir=None,
-    model_path=None,
-    cache_dir=None,
-    outliers_k=0,
-    batch_size=32,
-    trust_model=False,
-):
-    """Evaluates a trained run on one split; writes and returns the report.
-
-    Writes into `output_dir` (default `<workdir>/eval_<split>`): metrics.json (top-1/3/5 per
-    attribute, plain and flip-bagged), per_class_<attribute>.csv, confusion_<attribute>.csv/png
-    (of the bagged predictions when flip bagging is on), and with `outliers_k` > 0
-    outliers_<attribute>.csv.
-    """
-    config = read_run_config(workdir)
-    classifier = load_classifier(model_path or workdir, trust_model=trust_model)
-    records = load_records(config["dataset"])
-    splits = load_split(config["dataset"], records, workdir)
-    if split not in splits or not len(splits[split]):
-        raise ValueError(f"split {split!r} is empty or absent in {workdir} (have {list(splits)})")
-    image_size = int(config["model"]["image_size"])
-    if cache_dir is None:
-        cache_dir = config.get("cache_dir") or default_cache_dir()
-    features, kept, errors = split_features(
-        classifier, records, splits[split], image_size, batch_size, cache_dir
-    )
-    logits = {a: np.asarray(v) for a, v in classifier.head(features, training=False).items()}
-    probabilities = {a: np.asarray(bag_probabilities(v)) for a, v in logits.items()}
-    bagged = None
-    if flip_bagging:
-        flipped, kept_f, _ = split_features(
-            classifier, records, kept, image_size, batch_size, cache_dir, flip=True
-        )
-        if len(kept_f) != len(kept):
-            raise ValueError(f"{split}: an image became unreadable during evaluation")
-        flipped_logits = classifier.head(flipped, training=False)
-        bagged = {a: np.asarray(bag_probabilities(logits[a], flipped_logits[a])) for a in logits}
-    labels = _labels(records, kept)
-    reports, matrices = {}, {}
-    for a in classifier.attributes:
-        report, matrix = style_eval.evaluate_scores(
-            probabilities[a], labels[a], records.class_names[a]
-        )
-        if bagged is not None:
-            bagged_report, matrix = style_eval.evaluate_scores(
-                bagged[a], labels[a], records.class_names[a]
-            )
-            report = {
-                **{k: v for k, v in report.items() if k != "per_class"},
-                "flip_bagged": {k: v for k, v in bagged_report.items() if k != "per_class"},
-                "per_class": bagged_report["per_class"],
-            }
-        reports[a], matrices[a] = report, matrix
-    output_dir = output_dir or os.path.join(workdir, f"eval_{split}")
-    style_eval.write_evaluation(
-        output_dir,
-        reports,
-        matrices,
-        records.class_names,
-        split=split,
-        images=len(kept),
-        unreadable=[{"path": records.paths[i], "reason": r} for i, _, r in errors],
-        flip_bagging=bool(flip_bagging),
-    )
-    if outliers_k:
-        for a in classifier.attributes:
-            names = [records.class_names[a][v] if v >= 0 else "" for v in records.labels[a][kept]]
-            scores = embedding_tools.outlier_scores(features, np.array(names), k=outliers_k)
-            embedding_tools.write_outlier_csv(
-                os.path.join(output_dir, f"outliers_{a}.csv"),
-                [records.paths[i] for i in kept],
-                names,
-                scores,
-            )
-    return reports
