@@ -13,7 +13,7 @@ from tests.kit.hub_modules import TensorModule as _TensorModule
 from tests.kit.hub_modules import expected_feature_map as _expected_feature_map
 from tests.kit.hub_modules import save_module as _save
 from tfmet import backbones
-from tfmet.backbones import hub
+from tfmet.backbones import hub, hub_module
 
 
 @pytest.fixture(scope="module")
@@ -179,7 +179,7 @@ def test_offline_url_handle_is_read_from_tfhub_cache(tensor_module, tmp_path, mo
     shutil.copytree(tensor_module, target)
     (cache / (target.name + ".descriptor.txt")).write_text("test\n")
     monkeypatch.setenv("TFHUB_CACHE_DIR", str(cache))
-    assert os.path.samefile(hub.resolve(handle), target)
+    assert os.path.samefile(hub_module.resolve(handle), target)
     images = _images()
     np.testing.assert_allclose(
         backbones.get("hub:" + handle)(images), _expected_feature_map(images), atol=1e-5
