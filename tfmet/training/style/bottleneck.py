@@ -133,6 +133,37 @@ def _progress(done, total, start):
     logging.info("features: %d/%d images, %.1f images/s, ETA %.0f s", done, total, rate, eta)
 
 
+def _cached_rows(cache, hashes):
+    """({index: cached features}, [indices to compute]) of files with these content hashes."""
+    rows, todo = {}, []
+    for i, h in enumerate(hashes):
+        cached = cache.get(h) if (cache is not None and h is not None) else None
+        if cached is not None:
+            rows[i] = cached
+        else:
+            todo.append(i)
+    return rows, todo
+
+
+def _square_batches(paths, todo, image_size, batch_size, flip):
+    """Batches of (index, image [S, S, 3] resized as in training (mirrored with `flip`), ok,
+    error) of paths[todo]; an unreadable file gives a zero image and ok=False."""
+    dataset = image_io.load_images([paths[i] for i in todo], indices=todo)
+
+    def prepare(element):
+        image = tf.cond(
+            element["ok"],
+            lambda: resize_image(element["image"], image_size),
+            lambda: tf.zeros([image_size, image_size, 3], tf.float32),
+        )
+        if flip:
+            image = tf.reverse(image, axis=[1])
+        return element["index"], image, element["ok"], element["error"]
+
+    dataset = dataset.map(prepare, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    return dataset.batch(batch_size).prefetch(tf.data.AUTOTUNE)
+
+
 def extract_features(
     feature_fn, paths, image_size, batch_size=32, flip=False, cache=None, log_every_s=10.0
 ):
@@ -154,32 +185,12 @@ def extract_features(
     paths = [str(p) for p in paths]
     n = len(paths)
     hashes = [file_sha256(p) for p in paths] if cache is not None else [None] * n
-    rows = {}
-    todo = []
-    for i, h in enumerate(hashes):
-        cached = cache.get(h) if (cache is not None and h is not None) else None
-        if cached is not None:
-            rows[i] = cached
-        else:
-            todo.append(i)
+    rows, todo = _cached_rows(cache, hashes)
     if cache is not None:
         logging.info("features: %d of %d images cached in %s", n - len(todo), n, cache.path)
     errors = []
     if todo:
-        dataset = image_io.load_images([paths[i] for i in todo], indices=todo)
-
-        def prepare(element):
-            image = tf.cond(
-                element["ok"],
-                lambda: resize_image(element["image"], image_size),
-                lambda: tf.zeros([image_size, image_size, 3], tf.float32),
-            )
-            if flip:
-                image = tf.reverse(image, axis=[1])
-            return element["index"], image, element["ok"], element["error"]
-
-        dataset = dataset.map(prepare, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-        dataset = dataset.batch(batch_size).prefetch(tf.data.AUTOTUNE)
+        dataset = _square_batches(paths, todo, image_size, batch_size, flip)
         compute = tf.function(feature_fn, reduce_retracing=True)
         start, last_log, done = time.time(), time.time(), 0
         new_hashes, new_features = [], []
