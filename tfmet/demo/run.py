@@ -82,21 +82,6 @@ def resolve_weights(backbone, weights):
     return weights, stem[: -len(".weights.h5")] if stem.endswith(".weights.h5") else stem
 
 
-def _extractor(backbone, weights, seed, multiscale, max_side, precision="float32"):
-    """`DescriptorExtractor` + `ExtractionSpec`, built exactly as `tfmet-extract` builds them."""
-    from tfmet.descriptors import spec as spec_lib
-
-    scales = None if multiscale else (1.0,)
-    return spec_lib.build_extractor(
-        backbone=backbone,
-        weights=weights,
-        seed=seed,
-        scales=scales,
-        max_side=max_side,
-        precision=precision,
-    )
-
-
 def _top_matches(data, rows, pca_dim, count=4):
     """(similarities, database indices) of the `count` nearest database images of test `rows`,
     in the space the classifier searched (raw, or PCA-whitened as `knn_eval` does)."""
@@ -235,14 +220,16 @@ def _extract(bench, model, output_dir, progress, log):
         + ("" if model.precision == "float32" else f" --precision {model.precision}")
     )
     from tfmet.descriptors import extraction
+    from tfmet.descriptors import spec as spec_lib
 
-    extractor, spec = _extractor(
+    # built exactly as the tfmet-extract printed above builds them
+    extractor, spec = spec_lib.build_extractor(
         model.backbone,
         model.weights_file,
-        model.seed,
-        model.multiscale,
-        model.max_side,
-        model.precision,
+        seed=model.seed,
+        scales=None if model.multiscale else (1.0,),
+        max_side=model.max_side,
+        precision=model.precision,
     )
     reports = extraction.extract_met(
         extractor, spec, bench.splits, bench.image_root, output_dir, progress=progress
