@@ -7,7 +7,6 @@ must list the broken files. The CLI runs in a child process (CLI modules define 
 import); a second, in-process run goes through a stand-in remote file system ("tfmettest://").
 """
 
-import json
 import os
 import posixpath
 import shutil
@@ -21,6 +20,7 @@ from apache_beam.io.localfilesystem import LocalFileSystem
 from PIL import Image
 
 from tests.kit.cli import REPO
+from tests.kit.exports import write_descriptor_metadata
 from tests.kit.met_tree import write_image, write_met_tree
 from tfmet.beam import paths, pipeline, transforms
 from tfmet.beam.chunks import ChunkOutput
@@ -205,6 +205,7 @@ def test_inference_function_reasons_match_single_machine(corpus, beam_run):
         assert result.inference.reason == image_io.read_image(str(path))[1] != ""
 
 
+@pytest.mark.slow  # beam_run starts tfmet-extract-beam
 def test_input_limits_are_applied_by_the_workers(corpus, beam_run, tmp_path):
     """--max_pixels refuses in the inference function, --max_bytes in the reader, local files
     and object-store ones alike (an object is never read past the limit)."""
@@ -367,23 +368,10 @@ def test_cli_rejects_bad_input(corpus, tmp_path):
 
 def test_whitened_saved_model_is_refused(tmp_path):
     model = tmp_path / "model"
-    (model / "assets").mkdir(parents=True)
-    metadata = {
-        "kind": "descriptor",
-        "backbone": "resnet18",
-        "weights_sha256": "sha256:00",
-        "scales": [1.0],
-        "resize_method": "torch",
-        "max_side": None,
-        "dim": 512,
-        "pca_whitening": True,
-    }
-    (model / "assets" / "tfmet_metadata.json").write_text(json.dumps(metadata))
+    write_descriptor_metadata(model, pca_whitening=True)
     with pytest.raises(ValueError, match="PCA-whitening"):
         pipeline.saved_model_spec(str(model))
-    del metadata["dim"]
-    metadata["pca_whitening"] = False
-    (model / "assets" / "tfmet_metadata.json").write_text(json.dumps(metadata))
+    write_descriptor_metadata(model, drop=("dim",))
     with pytest.raises(ValueError, match="lacks dim"):
         pipeline.saved_model_spec(str(model))
     with pytest.raises(FileNotFoundError, match="tfmet-export --kind descriptor"):
