@@ -24,6 +24,13 @@ def _lint_imports(root):
     )
 
 
+def _lint_imports_with(root, module, line):
+    """lint-imports on `root` once `line` (an import) is appended to `tfmet/<module>`."""
+    path = root / "tfmet" / module
+    path.write_text(path.read_text() + f"\n{line}  # noqa: E402,F401\n")
+    return _lint_imports(root)
+
+
 @pytest.fixture
 def tree_copy(tmp_path):
     shutil.copytree(os.path.join(REPO, "tfmet"), tmp_path / "tfmet")
@@ -41,9 +48,7 @@ def test_contracts_are_kept(tree_copy):
 
 @pytest.mark.slow
 def test_a_backwards_import_breaks_the_layers_contract(tree_copy):
-    gem = tree_copy / "tfmet" / "layers" / "gem.py"
-    gem.write_text(gem.read_text() + "\nfrom tfmet.retrieval import knn  # noqa: E402,F401\n")
-    done = _lint_imports(tree_copy)
+    done = _lint_imports_with(tree_copy, "layers/gem.py", "from tfmet.retrieval import knn")
     assert done.returncode != 0
     assert "tfmet layers" in done.stdout and "BROKEN" in done.stdout
     assert "tfmet.layers.gem -> tfmet.retrieval.knn" in done.stdout
@@ -53,8 +58,6 @@ def test_a_backwards_import_breaks_the_layers_contract(tree_copy):
 def test_a_circle_breaks_the_acyclic_contract(tree_copy):
     # descriptors -> backbones already exists (descriptors import backbones): adding
     # backbones -> descriptors closes a circle.
-    hub = tree_copy / "tfmet" / "backbones" / "hub.py"
-    hub.write_text(hub.read_text() + "\nfrom tfmet.descriptors import store  # noqa: E402,F401\n")
-    done = _lint_imports(tree_copy)
+    done = _lint_imports_with(tree_copy, "backbones/hub.py", "from tfmet.descriptors import store")
     assert done.returncode != 0
     assert "no import circles between sibling modules BROKEN" in done.stdout.replace("\n", " ")

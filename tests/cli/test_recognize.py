@@ -21,20 +21,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from tests.kit import run_cli
+from tests.kit.met_tree import small_benchmark_config
 from tests.kit.web import free_port, headless_chromium, needs_chromium, wait_until_serving
 from tfmet.data import met
 from tfmet.demo import benchmark
 
 ENV = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
-CONFIG = benchmark.BenchmarkConfig(
-    seed=5,
-    val_per_exhibit=1,
-    test_per_exhibit=1,
-    val_per_distractor=1,
-    test_per_distractor=1,
-    database_side=96,
-    photos=("chelsea", "coffee", "astronaut", "coins_left", "colorwheel"),
-)
+CONFIG = small_benchmark_config(5, ("chelsea", "coffee", "astronaut", "coins_left", "colorwheel"))
 
 
 def _build_export(root):
@@ -103,13 +97,6 @@ def test_accepted_is_confidence_at_least_threshold(built):
         assert a.label == (f"Met {a.met_id}" if a.accepted else "not in the collection")
 
 
-def _recognize_cli(*args):
-    return subprocess.run(
-        [sys.executable, "-m", "tfmet.cli.recognize", *args],
-        capture_output=True, text=True, env=ENV, timeout=600,
-    )  # fmt: skip
-
-
 @pytest.mark.slow
 def test_recognize_cli_answers_equal_the_exports(built, tmp_path):
     folder = tmp_path / "photos"
@@ -119,8 +106,8 @@ def test_recognize_cli_answers_equal_the_exports(built, tmp_path):
     (folder / "zz_broken.jpg").write_bytes(b"this is not a jpeg")
     bench = built["bench"]
     html = tmp_path / "report.html"
-    done = _recognize_cli(
-        f"--model={built['export']}", "--json", f"--info_dir={bench.info_dir}",
+    done = run_cli(
+        "recognize", f"--model={built['export']}", "--json", f"--info_dir={bench.info_dir}",
         f"--image_root={bench.image_root}", f"--html={html}", "--noprogress", str(folder),
     )  # fmt: skip
     assert done.returncode == 2, done.stderr[-2000:]  # every photo answered, one file skipped
@@ -148,12 +135,12 @@ def test_recognize_cli_answers_equal_the_exports(built, tmp_path):
     # rejected photo). A missing path is reported like a non-image; the others are answered.
     missing = tmp_path / "missing.jpg"
     first, answer = str(built["photos"][0]), built["answers"][0]
-    text = _recognize_cli(f"--model={built['export']}", str(missing), first)
+    text = run_cli("recognize", f"--model={built['export']}", str(missing), first)
     assert text.returncode == 2
     skipped = f"tfmet-recognize: skipped {missing}: no such file or folder"
     assert text.stderr.splitlines() == [skipped]
     assert text.stdout.splitlines()[0] == f"{first}: {answer.describe(built['threshold'])}"
-    bad = _recognize_cli(f"--model={built['export']}", str(missing))
+    bad = run_cli("recognize", f"--model={built['export']}", str(missing))
     assert bad.returncode == 2
     assert bad.stderr.splitlines() == [skipped, "tfmet-recognize: error: no photo could be read"]
 

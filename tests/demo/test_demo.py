@@ -14,19 +14,13 @@ import skimage.data
 from PIL import Image
 
 from tests.kit.cli import REPO
-from tests.kit.met_tree import write_met_tree
+from tests.kit.met_tree import small_benchmark_config, write_met_tree
 from tfmet.data import met
 from tfmet.demo import benchmark, visitor
 from tfmet.demo.run import run_demo
 
-SMALL = benchmark.BenchmarkConfig(
-    seed=3,
-    val_per_exhibit=1,
-    test_per_exhibit=2,
-    val_per_distractor=1,
-    test_per_distractor=1,
-    database_side=96,
-    photos=("chelsea", "coffee", "coins_left", "coins_right", "colorwheel"),
+SMALL = small_benchmark_config(
+    3, ("chelsea", "coffee", "coins_left", "coins_right", "colorwheel"), test_per_exhibit=2
 )
 
 

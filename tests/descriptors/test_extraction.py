@@ -10,7 +10,7 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
-from tests.kit import tiny_backbone
+from tests.kit import tiny_backbone, tiny_spec
 from tests.kit.met_tree import exhibit_view, write_image, write_met_tree
 from tfmet.backbones import IMAGENET_TORCH, batchnorm
 from tfmet.data import met
@@ -33,16 +33,7 @@ def extractor():
 
 
 def _spec(**overrides):
-    fields = dict(
-        backbone="tiny",
-        weights="random:seed=3",
-        scales=MET_SCALES,
-        resize_method="torch",
-        max_side=None,
-        dim=8,
-        chunk_size=CHUNK,
-    )
-    return spec_lib.ExtractionSpec(**(fields | overrides))
+    return tiny_spec(**(dict(chunk_size=CHUNK) | overrides))
 
 
 @pytest.fixture(scope="module")

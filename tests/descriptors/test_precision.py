@@ -10,7 +10,7 @@ import pytest
 import skimage.data
 import tensorflow as tf
 
-from tests.kit import calibrate_batchnorm, tiny_backbone
+from tests.kit import calibrate_batchnorm, tiny_backbone, tiny_spec
 from tests.kit.cli import run_cli
 from tests.kit.met_tree import write_met_tree
 from tfmet import backbones
@@ -18,7 +18,6 @@ from tfmet.backbones import IMAGENET_TORCH, torchvision_resnet
 from tfmet.backbones.batchnorm import fold_batchnorm
 from tfmet.backbones.precision import float32_layers, set_precision
 from tfmet.descriptors import (
-    MET_SCALES,
     DescriptorExtractor,
     Embedder,
     chunk_files,
@@ -225,16 +224,7 @@ def test_bfloat16_resnet50_agrees_with_float32_on_real_photos():
 
 
 def _spec(precision="float32"):
-    return spec_lib.ExtractionSpec(
-        backbone="tiny",
-        weights="random:seed=3",
-        scales=MET_SCALES,
-        resize_method="torch",
-        max_side=None,
-        dim=2,
-        chunk_size=2,
-        precision=precision,
-    )
+    return tiny_spec(dim=2, chunk_size=2, precision=precision)
 
 
 def _constant_extractor(images):

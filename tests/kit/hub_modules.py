@@ -16,6 +16,8 @@ K2 = RNG.normal(size=(4, 6)).astype(np.float32)  # block2 1x1 conv
 B2 = RNG.normal(size=(6,)).astype(np.float32)
 MEAN2 = RNG.normal(size=(6,)).astype(np.float32)  # a batch-norm-like statistic (non-trainable)
 HEAD = RNG.normal(size=(6, 5)).astype(np.float32)
+# The signature of the modules whose `training` argument is a traced input.
+IMAGES_AND_TRAINING = [tf.TensorSpec([None, None, None, 3], tf.float32), tf.TensorSpec([], tf.bool)]
 
 
 class Trunk(tf.Module):
@@ -50,12 +52,7 @@ class Trunk(tf.Module):
 class TensorModule(Trunk):
     """Returns the feature map; `training` is part of the input_signature."""
 
-    @tf.function(
-        input_signature=[
-            tf.TensorSpec([None, None, None, 3], tf.float32),
-            tf.TensorSpec([], tf.bool),
-        ]
-    )
+    @tf.function(input_signature=IMAGES_AND_TRAINING)
     def __call__(self, images, training=False):
         del training
         return self.feature_map(images)
@@ -108,12 +105,7 @@ class SlimHubTrunk(tf.Module):
         self.variables = [self.k1, self.k2, self.gamma, self.mean]
         self.trainable_variables = [self.k1, self.k2, self.gamma]
 
-    @tf.function(
-        input_signature=[
-            tf.TensorSpec([None, None, None, 3], tf.float32),
-            tf.TensorSpec([], tf.bool),
-        ]
-    )
+    @tf.function(input_signature=IMAGES_AND_TRAINING)
     def __call__(self, images, training=False):
         del training
         y = tf.nn.relu(tf.einsum("bhwc,cd->bhwd", images, self.k1))

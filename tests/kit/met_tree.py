@@ -185,3 +185,20 @@ def write_photo_tree(root):
         database_side=128,
     )
     return build_benchmark(root, config, progress=False)
+
+
+def small_benchmark_config(seed, photos, test_per_exhibit=1):
+    """A `tfmet.demo.benchmark.BenchmarkConfig` built in seconds: the exhibits of `photos`
+    (skimage.data names) with 96-pixel database images, one val query per exhibit and per
+    distractor, `test_per_exhibit` test queries per exhibit and one per distractor."""
+    from tfmet.demo import benchmark
+
+    return benchmark.BenchmarkConfig(
+        seed=seed,
+        val_per_exhibit=1,
+        test_per_exhibit=test_per_exhibit,
+        val_per_distractor=1,
+        test_per_distractor=1,
+        database_side=96,
+        photos=tuple(photos),
+    )

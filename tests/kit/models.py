@@ -38,3 +38,21 @@ def calibrate_batchnorm(model, images):
     model(images, training=True)
     for layer, momentum in zip(layers, saved, strict=True):
         layer.momentum = momentum
+
+
+def tiny_spec(**overrides):
+    """The `ExtractionSpec` of `tiny_backbone(seed=3)` at the Met scales (torch resize, no
+    max side, 8-d, chunks of 3), with `overrides`: the spec tests give their stores."""
+    from tfmet.descriptors import MET_SCALES
+    from tfmet.descriptors import spec as spec_lib
+
+    fields = dict(
+        backbone="tiny",
+        weights="random:seed=3",
+        scales=MET_SCALES,
+        resize_method="torch",
+        max_side=None,
+        dim=8,
+        chunk_size=3,
+    )
+    return spec_lib.ExtractionSpec(**(fields | overrides))

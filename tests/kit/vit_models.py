@@ -12,19 +12,11 @@ SMALL = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2)
 def _config(kind, image_size):
     import transformers
 
+    dinov2 = dict(SMALL, patch_size=7, image_size=image_size, mlp_ratio=2, layerscale_value=0.5)
     if kind == "dinov2":
-        return transformers.Dinov2Config(
-            **SMALL, patch_size=7, image_size=image_size, mlp_ratio=2, layerscale_value=0.5
-        )
+        return transformers.Dinov2Config(**dinov2)
     if kind == "dinov2_with_registers":
-        return transformers.Dinov2WithRegistersConfig(
-            **SMALL,
-            patch_size=7,
-            image_size=image_size,
-            mlp_ratio=2,
-            layerscale_value=0.5,
-            num_register_tokens=2,
-        )
+        return transformers.Dinov2WithRegistersConfig(**dinov2, num_register_tokens=2)
     return transformers.DINOv3ViTConfig(
         **SMALL,
         patch_size=8,

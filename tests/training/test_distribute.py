@@ -234,34 +234,36 @@ def _run_workers(command, count=2, timeout=300):
     return results
 
 
+def _run_alone_and_on_two_workers(tmp_path, program, config, *flags):
+    """`tfmet.cli.<program> --config configs/<config> FLAGS` in one process (workdir
+    tmp_path/single, the default strategy), then on 2 workers (tmp_path/multi, multi_worker)."""
+
+    def command(run, strategy):
+        return [
+            sys.executable, "-m", f"tfmet.cli.{program}",
+            "--config", os.path.join(REPO, "configs", config), *flags,
+            f"--workdir={tmp_path / run}", f"--strategy={strategy}",
+        ]  # fmt: skip
+
+    single = run_command(command("single", "default"))
+    assert single.returncode == 0, single.stderr[-3000:]
+    for returncode, _, err in _run_workers(command("multi", "multi_worker")):
+        assert returncode == 0, err[-3000:]
+
+
 @pytest.mark.slow
 def test_style_on_two_workers_equals_one_process(dataset, tmp_path):
-    def command(workdir, strategy):
-        return [
-            sys.executable,
-            "-m",
-            "tfmet.cli.train_style",
-            "--config",
-            os.path.join(REPO, "configs", "pandora18k.py:smoke"),
-            "--config.dataset.root",
-            dataset,
-            "--config.dataset.split_fractions",
-            "(0.5, 0.3, 0.2)",
-            "--config.cache_dir",
-            str(tmp_path / "cache"),
-            "--config.train.epochs=2",
-            "--config.train.batch_size=7",
-            "--config.train.patience=0",
-            "--workdir",
-            str(workdir),
-            "--strategy",
-            strategy,
-        ]
-
-    single = run_command(command(tmp_path / "single", "default"))
-    assert single.returncode == 0, single.stderr[-3000:]
-    for returncode, _, err in _run_workers(command(tmp_path / "multi", "multi_worker")):
-        assert returncode == 0, err[-3000:]
+    _run_alone_and_on_two_workers(
+        tmp_path,
+        "train_style",
+        "pandora18k.py:smoke",
+        f"--config.dataset.root={dataset}",
+        "--config.dataset.split_fractions=(0.5, 0.3, 0.2)",
+        f"--config.cache_dir={tmp_path / 'cache'}",
+        "--config.train.epochs=2",
+        "--config.train.batch_size=7",
+        "--config.train.patience=0",
+    )
     expected = _weights(tmp_path / "single" / "checkpoints" / "last.weights.npz")
     actual = _weights(tmp_path / "multi" / "checkpoints" / "last.weights.npz")
     _assert_same_weights(expected, actual, atol=1e-5)
@@ -279,26 +281,16 @@ def test_contrastive_on_two_workers_equals_one_process(tmp_path):
 
     tree = write_met_tree(tmp_path / "met")
 
-    def command(workdir, strategy):
-        return [
-            sys.executable,
-            "-m",
-            "tfmet.cli.train_contrastive",
-            "--config",
-            os.path.join(REPO, "configs", "met_contrastive_r18.py:smoke"),
-            f"--info_dir={tree.info_dir}",
-            f"--image_root={tree.image_root}",
-            f"--workdir={workdir}",
-            "--epochs=1",
-            "--config.batch_size=3",
-            "--stop_at_step=2",
-            f"--strategy={strategy}",
-        ]
-
-    single = run_command(command(tmp_path / "single", "default"))
-    assert single.returncode == 0, single.stderr[-3000:]
-    for returncode, _, err in _run_workers(command(tmp_path / "multi", "multi_worker")):
-        assert returncode == 0, err[-3000:]
+    _run_alone_and_on_two_workers(
+        tmp_path,
+        "train_contrastive",
+        "met_contrastive_r18.py:smoke",
+        f"--info_dir={tree.info_dir}",
+        f"--image_root={tree.image_root}",
+        "--epochs=1",
+        "--config.batch_size=3",
+        "--stop_at_step=2",
+    )
     readers = [
         tf.train.load_checkpoint(str(tmp_path / run / "checkpoints")) for run in ("single", "multi")
     ]
