@@ -6,10 +6,18 @@ a staging folder, all equivalent, the first and the last). After each kill, the 
 recovery runs (`recover_directory`, `recover_commits`, `clean_stale_temporaries`: what the
 program does first) and the outputs must be exactly the old set or exactly the new one, with no
 temporaries left.
+
+A kill point costs a whole program run, so the knn-eval and style tests kill at a sample of their
+write points, as the export test does: the first and the last, and one point of each kind of
+write (`write_kinds`: a file staged under a temporary name, the commit record, a file or folder
+put into place, an old folder set aside, the new one swapped in), picked with a fixed seed
+(`SEED`) so that every run kills at the same points. Within a kind the points leave equivalent
+states; the first and the last stand on each side of the commit.
 """
 
 import json
 import os
+import random
 import re
 import shutil
 import signal
@@ -29,7 +37,8 @@ pytestmark = [
     pytest.mark.skipif(shutil.which("strace") is None, reason="needs strace (.ci/run installs it)"),
 ]
 
-MAX_KILLS = 40
+SEED = 27  # the sample of kill points (issue #27)
+RENAME = re.compile(r'rename\("([^"]*)", "([^"]*)"\)')
 
 
 def _program(module, *args):
@@ -68,16 +77,63 @@ def traced_renames(command, listing):
     return [line for line in listing.read_text().splitlines() if "rename(" in line]
 
 
-def kill_at_every_rename(command, check):
-    """Runs `command` killed at its 1st, 2nd, ... rename until a run completes; calls
-    `check(n)` after each kill. Returns the number of kills."""
-    for n in range(1, MAX_KILLS):
-        result = _run(command, kill_at=n)
-        if result.returncode == 0:
-            return n - 1
-        assert result.returncode in (-signal.SIGKILL, 128 + signal.SIGKILL), result.stderr[-2000:]
-        check(n)
-    raise AssertionError(f"still killed after {MAX_KILLS} renames")
+def write_kinds(renames):
+    """The kind of write of each traced rename line (module docstring): "staged" (to a
+    temporary name, or inside a temporary folder), "commit record", "set aside" (to `.old-`),
+    "swapped in" (to a path set aside before), else "into place"."""
+    kinds, aside = [], set()
+    for line in renames:
+        source, target = RENAME.search(line).groups()
+        name, folder = os.path.basename(target), os.path.basename(os.path.dirname(target))
+        if name.startswith(".tfmet-commit-"):
+            kinds.append("commit record")
+        elif ".old-" in name:
+            kinds.append("set aside")
+            aside.add(source)
+        elif target in aside:
+            kinds.append("swapped in")
+        elif name.startswith(".tmp-") or folder.startswith(".tmp-"):
+            kinds.append("staged")
+        else:
+            kinds.append("into place")
+    return kinds
+
+
+def sample_kill_points(points, kinds, seed=SEED):
+    """The kill points of `points` (rename numbers, in order, each of the kind at the same place
+    in `kinds`): the first, the last and one of each kind, chosen by `random.Random(seed)`."""
+    rng = random.Random(seed)
+    chosen = {points[0], points[-1]}
+    for kind in sorted(set(kinds)):
+        chosen.add(rng.choice([n for n, k in zip(points, kinds, strict=True) if k == kind]))
+    return sorted(chosen)
+
+
+def test_the_sample_has_the_first_and_last_point_and_every_kind():
+    renames = [
+        'rename("/o/.tmp-1-a-.tmp-1-r.json", "/o/.tmp-1-r.json")',
+        'rename("/o/.tmp-1-b-.tmp-1-p.npz", "/o/.tmp-1-p.npz")',
+        'rename("/o/.tmp-1-c-.tfmet-commit-x.json", "/o/.tfmet-commit-x.json")',
+        'rename("/o/.tmp-1-r.json", "/o/r.json")',
+        'rename("/o/.tmp-1-p.npz", "/o/p.npz")',
+        'rename("/o/tb", "/o/tb.old-q")',
+        'rename("/o/.tmp-1-tb-z", "/o/tb")',
+        'rename("/o/.tmp-1-log.txt", "/o/log.txt")',
+    ]
+    kinds = write_kinds(renames)
+    assert kinds == ["staged", "staged", "commit record", "into place", "into place",
+                     "set aside", "swapped in", "into place"]  # fmt: skip
+    points = list(range(1, 9))
+    sample = sample_kill_points(points, kinds)
+    assert sample == sample_kill_points(points, kinds)  # seeded: the same points every run
+    assert sample[0] == 1 and sample[-1] == 8 and len(sample) < len(points)
+    assert {kinds[n - 1] for n in sample} == set(kinds)
+
+
+def kill_at(command, n):
+    """Runs `command` killed by SIGKILL at its nth rename; fails unless the kill landed."""
+    result = _run(command, kill_at=n)
+    assert result.returncode in (-signal.SIGKILL, 128 + signal.SIGKILL), (n, result.stderr[-2000:])
 
 
 def no_temporaries(directory):
@@ -121,8 +177,7 @@ def test_export_force_killed_at_every_rename(tmp_path):
     for n in [staged[0], staged[-1], *swap]:
         shutil.rmtree(out)
         shutil.copytree(pristine, out)
-        result = _run([*export(2), "--force"], kill_at=n)
-        assert result.returncode in (-signal.SIGKILL, 128 + signal.SIGKILL), result.stderr[-2000:]
+        kill_at([*export(2), "--force"], n)
         recover_directory(out)  # what the next export does first
         assert (out / "saved_model.pb").is_file() and (out / "variables").is_dir()
         seen.add(fingerprint())
@@ -157,32 +212,36 @@ def test_knn_eval_outputs_killed_at_every_rename(tmp_path):
         log = (directory / "log_knn.txt").read_text()
         return results["k"], predictions, len(events), log.count("expname:")
 
-    # The two complete sets: k=1 (old), then k=2 written over it (new).
-    references = {}
-    for k in (1, 2):
-        directory = tmp_path / f"ref{k}"
-        assert _run(knn(1, directory)).returncode == 0
-        if k == 2:
-            assert _run(knn(2, directory)).returncode == 0
-        references[k] = outputs(directory)
+    # The two complete sets: k=1 (old), then k=2 written over it (new), traced: its renames,
+    # in order, are the kill points.
+    old, work = tmp_path / "ref1", tmp_path / "work"
+    assert _run(knn(1, old)).returncode == 0
+    shutil.copytree(old, work)
+    renames = traced_renames(knn(2, work), tmp_path / "renames.txt")
+    references = {1: outputs(old), 2: outputs(work)}
     assert references[1][1] != references[2][1]  # the two sets differ in their predictions
 
-    work = tmp_path / "work"
     seen = set()
-
-    def check(n):
+    kinds = write_kinds(renames)
+    sample = sample_kill_points(list(range(1, len(renames) + 1)), kinds)
+    for n in sample:
+        shutil.rmtree(work)  # the old set for each kill point
+        shutil.copytree(old, work)
+        kill_at(knn(2, work), n)
         recover_commits(work)  # what the next knn-eval does first
         state = outputs(work)
         assert state in (references[1], references[2]), n
         seen.add(state[0])
         no_temporaries(work)
-        shutil.rmtree(work)  # back to the old set for the next kill point
-        shutil.copytree(tmp_path / "ref1", work)
-
-    shutil.copytree(tmp_path / "ref1", work)
-    kills = kill_at_every_rename(knn(2, work), check)
-    assert outputs(work) == references[2]
-    assert kills >= 8 and seen == {1, 2}  # kills before and after the commit point
+    # Kill points before and after the commit point, every kind of write among them.
+    assert len(renames) >= 8 and seen == {1, 2}
+    assert {kinds[n - 1] for n in sample} == {
+        "staged",
+        "commit record",
+        "into place",
+        "set aside",
+        "swapped in",
+    }, renames
 
 
 def _checkpoint(workdir):
@@ -234,8 +293,14 @@ def test_style_checkpoints_killed_at_every_rename_of_a_checkpoint(tmp_path):
     after = {1: _checkpoint(tmp_path / "one")}
     renames = traced_renames(train(tmp_path / "two", 2), tmp_path / "renames.txt")
     after[2] = _checkpoint(tmp_path / "two")
-    # The kill points: every rename that writes the second epoch's checkpoint set.
-    points = [n for n, line in enumerate(renames, 1) if "checkpoints" in line]
+    # The kill points: every rename from the first of the second epoch's checkpoint set on (its
+    # writes, then those after its commit, which must leave it in place). The checkpoint renames
+    # are those in or of two/checkpoints or a staging folder of it (the test's own folder is
+    # named after checkpoints too).
+    of_checkpoints = re.compile(
+        re.escape(f'"{tmp_path / "two"}/') + r"(checkpoints|\.tmp-\d+-checkpoints-)"
+    )
+    points = [n for n, line in enumerate(renames, 1) if of_checkpoints.search(line)]
     stagings = [re.search(r"\.tmp-\d+-checkpoints-\w+", renames[n - 1]) for n in points]
     first = next(m.group(0) for m in stagings if m)
     end_of_first = max(
@@ -243,12 +308,21 @@ def test_style_checkpoints_killed_at_every_rename_of_a_checkpoint(tmp_path):
     )
     second = [n for n in points if n > end_of_first]
     assert len(second) >= 5, renames
+    after_first = list(range(end_of_first + 1, len(renames) + 1))
+    every_kind = write_kinds(renames)
+    kinds = [every_kind[n - 1] for n in after_first]
+    sample = sample_kill_points(after_first, kinds)
+    assert {every_kind[n - 1] for n in second} == {"staged", "set aside", "swapped in"}, renames
+    assert (
+        {every_kind[n - 1] for n in sample}
+        == {*kinds}
+        == {"staged", "set aside", "swapped in", "into place"}
+    ), renames
 
     epochs_seen = set()
-    for n in second:
+    for n in sample:
         workdir = tmp_path / f"killed{n}"
-        result = _run(train(workdir, 2), kill_at=n)
-        assert result.returncode == -signal.SIGKILL, result.stderr[-2000:]
+        kill_at(train(workdir, 2), n)
         recover_directory(workdir / "checkpoints")  # what a resumed run does first
         state = _checkpoint(workdir)
         assert _same(state, after[state[0]]), n  # one epoch's complete set, never a mix
