@@ -82,7 +82,10 @@ def _extractor(backbone, scales, num=20, dim=16):
     return DescriptorExtractor(embedder, scales=scales, local=spec)
 
 
-@pytest.mark.parametrize("backbone", ["resnet_tiny", "efficientnet_lite0"])
+@pytest.mark.parametrize(
+    "backbone",
+    ["resnet_tiny", pytest.param("efficientnet_lite0", marks=pytest.mark.slow)],  # full-size: slow
+)
 def test_extract_local_gives_the_global_descriptors_and_the_family_map(backbone):
     import keras
 

@@ -136,6 +136,7 @@ def test_which_efficientnet_lite0_layers_compute_in_which_dtype(fold_bn):
 LITE0_MIN_COSINE = 0.9997
 
 
+@pytest.mark.slow  # the full-size EfficientNet-Lite0 built twice (31 s on the busy 2 cores)
 def test_bfloat16_efficientnet_lite0_agrees_with_float32_on_real_photos():
     from tfmet.backbones import efficientnet_lite
 

@@ -22,8 +22,9 @@ from tfmet.precision import precision_version
     "backbone, precision",
     [
         ("resnet_tiny", "bfloat16"),
-        ("efficientnet_lite0", "bfloat16"),
-        ("efficientnet_lite0", "float16"),
+        # full-size EfficientNet-Lite0 exports (~160 s each on the busy 2-core machine): slow
+        pytest.param("efficientnet_lite0", "bfloat16", marks=pytest.mark.slow),
+        pytest.param("efficientnet_lite0", "float16", marks=pytest.mark.slow),
     ],
 )
 def test_reduced_precision_descriptor_export_matches_the_extractor_and_records_it(
