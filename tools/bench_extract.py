@@ -36,7 +36,10 @@ test GAP / GAP- / ACC and their difference to float32 in points.
 Reduced precision pays where the CPU computes it natively (AVX512_BF16 / AMX for bfloat16,
 AVX512_FP16 for float16; or a GPU): elsewhere oneDNN converts to float32 around every
 convolution and bfloat16 is slower than float32. The script prints which of these flags the CPU
-has.
+has. `tools/bench_bfloat16.py` (which uses this script's helpers and flags) times bfloat16
+against PyTorch in both precisions (autocast) on ResNet-50/18, EfficientNet-Lite0 and ViT-S/14,
+with the ways TensorFlow offers of running it; on a CPU without native bfloat16 it says that it
+cannot measure and why.
 """
 
 import os
@@ -145,6 +148,17 @@ def torch_descriptor(trunk, image, scales, p=3.0, eps=1e-6):
     return F.normalize(total / len(scales), dim=-1)[0]
 
 
+def torch_vit_descriptor(model, image, scales):
+    """The multi-scale cls descriptor of a Hugging Face ViT for one normalised [1, 3, H, W]."""
+    import torch.nn.functional as F
+
+    total = 0
+    for s in scales:
+        x = image if s == 1 else F.interpolate(image, scale_factor=s, mode="bilinear")
+        total = total + F.normalize(model(pixel_values=x).pooler_output, dim=-1)
+    return F.normalize(total / len(scales), dim=-1)[0]
+
+
 def timed(fn, count):
     """(images/s wall, CPU seconds of this process per image)."""
     start, cpu = time.perf_counter(), time.process_time()
@@ -152,21 +166,46 @@ def timed(fn, count):
     return count / (time.perf_counter() - start), (time.process_time() - cpu) / count
 
 
-def bench_backbone(name, paths, decoded, workdir):
+IMAGENET = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))  # torch's (mean, std) on [0, 1]
+
+
+def calibrated_trunk(name, decoded):
+    """(the Keras trunk of `name`, seeded, its BatchNorm statistics calibrated on `decoded`'s
+    first 4 images at 224 px, its preprocessing)."""
     import keras
-    import torch
 
     from tests.kit.models import calibrate_batchnorm
     from tfmet import backbones
-    from tfmet.backbones.precision import set_precision
-    from tfmet.descriptors import MET_SCALES, DescriptorExtractor, Embedder
-    from tfmet.descriptors import spec as spec_lib
 
     keras.utils.set_random_seed(FLAGS.seed)
     trunk = backbones.get(name)
     calibration = np.stack([np.asarray(Image.fromarray(d).resize((224, 224))) for d in decoded[:4]])
-    spec_pre = backbones.preprocessing(name)
-    calibrate_batchnorm(trunk, spec_pre(calibration.astype(np.float32)))
+    preprocessing = backbones.preprocessing(name)
+    calibrate_batchnorm(trunk, preprocessing(calibration.astype(np.float32)))
+    return trunk, preprocessing
+
+
+def torch_pixels(decoded, normalisation):
+    """(normalised [1, 3, H, W] torch tensors, raw [1, H, W, 3] float32 arrays) of `decoded`;
+    `normalisation` is (mean, std) on [0, 1]."""
+    import torch
+
+    mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in normalisation)
+    tensors = [
+        (torch.from_numpy(d.copy()).permute(2, 0, 1)[None].float() / 255.0 - mean) / std
+        for d in decoded
+    ]
+    return tensors, [d.astype(np.float32)[None] for d in decoded]
+
+
+def bench_backbone(name, paths, decoded, workdir):
+    import torch
+
+    from tfmet.backbones.precision import set_precision
+    from tfmet.descriptors import MET_SCALES, DescriptorExtractor, Embedder
+    from tfmet.descriptors import spec as spec_lib
+
+    trunk, spec_pre = calibrated_trunk(name, decoded)
     extractors = {}
     for precision in precisions():
         embedder = spec_lib.folded_embedder(Embedder(trunk, preprocessing=spec_pre))
@@ -178,13 +217,7 @@ def bench_backbone(name, paths, decoded, workdir):
 
     torch.set_num_threads(FLAGS.torch_threads)
     torch_trunk = torch_trunk_like(trunk, name)
-    mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
-    std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
-    tensors = [
-        (torch.from_numpy(d.copy()).permute(2, 0, 1)[None].float() / 255.0 - mean) / std
-        for d in decoded
-    ]
-    float_images = [d.astype(np.float32)[None] for d in decoded]
+    tensors, float_images = torch_pixels(decoded, IMAGENET)
 
     def run_torch():
         with torch.no_grad():
@@ -260,7 +293,6 @@ def bench_vit(name, paths, decoded, workdir):
     "hf:<dir>"): tfmet's multi-scale cls descriptor vs the same pipeline on the torch model."""
     import keras
     import torch
-    import torch.nn.functional as F
     import transformers
 
     from tfmet.descriptors import MET_SCALES, DescriptorExtractor, Embedder
@@ -276,27 +308,14 @@ def bench_vit(name, paths, decoded, workdir):
     extractor = DescriptorExtractor(embedder, scales=MET_SCALES)
     spec = spec_lib.ExtractionSpec(name, "bench", MET_SCALES, "torch", None, embedder.output_dim)
     torch.set_num_threads(FLAGS.torch_threads)
-    mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
-    std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
-    tensors = [
-        (torch.from_numpy(d.copy()).permute(2, 0, 1)[None].float() / 255.0 - mean) / std
-        for d in decoded
-    ]
-    float_images = [d.astype(np.float32)[None] for d in decoded]
-
-    def torch_vit(image):
-        total = 0
-        for s in MET_SCALES:
-            x = image if s == 1 else F.interpolate(image, scale_factor=s, mode="bilinear")
-            total = total + F.normalize(model(pixel_values=x).pooler_output, dim=-1)
-        return F.normalize(total / len(MET_SCALES), dim=-1)[0]
+    tensors, float_images = torch_pixels(decoded, IMAGENET)
 
     def run_tfmet():
         return extract_store(extractor, spec, paths, workdir)
 
     def run_torch():
         with torch.no_grad():
-            return [torch_vit(t).numpy() for t in tensors]
+            return [torch_vit_descriptor(model, t, MET_SCALES).numpy() for t in tensors]
 
     runs = {
         "tfmet": run_tfmet,
