@@ -180,20 +180,22 @@ def variant_runs(extractors, float_images):
 
 
 def grappler_run(extractor, float_images):
-    """The float32 extractor traced anew and optimised under the oneDNN bfloat16 rewrite (the
-    option is read when a function is first run: it is on for this one's warm-up only)."""
+    """The float32 extractor's function, run with TF's oneDNN bfloat16 graph rewrite on. The
+    option is part of the key under which TF caches an optimised function: it is set for each
+    run and cleared after, so that the other lines run their own graphs unchanged."""
     import tensorflow as tf
 
     fn = tf.function(extractor._extract, input_signature=signature(), reduce_retracing=True)
-    tf.config.optimizer.set_experimental_options({"auto_mixed_precision_onednn_bfloat16": True})
-    try:
-        for x in float_images:
-            fn(x)
-    finally:
-        tf.config.optimizer.set_experimental_options(
-            {"auto_mixed_precision_onednn_bfloat16": False}
-        )
-    return lambda: [fn(x).numpy() for x in float_images]
+    option = "auto_mixed_precision_onednn_bfloat16"
+
+    def run():
+        tf.config.optimizer.set_experimental_options({option: True})
+        try:
+            return [fn(x).numpy() for x in float_images]
+        finally:
+            tf.config.optimizer.set_experimental_options({option: False})
+
+    return run
 
 
 def bench_model(name, decoded, workdir):

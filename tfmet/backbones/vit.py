@@ -170,12 +170,15 @@ class VisionTransformer(keras.Model):
         patches = embeddings.patch_embeddings(images, training=training)
         cls = tf.tile(tf.convert_to_tensor(embeddings.cls_token), tf.stack([batch, 1, 1]))
         tokens = tf.concat([cls, patches], axis=1)
-        tokens += interpolate_position_embeddings(
-            tf.convert_to_tensor(embeddings.position_embeddings),
+        # Interpolated in float32 whatever the compute dtype (a reduced-precision policy reads
+        # the variable in bfloat16 / float16); the sum is taken in the tokens' dtype.
+        position = interpolate_position_embeddings(
+            tf.cast(embeddings.position_embeddings, tf.float32),
             height,
             width,
             antialias=self.interpolation == "bicubic_antialias",
         )
+        tokens += tf.cast(position, tokens.dtype)
         if self.num_prefix_tokens > 1:
             registers = tf.tile(
                 tf.convert_to_tensor(embeddings.register_tokens), tf.stack([batch, 1, 1])
@@ -191,6 +194,7 @@ class VisionTransformer(keras.Model):
             tf.shape(images)[2] // self.patch_size,
             self.backbone.rope_embedding.inv_freq,
         )
+        rope = tuple(tf.cast(r, tokens.dtype) for r in rope)  # computed in float32
         tokens, _ = self.backbone.encoder(
             tokens,
             position_embeddings=rope,
