@@ -47,3 +47,39 @@ def test_flags_given_override_the_config_file_which_overrides_the_defaults():
     assert resolved["splits"] == ["train", "val", "test"] and resolved["batch_images"] == 1
     with pytest.raises(UsageError, match=r"^config key 'chunk' is not a setting of prog$"):
         settings.resolve(settings.extract_config(), {"chunk": 4}, "prog", _flags())
+
+
+def test_check_refuses_a_config_value_of_the_wrong_kind_or_choice():
+    values = settings.resolve(settings.extract_config(), None, "prog", _flags())
+    tables = (settings.MODEL, settings.INPUT, settings.EXTRACT)
+    settings.check(values, *tables)  # the defaults pass
+    for name, value, message in (
+        ("chunk_size", "8", "--chunk_size must be an integer. Received: '8'"),
+        ("chunk_size", True, "--chunk_size must be an integer. Received: True"),
+        ("resize_method", "cubic", "--resize_method must be one of torch, tf. Received: 'cubic'"),
+        ("mini", 1, "--mini must be true or false. Received: 1"),
+    ):
+        with pytest.raises(UsageError) as error:
+            settings.check({**values, name: value}, *tables)
+        assert str(error.value) == message
+
+
+def test_given_is_a_flag_given_or_a_config_entry_other_than_the_default():
+    defaults = settings.extract_config()
+    file_config = ml_collections.ConfigDict({"chunk_size": 4, "batch_images": 1})
+    values = _flags("--max_side=300")
+    names = ("chunk_size", "batch_images", "max_side", "seed")
+    assert [settings.given(n, defaults, file_config, values) for n in names] == [
+        True,
+        False,
+        True,
+        False,
+    ]
+
+
+def test_a_short_name_is_the_flags_one_letter_name():
+    values = flags.FlagValues()
+    table = (settings.Setting("dim", 512, int, "Dimension.", short_name="d"),)
+    settings.define_flags(table, "test", values)
+    values(["prog", "-d", "64"])
+    assert values.dim == 64 and values["dim"].short_name == "d"

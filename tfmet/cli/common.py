@@ -81,15 +81,16 @@ def require(values, *names):
         raise UsageError(f"missing {', '.join(missing)}")
 
 
-def check_outputs(folders=(), files=()):
+def check_outputs(folders=(), files=(), values=None):
     """Checks, before any work, that the output flags named in `folders` / `files` (those set)
     can be written: a result computed for an hour is not lost to an output path that is a folder
-    (or a file where a folder is wanted). Raises ValueError naming the flag."""
+    (or a file where a folder is wanted). Raises ValueError naming the flag. `values`: the run's
+    settings (a dict, e.g. with a --config file's), else the flags."""
     from tfmet.io.outputs import check_output_dir, check_output_file
 
     for names, check in ((folders, check_output_dir), (files, check_output_file)):
         for name in names:
-            value = flags.FLAGS[name].value
+            value = flags.FLAGS[name].value if values is None else values[name]
             if value:
                 check(value, f"--{name}")
 

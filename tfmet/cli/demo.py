@@ -10,13 +10,19 @@ Builds a small benchmark in the official Met format from photos shipped with sci
 scikit-learn and matplotlib (exhibits -> database; simulated visitor photos and distractors ->
 queries), extracts multi-scale GeM descriptors, tunes the kNN classifier on val, prints test
 GAP / GAP- / ACC, and writes TensorBoard logs and a PNG of queries with their top matches under
---workdir. See docs/demo.md.
+--workdir. Settings can come from a config file (`--config=demo.py`, whose get_config() returns
+a ConfigDict of some of them, e.g. backbone, weights and pca_dim); flags given on the command line
+override it (settings: the demo's defaults <- the config file and its `--config.<key>=<value>` <-
+flags given). See docs/demo.md.
 """
 
 from absl import flags
+from ml_collections import config_flags
 
 from tfmet.cli import model_flags
+from tfmet.cli import settings as settings_lib
 from tfmet.cli.common import UsageError, check_outputs, no_arguments, run_program
+from tfmet.cli.settings import Setting
 
 # The model flags (--backbone, --weights, --seed, --multiscale, --max_side, --precision) are
 # model_flags', with the demo's defaults (DEFAULTS); --weights also takes 'random' (the seeded
@@ -24,57 +30,65 @@ from tfmet.cli.common import UsageError, check_outputs, no_arguments, run_progra
 DEFAULTS = {"backbone": "efficientnet_lite0", "weights": "imagenet"}
 # model_flags' flags the demo has no use for: it builds its model from --backbone and --weights.
 UNUSED = ("model", "resize_method")
+MODEL = tuple(s for s in settings_lib.MODEL if s.name not in UNUSED)
 
-flags.DEFINE_string("workdir", None, "Folder for the benchmark, descriptors, logs and pictures.")
-flags.DEFINE_bool("random_baseline", False, "Also run with random weights and print both results.")
-flags.DEFINE_string("info_dir", None, "Your Met ground-truth folder (with --image_root).")
-flags.DEFINE_string("image_root", None, "Folder whose images/ holds your Met images.")
-flags.DEFINE_integer(
-    "pca_dim",
-    None,
-    "PCA-whitening dimension; 0 for raw descriptors. Default: 512 for databases of >= 2048 "
-    "images with larger descriptors, else raw.",
+# tfmet-demo's own settings (with MODEL: what its --config may set).
+DEMO = (
+    Setting("workdir", None, str, "Folder for the benchmark, descriptors, logs and pictures."),
+    Setting("random_baseline", False, bool, "Also run with random weights and print both results."),
+    Setting("info_dir", None, str, "Your Met ground-truth folder (with --image_root)."),
+    Setting("image_root", None, str, "Folder whose images/ holds your Met images."),
+    Setting(
+        "pca_dim",
+        None,
+        int,
+        "PCA-whitening dimension; 0 for raw descriptors. Default: 512 for databases of >= 2048 "
+        "images with larger descriptors, else raw.",
+    ),
+    Setting("examples", 8, int, "Queries drawn in the matches picture."),
+    Setting("progress", True, bool, "Show progress bars."),
 )
-flags.DEFINE_integer("examples", 8, "Queries drawn in the matches picture.")
-flags.DEFINE_bool("progress", True, "Show progress bars.")
+settings_lib.define_flags(DEMO, __name__)
+config_flags.DEFINE_config_file(
+    "config",
+    None,
+    "Optional ml_collections config of these settings (a get_config() returning a ConfigDict "
+    "of some of them, e.g. backbone, weights, pca_dim); flags given on the command line "
+    "override it, as does --config.<key>=<value>.",
+)
 
 FLAGS = flags.FLAGS
 PROGRAM = "tfmet-demo"
 
 
+def settings():
+    """The run's settings: the demo's defaults, then the config file's, then the flags given."""
+    defaults = settings_lib.config(MODEL, DEMO)
+    defaults.update(DEFAULTS)
+    values = settings_lib.resolve(defaults, FLAGS.config, PROGRAM)
+    settings_lib.check(values, MODEL, DEMO)
+    return values
+
+
 def main(argv):
     no_arguments(argv)
-    if not FLAGS.workdir:
+    values = settings()
+    if not values["workdir"]:
         raise UsageError("--workdir is required")
     for name in UNUSED:
         if FLAGS[name].present:
             raise UsageError(f"--{name}: tfmet-demo builds its model from --backbone and --weights")
-    check_outputs(folders=("workdir",))
-    model_flags.check_precision(model_flags.values())
+    check_outputs(folders=("workdir",), values=values)
+    model_flags.check_precision(values)
     from tfmet.demo import figures
     from tfmet.demo.run import RANDOM, run_demo, write_serve_script
 
-    runs = [FLAGS.weights]
-    if FLAGS.random_baseline and FLAGS.weights != RANDOM:
+    runs = [values["weights"]]
+    if values["random_baseline"] and values["weights"] != RANDOM:
         runs.append(RANDOM)
-    results = []
-    for weights in runs:
-        results.append(
-            run_demo(
-                FLAGS.workdir,
-                backbone=FLAGS.backbone,
-                weights=weights,
-                info_dir=FLAGS.info_dir,
-                image_root=FLAGS.image_root,
-                seed=FLAGS.seed,
-                multiscale=FLAGS.multiscale,
-                max_side=FLAGS.max_side,
-                pca_dim=FLAGS.pca_dim,
-                examples=FLAGS.examples,
-                progress=FLAGS.progress,
-                precision=FLAGS.precision,
-            )
-        )
+    own = ("random_baseline", "workdir")  # the others are run_demo's keywords
+    options = {k: v for k, v in values.items() if k not in own and k != "weights"}
+    results = [run_demo(values["workdir"], weights=weights, **options) for weights in runs]
     print()
     print("Summary (test queries):")
     for result in results:
@@ -85,7 +99,7 @@ def main(argv):
     print(figures.EXPLANATION)
     print("See the recogniser answer photos in a web page (tfmet-serve, then open the address):")
     print(results[0].serve_command)
-    script = write_serve_script(FLAGS.workdir, results[0])
+    script = write_serve_script(values["workdir"], results[0])
     print(f"(or: make serve, which runs {script})")
 
 

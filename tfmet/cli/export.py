@@ -16,150 +16,187 @@ its labels (--info_dir), the PCA-whitening (--pca, or fitted again on the train 
 
 Every export's serving signature refuses, as invalid rows, images declaring more than
 --max_pixels pixels (checked in the header, before decoding) or holding more than --max_bytes
-bytes; both are recorded in the export's metadata.
+bytes; both are recorded in the export's metadata. Settings can also come from a config file
+(`--config=export.py`: a ConfigDict of some of them), which the flags given override.
 """
 
 from absl import flags
+from ml_collections import config_flags
 
 from tfmet.cli import (
     input_flags,  # --max_pixels, --max_bytes
     model_flags,  # the descriptor model, as tfmet-extract
 )
+from tfmet.cli import settings as settings_lib
 from tfmet.cli.common import UsageError, check_outputs, no_arguments, run_program
+from tfmet.cli.settings import Setting
 from tfmet.retrieval import SEARCHERS
 
 FLAGS = flags.FLAGS
+PROGRAM = "tfmet-export"
 
-flags.DEFINE_enum("kind", None, ["descriptor", "style", "recognizer"], "What to export.")
-flags.DEFINE_string("out", None, "Export directory (must not exist or be empty, unless --force).")
-flags.DEFINE_bool("force", False, "Overwrite an existing export directory.")
-# PCA-whitening.
-flags.DEFINE_string("pca", None, "PCA-whitening .npz (tfmet.retrieval.PCAWhitening.save).")
-flags.DEFINE_integer("dim", 512, "With --descriptor_dir and no --pca: fit PCAw to this dim.")
-flags.DEFINE_bool("raw", False, "No PCA-whitening.")
-# Recogniser database and classifier.
-flags.DEFINE_string("descriptor_dir", None, "tfmet-extract output with the train store.")
-flags.DEFINE_string("info_dir", None, "Met ground truth folder (database labels).")
-flags.DEFINE_bool("mini", False, "The database is mini_MET_database.json.")
-flags.DEFINE_integer("k", None, "kNN neighbours (default: from --results_json).")
-flags.DEFINE_float("tau", None, "Softmax inverse temperature (default: from --results_json).")
-flags.DEFINE_string("results_json", None, "tfmet-knn-eval results.json with the tuned k, t, dim.")
-flags.DEFINE_float(
-    "threshold", None, "Operating threshold (default: from --results_json, else accept all)."
+# tfmet-export's own settings (with model_flags' and input_flags': what its --config may set).
+EXPORT = (
+    Setting("kind", None, ("descriptor", "style", "recognizer"), "What to export."),
+    Setting("out", None, str, "Export directory (must not exist or be empty, unless --force)."),
+    Setting("force", False, bool, "Overwrite an existing export directory."),
+    # PCA-whitening.
+    Setting("pca", None, str, "PCA-whitening .npz (tfmet.retrieval.PCAWhitening.save)."),
+    Setting("dim", 512, int, "With --descriptor_dir and no --pca: fit PCAw to this dim."),
+    Setting("raw", False, bool, "No PCA-whitening."),
+    # Recogniser database and classifier.
+    Setting("descriptor_dir", None, str, "tfmet-extract output with the train store."),
+    Setting("info_dir", None, str, "Met ground truth folder (database labels)."),
+    Setting("mini", False, bool, "The database is mini_MET_database.json."),
+    Setting("k", None, int, "kNN neighbours (default: from --results_json)."),
+    Setting("tau", None, float, "Softmax inverse temperature (default: from --results_json)."),
+    Setting("results_json", None, str, "tfmet-knn-eval results.json with the tuned k, t, dim."),
+    Setting(
+        "threshold",
+        None,
+        float,
+        "Operating threshold (default: from --results_json, else accept all).",
+    ),
+    Setting(
+        "searcher",
+        "exact",
+        tuple(SEARCHERS),
+        "Recogniser neighbour search (tfmet.retrieval.SEARCHERS).",
+    ),
+    Setting(
+        "rerank",
+        "none",
+        ("none", "spatial"),
+        "Recogniser: serve spatial re-ranking as tuned by tfmet-knn-eval --rerank=spatial (its "
+        "--results_json; the train store's local features go into the export).",
+    ),
+    Setting("top_k", 5, int, "Candidates returned per image (recogniser and style)."),
+    # Style classifier.
+    Setting("style_model", None, str, "tfmet-train-style run directory or .keras file."),
+    Setting("image_size", None, int, "Style input size (default: the run's)."),
+    Setting("trust_model", False, bool, "Allow loading hub modules (SavedModel programs)."),
 )
-flags.DEFINE_enum(
-    "searcher",
-    "exact",
-    list(SEARCHERS),
-    "Recogniser neighbour search (tfmet.retrieval.SEARCHERS).",
+settings_lib.define_flags(EXPORT, __name__)
+config_flags.DEFINE_config_file(
+    "config",
+    None,
+    "Optional ml_collections config of these settings (a get_config() returning a ConfigDict "
+    "of some of them, e.g. kind, backbone, k, tau); flags given on the command line override "
+    "it, as does --config.<key>=<value>.",
 )
-flags.DEFINE_enum(
-    "rerank",
-    "none",
-    ["none", "spatial"],
-    "Recogniser: serve spatial re-ranking as tuned by tfmet-knn-eval --rerank=spatial (its "
-    "--results_json; the train store's local features go into the export).",
-)
-flags.DEFINE_integer("top_k", 5, "Candidates returned per image (recogniser and style).")
-# Style classifier.
-flags.DEFINE_string("style_model", None, "tfmet-train-style run directory or .keras file.")
-flags.DEFINE_integer("image_size", None, "Style input size (default: the run's).")
-flags.DEFINE_bool("trust_model", False, "Allow loading hub modules (SavedModel programs).")
 
 
-def _limits():
+def defaults():
+    """tfmet-export's settings with their defaults (what its --config may set)."""
+    return settings_lib.config(settings_lib.MODEL, settings_lib.INPUT, EXPORT)
+
+
+def _limits(values):
     """--max_pixels and --max_bytes: what the export's serving signature refuses to decode."""
-    return {name: FLAGS[name].value for name in input_flags.NAMES}
+    return {name: values[name] for name in input_flags.NAMES}
 
 
-def _export_descriptor():
+def _export_descriptor(values, _):
     from tfmet.export import builders
 
-    extractor, spec = model_flags.build_extractor(model_flags.values())
+    extractor, spec = model_flags.build_extractor(values)
     return builders.build_descriptor(
-        extractor, spec, pca=None if FLAGS.raw else FLAGS.pca, **_limits()
+        extractor, spec, pca=None if values["raw"] else values["pca"], **_limits(values)
     )
 
 
-def _export_recognizer():
+def _classifier(values, dim_given):
+    """k, tau and the PCA dimension: given, or from --results_json."""
     from tfmet.export import builders
 
-    if not FLAGS.descriptor_dir or not FLAGS.info_dir:
-        raise UsageError("the recogniser needs --descriptor_dir and --info_dir")
-    approximate = SEARCHERS[FLAGS.searcher].approximate
+    k, tau = values["k"], values["tau"]
     try:
-        k, tau, dim = builders.classifier_settings(
-            FLAGS.results_json, FLAGS.k, FLAGS.tau, FLAGS.dim if FLAGS["dim"].present else None
+        return builders.classifier_settings(
+            values["results_json"], k, tau, values["dim"] if dim_given else None
         )
     except ValueError as e:
-        if FLAGS.results_json or (FLAGS.k is not None and FLAGS.tau is not None):
+        if values["results_json"] or (k is not None and tau is not None):
             raise
         raise UsageError("the recogniser needs --k and --tau, or --results_json") from e
-    extractor, spec = model_flags.build_extractor(model_flags.values())
+
+
+def _export_recognizer(values, dim_given):
+    from tfmet.export import builders
+
+    if not values["descriptor_dir"] or not values["info_dir"]:
+        raise UsageError("the recogniser needs --descriptor_dir and --info_dir")
+    results = values["results_json"]
+    k, tau, dim = _classifier(values, dim_given)
+    extractor, spec = model_flags.build_extractor(values)
+    approximate = SEARCHERS[values["searcher"]].approximate
     return builders.build_recognizer(
         extractor,
         spec,
-        FLAGS.descriptor_dir,
-        FLAGS.info_dir,
+        values["descriptor_dir"],
+        values["info_dir"],
         k,
         tau,
-        pca=FLAGS.pca,
+        pca=values["pca"],
         dim=dim,
-        raw=FLAGS.raw,
-        mini=FLAGS.mini,
-        searcher=FLAGS.searcher,
-        top_k=FLAGS.top_k,
-        threshold=builders.threshold_settings(FLAGS.results_json, FLAGS.threshold, "--threshold"),
-        scann_config=builders.scann_config(FLAGS.results_json) if approximate else None,
-        rerank=builders.rerank_settings(FLAGS.results_json) if FLAGS.rerank != "none" else None,
-        **_limits(),
+        raw=values["raw"],
+        mini=values["mini"],
+        searcher=values["searcher"],
+        top_k=values["top_k"],
+        threshold=builders.threshold_settings(results, values["threshold"], "--threshold"),
+        scann_config=builders.scann_config(results) if approximate else None,
+        rerank=builders.rerank_settings(results) if values["rerank"] != "none" else None,
+        **_limits(values),
     )
 
 
-def _export_style():
+def _export_style(values, _):
     from tfmet.export import builders
 
-    if not FLAGS.style_model:
+    if not values["style_model"]:
         raise UsageError("the style export needs --style_model")
     return builders.build_style(
-        FLAGS.style_model,
-        FLAGS.image_size,
-        top_k=FLAGS.top_k,
-        trust_model=FLAGS.trust_model,
-        **_limits(),
+        values["style_model"],
+        values["image_size"],
+        top_k=values["top_k"],
+        trust_model=values["trust_model"],
+        **_limits(values),
     )
 
 
 def main(argv):
     no_arguments(argv)
-    if not FLAGS.kind or not FLAGS.out:
+    default = defaults()
+    values = settings_lib.resolve(default, FLAGS.config, PROGRAM)
+    settings_lib.check(values, settings_lib.MODEL, settings_lib.INPUT, EXPORT)
+    kind, out = values["kind"], values["out"]
+    if not kind or not out:
         raise UsageError("--kind and --out are required")
-    if FLAGS.kind == "style" and FLAGS["precision"].present:
+    if kind == "style" and settings_lib.given("precision", default, FLAGS.config):
         raise UsageError("--precision is for the descriptor and recognizer exports")
-    model_flags.check_precision(model_flags.values())
-    input_flags.check(_limits())
-    check_outputs(folders=("out",))
+    model_flags.check_precision(values)
+    input_flags.check(values)
+    check_outputs(folders=("out",), values=values)
     import tfmet
     from tfmet.export import metadata_signature, save_module
     from tfmet.export.common import check_export_dir
 
-    check_export_dir(FLAGS.out, FLAGS.force)
+    check_export_dir(out, values["force"])
     builders = {
         "descriptor": _export_descriptor,
         "recognizer": _export_recognizer,
         "style": _export_style,
     }
-    module, described = builders[FLAGS.kind]()
-    metadata = {"kind": FLAGS.kind, "tfmet_version": tfmet.__version__, **described}
+    module, described = builders[kind](values, settings_lib.given("dim", default, FLAGS.config))
+    metadata = {"kind": kind, "tfmet_version": tfmet.__version__, **described}
     signatures = module.signatures()
     scalar = {k: v for k, v in metadata.items() if isinstance(v, str | int | float | bool)}
     signatures["metadata"] = metadata_signature(scalar)
-    path = save_module(module, FLAGS.out, signatures, metadata, force=FLAGS.force)
-    print(f"exported {FLAGS.kind} SavedModel to {path} (signatures: {', '.join(signatures)})")
+    path = save_module(module, out, signatures, metadata, force=values["force"])
+    print(f"exported {kind} SavedModel to {path} (signatures: {', '.join(signatures)})")
 
 
 def run():
-    run_program("tfmet-export", main)
+    run_program(PROGRAM, main)
 
 
 if __name__ == "__main__":

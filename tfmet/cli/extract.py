@@ -43,6 +43,8 @@ config_flags.DEFINE_config_file(
 def settings():
     """The run's settings: the defaults, then the config file's, then the flags given."""
     values = settings_lib.resolve(settings_lib.extract_config(), FLAGS.config, "tfmet-extract")
+    tables = (settings_lib.MODEL, settings_lib.INPUT, settings_lib.EXTRACT)
+    settings_lib.check(values, *tables)
     for split in values["splits"]:
         if split not in ("train", "val", "test"):
             raise UsageError(f"--splits: unknown split {split!r} (use train, val, test)")
@@ -147,8 +149,8 @@ def merge(values):
 
 def main(argv):
     no_arguments(argv)
-    check_outputs(folders=("output_dir",))
     values = settings()
+    check_outputs(folders=("output_dir",), values=values)
     try:
         if FLAGS.merge:
             merge(values)

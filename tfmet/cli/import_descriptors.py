@@ -11,16 +11,27 @@ or --nomini is given) and the paths and labels are recorded in the manifests.
 
 from absl import flags, logging
 
+from tfmet.cli import settings as settings_lib
 from tfmet.cli.common import check_outputs, no_arguments, require, run_program
+from tfmet.cli.settings import Setting
 
 FLAGS = flags.FLAGS
 
-flags.DEFINE_string("descriptors", None, "The reference descriptors.pkl.")
-flags.DEFINE_string("output_dir", None, "Where the stores go.")
-flags.DEFINE_string("info_dir", None, "Optional Met ground truth to check counts and record paths.")
-flags.DEFINE_bool("mini", None, "Train rows follow the mini database (default: match by length).")
-flags.DEFINE_string("backbone", None, "Label recorded as the manifests' backbone.")
-flags.DEFINE_bool("overwrite", False, "Replace existing stores.")
+settings_lib.define_flags(
+    (
+        Setting("descriptors", None, str, "The reference descriptors.pkl."),
+        Setting("output_dir", None, str, "Where the stores go."),
+        Setting(
+            "info_dir", None, str, "Optional Met ground truth to check counts and record paths."
+        ),
+        Setting(
+            "mini", None, bool, "Train rows follow the mini database (default: match by length)."
+        ),
+        Setting("backbone", None, str, "Label recorded as the manifests' backbone."),
+        Setting("overwrite", False, bool, "Replace existing stores."),
+    ),
+    __name__,
+)
 
 
 def main(argv):

@@ -20,43 +20,51 @@ import os
 
 from absl import flags, logging
 
+from tfmet.cli import settings as settings_lib
 from tfmet.cli.common import UsageError, check_outputs, guarded, run_program
+from tfmet.cli.settings import Setting
 from tfmet.retrieval import SEARCHERS
 from tfmet.retrieval.recall import DEFAULT_MIN_RECALL
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("info_dir", None, "Folder with the Met ground-truth JSON files.")
-flags.DEFINE_bool("mini", False, "Use the mini database (mini_MET_database.json).")
-flags.DEFINE_integer("dim", 512, "Dimension after PCA-whitening.", short_name="d")
-flags.DEFINE_integer("k", None, "Neighbours; with --autotune, restricts the grid to this k.")
-flags.DEFINE_float("t", None, "Softmax inverse temperature tau; with --autotune, fixes tau.")
-flags.DEFINE_bool("autotune", False, "Choose k and tau by val GAP over the reference's grid.")
-flags.DEFINE_bool("val_eval", False, "Evaluate the final classifier on val instead of test.")
-flags.DEFINE_bool("raw", False, "Use the raw descriptors (no PCA-whitening).")
-flags.DEFINE_string("log", None, "Suffix of the log and output files (log_knn_<log>.txt).")
-flags.DEFINE_enum(
-    "backend", "exact", list(SEARCHERS), "Search: exact brute force or ScaNN approximate."
+# One flag per setting (the reference's knn_eval.py flags, and tfmet's).
+KNN_EVAL = (
+    Setting("info_dir", None, str, "Folder with the Met ground-truth JSON files."),
+    Setting("mini", False, bool, "Use the mini database (mini_MET_database.json)."),
+    Setting("dim", 512, int, "Dimension after PCA-whitening.", short_name="d"),
+    Setting("k", None, int, "Neighbours; with --autotune, restricts the grid to this k."),
+    Setting("t", None, float, "Softmax inverse temperature tau; with --autotune, fixes tau."),
+    Setting("autotune", False, bool, "Choose k and tau by val GAP over the reference's grid."),
+    Setting("val_eval", False, bool, "Evaluate the final classifier on val instead of test."),
+    Setting("raw", False, bool, "Use the raw descriptors (no PCA-whitening)."),
+    Setting("log", None, str, "Suffix of the log and output files (log_knn_<log>.txt)."),
+    Setting(
+        "backend", "exact", tuple(SEARCHERS), "Search: exact brute force or ScaNN approximate."
+    ),
+    Setting("results_json", None, str, "Results JSON path (default in --output_dir)."),
+    Setting(
+        "min_recall",
+        DEFAULT_MIN_RECALL,
+        float,
+        "--backend scann: recall@k against exact search to reach on val.",
+    ),
+    Setting(
+        "target_precision",
+        None,
+        float,
+        "Operating threshold: the lowest whose val precision reaches this (default: max val F1).",
+    ),
+    Setting(
+        "rerank",
+        "none",
+        ("none", "spatial"),
+        "spatial: also report the decision re-ranked by spatial verification (local features "
+        "extracted with tfmet-extract --local_features).",
+    ),
+    Setting("rerank_top", 20, int, "--rerank: global neighbours verified per query (M)."),
+    Setting("output_dir", None, str, "Where outputs go (default: DESCRIPTOR_DIR)."),
 )
-flags.DEFINE_string("results_json", None, "Results JSON path (default in --output_dir).")
-flags.DEFINE_float(
-    "min_recall",
-    DEFAULT_MIN_RECALL,
-    "--backend scann: recall@k against exact search to reach on val.",
-)
-flags.DEFINE_float(
-    "target_precision",
-    None,
-    "Operating threshold: the lowest whose val precision reaches this (default: max val F1).",
-)
-flags.DEFINE_enum(
-    "rerank",
-    "none",
-    ["none", "spatial"],
-    "spatial: also report the decision re-ranked by spatial verification (local features "
-    "extracted with tfmet-extract --local_features).",
-)
-flags.DEFINE_integer("rerank_top", 20, "--rerank: global neighbours verified per query (M).")
-flags.DEFINE_string("output_dir", None, "Where outputs go (default: DESCRIPTOR_DIR).")
+settings_lib.define_flags(KNN_EVAL, __name__)
 
 
 def experiment_name():

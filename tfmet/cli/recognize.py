@@ -17,20 +17,24 @@ import sys
 
 from absl import flags
 
+from tfmet.cli import settings as settings_lib
 from tfmet.cli.common import EXIT_BAD_INPUT, UsageError, report_skipped, run_program
+from tfmet.cli.settings import Setting
 
 FLAGS = flags.FLAGS
 PROGRAM = "tfmet-recognize"
 EXTENSIONS = (".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp")
 
-flags.DEFINE_string("model", None, "Recogniser export directory (tfmet-export --kind recognizer).")
-flags.DEFINE_bool("json", False, "One JSON object per photo on stdout (JSON lines).")
-flags.DEFINE_string("info_dir", None, "Met ground truth: names the answers' database images.")
-flags.DEFINE_string("image_root", None, "Met image root (default: --info_dir's parent).")
-flags.DEFINE_bool("mini", False, "The database is mini_MET_database.json.")
-flags.DEFINE_string("html", None, "Write an HTML report with thumbnails to this file.")
-flags.DEFINE_integer("batch_size", 16, "Photos per model call.")
-flags.DEFINE_bool("progress", True, "Progress bar when a folder is given.")
+settings_lib.define_flags(
+    (
+        *settings_lib.RECOGNIZER,
+        Setting("json", False, bool, "One JSON object per photo on stdout (JSON lines)."),
+        Setting("html", None, str, "Write an HTML report with thumbnails to this file."),
+        Setting("batch_size", 16, int, "Photos per model call."),
+        Setting("progress", True, bool, "Progress bar when a folder is given."),
+    ),
+    __name__,
+)
 
 
 def photo_paths(arguments):

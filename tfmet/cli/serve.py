@@ -12,30 +12,42 @@ import os
 
 from absl import flags
 
+from tfmet.cli import settings as settings_lib
 from tfmet.cli.common import UsageError, run_program
+from tfmet.cli.settings import Setting
 
 FLAGS = flags.FLAGS
 PROGRAM = "tfmet-serve"
 
-flags.DEFINE_string("model", None, "Recogniser export directory (tfmet-export --kind recognizer).")
-flags.DEFINE_string("info_dir", None, "Met ground truth folder: thumbnails of the top matches.")
-flags.DEFINE_string("image_root", None, "Met image root (default: --info_dir's parent).")
-flags.DEFINE_bool("mini", False, "The database is mini_MET_database.json.")
-flags.DEFINE_string(
-    "names", None, 'Exhibit names: JSON {"<Met id>": "name"} or The Met\'s MetObjects.csv.'
+settings_lib.define_flags(
+    (
+        *settings_lib.RECOGNIZER,
+        Setting(
+            "names",
+            None,
+            str,
+            'Exhibit names: JSON {"<Met id>": "name"} or The Met\'s MetObjects.csv.',
+        ),
+        Setting("host", "127.0.0.1", str, "Address to bind (0.0.0.0 exposes it to the network)."),
+        Setting("port", 8080, int, "Port to listen on."),
+        # Refusing what costs too much memory, and shedding load (tfmet.serving.web.Shedding).
+        Setting("max_upload_mb", 20, int, "Uploads above this many MiB are refused (413)."),
+        Setting(
+            "max_decoded_mb",
+            256,
+            int,
+            "Images declaring more decoded MiB (w x h x channels x bytes) get 422.",
+        ),
+        Setting("concurrency", 2, int, "Requests decoding and inferring at once."),
+        Setting("queue", 16, int, "Requests waiting beyond those; more get 503 + Retry-After."),
+        Setting("queue_timeout", 60.0, float, "Seconds a request waits for a slot before 503."),
+        Setting("body_timeout", 30.0, float, "Seconds an upload may take to arrive before 408."),
+        Setting(
+            "header_timeout", 10.0, float, "Seconds a connection may take to send its headers."
+        ),
+    ),
+    __name__,
 )
-flags.DEFINE_string("host", "127.0.0.1", "Address to bind (0.0.0.0 exposes it to the network).")
-flags.DEFINE_integer("port", 8080, "Port to listen on.")
-flags.DEFINE_integer("max_upload_mb", 20, "Uploads above this many MiB are refused (413).")
-flags.DEFINE_integer(
-    "max_decoded_mb", 256, "Images declaring more decoded MiB (w x h x channels x bytes) get 422."
-)
-flags.DEFINE_integer("concurrency", 2, "Requests decoding and inferring at once.")
-flags.DEFINE_integer("queue", 16, "Requests waiting beyond those; more get 503 + Retry-After.")
-flags.DEFINE_float("queue_timeout", 60.0, "Seconds a request waits for a slot before 503.")
-flags.DEFINE_float("body_timeout", 30.0, "Seconds an upload may take to arrive before 408.")
-flags.DEFINE_float("header_timeout", 10.0, "Seconds a connection may take to send its headers.")
-
 
 # oneDNN's CPU allocator pools what TensorFlow frees and never returns it: one large upload left
 # the server at 5x its warm RSS for good (issue #27). Eigen's kernels allocate from the heap,

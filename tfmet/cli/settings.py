@@ -21,12 +21,14 @@ from tfmet.precision import PRECISIONS
 
 
 class Setting(typing.NamedTuple):
-    """One setting: `kind` is str, int, float, bool, list (of strings) or a tuple of choices."""
+    """One setting: `kind` is str, int, float, bool, list (of strings) or a tuple of choices;
+    `short_name` is the flag's one-letter name, if it has one (tfmet-knn-eval's -d)."""
 
     name: str
     default: object
     kind: object
     help: str
+    short_name: str | None = None
 
 
 # The descriptor model (tfmet-extract, tfmet-extract-beam, tfmet-export, tfmet-demo).
@@ -65,10 +67,24 @@ INPUT = (
     ),
 )
 
-# tfmet-extract's own settings (with MODEL and INPUT: what its --config may set).
-EXTRACT = (
+# The Met folders of the programs that read the Met images (tfmet-extract, its Beam twin,
+# tfmet-train-contrastive).
+MET_FOLDERS = (
     Setting("info_dir", None, str, "Folder with MET_database.json, valset.json, testset.json."),
     Setting("image_root", None, str, "Folder whose images/ subfolder holds the Met images."),
+)
+
+# The recogniser export and its Met database, as tfmet-recognize and tfmet-serve open them.
+RECOGNIZER = (
+    Setting("model", None, str, "Recogniser export directory (tfmet-export --kind recognizer)."),
+    Setting("info_dir", None, str, "Met ground truth folder: the answers' database images."),
+    Setting("image_root", None, str, "Met image root (default: --info_dir's parent)."),
+    Setting("mini", False, bool, "The database is mini_MET_database.json."),
+)
+
+# tfmet-extract's own settings (with MODEL and INPUT: what its --config may set).
+EXTRACT = (
+    *MET_FOLDERS,
     Setting("output_dir", None, str, "Where chunk files and descriptor stores go."),
     Setting("mini", False, bool, "Use mini_MET_database.json as the train split."),
     Setting("splits", ["train", "val", "test"], list, "Splits to extract."),
@@ -127,24 +143,32 @@ _DEFINE = {
 }
 
 
+def _module(module_name):
+    """The name absl lists a module's flags under (`__main__`: `sys.argv[0]`, as absl does)."""
+    return sys.argv[0] if module_name == "__main__" else module_name
+
+
 def define_flags(table, module_name, flag_values=flags.FLAGS):
     """Defines one absl flag per setting of `table`, listed in --help under the module named
-    `module_name` (the caller's `__name__`; as absl names `__main__`: `sys.argv[0]`)."""
-    if module_name == "__main__":
-        module_name = sys.argv[0]
+    `module_name` (the caller's `__name__`)."""
+    where = {"flag_values": flag_values, "module_name": _module(module_name)}
     for s in table:
-        if isinstance(s.kind, tuple):
-            flags.DEFINE_enum(
-                s.name,
-                s.default,
-                list(s.kind),
-                s.help,
-                flag_values=flag_values,
-                module_name=module_name,
-            )
+        if s.short_name:
+            where["short_name"] = s.short_name
         else:
-            define = _DEFINE[s.kind]
-            define(s.name, s.default, s.help, flag_values=flag_values, module_name=module_name)
+            where.pop("short_name", None)
+        if isinstance(s.kind, tuple):
+            flags.DEFINE_enum(s.name, s.default, list(s.kind), s.help, **where)
+        else:
+            _DEFINE[s.kind](s.name, s.default, s.help, **where)
+
+
+def given(name, defaults, file_config, flag_values=flags.FLAGS):
+    """Whether the setting `name` was chosen for this run: its flag given, or the config file
+    setting it to other than its default in `defaults` (a ConfigDict)."""
+    if flag_values[name].present:
+        return True
+    return file_config is not None and name in file_config and file_config[name] != defaults[name]
 
 
 def resolve(defaults, file_config, program, flag_values=flags.FLAGS):
@@ -163,3 +187,30 @@ def resolve(defaults, file_config, program, flag_values=flags.FLAGS):
         if flag_values[key].present:
             values[key] = flag_values[key].value
     return {k: list(v) if isinstance(v, tuple) else v for k, v in values.items()}
+
+
+# What a value of each kind is (isinstance), and how an error names it.
+_TYPES = {
+    str: (str, "a string"),
+    int: (int, "an integer"),
+    float: ((int, float), "a number"),
+    bool: (bool, "true or false"),
+    list: ((list, tuple), "a list"),
+}
+
+
+def check(values, *tables):
+    """Raises UsageError naming the first setting of `tables` whose value in `values` (from
+    `resolve`: a config file may hold anything) is not of its kind or not one of its choices."""
+    for s in (s for table in tables for s in table):
+        value = values[s.name]
+        if value is None:
+            continue
+        if isinstance(s.kind, tuple):
+            if value not in s.kind:
+                choices = ", ".join(s.kind)
+                raise UsageError(f"--{s.name} must be one of {choices}. Received: {value!r}")
+            continue
+        types, what = _TYPES[s.kind]
+        if not isinstance(value, types) or (isinstance(value, bool) and s.kind is not bool):
+            raise UsageError(f"--{s.name} must be {what}. Received: {value!r}")

@@ -21,6 +21,7 @@ import shlex
 from absl import flags, logging
 from ml_collections import config_flags
 
+from tfmet.cli import settings as settings_lib
 from tfmet.cli.common import (
     UsageError,
     check_outputs,
@@ -29,19 +30,25 @@ from tfmet.cli.common import (
     require,
     run_program,
 )
+from tfmet.cli.settings import Setting
 from tfmet.training.contrastive.mining import PAIR_TYPES
 
 FLAGS = flags.FLAGS
 
-flags.DEFINE_string("info_dir", None, "Folder with MET_database.json, valset.json, ...")
-flags.DEFINE_string("image_root", None, "Folder whose images/ subfolder holds the Met images.")
-flags.DEFINE_string("workdir", None, "Output folder: checkpoints, TensorBoard, final model.")
-flags.DEFINE_bool("resume", False, "Continue from the latest checkpoint in --workdir.")
-flags.DEFINE_string(
-    "init_descr",
-    None,
-    "Initial single-scale database descriptors (a tfmet store folder or the reference's "
-    "descriptors.pkl); extracted with the initial model when not given.",
+settings_lib.define_flags(
+    (
+        *settings_lib.MET_FOLDERS,
+        Setting("workdir", None, str, "Output folder: checkpoints, TensorBoard, final model."),
+        Setting("resume", False, bool, "Continue from the latest checkpoint in --workdir."),
+        Setting(
+            "init_descr",
+            None,
+            str,
+            "Initial single-scale database descriptors (a tfmet store folder or the reference's "
+            "descriptors.pkl); extracted with the initial model when not given.",
+        ),
+    ),
+    __name__,
 )
 config_flags.DEFINE_config_file(
     "config",
@@ -52,43 +59,41 @@ config_flags.DEFINE_config_file(
 )
 # The reference's train_contrastive.py flags, kept as aliases of config entries: given on the
 # command line they set that entry (after the config file and its --config.* overrides). Their
-# defaults are the config's: none is repeated here.
+# defaults are the config's: none is repeated here. {flag: (config entry, kind)}; the flags are
+# generated from it.
 ALIASES = {
-    "net": "backbone",
-    "weights": "weights",
-    "pairs_type": "pairs_type",
-    "epochs": "epochs",
-    "vbsizemul": "vbsizemul",
-    "backbone_lr": "learning_rate",
-    "wdecay": "weight_decay",
-    "margin": "margin",
-    "imsize": "image_size",
-    "sched_step": "sched_step",
-    "sched_gamma": "sched_gamma",
-    "emb_proj": "emb_proj",
-    "pca": "pca",
-    "mini": "mini",
-    "seed": "seed",
-    "initeval": "initeval",
-    "stop_at_step": "stop_at_step",
-    "strategy": "strategy",
+    "net": ("backbone", str),
+    "weights": ("weights", str),
+    "pairs_type": ("pairs_type", tuple(PAIR_TYPES)),
+    "epochs": ("epochs", int),
+    "vbsizemul": ("vbsizemul", int),
+    "backbone_lr": ("learning_rate", float),
+    "wdecay": ("weight_decay", float),
+    "margin": ("margin", float),
+    "imsize": ("image_size", int),
+    "sched_step": ("sched_step", int),
+    "sched_gamma": ("sched_gamma", float),
+    "emb_proj": ("emb_proj", bool),
+    "pca": ("pca", bool),
+    "mini": ("mini", bool),
+    "seed": ("seed", int),
+    "initeval": ("initeval", bool),
+    "stop_at_step": ("stop_at_step", int),
+    "strategy": ("strategy", str),
 }
 _HELP = "Alias of --config.{} (default: the config's)."
-for _name in ("net", "weights"):
-    flags.DEFINE_string(_name, None, _HELP.format(ALIASES[_name]))
-flags.DEFINE_string(
-    "strategy",
-    None,
-    "tf.distribute strategy: default (one device), mirrored (every local GPU) or multi_worker "
-    "(the machines TF_CONFIG names). Alias of --config.strategy (default: the config's).",
+# What an alias's help says before _HELP, where it says more.
+_ABOUT = {
+    "strategy": "tf.distribute strategy: default (one device), mirrored (every local GPU) or "
+    "multi_worker (the machines TF_CONFIG names). ",
+}
+settings_lib.define_flags(
+    [
+        Setting(flag, None, kind, _ABOUT.get(flag, "") + _HELP.format(key))
+        for flag, (key, kind) in ALIASES.items()
+    ],
+    __name__,
 )
-flags.DEFINE_enum("pairs_type", None, PAIR_TYPES, _HELP.format("pairs_type"))
-for _name in ("epochs", "vbsizemul", "imsize", "sched_step", "seed", "stop_at_step"):
-    flags.DEFINE_integer(_name, None, _HELP.format(ALIASES[_name]))
-for _name in ("backbone_lr", "wdecay", "margin", "sched_gamma"):
-    flags.DEFINE_float(_name, None, _HELP.format(ALIASES[_name]))
-for _name in ("emb_proj", "pca", "mini", "initeval"):
-    flags.DEFINE_bool(_name, None, _HELP.format(ALIASES[_name]))
 
 
 def training_config():
@@ -96,7 +101,7 @@ def training_config():
     from tfmet.training.contrastive.config import default_config
 
     config = FLAGS.config if FLAGS.config is not None else default_config()
-    for flag, key in ALIASES.items():
+    for flag, (key, _) in ALIASES.items():
         if FLAGS[flag].present:
             config[key] = FLAGS[flag].value
     if config.pca and not config.emb_proj:

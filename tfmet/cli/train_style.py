@@ -12,23 +12,37 @@
 from absl import flags, logging
 from ml_collections import config_flags
 
+from tfmet.cli import settings as settings_lib
 from tfmet.cli.common import check_outputs, check_strategy, no_arguments, require, run_program
+from tfmet.cli.settings import Setting
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py[:variant]).")
-flags.DEFINE_string("workdir", None, "Run directory (checkpoints, logs, model).")
-flags.DEFINE_bool("resume", False, "Continue the checkpoint in --workdir.")
-flags.DEFINE_integer(
-    "trainable_blocks", None, "Unfreeze the top N backbone blocks (overrides the config)."
-)
-flags.DEFINE_float(
-    "trainable_fraction", None, "Unfreeze the top fraction of backbone layers (overrides config)."
-)
-flags.DEFINE_string(
-    "strategy",
-    None,
-    "tf.distribute strategy: default (one device), mirrored (every local GPU) or multi_worker "
-    "(the machines TF_CONFIG names); overrides config.train.strategy.",
+settings_lib.define_flags(
+    (
+        Setting("workdir", None, str, "Run directory (checkpoints, logs, model)."),
+        Setting("resume", False, bool, "Continue the checkpoint in --workdir."),
+        Setting(
+            "trainable_blocks",
+            None,
+            int,
+            "Unfreeze the top N backbone blocks (overrides the config).",
+        ),
+        Setting(
+            "trainable_fraction",
+            None,
+            float,
+            "Unfreeze the top fraction of backbone layers (overrides config).",
+        ),
+        Setting(
+            "strategy",
+            None,
+            str,
+            "tf.distribute strategy: default (one device), mirrored (every local GPU) or "
+            "multi_worker (the machines TF_CONFIG names); overrides config.train.strategy.",
+        ),
+    ),
+    __name__,
 )
 
 
