@@ -52,9 +52,7 @@ settings_lib.define_flags(DEMO, __name__)
 config_flags.DEFINE_config_file(
     "config",
     None,
-    "Optional ml_collections config of these settings (a get_config() returning a ConfigDict "
-    "of some of them, e.g. backbone, weights, pca_dim); flags given on the command line "
-    "override it, as does --config.<key>=<value>.",
+    settings_lib.config_help("a ConfigDict of some of them, e.g. backbone, weights, pca_dim"),
 )
 
 FLAGS = flags.FLAGS

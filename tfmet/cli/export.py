@@ -80,9 +80,7 @@ settings_lib.define_flags(EXPORT, __name__)
 config_flags.DEFINE_config_file(
     "config",
     None,
-    "Optional ml_collections config of these settings (a get_config() returning a ConfigDict "
-    "of some of them, e.g. kind, backbone, k, tau); flags given on the command line override "
-    "it, as does --config.<key>=<value>.",
+    settings_lib.config_help("a ConfigDict of some of them, e.g. kind, backbone, k, tau"),
 )
 
 

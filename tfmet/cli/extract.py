@@ -32,12 +32,7 @@ FLAGS = flags.FLAGS
 settings_lib.define_flags(settings_lib.EXTRACT, __name__)
 flags.DEFINE_bool("merge", False, "Only merge finished shards' chunks into stores.")
 flags.DEFINE_bool("progress", True, "Show a progress bar.")
-config_flags.DEFINE_config_file(
-    "config",
-    None,
-    "Optional ml_collections config of these settings (configs/extract_met.py); flags given "
-    "on the command line override it, as does --config.<key>=<value>.",
-)
+config_flags.DEFINE_config_file("config", None, settings_lib.config_help("configs/extract_met.py"))
 
 
 def settings():

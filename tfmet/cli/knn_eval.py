@@ -65,6 +65,10 @@ KNN_EVAL = (
     Setting("output_dir", None, str, "Where outputs go (default: DESCRIPTOR_DIR)."),
 )
 settings_lib.define_flags(KNN_EVAL, __name__)
+# The flags that are `tfmet.retrieval.evaluation.knn_eval`'s keywords of the same name.
+KNN_EVAL_KEYWORDS = tuple(
+    "dim raw k autotune val_eval backend target_precision min_recall rerank_top".split()
+)
 
 
 def experiment_name():
@@ -107,22 +111,8 @@ def _main(argv):
     data = evaluation.load_met_descriptors(directory, FLAGS.info_dir, FLAGS.mini, evaluation.SPLITS)
     rerank = None if FLAGS.rerank == "none" else FLAGS.rerank
     local = evaluation.load_local_features(directory) if rerank else None
-    result = evaluation.knn_eval(
-        data,
-        dim=FLAGS.dim,
-        raw=FLAGS.raw,
-        k=FLAGS.k,
-        tau=FLAGS.t,
-        autotune=FLAGS.autotune,
-        val_eval=FLAGS.val_eval,
-        backend=FLAGS.backend,
-        log=log,
-        target_precision=FLAGS.target_precision,
-        min_recall=FLAGS.min_recall,
-        rerank=rerank,
-        rerank_top=FLAGS.rerank_top,
-        local=local,
-    )
+    options = {name: FLAGS[name].value for name in KNN_EVAL_KEYWORDS}
+    result = evaluation.knn_eval(data, tau=FLAGS.t, log=log, rerank=rerank, local=local, **options)
     log(f"best parameters are : k={result.k} t={result.tau}")
     log("timings (s): " + ", ".join(f"{n} {t:.2f}" for n, t in result.timings_s.items()))
     report.write_outputs(

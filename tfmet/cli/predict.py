@@ -38,11 +38,7 @@ PREDICT = (
 )
 settings_lib.define_flags(PREDICT, __name__)
 config_flags.DEFINE_config_file(
-    "config",
-    None,
-    "Optional ml_collections config of these settings (a get_config() returning a ConfigDict "
-    "of some of them, e.g. model, top_k); flags given on the command line override it, as does "
-    "--config.<key>=<value>.",
+    "config", None, settings_lib.config_help("a ConfigDict of some of them, e.g. model, top_k")
 )
 
 

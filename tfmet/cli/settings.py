@@ -171,6 +171,15 @@ def given(name, defaults, file_config, flag_values=flags.FLAGS):
     return file_config is not None and name in file_config and file_config[name] != defaults[name]
 
 
+def config_help(example):
+    """The help of the `--config` of a program whose settings are tables' (`example`: a config
+    file, or what one holds)."""
+    return (
+        f"Optional ml_collections config of these settings ({example}); flags given on the "
+        "command line override it, as does --config.<key>=<value>."
+    )
+
+
 def resolve(defaults, file_config, program, flag_values=flags.FLAGS):
     """The settings of a run, as a dict: `defaults` (a ConfigDict), then the entries of
     `file_config` (the --config file, or None), then the flags given on the command line.

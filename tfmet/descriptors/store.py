@@ -80,6 +80,35 @@ class LocalStore:
         )
 
 
+def _fill_rows(arrays, blocks, rows_of, what=""):
+    """Fills memory-mapped `arrays` ({name: array [count, ...]}) from row blocks (start,
+    {name: rows}) that cover rows 0..count-1; a block's rows are as many as its `rows_of` array's,
+    and each of its arrays must hold exactly them. Then flushes the arrays.
+
+    Raises:
+      ValueError: a block whose array has another shape or that reaches outside the arrays
+        (named: `what` + the array's name), or rows no block wrote.
+    """
+    count = len(next(iter(arrays.values())))
+    covered = np.zeros(count, bool)
+    for start, block in blocks:
+        stop = start + len(block[rows_of])
+        for name, array in arrays.items():
+            rows = np.asarray(block[name], array.dtype)
+            expected = (stop - start, *array.shape[1:])
+            if rows.shape != expected or start < 0 or stop > count:
+                raise ValueError(
+                    f"{what}{name} block at row {start} has shape {rows.shape}; expected "
+                    f"{list(expected)} within {count} rows"
+                )
+            array[start:stop] = rows
+        covered[start:stop] = True
+    if not covered.all():
+        raise ValueError(f"{what}rows {np.flatnonzero(~covered)[:5].tolist()}... were not written")
+    for array in arrays.values():
+        array.flush()
+
+
 def write_local_rows(directory, split, count, num, dim, blocks):
     """Writes a split's local arrays from row blocks (start, {name: array}), memory-mapped
     temporaries renamed into place; call before the manifest that names them."""
@@ -89,23 +118,7 @@ def write_local_rows(directory, split, count, num, dim, blocks):
             tmp = stack.enter_context(atomic_path(local_path(directory, split, name)))
             shape = (count, *trailing(num, dim))
             arrays[name] = np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=shape)
-        covered = np.zeros(count, bool)
-        for start, block in blocks:
-            stop = start + len(block["counts"])
-            for name, array in arrays.items():
-                rows = np.asarray(block[name])
-                expected = (stop - start, *array.shape[1:])
-                if rows.shape != expected or start < 0 or stop > count:
-                    raise ValueError(
-                        f"local {name} block at row {start} has shape {rows.shape}; expected "
-                        f"{list(expected)} within {count} rows"
-                    )
-                array[start:stop] = rows
-            covered[start:stop] = True
-        if not covered.all():
-            raise ValueError(f"local rows {np.flatnonzero(~covered)[:5].tolist()}... not written")
-        for array in arrays.values():
-            array.flush()
+        _fill_rows(arrays, blocks, "counts", "local ")
         arrays.clear()
 
 
@@ -207,23 +220,11 @@ def write_store_rows(directory, split, count, dim, blocks, valid, errors=(), **m
     valid = np.asarray(valid, bool)
     if valid.shape != (count,):
         raise ValueError(f"valid must have shape [{count}]. Received: shape={valid.shape}")
-    covered = np.zeros(count, bool)
     with atomic_path(array_path(directory, split)) as tmp:
         array = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(count, dim))
-        for start, rows in blocks:
-            rows = np.asarray(rows, np.float32)
-            stop = start + rows.shape[0]
-            if rows.ndim != 2 or rows.shape[1] != dim or start < 0 or stop > count:
-                raise ValueError(
-                    f"block at row {start} has shape {rows.shape}; expected [n, {dim}] within "
-                    f"{count} rows"
-                )
-            array[start:stop] = rows
-            covered[start:stop] = True
-        if not covered.all():
-            raise ValueError(f"rows {np.flatnonzero(~covered)[:5].tolist()}... were not written")
-        array.flush()
-        del array
+        named = ((start, {"descriptors": rows}) for start, rows in blocks)
+        _fill_rows({"descriptors": array}, named, "descriptors")
+        del array  # closes the memory map before the rename
     manifest = _manifest(split, count, dim, valid, errors, metadata)
     save_json(manifest_path(directory, split), manifest)
     return manifest

@@ -151,21 +151,26 @@ def _limits(module):
     return dict(max_pixels=module.max_pixels, max_bytes=module.max_bytes)
 
 
+def _pipeline(spec, mean, projection):
+    """What the descriptor and recogniser modules compute, as their keywords: the extraction of
+    `spec` (`ExtractionSpec`: scales, resize, max side) and the PCA-whitening (mean, projection;
+    None for none)."""
+    return dict(
+        scales=spec.scales,
+        resize_method=spec.resize_method,
+        max_side=spec.max_side,
+        pca_mean=mean,
+        pca_projection=projection,
+    )
+
+
 def build_descriptor(extractor, spec, pca=None, **limits):
     """The descriptor export of `extractor` (its `ExtractionSpec` `spec`), optionally whitened;
     `limits`: `max_pixels`, `max_bytes` of `DescriptorModule` (its defaults if not given)."""
     from tfmet.export.descriptor import DescriptorModule
 
     mean, projection = whitening(pca=pca)
-    module = DescriptorModule(
-        extractor.embedder,
-        scales=spec.scales,
-        resize_method=spec.resize_method,
-        pca_mean=mean,
-        pca_projection=projection,
-        max_side=spec.max_side,
-        **limits,
-    )
+    module = DescriptorModule(extractor.embedder, **_pipeline(spec, mean, projection), **limits)
     metadata = dict(
         spec.metadata(), dim=module.dim, pca_whitening=module.whitened, **_limits(module)
     )
@@ -269,11 +274,7 @@ def build_recognizer(
         scann_config=scann_config,
         local=local,
         rerank_top=rerank["top"] if rerank else 20,
-        scales=spec.scales,
-        resize_method=spec.resize_method,
-        pca_mean=mean,
-        pca_projection=projection,
-        max_side=spec.max_side,
+        **_pipeline(spec, mean, projection),
         **limits,
     )
     metadata = dict(
