@@ -22,35 +22,23 @@ from tfmet.cli import settings as settings_lib
 from tfmet.cli.common import UsageError, check_outputs, no_arguments, run_program
 from tfmet.cli.settings import Setting
 
-settings_lib.define_flags(
-    (
-        Setting("from", None, str, "PyTorch checkpoint (.pth/.pt/.pth.tar, zip or legacy format)."),
-        Setting("arch", None, str, "Registered backbone name, e.g. resnet50, efficientnet_lite0."),
-        Setting("out", None, str, "Output Keras weights file; must end with .weights.h5."),
-        Setting(
-            "key",
-            None,
-            str,
-            "Entry holding the state dict, '/'-separated (default: found automatically).",
-        ),
-        Setting(
-            "ignore",
-            None,
-            list,
-            "Name prefixes that may stay unconverted (default: classifier and SwAV heads "
-            "fc., _fc., projection_head., prototypes.).",
-        ),
-        Setting(
-            "keras_model",
-            None,
-            str,
+# fmt: off
+CONVERT_WEIGHTS = (
+    Setting("from", None, str, "PyTorch checkpoint (.pth/.pt/.pth.tar, zip or legacy format)."),
+    Setting("arch", None, str, "Registered backbone name, e.g. resnet50, efficientnet_lite0."),
+    Setting("out", None, str, "Output Keras weights file; must end with .weights.h5."),
+    Setting("key", None, str,
+            "Entry holding the state dict, '/'-separated (default: found automatically)."),
+    Setting("ignore", None, list,
+            "Name prefixes that may stay unconverted (default: classifier and SwAV heads fc., "
+            "_fc., projection_head., prototypes.)."),
+    Setting("keras_model", None, str,
             "Also save the whole Embedder (backbone, GeM p, projector) as this .keras file, the "
-            "input of tfmet-extract --model.",
-        ),
-        Setting("overwrite", False, bool, "Replace --out (and --keras_model) if it exists."),
-    ),
-    __name__,
+            "input of tfmet-extract --model."),
+    Setting("overwrite", False, bool, "Replace --out (and --keras_model) if it exists."),
 )
+# fmt: on
+settings_lib.define_flags(CONVERT_WEIGHTS, __name__)
 
 FLAGS = flags.FLAGS
 PROGRAM = "tfmet-convert-weights"

@@ -17,7 +17,6 @@ flags given). See docs/demo.md.
 """
 
 from absl import flags
-from ml_collections import config_flags
 
 from tfmet.cli import model_flags
 from tfmet.cli import settings as settings_lib
@@ -33,27 +32,21 @@ UNUSED = ("model", "resize_method")
 MODEL = tuple(s for s in settings_lib.MODEL if s.name not in UNUSED)
 
 # tfmet-demo's own settings (with MODEL: what its --config may set).
+# fmt: off
 DEMO = (
     Setting("workdir", None, str, "Folder for the benchmark, descriptors, logs and pictures."),
     Setting("random_baseline", False, bool, "Also run with random weights and print both results."),
     Setting("info_dir", None, str, "Your Met ground-truth folder (with --image_root)."),
     Setting("image_root", None, str, "Folder whose images/ holds your Met images."),
-    Setting(
-        "pca_dim",
-        None,
-        int,
-        "PCA-whitening dimension; 0 for raw descriptors. Default: 512 for databases of >= 2048 "
-        "images with larger descriptors, else raw.",
-    ),
+    Setting("pca_dim", None, int,
+            "PCA-whitening dimension; 0 for raw descriptors. Default: 512 for databases of >= 2048 "
+            "images with larger descriptors, else raw."),
     Setting("examples", 8, int, "Queries drawn in the matches picture."),
     Setting("progress", True, bool, "Show progress bars."),
 )
+# fmt: on
 settings_lib.define_flags(DEMO, __name__)
-config_flags.DEFINE_config_file(
-    "config",
-    None,
-    settings_lib.config_help("a ConfigDict of some of them, e.g. backbone, weights, pca_dim"),
-)
+settings_lib.define_config_flag("a ConfigDict of some of them, e.g. backbone, weights, pca_dim")
 
 FLAGS = flags.FLAGS
 PROGRAM = "tfmet-demo"

@@ -21,7 +21,6 @@ bytes; both are recorded in the export's metadata. Settings can also come from a
 """
 
 from absl import flags
-from ml_collections import config_flags
 
 from tfmet.cli import (
     input_flags,  # --max_pixels, --max_bytes
@@ -36,6 +35,7 @@ FLAGS = flags.FLAGS
 PROGRAM = "tfmet-export"
 
 # tfmet-export's own settings (with model_flags' and input_flags': what its --config may set).
+# fmt: off
 EXPORT = (
     Setting("kind", None, ("descriptor", "style", "recognizer"), "What to export."),
     Setting("out", None, str, "Export directory (must not exist or be empty, unless --force)."),
@@ -46,42 +46,27 @@ EXPORT = (
     Setting("raw", False, bool, "No PCA-whitening."),
     # Recogniser database and classifier.
     Setting("descriptor_dir", None, str, "tfmet-extract output with the train store."),
-    Setting("info_dir", None, str, "Met ground truth folder (database labels)."),
-    Setting("mini", False, bool, "The database is mini_MET_database.json."),
+    settings_lib.INFO_DIR,  # the database's labels
+    settings_lib.MINI,
     Setting("k", None, int, "kNN neighbours (default: from --results_json)."),
     Setting("tau", None, float, "Softmax inverse temperature (default: from --results_json)."),
     Setting("results_json", None, str, "tfmet-knn-eval results.json with the tuned k, t, dim."),
-    Setting(
-        "threshold",
-        None,
-        float,
-        "Operating threshold (default: from --results_json, else accept all).",
-    ),
-    Setting(
-        "searcher",
-        "exact",
-        tuple(SEARCHERS),
-        "Recogniser neighbour search (tfmet.retrieval.SEARCHERS).",
-    ),
-    Setting(
-        "rerank",
-        "none",
-        ("none", "spatial"),
-        "Recogniser: serve spatial re-ranking as tuned by tfmet-knn-eval --rerank=spatial (its "
-        "--results_json; the train store's local features go into the export).",
-    ),
+    Setting("threshold", None, float,
+            "Operating threshold (default: from --results_json, else accept all)."),
+    Setting("searcher", "exact", tuple(SEARCHERS),
+            "Recogniser neighbour search (tfmet.retrieval.SEARCHERS)."),
+    Setting("rerank", "none", ("none", "spatial"),
+            "Recogniser: serve spatial re-ranking as tuned by tfmet-knn-eval --rerank=spatial (its "
+            "--results_json; the train store's local features go into the export)."),
     Setting("top_k", 5, int, "Candidates returned per image (recogniser and style)."),
     # Style classifier.
     Setting("style_model", None, str, "tfmet-train-style run directory or .keras file."),
     Setting("image_size", None, int, "Style input size (default: the run's)."),
     Setting("trust_model", False, bool, "Allow loading hub modules (SavedModel programs)."),
 )
+# fmt: on
 settings_lib.define_flags(EXPORT, __name__)
-config_flags.DEFINE_config_file(
-    "config",
-    None,
-    settings_lib.config_help("a ConfigDict of some of them, e.g. kind, backbone, k, tau"),
-)
+settings_lib.define_config_flag("a ConfigDict of some of them, e.g. kind, backbone, k, tau")
 
 
 def defaults():

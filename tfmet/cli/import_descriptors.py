@@ -17,21 +17,15 @@ from tfmet.cli.settings import Setting
 
 FLAGS = flags.FLAGS
 
-settings_lib.define_flags(
-    (
-        Setting("descriptors", None, str, "The reference descriptors.pkl."),
-        Setting("output_dir", None, str, "Where the stores go."),
-        Setting(
-            "info_dir", None, str, "Optional Met ground truth to check counts and record paths."
-        ),
-        Setting(
-            "mini", None, bool, "Train rows follow the mini database (default: match by length)."
-        ),
-        Setting("backbone", None, str, "Label recorded as the manifests' backbone."),
-        Setting("overwrite", False, bool, "Replace existing stores."),
-    ),
-    __name__,
+IMPORT_DESCRIPTORS = (
+    Setting("descriptors", None, str, "The reference descriptors.pkl."),
+    Setting("output_dir", None, str, "Where the stores go."),
+    Setting("info_dir", None, str, "Optional Met ground truth to check counts and record paths."),
+    Setting("mini", None, bool, "Train rows follow the mini database (default: match by length)."),
+    Setting("backbone", None, str, "Label recorded as the manifests' backbone."),
+    Setting("overwrite", False, bool, "Replace existing stores."),
 )
+settings_lib.define_flags(IMPORT_DESCRIPTORS, __name__)
 
 
 def main(argv):

@@ -28,9 +28,10 @@ from tfmet.retrieval.recall import DEFAULT_MIN_RECALL
 
 FLAGS = flags.FLAGS
 # One flag per setting (the reference's knn_eval.py flags, and tfmet's).
+# fmt: off
 KNN_EVAL = (
-    Setting("info_dir", None, str, "Folder with the Met ground-truth JSON files."),
-    Setting("mini", False, bool, "Use the mini database (mini_MET_database.json)."),
+    settings_lib.INFO_DIR,
+    settings_lib.MINI,
     Setting("dim", 512, int, "Dimension after PCA-whitening.", short_name="d"),
     Setting("k", None, int, "Neighbours; with --autotune, restricts the grid to this k."),
     Setting("t", None, float, "Softmax inverse temperature tau; with --autotune, fixes tau."),
@@ -38,32 +39,21 @@ KNN_EVAL = (
     Setting("val_eval", False, bool, "Evaluate the final classifier on val instead of test."),
     Setting("raw", False, bool, "Use the raw descriptors (no PCA-whitening)."),
     Setting("log", None, str, "Suffix of the log and output files (log_knn_<log>.txt)."),
-    Setting(
-        "backend", "exact", tuple(SEARCHERS), "Search: exact brute force or ScaNN approximate."
-    ),
+    Setting("backend", "exact", tuple(SEARCHERS),
+            "Search: exact brute force or ScaNN approximate."),
     Setting("results_json", None, str, "Results JSON path (default in --output_dir)."),
-    Setting(
-        "min_recall",
-        DEFAULT_MIN_RECALL,
-        float,
-        "--backend scann: recall@k against exact search to reach on val.",
-    ),
-    Setting(
-        "target_precision",
-        None,
-        float,
-        "Operating threshold: the lowest whose val precision reaches this (default: max val F1).",
-    ),
-    Setting(
-        "rerank",
-        "none",
-        ("none", "spatial"),
-        "spatial: also report the decision re-ranked by spatial verification (local features "
-        "extracted with tfmet-extract --local_features).",
-    ),
+    Setting("min_recall", DEFAULT_MIN_RECALL, float,
+            "--backend scann: recall@k against exact search to reach on val."),
+    Setting("target_precision", None, float,
+            "Operating threshold: the lowest whose val precision reaches this (default: max val "
+            "F1)."),
+    Setting("rerank", "none", ("none", "spatial"),
+            "spatial: also report the decision re-ranked by spatial verification (local features "
+            "extracted with tfmet-extract --local_features)."),
     Setting("rerank_top", 20, int, "--rerank: global neighbours verified per query (M)."),
     Setting("output_dir", None, str, "Where outputs go (default: DESCRIPTOR_DIR)."),
 )
+# fmt: on
 settings_lib.define_flags(KNN_EVAL, __name__)
 # The flags that are `tfmet.retrieval.evaluation.knn_eval`'s keywords of the same name.
 KNN_EVAL_KEYWORDS = tuple(

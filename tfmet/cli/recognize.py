@@ -25,16 +25,14 @@ FLAGS = flags.FLAGS
 PROGRAM = "tfmet-recognize"
 EXTENSIONS = (".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp")
 
-settings_lib.define_flags(
-    (
-        *settings_lib.RECOGNIZER,
-        Setting("json", False, bool, "One JSON object per photo on stdout (JSON lines)."),
-        Setting("html", None, str, "Write an HTML report with thumbnails to this file."),
-        Setting("batch_size", 16, int, "Photos per model call."),
-        Setting("progress", True, bool, "Progress bar when a folder is given."),
-    ),
-    __name__,
+RECOGNIZE = (
+    *settings_lib.RECOGNIZER,
+    Setting("json", False, bool, "One JSON object per photo on stdout (JSON lines)."),
+    Setting("html", None, str, "Write an HTML report with thumbnails to this file."),
+    Setting("batch_size", 16, int, "Photos per model call."),
+    Setting("progress", True, bool, "Progress bar when a folder is given."),
 )
+settings_lib.define_flags(RECOGNIZE, __name__)
 
 
 def photo_paths(arguments):

@@ -19,35 +19,25 @@ from tfmet.cli.settings import Setting
 FLAGS = flags.FLAGS
 PROGRAM = "tfmet-serve"
 
-settings_lib.define_flags(
-    (
-        *settings_lib.RECOGNIZER,
-        Setting(
-            "names",
-            None,
-            str,
-            'Exhibit names: JSON {"<Met id>": "name"} or The Met\'s MetObjects.csv.',
-        ),
-        Setting("host", "127.0.0.1", str, "Address to bind (0.0.0.0 exposes it to the network)."),
-        Setting("port", 8080, int, "Port to listen on."),
-        # Refusing what costs too much memory, and shedding load (tfmet.serving.web.Shedding).
-        Setting("max_upload_mb", 20, int, "Uploads above this many MiB are refused (413)."),
-        Setting(
-            "max_decoded_mb",
-            256,
-            int,
-            "Images declaring more decoded MiB (w x h x channels x bytes) get 422.",
-        ),
-        Setting("concurrency", 2, int, "Requests decoding and inferring at once."),
-        Setting("queue", 16, int, "Requests waiting beyond those; more get 503 + Retry-After."),
-        Setting("queue_timeout", 60.0, float, "Seconds a request waits for a slot before 503."),
-        Setting("body_timeout", 30.0, float, "Seconds an upload may take to arrive before 408."),
-        Setting(
-            "header_timeout", 10.0, float, "Seconds a connection may take to send its headers."
-        ),
-    ),
-    __name__,
+# fmt: off
+SERVE = (
+    *settings_lib.RECOGNIZER,
+    Setting("names", None, str,
+            "Exhibit names: JSON {\"<Met id>\": \"name\"} or The Met's MetObjects.csv."),
+    Setting("host", "127.0.0.1", str, "Address to bind (0.0.0.0 exposes it to the network)."),
+    Setting("port", 8080, int, "Port to listen on."),
+    # Refusing what costs too much memory, and shedding load (tfmet.serving.web.Shedding).
+    Setting("max_upload_mb", 20, int, "Uploads above this many MiB are refused (413)."),
+    Setting("max_decoded_mb", 256, int,
+            "Images declaring more decoded MiB (w x h x channels x bytes) get 422."),
+    Setting("concurrency", 2, int, "Requests decoding and inferring at once."),
+    Setting("queue", 16, int, "Requests waiting beyond those; more get 503 + Retry-After."),
+    Setting("queue_timeout", 60.0, float, "Seconds a request waits for a slot before 503."),
+    Setting("body_timeout", 30.0, float, "Seconds an upload may take to arrive before 408."),
+    Setting("header_timeout", 10.0, float, "Seconds a connection may take to send its headers."),
 )
+# fmt: on
+settings_lib.define_flags(SERVE, __name__)
 
 # oneDNN's CPU allocator pools what TensorFlow frees and never returns it: one large upload left
 # the server at 5x its warm RSS for good (issue #27). Eigen's kernels allocate from the heap,

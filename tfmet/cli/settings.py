@@ -14,10 +14,15 @@ import typing
 
 import ml_collections
 from absl import flags
+from ml_collections import config_flags
 
 from tfmet.cli.common import UsageError
 from tfmet.data.limits import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS
 from tfmet.precision import PRECISIONS
+
+# The flags this module defines are its callers' (absl lists them under the program that called
+# `define_config_flag`; `define_flags` names the module itself).
+flags.disclaim_key_flags()
 
 
 class Setting(typing.NamedTuple):
@@ -67,10 +72,17 @@ INPUT = (
     ),
 )
 
+# The Met ground truth and which database of it a run uses (tfmet-extract, its Beam twin,
+# tfmet-knn-eval, tfmet-export; tfmet-recognize and tfmet-serve say what they use it for).
+INFO_DIR = Setting(
+    "info_dir", None, str, "Folder with MET_database.json, valset.json, testset.json."
+)
+MINI = Setting("mini", False, bool, "The database is mini_MET_database.json.")
+
 # The Met folders of the programs that read the Met images (tfmet-extract, its Beam twin,
 # tfmet-train-contrastive).
 MET_FOLDERS = (
-    Setting("info_dir", None, str, "Folder with MET_database.json, valset.json, testset.json."),
+    INFO_DIR,
     Setting("image_root", None, str, "Folder whose images/ subfolder holds the Met images."),
 )
 
@@ -79,14 +91,14 @@ RECOGNIZER = (
     Setting("model", None, str, "Recogniser export directory (tfmet-export --kind recognizer)."),
     Setting("info_dir", None, str, "Met ground truth folder: the answers' database images."),
     Setting("image_root", None, str, "Met image root (default: --info_dir's parent)."),
-    Setting("mini", False, bool, "The database is mini_MET_database.json."),
+    MINI,
 )
 
 # tfmet-extract's own settings (with MODEL and INPUT: what its --config may set).
 EXTRACT = (
     *MET_FOLDERS,
     Setting("output_dir", None, str, "Where chunk files and descriptor stores go."),
-    Setting("mini", False, bool, "Use mini_MET_database.json as the train split."),
+    MINI,
     Setting("splits", ["train", "val", "test"], list, "Splits to extract."),
     Setting("queries_only", False, bool, "Extract only the query splits (val, test)."),
     Setting("num_shards", 1, int, "Number of machines sharing the work."),
@@ -171,12 +183,16 @@ def given(name, defaults, file_config, flag_values=flags.FLAGS):
     return file_config is not None and name in file_config and file_config[name] != defaults[name]
 
 
-def config_help(example):
-    """The help of the `--config` of a program whose settings are tables' (`example`: a config
-    file, or what one holds)."""
-    return (
+def define_config_flag(example, flag_values=flags.FLAGS):
+    """Defines the calling program's `--config`: an optional ml_collections config file of its
+    settings (`example`: a config file, or what one holds), overridden by the flags given and by
+    `--config.<key>=<value>` (`resolve`)."""
+    config_flags.DEFINE_config_file(
+        "config",
+        None,
         f"Optional ml_collections config of these settings ({example}); flags given on the "
-        "command line override it, as does --config.<key>=<value>."
+        "command line override it, as does --config.<key>=<value>.",
+        flag_values=flag_values,
     )
 
 

@@ -35,21 +35,17 @@ from tfmet.training.contrastive.mining import PAIR_TYPES
 
 FLAGS = flags.FLAGS
 
-settings_lib.define_flags(
-    (
-        *settings_lib.MET_FOLDERS,
-        Setting("workdir", None, str, "Output folder: checkpoints, TensorBoard, final model."),
-        Setting("resume", False, bool, "Continue from the latest checkpoint in --workdir."),
-        Setting(
-            "init_descr",
-            None,
-            str,
+# fmt: off
+TRAIN_CONTRASTIVE = (
+    *settings_lib.MET_FOLDERS,
+    Setting("workdir", None, str, "Output folder: checkpoints, TensorBoard, final model."),
+    Setting("resume", False, bool, "Continue from the latest checkpoint in --workdir."),
+    Setting("init_descr", None, str,
             "Initial single-scale database descriptors (a tfmet store folder or the reference's "
-            "descriptors.pkl); extracted with the initial model when not given.",
-        ),
-    ),
-    __name__,
+            "descriptors.pkl); extracted with the initial model when not given."),
 )
+# fmt: on
+settings_lib.define_flags(TRAIN_CONTRASTIVE, __name__)
 config_flags.DEFINE_config_file(
     "config",
     None,

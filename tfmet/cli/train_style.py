@@ -18,32 +18,20 @@ from tfmet.cli.settings import Setting
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py[:variant]).")
-settings_lib.define_flags(
-    (
-        Setting("workdir", None, str, "Run directory (checkpoints, logs, model)."),
-        Setting("resume", False, bool, "Continue the checkpoint in --workdir."),
-        Setting(
-            "trainable_blocks",
-            None,
-            int,
-            "Unfreeze the top N backbone blocks (overrides the config).",
-        ),
-        Setting(
-            "trainable_fraction",
-            None,
-            float,
-            "Unfreeze the top fraction of backbone layers (overrides config).",
-        ),
-        Setting(
-            "strategy",
-            None,
-            str,
+# fmt: off
+TRAIN_STYLE = (
+    Setting("workdir", None, str, "Run directory (checkpoints, logs, model)."),
+    Setting("resume", False, bool, "Continue the checkpoint in --workdir."),
+    Setting("trainable_blocks", None, int,
+            "Unfreeze the top N backbone blocks (overrides the config)."),
+    Setting("trainable_fraction", None, float,
+            "Unfreeze the top fraction of backbone layers (overrides config)."),
+    Setting("strategy", None, str,
             "tf.distribute strategy: default (one device), mirrored (every local GPU) or "
-            "multi_worker (the machines TF_CONFIG names); overrides config.train.strategy.",
-        ),
-    ),
-    __name__,
+            "multi_worker (the machines TF_CONFIG names); overrides config.train.strategy."),
 )
+# fmt: on
+settings_lib.define_flags(TRAIN_STYLE, __name__)
 
 
 def main(argv):

@@ -17,6 +17,22 @@ MET_SCALES = (1.0, 1.0 / math.sqrt(2.0), 0.5)
 POOLINGS = ("gem", "cls", "avg")
 
 
+def build_backbone(backbone, input_shape):
+    """Builds `backbone` for images of `input_shape` unless it is built; returns the shape of its
+    features (what the pooling and the head on top are built for). The embedder and the style
+    classifier build their backbones so."""
+    if not backbone.built:
+        backbone.build(input_shape)
+    return backbone.compute_output_shape(input_shape)
+
+
+def backbone_input(images, preprocessing):
+    """Float RGB images in [0, 255] -> the input of a backbone whose `preprocessing` (a
+    `tfmet.backbones.registry.Preprocessing`, or None for none) is given."""
+    images = tf.cast(images, tf.float32)
+    return images if preprocessing is None else preprocessing(images)
+
+
 @keras.saving.register_keras_serializable(package="tfmet")
 class Embedder(keras.Model):
     """L2-normalised GeM descriptor of a backbone's last feature map, optionally projected.
@@ -87,9 +103,7 @@ class Embedder(keras.Model):
         return cls(spec.builder(weights=weights), preprocessing=spec.preprocessing, **kwargs)
 
     def build(self, input_shape):
-        if not self.backbone.built:
-            self.backbone.build(input_shape)
-        feature_shape = self.backbone.compute_output_shape(input_shape)
+        feature_shape = build_backbone(self.backbone, input_shape)
         self.pool.build(feature_shape)
         if self.projector is not None and not self.projector.built:
             self.projector.build((None, feature_shape[-1]))
@@ -97,8 +111,7 @@ class Embedder(keras.Model):
 
     def preprocess(self, images):
         """Float RGB images in [0, 255] -> backbone input."""
-        images = tf.convert_to_tensor(images, tf.float32)
-        return images if self.preprocessing is None else self.preprocessing(images)
+        return backbone_input(images, self.preprocessing)
 
     def call(self, images, training=False):
         return self.head(self.backbone(images, training=training))

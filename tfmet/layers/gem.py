@@ -3,6 +3,8 @@
 import keras
 import tensorflow as tf
 
+from tfmet.layers.vector_pooling import VectorPooling
+
 
 def gem(x, p=3.0, eps=1e-6, axis=(1, 2)):
     """GeM-pools `x` (NHWC by default) over `axis`.
@@ -23,7 +25,7 @@ def gem(x, p=3.0, eps=1e-6, axis=(1, 2)):
 
 
 @keras.saving.register_keras_serializable(package="tfmet")
-class GeMPooling2D(keras.layers.Layer):
+class GeMPooling2D(VectorPooling):
     """GeM pooling over the spatial axes of an NHWC feature map, with a learnable scalar p.
 
     Args:
@@ -31,6 +33,8 @@ class GeMPooling2D(keras.layers.Layer):
       eps: clamp applied to the activations before the power.
       train_p: whether p is trainable; False freezes it.
     """
+
+    CONFIG = ("p", "eps", "train_p")
 
     def __init__(self, p=3.0, eps=1e-6, train_p=True, **kwargs):
         super().__init__(**kwargs)
@@ -56,11 +60,3 @@ class GeMPooling2D(keras.layers.Layer):
 
     def call(self, inputs):
         return gem(inputs, self.power, self.eps)
-
-    def compute_output_shape(self, input_shape):
-        return (input_shape[0], input_shape[-1])
-
-    def get_config(self):
-        config = super().get_config()
-        config.update({"p": self.p, "eps": self.eps, "train_p": self.train_p})
-        return config

@@ -3,6 +3,8 @@
 import keras
 import tensorflow as tf
 
+from tfmet.layers.vector_pooling import VectorPooling
+
 MODES = ("cls", "avg")
 
 
@@ -21,13 +23,15 @@ def token_pool(tokens, mode="cls", num_prefix_tokens=1):
 
 
 @keras.saving.register_keras_serializable(package="tfmet")
-class TokenPooling(keras.layers.Layer):
+class TokenPooling(VectorPooling):
     """`token_pool` as a layer.
 
     Args:
       mode: "cls" or "avg".
       num_prefix_tokens: class + register tokens before the patch tokens.
     """
+
+    CONFIG = ("mode", "num_prefix_tokens")
 
     def __init__(self, mode="cls", num_prefix_tokens=1, **kwargs):
         super().__init__(**kwargs)
@@ -42,11 +46,3 @@ class TokenPooling(keras.layers.Layer):
 
     def call(self, tokens):
         return token_pool(tokens, self.mode, self.num_prefix_tokens)
-
-    def compute_output_shape(self, input_shape):
-        return (input_shape[0], input_shape[-1])
-
-    def get_config(self):
-        config = super().get_config()
-        config.update({"mode": self.mode, "num_prefix_tokens": self.num_prefix_tokens})
-        return config

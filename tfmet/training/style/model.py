@@ -13,6 +13,7 @@ import tensorflow as tf
 
 from tfmet import backbones
 from tfmet.backbones.registry import Preprocessing
+from tfmet.descriptors.embedder import backbone_input, build_backbone
 from tfmet.layers import GeMPooling2D, token_pool
 
 POOLINGS = ("gap", "gem")
@@ -143,9 +144,7 @@ class StyleClassifier(keras.Model):
         return self.head.attributes
 
     def build(self, input_shape):
-        if not self.backbone.built:
-            self.backbone.build(input_shape)
-        feature_shape = self.backbone.compute_output_shape(input_shape)
+        feature_shape = build_backbone(self.backbone, input_shape)
         if len(feature_shape) == 4:
             self.pool.build(feature_shape)
         if not self.head.built:
@@ -153,8 +152,7 @@ class StyleClassifier(keras.Model):
         self.built = True
 
     def preprocess(self, images):
-        images = tf.cast(images, tf.float32)
-        return images if self.preprocessing is None else self.preprocessing(images)
+        return backbone_input(images, self.preprocessing)
 
     def features(self, images, training=False):
         """Pooled backbone features [B, C] of images in [0, 255]."""
