@@ -138,7 +138,7 @@ def test_contrastive_config_override_of_an_unknown_key(tree, tmp_path):
 
 # Every program that takes --config, and config files that cannot serve as one (issue #27): each
 # is one line naming the file, exit status 2, in every program.
-CONFIG_PROGRAMS = ("extract", "train_contrastive", "train_style")
+CONFIG_PROGRAMS = ("demo", "export", "extract", "predict", "train_contrastive", "train_style")
 
 BROKEN_CONFIGS = {
     "syntax.py": ("def get_config(:\n", "syntax error in {file} line 1: invalid syntax"),

@@ -1,5 +1,6 @@
 """`--config` of tfmet-export, tfmet-predict and tfmet-demo: a config file's settings are used,
-flags given override them, and a config file that cannot be used is one line naming it (exit 2).
+flags given override them, and an entry that cannot be used is one line naming it (exit 2); config
+files that do not load: tests/cli/test_bad_input_cli.py (`CONFIG_PROGRAMS`).
 
 Every case stops at a check made before TensorFlow loads, whose message shows the value used.
 """
@@ -82,24 +83,6 @@ def test_demo_uses_the_config_file_and_the_flags_given_override_it(tmp_path):
 def test_demo_refuses_config_entries_it_cannot_use(tmp_path, body, message):
     done = run_cli("demo", f"--config={_config(tmp_path, body)}", f"--workdir={tmp_path / 'w'}")
     assert _error(done, "tfmet-demo") == message
-
-
-@pytest.mark.parametrize("module", ["export", "predict", "demo"])
-@pytest.mark.parametrize(
-    ("text", "message"),
-    [
-        ('raise RuntimeError("boom")\n', "loading the config failed: RuntimeError: boom"),
-        ("def get_config():\n    return {'top_k': 3}\n", "get_config() returned dict"),
-        ("x = 1\n", "the config file defines no get_config()"),
-    ],
-)
-def test_a_config_file_that_cannot_be_used_is_one_line_naming_it(tmp_path, module, text, message):
-    config = tmp_path / "bad.py"
-    config.write_text(text)
-    images = ["a.jpg"] if module == "predict" else []
-    done = run_cli(module, f"--config={config}", *images)
-    line = _error(done, f"tfmet-{module}")
-    assert line.startswith(f"--config={config}: ") and message in line, line
 
 
 def test_export_refuses_a_choice_its_config_file_gives_wrongly(tmp_path):

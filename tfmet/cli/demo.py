@@ -17,6 +17,7 @@ flags given). See docs/demo.md.
 """
 
 from absl import flags
+from ml_collections import config_flags
 
 from tfmet.cli import model_flags
 from tfmet.cli import settings as settings_lib
@@ -46,7 +47,7 @@ DEMO = (
 )
 # fmt: on
 settings_lib.define_flags(DEMO, __name__)
-settings_lib.define_config_flag("a ConfigDict of some of them, e.g. backbone, weights, pca_dim")
+config_flags.DEFINE_config_file("config", None, settings_lib.config_help("e.g. backbone, pca_dim"))
 
 FLAGS = flags.FLAGS
 PROGRAM = "tfmet-demo"

@@ -21,6 +21,7 @@ bytes; both are recorded in the export's metadata. Settings can also come from a
 """
 
 from absl import flags
+from ml_collections import config_flags
 
 from tfmet.cli import (
     input_flags,  # --max_pixels, --max_bytes
@@ -66,7 +67,7 @@ EXPORT = (
 )
 # fmt: on
 settings_lib.define_flags(EXPORT, __name__)
-settings_lib.define_config_flag("a ConfigDict of some of them, e.g. kind, backbone, k, tau")
+config_flags.DEFINE_config_file("config", None, settings_lib.config_help("e.g. kind, k, tau"))
 
 
 def defaults():

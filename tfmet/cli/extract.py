@@ -17,6 +17,7 @@ become invalid rows with the reason, never decoded. See docs/extraction.md.
 import sys
 
 from absl import flags, logging
+from ml_collections import config_flags
 
 from tfmet.cli import (
     input_flags,  # --max_pixels, --max_bytes
@@ -31,7 +32,7 @@ FLAGS = flags.FLAGS
 settings_lib.define_flags(settings_lib.EXTRACT, __name__)
 flags.DEFINE_bool("merge", False, "Only merge finished shards' chunks into stores.")
 flags.DEFINE_bool("progress", True, "Show a progress bar.")
-settings_lib.define_config_flag("configs/extract_met.py")
+config_flags.DEFINE_config_file("config", None, settings_lib.config_help("configs/extract_met.py"))
 
 
 def settings():

@@ -16,6 +16,7 @@ ConfigDict of some of them, e.g. model and top_k); flags given on the command li
 import json
 
 from absl import flags
+from ml_collections import config_flags
 
 from tfmet.cli import input_flags  # --max_pixels, --max_bytes
 from tfmet.cli import settings as settings_lib
@@ -36,7 +37,7 @@ PREDICT = (
     Setting("trust_model", False, bool, "Allow loading hub modules from the model file."),
 )
 settings_lib.define_flags(PREDICT, __name__)
-settings_lib.define_config_flag("a ConfigDict of some of them, e.g. model, top_k")
+config_flags.DEFINE_config_file("config", None, settings_lib.config_help("e.g. model, top_k"))
 
 
 def settings():

@@ -14,15 +14,10 @@ import typing
 
 import ml_collections
 from absl import flags
-from ml_collections import config_flags
 
 from tfmet.cli.common import UsageError
 from tfmet.data.limits import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS
 from tfmet.precision import PRECISIONS
-
-# The flags this module defines are its callers' (absl lists them under the program that called
-# `define_config_flag`; `define_flags` names the module itself).
-flags.disclaim_key_flags()
 
 
 class Setting(typing.NamedTuple):
@@ -183,16 +178,12 @@ def given(name, defaults, file_config, flag_values=flags.FLAGS):
     return file_config is not None and name in file_config and file_config[name] != defaults[name]
 
 
-def define_config_flag(example, flag_values=flags.FLAGS):
-    """Defines the calling program's `--config`: an optional ml_collections config file of its
-    settings (`example`: a config file, or what one holds), overridden by the flags given and by
-    `--config.<key>=<value>` (`resolve`)."""
-    config_flags.DEFINE_config_file(
-        "config",
-        None,
+def config_help(example):
+    """The help of the `--config` of a program whose settings are tables' (`example`: a config
+    file, or some of the settings one may hold)."""
+    return (
         f"Optional ml_collections config of these settings ({example}); flags given on the "
-        "command line override it, as does --config.<key>=<value>.",
-        flag_values=flag_values,
+        "command line override it, as does --config.<key>=<value>."
     )
 
 
