@@ -246,7 +246,9 @@ def server(built):
     bench = built["bench"]
     process = subprocess.Popen(
         [sys.executable, "-m", "tfmet.cli.serve", f"--model={built['export']}",
-         f"--info_dir={bench.info_dir}", f"--image_root={bench.image_root}", f"--port={port}"],
+         f"--info_dir={bench.info_dir}", f"--image_root={bench.image_root}", f"--port={port}",
+         # Not a shedding test: a slot waited for on a loaded machine is not a failure.
+         "--queue_timeout=3600"],
         env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )  # fmt: skip
     url = f"http://127.0.0.1:{port}"
