@@ -9,18 +9,30 @@ ranked by mean cosine distance to their K nearest same-label neighbours).
 
 from absl import flags, logging
 
+from tfmet.cli import settings as settings_lib
 from tfmet.cli.common import check_outputs, no_arguments, require, run_program
+from tfmet.cli.settings import Setting
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("workdir", None, "Run directory written by tfmet-train-style.")
-flags.DEFINE_enum("split", "test", ["train", "val", "test"], "Split to evaluate.")
-flags.DEFINE_bool("flip_bagging", True, "Average predictions with the mirror image.")
-flags.DEFINE_string("model", None, "Model file (default: <workdir>/classifier.keras).")
-flags.DEFINE_string("output_dir", None, "Output directory (default <workdir>/eval_X).")
-flags.DEFINE_string("cache_dir", None, "Feature cache root (default: the run's).")
-flags.DEFINE_integer("outliers_k", 0, "Write outlier rankings with K neighbours.")
-flags.DEFINE_integer("batch_size", 32, "Images per forward pass.")
-flags.DEFINE_bool("trust_model", False, "Allow loading hub modules from the model file.")
+
+# Passed by name to `tfmet.training.style.trained_run.evaluate` (--model is its model_path).
+EVALUATE = (
+    Setting("split", "test", ("train", "val", "test"), "Split to evaluate."),
+    Setting("flip_bagging", True, bool, "Average predictions with the mirror image."),
+    Setting("output_dir", None, str, "Output directory (default <workdir>/eval_X)."),
+    Setting("cache_dir", None, str, "Feature cache root (default: the run's)."),
+    Setting("outliers_k", 0, int, "Write outlier rankings with K neighbours."),
+    Setting("batch_size", 32, int, "Images per forward pass."),
+    Setting("trust_model", False, bool, "Allow loading hub modules from the model file."),
+)
+settings_lib.define_flags(
+    (
+        Setting("workdir", None, str, "Run directory written by tfmet-train-style."),
+        Setting("model", None, str, "Model file (default: <workdir>/classifier.keras)."),
+        *EVALUATE,
+    ),
+    __name__,
+)
 
 
 def main(argv):
@@ -30,17 +42,8 @@ def main(argv):
     from tfmet.training.style import trained_run
 
     logging.set_verbosity(logging.INFO)
-    reports = trained_run.evaluate(
-        FLAGS.workdir,
-        split=FLAGS.split,
-        flip_bagging=FLAGS.flip_bagging,
-        output_dir=FLAGS.output_dir,
-        model_path=FLAGS.model,
-        cache_dir=FLAGS.cache_dir,
-        outliers_k=FLAGS.outliers_k,
-        batch_size=FLAGS.batch_size,
-        trust_model=FLAGS.trust_model,
-    )
+    options = {name: FLAGS[name].value for name in settings_lib.names(EVALUATE)}
+    reports = trained_run.evaluate(FLAGS.workdir, model_path=FLAGS.model, **options)
     for attribute, report in reports.items():
         line = " ".join(f"top-{k} {report[f'top{k}']:.4f}" for k in (1, 3, 5))
         print(f"{FLAGS.split} {attribute} ({report['count']} images): {line}")

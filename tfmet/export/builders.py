@@ -146,6 +146,10 @@ def whitening(pca=None, train=None, dim=None, raw=False):
     return fitted.mean, fitted.projection
 
 
+# The recogniser module's attributes its metadata records under the same names.
+RECOGNIZER_METADATA = ("k", "tau", "dim", "database_size", "num_classes", "searcher", "threshold")
+
+
 def _limits(module):
     """The input limits a module's serving signature applies, for its metadata."""
     return dict(max_pixels=module.max_pixels, max_bytes=module.max_bytes)
@@ -280,14 +284,8 @@ def build_recognizer(
     metadata = dict(
         spec.metadata(),
         **_limits(module),
-        k=module.k,
-        tau=module.tau,
-        dim=module.dim,
+        **{name: getattr(module, name) for name in RECOGNIZER_METADATA},
         pca_whitening=module.whitened,
-        database_size=module.database_size,
-        num_classes=module.num_classes,
-        searcher=module.searcher,
-        threshold=module.threshold,
         threshold_rule=threshold[1],
         threshold_source=threshold[2],
         scann_config=None if module.scann_config is None else module.scann_config.to_dict(),

@@ -78,22 +78,26 @@ class TrainResult:
     backbone_weights_path: str | None = None
 
 
+# The checkpointed progress counters: checkpoint key (= attribute) -> (dtype, variable name).
+COUNTERS = {
+    "epoch": (tf.int64, "epoch"),
+    "step_in_epoch": (tf.int64, "step"),
+    "loss_sum": (tf.float64, "loss_sum"),
+    "loss_pairs": (tf.float64, "loss_pairs"),
+}
+
+
 class _RunState:
     """The checkpointed state: model, optimizer, progress counters and the epoch loss sums."""
 
     def __init__(self, trainer, directory, keep):
         self.trainer = trainer
-        self.epoch = tf.Variable(0, dtype=tf.int64, trainable=False, name="epoch")
-        self.step_in_epoch = tf.Variable(0, dtype=tf.int64, trainable=False, name="step")
-        self.loss_sum = tf.Variable(0.0, dtype=tf.float64, trainable=False, name="loss_sum")
-        self.loss_pairs = tf.Variable(0.0, dtype=tf.float64, trainable=False, name="loss_pairs")
+        for key, (dtype, name) in COUNTERS.items():
+            setattr(self, key, tf.Variable(tf.zeros((), dtype), trainable=False, name=name))
         self.checkpoint = tf.train.Checkpoint(
             embedder=trainer.embedder,
             optimizer=trainer.optimizer,
-            epoch=self.epoch,
-            step_in_epoch=self.step_in_epoch,
-            loss_sum=self.loss_sum,
-            loss_pairs=self.loss_pairs,
+            **{key: getattr(self, key) for key in COUNTERS},
         )
         self.manager = tf.train.CheckpointManager(self.checkpoint, directory, max_to_keep=keep)
         self.saved_step = None
