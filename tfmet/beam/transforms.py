@@ -24,6 +24,7 @@ from tfmet.beam.chunks import ChunkOutput
 from tfmet.beam.model_handler import Described
 from tfmet.beam.paths import is_remote, join, read_bytes
 from tfmet.data.limits import DEFAULT_MAX_BYTES
+from tfmet.descriptors import store
 
 NAMESPACE = "tfmet"
 UNREADABLE = "unreadable"
@@ -142,25 +143,6 @@ def by_chunk(keyed_outcome):
     return (key.split, key.chunk_id, key.start, key.stop), (key.row, *outcome)
 
 
-def local_arrays(count, num, dim):
-    """Zeroed local-feature arrays of `count` rows, {name: array} (`store.LOCAL_ARRAYS`)."""
-    from tfmet.descriptors.store import LOCAL_ARRAYS
-
-    return {
-        name: np.zeros((count, *trailing(num, dim)), dtype)
-        for name, (dtype, trailing) in LOCAL_ARRAYS.items()
-    }
-
-
-def add_local(local, i, points, descriptors, scores):
-    """Row `i`'s local features (fewer than `num` when its map has fewer cells)."""
-    n = len(scores)
-    local["points"][i, :n] = points
-    local["descriptors"][i, :n] = descriptors
-    local["scores"][i, :n] = scores
-    local["counts"][i] = n
-
-
 class WriteChunk(beam.DoFn):
     """A chunk's grouped rows -> its chunk file; emits (split, chunk_id, images, failed).
 
@@ -184,7 +166,7 @@ class WriteChunk(beam.DoFn):
         (split, chunk_id, start, stop), rows = element
         descriptors = np.zeros((stop - start, self.dim), np.float32)
         valid = np.zeros(stop - start, bool)
-        local = None if self.local is None else local_arrays(stop - start, *self.local)
+        local = None if self.local is None else store.empty_local_rows(stop - start, *self.local)
         errors = {}
         for row, descriptor, reason, features in rows:
             if descriptor is None:
@@ -193,7 +175,7 @@ class WriteChunk(beam.DoFn):
                 descriptors[row - start] = descriptor
                 valid[row - start] = True
                 if local is not None:
-                    add_local(local, row - start, *features)
+                    store.set_local_row(local, row - start, *features)
         seen = set(errors) | {start + i for i in np.flatnonzero(valid)}
         if len(seen) != stop - start:  # a lost element is a runner bug: never write a hole
             missing = sorted(set(range(start, stop)) - seen)

@@ -112,11 +112,7 @@ class _ChunkBuffer:
         self.descriptors = np.zeros((stop - start, dim), np.float32)
         self.local = None  # {name: array} when the spec keeps local features
         if local is not None:
-            num, local_dim = local.num, extractor.local_dim
-            self.local = {
-                name: np.zeros((stop - start, *trailing(num, local_dim)), dtype)
-                for name, (dtype, trailing) in store_lib.LOCAL_ARRAYS.items()
-            }
+            self.local = store_lib.empty_local_rows(stop - start, local.num, extractor.local_dim)
         self.valid = np.zeros(stop - start, bool)
         self.errors = {}
         self.batch_images = batch_images
@@ -176,18 +172,12 @@ class _ChunkBuffer:
                 self.descriptors[row - self.start] = descriptor
                 self.valid[row - self.start] = True
                 if local is not None:
-                    self._add_local(row - self.start, *(array[i] for array in local))
+                    store_lib.set_local_row(
+                        self.local, row - self.start, *(array[i] for array in local)
+                    )
             else:
                 self.errors[row] = "model gave a non-finite descriptor"
                 self.non_finite += 1
-
-    def _add_local(self, i, points, rows, scores):
-        """One image's local features (fewer than `num` when its map has fewer cells)."""
-        n = len(scores)
-        self.local["points"][i, :n] = points
-        self.local["descriptors"][i, :n] = rows
-        self.local["scores"][i, :n] = scores
-        self.local["counts"][i] = n
 
     def error_list(self):
         return sorted(self.errors.items())

@@ -56,6 +56,25 @@ LOCAL_ARRAYS = {  # name -> (dtype, trailing shape given (num, dim))
 }
 
 
+def empty_local_rows(count, num, dim):
+    """Zeroed local-feature arrays of `count` rows of `num` features of dimension `dim`,
+    {name: array} laid out as `LOCAL_ARRAYS`."""
+    return {
+        name: np.zeros((count, *trailing(num, dim)), dtype)
+        for name, (dtype, trailing) in LOCAL_ARRAYS.items()
+    }
+
+
+def set_local_row(local, i, points, descriptors, scores):
+    """Row `i` of `empty_local_rows`' arrays: one image's local features (fewer than `num`
+    when its feature map has fewer cells)."""
+    n = len(scores)
+    local["points"][i, :n] = points
+    local["descriptors"][i, :n] = descriptors
+    local["scores"][i, :n] = scores
+    local["counts"][i] = n
+
+
 def local_path(directory, split, name):
     return os.path.join(os.fspath(directory), f"{split}_local_{name}.npy")
 
