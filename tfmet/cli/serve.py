@@ -4,8 +4,9 @@ r"""tfmet-serve: a web page and a JSON endpoint answering photos with a recognis
         [--host 127.0.0.1 --port 8080]
 
 Open http://127.0.0.1:8080/ and drop a photo; programs POST to /v1/recognize (multipart field
-"image", or JSON {"image_base64": ...}). Binds to 127.0.0.1 unless --host says otherwise. Needs the
-`[web]` extra: pip install -e ".[web]". See docs/recognize.md.
+"image", or JSON {"image_base64": ...}); POST /v1/reload from 127.0.0.1 serves the export's new
+version (tfmet-collection) without dropping a request. Binds to 127.0.0.1 unless --host says
+otherwise. Needs the `[web]` extra: pip install -e ".[web]". See docs/recognize.md.
 """
 
 import os
@@ -77,9 +78,13 @@ def main(argv):
 
     if FLAGS.names and not FLAGS.info_dir:
         raise UsageError("--names needs --info_dir (the exhibits it names are the database's)")
-    recognizer, gallery = open_recognizer(
-        FLAGS.model, FLAGS.info_dir, FLAGS.image_root, FLAGS.mini, names=FLAGS.names
-    )
+
+    def load():  # also the export's next version, on POST /v1/reload (tfmet-collection)
+        return open_recognizer(
+            FLAGS.model, FLAGS.info_dir, FLAGS.image_root, FLAGS.mini, names=FLAGS.names
+        )
+
+    recognizer, gallery = load()
     recognizer.warm_up()
     application = create_app(
         recognizer,
@@ -87,6 +92,7 @@ def main(argv):
         max_upload_bytes=FLAGS.max_upload_mb << 20,
         shedding=shedding,
         max_decoded_bytes=FLAGS.max_decoded_mb << 20,
+        reload=load,
     )
     print(f"{PROGRAM}: serving {FLAGS.model} on http://{FLAGS.host}:{FLAGS.port}/", flush=True)
     config = server_config(application, FLAGS.host, FLAGS.port, shedding, log_level="warning")

@@ -6,6 +6,8 @@
                               ?size=large for the 360-pixel one the page shows with an answer)
     GET  /v1                  what the JSON API takes and answers (linked from the page)
     GET  /healthz             {"status": "ok"}
+    POST /v1/reload           from 127.0.0.1 only: load the export's new version (tfmet-collection)
+                              and answer with it; requests in flight finish on the old one
 
 Uploads above `max_upload_bytes` get 413 (a body without Content-Length is counted while it
 streams and cut off at the limit), non-images 415, absurd declared dimensions or decoded bytes over
@@ -253,6 +255,8 @@ API = {
     },
     "GET /v1/thumbnail/<Met id>[?size=large]": "JPEG of the exhibit's database image",
     "GET /healthz": '{"status": "ok"}',
+    "POST /v1/reload": "from 127.0.0.1: serve the export's new version (tfmet-collection); "
+    "requests in flight finish on the previous one",
 }
 
 
@@ -267,33 +271,60 @@ def _with_thumbnails(answer, gallery):
     return result
 
 
-def create_app(
-    recognizer,
-    gallery=None,
-    max_upload_bytes=MAX_UPLOAD_BYTES,
-    shedding=None,
-    max_decoded_bytes=DEFAULT_MAX_DECODED_BYTES,
-):
-    """The FastAPI application around a `tfmet.serving.Recognizer` and an optional `Gallery`.
+@dataclasses.dataclass(frozen=True)
+class Version:
+    """What the server answers with now: a recogniser and its gallery (or None). A request
+    takes the version current when it starts and finishes on it; a reload swaps in a new one."""
 
-    `shedding` (a `Shedding`, default its defaults) bounds the recognition work in progress;
-    `app.state.load` (a `Load`) counts it.
+    recognizer: object
+    gallery: object = None
+
+
+LOCAL_CLIENTS = ("127.0.0.1", "::1")
+
+
+class Serving:
+    """The version being served and how to load the next one (`reload`, a callable returning
+    (recognizer, gallery), e.g. `tfmet.serving.open_recognizer` of the same export path).
+
+    `swap()` loads and warms the new version aside, then replaces the current one: requests in
+    flight keep the version they started with (the old one is freed once they finish). One
+    reload runs at a time; a failed load keeps the current version.
     """
-    app = FastAPI(title="tfmet recogniser", docs_url=None, redoc_url=None)
-    body_limit = max_upload_bytes * 4 // 3 + _ENVELOPE  # base64 JSON is 4/3 of the image
-    shedding = shedding or Shedding()
-    slots = anyio.Semaphore(shedding.concurrency)
-    load = app.state.load = Load()
-    busy = {"Retry-After": str(shedding.retry_after)}
 
-    @app.middleware("http")
-    async def refuse_large_bodies(request, call_next):
-        length = request.headers.get("content-length")
-        too_large = length is not None and (not length.isdigit() or int(length) > body_limit)
-        if too_large:
-            return JSONResponse({"detail": f"upload larger than {max_upload_bytes} bytes"}, 413)
-        return await call_next(request)
+    def __init__(self, recognizer, gallery=None, reload=None):
+        self.current = Version(recognizer, gallery)
+        self.reload = reload
+        self.reloads = 0
+        self._lock = anyio.Lock()
 
+    async def swap(self):
+        async with self._lock:
+            recognizer, gallery = await run_in_threadpool(self._load)
+            self.current = Version(recognizer, gallery)
+            self.reloads += 1
+        return self.current
+
+    def _load(self):
+        recognizer, gallery = self.reload()
+        warm_up = getattr(recognizer, "warm_up", None)
+        if warm_up is not None:
+            warm_up()
+        return recognizer, gallery
+
+
+def _version_json(version, reloads):
+    metadata = getattr(version.recognizer, "metadata", None) or {}
+    record = metadata.get("collection") or {}
+    return {
+        "status": "reloaded",
+        "reloads": reloads,
+        "version": record.get("version", 0),
+        "database_size": metadata.get("database_size"),
+    }
+
+
+def _add_pages(app):
     @app.get("/", response_class=HTMLResponse)
     def page():
         return PAGE
@@ -306,25 +337,63 @@ def create_app(
     def healthz():
         return {"status": "ok"}
 
+
+def _add_reload(app, serving):
+    @app.post("/v1/reload")
+    async def reload(request: Request):
+        host = request.client.host if request.client else None
+        if host not in LOCAL_CLIENTS:
+            return JSONResponse({"detail": "reload is only answered to 127.0.0.1"}, 403)
+        if serving.reload is None:
+            return JSONResponse({"detail": "this server was started without a reload"}, 404)
+        try:
+            version = await serving.swap()
+        except (OSError, ValueError) as e:
+            detail = f"reload failed, still serving the previous version: {e}"
+            return JSONResponse({"detail": " ".join(detail.split())[:500]}, 409)
+        return _version_json(version, serving.reloads)
+
+
+def _add_thumbnail(app, serving):
+    @app.get("/v1/thumbnail/{met_id}")
+    def thumbnail(met_id: int, size: str = "small"):
+        if size not in THUMBNAIL_SIDES:
+            raise HTTPException(422, f"size must be one of {', '.join(THUMBNAIL_SIDES)}")
+        gallery = serving.current.gallery
+        try:
+            jpeg = None if gallery is None else gallery.thumbnail(met_id, THUMBNAIL_SIDES[size])
+        except OSError:
+            jpeg = None
+        if jpeg is None:
+            raise HTTPException(404, f"no database image for Met id {met_id}")
+        return Response(jpeg, media_type="image/jpeg")
+
+
+def _add_recognize(app, serving, shedding, max_upload_bytes, body_limit, max_decoded_bytes):
+    slots = anyio.Semaphore(shedding.concurrency)
+    load = app.state.load = Load()
+    busy = {"Retry-After": str(shedding.retry_after)}
+
     @app.post("/v1/recognize")
     async def recognize(request: Request):
         if load.admitted >= shedding.concurrency + shedding.queue:
             load.shed += 1
             return JSONResponse({"detail": "busy: too many requests in progress"}, 503, busy)
         load.admitted += 1
+        version = serving.current  # the request finishes on this version, whatever swaps in
         try:
-            answer = await _admitted(request)
+            answer = await _admitted(request, version.recognizer)
         except _Refused as e:
             if e.status == 503:
                 load.shed += 1
             return JSONResponse({"detail": e.detail}, e.status, e.headers)
         finally:
             load.admitted -= 1
-        result = _with_thumbnails(answer, gallery)
-        result["threshold"] = recognizer.threshold
+        result = _with_thumbnails(answer, version.gallery)
+        result["threshold"] = version.recognizer.threshold
         return result
 
-    async def _admitted(request):
+    async def _admitted(request, recognizer):
         body = await _read_body(request, body_limit, shedding.body_timeout)
         data = await _image_bytes(request, body, max_upload_bytes)
         del body
@@ -345,16 +414,37 @@ def create_app(
             load.inferring -= 1
             slots.release()
 
-    @app.get("/v1/thumbnail/{met_id}")
-    def thumbnail(met_id: int, size: str = "small"):
-        if size not in THUMBNAIL_SIDES:
-            raise HTTPException(422, f"size must be one of {', '.join(THUMBNAIL_SIDES)}")
-        try:
-            jpeg = None if gallery is None else gallery.thumbnail(met_id, THUMBNAIL_SIDES[size])
-        except OSError:
-            jpeg = None
-        if jpeg is None:
-            raise HTTPException(404, f"no database image for Met id {met_id}")
-        return Response(jpeg, media_type="image/jpeg")
 
+def create_app(
+    recognizer,
+    gallery=None,
+    max_upload_bytes=MAX_UPLOAD_BYTES,
+    shedding=None,
+    max_decoded_bytes=DEFAULT_MAX_DECODED_BYTES,
+    reload=None,
+):
+    """The FastAPI application around a `tfmet.serving.Recognizer` and an optional `Gallery`.
+
+    `shedding` (a `Shedding`, default its defaults) bounds the recognition work in progress;
+    `app.state.load` (a `Load`) counts it. `reload` (a callable returning (recognizer, gallery)
+    of the export's new version) enables POST /v1/reload from 127.0.0.1; `app.state.serving`
+    (a `Serving`) holds the version being answered with.
+    """
+    app = FastAPI(title="tfmet recogniser", docs_url=None, redoc_url=None)
+    body_limit = max_upload_bytes * 4 // 3 + _ENVELOPE  # base64 JSON is 4/3 of the image
+    shedding = shedding or Shedding()
+    serving = app.state.serving = Serving(recognizer, gallery, reload)
+
+    @app.middleware("http")
+    async def refuse_large_bodies(request, call_next):
+        length = request.headers.get("content-length")
+        too_large = length is not None and (not length.isdigit() or int(length) > body_limit)
+        if too_large:
+            return JSONResponse({"detail": f"upload larger than {max_upload_bytes} bytes"}, 413)
+        return await call_next(request)
+
+    _add_pages(app)
+    _add_recognize(app, serving, shedding, max_upload_bytes, body_limit, max_decoded_bytes)
+    _add_reload(app, serving)
+    _add_thumbnail(app, serving)
     return app
