@@ -36,6 +36,7 @@ OWN = {
     "tfmet-extract-beam": ("--beam_runner", None),
     "tfmet-recognize": ("--model", "photo.jpg"),
     "tfmet-serve": ("--model", None),
+    "tfmet-collection": ("--export", "list"),
 }
 
 _SCRIPT = """

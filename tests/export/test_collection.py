@@ -18,7 +18,12 @@ from tfmet.export import collection as lib
 REMOVED = (1000 + 37 * 1, 1000 + 37 * 4)  # exhibits A and B of write_met_tree
 
 
-def _export(root, tree, entries, name, searcher="exact"):
+SCANN = dict(  # a tree searched whole: its answers are exact search's, its recall 1
+    num_leaves=2, num_leaves_to_search=2, spherical=True, use_ah=False, training_sample_size=8
+)
+
+
+def _export(root, tree, entries, name, searcher="exact", scann_config=None):
     """tfmet-export's recogniser export of the database `entries` (extracted here)."""
     from tfmet.descriptors import extraction
     from tfmet.descriptors import spec as spec_lib
@@ -33,8 +38,9 @@ def _export(root, tree, entries, name, searcher="exact"):
     splits = extraction.load_met_splits(info, splits=("train",))
     extraction.extract_met(extractor, spec, splits, tree.image_root, desc, progress=False)
     module, described = builders.build_recognizer(
-        extractor, spec, desc, info, k=3, tau=5.0, raw=True, searcher=searcher, top_k=3
-    )
+        extractor, spec, desc, info, k=3, tau=5.0, raw=True, searcher=searcher, top_k=3,
+        scann_config=scann_config,
+    )  # fmt: skip
     metadata = {"kind": "recognizer", **described}
     signatures = module.signatures()
     signatures["metadata"] = metadata_signature({"kind": "recognizer"})
@@ -66,12 +72,13 @@ def built(tmp_path_factory):
     full, _ = _export(root, tree, tree.train, "full")
     partial = [e for e in tree.train if e["id"] not in REMOVED]
     part, part_info = _export(root, tree, partial, "part")
+    scann, _ = _export(root, tree, partial, "scann", searcher="scann", scann_config=SCANN)
     photos = [tree.image_path(e["path"]) for e in tree.test + tree.val]
     images = [open(p, "rb").read() for p in photos]
     extractor, spec = spec_lib.build_extractor(backbone="resnet_tiny", seed=1)
     return dict(
         root=root, tree=tree, full=full, part=part, part_info=part_info, images=images,
-        extractor=extractor, spec=spec,
+        extractor=extractor, spec=spec, scann=scann,
     )  # fmt: skip
 
 
@@ -111,6 +118,32 @@ def test_adding_the_missing_exhibits_answers_as_the_whole_database(built, tmp_pa
     _assert_same_answers(_answers(export, built["images"]), before)
 
 
+def test_a_scann_tree_takes_the_exhibits_in_place_and_measures_its_recall(built, tmp_path):
+    export = str(tmp_path / "scann")
+    shutil.copytree(built["scann"], export)
+    before = _answers(export, built["images"])
+    collection = _add_removed(built, export, built["part_info"])
+    assert collection.scann["datapoint_to_token"].shape == (len(built["tree"].train),)
+    with open(os.path.join(export, "assets", "tfmet_metadata.json")) as f:
+        metadata = json.load(f)
+    record = metadata["collection"]
+    assert (record["recall"], record["min_recall"], record["rebuilt"]) == (1.0, 0.999, False)
+    assert metadata["scann_config"] == dict(built_config(), **SCANN)
+    _assert_same_answers(
+        _answers(export, built["images"]), _answers(built["full"], built["images"])
+    )
+    for met_id in REMOVED:
+        collection = lib.remove_rows(lib.open_collection(export), met_id=met_id)
+        lib.save_collection(collection, built["extractor"], export, {"action": "remove"})
+    _assert_same_answers(_answers(export, built["images"]), before)
+
+
+def built_config():
+    from tfmet.retrieval.scann_build import ScannConfig
+
+    return ScannConfig().to_dict()
+
+
 def test_one_image_is_removed_by_its_path(built, tmp_path):
     collection = lib.open_collection(built["full"], os.path.join(built["tree"].info_dir))
     path = built["tree"].train[3]["path"]
@@ -140,3 +173,96 @@ def test_bad_changes_are_one_line_errors(built, tmp_path):
         with pytest.raises(lib.CollectionError, match="another tfmet-collection is changing it"):
             with lib.writer_lock(built["full"]):
                 pass
+
+
+def test_a_server_under_load_switches_to_the_new_version_without_a_failed_request(built, tmp_path):
+    import concurrent.futures
+    import threading
+    import time
+
+    from tests.serving.test_shedding import post, serving
+    from tfmet.serving import Recognizer
+    from tfmet.serving.web import Shedding, create_app
+
+    export = str(tmp_path / "export")
+    shutil.copytree(built["part"], export)
+    old = [a.met_id for a in _answers(export, built["images"])]
+    new = [a.met_id for a in _answers(built["full"], built["images"])]
+    assert old != new  # the swap shows in the answers
+    shedding = Shedding(concurrency=2, queue=32)
+    reload = lambda: (Recognizer(export), None)  # noqa: E731
+    app = create_app(Recognizer(export), shedding=shedding, reload=reload)
+    swapped, stop = threading.Event(), threading.Event()
+    done = []
+
+    def client(offset):
+        answers, after = [], 0
+        for turn in range(2000):  # bounded: until a whole round of photos after the swap
+            if stop.is_set():
+                return answers
+            i = (offset + turn) % len(built["images"])
+            started_after = swapped.is_set()
+            status, _, body = post(port, built["images"][i])
+            answers.append((i, status, body.get("best_met_id"), started_after))
+            done.append(1)
+            after += started_after
+            if after >= len(built["images"]):
+                return answers
+        pytest.fail("the client never finished a round after the swap")
+
+    with serving(app, shedding) as port:
+        with concurrent.futures.ThreadPoolExecutor(3) as pool:
+            futures = [pool.submit(client, offset) for offset in range(3)]
+            try:
+                for _ in range(60_000):  # bounded: 10 minutes
+                    if len(done) >= 6:  # answers from the first version
+                        break
+                    time.sleep(0.01)
+                _add_removed(built, export, built["part_info"])
+                status, _, body = post_reload(port)
+                swapped.set()
+                results = [f.result(600) for f in futures]
+            finally:
+                stop.set()
+    assert (status, body["version"], body["database_size"]) == (200, 2, len(built["tree"].train))
+    answers = [a for r in results for a in r]
+    assert len(done) >= 6 + 3 * len(built["images"])
+    assert {status for _, status, _, _ in answers} == {200}
+    for i, _, met_id, started_after in answers:  # in flight at the swap: either version
+        assert met_id == new[i] if started_after else met_id in (old[i], new[i])
+
+
+def post_reload(port):
+    import http.client
+
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=600)
+    try:
+        connection.request("POST", "/v1/reload", b"")
+        response = connection.getresponse()
+        return response.status, None, json.loads(response.read())
+    finally:
+        connection.close()
+
+
+def test_the_program_lists_and_refuses_bad_changes_in_one_line(built):
+    from tests.kit import run_cli
+
+    listed = run_cli("collection", "list", f"--export={built['full']}")
+    assert listed.returncode == 0, listed.stderr[-2000:]
+    assert listed.stdout.splitlines()[0].endswith(
+        "version 0, 12 images of 6 exhibits, searcher exact"
+    )
+    model = ("--backbone=resnet_tiny", "--seed=1")
+    unknown = run_cli("collection", "remove", f"--export={built['full']}", *model, "--met_id=4242")
+    assert unknown.returncode == 2
+    assert unknown.stderr.strip().splitlines()[-1] == (
+        f"tfmet-collection: error: Met id 4242: not in the collection {built['full']}"
+    )
+    other = run_cli(
+        "collection", "add", f"--export={built['full']}", "--backbone=resnet_tiny", "--seed=2",
+        "--met_id=7", f"--images={built['tree'].image_path(built['tree'].train[0]['path'])}",
+    )  # fmt: skip
+    assert other.returncode == 2
+    last = other.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"tfmet-collection: error: {built['full']}: the export was built with")
+    assert "another model (weights_sha256 'random:seed=1'" in last

@@ -35,6 +35,9 @@ flags.DEFINE_string("image", None, "remove: the ground-truth path of one image (
 flags.DEFINE_string("info_dir", None, "Met ground truth the export was built from (first change).")
 flags.DEFINE_bool("mini", False, "--info_dir's database is mini_MET_database.json.")
 flags.DEFINE_string("reload_url", None, "tfmet-serve to reload afterwards: http://127.0.0.1:8080")
+flags.DEFINE_bool(
+    "rebuild_below_target", False, "ScaNN: rebuild the tree when the changed one's recall is low."
+)
 
 
 def _list(collection):
@@ -121,7 +124,9 @@ def main(argv):
     with lib.writer_lock(FLAGS.export):
         collection = lib.open_collection(FLAGS.export, FLAGS.info_dir, FLAGS.mini)
         changed, extractor, change = _change(action, collection)
-        meta = lib.save_collection(changed, extractor, out, change)
+        meta = lib.save_collection(
+            changed, extractor, out, change, rebuild_below_target=FLAGS.rebuild_below_target
+        )
     _report(out, meta)
     if FLAGS.reload_url:
         _reload(FLAGS.reload_url.rstrip("/"))

@@ -60,6 +60,8 @@ class Collection:
         was built elsewhere without `info_dir`).
       pca_mean, pca_projection: the export's PCA-whitening (None for raw descriptors).
       top_k: candidates the export returns per image.
+      scann: for a ScaNN export, its index's arrays (`tfmet.retrieval.scann_update`), changed
+        in place with the rows; None for exact search.
     """
 
     path: str
@@ -70,6 +72,7 @@ class Collection:
     pca_mean: np.ndarray = None
     pca_projection: np.ndarray = None
     top_k: int = 5
+    scann: dict = None
 
     @property
     def version(self):
@@ -88,13 +91,27 @@ class Collection:
 
 
 def _database_rows(loaded, path, searcher):
+    """(rows [M, dim] float32, the ScaNN index's arrays or None) of a loaded export."""
     search = loaded.neighbor_search
     if searcher == "exact":
-        return np.asarray(search.database.numpy(), np.float32)
-    dataset = np.asarray(search.state.dataset.numpy(), np.float32)
-    if dataset.size == 0:
+        return np.asarray(search.database.numpy(), np.float32), None
+    from tfmet.retrieval import scann_update
+
+    arrays = scann_update.state_arrays(search.state)
+    rows = np.asarray(arrays["dataset"])
+    if rows.ndim != 2 or rows.shape[0] != int(loaded.labels.shape[0]):
         raise CollectionError(f"{path}: the ScaNN searcher keeps no float rows to change")
-    return dataset.reshape(int(loaded.labels.shape[0]), -1)
+    return np.asarray(arrays["dataset"], np.float32), arrays
+
+
+def _top_k(loaded, dim):
+    """The candidates an export returns per image (its answers are padded to that many)."""
+    top_k = loaded.signatures["serving_default"].structured_outputs["top_k_ids"].shape[1]
+    if top_k is None:  # a ScaNN search has no static width: ask the descriptors signature
+        import tensorflow as tf
+
+        top_k = loaded.recognize_descriptors(tf.zeros([1, dim]))["top_k_ids"].shape[1]
+    return int(top_k)
 
 
 def _initial_paths(path, labels, info_dir, mini):
@@ -130,16 +147,20 @@ def open_collection(path, info_dir=None, mini=False):
         raise CollectionError(f"{path}: a {metadata.get('kind')!r} export, not a recogniser")
     if metadata.get("rerank"):
         raise CollectionError(f"{path}: exports with spatial re-ranking cannot be changed yet")
+    if metadata.get("searcher", "exact") != "exact":
+        from tfmet.retrieval.scann_update import scann_ops  # its op library, before the load
+
+        scann_ops()
     loaded = load_saved_model(path)
     labels = np.asarray(loaded.labels.numpy(), np.int64)
-    database = _database_rows(loaded, path, metadata.get("searcher", "exact"))
+    database, scann = _database_rows(loaded, path, metadata.get("searcher", "exact"))
     paths_file = os.path.join(path, "assets", PATHS_ASSET)
     if os.path.exists(paths_file):
         paths = np.load(paths_file, allow_pickle=False)
     else:
         paths = _initial_paths(path, labels, info_dir, mini)
     whitened = bool(metadata.get("pca_whitening"))
-    top_k = loaded.signatures["serving_default"].structured_outputs["top_k_ids"].shape[1]
+    top_k = _top_k(loaded, database.shape[1])
     return Collection(
         path=path,
         metadata=metadata,
@@ -148,7 +169,8 @@ def open_collection(path, info_dir=None, mini=False):
         paths=np.asarray(paths),
         pca_mean=loaded.pca_mean.numpy() if whitened else None,
         pca_projection=loaded.pca_projection.numpy() if whitened else None,
-        top_k=int(top_k),
+        top_k=top_k,
+        scann=scann,
     )
 
 
@@ -218,8 +240,15 @@ def add_images(collection, extractor, met_id, files):
     if clash is not None:
         raise CollectionError(f"{clash}: already in the collection (rename the image file)")
     rows = describe_files(descriptor_module(collection, extractor), files)
+    scann = None
+    if collection.scann is not None:
+        from tfmet.retrieval import scann_update
+
+        scann = scann_update.upsert_rows(collection.scann, rows)
+        rows = np.asarray(scann["dataset"][len(collection.labels) :], np.float32)
     return dataclasses.replace(
         collection,
+        scann=scann,
         database=np.concatenate([collection.database, rows]),
         labels=np.concatenate([collection.labels, np.full(len(files), met_id, np.int64)]),
         paths=np.concatenate([collection.paths, np.asarray(paths)]),
@@ -241,19 +270,33 @@ def remove_rows(collection, met_id=None, image=None):
             raise CollectionError(f"{image}: no such image in the collection {collection.path}")
     if not keep.any():
         raise CollectionError(f"{collection.path}: cannot remove every row of the collection")
+    scann = None
+    if collection.scann is not None:
+        from tfmet.retrieval import scann_update
+
+        scann = scann_update.drop_rows(collection.scann, keep)
     return dataclasses.replace(
         collection,
+        scann=scann,
         database=collection.database[keep],
         labels=collection.labels[keep],
         paths=collection.paths[keep],
     )
 
 
-def recognizer_module(collection, extractor):
-    """The `RecognizerModule` serving `collection`'s rows with the export's settings."""
+def recognizer_module(collection, extractor, rebuild=False):
+    """The `RecognizerModule` serving `collection`'s rows with the export's settings: a ScaNN
+    export's index as changed in place, or built anew with its configuration if `rebuild`."""
     from tfmet.export.recognizer import RecognizerModule
 
     meta = collection.metadata
+    search = None
+    if collection.scann is not None and not rebuild:
+        from tfmet.retrieval.scann_build import ScannConfig
+        from tfmet.retrieval.scann_update import StateGraphSearch
+
+        k = min(int(meta["k"]), len(collection.labels))
+        search = StateGraphSearch(collection.scann, k, ScannConfig(**meta["scann_config"]))
     return RecognizerModule(
         extractor.embedder,
         collection.database,
@@ -271,6 +314,7 @@ def recognizer_module(collection, extractor):
         max_side=meta.get("max_side"),
         max_pixels=meta.get("max_pixels"),
         max_bytes=meta.get("max_bytes"),
+        neighbor_search=search,
     )
 
 
@@ -290,24 +334,43 @@ def measured_recall(module, database, k, sample=RECALL_SAMPLE, seed=0):
     return float(recall.recall_at_k(np.asarray(found), exact, k))
 
 
-def save_collection(collection, extractor, out, change, min_recall=None):
+def _checked_module(collection, extractor, record, min_recall, rebuild_below_target):
+    """(module, record with the measured recall): the index changed in place, or rebuilt when
+    its recall is below `min_recall` and `rebuild_below_target`."""
+    from tfmet.retrieval.recall import DEFAULT_MIN_RECALL
+
+    module = recognizer_module(collection, extractor)
+    found = measured_recall(module, collection.database, module.k)
+    if found is None:
+        return module, record
+    target = DEFAULT_MIN_RECALL if min_recall is None else float(min_recall)
+    record.update(recall=found, min_recall=target, rebuilt=False)
+    if found < target and rebuild_below_target:
+        module = recognizer_module(collection, extractor, rebuild=True)
+        rebuilt = measured_recall(module, collection.database, module.k)
+        record.update(recall=rebuilt, recall_in_place=found, rebuilt=True)
+    return module, record
+
+
+def save_collection(
+    collection, extractor, out, change, min_recall=None, rebuild_below_target=False
+):
     """Writes `collection` as a recogniser export at `out` (the same folder: an atomic swap;
     another: a new version beside the old) recording `change` (a dict); returns the metadata.
 
     The metadata's "collection" holds the version, the changes so far and, for an approximate
-    searcher, the recall@k measured on a sample of rows ("recall") with the target.
+    searcher, the recall@k measured on a sample of rows ("recall") with the target
+    (`min_recall`, default the calibration's); below it, `rebuild_below_target` builds the
+    index anew with its configuration ("rebuilt").
     """
     from tfmet.export.common import metadata_signature, save_module
-    from tfmet.retrieval.recall import DEFAULT_MIN_RECALL
 
-    module = recognizer_module(collection, extractor)
     meta = dict(collection.metadata)
     history = list((meta.get("collection") or {}).get("changes", []))
     record = {"version": collection.version + 1, "changes": [*history, change]}
-    found = measured_recall(module, collection.database, module.k)
-    if found is not None:
-        record["recall"] = found
-        record["min_recall"] = DEFAULT_MIN_RECALL if min_recall is None else float(min_recall)
+    module, record = _checked_module(
+        collection, extractor, record, min_recall, rebuild_below_target
+    )
     meta.update(
         collection=record,
         database_size=module.database_size,

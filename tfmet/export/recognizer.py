@@ -49,6 +49,8 @@ class RecognizerModule(DescriptorModule):
       local: None, or the `tfmet.descriptors.local.LocalSpec` of the database's local features:
         adds the `local_features` signature (see the module doc).
       rerank_top: with `local`, the exact nearest database rows returned per image (M).
+      neighbor_search: None, or the searcher's in-graph form already built over `database` with
+        k = min(k, M) (tfmet-collection's ScaNN tree changed in place); None builds it.
     """
 
     def __init__(
@@ -65,6 +67,7 @@ class RecognizerModule(DescriptorModule):
         scann_config=None,
         local=None,
         rerank_top=20,
+        neighbor_search=None,
         **descriptor_kwargs,
     ):
         super().__init__(embedder, name=name, **descriptor_kwargs)
@@ -89,7 +92,7 @@ class RecognizerModule(DescriptorModule):
         self.num_classes = int(np.unique(labels).size)
         self.database_size = int(database.shape[0])
         self.labels = tf.Variable(labels, trainable=False, name="database_labels")
-        self.neighbor_search = search.in_graph(database, self.k)
+        self.neighbor_search = neighbor_search or search.in_graph(database, self.k)
         self.scann_config = self.neighbor_search.config
         config_json = json.dumps(None if self.scann_config is None else self.scann_config.to_dict())
         self.scann_config_json = tf.Variable(config_json, trainable=False, name="scann_config")

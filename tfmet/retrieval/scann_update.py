@@ -44,6 +44,14 @@ STATE = (
 PER_ROW = ("datapoint_to_token", "hashed_dataset", "int8_dataset", "dp_norms", "dataset")
 
 
+def scann_ops():
+    """ScaNN's TensorFlow ops, their library loaded (a SavedModel holding a ScaNN searcher needs
+    it before it is loaded)."""
+    from scann.scann_ops.py import scann_ops as ops
+
+    return ops
+
+
 def state_arrays(state):
     """{name: numpy array} of a `ScannState` (built or restored from a SavedModel)."""
     return {name: getattr(state, name).numpy() for name, _ in STATE}
