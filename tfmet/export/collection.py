@@ -18,10 +18,11 @@ again.
 An export written here keeps, beside its model, the rows' ground-truth paths
 (`assets/collection_paths.npy`), the ground truth of its rows in the Met format
 (`assets/MET_database.json`, [{"id", "path"}]) and, in its metadata, the collection's version and
-the changes that made it ("collection"). A ScaNN export's searcher is rebuilt over the changed
-rows with the same configuration, and its recall@k against exact search is measured again on a
-sample of rows (`tfmet.retrieval.recall`'s rule and target); `save_collection` returns it and the
-program says when it falls below the target (then export again with tfmet-knn-eval's calibration).
+the changes that made it ("collection"). A ScaNN export's tree is changed in place
+(`tfmet.retrieval.scann_update`: rows upserted into it or dropped from it, nothing retrained),
+and its recall@k against exact search is measured again on a sample of rows
+(`tfmet.retrieval.recall`'s rule and target); `save_collection` records it and, below the
+target, can build the tree anew with the same configuration (`rebuild_below_target`).
 """
 
 import contextlib
