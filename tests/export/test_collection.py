@@ -244,6 +244,7 @@ def post_reload(port):
         connection.close()
 
 
+@pytest.mark.slow  # the program in subprocesses
 def test_the_program_lists_and_refuses_bad_changes_in_one_line(built):
     from tests.kit import run_cli
 
