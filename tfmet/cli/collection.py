@@ -21,7 +21,7 @@ import json
 from absl import flags
 
 from tfmet.cli import model_flags  # the descriptor model, as tfmet-export
-from tfmet.cli.common import UsageError, run_program
+from tfmet.cli.common import RunFailure, UsageError, run_program
 
 FLAGS = flags.FLAGS
 PROGRAM = "tfmet-collection"
@@ -106,7 +106,10 @@ def _reload(url):
         with urllib.request.urlopen(urllib.request.Request(url + "/v1/reload", b""), timeout=600):
             print(f"{PROGRAM}: {url} reloaded")
     except (urllib.error.URLError, OSError) as e:
-        raise RuntimeError(f"{url}/v1/reload: {getattr(e, 'reason', e)}") from None
+        raise RunFailure(
+            f"{url}/v1/reload: {getattr(e, 'reason', e)} (the new version is written; "
+            "reload the server by hand)"
+        ) from None
 
 
 def main(argv):
