@@ -195,9 +195,14 @@ def descriptor_module(collection, extractor):
     """The export's descriptor pipeline (its model, settings, limits and PCA-whitening)."""
     from tfmet.export.descriptor import DescriptorModule
 
+    return DescriptorModule(extractor.embedder, **_pipeline(collection))
+
+
+def _pipeline(collection):
+    """The export's descriptor pipeline as the modules' keywords: its extraction settings,
+    input limits and PCA-whitening."""
     meta = collection.metadata
-    return DescriptorModule(
-        extractor.embedder,
+    return dict(
         scales=tuple(meta["scales"]),
         resize_method=meta["resize_method"],
         pca_mean=collection.pca_mean,
@@ -308,14 +313,8 @@ def recognizer_module(collection, extractor, rebuild=False):
         top_k=collection.top_k,
         threshold=meta.get("threshold", 0.0),
         scann_config=meta.get("scann_config"),
-        scales=tuple(meta["scales"]),
-        resize_method=meta["resize_method"],
-        pca_mean=collection.pca_mean,
-        pca_projection=collection.pca_projection,
-        max_side=meta.get("max_side"),
-        max_pixels=meta.get("max_pixels"),
-        max_bytes=meta.get("max_bytes"),
         neighbor_search=search,
+        **_pipeline(collection),
     )
 
 
