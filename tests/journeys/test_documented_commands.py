@@ -556,4 +556,4 @@ def test_every_documented_flag_is_a_flag_of_its_program():
             if not ok and not (program == "tfmet-extract-beam" and flag in BEAM_OPTIONS):
                 wrong.append(f"{name}: {program} has no flag {token}")
     assert wrong == []
-    assert len(known) == 13
+    assert len(known) == 14
