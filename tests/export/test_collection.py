@@ -167,6 +167,10 @@ def test_bad_changes_are_one_line_errors(built, tmp_path):
     broken.write_bytes(b"\xff\xd8 not really a jpeg")
     with pytest.raises(lib.CollectionError, match=f"{broken}: does not decode"):
         lib.add_images(collection, built["extractor"], 7, [str(broken)])
+    with pytest.raises(lib.CollectionError, match=f"{tmp_path}: not a regular file .a directory"):
+        lib.add_images(collection, built["extractor"], 7, [str(tmp_path)])
+    with pytest.raises(lib.CollectionError, match="missing.jpg: cannot read .No such file"):
+        lib.add_images(collection, built["extractor"], 7, [str(tmp_path / "missing.jpg")])
     with pytest.raises(lib.CollectionError, match="info-part: its 8 database entries"):
         lib.open_collection(built["full"], built["part_info"])
     with lib.writer_lock(built["full"]):

@@ -158,6 +158,10 @@ def open_collection(path, info_dir=None, mini=False):
     paths_file = os.path.join(path, "assets", PATHS_ASSET)
     if os.path.exists(paths_file):
         paths = np.load(paths_file, allow_pickle=False)
+        if paths.shape != labels.shape:
+            raise CollectionError(
+                f"{paths_file}: {paths.shape} paths for the export's {labels.shape[0]} rows"
+            )
     else:
         paths = _initial_paths(path, labels, info_dir, mini)
     whitened = bool(metadata.get("pca_whitening"))
@@ -221,11 +225,14 @@ def describe_files(module, files):
     """
     import tensorflow as tf
 
+    from tfmet.data.images import ImageRefused, read_image_bytes
+
     rows = []
     for file in files:
-        try:
-            with open(file, "rb") as f:
-                data = f.read()
+        try:  # a regular file of at most the export's max_bytes: never read whole when larger
+            data = read_image_bytes(file, module.max_bytes)
+        except ImageRefused as e:
+            raise CollectionError(f"{file}: {e.message}") from None
         except OSError as e:
             raise CollectionError(f"{file}: cannot read ({e.strerror or e})") from None
         out = module.describe_bytes(tf.constant([data]))
