@@ -107,13 +107,16 @@ _LOCAL = (
 )
 _COLLECTION = (
     "changes an export with new image files of an exhibit; tests/export/test_collection.py "
-    "adds, removes and serves changed exports of a tiny Met tree (exact and ScaNN)"
+    "adds, removes and serves changed exports of a tiny Met tree (exact and ScaNN), "
+    "tests/journeys/test_collection_journey.py removes, adds back and lists an exhibit of the "
+    "demo's export (EfficientNet-Lite0, ImageNet weights)"
 )
 ELSEWHERE = {
     (
         "docs/collection.md",
         "tfmet-collection list --export exports/met",
-    ): "tests/export/test_collection.py opens and changes exports of a tiny Met tree",
+    ): "tests/export/test_collection.py opens and changes exports of a tiny Met tree, "
+    "tests/journeys/test_collection_journey.py lists the demo's changed export",
     (
         "docs/collection.md",
         "tfmet-collection add --export exports/met --backbone resnet18 --weights r18.weights.h5 --met_id 436535 --images new/436535_front.jpg,new/436535_back.jpg",
