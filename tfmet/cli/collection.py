@@ -21,23 +21,30 @@ import json
 from absl import flags
 
 from tfmet.cli import model_flags  # the descriptor model, as tfmet-export
-from tfmet.cli.common import RunFailure, UsageError, run_program
+from tfmet.cli import settings as settings_lib
+from tfmet.cli.common import RunFailure, UsageError, require, run_program
+from tfmet.cli.settings import Setting
 
 FLAGS = flags.FLAGS
 PROGRAM = "tfmet-collection"
 ACTIONS = ("add", "remove", "list")
 
-flags.DEFINE_string("export", None, "Recogniser export directory to change.")
-flags.DEFINE_string("out", None, "Write the new version here (default: replace --export).")
-flags.DEFINE_integer("met_id", None, "Met id to add images to, or to remove.")
-flags.DEFINE_list("images", [], "add: image files of --met_id (comma-separated).")
-flags.DEFINE_string("image", None, "remove: the ground-truth path of one image (list shows them).")
-flags.DEFINE_string("info_dir", None, "Met ground truth the export was built from (first change).")
-flags.DEFINE_bool("mini", False, "--info_dir's database is mini_MET_database.json.")
-flags.DEFINE_string("reload_url", None, "tfmet-serve to reload afterwards: http://127.0.0.1:8080")
-flags.DEFINE_bool(
-    "rebuild_below_target", False, "ScaNN: rebuild the tree when the changed one's recall is low."
+# tfmet-collection's own settings (the model's are model_flags', as tfmet-export's).
+# fmt: off
+COLLECTION = (
+    Setting("export", None, str, "Recogniser export directory to change."),
+    Setting("out", None, str, "Write the new version here (default: replace --export)."),
+    Setting("met_id", None, int, "Met id to add images to, or to remove."),
+    Setting("images", [], list, "add: image files of --met_id (comma-separated)."),
+    Setting("image", None, str, "remove: the ground-truth path of one image (list shows them)."),
+    Setting("info_dir", None, str, "Met ground truth the export was built from (first change)."),
+    settings_lib.MINI,
+    Setting("reload_url", None, str, "tfmet-serve to reload afterwards: http://127.0.0.1:8080"),
+    Setting("rebuild_below_target", False, bool,
+            "ScaNN: rebuild the tree when the changed one's recall is low."),
 )
+# fmt: on
+settings_lib.define_flags(COLLECTION, __name__)
 
 
 def _list(collection):
@@ -60,18 +67,17 @@ def _list(collection):
 def _change(action, collection):
     from tfmet.export import collection as lib
 
+    if action == "add" and (FLAGS.met_id is None or not FLAGS.images):
+        raise UsageError("add needs --met_id and --images")
+    if action == "remove" and (FLAGS.met_id is None) == (FLAGS.image is None):
+        raise UsageError("remove needs --met_id or --image (one of them)")
+    # Both rebuild the recogniser around the export's model: it must be the given one.
+    extractor, spec = model_flags.build_extractor(model_flags.values())
+    lib.check_model(collection, spec)
     if action == "add":
-        if FLAGS.met_id is None or not FLAGS.images:
-            raise UsageError("add needs --met_id and --images")
-        extractor, spec = model_flags.build_extractor(model_flags.values())
-        lib.check_model(collection, spec)
         changed = lib.add_images(collection, extractor, FLAGS.met_id, FLAGS.images)
         change = {"action": "add", "met_id": FLAGS.met_id, "images": len(FLAGS.images)}
     else:
-        if (FLAGS.met_id is None) == (FLAGS.image is None):
-            raise UsageError("remove needs --met_id or --image (one of them)")
-        extractor, spec = model_flags.build_extractor(model_flags.values())
-        lib.check_model(collection, spec)
         changed = lib.remove_rows(collection, met_id=FLAGS.met_id, image=FLAGS.image)
         removed = len(collection.labels) - len(changed.labels)
         change = {"action": "remove", "met_id": FLAGS.met_id, "image": FLAGS.image}
@@ -115,8 +121,7 @@ def _reload(url):
 def main(argv):
     if len(argv) != 2 or argv[1] not in ACTIONS:
         raise UsageError(f"usage: {PROGRAM} {'|'.join(ACTIONS)} --export DIR [flags]")
-    if not FLAGS.export:
-        raise UsageError("--export is required")
+    require(FLAGS.flag_values_dict(), "export")
     from tfmet.export import collection as lib
 
     action = argv[1]
