@@ -69,7 +69,7 @@ def run(scale, added, seed=0):
 
     def in_place():
         arrays = scann_update.upsert_rows(scann_update.state_arrays(base.state), new)
-        return scann_update.StateGraphSearch(arrays, K, config)
+        return scann_update.graph_search(arrays, K, config)
 
     changed, in_place_s = _timed(f"ScaNN add {added} in place", in_place)
     rebuilt, rebuild_s = _timed("ScaNN full rebuild", lambda: ScannGraphSearch(rows, K, config))

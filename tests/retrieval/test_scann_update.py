@@ -37,7 +37,7 @@ def index():
 
 
 def _top(arrays, queries, k=5, config=CONFIG):
-    sims, indices = scann_update.StateGraphSearch(arrays, k, config)(queries)
+    sims, indices = scann_update.graph_search(arrays, k, config)(queries)
     return np.asarray(sims), np.asarray(indices)
 
 

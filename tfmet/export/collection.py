@@ -306,10 +306,10 @@ def recognizer_module(collection, extractor, rebuild=False):
     search = None
     if collection.scann is not None and not rebuild:
         from tfmet.retrieval.scann_build import ScannConfig
-        from tfmet.retrieval.scann_update import StateGraphSearch
+        from tfmet.retrieval.scann_update import graph_search
 
         k = min(int(meta["k"]), len(collection.labels))
-        search = StateGraphSearch(collection.scann, k, ScannConfig(**meta["scann_config"]))
+        search = graph_search(collection.scann, k, ScannConfig(**meta["scann_config"]))
     return RecognizerModule(
         extractor.embedder,
         collection.database,

@@ -38,18 +38,20 @@ class ExactGraphSearch(tf.Module):
 
 
 class ScannGraphSearch(tf.Module):
-    """ScaNN's TF searcher over `database` built with `config` (a `ScannConfig`)."""
+    """ScaNN's TF searcher over `database` built with `config` (a `ScannConfig`), or over the
+    `state` (a `scann_ops.ScannState`) of an index built before (`database` is then None)."""
 
-    def __init__(self, database, k, config, name=None):
+    def __init__(self, database, k, config, name=None, state=None):
         from scann.scann_ops.py import scann_ops
 
         super().__init__(name=name)
-        database = np.ascontiguousarray(database, np.float32)
         self.k = int(k)
         self.config = config
-        builder = scann_ops.builder(database, self.k, "dot_product")
-        searcher = configure_builder(builder, config, len(database)).build()
-        self.state = searcher.serialize_to_module()
+        if state is None:
+            database = np.ascontiguousarray(database, np.float32)
+            builder = scann_ops.builder(database, self.k, "dot_product")
+            state = configure_builder(builder, config, len(database)).build().serialize_to_module()
+        self.state = state
         # The searcher is rebuilt from its serialised state once per process: the op looks the
         # shared name up in the resource manager before creating it.
         self.shared_name = f"tfmet-scann-{uuid.uuid4().hex}"

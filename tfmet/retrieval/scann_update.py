@@ -11,8 +11,8 @@ leaf token, AH code and float row). Here
   serialises it again: the new rows come after the old ones, in order;
 - `drop_rows(arrays, keep)` keeps the rows of a mask, in order (the tree, the codebook and the
   other rows' codes stay as they are);
-- `StateGraphSearch(arrays, k, config)` is the in-graph search over such arrays
-  (`tfmet.retrieval.graph_search.ScannGraphSearch`'s call, without a new build).
+- `graph_search(arrays, k, config)` is the in-graph search over such arrays
+  (a `tfmet.retrieval.graph_search.ScannGraphSearch` given their state, without a new build).
 
 The partitioner and the codebooks are not retrained: rows far from what they were trained on
 lower the recall, which is why `tfmet.export.collection` measures it after every change.
@@ -21,7 +21,6 @@ lower the recall, which is why `tfmet.export.collection` measures it after every
 import os
 import shutil
 import tempfile
-import uuid
 
 import numpy as np
 
@@ -121,16 +120,10 @@ def drop_rows(arrays, keep):
     return out
 
 
-class StateGraphSearch(ScannGraphSearch):
-    """`ScannGraphSearch` over the arrays of an index changed in place (no build)."""
+def graph_search(arrays, k, config):
+    """The `ScannGraphSearch` over the arrays of an index changed in place (no build)."""
+    import tensorflow as tf
+    from scann.scann_ops.py import scann_ops
 
-    def __init__(self, arrays, k, config, name=None):
-        import tensorflow as tf
-        from scann.scann_ops.py import scann_ops
-
-        tf.Module.__init__(self, name=name)
-        self.k = int(k)
-        self.config = config
-        tensors = [tf.constant(arrays[name]) for name, _ in STATE]
-        self.state = scann_ops.ScannState(tensors)
-        self.shared_name = f"tfmet-scann-{uuid.uuid4().hex}"
+    state = scann_ops.ScannState([tf.constant(arrays[name]) for name, _ in STATE])
+    return ScannGraphSearch(None, k, config, state=state)
