@@ -32,6 +32,8 @@ class DescriptorModule(tf.Module):
         (default Pillow's 89,478,485; None: no limit).
       max_bytes: images of more bytes are invalid rows (default 64 MiB, as tfmet-extract;
         None: no limit).
+      local: None, or a `tfmet.descriptors.local.LocalSpec`: the extractor also computes local
+        features from the same backbone passes (the subclasses' local signatures use them).
     """
 
     def __init__(
@@ -45,9 +47,12 @@ class DescriptorModule(tf.Module):
         name=None,
         max_pixels=DEFAULT_MAX_PIXELS,
         max_bytes=DEFAULT_MAX_BYTES,
+        local=None,
     ):
         super().__init__(name=name)
-        self.extractor = DescriptorExtractor(embedder, scales, resize_method)
+        self.extractor = DescriptorExtractor(embedder, scales, resize_method, local=local)
+        self.local = local
+        self.local_dim = None if local is None else int(self.extractor.local_dim)
         self.embedder = embedder
         self.max_side = max_side
         self.max_pixels = None if max_pixels is None else int(max_pixels)
@@ -121,13 +126,7 @@ class LocalDescriptorModule(DescriptorModule):
     """
 
     def __init__(self, embedder, local, **kwargs):
-        super().__init__(embedder, **kwargs)
-        extractor = self.extractor
-        self.extractor = DescriptorExtractor(
-            embedder, extractor.scales, extractor.resize_method, local=local
-        )
-        self.local = local
-        self.local_dim = self.extractor.local_dim
+        super().__init__(embedder, local=local, **kwargs)
         self.describe_local = tf.function(self._describe_local, input_signature=[IMAGES_SPEC])
 
     def _describe_local(self, images):

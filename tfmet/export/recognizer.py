@@ -22,7 +22,6 @@ import json
 import numpy as np
 import tensorflow as tf
 
-from tfmet.descriptors.embedder import DescriptorExtractor
 from tfmet.export.common import map_image_bytes
 from tfmet.export.descriptor import IMAGE_BYTES_SPEC, DescriptorModule
 from tfmet.retrieval.knn import knn_confidence
@@ -70,7 +69,7 @@ class RecognizerModule(DescriptorModule):
         neighbor_search=None,
         **descriptor_kwargs,
     ):
-        super().__init__(embedder, name=name, **descriptor_kwargs)
+        super().__init__(embedder, name=name, local=local, **descriptor_kwargs)
         database = np.ascontiguousarray(database, np.float32)
         labels = np.asarray(labels, np.int64)
         if database.ndim != 2 or database.shape[1] != self.dim:
@@ -103,12 +102,7 @@ class RecognizerModule(DescriptorModule):
         self.recognize_bytes = tf.function(
             self._recognize_bytes, input_signature=[tf.TensorSpec([None], tf.string, "image_bytes")]
         )
-        self.local = local
         if local is not None:
-            self.local_extractor = DescriptorExtractor(
-                embedder, self.extractor.scales, self.extractor.resize_method, local=local
-            )
-            self.local_dim = int(self.local_extractor.local_dim)
             self.rerank_top = min(int(rerank_top), self.database_size)
             if self.rerank_top < 1:
                 raise ValueError(f"`rerank_top` must be >= 1. Received: {rerank_top}")
@@ -160,7 +154,7 @@ class RecognizerModule(DescriptorModule):
         width = self.dim + num * (3 + dim) + 1
 
         def packed(images):  # one image -> one float32 row, as map_image_bytes takes
-            descriptor, points, descriptors, scores = self.local_extractor._extract_local(images)
+            descriptor, points, descriptors, scores = self.extractor._extract_local(images)
             count = tf.shape(scores)[1]
             pad = [[0, num - count], [0, 0]]
             return tf.concat(
