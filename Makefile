@@ -4,6 +4,10 @@ VENV := .venv
 PY := $(VENV)/bin/python
 
 DEMO_WORKDIR ?= demo_work
+# pytest-xdist workers of `make test` / `make test-fast`: whole files go to a worker
+# (--dist loadfile), so a file's module fixtures are built once. TEST_WORKERS=0 runs serially.
+TEST_WORKERS ?= 2
+PYTEST := TF_CPP_MIN_LOG_LEVEL=3 $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 .PHONY: demo serve test test-fast lint install
 
@@ -32,10 +36,10 @@ lint: $(VENV)/.installed
 
 test: $(VENV)/.installed lint
 	@# pytest exits 5 when it collects no tests: that is not a failure of the suite.
-	TF_CPP_MIN_LOG_LEVEL=3 $(PY) -m pytest -q --durations=15 tests; rc=$$?; \
+	$(PYTEST) --durations=15 tests; rc=$$?; \
 	  if [ $$rc -eq 5 ]; then echo "pytest collected no tests"; exit 0; fi; exit $$rc
 
 # The suite without the tests marked `slow` (those that start programs in subprocesses):
 # a quick check while working; `make test` (and CI) still run everything.
 test-fast: $(VENV)/.installed lint
-	TF_CPP_MIN_LOG_LEVEL=3 $(PY) -m pytest -q -m "not slow" tests
+	$(PYTEST) -m "not slow" tests
