@@ -114,34 +114,46 @@ def sort_neighbors(similarities, indices, k):
     return np.take_along_axis(similarities, order, 1), np.take_along_axis(indices, order, 1)
 
 
-def merge_top_k(scores, offset, best_similarities, best_indices):
+def merge_top_k(scores, offset, best_similarities, best_indices, mask=None):
     """The running top k ([b, k], best first) merged with a block of `scores` [b, s] of the
     database rows `offset` .. `offset + s` (all after the rows already merged).
 
     Only the scores above a row's current k-th best can enter (an equal one has a larger index
     and loses the tie); where many do (the first block), those below the block's own k-th best
     are dropped first. The survivors are gathered into a padded [b, m] list and merged by
-    `sort_neighbors`, so ties keep going to the smaller index.
+    `sort_neighbors`, so ties keep going to the smaller index. `mask`, a C-contiguous bool array
+    of `scores`' shape, is used as the buffer of the comparison (one per search, not per block).
+
+    The survivors are found by one pass over the flattened mask (`np.flatnonzero`, ~10x faster
+    than a 2-D `np.nonzero` over a [512, 32768] block), so past the first shards, where few
+    scores beat the running k-th best, a block costs little beyond its GEMM.
     """
+    b, s = scores.shape
     k = best_indices.shape[1]
-    mask = scores > best_similarities[:, -1:]
-    counts = np.count_nonzero(mask, axis=1)
-    if not counts.any():
+    mask = np.greater(scores, best_similarities[:, -1:], out=mask)
+    total = np.count_nonzero(mask)
+    if not total:
         return best_similarities, best_indices
+    # Up to 4 k survivors a row on average the flat positions are few: count the rows from them;
+    # beyond (the first shard) count the mask's rows directly.
+    flat = np.flatnonzero(mask) if total <= 4 * k * b else None
+    counts = np.count_nonzero(mask, axis=1) if flat is None else np.bincount(flat // s, minlength=b)
     if counts.max() > 4 * k:
         heavy = counts > k
-        kth = np.full(scores.shape[0], -np.inf, np.float32)
+        kth = np.full(b, -np.inf, np.float32)
         if heavy.all():
-            kth = np.partition(scores, scores.shape[1] - k, axis=1)[:, -k]
+            kth = np.partition(scores, s - k, axis=1)[:, -k]
         else:
-            kth[heavy] = np.partition(scores[heavy], scores.shape[1] - k, axis=1)[:, -k]
+            kth[heavy] = np.partition(scores[heavy], s - k, axis=1)[:, -k]
         mask &= scores >= kth[:, None]
-        counts = np.count_nonzero(mask, axis=1)
-    rows, columns = np.nonzero(mask)
+        flat = np.flatnonzero(mask)
+        counts = np.bincount(flat // s, minlength=b)
+    rows = flat // s
+    columns = flat - rows * s
     position = np.arange(rows.size) - np.repeat(np.cumsum(counts) - counts, counts)
     width = int(counts.max())
-    similarities = np.full((scores.shape[0], width), -np.inf, np.float32)
-    indices = np.full((scores.shape[0], width), -1, np.int64)
+    similarities = np.full((b, width), -np.inf, np.float32)
+    indices = np.full((b, width), -1, np.int64)
     similarities[rows, position] = scores[rows, columns]
     indices[rows, position] = columns + offset
     return sort_neighbors(
@@ -149,6 +161,13 @@ def merge_top_k(scores, offset, best_similarities, best_indices):
         np.concatenate([best_indices, indices], axis=1),
         k,
     )
+
+
+def _block_buffer(shape, dtype):
+    """A C-contiguous array of `shape` viewed on the front of a flat `dtype` buffer, so blocks
+    smaller than the first (the last shard, the last query block) reuse its memory."""
+    buffer = np.empty(int(np.prod(shape)), dtype)
+    return lambda rows, columns: buffer[: rows * columns].reshape(rows, columns)
 
 
 def _as_matrix(name, x, dim=None):
@@ -298,17 +317,26 @@ class ExactSearcher(Searcher):
         # similarities and the running lists.
         best_similarities = np.full((queries.shape[0], k), -np.inf, np.float32)
         best_indices = np.full((queries.shape[0], k), -1, np.int64)
+        queries = contiguous32(queries)
+        # The similarities and their mask are written into buffers made once: a fresh 64 MB
+        # array per block is a fresh mapping whose pages fault in on every block (measured:
+        # the GEMMs alone 1.2x faster into a reused buffer).
+        shape = (min(QUERY_BLOCK, queries.shape[0]), min(self.shard_rows, self.size))
+        score_block, mask_block = _block_buffer(shape, np.float32), _block_buffer(shape, bool)
         # row_chunks reads a memory-mapped database with file reads: its pages never pile up
         # in this process's resident memory.
         for rows, shard in row_chunks(self._database, self.shard_rows):
             shard = contiguous32(shard)
             for start in range(0, queries.shape[0], QUERY_BLOCK):
                 block = slice(start, start + QUERY_BLOCK)
+                scores = score_block(min(QUERY_BLOCK, queries.shape[0] - start), shard.shape[0])
+                np.matmul(queries[block], shard.T, out=scores)
                 best_similarities[block], best_indices[block] = merge_top_k(
-                    queries[block] @ shard.T,
+                    scores,
                     rows.start,
                     best_similarities[block],
                     best_indices[block],
+                    mask=mask_block(*scores.shape),
                 )
         return best_similarities, best_indices
 
