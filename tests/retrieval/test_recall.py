@@ -223,11 +223,68 @@ def test_ah_is_not_swept_over_leaves_where_brute_force_fell_short(monkeypatch):
 
 
 def test_search_pays_counts_the_builds_against_the_exact_time_saved():
-    # Exact: 1 s for 100 sample queries, so 10 s for 1,000 queries.
-    assert recall.search_pays(1.0, 100, 1000, cost_s=5.0, approximate_s=0.1)  # 5 + 1 < 10
-    assert not recall.search_pays(1.0, 100, 1000, cost_s=9.5, approximate_s=0.1)  # 9.5 + 1
+    # Exact: 1 s for 100 sample queries, so 10 s for 1,000 queries; the approximate search of
+    # them 0.1 s per 100, so 1 s. Builds and search must be 2x (REQUIRED_SPEEDUP) faster.
+    assert recall.REQUIRED_SPEEDUP == 2.0
+    assert recall.search_pays(1.0, 100, 1000, cost_s=3.9, approximate_s=0.1)  # 2 (3.9 + 1) < 10
+    assert not recall.search_pays(1.0, 100, 1000, cost_s=4.1, approximate_s=0.1)  # 2 (4.1 + 1)
+    assert recall.search_pays(1.0, 100, 1000, cost_s=8.9, approximate_s=0.1, speedup=1.0)
     assert not recall.search_pays(1.0, 100, 100, cost_s=1.0)  # the sample alone: no saving
     assert recall.search_pays(1.0, 100, None, cost_s=1e9)  # query count unknown: calibrate
+
+
+def test_the_ah_build_is_priced_at_a_multiple_of_the_brute_force_build(monkeypatch):
+    """At Met size a tree + brute-force build took 16.1 s and the tree + AH build after it 62.0 s;
+    pricing the second at the first's time let calibration build it for 21,484 queries whose
+    exact search (~69 s) could not pay twice for it. Here the first build is timed as 10 s and
+    exact search as 1 s for the 120-query sample: the AH family is priced 35 s, so 8,000 queries
+    (66.7 s exact) stop before it (< 2 x 35 s) and 9,000 (75 s) build it and the third family."""
+    database, queries = _dataset("clustered")
+    brute = ScannConfig(num_leaves=10, num_leaves_to_search=10, training_sample_size=3000)
+    monkeypatch.setattr(recall, "candidate_families", lambda n, k: [(brute, [[brute]])] + FAMILIES)
+    monkeypatch.setattr(recall, "build_lower_bound_s", lambda *args: 0.0)
+    timed, build = recall._timed_search, recall._Calibration.build
+
+    def timed_build(self, config):
+        index = build(self, config)
+        self.builds[-1]["build_s"] = 10.0
+        return index
+
+    def search(index, queries, k):
+        indices, _ = timed(index, queries, k)
+        return indices, 1.0
+
+    monkeypatch.setattr(recall._Calibration, "build", timed_build)
+    monkeypatch.setattr(recall, "_timed_search", search)
+    assert queries.shape[0] == 120 and recall.AH_BUILD_RATIO == 3.5
+    for total, builds in ((8000, 1), (9000, 3)):
+        lines = []
+        choice, _ = _calibrate(database, queries, 10, total_queries=total, log=lines.append)
+        assert len(choice.builds) == builds, lines
+        stops = [line for line in lines if "calibration stops" in line]
+        if builds == 1:
+            (stop,) = stops
+            assert "about 35.0 s, 3.5x the last build, for AH" in stop and "2x faster" in stop
+        else:
+            assert stops == []
+
+
+def test_a_variant_barely_faster_than_exact_search_is_not_kept(monkeypatch):
+    """A variant reaching the target must also search the sample MIN_SAMPLE_SPEEDUP (1.25x)
+    faster than exact search: 1.2x is not kept, 1.3x is."""
+    database, queries = _dataset("clustered", seed=6)
+    monkeypatch.setattr(recall, "candidate_families", lambda n, k: [(GOOD, [[GOOD]])])
+    timed = recall._timed_search
+    for ratio, backend in ((1.2, "exact"), (1.3, "scann")):
+
+        def search(index, queries, k, ratio=ratio):
+            indices, _ = timed(index, queries, k)
+            return indices, (1.0 if index.backend == "exact" else 1.0 / ratio)
+
+        monkeypatch.setattr(recall, "_timed_search", search)
+        choice, index = _calibrate(database, queries, 10, min_recall=0.95, log=lambda line: None)
+        assert choice.backend == index.backend == backend, choice.reason
+    assert "1.3x faster than exact" in choice.reason
 
 
 def test_build_lower_bound_prices_the_tree_assignment_at_the_exact_rate():
