@@ -132,7 +132,10 @@ def pca_whitening(x, dim=512, shrinkage=1.0, chunk_rows=DEFAULT_CHUNK_ROWS, clip
     return mean, projection, eigenvalues
 
 
-def _whitened_chunks(x, mean, projection, chunk_rows):
+def _whitened_chunks(x, mean, projection, chunk_rows, out_rows=None):
+    """(rows, L2((x[rows] - mean) projection)) chunk by chunk, each chunk written into
+    `out_rows(rows)` (a C-contiguous float32 [rows, dim] view) or, without it, into one buffer
+    reused for every chunk (consume each before the next)."""
     x = _check_matrix(x)
     if x.shape[1] != projection.shape[0]:
         raise ValueError(
@@ -141,15 +144,27 @@ def _whitened_chunks(x, mean, projection, chunk_rows):
         )
     mean32 = np.asarray(mean, np.float32)
     projection32 = np.asarray(projection, np.float32)
+    # One centring buffer for every chunk; the chunk is centred into it with its cast to float32
+    # (one pass, where astype then subtract made two arrays), and the whitened rows are written
+    # where the caller wants them (`out`: the result's rows, or a reused chunk buffer).
+    centred = np.empty((min(int(chunk_rows), x.shape[0]), x.shape[1]), np.float32)
+    whitened = np.empty((centred.shape[0], projection32.shape[1]), np.float32)
     for rows, chunk in row_chunks(x, chunk_rows):
-        yield rows, l2_normalize_rows((chunk.astype(np.float32) - mean32) @ projection32)
+        count = rows.stop - rows.start
+        block = np.subtract(chunk, mean32, out=centred[:count], dtype=np.float32)
+        out = whitened[:count] if out_rows is None else out_rows(rows)
+        np.matmul(block, projection32, out=out)
+        norms = np.sqrt(np.einsum("ij,ij->i", out, out))
+        norms[norms == 0] = 1  # all-zero rows stay zero, as in `l2_normalize_rows`
+        out /= norms[:, None]
+        yield rows, out
 
 
 def apply_pca_whitening(x, mean, projection, chunk_rows=DEFAULT_CHUNK_ROWS):
     """L2((x - mean) projection) as float32 [n, dim], computed in float32 chunk by chunk."""
     out = np.empty((np.shape(x)[0], projection.shape[1]), np.float32)
-    for rows, chunk in _whitened_chunks(x, mean, projection, chunk_rows):
-        out[rows] = chunk
+    for _ in _whitened_chunks(x, mean, projection, chunk_rows, out_rows=out.__getitem__):
+        pass
     return out
 
 
