@@ -266,6 +266,14 @@ class _Calibration:
             **common,
         )
 
+    def exact_choice(self, exact_index, exact_s, reason, common):
+        """(SearchChoice, `exact_index`): exact search kept, `reason` + ": using exact search"."""
+        reason = f"{reason}: using exact search"
+        measured = (1.0, 1.0, exact_s)
+        return self.choice(
+            exact_index.backend, None, measured, exact_s, reason, common
+        ), exact_index
+
     def search_families(self, exact_s):
         """(index, _Measured) of the fastest configuration reaching `min_recall` faster than
         `exact_s`, or (None, None).
@@ -395,12 +403,9 @@ def calibrate(
         reason = (
             f"too few queries for ScaNN to pay: the exact search of all {total_queries} queries "
             f"(about {exact_s * total_queries / queries.shape[0]:.2f} s) costs less than "
-            f"{REQUIRED_SPEEDUP:g}x building an index (at least {lower_bound:.2f} s): using exact "
-            "search"
+            f"{REQUIRED_SPEEDUP:g}x building an index (at least {lower_bound:.2f} s)"
         )
-        measured = (1.0, 1.0, exact_s)
-        choice = calibration.choice(exact_index.backend, None, measured, exact_s, reason, common)
-        return choice, exact_index
+        return calibration.exact_choice(exact_index, exact_s, reason, common)
     if config is not None:
         config = config if isinstance(config, ScannConfig) else ScannConfig(**dict(config))
         index = calibration.build(config)
@@ -415,12 +420,9 @@ def calibrate(
     if best is None:
         reason = (
             f"no ScaNN configuration reached recall@{k} >= {min_recall} {MIN_SAMPLE_SPEEDUP:g}x "
-            f"faster than exact search ({exact_s:.3f} s for {queries.shape[0]} queries): using "
-            "exact search"
+            f"faster than exact search ({exact_s:.3f} s for {queries.shape[0]} queries)"
         )
-        measured = (1.0, 1.0, exact_s)
-        choice = calibration.choice(exact_index.backend, None, measured, exact_s, reason, common)
-        return choice, exact_index
+        return calibration.exact_choice(exact_index, exact_s, reason, common)
     index.config = best.config
     reason = (
         f"chose {_summary(best.config)}: recall@{k} {best.recall:.4f} >= {min_recall}, "
