@@ -9,8 +9,9 @@ approximately, and
 - with no explicit configuration, tries a small family of configurations (a tree with
   brute-force scoring and the tree with AH, or AH alone for small databases; leaves searched and
   reorder depth varied at search time, so each family is built once) and keeps the cheapest
-  whose recall@k reaches `min_recall` and whose search is faster than exact search; if none is,
-  it says so and keeps exact search;
+  whose recall@k reaches `min_recall` and whose search is `MIN_SAMPLE_SPEEDUP` times faster
+  than exact search; if none is, it says so and keeps exact search; given the number of queries
+  to come, it builds only what can make their search `REQUIRED_SPEEDUP` times faster;
 - with an explicit configuration, keeps it, reports its recall and warns below `min_recall`.
 
 recall@k = mean over queries of |approximate top k & exact top k| / k (ties at the k-th
@@ -275,8 +276,8 @@ class _Calibration:
         ), exact_index
 
     def search_families(self, exact_s):
-        """(index, _Measured) of the fastest configuration reaching `min_recall` faster than
-        `exact_s`, or (None, None).
+        """(index, _Measured) of the fastest configuration reaching `min_recall` at least
+        `MIN_SAMPLE_SPEEDUP` times faster than `exact_s`, or (None, None).
 
         One ScaNN index is alive at a time (each holds its own float32 copy of the database for
         scoring or reordering): a family's index is freed once measured, unless it holds the best
