@@ -61,12 +61,13 @@ def row_chunks(x, chunk_rows=DEFAULT_CHUNK_ROWS):
             yield rows, np.fromfile(f, dtype=x.dtype, count=count).reshape(-1, d)
 
 
-def l2_normalize_rows(x):
+def l2_normalize_rows(x, out=None):
     """Rows of a numpy matrix divided by their L2 norm; all-zero rows stay zero (as in the
-    reference). The numpy counterpart of the TensorFlow `tfmet.layers.l2_normalize`."""
+    reference). The numpy counterpart of the TensorFlow `tfmet.layers.l2_normalize`. With `out`
+    (which may be `x`) the rows are written there."""
     norms = np.linalg.norm(x, axis=1, keepdims=True)
     norms[norms == 0] = 1
-    return x / norms
+    return np.divide(x, norms, out=out)
 
 
 def covariance(x, chunk_rows=DEFAULT_CHUNK_ROWS):
@@ -146,18 +147,18 @@ def _whitened_chunks(x, mean, projection, chunk_rows, out_rows=None):
     projection32 = np.asarray(projection, np.float32)
     # One centring buffer for every chunk; the chunk is centred into it with its cast to float32
     # (one pass, where astype then subtract made two arrays), and the whitened rows are written
-    # where the caller wants them (`out`: the result's rows, or a reused chunk buffer).
+    # where the caller wants them (the result's rows, or one reused chunk buffer).
     centred = np.empty((min(int(chunk_rows), x.shape[0]), x.shape[1]), np.float32)
-    whitened = np.empty((centred.shape[0], projection32.shape[1]), np.float32)
+    if out_rows is None:
+        whitened = np.empty((centred.shape[0], projection32.shape[1]), np.float32)
+
+        def out_rows(rows):
+            return whitened[: rows.stop - rows.start]
+
     for rows, chunk in row_chunks(x, chunk_rows):
-        count = rows.stop - rows.start
-        block = np.subtract(chunk, mean32, out=centred[:count], dtype=np.float32)
-        out = whitened[:count] if out_rows is None else out_rows(rows)
-        np.matmul(block, projection32, out=out)
-        norms = np.sqrt(np.einsum("ij,ij->i", out, out))
-        norms[norms == 0] = 1  # all-zero rows stay zero, as in `l2_normalize_rows`
-        out /= norms[:, None]
-        yield rows, out
+        block = np.subtract(chunk, mean32, out=centred[: rows.stop - rows.start], dtype=np.float32)
+        out = np.matmul(block, projection32, out=out_rows(rows))
+        yield rows, l2_normalize_rows(out, out=out)
 
 
 def apply_pca_whitening(x, mean, projection, chunk_rows=DEFAULT_CHUNK_ROWS):

@@ -288,10 +288,10 @@ class _Calibration:
         """
         families = candidate_families(self.database.shape[0], self.k)
         best, best_index = None, None
+        needed_s = exact_s / MIN_SAMPLE_SPEEDUP  # the sample's search time a variant must beat
         for number, (base, groups) in enumerate(families):
             index = self.build(base)
-            bound_s = exact_s / MIN_SAMPLE_SPEEDUP if best is None else best.seconds
-            found = self.sweep(index, number, groups, bound_s)
+            found = self.sweep(index, number, groups, needed_s if best is None else best.seconds)
             outcome = "no faster configuration reached the target"
             if found is not None:
                 best, best_index = found, index
@@ -316,20 +316,19 @@ class _Calibration:
                 best_index = None  # freed before the next family is built
                 return_freed_memory()
         if best is not None and best_index is None:
-            best_index, best = self.rebuild(families[best.family], best, exact_s)
+            best_index, best = self.rebuild(families[best.family], best, needed_s)
         return best_index, best
 
-    def rebuild(self, family, best, exact_s):
+    def rebuild(self, family, best, needed_s):
         """The best's family rebuilt and swept from the best variant on; (None, None) if no
-        variant reaches the target faster than exact search (`exact_s`) on the rebuilt index:
+        variant reaches the target faster than `needed_s` (exact search's time on the sample
+        over `MIN_SAMPLE_SPEEDUP`) on the rebuilt index:
         the rebuild is measured again against exact search, not only against the target (a
         Met-size serving bench once chose a rebuilt full scan "0.8x faster than exact")."""
         base, groups = family
         index = self.build(base)
         later = [[c for c in g if _is_at_least(c, best.config)] for g in groups]
-        found = self.sweep(
-            index, best.family, [g for g in later if g], exact_s / MIN_SAMPLE_SPEEDUP
-        )
+        found = self.sweep(index, best.family, [g for g in later if g], needed_s)
         outcome = f"no variant reached the target {MIN_SAMPLE_SPEEDUP:g}x faster than exact search"
         if found is not None:
             outcome = f"{_summary(found.config)}: recall {found.recall:.4f}"

@@ -329,8 +329,9 @@ class ExactSearcher(Searcher):
             shard = contiguous32(shard)
             for start in range(0, queries.shape[0], QUERY_BLOCK):
                 block = slice(start, start + QUERY_BLOCK)
-                scores = score_block(min(QUERY_BLOCK, queries.shape[0] - start), shard.shape[0])
-                np.matmul(queries[block], shard.T, out=scores)
+                query_block = queries[block]
+                scores = score_block(query_block.shape[0], shard.shape[0])
+                np.matmul(query_block, shard.T, out=scores)
                 best_similarities[block], best_indices[block] = merge_top_k(
                     scores,
                     rows.start,
