@@ -62,11 +62,20 @@ def embedder():
     return Embedder(tiny_backbone(channels=16, seed=3), preprocessing=IMAGENET_TORCH)
 
 
+@pytest.mark.parametrize(
+    "mean_shape, projection_shape", [(15, (16, 4)), (16, (15, 4)), (16, (16,)), ((16, 1), (16, 4))]
+)
+def test_a_whitening_of_the_wrong_shape_is_refused(embedder, mean_shape, projection_shape):
+    pca = (np.zeros(mean_shape), np.zeros(projection_shape))
+    with pytest.raises(ValueError, match=r"`pca` must be \(mean \[16\], projection \[16, dim\]\)"):
+        DescriptorModule(embedder, pca=pca)
+
+
 @pytest.mark.slow
 def test_descriptor_export_round_trip(tmp_path, embedder):
     rng = np.random.default_rng(1)
     mean, projection = rng.normal(size=16) * 0.1, rng.normal(size=(16, 6))
-    module = DescriptorModule(embedder, pca_mean=mean, pca_projection=projection)
+    module = DescriptorModule(embedder, pca=(mean, projection))
     images = [_jpeg(0, (40, 33)), _jpeg(1, (25, 47)), b"", b"not an image", _jpeg(2, (30, 30))[:60]]
     extractor = DescriptorExtractor(embedder)
     expected = []

@@ -126,7 +126,7 @@ def read_database_local(descriptor_dir, valid):
 
 
 def whitening(pca=None, train=None, dim=None, raw=False):
-    """(mean, projection) of the PCA-whitening to bake in, or (None, None) for none.
+    """(mean, projection) of the PCA-whitening to bake in, or None for none.
 
     Args:
       pca: a saved `PCAWhitening` (.npz) to use as it is.
@@ -137,7 +137,7 @@ def whitening(pca=None, train=None, dim=None, raw=False):
     from tfmet.retrieval import PCAWhitening
 
     if raw or (pca is None and (train is None or dim is None)):
-        return None, None
+        return None
     if pca is not None:
         fitted = PCAWhitening.load(pca)
     else:
@@ -155,16 +155,12 @@ def _limits(module):
     return dict(max_pixels=module.max_pixels, max_bytes=module.max_bytes)
 
 
-def _pipeline(spec, mean, projection):
+def _pipeline(spec, pca):
     """What the descriptor and recogniser modules compute, as their keywords: the extraction of
-    `spec` (`ExtractionSpec`: scales, resize, max side) and the PCA-whitening (mean, projection;
-    None for none)."""
+    `spec` (`ExtractionSpec`: scales, resize, max side) and the PCA-whitening `pca` ((mean,
+    projection); None for none)."""
     return dict(
-        scales=spec.scales,
-        resize_method=spec.resize_method,
-        max_side=spec.max_side,
-        pca_mean=mean,
-        pca_projection=projection,
+        scales=spec.scales, resize_method=spec.resize_method, max_side=spec.max_side, pca=pca
     )
 
 
@@ -173,8 +169,7 @@ def build_descriptor(extractor, spec, pca=None, **limits):
     `limits`: `max_pixels`, `max_bytes` of `DescriptorModule` (its defaults if not given)."""
     from tfmet.export.descriptor import DescriptorModule
 
-    mean, projection = whitening(pca=pca)
-    module = DescriptorModule(extractor.embedder, **_pipeline(spec, mean, projection), **limits)
+    module = DescriptorModule(extractor.embedder, **_pipeline(spec, whitening(pca=pca)), **limits)
     metadata = dict(
         spec.metadata(), dim=module.dim, pca_whitening=module.whitened, **_limits(module)
     )
@@ -264,8 +259,8 @@ def build_recognizer(
         )
     train, labels, valid = read_database(descriptor_dir, info_dir, spec, mini=mini, with_valid=True)
     local, arrays = (None, {}) if rerank is None else read_database_local(descriptor_dir, valid)
-    mean, projection = whitening(pca=pca, train=train, dim=dim, raw=raw)
-    database = train if projection is None else apply_pca_whitening(train, mean, projection)
+    pca = whitening(pca=pca, train=train, dim=dim, raw=raw)
+    database = train if pca is None else apply_pca_whitening(train, *pca)
     module = RecognizerModule(
         extractor.embedder,
         database,
@@ -278,7 +273,7 @@ def build_recognizer(
         scann_config=scann_config,
         local=local,
         rerank_top=rerank["top"] if rerank else 20,
-        **_pipeline(spec, mean, projection),
+        **_pipeline(spec, pca),
         **limits,
     )
     metadata = dict(

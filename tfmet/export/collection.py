@@ -59,7 +59,8 @@ class Collection:
       labels: [M] int64 Met ids.
       paths: [M] the rows' ground-truth paths ("MET/<id>/<file>"; "row/<i>" when the export
         was built elsewhere without `info_dir`).
-      pca_mean, pca_projection: the export's PCA-whitening (None for raw descriptors).
+      pca: the export's PCA-whitening, (mean [D], projection [D, dim]); None for raw
+        descriptors.
       top_k: candidates the export returns per image.
       scann: for a ScaNN export, its index's arrays (`tfmet.retrieval.scann_update`), changed
         in place with the rows; None for exact search.
@@ -70,8 +71,7 @@ class Collection:
     database: np.ndarray
     labels: np.ndarray
     paths: np.ndarray
-    pca_mean: np.ndarray = None
-    pca_projection: np.ndarray = None
+    pca: tuple = None
     top_k: int = 5
     scann: dict = None
 
@@ -172,8 +172,7 @@ def open_collection(path, info_dir=None, mini=False):
         database=database,
         labels=labels,
         paths=np.asarray(paths),
-        pca_mean=loaded.pca_mean.numpy() if whitened else None,
-        pca_projection=loaded.pca_projection.numpy() if whitened else None,
+        pca=(loaded.pca_mean.numpy(), loaded.pca_projection.numpy()) if whitened else None,
         top_k=top_k,
         scann=scann,
     )
@@ -209,8 +208,7 @@ def _pipeline(collection):
     return dict(
         scales=tuple(meta["scales"]),
         resize_method=meta["resize_method"],
-        pca_mean=collection.pca_mean,
-        pca_projection=collection.pca_projection,
+        pca=collection.pca,
         max_side=meta.get("max_side"),
         max_pixels=meta.get("max_pixels"),
         max_bytes=meta.get("max_bytes"),

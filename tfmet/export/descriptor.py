@@ -26,7 +26,8 @@ class DescriptorModule(tf.Module):
       embedder: a built or unbuilt `Embedder`.
       scales: scales averaged per image (`MET_SCALES`, or (1.0,) for single-scale).
       resize_method: "torch" or "tf" (see `tfmet.descriptors.resize`).
-      pca_mean, pca_projection: PCA-whitening to bake in: descriptor = L2((d - mean) P).
+      pca: None, or the PCA-whitening to bake in, (mean [D], projection P [D, dim]):
+        descriptor = L2((d - mean) P).
       max_side: optional cap on the long side of decoded images (no cap by default).
       max_pixels: images whose header declares more pixels are invalid rows, never decoded
         (default Pillow's 89,478,485; None: no limit).
@@ -41,8 +42,7 @@ class DescriptorModule(tf.Module):
         embedder,
         scales=MET_SCALES,
         resize_method="torch",
-        pca_mean=None,
-        pca_projection=None,
+        pca=None,
         max_side=None,
         name=None,
         max_pixels=DEFAULT_MAX_PIXELS,
@@ -57,23 +57,24 @@ class DescriptorModule(tf.Module):
         self.max_side = max_side
         self.max_pixels = None if max_pixels is None else int(max_pixels)
         self.max_bytes = None if max_bytes is None else int(max_bytes)
-        if (pca_mean is None) != (pca_projection is None):
-            raise ValueError("Give both `pca_mean` and `pca_projection`, or neither.")
-        self.whitened = pca_projection is not None
+        self.whitened = pca is not None
         in_dim = embedder.output_dim
         if self.whitened:
-            pca_projection = np.asarray(pca_projection, np.float32)
-            pca_mean = np.asarray(pca_mean, np.float32)
-            if pca_projection.ndim != 2 or pca_projection.shape[0] != in_dim:
+            pca_mean, pca_projection = (np.asarray(a, np.float32) for a in pca)
+            if (
+                pca_mean.shape != (in_dim,)
+                or pca_projection.ndim != 2
+                or (pca_projection.shape[0] != in_dim)
+            ):
                 raise ValueError(
-                    f"`pca_projection` must have shape [{in_dim}, dim]. "
-                    f"Received: shape={pca_projection.shape}"
+                    f"`pca` must be (mean [{in_dim}], projection [{in_dim}, dim]). Received: "
+                    f"shapes {pca_mean.shape}, {pca_projection.shape}"
                 )
             self.pca_mean = tf.Variable(pca_mean, trainable=False, name="pca_mean")
             self.pca_projection = tf.Variable(
                 pca_projection, trainable=False, name="pca_projection"
             )
-        self.dim = int(pca_projection.shape[1]) if self.whitened else int(in_dim)
+        self.dim = int(self.pca_projection.shape[1]) if self.whitened else int(in_dim)
         self.describe_images = tf.function(self._describe_images, input_signature=[IMAGES_SPEC])
         self.describe_bytes = tf.function(self._describe_bytes, input_signature=[IMAGE_BYTES_SPEC])
 

@@ -32,7 +32,7 @@ class RecognizerModule(DescriptorModule):
     """The recognition pipeline as a tf.Module; see `signatures()`.
 
     Args:
-      embedder, scales, resize_method, pca_mean, pca_projection, max_side, max_pixels: as
+      embedder, scales, resize_method, pca, max_side, max_pixels: as
         `DescriptorModule` (an image declaring more than `max_pixels` pixels is an invalid row).
       database: database descriptors [M, D] in the output space of the descriptor (whitened, L2).
       labels: Met ids [M] of the database rows.
