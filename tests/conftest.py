@@ -41,6 +41,35 @@ def pytest_runtest_teardown(item, nextitem):
     _running["item"] = nextitem
 
 
+# The journeys that take the session fixture `demo_run` (tests/journeys/conftest.py: the demo's
+# run, about 90 s) go to one pytest-xdist worker together, so that the demo runs once rather than
+# once per worker; every other file is a unit of its own, as with plain `--dist loadfile`.
+DEMO_RUN_FILES = (
+    "tests/journeys/test_collection_journey.py",
+    "tests/journeys/test_documented_commands.py",
+    "tests/journeys/test_met_journey.py",
+)
+
+
+def scheduling_scope(nodeid):
+    """The unit of work a test goes to a worker with: its file, or "demo_run" for the journeys
+    of `DEMO_RUN_FILES`."""
+    path = nodeid.split("::", 1)[0]
+    return "demo_run" if path in DEMO_RUN_FILES else path
+
+
+def pytest_xdist_make_scheduler(config, log):
+    if config.getvalue("dist") != "loadfile":
+        return None
+    from xdist.scheduler import LoadFileScheduling
+
+    class DemoRunTogether(LoadFileScheduling):
+        def _split_scope(self, nodeid):
+            return scheduling_scope(nodeid)
+
+    return DemoRunTogether(config, log)
+
+
 # Tests marked `gpu` compare the GPU with the CPU (tests/gpu, run by tools/gpu_check.sh). Where
 # TensorFlow sees no GPU (CI, the usual development machine) they are skipped with reason
 # "no GPU"; TensorFlow is only asked when such a test was collected.
