@@ -163,3 +163,38 @@ def test_an_image_over_both_limits_is_refused_for_its_pixels_in_a_graph_too():
         with pytest.raises(tf.errors.InvalidArgumentError) as failed:
             decode(tf.constant(data))
         assert images.error_reason(failed.value) == pixels
+
+
+def test_within_limits_is_the_checks_bool_and_never_fails_on_other_bytes_than_jpeg():
+    # The exports check headers with `within_limits` outside the decoding dataset (whose
+    # ignore_errors would have caught a failure), so for anything but a JPEG it must answer for
+    # any bytes at all; a JPEG's SOF marker is read inside the dataset (`jpeg_within_limits`).
+    rng = np.random.default_rng(0)
+    noise = [rng.integers(0, 256, n, dtype=np.uint8).tobytes() for n in (0, 1, 7, 33, 300)]
+    cases = [
+        (png(7999, 7999, 16, 6), False),  # 488 MiB decoded: over the 256 MiB budget
+        (png(7999, 7999, 8, 0), True),  # 61 Mpx grey: 183 MiB as RGB, under both limits
+        (png(10_000, 10_000, 8, 0), False),  # 100 Mpx: over Pillow's 89.5 Mpx
+        (png(7999, 7999, 16, 6)[:20], True),  # IHDR cut short: declares 0 x 0
+        *[(b, True) for b in noise],  # no header: declares nothing
+        (b"\x89PNG\r\n\x1a\n", True),
+        (b"GIF89a\xff\xff", True),
+    ]
+    check = tf.function(
+        lambda data: tf.map_fn(images.within_limits, data, fn_output_signature=tf.bool),
+        input_signature=[tf.TensorSpec([None], tf.string)],
+    )
+    got = check(tf.constant([data for data, _ in cases])).numpy().tolist()
+    assert got == [expected for _, expected in cases]
+
+
+def test_jpeg_within_limits_reads_the_sof_marker():
+    small = io.BytesIO()
+    Image.new("RGB", (64, 48), (10, 20, 30)).save(small, format="JPEG")
+    small = small.getvalue()
+    assert bool(images.jpeg_within_limits(small))
+    assert not bool(images.jpeg_within_limits(small, max_pixels=64 * 48 - 1))
+    assert bool(images.jpeg_within_limits(small, max_pixels=64 * 48))
+    assert not bool(images.jpeg_within_limits(small, max_decoded_bytes=64 * 48 * 3 - 1))
+    with pytest.raises(tf.errors.InvalidArgumentError):
+        images.jpeg_within_limits(b"\xff\xd8\xff\xc0")

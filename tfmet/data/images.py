@@ -214,6 +214,44 @@ def decode_image(
         budget = check_decoded_bytes(image_bytes, max_decoded_bytes)
     with tf.control_dependencies([budget]):
         image_bytes = tf.identity(image_bytes)
+    return decode_unchecked(image_bytes)
+
+
+def within_limits(
+    image_bytes, max_pixels=DEFAULT_MAX_PIXELS, max_decoded_bytes=DEFAULT_MAX_DECODED_BYTES
+):
+    """In a graph, the bool that `check_pixels` and `check_decoded_bytes` assert for
+    `image_bytes`: its header declares at most `max_pixels` pixels and at most
+    `max_decoded_bytes` decoded bytes (None: no limit). For anything but a JPEG this never
+    raises (`tfmet.data.image_headers` reads past the end as zeros); a JPEG's header is read by
+    `jpeg_within_limits`, which can."""
+    pixels = declared_pixels(image_bytes)[3]
+    channels, sample = declared_layout(image_bytes)
+    return _within(pixels, channels, sample, max_pixels, max_decoded_bytes)
+
+
+def jpeg_within_limits(
+    image_bytes, max_pixels=DEFAULT_MAX_PIXELS, max_decoded_bytes=DEFAULT_MAX_DECODED_BYTES
+):
+    """`within_limits` of a JPEG, from its SOF marker alone (`tf.image.extract_jpeg_shape`,
+    which raises `InvalidArgumentError` for a header too broken to hold one, as decoding
+    would): a small graph, for where it is built at every call (the exports' decoding dataset)."""
+    shape = tf.cast(tf.image.extract_jpeg_shape(image_bytes), tf.int64)
+    return _within(shape[0] * shape[1], shape[2], 1, max_pixels, max_decoded_bytes)
+
+
+def _within(pixels, channels, sample, max_pixels, max_decoded_bytes):
+    ok = tf.constant(True)
+    if max_pixels is not None:
+        ok &= pixels <= int(max_pixels)
+    if max_decoded_bytes is not None:
+        ok &= pixels * tf.maximum(channels, 3) * sample <= int(max_decoded_bytes)
+    return ok
+
+
+def decode_unchecked(image_bytes):
+    """`decode_image` without the header's limits: for bytes `within_limits` has passed."""
+    image_bytes = tf.convert_to_tensor(image_bytes, tf.string)
     is_png = tf.strings.substr(image_bytes, 0, len(PNG_SIGNATURE)) == PNG_SIGNATURE
     image = tf.cond(
         tf.io.is_jpeg(image_bytes),
