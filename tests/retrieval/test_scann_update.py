@@ -13,10 +13,9 @@ import pytest
 
 pytest.importorskip("scann")
 
-from tests.kit.references import brute_force, clustered  # noqa: E402
+from tests.kit.references import clustered  # noqa: E402
 from tfmet.retrieval import scann_update  # noqa: E402
 from tfmet.retrieval.graph_search import ScannGraphSearch  # noqa: E402
-from tfmet.retrieval.recall import recall_at_k  # noqa: E402
 from tfmet.retrieval.scann_build import ScannConfig  # noqa: E402
 
 CONFIG = ScannConfig(
@@ -65,10 +64,13 @@ def test_upserted_rows_get_their_asymmetric_hashing_codes(index):
     built = ScannGraphSearch(rows[:2000], 5, AH)
     grown = scann_update.upsert_rows(scann_update.state_arrays(built.state), rows[2000:])
     assert grown["hashed_dataset"].shape[0] == 2100
-    _, exact, _ = brute_force(rows, rows[2000:], 5)
-    in_place = recall_at_k(_top(grown, rows[2000:], config=AH)[1], exact, 5)
-    rebuilt = ScannGraphSearch(rows, 5, AH)
-    assert in_place >= recall_at_k(np.asarray(rebuilt(rows[2000:])[1]), exact, 5) - 0.05
+    # Each upserted row, searched for, must come first: its AH score decides whether it reaches
+    # the reorder shortlist. Measured over 7 trainings (ScaNN's are not reproducible): 0.98-1.0
+    # with the upserted codes; 0.47 with zero codes and 0.61 with other rows' codes. (Recall@5
+    # against a rebuilt index, the check before, moved 0.91-0.98 from one training to the next
+    # and failed a CI run; zero codes still give 0.87 there.)
+    found = _top(grown, rows[2000:], config=AH)[1][:, 0]
+    assert np.mean(found == np.arange(2000, 2100)) >= 0.9
 
 
 def test_dropped_rows_leave_the_others_in_order(index):
