@@ -151,6 +151,7 @@ def child_tfmet(workdir, backend):
     import scann  # noqa: F401  (imports TensorFlow; counted in the RSS after imports)
 
     from tfmet.retrieval.evaluation import knn_eval
+    from tfmet.retrieval.knn import KnnSearch
 
     data = _load(workdir)
     rss_after_imports, _ = memory()
@@ -162,7 +163,7 @@ def child_tfmet(workdir, backend):
         at = f"{time.perf_counter() - start:7.1f} s, RSS {rss / 1e9:.2f} peak {peak / 1e9:.2f} GB"
         print(f"[{at}] {line}", flush=True)
 
-    result = knn_eval(data, dim=512, autotune=True, backend=backend, log=log)
+    result = knn_eval(data, dim=512, autotune=True, search=KnnSearch(backend), log=log)
     total, cpu = time.perf_counter() - start, time.process_time() - cpu_start
     np.savez(
         os.path.join(workdir, f"predictions_{backend}.npz"),

@@ -103,10 +103,8 @@ def test_best_inliers_equal_the_verification_of_each_candidate(world):
 def test_knn_eval_reports_the_reranked_decision_beside_the_global_one(world):
     train, train_local, splits, local = world
     data = {"train": train, **splits}
-    result = evaluation.knn_eval(
-        data, raw=True, k=2, tau=0.1, rerank="spatial", rerank_top=4,
-        local={"train": train_local, **local},
-    )  # fmt: skip
+    spec = rerank.SpatialRerank({"train": train_local, **local}, top=4)
+    result = evaluation.knn_eval(data, raw=True, k=2, tau=0.1, rerank=spec)
     block = result.to_json()["rerank"]
     assert block["method"] == "spatial" and block["top"] == 4
     # The global decision ranks some distractors above photos; verification puts every photo
@@ -122,10 +120,12 @@ def test_rerank_needs_every_splits_local_features(world):
     train, train_local, splits, local = world
     data = {"train": train, **splits}
     with pytest.raises(ValueError, match="needs the local features of train"):
-        evaluation.knn_eval(data, raw=True, k=2, tau=0.1, rerank="spatial", local=local)
-    with pytest.raises(ValueError, match="--rerank_top must be a positive integer"):
-        evaluation.knn_eval(data, raw=True, k=2, tau=0.1, rerank="spatial", rerank_top=0,
-                            local={"train": train_local, **local})  # fmt: skip
+        evaluation.knn_eval(data, raw=True, k=2, tau=0.1, rerank=rerank.SpatialRerank(local))
+    for top in (0, -3, 2.5, True, "4"):
+        with pytest.raises(ValueError, match="`top` must be a positive integer"):
+            rerank.SpatialRerank({"train": train_local, **local}, top=top)
+    with pytest.raises(ValueError, match="must be None or a SpatialRerank"):
+        evaluation.knn_eval(data, raw=True, k=2, tau=0.1, rerank="spatial")
 
 
 @pytest.mark.slow

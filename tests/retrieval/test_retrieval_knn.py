@@ -10,7 +10,14 @@ from tests.kit.references import brute_force as _brute_force
 from tests.kit.references import clustered as _clustered
 from tests.kit.references import rule_by_loop as _rule_by_loop
 from tests.kit.references import unit as _unit
-from tfmet.retrieval import ExactSearcher, KnnClassifier, ScannConfig, ScannSearcher, knn_confidence
+from tfmet.retrieval import (
+    ExactSearcher,
+    KnnClassifier,
+    KnnSearch,
+    ScannConfig,
+    ScannSearcher,
+    knn_confidence,
+)
 from tfmet.retrieval.recall import recall_at_k
 from tfmet.retrieval.scann_build import build_tree_by_chunks, evenly_spaced_rows
 
@@ -205,6 +212,17 @@ def test_classifier_save_load(tmp_path, backend):
     loaded_pred, loaded_conf = loaded.predict(queries)
     np.testing.assert_array_equal(loaded_pred, pred)
     np.testing.assert_allclose(loaded_conf, conf, rtol=1e-6)
+
+
+def test_a_knn_search_builds_the_classifier_it_names():
+    config = ScannConfig(num_leaves=4, num_leaves_to_search=2)
+    classifier = KnnSearch("scann", config, min_recall=0.5).classifier(3, 2.0)
+    assert (classifier.k, classifier.tau, classifier.min_recall) == (3, 2.0, 0.5)
+    assert isinstance(classifier.index, ScannSearcher) and classifier.index.config == config
+    assert KnnSearch("scann").approximate and not KnnSearch().approximate
+    assert isinstance(KnnSearch().classifier(1, 1.0).index, ExactSearcher)
+    with pytest.raises(ValueError, match="unknown search backend 'faiss'"):
+        KnnSearch("faiss")
 
 
 def test_bad_input():

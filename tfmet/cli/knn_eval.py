@@ -56,9 +56,7 @@ KNN_EVAL = (
 # fmt: on
 settings_lib.define_flags(KNN_EVAL, __name__)
 # The flags that are `tfmet.retrieval.evaluation.knn_eval`'s keywords of the same name.
-KNN_EVAL_KEYWORDS = tuple(
-    "dim raw k autotune val_eval backend target_precision min_recall rerank_top".split()
-)
+KNN_EVAL_KEYWORDS = tuple("dim raw k autotune val_eval target_precision".split())
 
 
 def experiment_name():
@@ -81,6 +79,8 @@ def output_paths(output_dir):
 
 def _main(argv):
     from tfmet.retrieval import evaluation, report
+    from tfmet.retrieval.knn import KnnSearch
+    from tfmet.retrieval.rerank import SpatialRerank
 
     if len(argv) != 2:
         raise UsageError(f"expected one DESCRIPTOR_DIR argument, got {len(argv) - 1}: {argv[1:]}")
@@ -88,6 +88,8 @@ def _main(argv):
         raise UsageError("--info_dir is required")
     if FLAGS.target_precision is not None and not 0.0 < FLAGS.target_precision <= 1.0:
         raise UsageError(f"--target_precision must be in (0, 1], got {FLAGS.target_precision}")
+    if FLAGS.rerank_top < 1:
+        raise UsageError(f"--rerank_top must be a positive integer, got {FLAGS.rerank_top}")
     directory = argv[1]
     check_outputs(folders=("output_dir",), files=("results_json",))
     paths = output_paths(FLAGS.output_dir or directory)
@@ -99,10 +101,14 @@ def _main(argv):
         lines.append(line)
 
     data = evaluation.load_met_descriptors(directory, FLAGS.info_dir, FLAGS.mini, evaluation.SPLITS)
-    rerank = None if FLAGS.rerank == "none" else FLAGS.rerank
-    local = evaluation.load_local_features(directory) if rerank else None
+    rerank = None
+    if FLAGS.rerank == "spatial":
+        rerank = SpatialRerank(evaluation.load_local_features(directory), top=FLAGS.rerank_top)
+    search = KnnSearch(FLAGS.backend, min_recall=FLAGS.min_recall)
     options = {name: FLAGS[name].value for name in KNN_EVAL_KEYWORDS}
-    result = evaluation.knn_eval(data, tau=FLAGS.t, log=log, rerank=rerank, local=local, **options)
+    result = evaluation.knn_eval(
+        data, tau=FLAGS.t, search=search, log=log, rerank=rerank, **options
+    )
     log(f"best parameters are : k={result.k} t={result.tau}")
     log("timings (s): " + ", ".join(f"{n} {t:.2f}" for n, t in result.timings_s.items()))
     report.write_outputs(

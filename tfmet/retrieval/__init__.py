@@ -1,7 +1,7 @@
 """Non-parametric recognition: PCA-whitening, neighbour searchers, the kNN classifier, tuning."""
 
 from tfmet.retrieval import recall
-from tfmet.retrieval.knn import KnnClassifier, knn_confidence
+from tfmet.retrieval.knn import KnnClassifier, KnnSearch, knn_confidence
 from tfmet.retrieval.pca import (
     PCAWhitening,
     apply_pca_whitening,
@@ -32,6 +32,7 @@ __all__ = [
     "SEARCHERS",
     "ExactSearcher",
     "KnnClassifier",
+    "KnnSearch",
     "PCAWhitening",
     "ScannConfig",
     "ScannSearcher",

@@ -21,13 +21,13 @@ from tfmet.io.safe_pickle import load_reference_descriptors
 from tfmet.metrics import operating_point, recognition
 from tfmet.retrieval import rerank as rerank_lib
 from tfmet.retrieval import spatial, tuning
-from tfmet.retrieval.knn import DEFAULT_MIN_RECALL, KnnClassifier, check_finite
+from tfmet.retrieval.knn import KnnSearch, check_finite
 from tfmet.retrieval.pca import PCAWhitening
-from tfmet.retrieval.searchers import searcher_class
 
 SPLITS = ("train", "val", "test")
 PICKLE_NAME = "descriptors.pkl"
 PICKLE_KEYS = {split: f"{split}_descriptors" for split in SPLITS}
+EXACT = KnnSearch()
 
 
 @dataclasses.dataclass
@@ -202,16 +202,12 @@ def knn_eval(
     tau=None,
     autotune=False,
     val_eval=False,
-    backend="exact",
     ks=tuning.DEFAULT_KS,
     taus=tuning.DEFAULT_TAUS,
-    scann_config=None,
-    min_recall=DEFAULT_MIN_RECALL,
+    search=EXACT,
     log=None,
     target_precision=None,
     rerank=None,
-    rerank_top=rerank_lib.DEFAULT_TOP,
-    local=None,
 ):
     """Runs the Met kNN evaluation on loaded `data` ({split: SplitData}).
 
@@ -222,14 +218,14 @@ def knn_eval(
       k, tau: the classifier's parameters; with `autotune` they restrict the grid to that k / tau.
       autotune: choose (k, tau) by val GAP over the grid (`ks` x `taus`, K outer, tau inner).
       val_eval: report the final classifier on val only (no test search).
-      backend, scann_config, min_recall: see `KnnClassifier`; an approximate backend ("scann")
-        measures its recall against exact search on the val queries at the largest k used.
+      search: a `tfmet.retrieval.knn.KnnSearch`; an approximate backend ("scann") measures its
+        recall against exact search on the val queries at the largest k used.
       log: callable taking a line of text.
       target_precision: choose the operating threshold as the lowest val threshold reaching this
         precision instead of the one of maximal val F1 (`tfmet.metrics.operating_point`).
-      rerank: None, or "spatial": also report the decision re-ranked by spatial verification of
-        the `rerank_top` global neighbours (`tfmet.retrieval.rerank`), with `local`
-        ({split: LocalStore}, `load_local_features`) holding every split's local features.
+      rerank: None, or a `tfmet.retrieval.rerank.SpatialRerank`: also report the decision
+        re-ranked by spatial verification of its `top` global neighbours, with its `local`
+        features of every split (`load_local_features`).
 
     Returns:
       a `KnnEvalResult`.
@@ -238,30 +234,27 @@ def knn_eval(
     timer = _Timer()
     train, val = data["train"], data["val"]
     _check_inputs(train, val, dim, raw, k, tau, autotune)
-    _check_rerank(rerank, rerank_top, local, data)
+    _check_rerank(rerank, data)
     database = train.valid_descriptors()
     database_labels = train.labels[train.valid]
     counts = _counts(data, database, database_labels, log)
     splits = {"val": val} if val_eval or "test" not in data else {"val": val, "test": data["test"]}
     with contextlib.ExitStack() as stack:
-        approximate = searcher_class(backend).approximate
         if not raw:
             # For an approximate backend the whitened database goes to a temporary file that
             # ScaNN's build and the calibration's exact searches read chunk by chunk.
             spill_dir = None
-            if approximate:
+            if search.approximate:
                 spill_dir = stack.enter_context(tempfile.TemporaryDirectory(prefix="tfmet_knn_"))
             database, splits, dim = _whiten(database, splits, dim, timer, log, spill_dir)
         if autotune:
             ks = _grid_ks((k,) if k is not None else ks, counts, log)
             taus = (tau,) if tau is not None else taus
         recall_k = max(ks) if autotune else k
-        options = dict(backend=backend, scann_config=scann_config, min_recall=min_recall)
-        classifier = _fit_classifier(
-            database, database_labels, splits, k, tau, recall_k, options, timer, log
-        )
+        classifier = search.classifier(1 if k is None else k, 1.0 if tau is None else tau)
+        _fit_classifier(classifier, database, database_labels, splits, recall_k, timer, log)
         del database
-        search = _search_choice(classifier, log)
+        choice = _search_choice(classifier, log)
         result_tuning, predictions = _predict_splits(
             classifier, splits, autotune, ks, taus, timer, log
         )
@@ -271,14 +264,13 @@ def knn_eval(
         if rerank is not None:
             with timer("rerank"):
                 reranked = _rerank(
-                    classifier, splits, predictions, train, local, rerank_top, target_precision,
-                    log,
-                )  # fmt: skip
+                    classifier, splits, predictions, train, rerank, target_precision, log
+                )
         return KnnEvalResult(
             k=classifier.k,
             tau=classifier.tau,
             dim=None if raw else int(dim),
-            backend=backend,
+            backend=search.backend,
             val=metrics["val"],
             test=metrics.get("test"),
             timings_s=timer.timings,
@@ -286,23 +278,21 @@ def knn_eval(
             predictions=predictions,
             counts=counts,
             threshold=threshold,
-            search=search,
+            search=choice,
             rerank=reranked,
         )
 
 
-def _fit_classifier(database, labels, splits, k, tau, recall_k, options, timer, log):
-    """The classifier over the (whitened) database; an approximate backend measures its recall
+def _fit_classifier(classifier, database, labels, splits, recall_k, timer, log):
+    """Fits `classifier` to the (whitened) database; an approximate backend measures its recall
     at `recall_k` on the val queries and weighs its calibration and build against the exact
     search time it would save on all the queries of `splits`."""
-    classifier = KnnClassifier(1 if k is None else k, 1.0 if tau is None else tau, **options)
     with timer("index_build"):
         recall_queries = None
         if classifier.index.approximate:
             recall_queries = splits["val"].valid_descriptors()
         total = sum(int(np.sum(s.valid)) for s in splits.values())
         classifier.fit(database, labels, recall_queries, recall_k, log=log, total_queries=total)
-    return classifier
 
 
 def _predict_splits(classifier, splits, autotune, ks, taus, timer, log):
@@ -338,14 +328,13 @@ def load_local_features(directory, splits=SPLITS):
     return {split: store.read_local(directory, split) for split in splits}
 
 
-def _check_rerank(rerank, top, local, data):
+def _check_rerank(rerank, data):
     if rerank is None:
         return
-    if rerank != "spatial":
-        raise ValueError(f"--rerank must be 'spatial'. Received: {rerank!r}")
-    if int(top) < 1:
-        raise ValueError(f"--rerank_top must be a positive integer. Received: {top}")
-    missing = [split for split in data if split not in (local or {})]
+    if not isinstance(rerank, rerank_lib.SpatialRerank):
+        raise ValueError(f"`rerank` must be None or a SpatialRerank. Received: {rerank!r}")
+    local = rerank.local
+    missing = [split for split in data if split not in local]
     if missing:
         raise ValueError(f"--rerank=spatial needs the local features of {', '.join(missing)}")
     for split, split_data in data.items():
@@ -356,12 +345,14 @@ def _check_rerank(rerank, top, local, data):
             )
 
 
-def _rerank(classifier, splits, predictions, train, local, top, target_precision, log):
+def _rerank(classifier, splits, predictions, train, rerank, target_precision, log):
     """The "rerank" block of the results: the re-ranked metrics and their own threshold."""
+    local = rerank.local
     database = (train.labels[train.valid], local["train"], np.flatnonzero(train.valid))
     result = rerank_lib.spatial_rerank(
-        classifier, splits, local, predictions, database, top, log, spatial.DEFAULT_THRESHOLD
-    )
+        classifier, splits, local, predictions, database, rerank.top, log,
+        spatial.DEFAULT_THRESHOLD,
+    )  # fmt: skip
     threshold = _operating_threshold(result.predictions, target_precision, log)
     return result.to_json() | {"threshold": threshold}
 

@@ -14,6 +14,7 @@ with the maximum factored out, in float64, so tau = 500 cannot overflow:
 conf = 1 / (sum_present exp(tau (s - s_max)) + (N - P) exp(-tau s_max)).
 """
 
+import dataclasses
 import logging
 import os
 import sys
@@ -25,11 +26,39 @@ from tfmet.io.atomic import save_json, save_npy
 from tfmet.io.json_files import read_manifest
 from tfmet.retrieval import recall
 from tfmet.retrieval.pca import row_chunks
-from tfmet.retrieval.searchers import load_searcher, make_searcher
+from tfmet.retrieval.searchers import load_searcher, make_searcher, searcher_class
 
 FORMAT = "tfmet-knn-classifier"
 CHECK_ROWS = 65536
 DEFAULT_MIN_RECALL = recall.DEFAULT_MIN_RECALL
+
+
+@dataclasses.dataclass(frozen=True)
+class KnnSearch:
+    """The neighbour search of a kNN evaluation (`KnnClassifier`'s search arguments).
+
+    backend: a searcher name of `tfmet.retrieval.searchers.SEARCHERS` ("exact", "scann"); an
+      unknown one is a ValueError listing them.
+    config: the searcher's config (a `ScannConfig` or dict for "scann"; None sizes it from the
+      database), None for "exact".
+    min_recall: for an approximate searcher, the recall@k against exact search to reach on the
+      val queries (`tfmet.retrieval.recall`).
+    """
+
+    backend: str = "exact"
+    config: object = None
+    min_recall: float = DEFAULT_MIN_RECALL
+
+    def __post_init__(self):
+        searcher_class(self.backend)
+
+    @property
+    def approximate(self):
+        return searcher_class(self.backend).approximate
+
+    def classifier(self, k, tau):
+        """A `KnnClassifier` searching so."""
+        return KnnClassifier(k, tau, self.backend, self.config, min_recall=self.min_recall)
 
 
 def knn_confidence(similarities, neighbor_labels, num_classes, tau, valid=None, top_k=None):

@@ -10,6 +10,7 @@ ACC is unchanged and GAP / GAP- measure what the second look adds.
 """
 
 import dataclasses
+import numbers
 import time
 
 import numpy as np
@@ -20,6 +21,23 @@ from tfmet.retrieval import spatial
 DEFAULT_TOP = 20
 WEIGHTS = (0.0, 0.25, 0.5, 0.75, 1.0)
 SATURATIONS = (4, 8, 12, 16, 24, 32, 48)
+
+
+@dataclasses.dataclass(frozen=True)
+class SpatialRerank:
+    """What a kNN evaluation re-ranks by spatial verification with (`tfmet-knn-eval --rerank`).
+
+    local: {split: `tfmet.descriptors.store.LocalStore`} of every split evaluated, the database's
+      ("train") included (`tfmet.retrieval.evaluation.load_local_features`).
+    top: global neighbours verified per query (M).
+    """
+
+    local: dict
+    top: int = DEFAULT_TOP
+
+    def __post_init__(self):
+        if not isinstance(self.top, numbers.Integral) or isinstance(self.top, bool) or self.top < 1:
+            raise ValueError(f"`top` must be a positive integer. Received: {self.top!r}")
 
 
 @dataclasses.dataclass
