@@ -173,6 +173,13 @@ def test_bad_changes_are_one_line_errors(built, tmp_path):
         lib.add_images(collection, built["extractor"], 7, [str(tmp_path / "missing.jpg")])
     with pytest.raises(lib.CollectionError, match="info-part: its 8 database entries"):
         lib.open_collection(built["full"], built["part_info"])
+    # A backend this module cannot change (its metadata read before anything is loaded).
+    other_backend = tmp_path / "faiss_export"
+    (other_backend / "assets").mkdir(parents=True)
+    meta = {"kind": "recognizer", "searcher": "faiss"}
+    (other_backend / "assets" / "tfmet_metadata.json").write_text(json.dumps(meta))
+    with pytest.raises(lib.CollectionError, match="searching with 'faiss' cannot be changed in"):
+        lib.open_collection(other_backend)
     with lib.writer_lock(built["full"]):
         with pytest.raises(lib.CollectionError, match="another tfmet-collection is changing it"):
             with lib.writer_lock(built["full"]):

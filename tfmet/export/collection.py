@@ -42,6 +42,9 @@ GROUND_TRUTH_ASSET = "MET_database.json"
 # What the model and its settings are recorded as (ExtractionSpec.metadata); all must agree.
 MODEL_KEYS = ("backbone", "weights_sha256", "scales", "resize_method", "max_side", "precision")
 RECALL_SAMPLE = 500
+# The searchers whose exported state this module changes: the exact one's database rows, and a
+# ScaNN tree's arrays (`tfmet.retrieval.scann_update`). Another backend's exports are refused.
+CHANGEABLE_SEARCHERS = ("exact", "scann")
 
 
 class CollectionError(ValueError):
@@ -111,7 +114,8 @@ def _top_k(loaded, dim):
     if top_k is None:  # a ScaNN search has no static width: ask the descriptors signature
         import tensorflow as tf
 
-        top_k = loaded.recognize_descriptors(tf.zeros([1, dim]))["top_k_ids"].shape[1]
+        answer = loaded.signatures["descriptors"](descriptor=tf.zeros([1, dim]))
+        top_k = answer["top_k_ids"].shape[1]
     return int(top_k)
 
 
@@ -148,13 +152,19 @@ def open_collection(path, info_dir=None, mini=False):
         raise CollectionError(f"{path}: a {metadata.get('kind')!r} export, not a recogniser")
     if metadata.get("rerank"):
         raise CollectionError(f"{path}: exports with spatial re-ranking cannot be changed yet")
-    if metadata.get("searcher", "exact") != "exact":
+    searcher = metadata.get("searcher", "exact")
+    if searcher not in CHANGEABLE_SEARCHERS:
+        raise CollectionError(
+            f"{path}: a recogniser searching with {searcher!r} cannot be changed in place (only "
+            f"{' and '.join(CHANGEABLE_SEARCHERS)} searchers can); export it again instead"
+        )
+    if searcher != "exact":
         from tfmet.retrieval.scann_update import scann_ops  # its op library, before the load
 
         scann_ops()
     loaded = load_saved_model(path)
     labels = np.asarray(loaded.labels.numpy(), np.int64)
-    database, scann = _database_rows(loaded, path, metadata.get("searcher", "exact"))
+    database, scann = _database_rows(loaded, path, searcher)
     paths_file = os.path.join(path, "assets", PATHS_ASSET)
     if os.path.exists(paths_file):
         paths = np.load(paths_file, allow_pickle=False)
@@ -388,13 +398,10 @@ def save_collection(
         truth = os.path.join(scratch, GROUND_TRUTH_ASSET)
         with open(truth, "w", encoding="utf-8") as f:
             json.dump(collection.ground_truth(), f, indent=1)
-        import tensorflow as tf
-
-        module.ground_truth_asset = tf.saved_model.Asset(truth)
         signatures = module.signatures()
         scalar = {k: v for k, v in meta.items() if isinstance(v, str | int | float | bool)}
         signatures["metadata"] = metadata_signature(scalar)
-        save_module(module, out, signatures, meta, force=True)
+        save_module(module, out, signatures, meta, force=True, asset_files=[truth])
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     return meta

@@ -109,6 +109,13 @@ class DescriptorModule(tf.Module):
     def signatures(self):
         return {"serving_default": self.describe_bytes, "images": self.describe_images}
 
+    def saved_state(self):
+        """{name: tf.Variable or tf.Module}: what an export of this module keeps besides its
+        signatures, for tfmet to read back (`tfmet.export.collection`): the whitening."""
+        if not self.whitened:
+            return {}
+        return {"pca_mean": self.pca_mean, "pca_projection": self.pca_projection}
+
 
 class LocalDescriptorModule(DescriptorModule):
     """A `DescriptorModule` that also serves local features (`tfmet.descriptors.local`).

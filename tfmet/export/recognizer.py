@@ -193,6 +193,17 @@ class RecognizerModule(DescriptorModule):
             "local_counts": tf.cast(rows[:, -1], tf.int32),
         }
 
+    def saved_state(self):
+        """`DescriptorModule.saved_state` and the database: its labels, the searcher (the exact
+        rows or the ScaNN tree's arrays, which `tfmet.export.collection` changes) and its
+        configuration."""
+        return {
+            **super().saved_state(),
+            "labels": self.labels,
+            "neighbor_search": self.neighbor_search,
+            "scann_config_json": self.scann_config_json,
+        }
+
     def signatures(self):
         signatures = {
             "serving_default": self.recognize_bytes,
