@@ -13,7 +13,7 @@ import sys
 import numpy as np
 import pytest
 
-from tests.kit.cli import ENV, REPO
+from tests.kit.cli import ENV, REPO, strace
 from tests.kit.met_tree import write_met_tree
 from tfmet.descriptors import store
 
@@ -47,8 +47,7 @@ def test_knn_eval_on_a_full_disk_is_one_line_exit_1_and_keeps_the_old_results(tm
         if out.joinpath(name).is_file()
     }
     assert json.loads(before["knn_results.json"])["k"] == 1
-    full = ["strace", "-f", "-qq", "-o", os.devnull, "-e", "trace=fsync",
-            "-e", "inject=fsync:error=ENOSPC"]  # fmt: skip
+    full = strace("fsync", "error=ENOSPC")
     result = run(*full, *knn, "-k", "2")
     assert result.returncode == 1, result.stderr[-2000:]
     lines = result.stderr.splitlines()

@@ -11,7 +11,7 @@ import sys
 import numpy as np
 import pytest
 
-from tests.kit.cli import REPO, extract_command
+from tests.kit.cli import REPO, extract_command, strace
 from tests.kit.met_tree import write_met_tree
 from tfmet.descriptors import chunk_files, extraction, store
 from tfmet.descriptors import spec as spec_lib
@@ -51,8 +51,7 @@ def test_sigkill_then_restart_gives_identical_output(tmp_path):
     # SIGKILL at the 5th rename: run.json, chunks 0-2 are in place, chunk 3 is being renamed.
     # (A FIFO used to stall the run here; tfmet now refuses FIFOs instead of blocking on them.)
     killed = subprocess.run(
-        ["strace", "-f", "-qq", "-o", os.devnull, "-e", "trace=rename"]
-        + ["-e", "inject=rename:signal=SIGKILL:when=5", *command],
+        [*strace("rename", "signal=SIGKILL:when=5"), *command],
         capture_output=True,
         text=True,
         timeout=300,

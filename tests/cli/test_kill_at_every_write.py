@@ -27,7 +27,7 @@ import sys
 import numpy as np
 import pytest
 
-from tests.kit.cli import ENV, REPO
+from tests.kit.cli import ENV, REPO, strace
 from tests.kit.met_tree import write_met_tree
 from tfmet.descriptors import store
 from tfmet.io.atomic import clean_stale_temporaries, recover_commits, recover_directory
@@ -47,18 +47,7 @@ def _program(module, *args):
 
 def _run(command, kill_at=None):
     if kill_at is not None:
-        command = [
-            "strace",
-            "-f",
-            "-qq",
-            "-o",
-            os.devnull,
-            "-e",
-            "trace=rename",
-            "-e",
-            f"inject=rename:signal=SIGKILL:when={kill_at}",
-            *command,
-        ]
+        command = [*strace("rename", f"signal=SIGKILL:when={kill_at}"), *command]
     return subprocess.run(command, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=600)
 
 
@@ -66,7 +55,7 @@ def traced_renames(command, listing):
     """Runs `command` to completion under strace; the lines of its `rename` calls, in order (the
     Nth is what `_run(command, kill_at=N)` kills at)."""
     traced = subprocess.run(
-        ["strace", "-f", "-qq", "-o", listing, "-e", "trace=rename", *command],
+        [*strace("rename", output=listing), *command],
         cwd=REPO,
         env=ENV,
         capture_output=True,
