@@ -211,6 +211,8 @@ def test_bad_input(met, tmp_path, capsys):
     assert "--dim 64 is larger than the descriptor dimension 16" in line
     line = _error(capsys, run_cli(good, "--info_dir", info, "-k", 3))
     assert "--k and --t are required" in line
+    line = _error(capsys, run_cli(good, "--info_dir", info, "--autotune", "--rerank_top", 0))
+    assert "--rerank_top must be a positive integer, got 0" in line
 
     empty_info = tmp_path / "empty_info"
     empty_info.mkdir()

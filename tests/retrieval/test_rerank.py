@@ -126,6 +126,8 @@ def test_rerank_needs_every_splits_local_features(world):
             rerank.SpatialRerank({"train": train_local, **local}, top=top)
     with pytest.raises(ValueError, match="must be None or a SpatialRerank"):
         evaluation.knn_eval(data, raw=True, k=2, tau=0.1, rerank="spatial")
+    with pytest.raises(ValueError, match="`search` must be a KnnSearch. Received: 'scann'"):
+        evaluation.knn_eval(data, raw=True, k=2, tau=0.1, search="scann")
 
 
 @pytest.mark.slow

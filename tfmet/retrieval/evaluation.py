@@ -234,6 +234,8 @@ def knn_eval(
     timer = _Timer()
     train, val = data["train"], data["val"]
     _check_inputs(train, val, dim, raw, k, tau, autotune)
+    if not isinstance(search, KnnSearch):
+        raise ValueError(f"`search` must be a KnnSearch. Received: {search!r}")
     _check_rerank(rerank, data)
     database = train.valid_descriptors()
     database_labels = train.labels[train.valid]
