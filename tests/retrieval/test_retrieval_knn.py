@@ -223,6 +223,10 @@ def test_a_knn_search_builds_the_classifier_it_names():
     assert isinstance(KnnSearch().classifier(1, 1.0).index, ExactSearcher)
     with pytest.raises(ValueError, match="unknown search backend 'faiss'"):
         KnnSearch("faiss")
+    with pytest.raises(ValueError, match="the 'exact' searcher takes no config"):
+        KnnSearch("exact", config)
+    with pytest.raises(TypeError, match="num_trees"):
+        KnnSearch("scann", {"num_trees": 3})  # not a ScannConfig field
 
 
 def test_bad_input():

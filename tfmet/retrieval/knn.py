@@ -40,7 +40,7 @@ class KnnSearch:
     backend: a searcher name of `tfmet.retrieval.searchers.SEARCHERS` ("exact", "scann"); an
       unknown one is a ValueError listing them.
     config: the searcher's config (a `ScannConfig` or dict for "scann"; None sizes it from the
-      database), None for "exact".
+      database), None for "exact" (a config for a backend that takes none is a ValueError).
     min_recall: for an approximate searcher, the recall@k against exact search to reach on the
       val queries (`tfmet.retrieval.recall`).
     """
@@ -50,7 +50,7 @@ class KnnSearch:
     min_recall: float = DEFAULT_MIN_RECALL
 
     def __post_init__(self):
-        searcher_class(self.backend)
+        searcher_class(self.backend).parse_config(self.config)
 
     @property
     def approximate(self):
