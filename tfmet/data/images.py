@@ -112,7 +112,7 @@ def check_decoded_bytes(image_bytes, max_decoded_bytes=DEFAULT_MAX_DECODED_BYTES
         if reason:
             raise ImageRefused(reason)
         return tf.no_op()
-    size = pixels * channels * sample
+    size = _decoded_size(pixels, channels, sample)
     animated = frames > 1
     reason = tf.strings.join(
         [
@@ -240,12 +240,19 @@ def jpeg_within_limits(
     return _within(shape[0] * shape[1], shape[2], 1, max_pixels, max_decoded_bytes)
 
 
+def _decoded_size(pixels, channels, sample):
+    """`tfmet.data.limits.decoded_bytes` in a graph: what a decoder holds for `pixels` (all
+    frames) of at least 3 `channels` of `sample` bytes."""
+    return pixels * tf.maximum(channels, 3) * sample
+
+
 def _within(pixels, channels, sample, max_pixels, max_decoded_bytes):
+    """The conditions `check_pixels` and `check_decoded_bytes` assert, as one bool."""
     ok = tf.constant(True)
     if max_pixels is not None:
         ok &= pixels <= int(max_pixels)
     if max_decoded_bytes is not None:
-        ok &= pixels * tf.maximum(channels, 3) * sample <= int(max_decoded_bytes)
+        ok &= _decoded_size(pixels, channels, sample) <= int(max_decoded_bytes)
     return ok
 
 
