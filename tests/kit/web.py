@@ -22,7 +22,7 @@ def free_port():
 
 def wait_until_serving(url, process, stop, what, timeout=300):
     """Polls `url`/healthz until it answers; fails the test with `process`'s output (after
-    `stop()`) when the process exits or `timeout` seconds pass first."""
+    `stop()`, if it still runs) when the process exits or `timeout` seconds pass first."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline and process.poll() is None:
         try:
@@ -30,7 +30,8 @@ def wait_until_serving(url, process, stop, what, timeout=300):
             return
         except OSError:
             time.sleep(0.5)
-    stop()
+    if process.poll() is None:
+        stop()
     pytest.fail(f"{what} did not start: {process.communicate()[0][-3000:]}")
 
 

@@ -60,7 +60,7 @@ def main(argv):
     try:
         import uvicorn
 
-        from tfmet.serving.web import Shedding, create_app, server_config
+        from tfmet.serving.web import Shedding, create_app, fix_mmap_threshold, server_config
     except ImportError as e:
         raise UsageError(f'{e}; install the web extra: pip install -e ".[web]"') from None
     from tfmet.serving import open_recognizer
@@ -76,6 +76,7 @@ def main(argv):
     except ValueError as e:
         raise UsageError(str(e).replace("`", "--", 1).replace("`", "", 1)) from None
 
+    fix_mmap_threshold()  # before the model loads: freed images go back to the system
     if FLAGS.names and not FLAGS.info_dir:
         raise UsageError("--names needs --info_dir (the exhibits it names are the database's)")
 
