@@ -1,7 +1,8 @@
 """Killing a program at its write steps leaves the old output set or the new one (issue #14).
 
-strace's fault injection delivers SIGKILL at the Nth `rename` system call of the program: every
-commit step of every output is a kill point (tfmet's own renames; of TensorFlow's renames inside
+The program gets SIGKILL as its Nth `rename` call starts (`tests.kit.rename_kill`, an LD_PRELOAD
+library that numbers the renames of the program and its children): every commit step of every
+output is a kill point (tfmet's own renames; of TensorFlow's renames inside
 a staging folder, all equivalent, the first and the last). After each kill, the next start's
 recovery runs (`recover_directory`, `recover_commits`, `clean_stale_temporaries`: what the
 program does first) and the outputs must be exactly the old set or exactly the new one, with no
@@ -21,20 +22,23 @@ import random
 import re
 import shutil
 import signal
-import subprocess
 import sys
 
 import numpy as np
 import pytest
 
-from tests.kit.cli import ENV, REPO, strace
+from tests.kit import rename_kill
+from tests.kit.cli import run_command
 from tests.kit.met_tree import write_met_tree
 from tfmet.descriptors import store
 from tfmet.io.atomic import clean_stale_temporaries, recover_commits, recover_directory
 
 pytestmark = [
     pytest.mark.slow,
-    pytest.mark.skipif(shutil.which("strace") is None, reason="needs strace (.ci/run installs it)"),
+    pytest.mark.skipif(
+        rename_kill.COMPILER is None,
+        reason="needs a C compiler for tests/kit/rename_kill.c (.ci/run installs gcc)",
+    ),
 ]
 
 SEED = 27  # the sample of kill points (issue #27)
@@ -47,21 +51,14 @@ def _program(module, *args):
 
 def _run(command, kill_at=None):
     if kill_at is not None:
-        command = [*strace("rename", f"signal=SIGKILL:when={kill_at}"), *command]
-    return subprocess.run(command, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=600)
+        return rename_kill.run_renames(command, kill_at=kill_at)
+    return run_command(command)
 
 
 def traced_renames(command, listing):
-    """Runs `command` to completion under strace; the lines of its `rename` calls, in order (the
-    Nth is what `_run(command, kill_at=N)` kills at)."""
-    traced = subprocess.run(
-        [*strace("rename", output=listing), *command],
-        cwd=REPO,
-        env=ENV,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    """Runs `command` to completion with its renames listed; the lines of its `rename` calls, in
+    order (the Nth is what `_run(command, kill_at=N)` kills at)."""
+    traced = rename_kill.run_renames(command, listing=listing)
     assert traced.returncode == 0, traced.stderr[-2000:]
     return [line for line in listing.read_text().splitlines() if "rename(" in line]
 
@@ -117,6 +114,39 @@ def test_the_sample_has_the_first_and_last_point_and_every_kind():
     assert sample == sample_kill_points(points, kinds)  # seeded: the same points every run
     assert sample[0] == 1 and sample[-1] == 8 and len(sample) < len(points)
     assert {kinds[n - 1] for n in sample} == set(kinds)
+
+
+# Three renames, the second in a child process: the library numbers them across the two.
+RENAMES = """
+import os, subprocess, sys
+d = sys.argv[1]
+step = "import os; open(f'{d}/{n}', 'w').close(); os.rename(f'{d}/{n}', f'{d}/{n}.done')"
+exec(step.format(d=d, n=1))
+subprocess.run([sys.executable, "-c", step.format(d=d, n=2)], check=True)
+exec(step.format(d=d, n=3))
+"""
+
+
+def test_the_library_lists_the_renames_and_kills_as_the_nth_starts(tmp_path):
+    def files(name):
+        return sorted(os.listdir(tmp_path / name))
+
+    for name in ("whole", "2", "3"):
+        (tmp_path / name).mkdir()
+    listed = rename_kill.run_renames(
+        [sys.executable, "-c", RENAMES, tmp_path / "whole"], listing=tmp_path / "renames.txt"
+    )
+    assert listed.returncode == 0, listed.stderr
+    assert (tmp_path / "renames.txt").read_text().splitlines() == [
+        f'rename("{tmp_path}/whole/{n}", "{tmp_path}/whole/{n}.done")' for n in (1, 2, 3)
+    ]
+    assert files("whole") == ["1.done", "2.done", "3.done"]
+    # Killed at the 2nd: the child dies before renaming (the parent's check then fails).
+    child = rename_kill.run_renames([sys.executable, "-c", RENAMES, tmp_path / "2"], kill_at=2)
+    assert child.returncode == 1 and "died with <Signals.SIGKILL: 9>" in child.stderr
+    assert files("2") == ["1.done", "2"]
+    parent = rename_kill.run_renames([sys.executable, "-c", RENAMES, tmp_path / "3"], kill_at=3)
+    assert parent.returncode == -signal.SIGKILL and files("3") == ["1.done", "2.done", "3"]
 
 
 def kill_at(command, n):

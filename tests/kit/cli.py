@@ -52,13 +52,13 @@ def extract_command(tree, out, *flags):
 
 def strace(syscall, inject=None, output=os.devnull):
     """The strace prefix (a list) that traces `syscall` in a program and its children into
-    `output`, with `inject` (e.g. "signal=SIGKILL:when=5", "error=ENOSPC") on it.
+    `output`, with the fault `inject` (e.g. "error=ENOSPC") on it.
 
-    Without a signal to inject, --seccomp-bpf stops the program only at `syscall`; strace
-    otherwise stops at every system call, and TensorFlow's import takes 15-19 s instead of ~5 s.
-    strace 6.1 (Debian 12) does not deliver an injected signal under --seccomp-bpf (the program
-    runs on), so a kill runs at the slow pace.
+    --seccomp-bpf stops the program only at `syscall`; strace otherwise stops at every system
+    call, and TensorFlow's import takes 15-19 s instead of ~5 s. strace 6.1 (Debian 12) does not
+    deliver an injected signal under --seccomp-bpf, so kills go through `tests.kit.rename_kill`.
     """
-    fast = [] if inject and "signal=" in inject else ["--seccomp-bpf"]
-    prefix = ["strace", "-f", *fast, "-qq", "-o", str(output), "-e", f"trace={syscall}"]
+    if inject is not None and "signal=" in inject:
+        raise ValueError(f"strace cannot inject {inject!r} here: use tests.kit.rename_kill")
+    prefix = ["strace", "-f", "--seccomp-bpf", "-qq", "-o", str(output), "-e", f"trace={syscall}"]
     return prefix + (["-e", f"inject={syscall}:{inject}"] if inject else [])
