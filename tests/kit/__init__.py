@@ -9,7 +9,8 @@
 - `tests.kit.references`: numpy GeM, PyTorch's bilinear resize, the kNN rule, brute-force search.
 - `tests.kit.met_tree`, `tests.kit.style_data`: writers of tiny Met trees and style datasets.
 - `run_cli`, `run_command`, `REPO`: programs in subprocesses (kit.cli); `kit.cli.strace` the
-  strace prefix of the fault-injection tests.
+  strace prefix of the full-disk tests; `tests.kit.rename_kill.run_renames` a program with its
+  renames listed or killed at (the kill-at-every-write tests).
 - `tests.kit.torch_models`: torchvision-layout torch modules (imports torch).
 - `tests.kit.web`: a free port, waiting for a server, headless chromium through selenium.
 """
