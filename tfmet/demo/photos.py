@@ -3,7 +3,7 @@
 scikit-image bundles a dozen photographs (`skimage.data`), scikit-learn two (the Chinese temple
 and the flower of `sklearn.datasets.load_sample_images`, CC BY 2.0, which tfmet ships in
 `tfmet/demo/data/` with their attribution: with scikit-learn installed, Keras imports it with
-every TensorFlow, 0.76 s of each program's start) and matplotlib one portrait
+every TensorFlow, 0.5-1.1 s of each program's start) and matplotlib one portrait
 (`grace_hopper.jpg`) plus a few illustrations. Each is used in one role:
 
 - "exhibit": an object on display; its photo goes into the database (the stereo motorcycle pair
