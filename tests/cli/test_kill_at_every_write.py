@@ -49,15 +49,9 @@ def _program(module, *args):
     return [sys.executable, "-m", f"tfmet.cli.{module}", *map(str, args)]
 
 
-def _run(command, kill_at=None):
-    if kill_at is not None:
-        return rename_kill.run_renames(command, kill_at=kill_at)
-    return run_command(command)
-
-
 def traced_renames(command, listing):
     """Runs `command` to completion with its renames listed; the lines of its `rename` calls, in
-    order (the Nth is what `_run(command, kill_at=N)` kills at)."""
+    order (the Nth is what `kill_at(command, N)` kills at)."""
     traced = rename_kill.run_renames(command, listing=listing)
     assert traced.returncode == 0, traced.stderr[-2000:]
     return [line for line in listing.read_text().splitlines() if "rename(" in line]
@@ -151,7 +145,7 @@ def test_the_library_lists_the_renames_and_kills_as_the_nth_starts(tmp_path):
 
 def kill_at(command, n):
     """Runs `command` killed by SIGKILL at its nth rename; fails unless the kill landed."""
-    result = _run(command, kill_at=n)
+    result = rename_kill.run_renames(command, kill_at=n)
     assert result.returncode in (-signal.SIGKILL, 128 + signal.SIGKILL), (n, result.stderr[-2000:])
 
 
@@ -177,7 +171,7 @@ def test_export_force_killed_at_every_rename(tmp_path):
         with open(out / "assets" / "tfmet_metadata.json") as f:
             return json.load(f)["weights_sha256"]
 
-    assert _run(export(1)).returncode == 0
+    assert run_command(export(1)).returncode == 0
     old = fingerprint()
     pristine = tmp_path / "pristine"
     shutil.copytree(out, pristine)
@@ -234,7 +228,7 @@ def test_knn_eval_outputs_killed_at_every_rename(tmp_path):
     # The two complete sets: k=1 (old), then k=2 written over it (new), traced: its renames,
     # in order, are the kill points.
     old, work = tmp_path / "ref1", tmp_path / "work"
-    assert _run(knn(1, old)).returncode == 0
+    assert run_command(knn(1, old)).returncode == 0
     shutil.copytree(old, work)
     renames = traced_renames(knn(2, work), tmp_path / "renames.txt")
     references = {1: outputs(old), 2: outputs(work)}
@@ -308,7 +302,7 @@ def test_style_checkpoints_killed_at_every_rename_of_a_checkpoint(tmp_path):
 
     # References: the checkpoint after epoch 1 and after epoch 2 (the feature cache is warm
     # after the first run, so later runs make the same renames in the same order).
-    assert _run(train(tmp_path / "one", 1)).returncode == 0
+    assert run_command(train(tmp_path / "one", 1)).returncode == 0
     after = {1: _checkpoint(tmp_path / "one")}
     renames = traced_renames(train(tmp_path / "two", 2), tmp_path / "renames.txt")
     after[2] = _checkpoint(tmp_path / "two")
