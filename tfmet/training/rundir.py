@@ -105,8 +105,8 @@ class Progress:
 
 def write_scalars(writer, step, values):
     """One TensorBoard scalar per entry of `values` at `step`, then flush."""
-    # Imported here: a program loading a config file (which checks it with `check_entries`)
-    # refuses a bad one before TensorFlow loads, in ~0.2 s instead of ~5 s.
+    # Imported here, not at the top: config files import this module for `check_entries`, and a
+    # program refuses a bad one without loading TensorFlow (tfmet-train-style: 2.1 s, was 5.0 s).
     import tensorflow as tf
 
     with writer.as_default(step=step):
