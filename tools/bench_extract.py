@@ -246,7 +246,8 @@ def cosines(reference, other):
 
 def extract_store(extractor, spec, paths, workdir):
     """tfmet's whole extraction (tf.data decode, model, chunked store) of `paths`: descriptors."""
-    from tfmet.descriptors import extraction, store
+    from tfmet.data import descriptor_store as store
+    from tfmet.descriptors import extraction
 
     out = tempfile.mkdtemp(dir=workdir)
     extraction.extract_split(
@@ -352,7 +353,7 @@ def bench_demo(workdir):
 
 def demo_cosines(result, reference):
     """Per-image cosine of a demo run's descriptors (every split's store) to `reference`'s."""
-    from tfmet.descriptors import store
+    from tfmet.data import descriptor_store as store
 
     cosines = []
     for split in ("train", "val", "test"):

@@ -136,7 +136,7 @@ def memory():
 
 
 def _load(workdir):
-    from tfmet.descriptors.store import read_store
+    from tfmet.data.descriptor_store import read_store
     from tfmet.retrieval.evaluation import SplitData
 
     data = {}
@@ -377,7 +377,7 @@ def run_child(args, mode):
 
 
 def prepare(args):
-    from tfmet.descriptors.store import write_store
+    from tfmet.data.descriptor_store import write_store
 
     start = time.perf_counter()
     data = synthetic_met(args.scale, seed=args.seed, distribution=args.distribution)

@@ -3,7 +3,7 @@
     .venv/bin/python tools/bench_rerank_met.py --source /tmp/hard_desc --work /tmp/met_local
 
 Writes a synthetic database of `--count` images (397,121: the Met's database) of local features
-in the layout of `tfmet.descriptors.store` (`train_local_*.npy`, float16 descriptors and
+in the layout of `tfmet.data.descriptor_store` (`train_local_*.npy`, float16 descriptors and
 points), tiled from the real local features of `--source` (a tfmet-extract --local_features
 output; its train rows, cut to `--num` features and the first `--dim` dimensions, renormalised:
 smaller than the extraction's 200 x 112 so that 397k images fit the disk), then in a fresh
@@ -55,7 +55,7 @@ def _cut(store, row, num, dim):
 
 
 def _build(args):
-    from tfmet.descriptors.store import read_local, write_local_rows
+    from tfmet.data.descriptor_store import read_local, write_local_rows
 
     source = read_local(args.source, "train")
     rows = [_cut(source, i, args.num, args.dim) for i in range(len(source.counts))]
@@ -101,7 +101,7 @@ def _memory():
 
 
 def _measure(args):
-    from tfmet.descriptors.store import local_path, read_local
+    from tfmet.data.descriptor_store import local_path, read_local
     from tfmet.retrieval import spatial
 
     arrays = {

@@ -25,8 +25,9 @@ from tests.kit.met_tree import write_image, write_met_tree
 from tfmet.beam import paths, pipeline, transforms
 from tfmet.beam.chunks import ChunkOutput
 from tfmet.beam.model_handler import DescriptorModelHandler, describe_batch
+from tfmet.data import descriptor_store as store
 from tfmet.data import images as image_io
-from tfmet.descriptors import chunk_files, extraction, store
+from tfmet.descriptors import chunk_files, extraction
 from tfmet.descriptors import spec as spec_lib
 
 SPLITS = ("train", "val", "test")

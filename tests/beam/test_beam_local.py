@@ -21,7 +21,8 @@ from tests.kit.cli import run_cli
 from tests.kit.met_tree import write_met_tree
 from tfmet.beam import pipeline
 from tfmet.beam.chunks import ChunkOutput
-from tfmet.descriptors import chunk_files, extraction, store
+from tfmet.data import descriptor_store as store
+from tfmet.descriptors import chunk_files, extraction
 from tfmet.descriptors.local import LocalSpec
 
 SPLITS = ("train", "val")

@@ -17,7 +17,7 @@ import pytest
 
 from tests.kit.cli import ENV, REPO
 from tests.kit.met_tree import write_met_tree
-from tfmet.descriptors import store
+from tfmet.data import descriptor_store as store
 
 pytestmark = pytest.mark.slow  # every test runs a program in a subprocess
 

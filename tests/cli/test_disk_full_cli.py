@@ -15,7 +15,7 @@ import pytest
 
 from tests.kit.cli import ENV, REPO, strace
 from tests.kit.met_tree import write_met_tree
-from tfmet.descriptors import store
+from tfmet.data import descriptor_store as store
 
 pytestmark = [
     pytest.mark.slow,

@@ -14,7 +14,8 @@ import pytest
 from tests.kit import rename_kill
 from tests.kit.cli import REPO, extract_command
 from tests.kit.met_tree import write_met_tree
-from tfmet.descriptors import chunk_files, extraction, store
+from tfmet.data import descriptor_store as store
+from tfmet.descriptors import chunk_files, extraction
 from tfmet.descriptors import spec as spec_lib
 
 CONFIG = os.path.join(REPO, "configs", "extract_met.py")

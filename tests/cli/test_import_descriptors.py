@@ -8,7 +8,7 @@ import pytest
 
 from tests.kit import cli as kit_cli
 from tests.kit.met_tree import write_met_tree
-from tfmet.descriptors import store
+from tfmet.data import descriptor_store as store
 from tfmet.io.safe_pickle import UnsafePickleError
 
 

@@ -19,7 +19,7 @@ from PIL import Image
 from tests.kit import bombs, one_conv_backbone, run_command
 from tests.kit.cli import extract_command
 from tests.kit.met_tree import write_met_tree
-from tfmet.descriptors import store
+from tfmet.data import descriptor_store as store
 
 BOMB_REASON = "image declares 20000x20000 = 400.0 Mpx, over the limit of 89.5 Mpx"
 PEAK_RSS_LIMIT = 2 * 1024**3

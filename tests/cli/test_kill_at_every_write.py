@@ -30,7 +30,7 @@ import pytest
 from tests.kit import rename_kill
 from tests.kit.cli import run_command
 from tests.kit.met_tree import write_met_tree
-from tfmet.descriptors import store
+from tfmet.data import descriptor_store as store
 from tfmet.io.atomic import clean_stale_temporaries, recover_commits, recover_directory
 
 pytestmark = [

@@ -20,7 +20,7 @@ from tests.kit.references import rule_by_loop as _rule_by_loop
 from tests.kit.references import unit as _unit
 from tfmet import metrics
 from tfmet.cli import knn_eval
-from tfmet.descriptors.store import write_store
+from tfmet.data.descriptor_store import write_store
 from tfmet.retrieval import DEFAULT_TAUS
 
 DIM = 16

@@ -10,9 +10,10 @@ import pytest
 
 from tests.kit import vit_models
 from tests.kit.met_tree import write_met_tree
+from tfmet.data import descriptor_store as store
 from tfmet.data import images as image_io
 from tfmet.data import met
-from tfmet.descriptors import MET_SCALES, extraction, store
+from tfmet.descriptors import MET_SCALES, extraction
 from tfmet.descriptors import spec as spec_lib
 
 pytest.importorskip("transformers")

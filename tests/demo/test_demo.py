@@ -198,7 +198,7 @@ def test_run_demo_end_to_end_with_a_converted_embedder(tmp_path):
     import tensorflow as tf
     from tensorboard.backend.event_processing import event_accumulator
 
-    from tfmet.descriptors import store
+    from tfmet.data import descriptor_store as store
 
     lines = []
     result = run_demo(

@@ -7,8 +7,9 @@ import pytest
 from PIL import Image
 
 from tests.kit.met_tree import write_met_tree
+from tfmet.data import descriptor_store as store
 from tfmet.data import met
-from tfmet.descriptors import chunk_files, extraction, store
+from tfmet.descriptors import chunk_files, extraction
 from tfmet.descriptors import spec as spec_lib
 from tfmet.descriptors.local import LocalSpec
 

@@ -11,7 +11,7 @@ import pytest
 from tests.kit.cli import REPO
 from tests.kit.met_tree import write_met_tree
 from tfmet.data import met
-from tfmet.descriptors.store import read_local
+from tfmet.data.descriptor_store import read_local
 from tfmet.retrieval import spatial
 
 pytestmark = pytest.mark.slow

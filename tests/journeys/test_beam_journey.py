@@ -54,7 +54,7 @@ def runs(tmp_path_factory):
 
 def test_beam_stores_are_tfmet_extracts(runs):
     from tfmet.beam.pipeline import read_dead_letters
-    from tfmet.descriptors.store import read_store
+    from tfmet.data.descriptor_store import read_store
 
     images = 0
     for split in SPLITS:
@@ -69,7 +69,7 @@ def test_beam_stores_are_tfmet_extracts(runs):
 
 
 def test_the_descriptors_are_the_real_models(runs):
-    from tfmet.descriptors.store import read_store
+    from tfmet.data.descriptor_store import read_store
     from tfmet.io.hashing import file_sha256
 
     database = read_store(runs["beam"], "train")

@@ -73,7 +73,7 @@ def journey(tmp_path_factory):
 @pytest.fixture(scope="module")
 def extracted(journey):
     """{split: the store tfmet-extract wrote}."""
-    from tfmet.descriptors.store import read_store
+    from tfmet.data.descriptor_store import read_store
 
     return {split: read_store(journey["output"], split, mmap=False) for split in SPLITS}
 

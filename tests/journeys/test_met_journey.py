@@ -128,8 +128,8 @@ _PLAIN_TF = textwrap.dedent(
 
 
 def test_export_reloaded_by_plain_tensorflow_gives_the_librarys_numbers(demo, answers, tmp_path):
+    from tfmet.data.descriptor_store import read_store
     from tfmet.data.images import decode_image
-    from tfmet.descriptors.store import read_store
 
     rows = [0, 7, 30, 65]  # Met photos and distractors of different sizes
     queries = [demo["test"][i] for i in rows]
@@ -154,7 +154,7 @@ def test_export_reloaded_by_plain_tensorflow_gives_the_librarys_numbers(demo, an
 def test_the_printed_equivalent_commands_give_the_demos_numbers(demo, tmp_path):
     """The demo's "= tfmet-extract ..." and "= tfmet-knn-eval ..." lines, run as printed into
     another folder (so the demo's own results, which serve.sh dates the export by, stay)."""
-    from tfmet.descriptors.store import read_store
+    from tfmet.data.descriptor_store import read_store
 
     extract = _printed(demo["stdout"], "tfmet-extract")
     out = str(tmp_path / "descriptors")

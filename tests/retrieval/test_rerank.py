@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from tests.kit.cli import REPO
-from tfmet.descriptors.store import LocalStore
+from tfmet.data.descriptor_store import LocalStore
 from tfmet.retrieval import evaluation, rerank, spatial
 from tfmet.retrieval.knn import KnnClassifier
 

@@ -19,10 +19,10 @@ from tests.kit import tiny_backbone
 from tests.kit.configs import load_config
 from tests.kit.met_tree import write_met_tree
 from tests.kit.references import assert_first_adam_step_of_decay_only
+from tfmet.data import descriptor_store as store_lib
 from tfmet.data import pairs as pairs_lib
 from tfmet.data.images import read_image
 from tfmet.descriptors import DescriptorExtractor, Embedder
-from tfmet.descriptors import store as store_lib
 from tfmet.training.contrastive import loop as contrastive_loop
 from tfmet.training.contrastive.augment import (
     AugmentConfig,

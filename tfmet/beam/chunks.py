@@ -85,7 +85,7 @@ class ChunkOutput:
 
     def write_chunk(self, chunk_id, start, descriptors, valid, errors, local=None):
         """Writes one chunk file (atomically); `errors` are (row, reason) pairs; `local`: None or
-        the rows' local features, {name: array} (`tfmet.descriptors.store.LOCAL_ARRAYS`)."""
+        the rows' local features, {name: array} (`tfmet.data.descriptor_store.LOCAL_ARRAYS`)."""
         if not self.remote:
             self.local.write_chunk(chunk_id, start, descriptors, valid, errors, local)
             return

@@ -35,10 +35,10 @@ from tfmet.beam import transforms
 from tfmet.beam.chunks import ChunkOutput
 from tfmet.beam.model_handler import METADATA_ASSET, DescriptorModelHandler
 from tfmet.beam.paths import is_remote, read_bytes, upload_tree
+from tfmet.data import descriptor_store as store_lib
 from tfmet.data.limits import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS
 from tfmet.descriptors import chunk_files
 from tfmet.descriptors import spec as spec_lib
-from tfmet.descriptors import store as store_lib
 from tfmet.precision import precision_version
 
 DEAD_LETTER_DIR = "dead_letter"

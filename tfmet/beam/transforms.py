@@ -23,8 +23,8 @@ from absl import logging as absl_logging
 from tfmet.beam.chunks import ChunkOutput
 from tfmet.beam.model_handler import Described
 from tfmet.beam.paths import is_remote, join, read_bytes
+from tfmet.data import descriptor_store as store
 from tfmet.data.limits import DEFAULT_MAX_BYTES
-from tfmet.descriptors import store
 
 NAMESPACE = "tfmet"
 UNREADABLE = "unreadable"
@@ -147,7 +147,7 @@ class WriteChunk(beam.DoFn):
     """A chunk's grouped rows -> its chunk file; emits (split, chunk_id, images, failed).
 
     With `local` = (num, local_dim), the chunk also holds the rows' local features, laid out as
-    the single-machine extraction lays them out (`tfmet.descriptors.store.LOCAL_ARRAYS`).
+    the single-machine extraction lays them out (`tfmet.data.descriptor_store.LOCAL_ARRAYS`).
     """
 
     def __init__(self, output_dir, dim, local=None):

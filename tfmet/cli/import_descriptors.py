@@ -32,7 +32,7 @@ def main(argv):
     no_arguments(argv)
     require(FLAGS.flag_values_dict(), "descriptors", "output_dir")
     check_outputs(folders=("output_dir",))
-    from tfmet.descriptors import store
+    from tfmet.data import descriptor_store as store
 
     metadata = {} if FLAGS.backbone is None else {"backbone": FLAGS.backbone}
     manifests = store.import_reference_descriptors(

@@ -1,6 +1,7 @@
 """tfmet.data: Met ground truth (`met`), image decoding / tf.data loading (`images`, headers in
 `image_headers`), contrastive pairs (`pairs`), style datasets (`style_datasets`, their splits
-`style_splits` and tensors `style_images`) and input limits (`limits`).
+`style_splits` and tensors `style_images`), input limits (`limits`) and descriptor stores
+(`descriptor_store`: numpy + JSON).
 
 The package exports only what loads without TensorFlow: the ground-truth names of `met` (numpy
 only), so a program can validate ground truth and fail fast on bad input before TensorFlow loads.

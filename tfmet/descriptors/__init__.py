@@ -1,4 +1,5 @@
-"""Descriptor extraction: the Embedder, multi-scale extraction, descriptor stores."""
+"""Descriptor extraction: the Embedder, multi-scale extraction into descriptor stores
+(`tfmet.data.descriptor_store`)."""
 
 from tfmet.descriptors.chunk_files import merge_split
 from tfmet.descriptors.embedder import MET_SCALES, DescriptorExtractor, Embedder, multiscale_embed

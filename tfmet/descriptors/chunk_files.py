@@ -4,7 +4,7 @@
     chunks/<split>/chunk-000000.npz   rows [0, chunk_size): descriptors, valid, errors
 
 Chunk j belongs to shard `j % num_shards`, so shards share the same chunk files and merging
-(`merge_split`) is a concatenation into the split's store (`tfmet.descriptors.store`). Chunks
+(`merge_split`) is a concatenation into the split's store (`tfmet.data.descriptor_store`). Chunks
 computed with other settings are refused with the difference named.
 """
 
@@ -15,7 +15,7 @@ import shutil
 import numpy as np
 from absl import logging as absl_logging
 
-from tfmet.descriptors import store as store_lib
+from tfmet.data import descriptor_store as store_lib
 from tfmet.descriptors.spec import check_same_precision, recorded_precision
 from tfmet.io.atomic import atomic_path, clean_stale_temporaries, save_json
 from tfmet.io.json_files import read_json
@@ -109,7 +109,7 @@ class ChunkDirectory:
 
     def write_chunk(self, chunk_id, start, descriptors, valid, errors, local=None):
         """Writes one chunk atomically; `errors` are (row, reason) pairs; `local`: None or
-        the rows' local features, {name: array} (`tfmet.descriptors.store.LOCAL_ARRAYS`)."""
+        the rows' local features, {name: array} (`tfmet.data.descriptor_store.LOCAL_ARRAYS`)."""
         rows = np.asarray([row for row, _ in errors], np.int64)
         reasons = np.asarray([reason for _, reason in errors], dtype=str)
         with atomic_path(self.chunk_path(chunk_id)) as tmp:

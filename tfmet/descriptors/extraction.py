@@ -8,7 +8,7 @@ concatenation (`tfmet.descriptors.chunk_files`; the settings recorded with them 
 
     chunks/<split>/run.json           the settings the chunks were computed with, and the paths
     chunks/<split>/chunk-000000.npz   rows [0, chunk_size): descriptors, valid, errors
-    <split>_descriptors.npy           the merged store (tfmet.descriptors.store)
+    <split>_descriptors.npy           the merged store (tfmet.data.descriptor_store)
     <split>_manifest.json
 
 Chunks computed with other settings (backbone, weights, scales, resize, max side, chunk size,
@@ -30,9 +30,9 @@ import numpy as np
 import tensorflow as tf
 from absl import logging as absl_logging
 
+from tfmet.data import descriptor_store as store_lib
 from tfmet.data import images as image_io
 from tfmet.data.limits import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS
-from tfmet.descriptors import store as store_lib
 from tfmet.descriptors.chunk_files import (
     ChunkDirectory,
     check_existing_store,

@@ -1,7 +1,7 @@
 """What determines a split's descriptors, and the extractor built from it.
 
 `ExtractionSpec` is recorded in every chunk folder and store (`tfmet.descriptors.chunk_files`,
-`tfmet.descriptors.store`), so that descriptors computed with other settings are never mixed;
+`tfmet.data.descriptor_store`), so that descriptors computed with other settings are never mixed;
 `build_extractor` makes the `DescriptorExtractor` and its spec from a backbone name and weights
 (or a saved `Embedder`), `weights="imagenet"` naming the packaged weights.
 """

@@ -113,8 +113,8 @@ def read_database_local(descriptor_dir, valid):
     Raises:
       ValueError: the store has no local features (the message names its manifest).
     """
+    from tfmet.data.descriptor_store import read_local
     from tfmet.descriptors.local import LocalSpec
-    from tfmet.descriptors.store import read_local
 
     store = read_local(descriptor_dir, "train")
     spec = LocalSpec(int(store.spec["num"]), int(store.spec["dim"]), int(store.spec["seed"]))
@@ -184,8 +184,8 @@ def read_database(descriptor_dir, info_dir, spec, mini=False, with_valid=False):
       ValueError: the store's rows do not match the ground truth, or it was extracted with other
         weights than `spec` describes.
     """
+    from tfmet.data.descriptor_store import check_ground_truth, manifest_path, read_store
     from tfmet.data.met import load_split
-    from tfmet.descriptors.store import check_ground_truth, manifest_path, read_store
 
     store = read_store(descriptor_dir, "train")
     ground_truth = load_split(info_dir, "train", mini=mini)

@@ -15,8 +15,8 @@ import time
 
 import numpy as np
 
+from tfmet.data import descriptor_store as store
 from tfmet.data import met
-from tfmet.descriptors import store
 from tfmet.io.safe_pickle import load_reference_descriptors
 from tfmet.metrics import operating_point, recognition
 from tfmet.retrieval import rerank as rerank_lib

@@ -27,8 +27,8 @@ SATURATIONS = (4, 8, 12, 16, 24, 32, 48)
 class SpatialRerank:
     """What a kNN evaluation re-ranks by spatial verification with (`tfmet-knn-eval --rerank`).
 
-    local: {split: `tfmet.descriptors.store.LocalStore`} of every split evaluated, the database's
-      ("train") included (`tfmet.retrieval.evaluation.load_local_features`).
+    local: {split: `tfmet.data.descriptor_store.LocalStore`} of every split evaluated, the
+      database's ("train") included (`tfmet.retrieval.evaluation.load_local_features`).
     top: global neighbours verified per query (M).
     """
 
@@ -78,7 +78,7 @@ def best_inliers(classifier, split, local_store, pred, database, top, threshold)
     Args:
       classifier: the fitted `KnnClassifier` (its searcher gives the neighbours).
       split: the query `SplitData` (whitened like the database).
-      local_store: the split's `tfmet.descriptors.store.LocalStore`.
+      local_store: the split's `tfmet.data.descriptor_store.LocalStore`.
       pred: [n] predictions of the global decision.
       database: (labels [m], local store, store rows [m]) of the classifier's database rows.
     """

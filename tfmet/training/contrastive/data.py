@@ -8,8 +8,8 @@ import tensorflow as tf
 from absl import logging as absl_logging
 
 from tfmet import metrics
+from tfmet.data import descriptor_store as store_lib
 from tfmet.data import met
-from tfmet.descriptors import store as store_lib
 from tfmet.io import safe_pickle
 from tfmet.retrieval import KnnClassifier, PCAWhitening
 

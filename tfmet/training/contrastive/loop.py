@@ -10,10 +10,10 @@ import numpy as np
 import tensorflow as tf
 from absl import logging as absl_logging
 
+from tfmet.data import descriptor_store as store_lib
 from tfmet.data import pairs as pairs_lib
 from tfmet.data.images import read_image
 from tfmet.descriptors import spec as spec_lib
-from tfmet.descriptors import store as store_lib
 from tfmet.descriptors.embedder import DescriptorExtractor
 from tfmet.io.atomic import atomic_path, save_json
 from tfmet.training import distribute, rundir

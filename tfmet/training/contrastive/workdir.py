@@ -6,9 +6,9 @@ import os
 
 import tensorflow as tf
 
+from tfmet.data import descriptor_store as store_lib
 from tfmet.descriptors import extraction
 from tfmet.descriptors import spec as spec_lib
-from tfmet.descriptors import store as store_lib
 from tfmet.io.atomic import clean_stale_temporaries, save_json
 from tfmet.training import rundir
 

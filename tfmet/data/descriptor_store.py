@@ -30,6 +30,7 @@ import os
 import numpy as np
 
 import tfmet
+from tfmet.data import met
 from tfmet.io import json_files
 from tfmet.io.arrays import load_npy
 from tfmet.io.atomic import atomic_path, save_json, save_npy
@@ -419,7 +420,6 @@ def import_reference_descriptors(
       tfmet.io.safe_pickle.UnsafePickleError: the pickle references other globals.
       ValueError: wrong content, counts that disagree with the JSON, or existing stores.
     """
-    from tfmet.data import met
     from tfmet.io.safe_pickle import load_reference_descriptors
 
     pickle_path = os.fspath(pickle_path)

@@ -4,7 +4,7 @@ import os
 import numpy as np
 import pytest
 
-from tfmet.descriptors.store import array_path, manifest_path, read_store, write_store
+from tfmet.data.descriptor_store import array_path, manifest_path, read_store, write_store
 
 
 def test_write_then_read_round_trip(tmp_path):
