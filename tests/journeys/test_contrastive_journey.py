@@ -100,7 +100,7 @@ def in_process(journey, extracted):
     import keras
     import tensorflow as tf
 
-    from tfmet.training.contrastive.config import build_embedder
+    from tfmet.training.contrastive.trainer import build_embedder
     from tfmet.training.contrastive.workdir import CHECKPOINT_DIR, CONFIG_FILE
 
     with open(os.path.join(journey["workdir"], CONFIG_FILE), encoding="utf-8") as f:

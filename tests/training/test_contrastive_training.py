@@ -25,11 +25,11 @@ from tfmet.data.images import read_image
 from tfmet.descriptors import DescriptorExtractor, Embedder
 from tfmet.training.contrastive import loop as contrastive_loop
 from tfmet.training.contrastive.augment import (
-    AugmentConfig,
     Augmenter,
     central_crop_box,
     random_resized_crop_box,
 )
+from tfmet.training.contrastive.config import AugmentConfig
 from tfmet.training.contrastive.data import init_projector_from_pca, read_initial_descriptors
 from tfmet.training.contrastive.mining import Pairs
 from tfmet.training.contrastive.optimizer import TorchAdam, step_decay

@@ -17,8 +17,8 @@ from tfmet.backbones.precision import model_precision
 from tfmet.descriptors import Embedder
 from tfmet.training import rundir
 from tfmet.training.contrastive import loop as contrastive_loop
-from tfmet.training.contrastive.config import build_embedder, check_config, default_config
-from tfmet.training.contrastive.trainer import ContrastiveTrainer
+from tfmet.training.contrastive.config import check_config, default_config
+from tfmet.training.contrastive.trainer import ContrastiveTrainer, build_embedder
 from tfmet.training.style import fit as style_fit
 from tfmet.training.style import run as style_run
 

@@ -6,7 +6,7 @@ import pytest
 import tensorflow as tf
 
 from tests.kit import vit_models
-from tfmet.training.contrastive.config import build_embedder
+from tfmet.training.contrastive.trainer import build_embedder
 from tfmet.training.style import finetune as style_finetune
 from tfmet.training.style import fit as style_train
 from tfmet.training.style.model import StyleClassifier

@@ -31,6 +31,7 @@ from tfmet.cli.common import (
     run_program,
 )
 from tfmet.cli.settings import Setting
+from tfmet.training.contrastive.config import check_config, default_config
 from tfmet.training.contrastive.mining import PAIR_TYPES
 
 FLAGS = flags.FLAGS
@@ -94,8 +95,6 @@ settings_lib.define_flags(
 
 def training_config():
     """The config file's settings (or the reference defaults), then the alias flags given."""
-    from tfmet.training.contrastive.config import default_config
-
     config = FLAGS.config if FLAGS.config is not None else default_config()
     for flag, (key, _) in ALIASES.items():
         if FLAGS[flag].present:
@@ -157,6 +156,7 @@ def main(argv):
     _check_folders()
     check_outputs(folders=("workdir",))
     config = training_config()
+    check_config(config)  # a bad config is refused before TensorFlow loads (train checks it too)
     from tfmet.training.contrastive.loop import train
 
     result = train(

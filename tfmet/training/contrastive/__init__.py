@@ -2,7 +2,7 @@
 
 The recipe of the Met reference (Ypsilantis et al., 2021), see docs/contrastive.md:
 
-- loss on L2-normalised embeddings (`loss.contrastive_loss`, margin `loss.MARGIN` = 1.8):
+- loss on L2-normalised embeddings (`loss.contrastive_loss`, margin `config.MARGIN` = 1.8):
   mean 0.5 * [y d^2 + (1 - y) relu(margin - sqrt(d^2 + eps))^2], y = 1 for a positive pair;
 - both images of a pair go through the same Embedder (shared weights), in inference mode:
   BatchNorm keeps its ImageNet moving statistics (the reference's `BatchNorm.eval()`), while
@@ -12,12 +12,14 @@ The recipe of the Met reference (Ypsilantis et al., 2021), see docs/contrastive.
 
 One module each (the package exports nothing: names are imported from their module):
 
-    config.py     default_config() (the reference's settings), check_config, build_embedder
+    config.py     default_config() (the reference's settings), check_config, AugmentConfig,
+                  MARGIN (no TensorFlow: a program checks its config before TensorFlow loads)
     mining.py     pair mining, PAIR_TYPES (numpy only)
-    augment.py    training augmentation on the TF graph (AugmentConfig)
-    loss.py       contrastive_loss, ContrastiveLoss, pair_squared_distances, MARGIN, EPS
+    augment.py    training augmentation on the TF graph (Augmenter)
+    loss.py       contrastive_loss, ContrastiveLoss, pair_squared_distances, EPS
     optimizer.py  TorchAdam, step_decay
-    trainer.py    ContrastiveTrainer: the model, optimizer and compiled steps
+    trainer.py    build_embedder (the config's Embedder), ContrastiveTrainer: the model,
+                  optimizer and compiled steps
     data.py       Met training data, initial descriptors, projector init from PCA, kNN validation
     workdir.py    the run directory: CHECKPOINT_DIR, MODEL_FILE, ..., TrainResult
     loop.py       train: the whole resumable loop (mining, pairs, steps, validation,

@@ -27,61 +27,11 @@ Images are float32 RGB in [0, 255] in and out. torchvision works on uint8 PIL im
 after every operation; here nothing is rounded.
 """
 
-import dataclasses
 import math
 
 import tensorflow as tf
 
-
-@dataclasses.dataclass(frozen=True)
-class AugmentConfig:
-    """Parameters of the training augmentation (the reference's values by default).
-
-    Attributes:
-      image_size: side of the square output crop (`--imsize`).
-      crop_scale: range of the crop area as a fraction of the image area.
-      crop_ratio: range of the crop aspect ratio (width / height).
-      brightness, contrast, saturation: jitter strengths s; factors ~ U[1 - s, 1 + s].
-      hue: hue shift ~ U[-hue, hue] (fraction of the colour circle), at most 0.5.
-      jitter_prob: probability of applying the colour jitter.
-      grayscale_prob: probability of converting to grayscale (3 equal channels).
-      crop_attempts: tries of the random crop before the central fallback.
-    """
-
-    image_size: int = 500
-    crop_scale: tuple[float, float] = (0.7, 1.0)
-    crop_ratio: tuple[float, float] = (0.99, 1.0 / 0.99)
-    brightness: float = 0.4
-    contrast: float = 0.4
-    saturation: float = 0.4
-    hue: float = 0.1
-    jitter_prob: float = 0.8
-    grayscale_prob: float = 0.2
-    crop_attempts: int = 10
-
-    def __post_init__(self):
-        if int(self.image_size) < 1:
-            raise ValueError(f"`image_size` must be positive. Received: {self.image_size}")
-        low, high = self.crop_scale
-        if not 0 < low <= high <= 1:
-            raise ValueError(
-                f"`crop_scale` must satisfy 0 < low <= high <= 1. Received: {self.crop_scale}"
-            )
-        low, high = self.crop_ratio
-        if not 0 < low <= high:
-            raise ValueError(
-                f"`crop_ratio` must satisfy 0 < low <= high. Received: {self.crop_ratio}"
-            )
-        for name in ("brightness", "contrast", "saturation"):
-            if not 0 <= getattr(self, name) <= 1:
-                raise ValueError(f"`{name}` must be in [0, 1]. Received: {getattr(self, name)}")
-        if not 0 <= self.hue <= 0.5:
-            raise ValueError(f"`hue` must be in [0, 0.5]. Received: {self.hue}")
-        for name in ("jitter_prob", "grayscale_prob"):
-            if not 0 <= getattr(self, name) <= 1:
-                raise ValueError(f"`{name}` must be in [0, 1]. Received: {getattr(self, name)}")
-        if int(self.crop_attempts) < 1:
-            raise ValueError(f"`crop_attempts` must be positive. Received: {self.crop_attempts}")
+from tfmet.training.contrastive.config import AugmentConfig
 
 
 def _uniform(seed, shape=(), low=0.0, high=1.0):

@@ -1,20 +1,19 @@
-"""The contrastive training config: reference defaults, validation, the Embedder it builds."""
+"""The contrastive training config: reference defaults, validation, augmentation parameters.
 
-import os
+Numpy and ml_collections only: a program checks a config before TensorFlow loads.
+"""
 
-import keras
+import dataclasses
+
 import ml_collections
 
-from tfmet import backbones
-from tfmet.backbones.precision import set_precision
-from tfmet.descriptors.embedder import Embedder
 from tfmet.precision import check_precision
 from tfmet.retrieval import SEARCHERS
 from tfmet.training import distribute
 from tfmet.training.contrastive import mining
-from tfmet.training.contrastive.augment import AugmentConfig
-from tfmet.training.contrastive.loss import MARGIN
 from tfmet.training.rundir import check_entries
+
+MARGIN = 1.8  # of the contrastive loss (`loss.contrastive_loss`), the reference's
 
 # The reference's train_contrastive.py names of settings that have tfmet's shared name (the one
 # both trainings use): `config.net = "resnet50"` and `--config.net=resnet50` set `backbone`, and
@@ -108,7 +107,9 @@ def _config_dict(config):
 
 
 def check_config(config):
-    """Validates a training config (a dict); raises ValueError naming the bad entry."""
+    """Validates a training config (a ConfigDict or dict); returns it as a plain dict with both
+    names of every aliased entry (`_config_dict`). Raises ValueError naming the bad entry."""
+    config = _config_dict(config)
     if "bsize" in config:  # the reference's name, not an alias here: one name per setting
         raise ValueError("contrastive config has no entry `bsize`: the batch size is `batch_size`")
     check_entries(config, _config_dict(default_config()), "contrastive config")
@@ -154,24 +155,52 @@ def augment_config(config):
     )
 
 
-def build_embedder(config):
-    """The Embedder of a training config: registry backbone (+ local weights), GeM, projector."""
-    config = _config_dict(config)
-    weights = config.get("weights")
-    if weights is not None and not os.path.exists(weights):  # a file or checkpoint directory
-        raise FileNotFoundError(f"{weights}: backbone weights file not found")
-    keras.utils.set_random_seed(int(config["seed"]))
-    spec = backbones.spec(config["backbone"])
-    backbone = spec.builder(weights=weights)
-    dim = int(backbone.compute_output_shape((None, None, None, 3))[-1])
-    embedder = Embedder(
-        backbone,
-        p=float(config["gem_p"]),
-        train_p=bool(config["train_p"]),
-        projector_dim=dim if config["emb_proj"] else None,
-        preprocessing=spec.preprocessing,
-        pooling=spec.pooling,
-    )
-    embedder.build((None, None, None, 3))
-    set_precision(embedder.backbone, config.get("precision", "float32"))
-    return embedder
+@dataclasses.dataclass(frozen=True)
+class AugmentConfig:
+    """Parameters of the training augmentation (the reference's values by default).
+
+    Attributes:
+      image_size: side of the square output crop (`--imsize`).
+      crop_scale: range of the crop area as a fraction of the image area.
+      crop_ratio: range of the crop aspect ratio (width / height).
+      brightness, contrast, saturation: jitter strengths s; factors ~ U[1 - s, 1 + s].
+      hue: hue shift ~ U[-hue, hue] (fraction of the colour circle), at most 0.5.
+      jitter_prob: probability of applying the colour jitter.
+      grayscale_prob: probability of converting to grayscale (3 equal channels).
+      crop_attempts: tries of the random crop before the central fallback.
+    """
+
+    image_size: int = 500
+    crop_scale: tuple[float, float] = (0.7, 1.0)
+    crop_ratio: tuple[float, float] = (0.99, 1.0 / 0.99)
+    brightness: float = 0.4
+    contrast: float = 0.4
+    saturation: float = 0.4
+    hue: float = 0.1
+    jitter_prob: float = 0.8
+    grayscale_prob: float = 0.2
+    crop_attempts: int = 10
+
+    def __post_init__(self):
+        if int(self.image_size) < 1:
+            raise ValueError(f"`image_size` must be positive. Received: {self.image_size}")
+        low, high = self.crop_scale
+        if not 0 < low <= high <= 1:
+            raise ValueError(
+                f"`crop_scale` must satisfy 0 < low <= high <= 1. Received: {self.crop_scale}"
+            )
+        low, high = self.crop_ratio
+        if not 0 < low <= high:
+            raise ValueError(
+                f"`crop_ratio` must satisfy 0 < low <= high. Received: {self.crop_ratio}"
+            )
+        for name in ("brightness", "contrast", "saturation"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise ValueError(f"`{name}` must be in [0, 1]. Received: {getattr(self, name)}")
+        if not 0 <= self.hue <= 0.5:
+            raise ValueError(f"`hue` must be in [0, 0.5]. Received: {self.hue}")
+        for name in ("jitter_prob", "grayscale_prob"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise ValueError(f"`{name}` must be in [0, 1]. Received: {getattr(self, name)}")
+        if int(self.crop_attempts) < 1:
+            raise ValueError(f"`crop_attempts` must be positive. Received: {self.crop_attempts}")

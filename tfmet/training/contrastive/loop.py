@@ -20,9 +20,7 @@ from tfmet.training import distribute, rundir
 from tfmet.training.contrastive import mining
 from tfmet.training.contrastive.augment import Augmenter
 from tfmet.training.contrastive.config import (
-    _config_dict,
     augment_config,
-    build_embedder,
     check_config,
 )
 from tfmet.training.contrastive.data import (
@@ -34,7 +32,7 @@ from tfmet.training.contrastive.data import (
     read_initial_descriptors,
 )
 from tfmet.training.contrastive.optimizer import step_decay
-from tfmet.training.contrastive.trainer import ContrastiveTrainer
+from tfmet.training.contrastive.trainer import ContrastiveTrainer, build_embedder
 from tfmet.training.contrastive.workdir import (
     BACKBONE_WEIGHTS_FILE,
     CHECKPOINT_DIR,
@@ -86,7 +84,7 @@ def train(config, info_dir, image_root, workdir, init_descr=None, resume=False):
       a `TrainResult`. With `config.stop_at_step` the run stops (checkpointed) once that many
       optimizer steps are done, with `finished=False`; call again with resume=True to go on.
     """
-    config = check_config(_config_dict(config))
+    config = check_config(config)
     strategy = distribute.make_strategy(config["strategy"])
     workdir = os.fspath(workdir)
     with distribute.worker_workdir(workdir, strategy, resume) as writable:

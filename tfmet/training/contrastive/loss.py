@@ -3,8 +3,7 @@
 import keras
 import tensorflow as tf
 
-MARGIN = 1.8
-
+from tfmet.training.contrastive.config import MARGIN
 
 EPS = 1e-9  # added to d^2 under the square root, as the reference
 

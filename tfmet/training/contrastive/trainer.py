@@ -1,17 +1,46 @@
-"""`ContrastiveTrainer`: the siamese Embedder, its optimizer and the compiled training steps."""
+"""The Embedder a training config describes (`build_embedder`) and `ContrastiveTrainer`: the
+siamese Embedder, its optimizer and the compiled training steps."""
+
+import os
 
 import keras
 import tensorflow as tf
 
+from tfmet import backbones
+from tfmet.backbones.precision import set_precision
+from tfmet.descriptors.embedder import Embedder
+from tfmet.training.contrastive.config import MARGIN, _config_dict
 from tfmet.training.contrastive.loss import (
     EPS,
-    MARGIN,
     ContrastiveLoss,
     contrastive_loss,
     pair_squared_distances,
 )
 from tfmet.training.contrastive.optimizer import TorchAdam
 from tfmet.training.distribute import distribute_batch
+
+
+def build_embedder(config):
+    """The Embedder of a training config: registry backbone (+ local weights), GeM, projector."""
+    config = _config_dict(config)
+    weights = config.get("weights")
+    if weights is not None and not os.path.exists(weights):  # a file or checkpoint directory
+        raise FileNotFoundError(f"{weights}: backbone weights file not found")
+    keras.utils.set_random_seed(int(config["seed"]))
+    spec = backbones.spec(config["backbone"])
+    backbone = spec.builder(weights=weights)
+    dim = int(backbone.compute_output_shape((None, None, None, 3))[-1])
+    embedder = Embedder(
+        backbone,
+        p=float(config["gem_p"]),
+        train_p=bool(config["train_p"]),
+        projector_dim=dim if config["emb_proj"] else None,
+        preprocessing=spec.preprocessing,
+        pooling=spec.pooling,
+    )
+    embedder.build((None, None, None, 3))
+    set_precision(embedder.backbone, config.get("precision", "float32"))
+    return embedder
 
 
 class ContrastiveTrainer:
