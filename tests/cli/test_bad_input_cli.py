@@ -2,7 +2,9 @@
 stderr naming the file or flag and the problem, with exit status 2 (bad input) or 1 (failure
 at run time), and leaves nothing behind that would block the corrected command.
 
-Each case runs the program in a subprocess as a user would. Most fail before TensorFlow loads.
+Each case runs the program in a subprocess as a user would, with TensorFlow unimportable unless
+the case needs it (`run(..., tensorflow=True)`: a model file to load): the others are refused
+before TensorFlow loads.
 """
 
 import json
@@ -24,9 +26,22 @@ pytestmark = pytest.mark.slow  # every test runs a program in a subprocess
 STYLE_CONFIG = os.path.join(REPO, "configs", "pandora18k.py")
 
 
-def run(module, *args, cwd=REPO):
+# `python -c NO_TENSORFLOW tfmet.cli.<module> args`: the program with TensorFlow and Keras
+# unimportable (an import of either raises ImportError), so a refusal that reaches them ends in
+# exit 1 with a traceback, not in the expected one line with exit 2.
+NO_TENSORFLOW = (
+    "import runpy, sys\n"
+    "sys.modules.update(tensorflow=None, keras=None)\n"
+    "del sys.argv[0]\n"
+    "runpy.run_module(sys.argv[0], run_name='__main__', alter_sys=True)\n"
+)
+
+
+def run(module, *args, cwd=REPO, tensorflow=False):
+    """The program in a subprocess, with TensorFlow unimportable unless `tensorflow`."""
+    start = ["-m"] if tensorflow else ["-c", NO_TENSORFLOW]
     return subprocess.run(
-        [sys.executable, "-m", f"tfmet.cli.{module}", *map(str, args)],
+        [sys.executable, *start, f"tfmet.cli.{module}", *map(str, args)],
         cwd=cwd,
         env=ENV,
         capture_output=True,
@@ -306,6 +321,7 @@ def test_model_files_that_do_not_load(tree, tmp_path):
             f"--image_root={tree.image_root}",
             f"--output_dir={tmp_path / 'o'}",
             f"--model={unregistered}",
+            tensorflow=True,  # Keras reads the file
         )
     )
     assert "model.keras: not a loadable tfmet Embedder" in line and len(line) < 600
@@ -318,11 +334,26 @@ def test_model_files_that_do_not_load(tree, tmp_path):
     (export / "saved_model.pb").write_bytes(b"\x08\x01\x12")  # a truncated protobuf
     image = tree.image_paths("val")[0] if hasattr(tree, "image_paths") else None
     image = image or os.path.join(tree.image_root, "images", tree.val[0]["path"])
-    line = one_line(run("predict", f"--model={export}", image))
+    line = one_line(run("predict", f"--model={export}", image, tensorflow=True))
     assert "not a loadable SavedModel" in line
 
 
 # --- Values that make no sense --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--kind=recognizer", "--k=3", "--tau=1"], "needs --descriptor_dir and --info_dir"),
+        (["--kind=recognizer", "--descriptor_dir=d", "--info_dir=i"], "needs --k and --tau, or"),
+        (["--kind=recognizer", "--descriptor_dir=d", "--info_dir=i", "--k=3"], "--k and --tau"),
+        (["--kind=style"], "the style export needs --style_model"),
+    ],
+)
+def test_export_inputs_missing_for_the_kind(tmp_path, args, message):
+    line = one_line(run("export", "--backbone=resnet_tiny", *args, f"--out={tmp_path / 'e'}"))
+    assert message in line
+    assert not os.path.exists(tmp_path / "e")
 
 
 def test_values_that_make_no_sense(tree, stores, tmp_path):
@@ -347,6 +378,7 @@ def test_values_that_make_no_sense(tree, stores, tmp_path):
             "--tau=-5",
             "--raw",
             f"--out={tmp_path / 'recognizer'}",
+            tensorflow=True,  # k and tau are checked by tfmet.export.builders
         )
     )
     assert "`tau` must be a finite number >= 0. Received: tau=-5.0" in line

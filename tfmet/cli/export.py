@@ -93,22 +93,14 @@ def _classifier(values, dim_given):
     """k, tau and the PCA dimension: given, or from --results_json."""
     from tfmet.export import builders
 
-    k, tau = values["k"], values["tau"]
-    try:
-        return builders.classifier_settings(
-            values["results_json"], k, tau, values["dim"] if dim_given else None
-        )
-    except ValueError as e:
-        if values["results_json"] or (k is not None and tau is not None):
-            raise
-        raise UsageError("the recogniser needs --k and --tau, or --results_json") from e
+    return builders.classifier_settings(
+        values["results_json"], values["k"], values["tau"], values["dim"] if dim_given else None
+    )
 
 
 def _export_recognizer(values, dim_given):
     from tfmet.export import builders
 
-    if not values["descriptor_dir"] or not values["info_dir"]:
-        raise UsageError("the recogniser needs --descriptor_dir and --info_dir")
     results = values["results_json"]
     k, tau, dim = _classifier(values, dim_given)
     extractor, spec = model_flags.build_extractor(values)
@@ -136,8 +128,6 @@ def _export_recognizer(values, dim_given):
 def _export_style(values, _):
     from tfmet.export import builders
 
-    if not values["style_model"]:
-        raise UsageError("the style export needs --style_model")
     return builders.build_style(
         values["style_model"],
         values["image_size"],
@@ -145,6 +135,17 @@ def _export_style(values, _):
         trust_model=values["trust_model"],
         **_limits(values),
     )
+
+
+def _check_kind_inputs(kind, values):
+    """What each kind needs, refused before TensorFlow loads."""
+    if kind == "recognizer":
+        if not values["descriptor_dir"] or not values["info_dir"]:
+            raise UsageError("the recogniser needs --descriptor_dir and --info_dir")
+        if not values["results_json"] and (values["k"] is None or values["tau"] is None):
+            raise UsageError("the recogniser needs --k and --tau, or --results_json")
+    if kind == "style" and not values["style_model"]:
+        raise UsageError("the style export needs --style_model")
 
 
 def main(argv):
@@ -160,6 +161,7 @@ def main(argv):
     model_flags.check_precision(values)
     input_flags.check(values)
     check_outputs(folders=("out",), values=values)
+    _check_kind_inputs(kind, values)
     import tfmet
     from tfmet.export import metadata_signature, save_module
     from tfmet.export.common import check_export_dir

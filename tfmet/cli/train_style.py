@@ -15,6 +15,7 @@ from ml_collections import config_flags
 from tfmet.cli import settings as settings_lib
 from tfmet.cli.common import check_outputs, check_strategy, no_arguments, require, run_program
 from tfmet.cli.settings import Setting
+from tfmet.training.style.config import check_config
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py[:variant]).")
@@ -43,12 +44,13 @@ def main(argv):
     check_strategy(FLAGS.strategy or train.get("strategy", "default"))
     if FLAGS.strategy is not None and "train" in config:
         config.train.strategy = FLAGS.strategy
-    from tfmet.training.style import run as style_run
-
     if FLAGS.trainable_blocks is not None:
         config.train.trainable_blocks = FLAGS.trainable_blocks
     if FLAGS.trainable_fraction is not None:
         config.train.trainable_fraction = FLAGS.trainable_fraction
+    check_config(config)  # a bad config is refused before TensorFlow loads (train checks it too)
+    from tfmet.training.style import run as style_run
+
     logging.set_verbosity(logging.INFO)
     summary = style_run.train(config, FLAGS.workdir, resume=FLAGS.resume)
     print(
