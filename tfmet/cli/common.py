@@ -20,6 +20,7 @@ anything heavy is imported: a program's module imports TensorFlow only inside it
 """
 
 import errno
+import gc
 import os
 import sys
 
@@ -316,4 +317,23 @@ def run_program(program, main, known_only=False, defaults=None):
     for name, value in (defaults or {}).items():
         flags.FLAGS.set_default(name, value)
     parser = parse_flags(program, known_only=known_only, module=main.__module__)
-    app.run(guarded(program, main), flags_parser=parser)
+    try:
+        app.run(guarded(program, main), flags_parser=parser)
+    finally:
+        freeze_for_exit()
+
+
+def freeze_for_exit():
+    """Collects the program's garbage once (finalizers run as usual), then freezes what is left
+    (`gc.freeze`), so the interpreter's shutdown does not walk the objects again in its own
+    collections (`import tensorflow` alone leaves ~330,000 tracked objects).
+
+    Measured by tools/bench_exit.py (medians of 5, one run, 2-core EPYC): `import tensorflow`
+    alone 4.54 -> 3.66 s, tfmet-export of EfficientNet-Lite0 10.85 -> 10.27 s, i.e. 0.6-0.9 s
+    off every program that loaded TensorFlow. atexit handlers, the flushing of stdout/stderr
+    and every object freed by reference count at shutdown are unchanged. What changes: an
+    object still in a reference cycle at exit is not finalized at shutdown, so nothing may rely
+    on that; tfmet closes its files and TensorBoard writers itself.
+    """
+    gc.collect()
+    gc.freeze()
