@@ -1,6 +1,7 @@
 """The contrastive training config: reference defaults, validation, augmentation parameters.
 
-Numpy and ml_collections only: a program checks a config before TensorFlow loads.
+It loads without TensorFlow (ml_collections and TF-free tfmet modules): a program checks a
+config before TensorFlow loads.
 """
 
 import dataclasses
