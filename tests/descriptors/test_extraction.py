@@ -13,6 +13,7 @@ from PIL import Image
 from tests.kit import tiny_backbone, tiny_spec
 from tests.kit.met_tree import exhibit_view, write_image, write_met_tree
 from tfmet.backbones import IMAGENET_TORCH, batchnorm
+from tfmet.data import descriptor_store as store
 from tfmet.data import met
 from tfmet.descriptors import (
     MET_SCALES,
@@ -20,7 +21,6 @@ from tfmet.descriptors import (
     Embedder,
     chunk_files,
     extraction,
-    store,
 )
 from tfmet.descriptors import spec as spec_lib
 

@@ -17,12 +17,12 @@ from tfmet import backbones
 from tfmet.backbones import IMAGENET_TORCH, torchvision_resnet
 from tfmet.backbones.batchnorm import fold_batchnorm
 from tfmet.backbones.precision import float32_layers, set_precision
+from tfmet.data import descriptor_store as store
 from tfmet.descriptors import (
     DescriptorExtractor,
     Embedder,
     chunk_files,
     extraction,
-    store,
 )
 from tfmet.descriptors import spec as spec_lib
 from tfmet.precision import PRECISIONS, check_precision, dtype_policy, precision_version
