@@ -3,8 +3,8 @@ stderr naming the file or flag and the problem, with exit status 2 (bad input) o
 at run time), and leaves nothing behind that would block the corrected command.
 
 Each case runs the program in a subprocess as a user would, with TensorFlow unimportable unless
-the case needs it (`run(..., tensorflow=True)`: a model file to load): the others are refused
-before TensorFlow loads.
+the case needs it (`run(..., tensorflow=True)`: a model file to load, or tfmet-export's k/tau
+checks): the others are refused before TensorFlow loads.
 """
 
 import json

@@ -2,9 +2,11 @@
 
 A tree of 40 leaves over 2,000 clustered unit rows, one leaf searched per query and scored
 exactly. ScaNN's query routing does not always pick the leaf a row was assigned to (a built
-tree finds a row queried with itself 66% of the time here), so upserted rows are held to the
-rate of the rows the tree was built with (a wrong leaf assignment would give ~1/40), and dropped
-rows to exact bookkeeping: every other answer is the same row as before. The same tree with
+tree finds a row queried with itself 66% of the time here), so upserted rows are held to at
+least half the rate of the rows the tree was built with: a wrong leaf assignment would give
+~1/40, while the rate of 100 rows spreads by ~0.05 around the old one (ScaNN's training is not
+reproducible; "within 0.1 of it", the check before, failed a CI run at 0.56 against 0.68). Dropped
+rows are held to exact bookkeeping: every other answer is the same row as before. The same tree with
 asymmetric hashing checks that upserted rows get their AH codes.
 """
 
@@ -56,7 +58,7 @@ def test_upserted_rows_come_after_the_old_ones_in_their_nearest_leaf(index):
     _, top = _top(grown, rows)
     old = np.mean(top[:2000, 0] == np.arange(2000))
     new = np.mean(top[2000:, 0] == np.arange(2000, 2100))
-    assert old > 0.5 and new >= old - 0.1, (old, new)
+    assert old > 0.5 and new >= old / 2, (old, new)
 
 
 def test_upserted_rows_get_their_asymmetric_hashing_codes(index):
