@@ -1,13 +1,14 @@
 """tfmet.retrieval.scann_update: rows upserted into / dropped from a built ScaNN tree, in graph.
 
 A tree of 40 leaves over 2,000 clustered unit rows, one leaf searched per query and scored
-exactly. ScaNN's query routing does not always pick the leaf a row was assigned to (a built
-tree finds a row queried with itself 66% of the time here), so upserted rows are held to at
-least half the rate of the rows the tree was built with: a wrong leaf assignment would give
-~1/40, while the rate of 100 rows spreads by ~0.05 around the old one (ScaNN's training is not
-reproducible; "within 0.1 of it", the check before, failed a CI run at 0.56 against 0.68). Dropped
-rows are held to exact bookkeeping: every other answer is the same row as before. The same tree with
-asymmetric hashing checks that upserted rows get their AH codes.
+exactly. ScaNN's query routing does not always pick the leaf a row was assigned to: a built
+tree finds a row queried with itself 56-74% of the time here (8 trainings; ScaNN's are not
+reproducible), and the 100 upserted rows 53-76%, from 0.13 below the built rows' rate to 0.09
+above it. So the built rows are held to more than 0.3 and the upserted ones to at least half
+the built rows' rate, which a wrong leaf assignment (~1/40) cannot reach. ("Within 0.1", the
+check before, failed a CI run at 0.56 against 0.68.) Dropped rows are held to exact
+bookkeeping: every other answer is the same row as before. The same tree with asymmetric
+hashing checks that upserted rows get their AH codes.
 """
 
 import numpy as np
@@ -58,7 +59,7 @@ def test_upserted_rows_come_after_the_old_ones_in_their_nearest_leaf(index):
     _, top = _top(grown, rows)
     old = np.mean(top[:2000, 0] == np.arange(2000))
     new = np.mean(top[2000:, 0] == np.arange(2000, 2100))
-    assert old > 0.5 and new >= old / 2, (old, new)
+    assert old > 0.3 and new >= old / 2, (old, new)
 
 
 def test_upserted_rows_get_their_asymmetric_hashing_codes(index):
